@@ -1,0 +1,97 @@
+"""Backend selection: which implementation an op runs.
+
+- ``auto`` (default): the Triton kernels for CUDA tensors, the torch fallback otherwise;
+  float64 always takes the fallback.
+- ``triton``: always the Triton kernels (CPU tensors need Triton's interpreter,
+  ``TRITON_INTERPRET=1`` set before triton is imported).
+- ``torch``: always the fallback.
+
+The state is a plain module global: a ``ContextVar`` breaks ``torch.compile``.
+Nothing here imports triton or queries CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _validate(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(
+            f"unknown fusedmlp backend {name!r}: expected one of {', '.join(map(repr, BACKENDS))}"
+        )
+    return name.lower()
+
+
+_BACKEND: str = _validate(os.environ.get("FUSEDMLP_BACKEND", "auto") or "auto")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _require_triton() -> None:
+    if not triton_available():
+        raise RuntimeError(
+            "fusedmlp backend 'triton' needs the triton package, which is not installed: "
+            "`pip install triton` (Linux), or use set_backend('torch')"
+        )
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every later op: 'auto', 'triton' or 'torch'."""
+    global _BACKEND
+    name = _validate(name)
+    if name == "triton":
+        _require_triton()
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the block under backend ``name``, then restore the previous one."""
+    global _BACKEND
+    previous = _BACKEND
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _BACKEND = previous
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op over ``tensors`` runs its Triton kernels under the current backend.
+
+    Raises before any launch when the backend is 'triton' and the kernels cannot run:
+    triton missing, or CPU tensors without Triton's interpreter.
+    """
+    backend = _BACKEND
+    if backend == "torch":
+        return False
+    ts = [t for t in tensors if t is not None]
+    if backend == "auto":
+        return (
+            all(t.is_cuda for t in ts)
+            and all(t.dtype != torch.float64 for t in ts)
+            and triton_available()
+        )
+    _require_triton()
+    if not all(t.is_cuda for t in ts):
+        from .kernels.launch import interpreter_active
+
+        if not interpreter_active():
+            raise RuntimeError(
+                "fusedmlp backend 'triton' got CPU tensors but Triton's interpreter is off: "
+                "use CUDA tensors, or set TRITON_INTERPRET=1 before triton is imported"
+            )
+    return True

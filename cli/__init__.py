@@ -1,0 +1,1 @@
+"""The ``fusedmlp`` command line: ``train`` (the main job), ``bench`` and ``verify``."""

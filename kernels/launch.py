@@ -1,0 +1,203 @@
+"""The one launch helper every fusedmlp kernel goes through.
+
+- On a GPU: ``triton.autotune`` over the kernel's configurations (cached per kernel).
+  An in-place kernel passes ``restore_value`` so autotuning never applies its update twice.
+- Under Triton's interpreter (``TRITON_INTERPRET=1``): one fixed configuration, because
+  autotune needs a GPU driver; the ``INTERPRET`` constexpr is set for kernels that take it
+  (interpreter-only bf16 upcast before ``tl.dot``, see DESIGN.md "Traps").
+- Every launch records its (kernel, signature, constexprs, warps, stages) in ``LAUNCHED``,
+  which the test suite compiles for sm_90 (H100) on a CPU-only machine.
+
+Launches happen inside ``torch.library.custom_op`` implementations, which ``torch.compile`` treats
+as opaque calls with a fake (shape-only) implementation. ``triton_op`` + ``wrap_triton`` would let
+inductor see into the kernels, but its functional decomposition traces into the launch, which
+fails for interpreted kernels (CPU tensors), so the test suite could not compile what it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+@triton.jit
+def _probe_kernel(x):
+    pass
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was built by ``@triton.jit`` under ``TRITON_INTERPRET=1``."""
+    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the jitted function
+    return type(fn).__name__ == "InterpretedFunction" or (
+        type(kernel).__name__ == "InterpretedFunction"
+    )
+
+
+def interpreter_active() -> bool:
+    """Whether this process's triton kernels run under the interpreter (checks a kernel object)."""
+    return is_interpreted(_probe_kernel)
+
+
+def raw_function(kernel):
+    """The Python function behind a jitted (or interpreted, or autotuned) kernel."""
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot``: exact fp32 unless torch allows TF32 for matmuls.
+
+    The interpreter always computes exact fp32, so a TF32 default would pass on CPU and fail
+    on a GPU against torch's IEEE matmul.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _constexpr_names(fn) -> tuple[str, ...]:
+    sig = inspect.signature(fn)
+    return tuple(n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation))
+
+
+def arg_type(value) -> str:
+    """Triton signature type of a runtime argument, as the JIT would specialise it."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type kernel argument {value!r}")
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    module: str
+    name: str
+    signature: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int
+    num_stages: int
+    gpu_configs: tuple = field(default=(), compare=False, hash=False)
+
+
+# Every configuration launched in this process: record -> the raw Python kernel function.
+LAUNCHED: dict[LaunchRecord, object] = {}
+
+
+def _record(kernel, kwargs: dict, config: triton.Config, gpu_configs) -> None:
+    fn = raw_function(kernel)
+    names = list(inspect.signature(fn).parameters)
+    cexpr = set(_constexpr_names(fn))
+    values = {**kwargs, **config.kwargs}
+    missing = [n for n in names if n not in values and n not in cexpr]
+    if missing:
+        raise TypeError(f"{fn.__name__}: missing kernel arguments {missing}")
+    signature = tuple((n, "constexpr" if n in cexpr else arg_type(values[n])) for n in names)
+    constexprs = tuple((n, values[n]) for n in names if n in cexpr and n in values)
+    rec = LaunchRecord(
+        fn.__module__,
+        fn.__qualname__,
+        signature,
+        constexprs,
+        config.num_warps,
+        config.num_stages,
+        tuple(gpu_configs),
+    )
+    LAUNCHED.setdefault(rec, fn)
+
+
+_AUTOTUNED: dict = {}
+
+
+def _autotuned(kernel, configs, key, restore_value, reset_to_zero):
+    cache_key = (kernel, tuple(key), tuple(restore_value), tuple(reset_to_zero))
+    tuned = _AUTOTUNED.get(cache_key)
+    if tuned is None:
+        tuned = triton.autotune(
+            configs=list(configs),
+            key=list(key),
+            restore_value=list(restore_value) or None,
+            reset_to_zero=list(reset_to_zero) or None,
+        )(kernel)
+        _AUTOTUNED[cache_key] = tuned
+    return tuned
+
+
+def launch(
+    kernel,
+    grid,
+    *,
+    configs,
+    key=(),
+    interpret_config: triton.Config | None = None,
+    restore_value=(),
+    reset_to_zero=(),
+    **kwargs,
+):
+    """Launch ``kernel`` over ``grid`` with keyword arguments ``kwargs``.
+
+    ``configs``: the GPU autotune space (a list of ``triton.Config``); ``key``: the argument
+    names autotune keys on; ``interpret_config``: the fixed configuration used under the
+    interpreter (default ``configs[0]``). ``grid`` is a tuple or a callable of the meta dict.
+    A kernel parameter named ``INTERPRET`` is filled in here.
+    """
+    fn = raw_function(kernel)
+    interpreting = is_interpreted(kernel)
+    if "INTERPRET" in inspect.signature(fn).parameters:
+        kwargs["INTERPRET"] = interpreting
+    configs = list(configs)
+    if interpreting or len(configs) == 1:
+        config = interpret_config if (interpreting and interpret_config) else configs[0]
+        _record(kernel, kwargs, config, configs)
+        meta = {**kwargs, **config.kwargs}
+        g = grid(meta) if callable(grid) else grid
+        kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    _record(kernel, kwargs, configs[0], configs)
+    tuned = _autotuned(kernel, configs, key, restore_value, reset_to_zero)
+    tuned[grid](**kwargs)
+
+
+@contextlib.contextmanager
+def on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (multi-GPU machines); a no-op for CPU tensors."""
+    if t.is_cuda:
+        with torch.cuda.device(t.device):
+            yield
+    else:
+        yield
+
+
+__all__ = [
+    "LAUNCHED",
+    "LaunchRecord",
+    "arg_type",
+    "dot_precision",
+    "interpreter_active",
+    "is_interpreted",
+    "launch",
+    "on_device",
+    "raw_function",
+]

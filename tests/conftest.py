@@ -1,0 +1,120 @@
+"""Shared fixtures: interpreter set-up, backends, devices, tolerances, launch counting.
+
+On a machine without a GPU every Triton kernel runs under Triton's interpreter, which is read
+when ``@triton.jit`` runs, so ``TRITON_INTERPRET`` is set here, before anything imports triton.
+"""
+
+import os
+import shutil
+import subprocess
+
+_HAS_GPU = shutil.which("nvidia-smi") is not None and (
+    subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+)
+if not _HAS_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import collections  # noqa: E402
+
+import fusedmlp  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# (rtol, atol) per dtype, against torch's own implementation in the same dtype.
+TOLERANCES = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def tol(dtype):
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0, **kw):
+    """``torch.testing.assert_close`` with the per-dtype tolerance table (``scale`` widens it)."""
+    dtype = dtype or expected.dtype
+    rtol, atol = TOLERANCES[dtype]
+    kw.setdefault("rtol", rtol * scale)
+    kw.setdefault("atol", atol * scale)
+    torch.testing.assert_close(actual, expected, **kw)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Run the test under each backend; ``triton`` on CPU runs the interpreter."""
+    with fusedmlp.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def triton_backend():
+    with fusedmlp.use_backend("triton"):
+        yield "triton"
+
+
+class LaunchCounter(collections.Counter):
+    """Counts Triton kernel launches by kernel name."""
+
+    @property
+    def total(self):
+        return sum(self.values())
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counter of Triton launches during the test: proves the Triton path ran.
+
+    Under the interpreter it wraps the interpreter's grid executor; on a GPU it uses triton's
+    launch hook.
+    """
+    counter = LaunchCounter()
+    if not ON_GPU:
+        from triton.runtime import interpreter
+
+        original = interpreter.GridExecutor.__call__
+
+        def counting(self, *args, **kwargs):
+            counter[self.fn.__name__] += 1
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", counting)
+        yield counter
+        return
+    import triton
+
+    def hook(metadata):
+        data = metadata.get() if hasattr(metadata, "get") else metadata
+        counter[data["name"]] += 1
+
+    chain = triton.knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            yield counter
+        finally:
+            chain.remove(hook)
+    else:  # older triton: a plain attribute
+        previous = triton.knobs.runtime.launch_enter_hook
+        triton.knobs.runtime.launch_enter_hook = hook
+        try:
+            yield counter
+        finally:
+            triton.knobs.runtime.launch_enter_hook = previous
+
+
+def pytest_collection_modifyitems(config, items):
+    # The sm_90 compile test compiles what the rest of the run launched: it goes last.
+    items.sort(key=lambda item: "test_sm90_compile" in item.nodeid)
