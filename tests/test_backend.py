@@ -1,0 +1,138 @@
+"""Backend switch, lazy imports and the launch helper's bookkeeping."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedmlp
+from fusedmlp import backend
+
+
+def _python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDMLP_BACKEND")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd="/")
+
+
+def test_set_get_and_context_manager_restore():
+    before = fusedmlp.get_backend()
+    with fusedmlp.use_backend("torch"):
+        assert fusedmlp.get_backend() == "torch"
+        with fusedmlp.use_backend("TRITON"):
+            assert fusedmlp.get_backend() == "triton"
+        assert fusedmlp.get_backend() == "torch"
+    assert fusedmlp.get_backend() == before
+
+
+def test_context_manager_restores_after_error():
+    before = fusedmlp.get_backend()
+    with pytest.raises(KeyError), fusedmlp.use_backend("torch"):
+        raise KeyError("boom")
+    assert fusedmlp.get_backend() == before
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="'auto', 'triton', 'torch'"):
+        fusedmlp.set_backend("cuda")
+    with pytest.raises(ValueError, match="unknown fusedmlp backend"):
+        with fusedmlp.use_backend("nope"):
+            pass
+
+
+def test_environment_variable_selects_backend():
+    out = _python("import fusedmlp; print(fusedmlp.get_backend())", FUSEDMLP_BACKEND="torch")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
+    bad = _python("import fusedmlp", FUSEDMLP_BACKEND="gpu")
+    assert bad.returncode != 0
+    assert "unknown fusedmlp backend 'gpu'" in bad.stderr
+
+
+def test_import_is_lazy_and_never_queries_cuda():
+    code = (
+        "import sys, torch\n"
+        "def refuse(*a, **k): raise AssertionError('CUDA queried at import')\n"
+        "torch.cuda.is_available = torch.cuda.device_count = torch.cuda.init = refuse\n"
+        "import fusedmlp, fusedmlp.nn, fusedmlp.optim, fusedmlp.functional\n"
+        "bad = [m for m in sys.modules if m == 'triton' or m.startswith('fusedmlp.kernels')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_import_works_without_triton():
+    code = (
+        "import sys, importlib.util\n"
+        "_orig = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] == 'triton' else _orig(name, *a)\n"
+        "sys.modules['triton'] = None\n"
+        "import torch, fusedmlp\n"
+        "assert not fusedmlp.backend.use_triton(torch.zeros(2))\n"
+        "try:\n"
+        "    fusedmlp.set_backend('triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert "pip install triton" in out.stdout
+
+
+def test_auto_uses_fallback_for_cpu_and_float64():
+    with fusedmlp.use_backend("auto"):
+        assert not backend.use_triton(torch.zeros(2))
+        assert not backend.use_triton(torch.zeros(2, dtype=torch.float64))
+    with fusedmlp.use_backend("torch"):
+        assert not backend.use_triton(torch.zeros(2))
+
+
+def test_triton_backend_on_cpu_uses_interpreter():
+    with fusedmlp.use_backend("triton"):
+        assert backend.use_triton(torch.zeros(2), None)
+
+
+def test_triton_backend_without_interpreter_says_what_to_do():
+    code = (
+        "import torch, fusedmlp\n"
+        "fusedmlp.set_backend('triton')\n"
+        "try:\n"
+        "    fusedmlp.backend.use_triton(torch.zeros(2))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    out = _python(code, CUDA_VISIBLE_DEVICES="")
+    assert out.returncode == 0, out.stderr
+    assert "use CUDA tensors, or set TRITON_INTERPRET=1" in out.stdout
+
+
+def test_arg_types_follow_triton_specialisation():
+    from fusedmlp.kernels.launch import arg_type
+
+    assert arg_type(torch.zeros(1, dtype=torch.bfloat16)) == "*bf16"
+    assert arg_type(torch.zeros(1, dtype=torch.int64)) == "*i64"
+    assert arg_type(7) == "i32"
+    assert arg_type(2**31) == "i64"
+    assert arg_type(0.5) == "fp32"
+    assert arg_type(True) == "i1"
+    with pytest.raises(TypeError):
+        arg_type("x")
+
+
+def test_dot_precision_follows_torch_matmul_setting():
+    from fusedmlp.kernels.launch import dot_precision
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.float16) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(previous)
