@@ -2,8 +2,17 @@
 
 from .autograd.batchnorm import batch_norm
 from .autograd.cross_entropy import cross_entropy, nll_loss
-from .autograd.dropout import dropout
+from .autograd.dropout import dropout, dropout2d
 from .autograd.linear import linear
 from .autograd.softmax import log_softmax, softmax
 
-__all__ = ["batch_norm", "cross_entropy", "dropout", "linear", "log_softmax", "nll_loss", "softmax"]
+__all__ = [
+    "batch_norm",
+    "cross_entropy",
+    "dropout",
+    "dropout2d",
+    "linear",
+    "log_softmax",
+    "nll_loss",
+    "softmax",
+]

@@ -1,5 +1,242 @@
-"""Placeholder: being implemented."""
+"""Inverted dropout (``dropout``) and channel-wise dropout (``dropout2d``).
+
+Triton path: a one-element int64 seed is drawn from torch's generator (the default one, or
+``generator=``) on the input's device, *outside* the autograd Function; the Function's custom ops
+multiply by the keep mask that the kernel regenerates from ``(seed, logical element index)``.
+Only the seed is saved for backward (no mask: 1 byte per element less than torch), so:
+
+- ``torch.manual_seed`` reproduces a run and successive calls draw different masks;
+- ``torch.utils.checkpoint`` recomputation restores the RNG state, redraws the same seed and
+  so rebuilds the same mask; CUDA-graph capture replays a fresh seed each replay;
+- the backward regenerates the mask whatever the gradient's strides.
+
+The masks are reproducible under fusedmlp's seed but are NOT bit-identical to
+``torch.nn.Dropout``'s (a different random stream); the distribution, the scaling
+``1/(1-p)`` and the NaN/Inf propagation of the multiply form ``x * keep * 1/(1-p)`` are torch's.
+
+Torch path: torch's own ``F.dropout`` / ``feature_dropout`` (with ``generator=``, the same
+Bernoulli-noise multiply that torch's CPU dropout computes, drawn from that generator).
+
+p = 0, eval mode and empty inputs return the input itself; p outside [0, 1] is a ValueError;
+``inplace=True`` writes into the input under torch's autograd rules (a leaf that requires grad
+is refused, before any launch).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backend import use_triton
+
+# Seeds cover 62 bits of the 64-bit Philox key: no birthday collisions over a training run.
+_SEED_HIGH = 2**62
 
 
-def dropout(*args, **kwargs):
-    raise NotImplementedError("dropout is not implemented yet")
+@torch.library.custom_op("fusedmlp::dropout_fwd", mutates_args=())
+def _dropout_fwd(x: Tensor, seed: Tensor, p: float, inner: int) -> Tensor:
+    from ..kernels import dropout as K
+
+    return K.dropout_apply(x, seed, p, inner)
+
+
+@_dropout_fwd.register_fake
+def _(x, seed, p, inner):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fusedmlp::dropout_bwd", mutates_args=())
+def _dropout_bwd(grad: Tensor, seed: Tensor, p: float, inner: int) -> Tensor:
+    from ..kernels import dropout as K
+
+    return K.dropout_apply(grad, seed, p, inner)
+
+
+@_dropout_bwd.register_fake
+def _(grad, seed, p, inner):
+    return torch.empty_like(grad)
+
+
+class _DropoutGrad(torch.autograd.Function):
+    """``grad * keep * scale``; linear in ``grad`` with the same mask, so its own backward is
+    itself: double backward through dropout is exact (as torch's)."""
+
+    @staticmethod
+    def forward(ctx, grad, seed, p, inner):
+        ctx.save_for_backward(seed)
+        ctx.p, ctx.inner = p, inner
+        return torch.ops.fusedmlp.dropout_bwd(grad, seed, p, inner)
+
+    @staticmethod
+    def backward(ctx, gg):
+        (seed,) = ctx.saved_tensors
+        return _DropoutGrad.apply(gg, seed, ctx.p, ctx.inner), None, None, None
+
+
+class DropoutFunction(torch.autograd.Function):
+    """``x * keep * 1/(1-p)``, keep regenerated from ``seed`` (one-element int64 tensor) by the
+    kernel in forward and in backward. ``inner``: elements per keep decision (1, or
+    ``prod(shape[2:])`` for channel-wise dropout). Saves only ``seed``."""
+
+    @staticmethod
+    def forward(ctx, x, seed, p, inner):
+        ctx.save_for_backward(seed)
+        ctx.p, ctx.inner = p, inner
+        return torch.ops.fusedmlp.dropout_fwd(x, seed, p, inner)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        return _DropoutGrad.apply(grad, seed, ctx.p, ctx.inner), None, None, None
+
+
+def _check_p(p) -> float:
+    if not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout probability must be a real number, got {type(p).__name__}")
+    if p < 0.0 or p > 1.0:  # NaN passes torch's check too, and is refused below
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if math.isnan(p):
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return float(p)
+
+
+def _check_input(input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
+
+
+def _check_inplace(input: Tensor) -> None:
+    """torch's in-place rules, checked before any launch."""
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return
+    if input.is_leaf:
+        raise RuntimeError(
+            "a leaf Variable that requires grad is being used in an in-place operation."
+        )
+    base = input._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise RuntimeError(
+            "a view of a leaf Variable that requires grad is being used in an in-place operation."
+        )
+
+
+def _seed(input: Tensor, generator) -> Tensor:
+    return torch.randint(
+        0, _SEED_HIGH, (1,), generator=generator, device=input.device, dtype=torch.int64
+    )
+
+
+def _triton(input: Tensor, p: float, inner: int, inplace: bool, generator) -> Tensor:
+    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise RuntimeError(
+            f"dropout: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+    if inplace:
+        _check_inplace(input)
+    seed = _seed(input, generator)
+    out = DropoutFunction.apply(input, seed, p, inner)
+    if inplace:
+        return input.copy_(out)
+    return out
+
+
+def _torch_with_generator(input: Tensor, p: float, feature: bool, inplace: bool, generator):
+    """torch's CPU dropout (Bernoulli noise, divided by 1-p, multiplied in) from ``generator``."""
+    if p == 1.0:
+        noise = torch.zeros((), dtype=input.dtype, device=input.device)
+    else:
+        shape = (*input.shape[:2], *([1] * (input.dim() - 2))) if feature else input.shape
+        noise = torch.empty(shape, dtype=input.dtype, device=input.device)
+        noise.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+    return input.mul_(noise) if inplace else input * noise
+
+
+def dropout(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Inverted dropout, ``torch.nn.functional.dropout``'s semantics.
+
+    During training each element is zeroed with probability ``p`` and the kept ones are scaled
+    by ``1/(1-p)``; ``training=False``, ``p = 0`` and empty inputs return ``input`` itself.
+    ``generator`` (optional) draws the seed instead of torch's default generator.
+
+    CUDA tensors run the Philox Triton kernel (no mask stored; see the module docstring): its
+    masks are reproducible under fusedmlp's seed (``torch.manual_seed`` / ``generator``) but are
+    not bit-identical to ``torch.nn.Dropout``'s.
+    """
+    _check_input(input)
+    p = _check_p(p)
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if use_triton(input):
+        return _triton(input, p, 1, inplace, generator)
+    if generator is None:
+        return F.dropout(input, p, True, inplace)
+    if inplace:
+        _check_inplace(input)
+    return _torch_with_generator(input, p, False, inplace, generator)
+
+
+def dropout2d(
+    input: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Channel-wise dropout, ``torch.nn.functional.dropout2d``'s semantics.
+
+    One keep decision per (sample, channel) of an ``[N, C, *]`` input: whole channels are zeroed
+    with probability ``p``, kept ones scaled by ``1/(1-p)``. As torch: a 3-D input is read as
+    ``[N, C, L]`` (with torch's warning), inputs that are not 3-D or 4-D warn, and fewer than
+    2 dimensions is an error (when dropout actually runs). Masks are reproducible under
+    fusedmlp's seed, not bit-identical to ``torch.nn.Dropout2d``'s.
+    """
+    _check_input(input)
+    p = _check_p(p)
+    dim = input.dim()
+    if dim not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {dim}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout2d "
+            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=2,
+        )
+    if dim == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret the "
+            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+            "channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=2,
+        )
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if p < 1.0 and dim < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    if use_triton(input):
+        return _triton(input, p, math.prod(input.shape[2:]), inplace, generator)
+    if generator is None:
+        if inplace:
+            return torch.feature_dropout_(input, p, True)
+        return torch.feature_dropout(input, p, True)
+    if inplace:
+        _check_inplace(input)
+    return _torch_with_generator(input, p, True, inplace, generator)
+
+
+__all__ = ["DropoutFunction", "dropout", "dropout2d"]

@@ -7,6 +7,7 @@ when ``@triton.jit`` runs, so ``TRITON_INTERPRET`` is set here, before anything 
 import os
 import shutil
 import subprocess
+import sys
 
 _HAS_GPU = shutil.which("nvidia-smi") is not None and (
     subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
@@ -17,9 +18,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import collections  # noqa: E402
 
-import fusedmlp  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import fusedmlp  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -113,6 +115,14 @@ def launches(monkeypatch):
             yield counter
         finally:
             triton.knobs.runtime.launch_enter_hook = previous
+
+
+def pytest_configure(config):
+    # The repository root is the package (its __init__.py is there), so pytest would import it a
+    # second time under the checkout folder's name, registering every custom op and launch record
+    # twice. Point that name at the installed package instead.
+    if (config.rootpath / "__init__.py").exists():
+        sys.modules.setdefault(config.rootpath.name, fusedmlp)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,220 @@
+"""Inverted dropout: a Philox-seeded Triton kernel that stores no mask.
+
+One kernel serves the forward (``out = x * keep * 1/(1-p)``) and the backward
+(``grad_in = grad_out * keep * 1/(1-p)``): the keep decision is a pure function of
+``(seed, logical element index)``, so the backward regenerates exactly the forward's mask from the
+saved one-element seed tensor and no mask is ever written to memory.
+
+The random stream
+-----------------
+Element ``i`` (its logical, row-major index in the tensor, int64) belongs to the group
+``g = i // inner`` (``inner = 1`` for elementwise dropout; ``inner = prod(shape[2:])`` for
+channel-wise ``Dropout2d``, so one decision per (sample, channel)). Group ``g`` reads output
+``g % 4`` of Philox4x32-10 keyed by the 64-bit seed at counter ``(lo32(g // 4), hi32(g // 4), 0, 0)``:
+one Philox call serves four consecutive groups (as torch's CUDA dropout does), the counter is 64 bits
+wide so tensors beyond 2^31 (or 2^34) elements neither overflow nor repeat, and the decision does not
+depend on the block size, the launch configuration or the strides. A group is kept when the top
+24 bits ``r >> 8`` of its random word satisfy ``r >> 8 >= p * 2^24`` (P(keep) = 1 - p to 2^-24).
+
+The multiply form ``x * (keep ? scale : 0)`` (computed in fp32, fp64 for fp64 inputs) makes NaN and
+Inf propagate as torch's dropout does: a dropped NaN or Inf gives NaN.
+
+Strides: any. Offsets are logical indices; the addresses come from the (jointly coalesced, up to
+4-D) sizes and strides of the input and of the output; row-major contiguous tensors take a
+constexpr fast path with no index arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch, on_device
+
+MAX_DIMS = 4  # dims the strided path addresses after coalescing; more -> a contiguous copy
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+GPU_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 4096}, num_warps=8),
+]
+# The interpreter runs one program at a time with numpy: a big block keeps it fast.
+INTERPRET_CONFIG = triton.Config({"BLOCK": 4096}, num_warps=4)
+
+
+@triton.jit
+def _dropout_kernel(
+    x_ptr,
+    out_ptr,
+    seed_ptr,
+    numel,
+    p,
+    scale,
+    inner,
+    size1,
+    size2,
+    size3,
+    x_stride0,
+    x_stride1,
+    x_stride2,
+    x_stride3,
+    out_stride0,
+    out_stride1,
+    out_stride2,
+    out_stride3,
+    CONTIGUOUS: tl.constexpr,
+    CHANNEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr)
+    # The block as [BLOCK // 4, 4]: row q holds the four consecutive elements 4q .. 4q+3 whose
+    # random words come from one Philox call (elementwise mode).
+    quads = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # int64
+    lanes = tl.arange(0, 4)
+    idx = quads[:, None] * 4 + lanes[None, :]  # int64 logical (row-major) element indices
+    in_bounds = idx < numel
+    if CONTIGUOUS:
+        x_off = idx
+        out_off = idx
+    else:
+        i3 = idx % size3
+        rest = idx // size3
+        i2 = rest % size2
+        rest = rest // size2
+        i1 = rest % size1
+        i0 = rest // size1
+        x_off = i0 * x_stride0 + i1 * x_stride1 + i2 * x_stride2 + i3 * x_stride3
+        out_off = i0 * out_stride0 + i1 * out_stride1 + i2 * out_stride2 + i3 * out_stride3
+    x = tl.load(x_ptr + x_off, mask=in_bounds, other=0.0)
+    # Philox counter and output word of each element's group (elementwise: group = element).
+    if CHANNEL:
+        group = idx // inner
+        quad = group // 4  # [BLOCK // 4, 4]: one Philox call per element
+        lane = group % 4
+    else:
+        quad = quads[:, None]  # [BLOCK // 4, 1]: one Philox call per four elements
+        lane = lanes[None, :]
+    # Philox4x32-10 (Random123), written with builtins only (no nested @triton.jit call, so
+    # the kernel compiles for sm_90 from a process that runs the interpreter).
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (quad & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (quad >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    r = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    keep = (r >> 8).to(tl.float32) >= p * 16777216.0
+    y = x * tl.where(keep, scale, 0.0)
+    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def _coalesce(shape, *strides):
+    """Joint row-major coalescing of ``shape`` under each stride tuple; size-1 dims dropped.
+
+    Returns a list of ``(size, [stride for each tensor])`` from outermost to innermost.
+    """
+    dims: list[tuple[int, list[int]]] = []
+    for d, size in enumerate(shape):
+        if size == 1:
+            continue
+        sts = [st[d] for st in strides]
+        if dims and all(ps == s * size for ps, s in zip(dims[-1][1], sts)):
+            dims[-1] = (dims[-1][0] * size, sts)
+        else:
+            dims.append((size, sts))
+    return dims
+
+
+def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, inner: int) -> None:
+    numel = x.numel()
+    dims = _coalesce(x.shape, x.stride(), out.stride())
+    contiguous = len(dims) <= 1 and all(s == 1 for s in (dims[0][1] if dims else [1, 1]))
+    dims = [(1, [0, 0])] * (MAX_DIMS - len(dims)) + dims
+    sizes = [d[0] for d in dims]
+    x_strides = [d[1][0] for d in dims]
+    out_strides = [d[1][1] for d in dims]
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    with on_device(x):
+        launch(
+            _dropout_kernel,
+            lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
+            configs=GPU_CONFIGS,
+            key=["numel"],
+            interpret_config=INTERPRET_CONFIG,
+            x_ptr=x,
+            out_ptr=out,
+            seed_ptr=seed,
+            numel=numel,
+            p=float(p),
+            scale=float(scale),
+            inner=int(inner),
+            size1=sizes[1],
+            size2=sizes[2],
+            size3=sizes[3],
+            x_stride0=x_strides[0],
+            x_stride1=x_strides[1],
+            x_stride2=x_strides[2],
+            x_stride3=x_strides[3],
+            out_stride0=out_strides[0],
+            out_stride1=out_strides[1],
+            out_stride2=out_strides[2],
+            out_stride3=out_strides[3],
+            CONTIGUOUS=contiguous,
+            CHANNEL=inner > 1,
+        )
+
+
+def dropout_apply(x: torch.Tensor, seed: torch.Tensor, p: float, inner: int = 1) -> torch.Tensor:
+    """``x * keep * 1/(1-p)`` with the keep mask regenerated from ``(seed, logical index)``.
+
+    The forward and the backward of dropout both call this (the backward with the gradient as
+    ``x`` and the forward's seed), so nothing but the seed is saved for backward.
+
+    Args:
+        x: any shape, any strides; float16, bfloat16, float32 or float64 (fp32 arithmetic,
+            fp64 for fp64). Not modified.
+        seed: one-element int64 tensor on ``x``'s device (read by the kernel: no host sync,
+            CUDA-graph safe).
+        p: drop probability in [0, 1]; ``p = 1`` multiplies everything by 0 (as torch).
+        inner: elements per keep decision, ``1`` (elementwise) or ``prod(shape[2:])`` for
+            channel-wise dropout (one decision per (sample, channel) of ``[N, C, *]``).
+
+    Returns:
+        A new tensor, ``torch.empty_like(x)`` (x's strides when x is dense, else contiguous).
+    """
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(
+            f"dropout kernel: input dtype must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+        raise RuntimeError(
+            f"dropout kernel: seed must be a one-element int64 tensor on {x.device}, "
+            f"got {seed.dtype} {tuple(seed.shape)} on {seed.device}"
+        )
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    if len(_coalesce(x.shape, x.stride(), out.stride())) <= MAX_DIMS:
+        _launch(x, out, seed, p, inner)
+        return out
+    # More than MAX_DIMS non-mergeable dims (rare): run on contiguous copies.
+    tmp = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x.contiguous(), tmp, seed, p, inner)
+    out.copy_(tmp)
+    return out
+
+
+__all__ = ["GPU_CONFIGS", "INTERPRET_CONFIG", "SUPPORTED_DTYPES", "dropout_apply"]
