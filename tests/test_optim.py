@@ -1,0 +1,372 @@
+"""fusedmlp.optim.Adam / AdamW / SGD against torch.optim, the same gradients fed to both."""
+
+import copy
+import inspect
+
+import fusedmlp
+import pytest
+import torch
+from conftest import DEVICE
+from fusedmlp.optim import SGD, Adam, AdamW
+
+STEPS = 30
+SHAPES = [(7, 5), (5,), (9, 16), (3,), (33,), (1,)]  # (9, 16): 2 full blocks + a tail
+
+
+def _params(dtype=torch.float32, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=g).to(device=DEVICE, dtype=dtype))
+        for s in shapes
+    ]
+
+
+def _clone(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def _groups(params, **second):
+    """Two param groups; the second overrides hyperparameters (lr, weight decay, ...)."""
+    return [{"params": params[:3]}, {"params": params[3:], **second}]
+
+
+def _feed(ours, ref, step, skip=()):
+    """Fresh gradient tensors every step, the same values for both; indices in ``skip`` get
+    no gradient (None) this step."""
+    g = torch.Generator().manual_seed(1000 + step)
+    for i, (p, q) in enumerate(zip(ours, ref)):
+        if i in skip:
+            p.grad = q.grad = None
+            continue
+        grad = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
+        p.grad = grad.clone()
+        q.grad = grad.clone()
+
+
+def _assert_params(ours, ref, rtol=1e-5, atol=1e-6):
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol)
+
+
+def _run(ours_opt, ref_opt, ours, ref, steps=STEPS, skip=lambda step: ()):
+    for step in range(steps):
+        _feed(ours, ref, step, skip(step))
+        ours_opt.step()
+        ref_opt.step()
+    _assert_params(ours, ref)
+
+
+ADAM_CASES = [
+    (Adam, torch.optim.Adam, {}),
+    (Adam, torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.1}),
+    (Adam, torch.optim.Adam, {"maximize": True, "weight_decay": 0.05, "betas": (0.3, 0.9)}),
+    (Adam, torch.optim.Adam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    (AdamW, torch.optim.AdamW, {}),
+    (AdamW, torch.optim.AdamW, {"amsgrad": True, "maximize": True, "weight_decay": 0.2}),
+]
+
+
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs", ADAM_CASES, ids=[f"{c[0].__name__}-{c[2]}" for c in ADAM_CASES]
+)
+def test_adam_matches_torch(backend, launches, cls, ref_cls, kwargs):
+    ours, ref = _params(), None
+    ref = _clone(ours)
+    second = {"lr": 3e-2, "weight_decay": 0.3 if kwargs.get("weight_decay") else 0.0}
+    opt = cls(_groups(ours, **second), lr=1e-2, **kwargs)
+    ref_opt = ref_cls(_groups(ref, **second), lr=1e-2, **kwargs)
+    _run(opt, ref_opt, ours, ref)
+    expected = 2 * STEPS if backend == "triton" else 0
+    assert launches["_adam_kernel"] == expected
+    assert launches.total == expected
+
+
+SGD_CASES = [
+    {},
+    {"momentum": 0.9},
+    {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1},
+    {"momentum": 0.8, "nesterov": True, "weight_decay": 0.05},
+    {"momentum": 0.9, "maximize": True},
+    {"maximize": True, "weight_decay": 0.1},
+]
+
+
+@pytest.mark.parametrize("kwargs", SGD_CASES, ids=str)
+def test_sgd_matches_torch(backend, launches, kwargs):
+    ours = _params()
+    ref = _clone(ours)
+    second = {"lr": 0.02, "weight_decay": 0.2 if kwargs.get("weight_decay") else 0.0}
+    opt = SGD(_groups(ours, **second), lr=0.05, **kwargs)
+    ref_opt = torch.optim.SGD(_groups(ref, **second), lr=0.05, **kwargs)
+    _run(opt, ref_opt, ours, ref)
+    for p, q in zip(ours, ref):
+        if kwargs.get("momentum"):
+            torch.testing.assert_close(
+                opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
+            )
+        else:
+            assert p not in opt.state and q not in ref_opt.state
+    expected = 2 * STEPS if backend == "triton" else 0
+    assert launches["_sgd_kernel"] == expected
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: (Adam(ps, lr=0.1, amsgrad=True), torch.optim.Adam),
+        lambda ps: (SGD(ps, lr=0.1, momentum=0.9), torch.optim.SGD),
+    ],
+    ids=["adam", "sgd"],
+)
+def test_lr_scheduler_and_missing_grads(backend, make):
+    ours = _params()
+    ref = _clone(ours)
+    opt, ref_cls = make(ours)
+    ref_opt = ref_cls(ref, **{k: v for k, v in opt.defaults.items()})
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=5, gamma=0.5)
+    for step in range(STEPS):
+        # param 1 never gets a gradient; param 2 only every third step (its step lags).
+        skip = {1} | ({2} if step % 3 else set())
+        _feed(ours, ref, step, skip)
+        opt.step()
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+    _assert_params(ours, ref)
+    assert ours[1] not in opt.state
+    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] < 0.1
+    if isinstance(opt, Adam):
+        assert float(opt.state[ours[2]]["step"]) == float(ref_opt.state[ref[2]]["step"]) == 10
+
+
+OPTIMIZERS = [
+    (Adam, torch.optim.Adam, {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1}),
+    (AdamW, torch.optim.AdamW, {"lr": 0.05}),
+    (SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+]
+
+
+@pytest.mark.parametrize("cls,ref_cls,kwargs", OPTIMIZERS, ids=[c[0].__name__ for c in OPTIMIZERS])
+@pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
+def test_state_dict_round_trip(backend, cls, ref_cls, kwargs, direction):
+    """Train 10 steps with one, checkpoint (deep copy), load into the other, train on: the
+    continuation matches an uninterrupted run of torch.optim."""
+    first_cls, second_cls = (cls, ref_cls) if direction == "ours_to_torch" else (ref_cls, cls)
+    ps = _params()
+    ref = _clone(ps)
+    first = first_cls(_groups(ps, lr=0.01), **kwargs)
+    ref_opt = ref_cls(_groups(ref, lr=0.01), **kwargs)
+    for step in range(10):
+        _feed(ps, ref, step)
+        first.step()
+        ref_opt.step()
+    sd = copy.deepcopy(first.state_dict())
+    ref_sd = ref_opt.state_dict()
+    # The same layout as torch's: group keys, state keys, step as a float32 scalar tensor.
+    assert [sorted(g) for g in sd["param_groups"]] == [sorted(g) for g in ref_sd["param_groups"]]
+    for k, v in ref_sd["state"].items():
+        assert sorted(sd["state"][k]) == sorted(v)
+        if "step" in v:
+            assert sd["state"][k]["step"].dtype == torch.float32
+            assert sd["state"][k]["step"].shape == ()
+            assert sd["state"][k]["step"].device.type == "cpu"
+    second = second_cls(_groups(ps, lr=0.01), **kwargs)
+    second.load_state_dict(sd)
+    for step in range(10, 20):
+        _feed(ps, ref, step)
+        second.step()
+        ref_opt.step()
+    _assert_params(ps, ref)
+
+
+def test_one_launch_per_group_per_step_for_12_tensors(triton_backend, launches):
+    model = torch.nn.Sequential(*[torch.nn.Linear(5, 5) for _ in range(6)]).to(DEVICE)
+    params = list(model.parameters())
+    assert len(params) == 12
+    groups = [{"params": params[:8]}, {"params": params[8:], "lr": 0.1, "weight_decay": 0.1}]
+    x = torch.randn(3, 5, device=DEVICE)
+    for opt, name in [
+        (Adam(groups, lr=1e-3), "_adam_kernel"),
+        (AdamW(groups, lr=1e-3), "_adam_kernel"),
+        (SGD(groups, lr=1e-3, momentum=0.9), "_sgd_kernel"),
+    ]:
+        launches.clear()
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        assert launches[name] == 2 * 3, (type(opt).__name__, dict(launches))
+        assert launches.total == 2 * 3
+
+
+def test_no_launch_under_torch_backend(launches):
+    ps = _params()
+    with fusedmlp.use_backend("torch"):
+        for opt in (Adam(ps), SGD(ps, lr=0.1, momentum=0.5)):
+            _feed(ps, _clone(ps), 0)
+            opt.step()
+    assert launches.total == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("which", ["adam", "sgd"])
+def test_half_precision_params(triton_backend, launches, dtype, which):
+    """fp16/bf16 params: fp32 math in the kernel, state in the param dtype (as torch). The
+    reference is torch.optim on fp32 copies (torch's own fp16 Adam rounds eps=1e-8 to 0 and
+    can divide by zero where the second moment underflows)."""
+    ours = _params(dtype)
+    ref = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    if which == "adam":
+        kw = {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}
+        opt, ref_opt = Adam(ours, **kw), torch.optim.Adam(ref, **kw)
+    else:
+        kw = {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.1}
+        opt, ref_opt = SGD(ours, **kw), torch.optim.SGD(ref, **kw)
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(ours, ref):  # the same (half-rounded) gradient values for both
+            p.grad = torch.randn(p.shape, generator=g).to(device=DEVICE, dtype=dtype)
+            q.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.float16 else {"rtol": 4e-2, "atol": 4e-2}
+    for p, q in zip(ours, ref):
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.detach().float(), q.detach(), **tol)
+        for key, value in opt.state[p].items():
+            if key != "step":
+                assert value.dtype == dtype
+                torch.testing.assert_close(value.float(), ref_opt.state[q][key], **tol)
+    assert launches.total == 5
+
+
+def test_odd_layouts_and_empty_params(triton_backend, launches):
+    """A transposed (dense, non-contiguous) param, a param at an unaligned storage offset, a
+    grad whose strides differ from its param's, and an empty param."""
+    base = torch.randn(70, device=DEVICE)
+    sources = [
+        torch.randn(5, 7, device=DEVICE).t(),
+        base[1:66],
+        torch.randn(4, 6, device=DEVICE),
+        torch.randn(0, 3, device=DEVICE),
+    ]
+    for cls, ref_cls, kwargs in [
+        (Adam, torch.optim.Adam, {"lr": 0.1, "amsgrad": True}),
+        (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ]:
+        ours = [torch.nn.Parameter(t.clone()) for t in sources]
+        ours[1] = torch.nn.Parameter(torch.randn(70, device=DEVICE)[1:66])
+        assert ours[1].data_ptr() % 16 != 0 and not ours[0].is_contiguous()
+        ref = _clone(ours)
+        opt, ref_opt = cls(ours, **kwargs), ref_cls(ref, **kwargs)
+        launches.clear()
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            for i, (p, q) in enumerate(zip(ours, ref)):
+                grad = torch.randn(p.shape, generator=g).to(DEVICE)
+                if i == 0:
+                    grad = torch.empty_like(p).copy_(grad)  # the param's (transposed) strides
+                if i == 2:
+                    grad = grad.t().contiguous().t()  # column-major grad, row-major param
+                p.grad, q.grad = grad.clone(), grad.clone()
+                if i in (0, 2):
+                    p.grad = torch.empty_like(grad).copy_(grad)
+            opt.step()
+            ref_opt.step()
+        _assert_params(ours, ref)
+        assert launches.total == 4
+
+
+def test_address_table_cached_and_rebuilt():
+    from fusedmlp.kernels import adam as K
+
+    a = [torch.randn(5), torch.randn(70)]
+    b = [torch.randn(5), torch.randn(70)]
+    addrs, meta, n_blocks, aligned = K.tables([a, b], 64)
+    assert n_blocks == 1 + 2
+    assert meta.tolist() == [5, 70, 0, 1, 0, 1, 1]
+    assert addrs.tolist() == [t.data_ptr() for t in a + b]
+    again = K.tables([a, b], 64)
+    assert again[0] is addrs and again[1] is meta  # same addresses: no rebuild
+    c = [torch.randn(5), torch.randn(70)]  # fresh grads: new addresses, same sizes
+    fresh = K.tables([a, c], 64)
+    assert fresh[0] is not addrs and fresh[1] is meta
+    assert fresh[0].tolist() == [t.data_ptr() for t in a + c]
+
+
+def test_closure_and_isinstance(backend):
+    ps = _params()
+    opt = Adam(ps)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        _feed(ps, _clone(ps), 0)
+        return torch.tensor(3.0)
+
+    assert opt.step(closure).item() == 3.0 and calls == [1]
+    assert isinstance(opt, torch.optim.Adam)
+    assert isinstance(AdamW(ps), torch.optim.AdamW)
+    assert isinstance(SGD(ps, lr=0.1), torch.optim.SGD)
+    # torch's signatures and defaults
+    for ours, theirs in [
+        (Adam, torch.optim.Adam),
+        (AdamW, torch.optim.AdamW),
+        (SGD, torch.optim.SGD),
+    ]:
+        assert inspect.signature(ours) == inspect.signature(theirs)
+        assert ours(ps).defaults == theirs(ps).defaults
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: Adam(ps, lr=-1.0),
+        lambda ps: Adam(ps, betas=(1.0, 0.9)),
+        lambda ps: Adam(ps, betas=(0.9, -0.1)),
+        lambda ps: Adam(ps, eps=-1e-8),
+        lambda ps: AdamW(ps, weight_decay=-0.1),
+        lambda ps: SGD(ps, lr=-0.1),
+        lambda ps: SGD(ps, momentum=-0.5),
+        lambda ps: SGD(ps, nesterov=True),
+        lambda ps: SGD(ps, momentum=0.9, dampening=0.1, nesterov=True),
+        lambda ps: SGD(ps, weight_decay=-1.0),
+    ],
+)
+def test_invalid_hyperparameters_raise_torch_value_errors(make):
+    with pytest.raises(ValueError):
+        make(_params())
+
+
+def test_sparse_grads(backend):
+    emb = torch.nn.Embedding(10, 3, sparse=True).to(DEVICE)
+    ref = copy.deepcopy(emb)
+    idx = torch.tensor([1, 4, 4], device=DEVICE)
+    emb(idx).sum().backward()
+    ref(idx).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        Adam(emb.parameters()).step()
+    # torch's SGD supports sparse gradients: so does fusedmlp's (torch's algorithm).
+    SGD(emb.parameters(), lr=0.1).step()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    torch.testing.assert_close(emb.weight.detach(), ref.weight.detach())
+
+
+@pytest.mark.parametrize("flag", ["capturable", "foreach", "fused"])
+def test_torch_flags_accepted(backend, flag):
+    ours = _params()
+    ref = _clone(ours)
+    kwargs = {flag: True}
+    if flag == "capturable" and DEVICE == "cpu":
+        with pytest.raises(AssertionError, match="capturable"):  # torch's own check
+            opt = Adam(ours, **kwargs)
+            _feed(ours, ref, 0)
+            opt.step()
+        return
+    opt = Adam(ours, lr=0.01, **kwargs)
+    ref_opt = torch.optim.Adam(ref, lr=0.01, **kwargs)
+    _run(opt, ref_opt, ours, ref, steps=5)
+    assert opt.state_dict()["param_groups"] == ref_opt.state_dict()["param_groups"]
+    for p, q in zip(ours, ref):  # e.g. fused=True keeps torch's step on the param's device
+        assert opt.state[p]["step"].device == ref_opt.state[q]["step"].device
