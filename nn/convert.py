@@ -1,5 +1,260 @@
-"""Placeholder: being implemented."""
+"""``fusedmlp.nn.convert``: swap torch's modules for fusedmlp's in any module tree.
+
+Replaced (only when the module's type is *exactly* the torch class: subclasses, lazy modules
+that are not materialised yet and parametrized modules are left alone):
+
+    torch.nn.Linear                  -> fusedmlp.nn.Linear
+    torch.nn.BatchNorm1d / 2d        -> fusedmlp.nn.BatchNorm1d / 2d
+    torch.nn.Dropout / Dropout2d     -> fusedmlp.nn.Dropout / Dropout2d
+    torch.nn.Softmax / LogSoftmax    -> fusedmlp.nn.Softmax / LogSoftmax
+    torch.nn.CrossEntropyLoss        -> fusedmlp.nn.CrossEntropyLoss
+    torch.nn.NLLLoss                 -> fusedmlp.nn.NLLLoss
+
+Absorption: inside a container whose ``forward`` is ``torch.nn.Sequential``'s (so the Linear's
+output feeds only the next module), a ReLU, LeakyReLU, Sigmoid, Tanh, GELU (approximate="none")
+or SiLU that directly follows a converted Linear becomes that Linear's fused activation and is
+replaced by ``torch.nn.Identity`` (no parameters, so ``state_dict`` keys do not change). It is
+skipped when it could change what someone observes: the Linear is shared (appears more than once
+in the tree) or has forward hooks, or the activation has hooks.
+
+The new modules hold the very Parameter and buffer objects of the old ones, so weights, buffers,
+``requires_grad``, device, dtype, non-persistent buffers and train/eval mode are kept, and the
+module's hooks are carried over. ``inplace=False`` converts a deep copy (the original is
+untouched); ``inplace=True`` edits the tree itself and keeps the same Parameter objects, so an
+optimizer built before still works. Always use the return value: a root that is itself a
+replaced module (``convert(torch.nn.Linear(2, 3))``) can only be returned, not edited.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.nn.utils import parametrize
+
+from . import activation as _activation
+from . import batchnorm as _batchnorm
+from . import dropout as _dropout
+from . import linear as _linear
+from . import loss as _loss
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
-def convert(*args, **kwargs):
-    raise NotImplementedError("convert is not implemented yet")
+def _factory_linear(m: torch.nn.Linear, activation=None, negative_slope=0.01):
+    return _linear.Linear(
+        m.in_features,
+        m.out_features,
+        bias=m.bias is not None,
+        activation=activation,
+        negative_slope=negative_slope,
+        device="meta",
+    )
+
+
+def _factory_batchnorm(cls):
+    def make(m):
+        # torch >= 2.8 has BatchNorm(..., bias=False): affine, but no bias Parameter
+        extra = {"bias": False} if m.affine and m.bias is None else {}
+        return cls(
+            m.num_features,
+            eps=m.eps,
+            momentum=m.momentum,
+            affine=m.affine,
+            track_running_stats=m.track_running_stats,
+            device="meta",
+            **extra,
+        )
+
+    return make
+
+
+def _factory_cross_entropy(m: torch.nn.CrossEntropyLoss):
+    return _loss.CrossEntropyLoss(
+        ignore_index=m.ignore_index, reduction=m.reduction, label_smoothing=m.label_smoothing
+    )
+
+
+def _factory_nll(m: torch.nn.NLLLoss):
+    return _loss.NLLLoss(ignore_index=m.ignore_index, reduction=m.reduction)
+
+
+def _replacements() -> dict:
+    """Exact torch type -> factory building the (parameter-less, meta) fusedmlp module."""
+    return {
+        torch.nn.Linear: _factory_linear,
+        torch.nn.BatchNorm1d: _factory_batchnorm(_batchnorm.BatchNorm1d),
+        torch.nn.BatchNorm2d: _factory_batchnorm(_batchnorm.BatchNorm2d),
+        torch.nn.Dropout: lambda m: _dropout.Dropout(m.p, inplace=m.inplace),
+        torch.nn.Dropout2d: lambda m: _dropout.Dropout2d(m.p, inplace=m.inplace),
+        torch.nn.Softmax: lambda m: _activation.Softmax(dim=m.dim),
+        torch.nn.LogSoftmax: lambda m: _activation.LogSoftmax(dim=m.dim),
+        torch.nn.CrossEntropyLoss: _factory_cross_entropy,
+        torch.nn.NLLLoss: _factory_nll,
+    }
+
+
+def _absorbable(act: torch.nn.Module) -> tuple[str, float] | None:
+    """(activation name, negative_slope) when ``act`` can be fused into a preceding Linear."""
+    t = type(act)
+    if t is torch.nn.ReLU:
+        return "relu", 0.01
+    if t is torch.nn.LeakyReLU:
+        return "leaky_relu", float(act.negative_slope)
+    if t is torch.nn.Sigmoid:
+        return "sigmoid", 0.01
+    if t is torch.nn.Tanh:
+        return "tanh", 0.01
+    if t is torch.nn.GELU and act.approximate == "none":
+        return "gelu", 0.01
+    if t is torch.nn.SiLU:
+        return "silu", 0.01
+    return None
+
+
+def _has_hooks(m: torch.nn.Module, names=_HOOK_DICTS) -> bool:
+    return any(getattr(m, name, None) for name in names)
+
+
+def _convertible(m: torch.nn.Module, table: dict) -> bool:
+    if type(m) not in table:  # exact type: subclasses and (unmaterialised) lazy modules stay
+        return False
+    if parametrize.is_parametrized(m):
+        return False
+    if isinstance(m, torch.nn.modules.lazy.LazyModuleMixin):
+        return False
+    return not any(
+        isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+        for t in list(m._parameters.values()) + list(m._buffers.values())
+    )
+
+
+def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """Move ``old``'s Parameter and buffer objects, mode and hooks into ``new``."""
+    if set(new._parameters) != set(old._parameters) or set(new._buffers) != set(old._buffers):
+        raise RuntimeError(
+            f"fusedmlp.nn.convert: {type(new).__name__} has parameters {sorted(new._parameters)} "
+            f"and buffers {sorted(new._buffers)}, but {type(old).__name__} has "
+            f"{sorted(old._parameters)} and {sorted(old._buffers)}"
+        )
+    for name, value in old._parameters.items():
+        new._parameters[name] = value
+    for name, value in old._buffers.items():
+        new._buffers[name] = value
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    new.training = old.training
+    for name in _HOOK_DICTS:
+        if hasattr(old, name) and hasattr(new, name):
+            value = getattr(old, name)
+            setattr(new, name, copy.copy(value))
+    return new
+
+
+def _replace(m: torch.nn.Module, table: dict, memo: dict, act=None) -> torch.nn.Module:
+    key = (id(m), act)
+    if key not in memo:
+        if act is None:
+            new = table[type(m)](m)
+        else:
+            new = _factory_linear(m, activation=act[0], negative_slope=act[1])
+        memo[key] = (m, _transplant(m, new))  # holding m keeps its id unique meanwhile
+    return memo[key][1]
+
+
+def _supports_activation(act: tuple[str, float]) -> bool:
+    """Whether fusedmlp's Linear accepts this fused activation (GELU/SiLU are optional)."""
+    try:
+        _linear.Linear(1, 1, activation=act[0], negative_slope=act[1], device="meta")
+    except (ValueError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+def _is_sequential_chain(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.Sequential) and type(m).forward is torch.nn.Sequential.forward
+
+
+def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: dict) -> None:
+    if id(parent) in done:  # shared sub-trees are converted once
+        return
+    done[id(parent)] = parent
+    names = list(parent._modules)
+    chain = _is_sequential_chain(parent)
+    i = 0
+    while i < len(names):
+        name = names[i]
+        child = parent._modules[name]
+        if child is None:
+            i += 1
+            continue
+        if _convertible(child, table):
+            act = None
+            if chain and type(child) is torch.nn.Linear and i + 1 < len(names):
+                nxt = parent._modules[names[i + 1]]
+                cand = _absorbable(nxt) if nxt is not None else None
+                if (
+                    cand is not None
+                    and counts[id(child)] == 1
+                    and not _has_hooks(
+                        child,
+                        (
+                            "_forward_hooks",
+                            "_forward_hooks_with_kwargs",
+                            "_backward_hooks",
+                            "_backward_pre_hooks",
+                        ),
+                    )
+                    and not _has_hooks(nxt)
+                    and _supports_activation(cand)
+                ):
+                    act = cand
+            parent._modules[name] = _replace(child, table, memo, act)
+            if act is not None:
+                parent._modules[names[i + 1]] = torch.nn.Identity()
+                i += 2
+                continue
+        else:
+            _walk(child, table, memo, counts, done)
+        i += 1
+
+
+def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    """Replace torch's Linear, BatchNorm1d/2d, Dropout/Dropout2d, Softmax/LogSoftmax,
+    CrossEntropyLoss and NLLLoss modules in ``module``'s tree by fusedmlp's (see module doc).
+
+    Args:
+        module: any ``torch.nn.Module`` (a Sequential, a custom model, a single layer).
+        inplace: edit ``module`` itself, keeping its Parameter objects (an optimizer built on
+            them keeps working); otherwise convert and return a deep copy.
+
+    Returns:
+        The converted module: ``module`` itself when ``inplace`` (unless the root itself was
+        replaced), else the converted copy. ``state_dict`` keys and values are unchanged.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"fusedmlp.nn.convert: expected a torch.nn.Module, got {type(module).__name__}"
+        )
+    if not inplace:
+        module = copy.deepcopy(module)
+    table = _replacements()
+    counts: dict[int, int] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    memo: dict = {}
+    if _convertible(module, table):
+        return _replace(module, table, memo)
+    _walk(module, table, memo, counts, {})
+    return module

@@ -1,5 +1,217 @@
-"""Placeholder: being implemented."""
+"""``fusedmlp.nn.MLP``: a multi-layer perceptron built from fusedmlp's modules.
+
+Layout (the ``state_dict`` keys are a contract)::
+
+    layers = Sequential(
+        # per hidden layer i, in order:
+        Linear(in, h_i)                  # activation fused in when batchnorm=False
+        BatchNorm1d(h_i)                 # only when batchnorm=True
+        <activation> or Identity         # Identity when the activation is fused into the Linear
+        Dropout(dropout)                 # only when dropout > 0
+        ...
+        Linear(h_last, out_features)     # the head: no activation
+    )
+
+so the keys are ``layers.<index>.weight`` / ``.bias`` (and BatchNorm's ``running_mean``,
+``running_var``, ``num_batches_tracked``), exactly the keys of the same chain written with
+``torch.nn`` modules (``Linear, [BatchNorm1d], ReLU, [Dropout], ..., Linear``) and of
+``fusedmlp.nn.convert`` applied to it. :meth:`MLP.to_torch` builds that torch chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .batchnorm import BatchNorm1d
+from .dropout import Dropout
+from .linear import Linear
+
+#: activation name -> torch module factory (``negative_slope`` only for leaky_relu).
+_TORCH_ACTIVATIONS = {
+    "relu": lambda slope: torch.nn.ReLU(),
+    "leaky_relu": lambda slope: torch.nn.LeakyReLU(slope),
+    "sigmoid": lambda slope: torch.nn.Sigmoid(),
+    "tanh": lambda slope: torch.nn.Tanh(),
+    "gelu": lambda slope: torch.nn.GELU(),
+    "silu": lambda slope: torch.nn.SiLU(),
+}
 
 
-def MLP(*args, **kwargs):
-    raise NotImplementedError("MLP is not implemented yet")
+def _hidden_list(hidden_features) -> list[int]:
+    if isinstance(hidden_features, int) and not isinstance(hidden_features, bool):
+        hidden = [hidden_features]
+    elif isinstance(hidden_features, Sequence) and not isinstance(hidden_features, str):
+        hidden = list(hidden_features)
+    else:
+        raise TypeError(
+            "MLP: hidden_features must be an int or a sequence of ints, "
+            f"got {type(hidden_features).__name__}"
+        )
+    for h in hidden:
+        if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
+            raise ValueError(f"MLP: hidden_features must be positive ints, got {hidden_features!r}")
+    return hidden
+
+
+def _activation_name(activation) -> str | None:
+    if activation is None:
+        return None
+    if not isinstance(activation, str) or activation.lower() not in _TORCH_ACTIVATIONS:
+        raise ValueError(
+            f"MLP: activation must be None or one of {', '.join(map(repr, _TORCH_ACTIVATIONS))}, "
+            f"got {activation!r}"
+        )
+    return activation.lower()
+
+
+def _build_layers(
+    lib: str,
+    in_features: int,
+    hidden: list[int],
+    out_features: int,
+    activation: str | None,
+    batchnorm: bool,
+    dropout: float,
+    bias: bool,
+    negative_slope: float,
+    factory: dict,
+) -> torch.nn.Sequential:
+    """The layer chain with fusedmlp modules (``lib="fusedmlp"``) or torch's (``"torch"``)."""
+    fused = lib == "fusedmlp"
+    layers: list[torch.nn.Module] = []
+    prev = in_features
+    for h in hidden:
+        if fused:
+            act_in_linear = None if batchnorm else activation
+            layers.append(
+                Linear(
+                    prev,
+                    h,
+                    bias=bias,
+                    activation=act_in_linear,
+                    negative_slope=negative_slope,
+                    **factory,
+                )
+            )
+        else:
+            layers.append(torch.nn.Linear(prev, h, bias=bias, **factory))
+        if batchnorm:
+            layers.append((BatchNorm1d if fused else torch.nn.BatchNorm1d)(h, **factory))
+        if activation is None or (fused and not batchnorm):
+            layers.append(torch.nn.Identity())
+        else:
+            layers.append(_TORCH_ACTIVATIONS[activation](negative_slope))
+        if dropout > 0:
+            layers.append((Dropout if fused else torch.nn.Dropout)(dropout))
+        prev = h
+    layers.append((Linear if fused else torch.nn.Linear)(prev, out_features, bias=bias, **factory))
+    return torch.nn.Sequential(*layers)
+
+
+class MLP(torch.nn.Module):
+    """Multi-layer perceptron on fusedmlp's fused modules.
+
+    Args:
+        in_features: input size.
+        hidden_features: an int (one hidden layer) or a sequence of ints (one layer per entry).
+        out_features: output size (the head is a plain Linear: logits, no activation).
+        activation: None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu" or "silu".
+        batchnorm: per hidden layer Linear -> BatchNorm1d -> activation; without it the
+            activation is fused into the Linear's epilogue.
+        dropout: probability of the Dropout after each hidden activation (0 = no Dropout module).
+        bias: whether the Linear layers have a bias.
+        negative_slope: slope of "leaky_relu".
+        device, dtype: where and in which dtype the parameters are created.
+
+    The module holds one ``torch.nn.Sequential`` named ``layers`` (see the module docstring for
+    the exact layout and ``state_dict`` keys, which equal those of :meth:`to_torch`'s chain).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | Sequence[int],
+        out_features: int,
+        activation: str | None = "relu",
+        batchnorm: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+        negative_slope: float = 0.01,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MLP: {name} must be a positive int, got {value!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
+        self.in_features = in_features
+        self.hidden_features = tuple(_hidden_list(hidden_features))
+        self.out_features = out_features
+        self.activation = _activation_name(activation)
+        self.batchnorm = bool(batchnorm)
+        self.dropout = float(dropout)
+        self.bias = bool(bias)
+        self.negative_slope = float(negative_slope)
+        self.layers = _build_layers(
+            "fusedmlp",
+            in_features,
+            list(self.hidden_features),
+            out_features,
+            self.activation,
+            self.batchnorm,
+            self.dropout,
+            self.bias,
+            self.negative_slope,
+            {"device": device, "dtype": dtype},
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.layers(input)
+
+    def to_torch(self) -> torch.nn.Module:
+        """The same network written with ``torch.nn`` modules only, as a separate copy.
+
+        Same ``state_dict`` keys and values (parameters, running statistics), same device,
+        dtype, ``requires_grad`` flags and train/eval mode: the reference model for comparisons.
+        """
+        ref = _TorchMLP()
+        first = next(self.parameters())
+        ref.layers = _build_layers(
+            "torch",
+            self.in_features,
+            list(self.hidden_features),
+            self.out_features,
+            self.activation,
+            self.batchnorm,
+            self.dropout,
+            self.bias,
+            self.negative_slope,
+            {"device": "meta", "dtype": first.dtype},  # meta: no init work, no RNG draws
+        )
+        ref = ref.to_empty(device=first.device)
+        ref.load_state_dict(self.state_dict())
+        for p_ref, p in zip(ref.parameters(), self.parameters()):
+            p_ref.requires_grad_(p.requires_grad)
+        for m_ref, m in zip(ref.modules(), self.modules()):
+            m_ref.training = m.training
+        return ref
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
+            f"out_features={self.out_features}, activation={self.activation!r}, "
+            f"batchnorm={self.batchnorm}, dropout={self.dropout}, bias={self.bias}"
+        )
+
+
+class _TorchMLP(torch.nn.Module):
+    """Plain-torch twin of :class:`MLP` (built by :meth:`MLP.to_torch`)."""
+
+    layers: torch.nn.Sequential
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.layers(input)

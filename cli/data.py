@@ -1,0 +1,235 @@
+"""Datasets of ``fusedmlp train``: sklearn's digits, the lecture's 2-D disc, MNIST IDX files, .npz.
+
+Every loader returns a :class:`Dataset` of float32 features ``[n, d]`` and int64 labels ``[n]``
+(numpy arrays) split into train and test. Nothing is ever downloaded. Errors a user can cause
+(missing file, wrong arrays) raise :class:`DataError`, which the CLI reports as a one-line
+message with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(Exception):
+    """A data set could not be loaded (the message says why and what to do)."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(initial=0), self.y_test.max(initial=0))) + 1
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test samples, "
+            f"{self.num_features} features, {self.num_classes} classes"
+        )
+
+
+def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    """Shuffled train/test split (the same for a given seed)."""
+    n = len(x)
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction))) if n > 1 else 0
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _finish(name, x_train, y_train, x_test, y_test) -> Dataset:
+    def feats(a, what):
+        a = np.asarray(a)
+        if a.ndim < 2:
+            raise DataError(
+                f"{name}: {what} must have a sample axis and features, got shape {a.shape}"
+            )
+        return np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)
+
+    def labels(a, what):
+        a = np.asarray(a)
+        if a.ndim != 1 or not (
+            np.issubdtype(a.dtype, np.integer)
+            or (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))
+        ):
+            raise DataError(f"{name}: {what} must be a 1-D array of integer class labels")
+        a = a.astype(np.int64)
+        if a.size and a.min() < 0:
+            raise DataError(f"{name}: {what} has negative class labels")
+        return a
+
+    ds = Dataset(
+        name,
+        feats(x_train, "X"),
+        labels(y_train, "y"),
+        feats(x_test, "X"),
+        labels(y_test, "y"),
+    )
+    if len(ds.x_train) != len(ds.y_train) or len(ds.x_test) != len(ds.y_test):
+        raise DataError(f"{name}: X and y have different numbers of samples")
+    if len(ds.x_train) == 0 or len(ds.x_test) == 0:
+        raise DataError(f"{name}: needs at least one train and one test sample")
+    return ds
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 samples, shipped in the package)."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise DataError(
+            "the digits data set comes with scikit-learn, which is not installed: "
+            "pip install 'fusedmlp[examples]' (or scikit-learn), or use --dataset disc"
+        ) from e
+    bunch = sk_load_digits()
+    x = bunch.data.astype(np.float32) / 16.0
+    return _finish("digits", *split(x, bunch.target, test_fraction, seed))
+
+
+def make_disc(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The lecture's 2-D "disc" problem: points uniform in [-1, 1]^2, label 1 inside the disc
+    of radius sqrt(2/pi) centred at 0 (area 2: half of the square, so the classes balance)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.0, 1.0, size=(n, 2)).astype(np.float32)
+    y = ((x**2).sum(1) < 2.0 / math.pi).astype(np.int64)
+    return x, y
+
+
+def load_disc(seed: int = 0, n_train: int = 1000, n_test: int = 1000) -> Dataset:
+    x_train, y_train = make_disc(n_train, seed)
+    x_test, y_test = make_disc(n_test, seed + 1_000_003)
+    return _finish("disc", x_train, y_train, x_test, y_test)
+
+
+def load_npz(path: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """A user's ``.npz`` with arrays ``X`` [n, ...] and ``y`` [n] (integer labels), split
+    randomly; or with ``X_train, y_train, X_test, y_test``, used as given."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise DataError(f"cannot read {path} as a numpy .npz file: {e}") from e
+    name = os.path.basename(path)
+    if {"X_train", "y_train", "X_test", "y_test"} <= arrays.keys():
+        return _finish(
+            name, arrays["X_train"], arrays["y_train"], arrays["X_test"], arrays["y_test"]
+        )
+    if not {"X", "y"} <= arrays.keys():
+        raise DataError(
+            f"{path} must hold arrays 'X' and 'y' (or X_train, y_train, X_test, y_test); "
+            f"found {sorted(arrays) or 'none'}"
+        )
+    x, y = np.asarray(arrays["X"]), np.asarray(arrays["y"])
+    if len(x) != len(y):
+        raise DataError(f"{path}: X has {len(x)} samples but y has {len(y)}")
+    if len(x) < 2:
+        raise DataError(f"{path}: needs at least 2 samples, got {len(x)}")
+    return _finish(name, *split(x, y, test_fraction, seed))
+
+
+MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def _idx_candidates(base: str) -> list[str]:
+    dotted = base.replace("-idx", ".idx")  # the spelling of some mirrors: train-images.idx3-ubyte
+    return [base, base + ".gz", dotted, dotted + ".gz"]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (MNIST's format), gzip-compressed or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise DataError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(dtypes[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(
+            f"{path}: truncated or corrupt IDX file (shape {shape} needs {expected} bytes, "
+            f"found {len(data) - header})"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def load_mnist(data_dir: str | None) -> Dataset:
+    """MNIST (or Fashion-MNIST, or any data in the same layout) from IDX files in ``data_dir``:
+    train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte,
+    t10k-labels-idx1-ubyte, each optionally ``.gz``. Never downloads."""
+    if data_dir is None:
+        raise DataError(
+            "--dataset mnist needs --data-dir DIR holding the MNIST IDX files "
+            f"({', '.join(MNIST_FILES.values())}, optionally .gz); fusedmlp never downloads"
+        )
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory not found: {data_dir}")
+    arrays = {}
+    for key, base in MNIST_FILES.items():
+        for name in _idx_candidates(base):
+            path = os.path.join(data_dir, name)
+            if os.path.isfile(path):
+                arrays[key] = read_idx(path)
+                break
+        else:
+            raise DataError(
+                f"missing MNIST file {os.path.join(data_dir, base)} (or {base}.gz) in {data_dir}; "
+                "fusedmlp never downloads: put the four IDX files there"
+            )
+    x_train = arrays["x_train"].astype(np.float32) / 255.0
+    x_test = arrays["x_test"].astype(np.float32) / 255.0
+    return _finish("mnist", x_train, arrays["y_train"], x_test, arrays["y_test"])
+
+
+def load(
+    dataset: str | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """The data set the CLI options name: ``--data`` (a .npz), ``--data-dir`` (MNIST IDX files,
+    implies ``--dataset mnist``) or ``--dataset`` (default digits)."""
+    if data is not None:
+        if dataset is not None or data_dir is not None:
+            raise DataError("--data replaces --dataset and --data-dir: give only one of them")
+        return load_npz(data, seed=seed)
+    if data_dir is not None and dataset not in (None, "mnist"):
+        raise DataError(f"--data-dir is for --dataset mnist, not --dataset {dataset}")
+    dataset = dataset or ("mnist" if data_dir is not None else "digits")
+    if dataset == "mnist":
+        return load_mnist(data_dir)
+    if dataset == "disc":
+        return load_disc(seed=seed)
+    if dataset == "digits":
+        return load_digits(seed=seed)
+    raise DataError(f"unknown dataset {dataset!r}: expected digits, disc or mnist")

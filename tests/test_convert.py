@@ -1,0 +1,330 @@
+"""fusedmlp.nn.convert: module swapping, activation absorption, inplace semantics, equality."""
+
+import copy
+
+import fusedmlp
+import pytest
+import torch
+from conftest import DEVICE, assert_close
+from fusedmlp.nn import convert
+
+F = fusedmlp.nn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: torch's intra-op threads only add overhead (and stall on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def lecture_model():
+    """The lecture's dropout example."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Linear(10, 100),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(100, 50),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(50, 2),
+    )
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_lecture_model_copy():
+    torch.manual_seed(0)
+    model = lecture_model()
+    before = _snapshot(model)
+    params_before = list(model.parameters())
+    conv = convert(model)
+    # the original is untouched: same types, same Parameter objects, same values
+    assert [type(m) for m in model] == [type(m) for m in lecture_model()]
+    assert list(model.parameters()) == params_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the copy: fused Linear+ReLU, ReLU slot -> Identity, fusedmlp Dropout
+    assert [type(m) for m in conv] == [
+        F.Linear,
+        torch.nn.Identity,
+        F.Dropout,
+        F.Linear,
+        torch.nn.Identity,
+        F.Dropout,
+        F.Linear,
+    ]
+    assert conv[0].activation == "relu" and conv[3].activation == "relu"
+    assert conv[6].activation is None
+    assert conv[2].p == 0.5
+    assert all(p is not q for p, q in zip(conv.parameters(), model.parameters()))
+    _same_state(conv, model)
+    x = torch.randn(13, 10)
+    model.eval()
+    conv.eval()
+    assert_close(conv(x), model(x))
+
+
+def test_lecture_model_inplace_keeps_parameters_and_optimizer():
+    torch.manual_seed(0)
+    model = lecture_model()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = copy.deepcopy(model)
+    out = convert(model, inplace=True)
+    assert out is model
+    assert type(model[0]) is F.Linear and type(model[1]) is torch.nn.Identity
+    assert all(p is q for p, q in zip(model.parameters(), params))
+    assert model[0].weight is params[0]
+    _same_state(model, reference)
+    # the optimizer built before the conversion still trains the converted model
+    model.eval()
+    x = torch.randn(8, 10)
+    model(x).square().sum().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, reference[0].weight)
+    reference.eval()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    reference(x).square().sum().backward()
+    ref_opt.step()
+    _same_state(model, reference)
+
+
+class Block(torch.nn.Module):
+    """A custom module: its Linear -> ReLU is not a Sequential chain, so nothing is absorbed."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.fc = torch.nn.Linear(n, n)
+        self.act = torch.nn.ReLU()
+        self.norm = torch.nn.BatchNorm1d(n)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.norm(self.act(h) + h)  # uses the Linear's output twice
+
+
+class MyLinear(torch.nn.Linear):
+    pass
+
+
+class Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.LeakyReLU(0.2), torch.nn.BatchNorm1d(8)
+        )
+        self.blocks = torch.nn.ModuleList([Block(8), Block(8)])
+        self.inner = torch.nn.Sequential(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()),
+            torch.nn.Linear(8, 8),
+            torch.nn.GELU(approximate="tanh"),  # not absorbed: fusedmlp's GELU is the erf one
+        )
+        self.sub = MyLinear(8, 8)  # a subclass: left alone
+        self.attn_proj = torch.nn.modules.linear.NonDynamicallyQuantizableLinear(8, 8)
+        self.head = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(8, 3))
+        self.out = torch.nn.LogSoftmax(dim=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        x = self.attn_proj(self.sub(self.inner(x)))
+        return self.out(self.head(x))
+
+
+def test_nested_model_copy_and_inplace():
+    torch.manual_seed(0)
+    model = Nested().double()
+    model.blocks[1].eval()  # mixed modes are kept
+    model.head[0].eval()  # the dropout: deterministic outputs
+    model.stem[0].weight.requires_grad_(False)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    for inplace in (False, True):
+        src = copy.deepcopy(model)
+        ids = [id(p) for p in src.parameters()]
+        expected = model(x)
+        conv = convert(src, inplace=inplace)
+        assert (conv is src) == inplace
+        assert ([id(p) for p in conv.parameters()] == ids) == inplace
+        assert type(conv.stem[0]) is F.Linear and conv.stem[0].activation == "leaky_relu"
+        assert conv.stem[0].negative_slope == 0.2 and type(conv.stem[1]) is torch.nn.Identity
+        assert type(conv.stem[2]) is F.BatchNorm1d
+        assert type(conv.blocks[0].fc) is F.Linear and conv.blocks[0].fc.activation is None
+        assert type(conv.blocks[0].act) is torch.nn.ReLU
+        assert type(conv.inner[0][0]) is F.Linear and conv.inner[0][0].activation == "tanh"
+        assert type(conv.inner[1]) is F.Linear and conv.inner[1].activation is None
+        assert type(conv.inner[2]) is torch.nn.GELU
+        assert type(conv.sub) is MyLinear
+        assert type(conv.attn_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+        assert type(conv.head[0]) is F.Dropout and type(conv.out) is F.LogSoftmax
+        assert conv.out.dim == 1
+        assert not conv.blocks[1].training and not conv.blocks[1].norm.training
+        assert conv.blocks[0].norm.training
+        assert not conv.stem[0].weight.requires_grad and conv.stem[2].weight.requires_grad
+        assert all(p.dtype == torch.float64 for p in conv.parameters())
+        assert list(conv.state_dict()) == list(model.state_dict())
+        assert not conv.head[0].training
+        assert_close(conv(x), expected)
+
+
+def test_losses_and_softmax_converted_with_buffers():
+    w = torch.tensor([1.0, 2.0, 0.5])
+    ce = torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1)
+    nll = torch.nn.NLLLoss(reduction="sum")
+    model = torch.nn.ModuleDict(
+        {"ce": ce, "nll": nll, "sm": torch.nn.Softmax(dim=-1), "lsm": torch.nn.LogSoftmax(1)}
+    )
+    conv = convert(model)
+    assert type(conv["ce"]) is F.CrossEntropyLoss and type(conv["nll"]) is F.NLLLoss
+    assert type(conv["sm"]) is F.Softmax and type(conv["lsm"]) is F.LogSoftmax
+    assert conv["ce"].ignore_index == 1 and conv["ce"].label_smoothing == 0.1
+    assert conv["nll"].reduction == "sum"
+    assert list(conv.state_dict()) == list(model.state_dict()) == ["ce.weight"]
+    assert torch.equal(conv["ce"].weight, w)
+    logits, target = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 0, 1])
+    assert_close(conv["ce"](logits, target), ce(logits, target))
+    assert_close(conv["nll"](logits.log_softmax(1), target), nll(logits.log_softmax(1), target))
+    assert_close(conv["sm"](logits), logits.softmax(-1))
+
+
+def test_batchnorm2d_dropout2d_and_root_module():
+    bn = torch.nn.BatchNorm2d(3, momentum=None, eps=1e-3)
+    seq = torch.nn.Sequential(bn, torch.nn.Dropout2d(0.2, inplace=True))
+    conv = convert(seq)
+    assert type(conv[0]) is F.BatchNorm2d and conv[0].momentum is None and conv[0].eps == 1e-3
+    assert type(conv[1]) is F.Dropout2d and conv[1].p == 0.2 and conv[1].inplace
+    x = torch.randn(4, 3, 5, 5)
+    assert_close(conv[0](x), bn(x))
+    _same_state(conv, seq)  # running stats updated identically
+    lin = torch.nn.Linear(3, 4)
+    root = convert(lin, inplace=True)  # the root itself is replaced: only the return value has it
+    assert type(root) is F.Linear and root.weight is lin.weight
+    assert type(convert(torch.nn.ReLU())) is torch.nn.ReLU
+
+
+def test_left_alone_lazy_parametrized_hooks_and_custom_sequential():
+    class MySequential(torch.nn.Sequential):
+        def forward(self, x):
+            h = self[0](x)
+            return self[1](h) + h
+
+    lazy = torch.nn.LazyLinear(4)
+    param = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4))
+    hooked = torch.nn.Linear(4, 4)
+    calls = []
+    hooked.register_forward_hook(lambda mod, inp, out: calls.append(out))
+    model = torch.nn.Sequential(
+        lazy,
+        param,
+        torch.nn.ReLU(),
+        hooked,
+        torch.nn.ReLU(),
+        MySequential(torch.nn.Linear(4, 4), torch.nn.ReLU()),
+    )
+    conv = convert(model)
+    assert type(conv[0]) is torch.nn.LazyLinear
+    assert type(conv[1]) is type(param)  # parametrized: left alone, ReLU not absorbed
+    assert type(conv[2]) is torch.nn.ReLU
+    assert type(conv[3]) is F.Linear and conv[3].activation is None  # hooked: not absorbed
+    assert type(conv[4]) is torch.nn.ReLU
+    assert type(conv[5][0]) is F.Linear and conv[5][0].activation is None
+    assert type(conv[5][1]) is torch.nn.ReLU
+    x = torch.randn(5, 3)
+    out = conv(x)  # materialises the copy's lazy layer; the original's stays lazy
+    assert len(calls) == 1  # the hook was carried over to the fusedmlp Linear
+    model[0] = conv[0]
+    assert_close(out, model(x))
+    # a materialised LazyLinear becomes a plain torch Linear: converted from then on
+    assert type(convert(conv)[0]) is F.Linear
+
+
+def test_shared_linear_is_not_absorbed_and_stays_shared():
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    conv = convert(model)
+    assert conv[0] is conv[2] and type(conv[0]) is F.Linear
+    assert conv[0].activation is None and type(conv[1]) is torch.nn.ReLU
+    x = torch.randn(3, 4)
+    assert_close(conv(x), model(x))
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        convert([torch.nn.Linear(2, 2)])
+
+
+def test_first_training_steps_equal_torch():
+    """A converted model (no dropout) trained with fusedmlp's loss and Adam follows torch's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 5),
+    )
+    conv = convert(model)
+    assert conv[3].activation == "tanh"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    fopt = fusedmlp.optim.Adam(conv.parameters(), lr=1e-2)
+    loss_fn, floss_fn = torch.nn.CrossEntropyLoss(), fusedmlp.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(16, 12, generator=gen)
+        y = torch.randint(0, 5, (16,), generator=gen)
+        losses = []
+        for net, o, fn in ((model, opt, loss_fn), (conv, fopt, floss_fn)):
+            o.zero_grad()
+            loss = fn(net(x), y)
+            loss.backward()
+            o.step()
+            losses.append(loss.detach())
+        assert_close(losses[1], losses[0])
+    for (k, a), b in zip(conv.state_dict().items(), model.state_dict().values()):
+        if a.is_floating_point():
+            assert_close(a, b, msg=k)
+        else:
+            assert torch.equal(a, b), k
+
+
+def test_converted_model_runs_triton_kernels(triton_backend, launches):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16)
+    ).to(DEVICE)
+    conv = convert(model)
+    x = torch.randn(17, 16, device=DEVICE)
+    out = conv(x)
+    assert launches.total > 0
+    assert_close(out, model(x))
+
+
+def test_batchnorm_depth_example_smoke(capsys):
+    """examples/batchnorm_depth.py on a tiny budget: both libraries give the same accuracies."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "batchnorm_depth.py"
+    spec = importlib.util.spec_from_file_location("batchnorm_depth", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(
+        ["--stds", "0.25", "--depth", "3", "--epochs", "2", "--n", "200", "--device", "cpu"]
+    )
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("0.25 |"))
+    torch_no_bn, fused_no_bn, torch_bn, fused_bn = row.split("|")[1].split()
+    assert torch_no_bn == fused_no_bn and torch_bn == fused_bn

@@ -1,0 +1,186 @@
+"""fusedmlp.nn.MLP: structure, state_dict layout, equality with its torch twin, training."""
+
+import math
+
+import fusedmlp
+import pytest
+import torch
+from conftest import assert_close
+from fusedmlp.nn import MLP
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: torch's intra-op threads only add overhead (and stall on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _types(seq):
+    return [type(m) for m in seq]
+
+
+def test_structure_without_batchnorm():
+    m = MLP(5, [7, 9], 3)
+    L = fusedmlp.nn.Linear
+    assert _types(m.layers) == [L, torch.nn.Identity, L, torch.nn.Identity, L]
+    assert m.layers[0].activation == "relu" and m.layers[2].activation == "relu"
+    assert m.layers[4].activation is None  # the head: logits
+    assert [(x.in_features, x.out_features) for x in m.layers[::2]] == [(5, 7), (7, 9), (9, 3)]
+
+
+def test_structure_with_batchnorm_and_dropout():
+    m = MLP(4, 6, 2, activation="tanh", batchnorm=True, dropout=0.25)
+    assert _types(m.layers) == [
+        fusedmlp.nn.Linear,
+        fusedmlp.nn.BatchNorm1d,
+        torch.nn.Tanh,
+        fusedmlp.nn.Dropout,
+        fusedmlp.nn.Linear,
+    ]
+    assert m.layers[0].activation is None  # the activation comes after the BatchNorm
+    assert m.layers[3].p == 0.25
+    assert m.hidden_features == (6,)
+
+
+def test_state_dict_keys_documented_layout():
+    m = MLP(4, [8, 8], 3, batchnorm=True, dropout=0.1)
+    keys = list(m.state_dict())
+    assert keys[:7] == [
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.1.weight",
+        "layers.1.bias",
+        "layers.1.running_mean",
+        "layers.1.running_var",
+        "layers.1.num_batches_tracked",
+    ]
+    assert keys[-2:] == ["layers.8.weight", "layers.8.bias"]
+    # the same keys as the plain torch chain and as convert() of that chain
+    ref = m.to_torch()
+    assert list(ref.state_dict()) == keys
+    assert list(fusedmlp.nn.convert(ref).state_dict()) == keys
+    assert list(MLP(4, [8, 8], 3, bias=False).state_dict()) == [
+        "layers.0.weight",
+        "layers.2.weight",
+        "layers.4.weight",
+    ]
+
+
+def test_init_matches_torch_linear():
+    torch.manual_seed(0)
+    m = MLP(6, [5], 4)
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 5)
+    b = torch.nn.Linear(5, 4)
+    assert_close(m.layers[0].weight, a.weight)
+    assert_close(m.layers[2].bias, b.bias)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"activation": "relu"},
+        {"activation": "leaky_relu", "negative_slope": 0.2},
+        {"activation": "sigmoid", "batchnorm": True},
+        {"activation": None},
+    ],
+)
+def test_equals_torch_twin_forward_backward(kwargs):
+    torch.manual_seed(1)
+    m = MLP(7, [9, 5], 3, **kwargs)
+    ref = m.to_torch()
+    assert all(type(x).__module__.startswith("torch.") for x in ref.modules() if x is not ref)
+    x = torch.randn(11, 7)
+    out, out_ref = m(x), ref(x)
+    assert_close(out, out_ref)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, msg=name)
+    m.eval()
+    ref.eval()
+    assert_close(m(x), ref(x))
+
+
+def test_to_torch_keeps_dtype_mode_and_requires_grad():
+    m = MLP(3, 4, 2, batchnorm=True, dtype=torch.float64)
+    m.layers[0].weight.requires_grad_(False)
+    m.eval()
+    ref = m.to_torch()
+    assert all(p.dtype == torch.float64 for p in ref.parameters())
+    assert not ref.layers[0].weight.requires_grad and ref.layers[3].weight.requires_grad
+    assert not ref.training and not ref.layers[1].training
+    # a copy: training the twin leaves the original alone
+    with torch.no_grad():
+        ref.layers[0].weight.add_(1)
+    assert not torch.equal(ref.layers[0].weight, m.layers[0].weight)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="hidden_features"):
+        MLP(3, "8", 2)
+    with pytest.raises(ValueError, match="hidden_features"):
+        MLP(3, [8, 0], 2)
+    with pytest.raises(ValueError, match="activation"):
+        MLP(3, 8, 2, activation="softplus")
+    with pytest.raises(ValueError, match="dropout"):
+        MLP(3, 8, 2, dropout=1.0)
+    with pytest.raises(ValueError, match="in_features"):
+        MLP(0, 8, 2)
+
+
+def _disc(n, gen):
+    x = torch.empty(n, 2).uniform_(-1, 1, generator=gen)
+    return x, (x.pow(2).sum(1) < 2 / math.pi).long()
+
+
+def test_training_reduces_loss_and_matches_torch():
+    """Fused Adam + MLP (BatchNorm, no dropout) tracks torch's Adam + the twin step by step."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = _disc(256, gen)
+    torch.manual_seed(0)
+    m = MLP(2, [32, 32], 2, batchnorm=True)
+    ref = m.to_torch()
+    opt = fusedmlp.optim.Adam(m.parameters(), lr=1e-2)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    loss_fn = fusedmlp.nn.CrossEntropyLoss()
+    losses, losses_ref = [], []
+    for step in range(40):
+        idx = torch.randperm(256, generator=gen)[:64]
+        for net, o, fn, out in (
+            (m, opt, loss_fn, losses),
+            (ref, opt_ref, torch.nn.functional.cross_entropy, losses_ref),
+        ):
+            o.zero_grad()
+            loss = fn(net(x[idx]), y[idx])
+            loss.backward()
+            o.step()
+            out.append(loss.item())
+        if step < 5:
+            assert losses[-1] == pytest.approx(losses_ref[-1], rel=1e-4, abs=1e-5)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    m.eval()
+    xt, yt = _disc(512, gen)
+    with torch.no_grad():
+        assert (m(xt).argmax(1) == yt).float().mean() > 0.8
+
+
+def test_training_with_dropout_reduces_loss():
+    gen = torch.Generator().manual_seed(1)
+    x, y = _disc(256, gen)
+    torch.manual_seed(1)
+    m = MLP(2, [32, 32], 2, dropout=0.1)
+    opt = fusedmlp.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
+    loss_fn = fusedmlp.nn.CrossEntropyLoss()
+    losses = []
+    for _ in range(60):
+        idx = torch.randperm(256, generator=gen)[:64]
+        opt.zero_grad()
+        loss = loss_fn(m(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5

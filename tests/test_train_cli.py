@@ -1,0 +1,142 @@
+"""`fusedmlp train`: help without extras, tiny runs on every data source, clear data errors."""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fusedmlp.cli import data as cli_data
+from fusedmlp.cli.main import main
+
+TINY = ["--epochs", "1", "--hidden", "8", "--batch-size", "32", "--no-progress", "--threads", "1"]
+
+
+def test_help_works_without_optional_extras():
+    code = (
+        "import sys\n"
+        "for name in ('sklearn', 'matplotlib', 'tqdm'):\n"
+        "    sys.modules[name] = None  # import of it now fails\n"
+        "from fusedmlp.cli.main import main\n"
+        "try:\n"
+        "    main(['train', '--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for option in (
+        "--dataset",
+        "--data-dir",
+        "--hidden",
+        "--no-batchnorm",
+        "--no-compare",
+        "--plot",
+    ):
+        assert option in res.stdout
+
+
+def test_tiny_run_compares_and_plots(tmp_path, capsys):
+    plot = tmp_path / "loss.png"
+    assert main(["train", "--dataset", "disc", *TINY, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch   1/1" in out and "fusedmlp: loss" in out and "torch: loss" in out
+    assert "test accuracy" in out and "time per step" in out and "speed ratio" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fusedmlp_and_torch_runs_match(capsys):
+    """Same initial weights, batches and dropout draws: the two columns agree."""
+    args = ["train", "--dataset", "disc", "--epochs", "2", "--hidden", "16", "16", *TINY[-3:]]
+    assert main([*args, "--optimizer", "sgd", "--lr", "0.1", "--dropout", "0"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
+    for line in lines:
+        fused, torch_part = line.split("fusedmlp:")[1].split("torch:")
+        loss_f = float(fused.split()[1])
+        loss_t = float(torch_part.split()[1])
+        assert loss_f == pytest.approx(loss_t, abs=2e-4)
+
+
+def test_digits_no_compare(capsys):
+    pytest.importorskip("sklearn")
+    argv = ["train", *TINY, "--no-compare", "--no-batchnorm", "--dropout", "0.2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "digits: 1438 train / 359 test samples, 64 features, 10 classes" in out
+    assert "torch: loss" not in out and "speed ratio" not in out
+
+
+def test_npz_data(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float64)
+    y = (x[:, 0] > 0).astype(np.int32)
+    path = tmp_path / "mine.npz"
+    np.savez(path, X=x, y=y)
+    assert main(["train", "--data", str(path), *TINY]) == 0
+    assert "mine.npz: 48 train / 12 test samples, 5 features, 2 classes" in capsys.readouterr().out
+
+
+def _write_idx(path, array, compress):
+    codes = {np.uint8: 0x08}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(">u1").tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def test_mnist_idx_files_gz_and_raw(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for i, (stem, n) in enumerate((("train", 40), ("t10k", 10))):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
+        labels[:10] = np.arange(10)
+        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte", images, compress=i == 0)
+        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", labels, compress=i == 1)
+    ds = cli_data.load_mnist(str(tmp_path))
+    assert ds.x_train.shape == (40, 784) and ds.x_test.shape == (10, 784)
+    assert ds.x_train.max() <= 1.0 and ds.num_classes == 10
+    assert main(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"]) == 0
+    assert "mnist: 40 train / 10 test samples, 784 features, 10 classes" in capsys.readouterr().out
+
+
+def _error(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code not in (0, None)
+    return str(info.value.code)
+
+
+def test_clear_errors_for_missing_data(tmp_path):
+    missing = tmp_path / "nope.npz"
+    msg = _error(["train", "--data", str(missing), *TINY])
+    assert "data file not found" in msg and str(missing) in msg
+    msg = _error(["train", "--data-dir", str(tmp_path / "nodir"), *TINY])
+    assert "data directory not found" in msg and "nodir" in msg
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY])
+    assert (
+        os.path.join(str(tmp_path), "train-images-idx3-ubyte") in msg and "never downloads" in msg
+    )
+    msg = _error(["train", "--dataset", "mnist", *TINY])
+    assert "--data-dir" in msg
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, features=np.zeros((4, 2)))
+    msg = _error(["train", "--data", str(bad), *TINY])
+    assert "'X' and 'y'" in msg and "features" in msg
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip")
+    assert "cannot read" in _error(["train", "--data", str(garbage), *TINY])
+
+
+def test_bad_options_exit_nonzero(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--hidden", "0"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dropout", "1.5"])
+    assert info.value.code == 2
+    assert "--dropout" in capsys.readouterr().err
