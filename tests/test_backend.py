@@ -12,9 +12,13 @@ from fusedmlp import backend
 
 
 def _python(code, **env):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDMLP_BACKEND")}
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDMLP_BACKEND")
+    }
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd="/"
+    )
 
 
 def test_set_get_and_context_manager_restore():
