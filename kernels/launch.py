@@ -2,6 +2,8 @@
 
 - On a GPU: ``triton.autotune`` over the kernel's configurations (cached per kernel).
   An in-place kernel passes ``restore_value`` so autotuning never applies its update twice.
+- ``FUSEDMLP_AUTOTUNE=0``: the first configuration, no autotuning (the GPU check's tests use it:
+  each new shape would otherwise compile and time every configuration).
 - Under Triton's interpreter (``TRITON_INTERPRET=1``): one fixed configuration, because
   autotune needs a GPU driver; the ``INTERPRET`` constexpr is set for kernels that take it
   (interpreter-only bf16 upcast before ``tl.dot``, see DESIGN.md "Traps").
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -168,7 +171,7 @@ def launch(
     if "INTERPRET" in inspect.signature(fn).parameters:
         kwargs["INTERPRET"] = interpreting
     configs = list(configs)
-    if interpreting or len(configs) == 1:
+    if interpreting or len(configs) == 1 or os.environ.get("FUSEDMLP_AUTOTUNE") == "0":
         config = interpret_config if (interpreting and interpret_config) else configs[0]
         _record(kernel, kwargs, config, configs)
         meta = {**kwargs, **config.kwargs}

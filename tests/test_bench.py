@@ -1,0 +1,177 @@
+"""`fusedmlp bench`: the byte/FLOP formulas, the engine's bookkeeping, and a quick CPU run.
+
+Speed is never asserted here (DESIGN.md "Testing"): only that the run produces valid rows.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fusedmlp.cli import _bench_engine as E
+from fusedmlp.cli import _bench_ops as O
+from fusedmlp.cli import _bench_report as R
+from fusedmlp.cli.bench import parse_ops
+from fusedmlp.cli.main import main
+
+# --- formulas against hand-computed cases ----------------------------------------------------
+
+
+def test_linear_formulas():
+    # M=2, N=3, K=4, s=2: fwd s(MK + NK + MN + N) = 2 * (8 + 12 + 6 + 3) = 58
+    assert O.linear_fwd_bytes(2, 3, 4, 2) == 58
+    assert O.linear_fwd_flops(2, 3, 4) == 48  # 2MNK
+    # bwd s(2MN + 2MK + 2NK) = 2 * (12 + 16 + 24) = 104; 4MNK = 96
+    assert O.linear_bwd_bytes(2, 3, 4, 2) == 104
+    assert O.linear_bwd_flops(2, 3, 4) == 96
+    # the headline bf16 8192^3 GEMM: 3 matrices of 8192^2 bf16 + the bias
+    assert O.linear_fwd_bytes(8192, 8192, 8192, 2) == 2 * (3 * 8192**2 + 8192) == 402_669_568
+    assert O.linear_fwd_flops(8192, 8192, 8192) == 1_099_511_627_776
+
+
+def test_memory_bound_formulas():
+    assert O.cross_entropy_bytes(4, 10, 2) == 240  # 3 * s * M * C
+    assert O.cross_entropy_bytes(16384, 32768, 2) == 3 * 2**30  # 1 GiB of bf16 logits, 3 passes
+    assert O.batchnorm_fwd_bytes(8, 3, 4) == 288  # 3 * s * N * C
+    assert O.batchnorm_bwd_bytes(8, 3, 4) == 480  # 5 * s * N * C
+    assert O.dropout_bytes(100, 2) == 400  # 2 * s per element
+    assert O.adam_bytes(1000) == 28_000
+    assert O.sgd_momentum_bytes(1000) == 20_000
+    assert O.adam_bytes(50_000_000) / 1e9 == 1.4  # 50M params: 1.4 GB per step
+
+
+def test_mlp_step_counts_by_hand():
+    # batch 2, in 3, one hidden layer of 4, 5 classes, fp32
+    # Linear(3->4): fwd 4(6+12+8+4)=120, bwd 4(16+12+24)=208; Linear(4->5): fwd 4(8+20+10+5)=172,
+    # bwd 4(20+16+40)=304; BN 96 + 160; dropout 2 * 64; CE 3*4*2*5=120;
+    # params 12+4 + 20+5 + BN 2*4 = 49 -> Adam 1372
+    nbytes, flops = O.mlp_step_counts(2, 3, 4, 1, 5, 4)
+    assert nbytes == 120 + 208 + 172 + 304 + 96 + 160 + 128 + 120 + 1372
+    assert flops == 6 * 2 * 3 * 4 + 6 * 2 * 4 * 5
+
+
+def test_rates_and_speedups():
+    ceilings = {"copy_gbps": 2000.0, "matmul_tflops": 500.0}
+    row = {"ms": 2.0, "bytes": 1e9, "flops": 2e11}
+    E.fill_rates(row, ceilings)
+    assert math.isclose(row["gbps"], 500.0)  # 1 GB in 2 ms
+    assert math.isclose(row["pct_bw"], 25.0)
+    assert math.isclose(row["tflops"], 100.0)  # 0.2 TFLOP in 2 ms
+    assert math.isclose(row["pct_flops"], 20.0)
+    assert math.isclose(row["pct_of_peak"], 25.0)  # the roofline bound is the larger
+    rows = [
+        {"op": "x", "pass": "fwd", "shape": "s", "dtype": "bf16", "impl": i, "ms": ms}
+        for i, ms in (("fusedmlp", 1.0), ("torch", 3.0), ("torch.compile", 2.0))
+    ]
+    E.add_speedups(rows)
+    assert rows[0]["speedup_vs_torch"] == 3.0 and rows[0]["speedup_vs_compile"] == 2.0
+    assert rows[1]["speedup_vs_torch"] == 1.0
+
+
+def test_crossover_text():
+    def row(impl, batch, ms):
+        return {"op": "mlp_small", "shape": f"width=64 B={batch}", "impl": impl, "ms": ms}
+
+    rows = [row("torch", 16, 1.0), row("fusedmlp", 16, 2.0), row("torch", 256, 2.0)]
+    rows += [row("fusedmlp", 256, 1.0), row("torch", 4096, 8.0), row("fusedmlp", 4096, 4.0)]
+    assert "from B=256" in R.crossover(rows)
+    assert "every batch size" in R.crossover(rows[2:])
+    assert R.crossover([]) is None
+
+
+def test_parse_ops():
+    assert parse_ops(None) == list(O.OPS)
+    assert parse_ops(["linear,ce", "bn"]) == ["linear", "cross_entropy", "batchnorm"]
+    assert parse_ops(["optim"]) == ["adam", "adamw", "sgd"]
+    with pytest.raises(SystemExit, match="unknown op 'nope'"):
+        parse_ops(["nope"])
+
+
+def test_failing_case_becomes_an_error_row():
+    def broken():
+        raise NotImplementedError("not yet")
+
+    ok = O.Case(
+        "dropout", "fwd", "n=8", "fp32", "torch", lambda: O.Prepared(lambda: None), order=(1,)
+    )
+    bad = O.Case("linear", "fwd", "M=1", "fp32", "fusedmlp", broken, order=(0,))
+    cfg = E.Settings(1, 2, 3)
+    ceilings = {"copy_gbps": 1.0, "matmul_tflops": 1.0}
+    rows = E.run_cases([ok, bad], torch.device("cpu"), cfg, ceilings, "CPU", log=None)
+    assert [r["error"] for r in rows] == ["NotImplementedError: not yet", None]
+    assert rows[1]["ms"] > 0
+    skipped = E.run_cases([ok], torch.device("cpu"), cfg, ceilings, "CPU", budget_s=-1, log=None)
+    assert skipped[0]["ms"] is None and "time budget" in skipped[0]["skipped"]
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def test_bench_quick_cpu_writes_valid_rows(tmp_path, capsys):
+    out_json, out_md, out_png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    argv = ["bench", "--quick", "--device", "cpu", "--json", str(out_json)]
+    argv += ["--markdown", str(out_md), "--plot", str(out_png)]
+    rc = main(argv)
+    doc = json.loads(out_json.read_text())
+    rows = doc["rows"]
+    errors = [(r["op"], r["impl"], r["error"]) for r in rows if r["error"]]
+    assert not errors, errors
+    assert rc == 0
+    assert doc["meta"]["complete"] and doc["meta"]["device_type"] == "cpu"
+    assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
+    assert "CPU" in doc["ceilings"]["matmul_what"]
+    seen = {(r["op"], r["impl"]) for r in rows}
+    for op in O.OPS:  # every op, against eager torch; no torch.compile under --quick on CPU
+        assert {(op, "fusedmlp"), (op, "torch")} <= seen, op
+    assert not any(r["impl"] == "torch.compile" for r in rows)
+    for r in rows:
+        assert set(R.ROW_KEYS) <= set(r)
+        assert r["device"].startswith("CPU")
+        assert isinstance(r["ms"], float) and r["ms"] > 0
+        assert r["pct_of_peak"] > 0 and r["peak_mem_mb"] is None
+        if r["bytes"]:
+            assert math.isclose(r["gbps"], r["bytes"] / r["ms"] / 1e6)
+        if r["op"] in ("linear", "mlp_step"):
+            assert r["tflops"] > 0
+        if r["impl"] == "fusedmlp":
+            assert r["backend"] == "fallback"  # CPU: the torch fallback, labelled
+            assert r["speedup_vs_torch"] > 0
+    md = out_md.read_text()
+    assert "| pass | shape |" in md and "fallback" in md and "CPU" in md
+    for op in O.OPS:
+        assert f"## {O.OP_TITLES[op]}" in md
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cases_run_the_triton_kernels_when_selected(launches):
+    """The bench's fusedmlp cases go through fusedmlp's dispatch: under backend 'triton' (the
+    interpreter on CPU) they launch kernels and are labelled so."""
+    import fusedmlp
+
+    cpu = torch.device("cpu")
+    cases = [
+        O.Case(
+            "linear",
+            "bwd",
+            "",
+            "fp32",
+            "fusedmlp",
+            O.build_linear("fusedmlp", cpu, torch.float32, 16, 16, 16, True),
+        ),
+        O.Case(
+            "dropout",
+            "fwd",
+            "",
+            "fp32",
+            "fusedmlp",
+            O.build_dropout("fusedmlp", cpu, torch.float32, 4, 16, False),
+        ),
+    ]
+    cfg = E.Settings(0, 0, 1, min_reps=1)
+    ceilings = {"copy_gbps": 1.0, "matmul_tflops": 1.0}
+    with fusedmlp.use_backend("triton"):
+        rows = E.run_cases(cases, cpu, cfg, ceilings, "CPU", log=None)
+    assert [(r["backend"], r["error"]) for r in rows] == [("triton", None)] * 2
+    assert all(r["ms"] > 0 for r in rows)
+    assert launches.total >= 2 * 3  # first call, timing call(s), for each case
