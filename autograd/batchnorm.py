@@ -1,5 +1,307 @@
-"""Placeholder: being implemented."""
+"""Batch normalization: custom ops, the autograd Function and the backend dispatch.
+
+Custom ops (names prefixed ``batchnorm_``):
+- ``fusedmlp::batchnorm_fwd``  (functional) -> y, mean, invstd, unbiased var
+- ``fusedmlp::batchnorm_bwd``  (functional) -> dx, dweight, dbias
+- ``fusedmlp::batchnorm_update_running`` mutates ``running_mean``/``running_var`` in place, no
+  autograd (torch refuses autograd formulas on mutating ops); called after the differentiable
+  op with the batch statistics it returned.
+
+``batch_norm`` has ``torch.nn.functional.batch_norm``'s signature and semantics; the torch
+backend is ``F.batch_norm`` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backend import use_triton
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------
 
 
-def batch_norm(*args, **kwargs):
-    raise NotImplementedError("batch_norm is not implemented yet")
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fusedmlp::batchnorm_fwd", mutates_args=())
+def _batchnorm_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels import batchnorm as K
+
+    return K.batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+
+
+@_batchnorm_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps):
+    n = x.shape[1] if training else 0
+    stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
+    return (torch.empty_like(x), *stats)
+
+
+@torch.library.custom_op("fusedmlp::batchnorm_bwd", mutates_args=())
+def _batchnorm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    stat: Tensor,
+    training: bool,
+    eps: float,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import batchnorm as K
+
+    dx, dw, db = K.batch_norm_backward(
+        dy, x, weight, mean, stat, training, eps, need_dx, need_dweight, need_dbias
+    )
+    empty = x.new_empty(0)
+    return (
+        dx if dx is not None else empty,
+        dw if dw is not None else empty.clone(),
+        db if db is not None else empty.clone(),
+    )
+
+
+@_batchnorm_bwd.register_fake
+def _(dy, x, weight, mean, stat, training, eps, need_dx, need_dweight, need_dbias):
+    C = x.shape[1]
+    pdtype = weight.dtype if weight is not None else _acc_dtype(x)
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        x.new_empty(C, dtype=pdtype) if need_dweight and weight is not None else x.new_empty(0),
+        x.new_empty(C, dtype=pdtype) if need_dbias else x.new_empty(0),
+    )
+
+
+@torch.library.custom_op(
+    "fusedmlp::batchnorm_update_running", mutates_args=("running_mean", "running_var")
+)
+def _batchnorm_update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    from ..kernels import batchnorm as K
+
+    K.batch_norm_update_running(running_mean, running_var, mean, var, momentum, num_batches_tracked)
+
+
+@_batchnorm_update_running.register_fake
+def _(running_mean, running_var, mean, var, momentum, num_batches_tracked):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = batch_norm(x); also returns the batch mean and unbiased variance (non-differentiable,
+    empty in eval mode) for the running-statistics update."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps):
+        y, mean, invstd, var = torch.ops.fusedmlp.batchnorm_fwd(
+            x, weight, bias, running_mean, running_var, training, eps
+        )
+        if training:
+            ctx.save_for_backward(x, weight, mean, invstd)
+        else:
+            ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.training = training
+        ctx.eps = eps
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, stat = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_dx or need_dw or need_db:
+            dx, dw, db = torch.ops.fusedmlp.batchnorm_bwd(
+                dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
+            )
+            if need_db and db.dtype != ctx.bias_dtype:
+                db = db.to(ctx.bias_dtype)
+        return (
+            dx if need_dx else None,
+            dw if need_dw else None,
+            db if need_db else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (torch's exception types and messages, before any launch)
+# ----------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _verify_batch_size(size) -> None:
+    size_prods = size[0]
+    for i in range(len(size) - 2):
+        size_prods *= size[i + 2]
+    if size_prods == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
+        )
+
+
+def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if training:
+        _verify_batch_size(input.size())
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(
+            f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
+        )
+    if input.dim() < 2:
+        raise IndexError(
+            f"batch_norm: input must have at least 2 dimensions (N, C, ...), got "
+            f"{input.dim()}-D input of size {tuple(input.shape)}: Dimension out of range"
+        )
+    if (running_mean is None) != (running_var is None):
+        if training:
+            raise ValueError(
+                "running_mean and running_var must either both be None or neither be None"
+            )
+    if not training:
+        if running_mean is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        if running_var is None:
+            raise RuntimeError("running_var must be defined in evaluation mode")
+    C = input.shape[1]
+    named = (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    )
+    for name, t in named:
+        if t is not None and t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    if input.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"batch_norm: expected input of a floating dtype (float32, float16, bfloat16, "
+            f"float64), got {input.dtype}"
+        )
+    allowed = {input.dtype}
+    if input.dtype in (torch.float16, torch.bfloat16):
+        allowed.add(torch.float32)
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype not in allowed:
+            raise RuntimeError(
+                f"batch_norm: expected {name} to have dtype "
+                f"{' or '.join(sorted(map(str, allowed)))} (input is {input.dtype}), got {t.dtype}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(
+                f"batch_norm: expected all tensors to be on the same device, but input is on "
+                f"{input.device} and {name} on {t.device}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# public dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """``batch_norm`` with one addition for the modules: when ``num_batches_tracked`` is given
+    (``momentum=None``), the running statistics are a cumulative average with factor
+    ``1 / num_batches_tracked``, read on the device by the Triton path (no host sync)."""
+    if not use_triton(input, running_mean, running_var, weight, bias):
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.numel() == 0:
+        # nothing to launch; torch's own semantics for empty batches
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    x = input
+    if x.dim() > 4:  # BatchNorm3d-like: fold the trailing spatial dims (a view when it can)
+        x = x.flatten(3)
+    y, mean, var = BatchNormFunction.apply(
+        x,
+        weight,
+        bias,
+        None if training else running_mean,
+        None if training else running_var,
+        bool(training),
+        float(eps),
+    )
+    if training and running_mean is not None:
+        torch.ops.fusedmlp.batchnorm_update_running(
+            running_mean, running_var, mean, var, float(momentum), num_batches_tracked
+        )
+    return y if y.shape == input.shape else y.reshape(input.shape)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` on fusedmlp's kernels (same signature and semantics).
+
+    Normalizes each channel (dim 1) of ``input`` ([N, C], [N, C, L], [N, C, H, W]; any strides,
+    channels_last kept) over the batch and spatial dims: with the batch statistics when
+    ``training`` (and then updates ``running_mean``/``running_var`` in place, when given, with
+    ``momentum`` and the unbiased variance), otherwise with the running statistics. fp16/bf16
+    inputs may have fp32 parameters/statistics; the output has the input's dtype.
+    """
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, None
+    )
+
+
+__all__ = ["BatchNormFunction", "batch_norm"]

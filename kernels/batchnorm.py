@@ -1,0 +1,810 @@
+"""Batch normalization kernels and their launchers.
+
+Every input is viewed as ``(N, C, S)``: ``[N, C]`` has ``S = 1``, ``[N, C, L]`` has ``S = L``,
+``[N, C, H, W]`` has ``S = H * W``. The statistics of channel ``c`` run over the
+``R = N * S`` "rows" ``r = n * S + h * W + w``; a row's element offset is
+``n * sN + h * sH + w * sW`` (any strides: channels_last, slices, expanded gradients), so
+nothing is copied. Tiles are ``[BLOCK_C, BLOCK_R]`` (channels x rows); the row index is int64.
+
+Computation type ("acc"): fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (gradcheck).
+Parameters (weight, bias) and running statistics may be fp32 with fp16/bf16 inputs.
+
+Kernels (launches per call, training, everything tracked):
+    forward   ``_bn_stats_partial_kernel`` -> ``_bn_stats_final_kernel`` -> ``_bn_forward_kernel``
+              (+ ``_bn_update_running_kernel``, a separate in-place op)
+    backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_final_kernel`` -> ``_bn_backward_dx_kernel``
+Eval mode (running statistics) is one forward launch; its backward is one launch for dx
+(plus the two reduction launches only when weight/bias need gradients).
+
+Reductions are deterministic: each program of a "partial" kernel owns a contiguous slice of
+rows (a split) and a block of channels and writes its result to a ``[n_split, C]`` buffer;
+a "final" kernel combines the splits in a fixed order. No atomics.
+
+Numerical stability of the statistics: within a split the sums are *shifted* by the split's
+first row (``K``): ``S1 = sum(x - K)``, ``S2 = sum((x - K)^2)``, accumulated element-wise in
+``[BLOCK_C, BLOCK_R]`` registers and reduced once at the end, so data whose mean is 1e4 times
+its spread loses nothing to cancellation. Splits are merged with Chan et al.'s parallel
+formula (counts, means, M2), in blocks of ``BLOCK_S`` splits.
+
+For a later cross-layer fusion, ``_bn_forward_kernel`` is two clearly separated steps: the
+per-channel ``(mean, scale, shift)`` and the per-element ``(x - mean) * scale + shift``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch, on_device
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+#
+# Written without @triton.jit helper functions (the sm_90 compile test compiles each kernel on
+# its own), so three idioms recur:
+#   ACC: tl.constexpr = tl.float64 if FP64 else tl.float32       computation type
+#   (r // S) * sN + (r % S // W) * sH + (r % W) * sW              offset of row r = n*S + h*W + w
+#   1 / sqrt(v) correctly rounded: div_rn(1, sqrt_rn(v)) in fp32 (as torch), 1 / sqrt(v) in fp64
+# With S = W = 1 (2-D input) triton specialises both to 1 and the divisions fold away.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_stats_partial_kernel(
+    x_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    R,
+    C,
+    S,
+    W,
+    sxN,
+    sxC,
+    sxH,
+    sxW,
+    rows_per_split,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Per split (program axis 1) and channel block (axis 0): mean and M2 of the split's rows.
+
+    Shifted sums: ``K`` = the split's first row, ``S1 = sum(x - K)``, ``S2 = sum((x - K)^2)``
+    accumulated element-wise in ``[BLOCK_C, BLOCK_R]`` registers, reduced once at the end;
+    ``mean = K + S1 / n``, ``M2 = S2 - S1^2 / n``. x: any strides; pmean, pm2: ``[n_split, C]``.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    c_off = c.to(tl.int64) * sxC
+    start = pid_s.to(tl.int64) * rows_per_split
+    end = tl.minimum(start + rows_per_split, R)
+    k_off = (start // S) * sxN + (start % S // W) * sxH + (start % W) * sxW
+    shift = tl.load(x_ptr + c_off + k_off, mask=cmask, other=0.0).to(ACC)
+    s1 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    s2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    for r0 in range(start, end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_off = (r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW
+        mask = cmask[:, None] & (r < end)[None, :]
+        x = tl.load(x_ptr + c_off[:, None] + r_off[None, :], mask=mask, other=0.0).to(ACC)
+        d = tl.where(mask, x - shift[:, None], 0.0)
+        s1 += d
+        s2 += d * d
+    n = (end - start).to(ACC)
+    t1 = tl.sum(s1, 1)
+    t2 = tl.sum(s2, 1)
+    mean = shift + t1 / n
+    m2 = tl.maximum(t2 - t1 * (t1 / n), 0.0)
+    out = pid_s * C + c
+    tl.store(pmean_ptr + out, mean, mask=cmask)
+    tl.store(pm2_ptr + out, m2, mask=cmask)
+
+
+@triton.jit
+def _bn_stats_final_kernel(
+    pmean_ptr,
+    pm2_ptr,
+    mean_ptr,
+    invstd_ptr,
+    var_ptr,
+    R,
+    C,
+    n_split,
+    rows_per_split,
+    eps,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Merge the splits in a fixed order (blocks of ``BLOCK_S`` splits, Chan et al.): the mean,
+    ``invstd = 1 / sqrt(M2 / R + eps)`` and the unbiased variance ``M2 / (R - 1)`` (for the
+    running estimate). pmean, pm2: ``[n_split, C]``; mean, invstd, var: ``[C]``, acc type.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_c = tl.program_id(0)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    n_a = tl.zeros([BLOCK_C], dtype=ACC)  # count merged so far
+    for s0 in range(0, n_split, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < n_split
+        lo = s.to(tl.int64) * rows_per_split
+        cnt = tl.where(smask, tl.minimum(lo + rows_per_split, R) - lo, 0).to(ACC)
+        mask = smask[:, None] & cmask[None, :]
+        off = s[:, None] * C + c[None, :]
+        pm = tl.load(pmean_ptr + off, mask=mask, other=0.0)
+        pq = tl.load(pm2_ptr + off, mask=mask, other=0.0)
+        # this block of splits: count, mean, M2
+        n_b = tl.sum(cnt, 0)
+        mean_b = tl.sum(cnt[:, None] * pm, 0) / n_b
+        d = tl.where(mask, pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(pq + cnt[:, None] * d * d, 0)
+        # merged with the previous blocks
+        n_ab = n_a + n_b
+        delta = mean_b - mean
+        frac = n_b / n_ab
+        mean = mean + delta * frac
+        m2 = m2 + m2_b + delta * delta * n_a * frac
+        n_a = n_ab
+    n = R * 1.0
+    v = m2 / n + eps
+    if FP64:
+        invstd = 1.0 / tl.sqrt(v)
+    else:
+        invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(v))
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(invstd_ptr + c, invstd, mask=cmask)
+    tl.store(var_ptr + c, m2 / (n - 1.0), mask=cmask)
+
+
+@triton.jit
+def _bn_forward_kernel(
+    x_ptr,
+    y_ptr,
+    mean_ptr,
+    stat_ptr,
+    w_ptr,
+    b_ptr,
+    R,
+    C,
+    S,
+    W,
+    sxN,
+    sxC,
+    sxH,
+    sxW,
+    syN,
+    syC,
+    syH,
+    syW,
+    eps,
+    STAT_IS_VAR: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The normalization: ``y = (x - mean) * scale + shift`` on one ``[BLOCK_C, BLOCK_R]`` tile.
+
+    Grid: (row blocks, channel blocks). Two steps, kept apart so that another kernel can take
+    over step 2 (cross-layer fusion):
+      1. per channel: ``mean``, ``scale = invstd * weight``, ``shift = bias``, where ``stat`` is
+         invstd (batch statistics) or the running variance (``STAT_IS_VAR``: invstd computed here);
+      2. per element: ``(x - mean) * scale + shift`` (``x - mean`` first: with large offsets
+         ``x * scale + (shift - mean * scale)`` would cancel), stored in y's dtype and strides.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    # 1. per-channel affine
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    stat = tl.load(stat_ptr + c, mask=cmask, other=1.0).to(ACC)
+    if STAT_IS_VAR:
+        if FP64:
+            invstd = 1.0 / tl.sqrt(stat + eps)
+        else:
+            invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(stat + eps))
+    else:
+        invstd = stat
+    if HAS_W:
+        scale = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        scale = invstd
+    if HAS_B:
+        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        shift = tl.zeros([BLOCK_C], dtype=ACC)
+    # 2. per-element normalization
+    r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = cmask[:, None] & (r < R)[None, :]
+    c64 = c.to(tl.int64)
+    x_off = c64[:, None] * sxC + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+    y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+    y_off = c64[:, None] * syC + ((r // S) * syN + (r % S // W) * syH + (r % W) * syW)[None, :]
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_update_running_kernel(
+    rmean_ptr,
+    rvar_ptr,
+    mean_ptr,
+    var_ptr,
+    nbt_ptr,
+    C,
+    momentum,
+    CUMULATIVE: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """In place: ``running = f * batch + (1 - f) * running`` for the mean and the (unbiased)
+    variance. ``f = momentum``, or ``1 / num_batches_tracked`` read on the device when
+    ``CUMULATIVE`` (torch's ``momentum=None``), so there is no host sync.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid = tl.program_id(0)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+    var = tl.load(var_ptr + c, mask=cmask, other=0.0)
+    if CUMULATIVE:
+        nbt = tl.load(nbt_ptr).to(tl.float32)
+        f = tl.math.div_rn(
+            tl.full([BLOCK_C], 1.0, tl.float32), nbt + tl.zeros([BLOCK_C], tl.float32)
+        )
+    else:
+        f = momentum
+    rm = tl.load(rmean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    rv = tl.load(rvar_ptr + c, mask=cmask, other=0.0).to(ACC)
+    rm = f * mean + (1.0 - f) * rm
+    rv = f * var + (1.0 - f) * rv
+    tl.store(rmean_ptr + c, rm.to(rmean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(rvar_ptr + c, rv.to(rvar_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _bn_backward_reduce_kernel(
+    x_ptr,
+    dy_ptr,
+    mean_ptr,
+    psum_dy_ptr,
+    psum_dyxmu_ptr,
+    R,
+    C,
+    S,
+    W,
+    sxN,
+    sxC,
+    sxH,
+    sxW,
+    sdN,
+    sdC,
+    sdH,
+    sdW,
+    rows_per_split,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Pass 1 of the backward: per split, ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel,
+    accumulated element-wise and reduced once. psum_*: ``[n_split, C]``, acc type.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    cx = c.to(tl.int64) * sxC
+    cd = c.to(tl.int64) * sdC
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    start = pid_s.to(tl.int64) * rows_per_split
+    end = tl.minimum(start + rows_per_split, R)
+    a1 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    a2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    for r0 in range(start, end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = cmask[:, None] & (r < end)[None, :]
+        x_off = cx[:, None] + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
+        d_off = cd[:, None] + ((r // S) * sdN + (r % S // W) * sdH + (r % W) * sdW)[None, :]
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+        a1 += dy
+        a2 += dy * tl.where(mask, x - mean[:, None], 0.0)
+    out = pid_s * C + c
+    tl.store(psum_dy_ptr + out, tl.sum(a1, 1), mask=cmask)
+    tl.store(psum_dyxmu_ptr + out, tl.sum(a2, 1), mask=cmask)
+
+
+@triton.jit
+def _bn_backward_final_kernel(
+    psum_dy_ptr,
+    psum_dyxmu_ptr,
+    stat_ptr,
+    sum_dy_ptr,
+    sum_dyxmu_ptr,
+    dw_ptr,
+    db_ptr,
+    C,
+    n_split,
+    eps,
+    STAT_IS_VAR: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Sum the splits in a fixed order: ``sum_dy``, ``sum_dyxmu`` (acc type, for dx) and
+    ``dweight = sum_dyxmu * invstd``, ``dbias = sum_dy`` in the parameters' dtype."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_c = tl.program_id(0)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    a1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    a2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
+    for s0 in range(0, n_split, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < n_split)[:, None] & cmask[None, :]
+        off = s[:, None] * C + c[None, :]
+        a1 += tl.load(psum_dy_ptr + off, mask=mask, other=0.0)
+        a2 += tl.load(psum_dyxmu_ptr + off, mask=mask, other=0.0)
+    sum_dy = tl.sum(a1, 0)
+    sum_dyxmu = tl.sum(a2, 0)
+    tl.store(sum_dy_ptr + c, sum_dy, mask=cmask)
+    tl.store(sum_dyxmu_ptr + c, sum_dyxmu, mask=cmask)
+    if HAS_DW:
+        stat = tl.load(stat_ptr + c, mask=cmask, other=1.0).to(ACC)
+        if STAT_IS_VAR:
+            if FP64:
+                invstd = 1.0 / tl.sqrt(stat + eps)
+            else:
+                invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(stat + eps))
+        else:
+            invstd = stat
+        tl.store(dw_ptr + c, (sum_dyxmu * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
+    if HAS_DB:
+        tl.store(db_ptr + c, sum_dy.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _bn_backward_dx_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    mean_ptr,
+    stat_ptr,
+    w_ptr,
+    sum_dy_ptr,
+    sum_dyxmu_ptr,
+    R,
+    C,
+    S,
+    W,
+    sxN,
+    sxC,
+    sxH,
+    sxW,
+    sdN,
+    sdC,
+    sdH,
+    sdW,
+    sgN,
+    sgC,
+    sgH,
+    sgW,
+    eps,
+    TRAINING: tl.constexpr,
+    HAS_W: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Pass 2 of the backward, one ``[BLOCK_C, BLOCK_R]`` tile of dx.
+
+    Training (batch statistics, stat = invstd):
+        ``dx = w * invstd * (dy - sum_dy / R - (x - mean) * invstd^2 * sum_dyxmu / R)``
+    Eval (running statistics, stat = running_var): ``dx = dy * w / sqrt(var + eps)``.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    stat = tl.load(stat_ptr + c, mask=cmask, other=1.0).to(ACC)
+    if TRAINING:
+        invstd = stat
+    else:
+        if FP64:
+            invstd = 1.0 / tl.sqrt(stat + eps)
+        else:
+            invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(stat + eps))
+    if HAS_W:
+        a = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        a = invstd
+    r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = cmask[:, None] & (r < R)[None, :]
+    c64 = c.to(tl.int64)
+    d_off = c64[:, None] * sdC + ((r // S) * sdN + (r % S // W) * sdH + (r % W) * sdW)[None, :]
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
+    if TRAINING:
+        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+        n = R * 1.0
+        b = tl.load(sum_dy_ptr + c, mask=cmask, other=0.0) / n
+        k = invstd * invstd * tl.load(sum_dyxmu_ptr + c, mask=cmask, other=0.0) / n
+        x_off = c64[:, None] * sxC + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        dx = (dy - b[:, None] - (x - mean[:, None]) * k[:, None]) * a[:, None]
+    else:
+        dx = dy * a[:, None]
+    g_off = c64[:, None] * sgC + ((r // S) * sgN + (r % S // W) * sgH + (r % W) * sgW)[None, :]
+    tl.store(dx_ptr + g_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations
+# ----------------------------------------------------------------------------------------------
+
+# [BLOCK_C, BLOCK_R] tiles: wide in C for [N, C] (C contiguous), wide in R for NCHW (S contiguous).
+_TILE_CONFIGS = [
+    triton.Config({"BLOCK_C": 64, "BLOCK_R": 64}, num_warps=8),
+    triton.Config({"BLOCK_C": 128, "BLOCK_R": 32}, num_warps=8),
+    triton.Config({"BLOCK_C": 32, "BLOCK_R": 64}, num_warps=4),
+    triton.Config({"BLOCK_C": 256, "BLOCK_R": 16}, num_warps=8),
+    triton.Config({"BLOCK_C": 16, "BLOCK_R": 256}, num_warps=8),
+    triton.Config({"BLOCK_C": 4, "BLOCK_R": 1024}, num_warps=8),
+]
+_FINAL_CONFIGS = [triton.Config({"BLOCK_C": 128, "BLOCK_S": 16}, num_warps=4)]
+_UPDATE_CONFIGS = [triton.Config({"BLOCK_C": 256}, num_warps=4)]
+
+
+def _interpret_tile(R: int, C: int) -> triton.Config:
+    """Interpreter tile: small (many tiles, splits and channel blocks in small tests); long
+    rows and no idle channels for big batches, so that N = 1,000,000 stays quick there."""
+    if R <= 4096:
+        return triton.Config({"BLOCK_C": 16, "BLOCK_R": 16}, num_warps=4)
+    block_r = min(16384, triton.next_power_of_2(triton.cdiv(R, 64)))
+    return triton.Config(
+        {"BLOCK_C": min(16, triton.next_power_of_2(C)), "BLOCK_R": block_r}, num_warps=8
+    )
+
+
+_INTERPRET_FINAL = triton.Config({"BLOCK_C": 16, "BLOCK_S": 2}, num_warps=4)
+_INTERPRET_UPDATE = triton.Config({"BLOCK_C": 16}, num_warps=4)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
+    """(n_split, rows_per_split) for the reductions: about 4 programs per SM on a GPU, each
+    over a contiguous slice of at least 256 rows; a few splits under the interpreter."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        want = triton.cdiv(4 * _sm_count(idx), triton.cdiv(C, 64))
+        split = max(1, min(want, triton.cdiv(R, 256)))
+        rows = triton.cdiv(triton.cdiv(R, split), 128) * 128
+    else:
+        split = max(1, min(4, triton.cdiv(R, 32)))
+        rows = triton.cdiv(R, split)
+    return triton.cdiv(R, rows), rows
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _geometry(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(R, C, S, W) of a [N, C], [N, C, L] or [N, C, H, W] tensor."""
+    N, C = t.shape[0], t.shape[1]
+    if t.dim() == 2:
+        return N, C, 1, 1
+    if t.dim() == 3:
+        return N * t.shape[2], C, t.shape[2], t.shape[2]
+    if t.dim() == 4:
+        S = t.shape[2] * t.shape[3]
+        return N * S, C, S, t.shape[3]
+    raise ValueError(f"batch_norm kernels take 2-D, 3-D or 4-D input, got {t.dim()}-D")
+
+
+def _strides(t: torch.Tensor, p: str) -> dict:
+    """(sN, sC, sH, sW) as kernel arguments named ``s{p}N`` ..."""
+    st = t.stride()
+    if t.dim() == 2:
+        v = (st[0], st[1], 0, 0)
+    elif t.dim() == 3:
+        v = (st[0], st[1], 0, st[2])
+    else:
+        v = st
+    return {f"s{p}{k}": s for k, s in zip("NCHW", v)}
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel vector as a contiguous 1-D tensor (a view when it already is one)."""
+    return None if t is None else t.contiguous().view(-1)
+
+
+def batch_norm_stats(
+    x: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel batch statistics of ``x`` ([N, C], [N, C, L], [N, C, H, W]; any strides).
+
+    Returns ``(mean, invstd, var)``, each ``[C]`` in the acc type: ``invstd = 1 / sqrt(biased
+    var + eps)`` and ``var`` the unbiased variance (for the running estimate). Two launches:
+    the split partials, then their merge.
+    """
+    R, C, S, W = _geometry(x)
+    acc = _acc_dtype(x)
+    n_split, rows = _splits(R, C, x.device)
+    pmean = torch.empty((n_split, C), device=x.device, dtype=acc)
+    pm2 = torch.empty((n_split, C), device=x.device, dtype=acc)
+    launch(
+        _bn_stats_partial_kernel,
+        lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), n_split),
+        configs=_TILE_CONFIGS,
+        key=["C", "S", "rows_per_split"],
+        interpret_config=_interpret_tile(R, C),
+        x_ptr=x,
+        pmean_ptr=pmean,
+        pm2_ptr=pm2,
+        R=R,
+        C=C,
+        S=S,
+        W=W,
+        **_strides(x, "x"),
+        rows_per_split=rows,
+        FP64=acc == torch.float64,
+    )
+    mean = torch.empty(C, device=x.device, dtype=acc)
+    invstd = torch.empty(C, device=x.device, dtype=acc)
+    var = torch.empty(C, device=x.device, dtype=acc)
+    launch(
+        _bn_stats_final_kernel,
+        lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+        configs=_FINAL_CONFIGS,
+        interpret_config=_INTERPRET_FINAL,
+        pmean_ptr=pmean,
+        pm2_ptr=pm2,
+        mean_ptr=mean,
+        invstd_ptr=invstd,
+        var_ptr=var,
+        R=R,
+        C=C,
+        n_split=n_split,
+        rows_per_split=rows,
+        eps=float(eps),
+        FP64=acc == torch.float64,
+    )
+    return mean, invstd, var
+
+
+def batch_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch normalization forward.
+
+    x: [N, C], [N, C, L] or [N, C, H, W], any strides, fp32/fp16/bf16 (fp64 for gradcheck).
+    weight, bias: [C] or None. training=True normalizes with the batch statistics (running
+    stats unused, may be None); training=False with ``running_mean``/``running_var``.
+    Returns ``(y, mean, invstd, var)``: y like x (``empty_like``: channels_last is kept);
+    in training ``mean``, ``invstd`` (saved for backward) and the unbiased ``var`` (for the
+    running estimate) are [C] in the acc type (fp32, fp64 for fp64 input); in eval they are
+    empty (the backward reads the running statistics).
+    """
+    R, C, S, W = _geometry(x)
+    acc = _acc_dtype(x)
+    weight, bias = _vec(weight), _vec(bias)
+    y = torch.empty_like(x)
+    with on_device(x):
+        if training:
+            mean, invstd, var = batch_norm_stats(x, eps)
+            stat = invstd
+        else:
+            mean, stat = _vec(running_mean), _vec(running_var)
+        launch(
+            _bn_forward_kernel,
+            lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"])),
+            configs=_TILE_CONFIGS,
+            key=["R", "C", "S"],
+            interpret_config=_interpret_tile(R, C),
+            x_ptr=x,
+            y_ptr=y,
+            mean_ptr=mean,
+            stat_ptr=stat,
+            w_ptr=weight if weight is not None else mean,
+            b_ptr=bias if bias is not None else mean,
+            R=R,
+            C=C,
+            S=S,
+            W=W,
+            **_strides(x, "x"),
+            **_strides(y, "y"),
+            eps=float(eps),
+            STAT_IS_VAR=not training,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            FP64=acc == torch.float64,
+        )
+    if not training:
+        mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))
+    return y, mean, invstd, var
+
+
+def batch_norm_update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> None:
+    """In place: ``running = (1 - f) * running + f * batch`` for mean and (unbiased) var.
+
+    ``f = momentum``, or, when ``num_batches_tracked`` (an int64 scalar tensor, already
+    incremented) is given, ``1 / num_batches_tracked`` computed on the device (torch's
+    cumulative average for ``momentum=None``). Running stats: [C], any float dtype.
+    """
+    C = mean.numel()
+    rm = running_mean if running_mean.is_contiguous() else running_mean.contiguous()
+    rv = running_var if running_var.is_contiguous() else running_var.contiguous()
+    with on_device(mean):
+        launch(
+            _bn_update_running_kernel,
+            lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+            configs=_UPDATE_CONFIGS,
+            interpret_config=_INTERPRET_UPDATE,
+            rmean_ptr=rm,
+            rvar_ptr=rv,
+            mean_ptr=mean,
+            var_ptr=var,
+            nbt_ptr=num_batches_tracked if num_batches_tracked is not None else mean,
+            C=C,
+            momentum=float(momentum),
+            CUMULATIVE=num_batches_tracked is not None,
+            FP64=mean.dtype == torch.float64,
+        )
+    if rm is not running_mean:
+        running_mean.copy_(rm)
+    if rv is not running_var:
+        running_var.copy_(rv)
+
+
+def batch_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    stat: torch.Tensor,
+    training: bool,
+    eps: float,
+    need_dx: bool = True,
+    need_dweight: bool = True,
+    need_dbias: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Batch normalization backward: ``(dx, dweight, dbias)`` (None where not asked for).
+
+    dy, x: same shape, any strides. training=True: ``mean``/``stat`` are the saved batch mean
+    and invstd; training=False: the running mean and variance. Two passes over (x, dy): a
+    split reduction (+ its final kernel) for sum(dy), sum(dy * (x - mean)), then dx.
+    In eval mode without weight/bias gradients only the dx pass runs. dx like x (its dtype);
+    dweight/dbias in weight's dtype.
+    """
+    R, C, S, W = _geometry(x)
+    acc = _acc_dtype(x)
+    weight = _vec(weight)
+    mean, stat = _vec(mean), _vec(stat)
+    need_dweight = need_dweight and weight is not None
+    dx = dw = db = None
+    sum_dy = sum_dyxmu = None
+    with on_device(x):
+        if training or need_dweight or need_dbias:
+            n_split, rows = _splits(R, C, x.device)
+            psum_dy = torch.empty((n_split, C), device=x.device, dtype=acc)
+            psum_dyxmu = torch.empty((n_split, C), device=x.device, dtype=acc)
+            launch(
+                _bn_backward_reduce_kernel,
+                lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), n_split),
+                configs=_TILE_CONFIGS,
+                key=["C", "S", "rows_per_split"],
+                interpret_config=_interpret_tile(R, C),
+                x_ptr=x,
+                dy_ptr=dy,
+                mean_ptr=mean,
+                psum_dy_ptr=psum_dy,
+                psum_dyxmu_ptr=psum_dyxmu,
+                R=R,
+                C=C,
+                S=S,
+                W=W,
+                **_strides(x, "x"),
+                **_strides(dy, "d"),
+                rows_per_split=rows,
+                FP64=acc == torch.float64,
+            )
+            sum_dy = torch.empty(C, device=x.device, dtype=acc)
+            sum_dyxmu = torch.empty(C, device=x.device, dtype=acc)
+            pdtype = weight.dtype if weight is not None else acc
+            dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
+            db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
+            launch(
+                _bn_backward_final_kernel,
+                lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+                configs=_FINAL_CONFIGS,
+                interpret_config=_INTERPRET_FINAL,
+                psum_dy_ptr=psum_dy,
+                psum_dyxmu_ptr=psum_dyxmu,
+                stat_ptr=stat,
+                sum_dy_ptr=sum_dy,
+                sum_dyxmu_ptr=sum_dyxmu,
+                dw_ptr=dw if dw is not None else sum_dy,
+                db_ptr=db if db is not None else sum_dy,
+                C=C,
+                n_split=n_split,
+                eps=float(eps),
+                STAT_IS_VAR=not training,
+                HAS_DW=dw is not None,
+                HAS_DB=db is not None,
+                FP64=acc == torch.float64,
+            )
+        if need_dx:
+            dx = torch.empty_like(x)
+            launch(
+                _bn_backward_dx_kernel,
+                lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"])),
+                configs=_TILE_CONFIGS,
+                key=["R", "C", "S"],
+                interpret_config=_interpret_tile(R, C),
+                x_ptr=x,
+                dy_ptr=dy,
+                dx_ptr=dx,
+                mean_ptr=mean,
+                stat_ptr=stat,
+                w_ptr=weight if weight is not None else stat,
+                sum_dy_ptr=sum_dy if sum_dy is not None else stat,
+                sum_dyxmu_ptr=sum_dyxmu if sum_dyxmu is not None else stat,
+                R=R,
+                C=C,
+                S=S,
+                W=W,
+                **_strides(x, "x"),
+                **_strides(dy, "d"),
+                **_strides(dx, "g"),
+                eps=float(eps),
+                TRAINING=training,
+                HAS_W=weight is not None,
+                FP64=acc == torch.float64,
+            )
+    return dx, dw, db
+
+
+__all__ = [
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_stats",
+    "batch_norm_update_running",
+]

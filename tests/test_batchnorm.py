@@ -1,0 +1,426 @@
+"""Batch normalization: fusedmlp.nn.BatchNorm1d/2d and functional.batch_norm against torch's own
+BatchNorm1d/BatchNorm2d/F.batch_norm, step by step (outputs, every gradient, running statistics,
+num_batches_tracked), on both backends; stability, mixed precision, gradcheck, errors, state_dict.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, assert_close
+
+import fusedmlp
+from fusedmlp.functional import batch_norm
+from fusedmlp.nn import BatchNorm1d, BatchNorm2d
+
+FWD = "_bn_forward_kernel"
+STATS = "_bn_stats_partial_kernel"
+DX = "_bn_backward_dx_kernel"
+UPDATE = "_bn_update_running_kernel"
+
+
+def _expect(launches, backend, *kernels):
+    if backend == "triton":
+        for k in kernels:
+            assert launches[k] > 0, (k, dict(launches))
+    else:
+        assert launches.total == 0, dict(launches)
+
+
+def _pair(cls_ours, cls_torch, *args, **kwargs):
+    """Our module and torch's with identical (non-trivial) parameters and buffers."""
+    torch.manual_seed(1)
+    ref = cls_torch(*args, device=DEVICE, **kwargs)
+    with torch.no_grad():
+        if ref.affine:
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+        if ref.track_running_stats:
+            ref.running_mean.uniform_(-1, 1)
+            ref.running_var.uniform_(0.5, 2)
+    ours = cls_ours(*args, device=DEVICE, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def _compare_modules(ours, ref, x, dy, dtype=torch.float32, scale=1.0):
+    xo = x.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    assert yo.dtype == yr.dtype and yo.shape == yr.shape
+    assert_close(yo, yr, dtype, scale)
+    yo.backward(dy)
+    yr.backward(dy)
+    assert_close(xo.grad, xr.grad, dtype, scale)
+    if ref.affine:
+        assert_close(ours.weight.grad, ref.weight.grad, dtype, scale * 4)
+        assert_close(ours.bias.grad, ref.bias.grad, dtype, scale * 4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            if name == "num_batches_tracked":
+                assert a.item() == b.item()
+            else:
+                assert_close(a, b)
+    return yo
+
+
+# ------------------------------------------------------------------------------------- grid
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm1d_matches_torch_over_steps(backend, launches, mode, affine, track, momentum):
+    ours, ref = _pair(
+        BatchNorm1d, torch.nn.BatchNorm1d, 5, momentum=momentum, affine=affine,
+        track_running_stats=track,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    modes = ["train", "train", "eval"] if mode == "train" else ["eval", "eval"]
+    for step, m in enumerate(modes):
+        ours.train(m == "train")
+        ref.train(m == "train")
+        x = torch.randn(37, 5, device=DEVICE) * (1 + step) + step
+        dy = torch.randn(37, 5, device=DEVICE)
+        _compare_modules(ours, ref, x, dy)
+    _expect(launches, backend, FWD, DX)
+    if backend == "triton":
+        uses_batch_stats = mode == "train" or not track
+        assert (launches[STATS] > 0) == uses_batch_stats
+        assert (launches[UPDATE] > 0) == (mode == "train" and track)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm2d_matches_torch(backend, launches, mode, channels_last):
+    ours, ref = _pair(BatchNorm2d, torch.nn.BatchNorm2d, 4)
+    torch.manual_seed(3)
+    for step in range(2):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        x = torch.randn(3, 4, 5, 3, device=DEVICE) * 2 + step
+        dy = torch.randn(3, 4, 5, 3, device=DEVICE)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+            dy = dy.to(memory_format=torch.channels_last)
+        y = _compare_modules(ours, ref, x, dy)
+        if channels_last:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+    _expect(launches, backend, FWD, DX)
+
+
+def test_batchnorm1d_3d_input(backend, launches):
+    ours, ref = _pair(BatchNorm1d, torch.nn.BatchNorm1d, 3, momentum=None)
+    torch.manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(4, 3, 9, device=DEVICE) - 3
+        _compare_modules(ours, ref, x, torch.randn_like(x))
+    ours.eval()
+    ref.eval()
+    x = torch.randn(4, 3, 9, device=DEVICE)
+    _compare_modules(ours, ref, x, torch.randn_like(x))
+    _expect(launches, backend, FWD, STATS, DX, UPDATE)
+
+
+def test_non_contiguous_inputs_and_expanded_grad(backend, launches):
+    torch.manual_seed(5)
+    base = torch.randn(33, 14, device=DEVICE)
+    w = torch.rand(7, device=DEVICE) + 0.5
+    b = torch.randn(7, device=DEVICE)
+    for x in (base[:, ::2], torch.randn(7, 33, device=DEVICE).t()):
+        outs = []
+        for fn in (batch_norm, F.batch_norm):
+            xi = x.detach().clone().requires_grad_()
+            wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
+            rm, rv = torch.zeros(7, device=DEVICE), torch.ones(7, device=DEVICE)
+            y = fn(xi[:, :], rm, rv, wi, bi, True, 0.3, 1e-3)
+            (y * torch.arange(33.0, device=DEVICE)[:, None]).sum().backward()  # dy strides (1, 0)
+            outs.append((y, xi.grad, wi.grad, bi.grad, rm, rv))
+        for a, e in zip(*outs):
+            assert_close(a, e)
+    _expect(launches, backend, FWD, DX)
+
+
+def test_3d_and_5d_functional(backend):
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 4, 2, 3, device=DEVICE) + 1
+    w, b = torch.rand(3, device=DEVICE), torch.randn(3, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    rm2, rv2 = rm.clone(), rv.clone()
+    assert_close(batch_norm(x, rm, rv, w, b, training=True), F.batch_norm(x, rm2, rv2, w, b, True))
+    assert_close(rm, rm2)
+    assert_close(rv, rv2)
+
+
+# -------------------------------------------------------------------------- numerics
+
+
+def test_lecture_example(backend, launches):
+    """Features with means -10, 25, 3 and spreads 2, 5, 10; after BN with weight [1, 2, 3] and
+    bias [2, 4, 8] the per-feature mean and std are [2, 4, 8] and [1, 2, 3]."""
+    torch.manual_seed(7)
+    means = torch.tensor([-10.0, 25.0, 3.0], device=DEVICE)
+    stds = torch.tensor([2.0, 5.0, 10.0], device=DEVICE)
+    x = torch.randn(400, 3, device=DEVICE) * stds + means
+    bn = BatchNorm1d(3, device=DEVICE)
+    ref = torch.nn.BatchNorm1d(3, device=DEVICE)
+    with torch.no_grad():
+        for m in (bn, ref):
+            m.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+            m.bias.copy_(torch.tensor([2.0, 4.0, 8.0]))
+    y = bn(x)
+    assert_close(y, ref(x))
+    assert_close(y.mean(0), torch.tensor([2.0, 4.0, 8.0], device=DEVICE), atol=1e-4, rtol=0)
+    std = y.std(0, unbiased=False)
+    assert_close(std, torch.tensor([1.0, 2.0, 3.0], device=DEVICE), atol=1e-4, rtol=1e-5)
+    # the running estimates moved 10% of the way towards the batch statistics
+    assert_close(bn.running_mean, 0.1 * x.mean(0))
+    assert_close(bn.running_var, 0.9 + 0.1 * x.var(0))
+    _expect(launches, backend, FWD, STATS, UPDATE)
+
+
+def test_large_offset_is_stable(backend, launches):
+    """Mean 1e4 times the spread: E[x^2] - E[x]^2 in fp32 would be garbage."""
+    torch.manual_seed(8)
+    x = (torch.randn(257, 3, device=DEVICE) + 1e4).requires_grad_()
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    y = batch_norm(x, rm, rv, training=True, momentum=1.0)
+    x64 = x.detach().double()
+    var64 = x64.var(0, unbiased=False)
+    ref = (x64 - x64.mean(0)) / (var64 + 1e-5).sqrt()
+    naive = (x.detach() ** 2).mean(0) - x.detach().mean(0) ** 2
+    assert (naive.double() - var64).abs().max() > 0.05  # the test would catch the naive formula
+    # fp32 holds the mean only to ~5e-4 (its ulp at 1e4 is ~1e-3), in units of the spread; the
+    # kernels stay within that of the exact result. torch's own single-threaded CPU batch_norm
+    # (the torch backend) is off by ~5e-3 here, hence the wider bound for it.
+    bound = 2e-3 if backend == "triton" else 1e-2
+    assert_close(y.double(), ref, atol=bound, rtol=0)
+    assert_close(y, F.batch_norm(x.detach(), None, None, training=True), atol=1e-2, rtol=0)
+    assert_close(rv.double(), x64.var(0), rtol=1e-4, atol=0)
+    mean_rtol = 2.5e-7 if backend == "triton" else 1e-6  # ~2 fp32 ulp (torch: ~4 ulp)
+    assert_close(rm.double(), x64.mean(0), rtol=mean_rtol, atol=0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    F.batch_norm(xr, None, None, training=True).backward(dy.double())
+    assert_close(x.grad.double(), xr.grad, atol=bound, rtol=0)
+    _expect(launches, backend, FWD, STATS, DX)
+
+
+def test_million_rows(triton_backend, launches):
+    """The batch is tiled: N = 1,000,000 (never one tile for the whole batch)."""
+    torch.manual_seed(9)
+    x = torch.randn(1_000_000, 1, device=DEVICE) * 0.5 + 100.0
+    rm, rv = torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE)
+    y = batch_norm(x, rm, rv, training=True, momentum=1.0)
+    x64 = x.double()
+    assert_close(rm.double(), x64.mean(0), rtol=1e-6, atol=0)
+    assert_close(rv.double(), x64.var(0), rtol=1e-5, atol=0)
+    assert abs(y.double().mean().item()) < 1e-4
+    assert abs(y.double().std().item() - 1.0) < 1e-4
+    assert launches[STATS] == 1 and launches[FWD] == 1
+    # backward over the million rows against torch in float64
+    dy = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+    batch_norm(xg, None, None, training=True).backward(dy)
+    xr = x.double().requires_grad_()
+    F.batch_norm(xr, None, None, training=True).backward(dy.double())
+    assert_close(xg.grad.double(), xr.grad, atol=1e-5, rtol=1e-4)
+    assert launches[DX] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_input_fp32_params(backend, launches, dtype):
+    ours, ref = _pair(BatchNorm1d, torch.nn.BatchNorm1d, 6)
+    torch.manual_seed(10)
+    for _ in range(2):
+        x = (torch.randn(40, 6, device=DEVICE) * 2 + 3).to(dtype)
+        dy = torch.randn(40, 6, device=DEVICE).to(dtype)
+        y = _compare_modules(ours, ref, x, dy, dtype=dtype)
+        assert y.dtype == dtype
+    assert ours.weight.grad.dtype == torch.float32
+    assert ours.running_mean.dtype == torch.float32
+    _expect(launches, backend, FWD, DX)
+
+
+# -------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize(
+    "shape,training,fast",
+    [
+        ((5, 2), True, False),
+        ((7, 3), True, True),
+        ((3, 2, 5), True, True),
+        ((2, 3, 2, 3), True, True),
+        ((7, 3), False, True),
+    ],
+)
+def test_gradcheck_triton_fp64(triton_backend, launches, shape, training, fast):
+    torch.manual_seed(11)
+    x = torch.randn(*shape, device=DEVICE, dtype=torch.float64)
+    if len(shape) == 4:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    C = shape[1]
+    w = (torch.rand(C, device=DEVICE, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(C, device=DEVICE, dtype=torch.float64).requires_grad_()
+    rm = torch.randn(C, device=DEVICE, dtype=torch.float64)
+    rv = torch.rand(C, device=DEVICE, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        if training:
+            return batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        return batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=fast)
+    assert launches[FWD] > 0 and launches[DX] > 0
+
+
+def test_double_backward_is_a_clear_error(triton_backend):
+    x = torch.randn(5, 3, device=DEVICE, requires_grad=True)
+    y = batch_norm(x, None, None, training=True)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|not support"):
+        g.sum().backward()
+
+
+def test_deterministic(triton_backend):
+    torch.manual_seed(12)
+    x = torch.randn(40, 20, device=DEVICE)
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        m = BatchNorm1d(20, device=DEVICE)
+        xi = x.clone().requires_grad_()
+        m(xi).backward(dy)
+        runs.append((xi.grad, m.weight.grad, m.bias.grad, m.running_var))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def _error(fn, *args):
+    with pytest.raises(Exception) as info:
+        fn(*args)
+    return type(info.value), str(info.value)
+
+
+def test_errors_match_torch(backend, launches):
+    def ours(cls, **kw):
+        return cls(4, device=DEVICE, **kw)
+
+    def theirs(cls, **kw):
+        ref = {BatchNorm1d: torch.nn.BatchNorm1d, BatchNorm2d: torch.nn.BatchNorm2d}[cls]
+        return ref(4, device=DEVICE, **kw)
+
+    modules = [
+        # one value per channel when training
+        lambda m: m(BatchNorm1d)(torch.randn(1, 4, device=DEVICE)),
+        lambda m: m(BatchNorm2d)(torch.randn(1, 4, 1, 1, device=DEVICE)),
+        # wrong rank
+        lambda m: m(BatchNorm1d)(torch.randn(2, 4, 3, 3, device=DEVICE)),
+        lambda m: m(BatchNorm2d)(torch.randn(2, 4, 3, device=DEVICE)),
+        # wrong channel count
+        lambda m: m(BatchNorm1d)(torch.randn(3, 5, device=DEVICE)),
+        lambda m: m(BatchNorm1d, track_running_stats=False)(torch.randn(3, 5, device=DEVICE)),
+    ]
+    for case in modules:
+        assert _error(case, ours) == _error(case, theirs)
+    x = torch.randn(3, 4, device=DEVICE)
+    ones, zeros = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    functional = [
+        lambda bn: bn(x, None, None, training=False),
+        lambda bn: bn(x, zeros, None, training=True),
+        lambda bn: bn(x, zeros, torch.ones(3, device=DEVICE), None),
+        lambda bn: bn(x, None, None, torch.ones(5, device=DEVICE), training=True),
+        lambda bn: bn(x, None, None, None, torch.ones(2, device=DEVICE), training=True),
+        lambda bn: bn(torch.randn(1, 4, device=DEVICE), None, None, training=True),
+        lambda bn: bn(x, None, None, training=True, eps=0.0),
+        lambda bn: bn(x, zeros, ones, training=False, eps=-1.0),
+    ]
+    for case in functional:
+        assert _error(case, batch_norm) == _error(case, F.batch_norm)
+    assert launches.total == 0, dict(launches)
+
+
+def test_dtype_mismatch_raises_before_launch(triton_backend, launches):
+    x = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="weight"):
+        batch_norm(x, None, None, torch.ones(3, device=DEVICE, dtype=torch.float16), training=True)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        batch_norm(
+            x.half(), torch.zeros(3, device=DEVICE, dtype=torch.float64),
+            torch.ones(3, device=DEVICE), training=True,
+        )  # fmt: skip
+    assert launches.total == 0
+
+
+def test_empty_batch(backend):
+    ours, ref = _pair(BatchNorm1d, torch.nn.BatchNorm1d, 3)
+    x = torch.randn(0, 3, device=DEVICE)
+    assert ours(x).shape == ref(x).shape == (0, 3)
+    assert_close(ours.running_mean, ref.running_mean)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+# -------------------------------------------------------------------------- modules, state
+
+
+def test_state_dict_loads_both_ways(backend):
+    theirs = torch.nn.BatchNorm2d(4, momentum=None, device=DEVICE)
+    theirs(torch.randn(3, 4, 2, 2, device=DEVICE) * 3 + 1)
+    ours = BatchNorm2d(4, momentum=None, device=DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    ours(x)
+    theirs(x)
+    back = torch.nn.BatchNorm2d(4, momentum=None, device=DEVICE)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert_close(ours.running_var, theirs.running_var)
+    # an old checkpoint without num_batches_tracked loads as torch's does
+    old = {k: v for k, v in theirs.state_dict().items() if k != "num_batches_tracked"}
+    fresh, ref = BatchNorm1d(4, device=DEVICE), torch.nn.BatchNorm1d(4, device=DEVICE)
+    fresh.load_state_dict(old, strict=False)
+    ref.load_state_dict(old, strict=False)
+    assert fresh.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+def test_module_surface():
+    ours = BatchNorm1d(6, eps=1e-3, momentum=0.2, affine=False, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(6, eps=1e-3, momentum=0.2, affine=False, dtype=torch.float64)
+    assert repr(ours) == repr(ref)
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in ref.named_buffers()]
+    assert ours.weight is None and ours.running_mean.dtype == torch.float64
+    assert isinstance(BatchNorm2d(3), torch.nn.BatchNorm2d)
+    assert fusedmlp.functional.batch_norm is batch_norm
+
+
+def test_custom_ops_opcheck():
+    x = torch.randn(6, 3, device=DEVICE)
+    w, b = torch.rand(3, device=DEVICE), torch.randn(3, device=DEVICE)
+    with fusedmlp.use_backend("triton"):
+        torch.library.opcheck(
+            torch.ops.fusedmlp.batchnorm_fwd.default, (x, w, b, None, None, True, 1e-5),
+            test_utils=("test_schema", "test_faketensor"),
+        )  # fmt: skip
+        y, mean, invstd, var = torch.ops.fusedmlp.batchnorm_fwd(x, w, b, None, None, True, 1e-5)
+        torch.library.opcheck(
+            torch.ops.fusedmlp.batchnorm_bwd.default,
+            (torch.randn_like(x), x, w, mean, invstd, True, 1e-5, True, True, True),
+            test_utils=("test_schema", "test_faketensor"),
+        )  # fmt: skip
+        torch.library.opcheck(
+            torch.ops.fusedmlp.batchnorm_update_running.default,
+            (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), mean, var, 0.1, None),
+            test_utils=("test_schema", "test_faketensor"),
+        )  # fmt: skip
