@@ -1,5 +1,295 @@
-"""Placeholder: being implemented."""
+"""Fused linear + bias + activation: custom ops, autograd Function and backend dispatch.
+
+``linear(input, weight, bias=None, activation=None, negative_slope=0.01)`` computes
+``act(input @ weight.T + bias)`` for ``input`` of shape ``[..., in_features]``.
+
+- Triton path: ``torch.ops.fusedmlp.linear_fwd`` / ``linear_bwd`` (functional custom ops over
+  ``fusedmlp.kernels.linear``), tied together by ``LinearFunction``. The backward reads the
+  activation's derivative from the saved OUTPUT for relu, leaky_relu with
+  ``negative_slope >= 0``, sigmoid and tanh (no pre-activation tensor is kept); for
+  leaky_relu with ``negative_slope < 0``, gelu and silu the forward also stores the
+  pre-activation ``z`` for the backward. Double backward raises (``once_differentiable``).
+- Torch path: ``F.linear`` followed by torch's own activation (``apply_activation_torch``),
+  differentiated by torch's autograd.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backend import use_triton
+
+# Supported activations (None = identity). "gelu" is the exact (erf) form, as torch's default.
+ACTIVATIONS = (None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def linear(*args, **kwargs):
-    raise NotImplementedError("linear is not implemented yet")
+def check_activation(activation) -> str:
+    """Validate ``activation``; return its kernel name ("none" for None)."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(
+            f"activation must be None or one of {ACTIVATIONS[1:]}, got {type(activation).__name__}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
+    return "none" if activation is None else activation
+
+
+def apply_activation_torch(z: Tensor, activation, negative_slope: float = 0.01) -> Tensor:
+    """torch's own activation ``activation`` (an entry of ``ACTIVATIONS``) applied to ``z``."""
+    if activation is None or activation == "none":
+        return z
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "silu":
+        return F.silu(z)
+    raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
+
+
+def _saves_preactivation(activation: str, negative_slope: float) -> bool:
+    # Mirrors fusedmlp.kernels.linear.saves_preactivation (kept import-free of triton).
+    return activation in ("gelu", "silu") or (activation == "leaky_relu" and negative_slope < 0)
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedmlp::linear_fwd", mutates_args=())
+def linear_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, negative_slope: float
+) -> tuple[Tensor, Tensor]:
+    """``(y, z)``: y = act(x @ weight.T + bias) of shape ``[..., out]``; z the pre-activation
+    when the backward needs it (leaky_relu with negative_slope < 0, gelu, silu), else empty."""
+    from ..kernels import linear as K
+
+    in_features = weight.shape[1]
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    rows = math.prod(x.shape[:-1])
+    x2 = x.reshape(rows, in_features)  # a view whenever the strides allow it
+    # outputs allocated in their final shape: a view would forbid in-place ops on y
+    y, z = K.linear_forward(x2, weight, bias, activation, negative_slope, out_shape)
+    return y, (z if z is not None else x.new_empty(0))
+
+
+@linear_fwd.register_fake
+def _(x, weight, bias, activation, negative_slope):
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    y = x.new_empty(out_shape)
+    z = (
+        x.new_empty(out_shape)
+        if _saves_preactivation(activation, negative_slope)
+        else x.new_empty(0)
+    )
+    return y, z
+
+
+@torch.library.custom_op("fusedmlp::linear_bwd", mutates_args=())
+def linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor,
+    activation: str,
+    negative_slope: float,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dw, db)`` for ``linear_fwd``; ``saved`` is y or z (see ``linear_fwd``), unused
+    (any tensor) without activation. A gradient not asked for comes back empty."""
+    from ..kernels import linear as K
+
+    out_features, in_features = weight.shape
+    rows = math.prod(x.shape[:-1])
+    g2 = grad_y.reshape(rows, out_features)
+    x2 = x.reshape(rows, in_features)
+    s2 = saved.reshape(rows, out_features) if activation != "none" else None
+    dx, dw, db = K.linear_backward(
+        g2, x2, weight, s2, activation, negative_slope, need_dx, need_dw, need_db, tuple(x.shape)
+    )
+    empty = lambda t: t if t is not None else x.new_empty(0)
+    return empty(dx), empty(dw), empty(db)
+
+
+@linear_bwd.register_fake
+def _(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    dw = x.new_empty(weight.shape) if need_dw else x.new_empty(0)
+    db = x.new_empty(weight.shape[0]) if need_db else x.new_empty(0)
+    return dx, dw, db
+
+
+class LinearFunction(torch.autograd.Function):
+    """``act(x @ weight.T + bias)`` on the Triton kernels (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation: str, negative_slope: float):
+        y, z = torch.ops.fusedmlp.linear_fwd(x, weight, bias, activation, negative_slope)
+        if activation == "none":
+            saved = None
+        elif _saves_preactivation(activation, negative_slope):
+            saved = z
+        else:
+            saved = y  # the output determines the derivative
+        ctx.save_for_backward(x, weight, saved)
+        ctx.has_bias = bias is not None
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, saved = ctx.saved_tensors
+        # The saved tensors go in as arguments so that ``once_differentiable`` sees that they
+        # require grad: with create_graph=True the gradients then fail loudly when
+        # differentiated again, even when grad_y itself does not require grad.
+        return _linear_backward(ctx, grad_y, x, weight, saved)
+
+
+@torch.autograd.function.once_differentiable
+def _linear_backward(ctx, grad_y, x, weight, saved):
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and ctx.has_bias
+    if not (need_dx or need_dw or need_db):
+        return None, None, None, None, None
+    if saved is None:
+        saved = grad_y  # placeholder: not read without an activation
+    dx, dw, db = torch.ops.fusedmlp.linear_bwd(
+        grad_y,
+        x,
+        weight,
+        saved,
+        ctx.activation,
+        ctx.negative_slope,
+        need_dx,
+        need_dw,
+        need_db,
+    )
+    return (
+        dx if need_dx else None,
+        dw if need_dw else None,
+        db if need_db else None,
+        None,
+        None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# public dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(input, weight, bias, negative_slope) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"linear(): input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"linear(): weight must be a Tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"linear(): bias must be a Tensor or None, got {type(bias).__name__}")
+    if not isinstance(negative_slope, numbers.Real):
+        raise TypeError(
+            f"linear(): negative_slope must be a real number, got {type(negative_slope).__name__}"
+        )
+    if weight.dim() != 2:
+        raise RuntimeError(
+            f"linear(): weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}"
+        )
+    if input.dim() == 0:
+        raise RuntimeError("linear(): input must have at least 1 dimension, got a 0-d tensor")
+    if input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(
+            f"linear(): input shape {tuple(input.shape)} does not match weight shape "
+            f"{tuple(weight.shape)}: expected input.shape[-1] == weight.shape[1] == "
+            f"{weight.shape[1]} (in_features), got {input.shape[-1]}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(
+            f"linear(): bias shape {tuple(bias.shape)} does not match weight shape "
+            f"{tuple(weight.shape)}: expected bias of shape ({weight.shape[0]},)"
+        )
+    if input.dtype != weight.dtype:
+        raise RuntimeError(
+            f"linear(): expected input and weight to have the same dtype, "
+            f"got input {input.dtype} and weight {weight.dtype}"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise RuntimeError(
+            f"linear(): expected bias to have weight's dtype {weight.dtype}, got {bias.dtype}"
+        )
+    if input.device != weight.device:
+        raise RuntimeError(
+            f"linear(): expected input and weight on the same device, "
+            f"got input on {input.device} and weight on {weight.device}"
+        )
+    if bias is not None and bias.device != weight.device:
+        raise RuntimeError(
+            f"linear(): expected bias on weight's device {weight.device}, got {bias.device}"
+        )
+
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast(input, weight, bias):
+    """torch.autocast's rule for linear: eligible floating tensors become the autocast dtype."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t
+    return cast(input), cast(weight), cast(bias)
+
+
+def linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """``act(input @ weight.T + bias)``: ``torch.nn.functional.linear`` fused with an activation.
+
+    ``input`` ``[..., in_features]``, ``weight`` ``[out_features, in_features]``, ``bias``
+    ``[out_features]`` or None; ``activation`` one of ``ACTIVATIONS`` (None, "relu",
+    "leaky_relu" with ``negative_slope``, "sigmoid", "tanh", "gelu" (erf), "silu").
+    Returns ``[..., out_features]`` in the input's dtype. Under ``torch.autocast`` the
+    float16/bfloat16/float32 operands are cast to the autocast dtype first, as ``F.linear``.
+    """
+    act = check_activation(activation)
+    if isinstance(input, Tensor) and isinstance(weight, Tensor):
+        input, weight, bias = _autocast(input, weight, bias)
+    _validate(input, weight, bias, negative_slope)
+    negative_slope = float(negative_slope)
+    if use_triton(input, weight, bias):
+        if input.dtype not in _TRITON_DTYPES:
+            raise RuntimeError(
+                f"linear(): the Triton kernels take float16, bfloat16, float32 or float64 "
+                f"tensors, got {input.dtype}"
+            )
+        return LinearFunction.apply(input, weight, bias, act, negative_slope)
+    return apply_activation_torch(F.linear(input, weight, bias), activation, negative_slope)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "LinearFunction",
+    "apply_activation_torch",
+    "check_activation",
+    "linear",
+]

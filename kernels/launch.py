@@ -135,7 +135,13 @@ _AUTOTUNED: dict = {}
 
 
 def _autotuned(kernel, configs, key, restore_value, reset_to_zero):
-    cache_key = (kernel, tuple(key), tuple(restore_value), tuple(reset_to_zero))
+    cache_key = (
+        kernel,
+        tuple(map(str, configs)),
+        tuple(key),
+        tuple(restore_value),
+        tuple(reset_to_zero),
+    )
     tuned = _AUTOTUNED.get(cache_key)
     if tuned is None:
         tuned = triton.autotune(

@@ -10,6 +10,12 @@ that are not materialised yet and parametrized modules are left alone):
     torch.nn.CrossEntropyLoss        -> fusedmlp.nn.CrossEntropyLoss
     torch.nn.NLLLoss                 -> fusedmlp.nn.NLLLoss
 
+Fusion: a container whose type is exactly ``torch.nn.Sequential`` and that, after conversion,
+holds ``BatchNorm1d -> activation -> Dropout`` or ``Linear -> activation -> Dropout`` becomes a
+``fusedmlp.nn.fused_block.FusedSequential`` (its class is swapped in place: same object, same
+children, same ``state_dict`` keys, still a ``torch.nn.Sequential``), whose forward runs those
+blocks fused on the Triton path in training mode.
+
 Absorption: inside a container whose ``forward`` is ``torch.nn.Sequential``'s (so the Linear's
 output feeds only the next module), a ReLU, LeakyReLU, Sigmoid, Tanh, GELU (approximate="none")
 or SiLU that directly follows a converted Linear becomes that Linear's fused activation and is
@@ -35,6 +41,7 @@ from torch.nn.utils import parametrize
 from . import activation as _activation
 from . import batchnorm as _batchnorm
 from . import dropout as _dropout
+from . import fused_block as _fused_block
 from . import linear as _linear
 from . import loss as _loss
 
@@ -183,7 +190,10 @@ def _supports_activation(act: tuple[str, float]) -> bool:
 
 
 def _is_sequential_chain(m: torch.nn.Module) -> bool:
-    return isinstance(m, torch.nn.Sequential) and type(m).forward is torch.nn.Sequential.forward
+    return isinstance(m, torch.nn.Sequential) and type(m).forward in (
+        torch.nn.Sequential.forward,
+        _fused_block.FusedSequential.forward,
+    )
 
 
 def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: dict) -> None:
@@ -228,6 +238,9 @@ def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: 
         else:
             _walk(child, table, memo, counts, done)
         i += 1
+    # Cross-layer fusion: a plain Sequential now holding BatchNorm1d -> act -> Dropout or
+    # Linear -> act -> Dropout becomes a FusedSequential (same object, children and keys).
+    _fused_block.fuse_sequential(parent)
 
 
 def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:

@@ -16,6 +16,13 @@ so the keys are ``layers.<index>.weight`` / ``.bias`` (and BatchNorm's ``running
 ``running_var``, ``num_batches_tracked``), exactly the keys of the same chain written with
 ``torch.nn`` modules (``Linear, [BatchNorm1d], ReLU, [Dropout], ..., Linear``) and of
 ``fusedmlp.nn.convert`` applied to it. :meth:`MLP.to_torch` builds that torch chain.
+
+``layers`` is a :class:`fusedmlp.nn.fused_block.FusedSequential` (a ``torch.nn.Sequential``
+subclass with the same children and keys): on the Triton path, in training mode, it runs each
+``BatchNorm1d -> activation -> Dropout`` as one fused block (normalise + activation + dropout in
+one pass) and each ``Linear(activation) -> Identity -> Dropout`` as the Linear without
+activation followed by one activation + dropout pass that saves the output instead of the
+pre-activation. Elsewhere (CPU/torch backend, eval mode, hooks) it runs the children in order.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 
 from .batchnorm import BatchNorm1d
 from .dropout import Dropout
+from .fused_block import FusedSequential
 from .linear import Linear
 
 #: activation name -> torch module factory (``negative_slope`` only for leaky_relu).
@@ -107,7 +115,7 @@ def _build_layers(
             layers.append((Dropout if fused else torch.nn.Dropout)(dropout))
         prev = h
     layers.append((Linear if fused else torch.nn.Linear)(prev, out_features, bias=bias, **factory))
-    return torch.nn.Sequential(*layers)
+    return (FusedSequential if fused else torch.nn.Sequential)(*layers)
 
 
 class MLP(torch.nn.Module):

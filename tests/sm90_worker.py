@@ -52,7 +52,15 @@ def main() -> None:
                 obj = getattr(obj, part)
             while not hasattr(obj, "arg_names") and hasattr(obj, "fn"):  # autotuner / heuristics
                 obj = obj.fn
-            src = ASTSource(obj, signature, constexprs)
+            if "INTERPRET" in constexprs:  # compile the GPU code, not the interpreter-only branch
+                constexprs = {**constexprs, "INTERPRET": False}
+            # Pointers as torch allocates them (16-byte aligned), as the JIT would specialise them.
+            attrs = {
+                (i,): [["tt.divisibility", 16]]
+                for i, ty in enumerate(signature.values())
+                if ty.startswith("*")
+            }
+            src = ASTSource(obj, signature, constexprs, attrs)
             compiled = triton.compile(
                 src, target=target, options={"num_warps": warps, "num_stages": stages}
             )

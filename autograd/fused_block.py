@@ -1,0 +1,394 @@
+"""Cross-layer fusion: custom ops, autograd Functions and dispatch of the fused blocks.
+
+Two blocks (kernels in ``fusedmlp.kernels.fused_block``):
+
+- ``bn_act_dropout``: ``dropout(act(batch_norm(x)))`` with the batch statistics (training
+  mode). Triton path: the batch-norm op's statistics kernels, then ONE pass for normalise +
+  affine + activation + dropout; the running statistics are updated by the batch-norm op's own
+  mutating custom op (``fusedmlp::batchnorm_update_running``). Saved for backward: x, mean,
+  invstd, the BN parameters and the one-element seed; the pre-activation is recomputed from x in
+  the backward (which reads x anyway for the BN reductions), so no BN output, activation output
+  or mask is stored. The backward never writes the BN output's gradient to memory: two passes
+  over (x, dout) recompute it (split reduction + merge, then dx).
+- ``act_dropout``: ``dropout(act(z))``, the tail of ``Linear -> act -> Dropout`` when the Linear
+  runs without activation. Saved: the OUTPUT where it determines the derivative (none, relu,
+  leaky_relu with ``negative_slope >= 0``, sigmoid, tanh; the next layer keeps it as its input
+  anyway), else the pre-activation z (leaky_relu with ``negative_slope < 0``, gelu, silu),
+  plus the seed.
+
+The dropout seed is drawn exactly as ``fusedmlp.functional.dropout`` draws it (same generator
+call at the same point of the chain) and the kernels use its Philox stream, so a fused block
+produces the same mask as the unfused fusedmlp chain under the same ``torch.manual_seed``.
+
+Torch path: torch's own ``F.batch_norm``, activation and ``F.dropout``, differentiated by torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backend import use_triton
+from .dropout import _check_p, _seed
+from .linear import apply_activation_torch, check_activation
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def saves_output(activation: str, negative_slope: float) -> bool:
+    """Whether ``act_dropout``'s backward reads the derivative from its output (mirrors
+    ``fusedmlp.kernels.fused_block.saves_output``, kept import-free of triton)."""
+    return not (
+        activation in ("gelu", "silu") or (activation == "leaky_relu" and negative_slope < 0)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops (names prefixed fused_block_)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedmlp::fused_block_fwd", mutates_args=())
+def _fused_block_fwd(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    seed: Tensor | None,
+    normalize: bool,
+    eps: float,
+    p: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, mean, invstd, var)``: out = dropout(act(bn(x))) (``normalize``, x ``[N, C]``) or
+    dropout(act(x)) (x ``[..., C]``); seed None = no dropout. Statistics empty without
+    ``normalize``."""
+    from ..kernels import fused_block as K
+
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    C = x.shape[-1]
+    _, mean, invstd, var = K.fused_forward(
+        x.reshape(-1, C),
+        weight,
+        bias,
+        seed,
+        normalize,
+        eps,
+        p,
+        activation,
+        negative_slope,
+        out=out.view(-1, C),
+    )
+    return out, mean, invstd, var
+
+
+@_fused_block_fwd.register_fake
+def _(x, weight, bias, seed, normalize, eps, p, activation, negative_slope):
+    n = x.shape[-1] if normalize else 0
+    stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device), *stats)
+
+
+@torch.library.custom_op("fusedmlp::fused_block_act_dropout_bwd", mutates_args=())
+def _fused_block_act_dropout_bwd(
+    dy: Tensor, saved: Tensor, seed: Tensor, p: float, activation: str, negative_slope: float
+) -> Tensor:
+    """dz of ``dropout(act(z))``; ``saved`` is the output or z (see ``saves_output``)."""
+    from ..kernels import fused_block as K
+
+    C = dy.shape[-1]
+    dx = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    K.act_dropout_backward(
+        dy.reshape(-1, C),
+        saved.reshape(-1, C),
+        seed,
+        p,
+        activation,
+        negative_slope,
+        dx=dx.view(-1, C),
+    )
+    return dx
+
+
+@_fused_block_act_dropout_bwd.register_fake
+def _(dy, saved, seed, p, activation, negative_slope):
+    return torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+
+
+@torch.library.custom_op("fusedmlp::fused_block_bn_bwd", mutates_args=())
+def _fused_block_bn_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    seed: Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of ``dropout(act(bn(x)))``; a gradient not asked for is empty."""
+    from ..kernels import fused_block as K
+
+    dx, dw, db = K.bn_act_dropout_backward(
+        dy,
+        x,
+        weight,
+        bias,
+        mean,
+        invstd,
+        seed,
+        p,
+        activation,
+        negative_slope,
+        need_dx,
+        need_dweight,
+        need_dbias,
+    )
+    empty = x.new_empty(0)
+    return (
+        dx if dx is not None else empty,
+        dw if dw is not None else empty.clone(),
+        db if db is not None else empty.clone(),
+    )
+
+
+@_fused_block_bn_bwd.register_fake
+def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx, nw, nb):
+    C = x.shape[1]
+    ref = weight if weight is not None else bias
+    pdtype = ref.dtype if ref is not None else _acc_dtype(x)
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device) if nx else x.new_empty(0),
+        x.new_empty(C, dtype=pdtype) if nw and weight is not None else x.new_empty(0),
+        x.new_empty(C, dtype=pdtype) if nb else x.new_empty(0),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class BNActDropoutFunction(torch.autograd.Function):
+    """``out = dropout(act(batch_norm(x)))`` with batch statistics; also returns the batch mean
+    and unbiased variance (non-differentiable) for the running-statistics update.
+    Saves x, weight, bias, mean, invstd, seed (the pre-activation is recomputed from x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seed, eps, p, activation, negative_slope):
+        out, mean, invstd, var = torch.ops.fusedmlp.fused_block_fwd(
+            x, weight, bias, seed, True, eps, p, activation, negative_slope
+        )
+        ctx.save_for_backward(x, weight, bias, mean, invstd, seed)
+        ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dmean, _dvar):
+        x, weight, bias, mean, invstd, seed = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if not (need_dx or need_dw or need_db):
+            return (None,) * 8
+        dx, dw, db = torch.ops.fusedmlp.fused_block_bn_bwd(
+            dout,
+            x,
+            weight,
+            bias,
+            mean,
+            invstd,
+            seed,
+            ctx.p,
+            ctx.activation,
+            ctx.negative_slope,
+            need_dx,
+            need_dw,
+            need_db,
+        )
+        if need_db and db.dtype != ctx.bias_dtype:
+            db = db.to(ctx.bias_dtype)
+        return (
+            dx if need_dx else None,
+            dw if need_dw else None,
+            db if need_db else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class ActDropoutFunction(torch.autograd.Function):
+    """``out = act(z) * keep * 1/(1-p)``; saves the output (or z, see ``saves_output``) and the
+    seed."""
+
+    @staticmethod
+    def forward(ctx, z, seed, p, activation, negative_slope):
+        out, _, _, _ = torch.ops.fusedmlp.fused_block_fwd(
+            z, None, None, seed, False, 0.0, p, activation, negative_slope
+        )
+        saved = out if saves_output(activation, negative_slope) else z
+        ctx.save_for_backward(saved, seed)
+        ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        saved, seed = ctx.saved_tensors
+        dz = torch.ops.fusedmlp.fused_block_act_dropout_bwd(
+            dout, saved, seed, ctx.p, ctx.activation, ctx.negative_slope
+        )
+        return dz, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernel_activation(activation) -> str:
+    if activation == "none":
+        return "none"
+    return check_activation(activation)
+
+
+def _check_bn(input, running_mean, running_var, weight, bias, eps) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"bn_act_dropout: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 2:
+        raise ValueError(
+            f"bn_act_dropout: expected a 2-D [N, C] input, got {input.dim()}-D input of size "
+            f"{tuple(input.shape)}"
+        )
+    if input.shape[0] <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if input.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"bn_act_dropout: expected input of a floating dtype (float32, float16, bfloat16, "
+            f"float64), got {input.dtype}"
+        )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    C = input.shape[1]
+    allowed = {input.dtype}
+    if input.dtype in (torch.float16, torch.bfloat16):
+        allowed.add(torch.float32)
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is None:
+            continue
+        if t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+        if t.dtype not in allowed:
+            raise RuntimeError(
+                f"bn_act_dropout: expected {name} to have dtype "
+                f"{' or '.join(sorted(map(str, allowed)))} (input is {input.dtype}), got {t.dtype}"
+            )
+        if t.device != input.device:
+            raise RuntimeError(
+                f"bn_act_dropout: expected all tensors on the same device, but input is on "
+                f"{input.device} and {name} on {t.device}"
+            )
+
+
+def bn_act_dropout(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    p: float = 0.0,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """``dropout(act(batch_norm(input, training=True)), p)``: BatchNorm1d in training mode, an
+    activation and inverted dropout as one block.
+
+    ``input`` ``[N, C]``; ``running_mean``/``running_var`` ``[C]`` (updated in place with
+    ``momentum`` and the unbiased batch variance) or both None; ``weight``/``bias`` ``[C]`` or
+    None; ``activation`` None/"none", "relu", "leaky_relu" (``negative_slope``), "sigmoid",
+    "tanh", "gelu", "silu"; ``p`` the drop probability (0 = no dropout, no seed drawn).
+    ``num_batches_tracked`` (already incremented): cumulative running average
+    (``momentum=None`` of the module), read on the device on the Triton path.
+
+    Triton path: normalise + affine + activation + dropout in one pass after the statistics
+    kernels, mask regenerated in backward (same mask as ``fusedmlp.functional.dropout`` would
+    draw at this point). Torch path: ``F.batch_norm``, torch's activation, ``F.dropout``.
+    """
+    act = _kernel_activation(activation)
+    p = _check_p(p)
+    eps = float(eps)
+    if not use_triton(input, running_mean, running_var, weight, bias):
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+        y = apply_activation_torch(y, act, negative_slope)
+        return F.dropout(y, p, True) if p > 0.0 else y
+    _check_bn(input, running_mean, running_var, weight, bias, eps)
+    seed = _seed(input, None) if p > 0.0 else None
+    out, mean, var = BNActDropoutFunction.apply(
+        input, weight, bias, seed, eps, p, act, float(negative_slope)
+    )
+    if running_mean is not None:
+        torch.ops.fusedmlp.batchnorm_update_running(
+            running_mean, running_var, mean, var, float(momentum), num_batches_tracked
+        )
+    return out
+
+
+def act_dropout(
+    input: Tensor, activation: str | None = None, negative_slope: float = 0.01, p: float = 0.5
+) -> Tensor:
+    """``dropout(act(input), p)`` in training mode, as one elementwise pass on the Triton path
+    (the tail of ``Linear -> act -> Dropout`` with the Linear run without activation).
+
+    ``input`` any shape (the logical row-major element index drives the mask, as
+    ``fusedmlp.functional.dropout``); ``p = 0`` returns ``act(input)``.
+    """
+    act = _kernel_activation(activation)
+    p = _check_p(p)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"act_dropout: input must be a Tensor, got {type(input).__name__}")
+    if p == 0.0 or input.numel() == 0 or not use_triton(input):
+        y = apply_activation_torch(input, act, negative_slope)
+        if p == 0.0 or input.numel() == 0:
+            return y
+        return F.dropout(y, p, True)
+    if input.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"act_dropout: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+    seed = _seed(input, None)
+    if input.dim() == 0:
+        return ActDropoutFunction.apply(input.reshape(1), seed, p, act, float(negative_slope)).view(
+            ()
+        )
+    return ActDropoutFunction.apply(input, seed, p, act, float(negative_slope))
+
+
+__all__ = ["ActDropoutFunction", "BNActDropoutFunction", "act_dropout", "bn_act_dropout"]

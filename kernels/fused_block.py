@@ -1,0 +1,849 @@
+"""Cross-layer fusion: (BatchNorm normalise) -> activation -> dropout in one pass.
+
+Two blocks share these kernels (every input viewed as a 2-D ``[R, C]`` matrix, row ``r``,
+column / channel ``c``, logical row-major element index ``i = r * C + c`` in int64):
+
+* ``Linear -> BatchNorm1d -> act -> Dropout`` (``NORM=True``, x = the Linear's output ``[N, C]``):
+    forward   ``batch_norm_stats`` (two launches of fusedmlp.kernels.batchnorm: split partials
+              and their merge) -> ``_fused_fwd_kernel``: ``z = (x - mean) * invstd * w + b``,
+              ``a = act(z)``, ``out = a * keep * 1/(1-p)``, one read of x, one write of out.
+              (+ the running-statistics update, a separate in-place op of the batchnorm module.)
+    saved     x, mean, invstd (and the seed): the pre-activation is *recomputed from x* in the
+              backward, which reads x anyway for the BN reductions, so neither the BN output, nor
+              the activation output, nor a mask is ever stored.
+    backward  ``_fused_bwd_reduce_kernel`` (per split: ``sum(g)``, ``sum(g * (x - mean))`` with
+              ``g = dout * keep * scale * act'(z)`` recomputed on the fly) ->
+              ``_fused_bwd_final_kernel`` (merges the splits in a fixed order, dweight, dbias) ->
+              ``_fused_bwd_dx_kernel`` (recomputes ``g`` again, BN's dx formula). ``g`` (the
+              gradient of the BN output) is never written to memory. Deterministic, no atomics.
+
+* ``Linear -> act -> Dropout`` (``NORM=False``, x = the pre-activation ``z``, i.e. the output
+  of a Linear run without activation, any shape ``[..., C]``):
+    forward   ``_fused_fwd_kernel``: ``out = act(z) * keep * scale``.
+    saved     the OUTPUT ``out`` where it determines the derivative (none, relu, leaky_relu with
+              ``negative_slope >= 0``, sigmoid, tanh: ``act(z) = out / scale`` where kept; the
+              next layer saves ``out`` as its input anyway, so this costs no memory), else the
+              pre-activation ``z`` (leaky_relu with ``negative_slope < 0``, gelu, silu).
+    backward  ``_fused_bwd_elementwise_kernel``: ``dz = dout * keep * scale * act'(.)``.
+
+The dropout random stream is exactly ``fusedmlp.kernels.dropout``'s (elementwise mode): element
+``i`` reads word ``i % 4`` of Philox4x32-10 keyed by the 64-bit seed (a one-element int64 tensor
+read on the device) at counter ``(lo32(i // 4), hi32(i // 4), 0, 0)``, kept when
+``(r >> 8) >= p * 2^24``. So a fused block draws the same mask as the unfused
+``fusedmlp.nn.Dropout`` given the same seed, and the backward regenerates it. Tiles are
+``[BLOCK_R, BLOCK_Q, 4]`` (rows x quads of columns x 4 lanes): when ``C % 4 == 0`` a quad of
+columns is one Philox call (``ALIGNED``), else each element computes its own.
+
+Numerics follow the unfused chain: fp32 computation (fp64 for fp64 inputs); the BN output and
+the activation output are rounded to the input dtype before the next step (as the unfused
+modules store them); dropout is the multiply form ``a * (keep ? scale : 0)`` (NaN/Inf propagate
+as torch's). Any strides in; outputs are contiguous.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch, on_device
+
+KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def saves_output(activation: str, negative_slope: float) -> bool:
+    """Whether the non-normalising block's backward reads the derivative from its output
+    (else it keeps the pre-activation)."""
+    return not (
+        activation in ("gelu", "silu") or (activation == "leaky_relu" and negative_slope < 0)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep(seed, counter, lane, p):
+    """Dropout keep decision of fusedmlp.kernels.dropout (the same Philox4x32-10 code):
+    word ``lane`` of Philox(key=seed, counter=(lo32(counter), hi32(counter), 0, 0))."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    r = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    return (r >> 8).to(tl.float32) >= p * 16777216.0
+
+
+@triton.jit
+def _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED: tl.constexpr):
+    """Keep mask of the ``[BLOCK_R, BLOCK_Q, 4]`` tile: r ``[BR, 1, 1]`` (int64), q
+    ``[1, BQ, 1]``, lane ``[1, 1, 4]``; element index ``i = r * C + 4 q + lane``."""
+    seed = tl.load(seed_ptr)
+    if ALIGNED:  # C % 4 == 0: one Philox call per quad, i // 4 = r * C / 4 + q
+        keep = _keep(seed, r * (C // 4) + q, lane, p)
+    else:
+        i = r * C + q * 4 + lane
+        keep = _keep(seed, i >> 2, i & 3, p)
+    return keep
+
+
+@triton.jit
+def _sigmoid(z):
+    e = tl.exp(-tl.abs(z))  # overflow-free
+    s = 1.0 / (1.0 + e)
+    return tl.where(z >= 0, s, e * s)
+
+
+@triton.jit
+def _tanh(z):
+    # (1 - e) / (1 + e), e = exp(-2|z|), with an odd Taylor polynomial near 0 (relative accuracy;
+    # libdevice.tanh does not run under the interpreter)
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(z < 0, -t, t)
+    z2 = z * z
+    pz = -0.0014558343870513183
+    pz = pz * z2 + 0.003592128036572481
+    pz = pz * z2 - 0.008863235529902197
+    pz = pz * z2 + 0.021869488536155203
+    pz = pz * z2 - 0.05396825396825397
+    pz = pz * z2 + 0.13333333333333333
+    pz = pz * z2 - 0.3333333333333333
+    pz = z + z * (pz * z2)
+    return tl.where(a < 0.3, pz, t)
+
+
+@triton.jit
+def _act(z, negative_slope, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        y = tl.where(z < 0, 0.0, z)  # NaN stays NaN
+    elif ACTIVATION == "leaky_relu":
+        y = tl.where(z > 0, z, z * negative_slope)
+    elif ACTIVATION == "sigmoid":
+        y = _sigmoid(z)
+    elif ACTIVATION == "tanh":
+        y = _tanh(z)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == "silu":
+        y = z * _sigmoid(z)
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def _act_grad_z(g, z, negative_slope, ACTIVATION: tl.constexpr):
+    """``g * act'(z)`` from the pre-activation."""
+    if ACTIVATION == "relu":
+        d = tl.where(z > 0, g, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        d = tl.where(z > 0, g, g * negative_slope)
+    elif ACTIVATION == "sigmoid":
+        s = _sigmoid(z)
+        d = g * (s * (1.0 - s))
+    elif ACTIVATION == "tanh":
+        t = _tanh(z)
+        d = g * (1.0 - t * t)
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        d = g * (cdf + z * pdf)
+    elif ACTIVATION == "silu":
+        s = _sigmoid(z)
+        d = g * (s * (1.0 + z * (1.0 - s)))
+    else:
+        d = g
+    return d
+
+
+@triton.jit
+def _act_grad_out(g, a, negative_slope, ACTIVATION: tl.constexpr):
+    """``g * act'(z)`` from the activation output ``a = act(z)`` (relu, leaky_relu with
+    ``negative_slope >= 0``, sigmoid, tanh, none)."""
+    if ACTIVATION == "relu":
+        d = tl.where(a > 0, g, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        d = tl.where(a > 0, g, g * negative_slope)
+    elif ACTIVATION == "sigmoid":
+        d = g * (a * (1.0 - a))
+    elif ACTIVATION == "tanh":
+        d = g * (1.0 - a * a)
+    else:
+        d = g
+    return d
+
+
+@triton.jit
+def _preact(x, mean, scale, shift, DTYPE: tl.constexpr):
+    """BN output ``(x - mean) * scale + shift`` (as fusedmlp's batchnorm forward), rounded to the
+    input dtype ``DTYPE`` (the unfused chain stores it in that dtype; a no-op for fp32/fp64)."""
+    z = (x - mean) * scale + shift
+    return z.to(DTYPE).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    x_ptr,
+    out_ptr,
+    mean_ptr,
+    invstd_ptr,
+    w_ptr,
+    b_ptr,
+    seed_ptr,
+    R,
+    C,
+    sxR,
+    sxC,
+    soR,
+    soC,
+    p,
+    scale,
+    negative_slope,
+    NORM: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """One ``[BLOCK_R, 4 * BLOCK_Q]`` tile of ``out = act(norm(x)) * keep * scale``.
+
+    Grid: (row blocks, column blocks). ``NORM``: per column ``(x - mean) * invstd * w + b``;
+    ``DROPOUT``: the Philox mask (``p``, ``scale`` runtime). out: x's dtype.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]
+    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    c = q * 4 + lane  # [1, BQ, 4]
+    cmask = c < C
+    mask = (r < R) & cmask
+    x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
+    if NORM:
+        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+        invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0).to(ACC)
+        if HAS_W:
+            sc = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+        else:
+            sc = invstd
+        if HAS_B:
+            sh = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+        else:
+            sh = tl.zeros_like(sc)
+        z = _preact(x, mean, sc, sh, DTYPE)
+    else:
+        z = x
+    a = _act(z, negative_slope, ACTIVATION)
+    if DROPOUT:
+        a = a.to(DTYPE).to(ACC)  # the unfused activation output, in the input dtype
+        keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+        a = a * tl.where(keep, scale, 0.0)
+    tl.store(out_ptr + r * soR + c * soC, a.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_bwd_elementwise_kernel(
+    dy_ptr,
+    t_ptr,
+    dx_ptr,
+    seed_ptr,
+    R,
+    C,
+    sdR,
+    sdC,
+    stR,
+    stC,
+    sgR,
+    sgC,
+    p,
+    scale,
+    negative_slope,
+    FROM_OUT: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """Backward of ``out = act(z) * keep * scale``: ``dz = dout * keep * scale * act'(.)``.
+
+    ``t`` is the saved output (``FROM_OUT``: ``act(z) = out / scale`` where kept) or the
+    pre-activation z. The mask is regenerated from the seed (not needed for relu from the
+    output: ``out > 0`` exactly where kept and ``z > 0``).
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]
+    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    c = q * 4 + lane
+    mask = (r < R) & (c < C)
+    dy = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
+    t = tl.load(t_ptr + r * stR + c * stC, mask=mask, other=0.0).to(ACC)
+    if FROM_OUT and ACTIVATION == "relu":
+        # out > 0 exactly where the element was kept and z > 0: no mask to regenerate
+        dz = tl.where(t > 0, dy * scale, 0.0)
+    else:
+        keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+        g = dy * tl.where(keep, scale, 0.0)
+        if FROM_OUT:
+            a = tl.where(keep, t / tl.where(keep, scale, 1.0), 0.0)
+            dz = _act_grad_out(g, a, negative_slope, ACTIVATION)
+        else:
+            dz = _act_grad_z(g, t, negative_slope, ACTIVATION)
+    tl.store(dx_ptr + r * sgR + c * sgC, dz.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_bwd_reduce_kernel(
+    x_ptr,
+    dy_ptr,
+    mean_ptr,
+    invstd_ptr,
+    w_ptr,
+    b_ptr,
+    seed_ptr,
+    psum_g_ptr,
+    psum_gxmu_ptr,
+    R,
+    C,
+    sxR,
+    sxC,
+    sdR,
+    sdC,
+    rows_per_split,
+    p,
+    scale,
+    negative_slope,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """Pass 1 of the BN block's backward, per split (axis 1) and column block (axis 0):
+    ``sum(g)`` and ``sum(g * (x - mean))`` over the split's rows, where
+    ``g = dout * keep * scale * act'(z)`` and ``z`` is recomputed from x. psum_*: ``[n_split, C]``
+    in the acc type; accumulated element-wise in registers, reduced once at the end.
+    """
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    c = q * 4 + lane
+    cmask = c < C
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0).to(ACC)
+    if HAS_W:
+        sc = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        sc = invstd
+    if HAS_B:
+        sh = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        sh = tl.zeros_like(sc)
+    start = pid_s.to(tl.int64) * rows_per_split
+    end = tl.minimum(start + rows_per_split, R)
+    a1 = tl.zeros([BLOCK_R, BLOCK_Q, 4], dtype=ACC)
+    a2 = tl.zeros([BLOCK_R, BLOCK_Q, 4], dtype=ACC)
+    for r0 in range(start, end, BLOCK_R):
+        r = (r0 + tl.arange(0, BLOCK_R))[:, None, None]
+        mask = (r < end) & cmask
+        x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
+        g = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
+        if DROPOUT:
+            keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+            g = g * tl.where(keep, scale, 0.0)
+        z = _preact(x, mean, sc, sh, DTYPE)
+        g = tl.where(mask, _act_grad_z(g, z, negative_slope, ACTIVATION), 0.0)
+        a1 += g
+        a2 += g * (x - mean)
+    out = pid_s * C + c
+    tl.store(psum_g_ptr + out, tl.sum(a1, 0)[None, :, :], mask=cmask)
+    tl.store(psum_gxmu_ptr + out, tl.sum(a2, 0)[None, :, :], mask=cmask)
+
+
+@triton.jit
+def _fused_bwd_final_kernel(
+    psum_g_ptr,
+    psum_gxmu_ptr,
+    invstd_ptr,
+    sum_g_ptr,
+    sum_gxmu_ptr,
+    dw_ptr,
+    db_ptr,
+    C,
+    n_split,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Sum the splits in a fixed order: ``sum_g``, ``sum_gxmu`` (acc type, for dx) and
+    ``dweight = sum_gxmu * invstd``, ``dbias = sum_g`` in the parameters' dtype."""
+    pid_c = tl.program_id(0)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    a1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=sum_g_ptr.dtype.element_ty)
+    a2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=sum_g_ptr.dtype.element_ty)
+    for s0 in range(0, n_split, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < n_split)[:, None] & cmask[None, :]
+        off = s[:, None] * C + c[None, :]
+        a1 += tl.load(psum_g_ptr + off, mask=mask, other=0.0)
+        a2 += tl.load(psum_gxmu_ptr + off, mask=mask, other=0.0)
+    sum_g = tl.sum(a1, 0)
+    sum_gxmu = tl.sum(a2, 0)
+    tl.store(sum_g_ptr + c, sum_g, mask=cmask)
+    tl.store(sum_gxmu_ptr + c, sum_gxmu, mask=cmask)
+    if HAS_DW:
+        invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0)
+        tl.store(dw_ptr + c, (sum_gxmu * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
+    if HAS_DB:
+        tl.store(db_ptr + c, sum_g.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _fused_bwd_dx_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    mean_ptr,
+    invstd_ptr,
+    w_ptr,
+    b_ptr,
+    seed_ptr,
+    sum_g_ptr,
+    sum_gxmu_ptr,
+    R,
+    C,
+    sxR,
+    sxC,
+    sdR,
+    sdC,
+    sgR,
+    sgC,
+    p,
+    scale,
+    negative_slope,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """Pass 2 of the BN block's backward, one tile of dx (``g`` recomputed as in pass 1):
+    ``dx = w * invstd * (g - sum_g / R - (x - mean) * invstd^2 * sum_gxmu / R)``."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]
+    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
+    lane = tl.arange(0, 4)[None, None, :]
+    c = q * 4 + lane
+    cmask = c < C
+    mask = (r < R) & cmask
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0).to(ACC)
+    if HAS_W:
+        sc = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        sc = invstd
+    if HAS_B:
+        sh = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        sh = tl.zeros_like(sc)
+    x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
+    g = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
+    if DROPOUT:
+        keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+        g = g * tl.where(keep, scale, 0.0)
+    z = _preact(x, mean, sc, sh, DTYPE)
+    g = _act_grad_z(g, z, negative_slope, ACTIVATION)
+    n = R * 1.0
+    b = tl.load(sum_g_ptr + c, mask=cmask, other=0.0) / n
+    k = invstd * invstd * tl.load(sum_gxmu_ptr + c, mask=cmask, other=0.0) / n
+    dx = (g - b - (x - mean) * k) * sc
+    tl.store(dx_ptr + r * sgR + c * sgC, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations
+# ----------------------------------------------------------------------------------------------
+
+# [BLOCK_R, 4 * BLOCK_Q] tiles over a row-major [R, C]: wide along the contiguous C.
+_TILE_CONFIGS = [
+    triton.Config({"BLOCK_R": 16, "BLOCK_Q": 64}, num_warps=8),
+    triton.Config({"BLOCK_R": 32, "BLOCK_Q": 32}, num_warps=8),
+    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=4),
+    triton.Config({"BLOCK_R": 64, "BLOCK_Q": 16}, num_warps=8),
+    triton.Config({"BLOCK_R": 16, "BLOCK_Q": 32}, num_warps=4),
+]
+# The reduction keeps two [BLOCK_R, BLOCK_Q, 4] fp32 accumulators per program.
+_REDUCE_CONFIGS = [
+    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=8),
+    triton.Config({"BLOCK_R": 16, "BLOCK_Q": 32}, num_warps=8),
+    triton.Config({"BLOCK_R": 16, "BLOCK_Q": 16}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_Q": 16}, num_warps=8),
+]
+_FINAL_CONFIGS = [triton.Config({"BLOCK_C": 128, "BLOCK_S": 16}, num_warps=4)]
+# Interpreter: small tiles, so tiny tests still see several row/column blocks and splits.
+_INTERPRET_TILE = triton.Config({"BLOCK_R": 8, "BLOCK_Q": 4}, num_warps=4)
+_INTERPRET_FINAL = triton.Config({"BLOCK_C": 16, "BLOCK_S": 2}, num_warps=4)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
+    """(n_split, rows_per_split) of the backward reduction: about 4 programs per SM on a GPU,
+    each over at least 256 contiguous rows; a few splits under the interpreter."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        want = triton.cdiv(4 * _sm_count(idx), triton.cdiv(C, 128))
+        split = max(1, min(want, triton.cdiv(R, 256)))
+        rows = triton.cdiv(triton.cdiv(R, split), 64) * 64
+    else:
+        split = max(1, min(3, triton.cdiv(R, 8)))
+        rows = triton.cdiv(R, split)
+    return triton.cdiv(R, rows), rows
+
+
+def _grid(R: int, C: int):
+    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, 4 * meta["BLOCK_Q"]))
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous().view(-1)
+
+
+def _check(x: torch.Tensor, seed: torch.Tensor | None, activation: str) -> None:
+    if x.dim() != 2:
+        raise RuntimeError(f"fused block kernel: expected a 2-D [R, C] input, got {x.dim()}-D")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(
+            f"fused block kernel: input dtype must be float16, bfloat16, float32 or float64, "
+            f"got {x.dtype}"
+        )
+    if activation not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"fused block kernel: unknown activation {activation!r}")
+    if seed is not None and (
+        seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device
+    ):
+        raise RuntimeError(
+            f"fused block kernel: seed must be a one-element int64 tensor on {x.device}, "
+            f"got {seed.dtype} {tuple(seed.shape)} on {seed.device}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    normalize: bool,
+    eps: float,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``out = act(bn(x)) * keep * 1/(1-p)`` (``normalize``) or ``act(x) * keep * 1/(1-p)``.
+
+    Args:
+        x: ``[R, C]``, any strides, fp16/bf16/fp32/fp64 (fp32 math, fp64 for fp64).
+        weight, bias: ``[C]`` BN affine parameters or None (fp32 allowed with 16-bit x); only
+            read when ``normalize``.
+        seed: one-element int64 tensor on x's device (the dropout seed), or None: no dropout.
+        normalize: BN with the batch statistics (computed here by
+            ``fusedmlp.kernels.batchnorm.batch_norm_stats``, ``eps``).
+        p: drop probability in [0, 1] (ignored without seed).
+        activation: one of ``KERNEL_ACTIVATIONS``; ``negative_slope`` for leaky_relu.
+        out: optional ``[R, C]`` destination (e.g. a view of a tensor of the caller's shape).
+
+    Returns:
+        ``(out, mean, invstd, var)``: out ``[R, C]`` contiguous in x's dtype; with
+        ``normalize`` the batch mean, invstd and unbiased var ``[C]`` in the acc type (mean and
+        invstd are saved for backward, var feeds the running estimate), else empty.
+    """
+    _check(x, seed, activation)
+    R, C = x.shape
+    acc = _acc_dtype(x)
+    if out is None:
+        out = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    weight, bias = _vec(weight), _vec(bias)
+    mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))  # distinct (custom op)
+    if x.numel() == 0:
+        return out, mean, invstd, var
+    with on_device(x):
+        if normalize:
+            from . import batchnorm as BN
+
+            mean, invstd, var = BN.batch_norm_stats(x, eps)
+        launch(
+            _fused_fwd_kernel,
+            _grid(R, C),
+            configs=_TILE_CONFIGS,
+            key=["R", "C"],
+            interpret_config=_INTERPRET_TILE,
+            x_ptr=x,
+            out_ptr=out,
+            mean_ptr=mean if normalize else out,
+            invstd_ptr=invstd if normalize else out,
+            w_ptr=weight if weight is not None else out,
+            b_ptr=bias if bias is not None else out,
+            seed_ptr=seed if seed is not None else out,
+            R=R,
+            C=C,
+            sxR=x.stride(0),
+            sxC=x.stride(1),
+            soR=out.stride(0),
+            soC=out.stride(1),
+            p=float(p),
+            scale=float(_scale(p)),
+            negative_slope=float(negative_slope),
+            NORM=bool(normalize),
+            HAS_W=normalize and weight is not None,
+            HAS_B=normalize and bias is not None,
+            ACTIVATION=activation,
+            DROPOUT=seed is not None,
+            ALIGNED=C % 4 == 0,
+            FP64=acc == torch.float64,
+        )
+    return out, mean, invstd, var
+
+
+def act_dropout_backward(
+    dy: torch.Tensor,
+    saved: torch.Tensor,
+    seed: torch.Tensor,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    dx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Backward of the non-normalising block: ``dz = dout * keep * scale * act'(.)``.
+
+    dy, saved: ``[R, C]``, any strides; ``saved`` is the forward's output when
+    ``saves_output(activation, negative_slope)``, else its input (the pre-activation).
+    Returns dz ``[R, C]`` in dy's dtype (written into ``dx`` when given, else contiguous).
+    """
+    _check(dy, seed, activation)
+    R, C = dy.shape
+    if dx is None:
+        dx = torch.empty((R, C), dtype=dy.dtype, device=dy.device)
+    if dy.numel() == 0:
+        return dx
+    with on_device(dy):
+        launch(
+            _fused_bwd_elementwise_kernel,
+            _grid(R, C),
+            configs=_TILE_CONFIGS,
+            key=["R", "C"],
+            interpret_config=_INTERPRET_TILE,
+            dy_ptr=dy,
+            t_ptr=saved,
+            dx_ptr=dx,
+            seed_ptr=seed,
+            R=R,
+            C=C,
+            sdR=dy.stride(0),
+            sdC=dy.stride(1),
+            stR=saved.stride(0),
+            stC=saved.stride(1),
+            sgR=dx.stride(0),
+            sgC=dx.stride(1),
+            p=float(p),
+            scale=float(_scale(p)),
+            negative_slope=float(negative_slope),
+            FROM_OUT=saves_output(activation, negative_slope),
+            ACTIVATION=activation,
+            ALIGNED=C % 4 == 0,
+            FP64=dy.dtype == torch.float64,
+        )
+    return dx
+
+
+def bn_act_dropout_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    seed: torch.Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    need_dx: bool = True,
+    need_dweight: bool = True,
+    need_dbias: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Backward of ``out = act(bn(x)) * keep * scale`` (BN with batch statistics).
+
+    dy, x: ``[R, C]``, any strides; weight/bias: the BN parameters or None; mean/invstd: the
+    forward's ``[C]`` statistics; seed: the forward's dropout seed or None. The gradient of the
+    BN output, ``g = dy * keep * scale * act'(z)``, is recomputed from x in both passes (never
+    stored). Launches: split reduction, its merge, then dx. Returns ``(dx, dweight, dbias)``
+    (None where not asked for): dx contiguous in x's dtype, dweight/dbias in weight's dtype.
+    """
+    _check(x, seed, activation)
+    R, C = x.shape
+    acc = _acc_dtype(x)
+    weight, bias = _vec(weight), _vec(bias)
+    mean, invstd = _vec(mean), _vec(invstd)
+    need_dweight = need_dweight and weight is not None
+    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
+    common = dict(
+        p=float(p),
+        scale=float(_scale(p)),
+        negative_slope=float(negative_slope),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        ACTIVATION=activation,
+        DROPOUT=seed is not None,
+        ALIGNED=C % 4 == 0,
+        FP64=acc == torch.float64,
+    )
+    ptrs = dict(
+        mean_ptr=mean,
+        invstd_ptr=invstd,
+        w_ptr=weight if weight is not None else mean,
+        b_ptr=bias if bias is not None else mean,
+        seed_ptr=seed if seed is not None else mean,
+    )
+    with on_device(x):
+        n_split, rows = _splits(R, C, x.device)
+        psum_g = torch.empty((n_split, C), device=x.device, dtype=acc)
+        psum_gxmu = torch.empty((n_split, C), device=x.device, dtype=acc)
+        launch(
+            _fused_bwd_reduce_kernel,
+            lambda meta: (triton.cdiv(C, 4 * meta["BLOCK_Q"]), n_split),
+            configs=_REDUCE_CONFIGS,
+            key=["C", "rows_per_split"],
+            interpret_config=_INTERPRET_TILE,
+            x_ptr=x,
+            dy_ptr=dy,
+            psum_g_ptr=psum_g,
+            psum_gxmu_ptr=psum_gxmu,
+            R=R,
+            C=C,
+            sxR=x.stride(0),
+            sxC=x.stride(1),
+            sdR=dy.stride(0),
+            sdC=dy.stride(1),
+            rows_per_split=rows,
+            **ptrs,
+            **common,
+        )
+        sum_g = torch.empty(C, device=x.device, dtype=acc)
+        sum_gxmu = torch.empty(C, device=x.device, dtype=acc)
+        dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
+        db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
+        launch(
+            _fused_bwd_final_kernel,
+            lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+            configs=_FINAL_CONFIGS,
+            interpret_config=_INTERPRET_FINAL,
+            psum_g_ptr=psum_g,
+            psum_gxmu_ptr=psum_gxmu,
+            invstd_ptr=invstd,
+            sum_g_ptr=sum_g,
+            sum_gxmu_ptr=sum_gxmu,
+            dw_ptr=dw if dw is not None else sum_g,
+            db_ptr=db if db is not None else sum_g,
+            C=C,
+            n_split=n_split,
+            HAS_DW=dw is not None,
+            HAS_DB=db is not None,
+        )
+        dx = None
+        if need_dx:
+            dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+            launch(
+                _fused_bwd_dx_kernel,
+                _grid(R, C),
+                configs=_TILE_CONFIGS,
+                key=["R", "C"],
+                interpret_config=_INTERPRET_TILE,
+                x_ptr=x,
+                dy_ptr=dy,
+                dx_ptr=dx,
+                sum_g_ptr=sum_g,
+                sum_gxmu_ptr=sum_gxmu,
+                R=R,
+                C=C,
+                sxR=x.stride(0),
+                sxC=x.stride(1),
+                sdR=dy.stride(0),
+                sdC=dy.stride(1),
+                sgR=dx.stride(0),
+                sgC=dx.stride(1),
+                **ptrs,
+                **common,
+            )
+    return dx, dw, db
+
+
+__all__ = [
+    "KERNEL_ACTIVATIONS",
+    "SUPPORTED_DTYPES",
+    "act_dropout_backward",
+    "bn_act_dropout_backward",
+    "fused_forward",
+    "saves_output",
+]

@@ -1,0 +1,778 @@
+"""Fused linear + bias + activation: ``y = act(x @ W^T + b)`` forward and backward kernels.
+
+Shapes (2-D views; the autograd layer flattens ``[..., in]`` to ``[M, K]``):
+  x ``[M, K]`` (any strides), weight ``[N, K]`` (any strides), bias ``[N]`` (any stride),
+  y ``[M, N]`` (contiguous, input dtype).
+
+Forward (``_linear_fwd_kernel``): a tiled GEMM with grouped tile ordering (GROUP_M tile-rows
+share the same W tiles while they sit in L2, as in Triton's matmul tutorial), fp32 accumulation
+(fp64 for fp64 inputs), then in the epilogue, with the tile still in registers: bias add,
+rounding of the pre-activation ``z`` to the input dtype (as torch's ``F.linear`` output), the
+activation, and one store of ``y``. When the derivative needs the pre-activation (see below) the
+rounded ``z`` is stored too.
+
+What is saved for backward (``saves_preactivation``):
+  - the OUTPUT ``y`` where it determines the derivative: relu (``y > 0``), leaky_relu with
+    ``negative_slope >= 0`` (``y > 0`` iff ``z > 0``), sigmoid (``y (1 - y)``), tanh (``1 - y^2``);
+  - the pre-activation ``z`` where it does not: leaky_relu with ``negative_slope < 0``,
+    gelu (erf form), silu;
+  - nothing for no activation.
+
+Backward: ``dZ = dY * act'(.)`` is never written to memory. ``_linear_dx_kernel`` computes
+``dX = dZ @ W`` and ``_linear_dw_kernel`` computes ``dW = dZ^T @ X``; both apply the derivative
+to the dY tile right after loading it. ``_linear_dw_kernel`` also runs the bias-gradient
+programs (a deterministic column sum of dZ over M-chunks, no atomics). When the dW grid has
+fewer tiles than the GPU has SMs, the M reduction is split over ``SPLIT`` program slices that
+write fp32 partials to a workspace, summed in a fixed order by ``_sum_splits_kernel``
+(deterministic split-K).
+
+Activations are a ``tl.constexpr`` string: "none", "relu", "leaky_relu", "sigmoid", "tanh",
+"gelu" (erf form), "silu"; ``negative_slope`` is a runtime argument.
+All offsets are computed in int64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import dot_precision, launch, on_device
+
+KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+
+
+def saves_preactivation(activation: str, negative_slope: float) -> bool:
+    """Whether the backward needs the pre-activation ``z`` (else the output ``y`` or nothing)."""
+    return activation in ("gelu", "silu") or (activation == "leaky_relu" and negative_slope < 0)
+
+
+def saves_output(activation: str, negative_slope: float) -> bool:
+    """Whether the backward reads the derivative from the saved output ``y``."""
+    return activation != "none" and not saves_preactivation(activation, negative_slope)
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: consecutive programs walk GROUP_M tile-rows column by column."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _sigmoid(z):
+    # Overflow-free: exp of a non-positive number only.
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    return tl.where(z >= 0, r, e * r)
+
+
+@triton.jit
+def _tanh(z):
+    # libdevice.tanh does not run under the interpreter; (1 - e) / (1 + e) with e = exp(-2|z|)
+    # loses relative accuracy near 0, where an odd Taylor polynomial (error < 1e-10 relative
+    # for |z| < 0.3) takes over.
+    a = tl.abs(z)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(z < 0, -t, t)
+    z2 = z * z
+    p = -0.0014558343870513183  # -929569/638512875
+    p = p * z2 + 0.003592128036572481  # 21844/6081075
+    p = p * z2 - 0.008863235529902197  # -1382/155925
+    p = p * z2 + 0.021869488536155203  # 62/2835
+    p = p * z2 - 0.05396825396825397  # -17/315
+    p = p * z2 + 0.13333333333333333  # 2/15
+    p = p * z2 - 0.3333333333333333  # -1/3
+    p = z + z * (p * z2)
+    return tl.where(a < 0.3, p, t)
+
+
+@triton.jit
+def _activation(z, negative_slope, ACTIVATION: tl.constexpr):
+    """act(z) in z's (fp32/fp64) precision."""
+    if ACTIVATION == "relu":
+        y = tl.where(z < 0, 0.0, z)  # NaN stays NaN, as torch.relu
+    elif ACTIVATION == "leaky_relu":
+        y = tl.where(z > 0, z, z * negative_slope)
+    elif ACTIVATION == "sigmoid":
+        y = _sigmoid(z)
+    elif ACTIVATION == "tanh":
+        y = _tanh(z)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == "silu":
+        y = z * _sigmoid(z)
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def _activation_grad(dy, t, negative_slope, ACTIVATION: tl.constexpr):
+    """dZ from dY and the saved tensor ``t`` (output y or pre-activation z, see module doc)."""
+    if ACTIVATION == "relu":  # t = y
+        dz = tl.where(t > 0, dy, 0.0)
+    elif ACTIVATION == "leaky_relu":  # t = y (slope >= 0) or z (slope < 0): same test
+        dz = tl.where(t > 0, dy, dy * negative_slope)
+    elif ACTIVATION == "sigmoid":  # t = y
+        dz = dy * t * (1.0 - t)
+    elif ACTIVATION == "tanh":  # t = y
+        dz = dy * (1.0 - t * t)
+    elif ACTIVATION == "gelu":  # t = z
+        cdf = 0.5 * (1.0 + tl.erf(t * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * t * t) * 0.3989422804014327
+        dz = dy * (cdf + t * pdf)
+    elif ACTIVATION == "silu":  # t = z
+        s = _sigmoid(t)
+        dz = dy * (s * (1.0 + t * (1.0 - s)))
+    else:
+        dz = dy
+    return dz
+
+
+@triton.jit
+def _dot_operand(t, INTERPRET: tl.constexpr):
+    # Under the interpreter, tl.dot on bf16 is wrong and fp16 accumulates in numpy fp16:
+    # upcast 16-bit tiles to fp32 there (exact products, fp32 accumulation as on the GPU).
+    if INTERPRET:
+        if t.dtype == tl.bfloat16 or t.dtype == tl.float16:
+            t = t.to(tl.float32)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    z_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_b,
+    negative_slope,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    SAVE_Z: tl.constexpr,
+    FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[M, N] = act(x[M, K] @ w[N, K]^T + b[N]); z (pre-activation) stored when SAVE_Z."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped indices keep every load in bounds without an M/N mask (rows past M are recomputed
+    # copies, never stored).
+    am = (rm % M).to(tl.int64)
+    bn = (rn % N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    rk64 = rk.to(tl.int64)
+    x_ptrs = x_ptr + am[:, None] * stride_xm + rk64[None, :] * stride_xk
+    w_ptrs = w_ptr + rk64[:, None] * stride_wk + bn[None, :] * stride_wn
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
+    if FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(
+            _dot_operand(a, INTERPRET),
+            _dot_operand(b, INTERPRET),
+            acc,
+            input_precision=DOT_PRECISION,
+        )
+        x_ptrs += x_step
+        w_ptrs += w_step
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + bn * stride_b)
+        acc += bias.to(acc.dtype)[None, :]
+    out_offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    out_mask = (rm < M)[:, None] & (rn < N)[None, :]
+    z = acc.to(y_ptr.dtype.element_ty)  # torch rounds F.linear's output before the activation
+    if SAVE_Z:
+        tl.store(z_ptr + out_offs, z, mask=out_mask)
+    if ACTIVATION == "none":
+        y = z
+    else:
+        y = _activation(z.to(acc.dtype), negative_slope, ACTIVATION).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + out_offs, y, mask=out_mask)
+
+
+@triton.jit
+def _linear_dx_kernel(
+    dy_ptr,
+    t_ptr,
+    w_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    stride_dym,
+    stride_dyn,
+    stride_tm,
+    stride_tn,
+    stride_wn,
+    stride_wk,
+    negative_slope,
+    ACTIVATION: tl.constexpr,
+    FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dx[M, K] = (dy * act'(t))[M, N] @ w[N, K]; the reduction runs over N."""
+    pid = tl.program_id(0)
+    pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    am = (rm % M).to(tl.int64)
+    bk = (rk % K).to(tl.int64)
+    rn = tl.arange(0, BLOCK_N)
+    rn64 = rn.to(tl.int64)
+    dy_ptrs = dy_ptr + am[:, None] * stride_dym + rn64[None, :] * stride_dyn
+    t_ptrs = t_ptr + am[:, None] * stride_tm + rn64[None, :] * stride_tn
+    w_ptrs = w_ptr + rn64[:, None] * stride_wn + bk[None, :] * stride_wk
+    dy_step = tl.cast(stride_dyn, tl.int64) * BLOCK_N
+    t_step = tl.cast(stride_tn, tl.int64) * BLOCK_N
+    w_step = tl.cast(stride_wn, tl.int64) * BLOCK_N
+    if FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        n_left = N - n * BLOCK_N
+        dy = tl.load(dy_ptrs, mask=rn[None, :] < n_left, other=0.0)
+        if ACTIVATION == "none":
+            dz = dy.to(w_ptr.dtype.element_ty)
+        else:
+            t = tl.load(t_ptrs, mask=rn[None, :] < n_left, other=0.0)
+            dz = _activation_grad(dy.to(acc.dtype), t.to(acc.dtype), negative_slope, ACTIVATION)
+            dz = dz.to(w_ptr.dtype.element_ty)  # torch's dZ is in the input dtype too
+        w = tl.load(w_ptrs, mask=rn[:, None] < n_left, other=0.0)
+        acc = tl.dot(
+            _dot_operand(dz, INTERPRET),
+            _dot_operand(w, INTERPRET),
+            acc,
+            input_precision=DOT_PRECISION,
+        )
+        dy_ptrs += dy_step
+        t_ptrs += t_step
+        w_ptrs += w_step
+    out_offs = rm.to(tl.int64)[:, None] * K + rk[None, :]
+    out_mask = (rm < M)[:, None] & (rk < K)[None, :]
+    tl.store(dx_ptr + out_offs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _linear_dw_kernel(
+    dy_ptr,
+    t_ptr,
+    x_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    N,
+    K,
+    stride_dym,
+    stride_dyn,
+    stride_tm,
+    stride_tn,
+    stride_xm,
+    stride_xk,
+    split_stride,
+    negative_slope,
+    SPLIT,
+    COMPUTE_DB: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dw[N, K] = (dy * act'(t))^T @ x and db[N] = column sums of dy * act'(t).
+
+    Grid ``(num_db + num_dw_tiles, SPLIT)``: the first ``num_db = cdiv(N, BLOCK_N)`` programs
+    (when COMPUTE_DB) sum dZ over M for one block of columns, the others compute one
+    ``[BLOCK_N, BLOCK_K]`` tile of dW. Slice ``s`` of axis 1 handles the s-th contiguous chunk of
+    M-blocks and stores at ``+ s * split_stride`` (SPLIT > 1: fp32 partials in a workspace,
+    summed by ``_sum_splits_kernel``; SPLIT == 1: the final dw/db, split_stride 0).
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_mb = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(num_mb, SPLIT)
+    mb_start = pid_s * per_split
+    mb_end = tl.minimum(mb_start + per_split, num_mb)
+    split_off = pid_s.to(tl.int64) * split_stride
+    if COMPUTE_DB:
+        num_db = tl.cdiv(N, BLOCK_N)
+    else:
+        num_db = 0
+    if pid < num_db:
+        _dw_kernel_db_part(
+            dy_ptr, t_ptr, db_ptr, M, N, stride_dym, stride_dyn, stride_tm, stride_tn,
+            negative_slope, pid, mb_start, mb_end, split_off,
+            ACTIVATION, FP64, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    else:
+        _dw_kernel_gemm_part(
+            dy_ptr, t_ptr, x_ptr, dw_ptr, M, N, K, stride_dym, stride_dyn, stride_tm, stride_tn,
+            stride_xm, stride_xk, negative_slope, pid - num_db, mb_start, mb_end, split_off,
+            ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _dw_kernel_db_part(
+    dy_ptr, t_ptr, db_ptr, M, N, stride_dym, stride_dyn, stride_tm, stride_tn,
+    negative_slope, pid, mb_start, mb_end, split_off,
+    ACTIVATION: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Bias gradient: a column sum of dZ over M-blocks [mb_start, mb_end), in a fixed order."""
+    if FP64:
+        acc_dtype = tl.float64
+    else:
+        acc_dtype = tl.float32
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    bn = (rn % N).to(tl.int64)
+    rm = mb_start * BLOCK_M + tl.arange(0, BLOCK_M)
+    dy_ptrs = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + bn[None, :] * stride_dyn
+    t_ptrs = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + bn[None, :] * stride_tn
+    dy_step = tl.cast(stride_dym, tl.int64) * BLOCK_M
+    t_step = tl.cast(stride_tm, tl.int64) * BLOCK_M
+    colsum = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    for mb in range(mb_start, mb_end):
+        m_mask = (mb * BLOCK_M + tl.arange(0, BLOCK_M)) < M
+        dy = tl.load(dy_ptrs, mask=m_mask[:, None], other=0.0).to(acc_dtype)
+        if ACTIVATION == "none":
+            dz = dy
+        else:
+            t = tl.load(t_ptrs, mask=m_mask[:, None], other=0.0).to(acc_dtype)
+            dz = _activation_grad(dy, t, negative_slope, ACTIVATION)
+            # torch rounds dZ to the input dtype before its reduction
+            dz = dz.to(dy_ptr.dtype.element_ty).to(acc_dtype)
+        colsum += dz
+        dy_ptrs += dy_step
+        t_ptrs += t_step
+    db = tl.sum(colsum, axis=0)
+    tl.store(db_ptr + split_off + rn, db.to(db_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _dw_kernel_gemm_part(
+    dy_ptr, t_ptr, x_ptr, dw_ptr, M, N, K, stride_dym, stride_dyn, stride_tm, stride_tn,
+    stride_xm, stride_xk, negative_slope, tile, mb_start, mb_end, split_off,
+    ACTIVATION: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_N, BLOCK_K] tile of dW over M-blocks [mb_start, mb_end)."""
+    if FP64:
+        acc_dtype = tl.float64
+    else:
+        acc_dtype = tl.float32
+    pid_n, pid_k = _grouped_tile(tile, tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    bn = (rn % N).to(tl.int64)
+    bk = (rk % K).to(tl.int64)
+    rm = mb_start * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm64 = rm.to(tl.int64)
+    # dZ^T tile [BLOCK_N, BLOCK_M] and x tile [BLOCK_M, BLOCK_K]
+    dy_ptrs = dy_ptr + bn[:, None] * stride_dyn + rm64[None, :] * stride_dym
+    t_ptrs = t_ptr + bn[:, None] * stride_tn + rm64[None, :] * stride_tm
+    x_ptrs = x_ptr + rm64[:, None] * stride_xm + bk[None, :] * stride_xk
+    dy_step = tl.cast(stride_dym, tl.int64) * BLOCK_M
+    t_step = tl.cast(stride_tm, tl.int64) * BLOCK_M
+    x_step = tl.cast(stride_xm, tl.int64) * BLOCK_M
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
+    for mb in range(mb_start, mb_end):
+        m_mask = (mb * BLOCK_M + tl.arange(0, BLOCK_M)) < M
+        dy = tl.load(dy_ptrs, mask=m_mask[None, :], other=0.0)
+        if ACTIVATION == "none":
+            dz = dy.to(x_ptr.dtype.element_ty)
+        else:
+            t = tl.load(t_ptrs, mask=m_mask[None, :], other=0.0)
+            dz = _activation_grad(dy.to(acc_dtype), t.to(acc_dtype), negative_slope, ACTIVATION)
+            dz = dz.to(x_ptr.dtype.element_ty)
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        acc = tl.dot(
+            _dot_operand(dz, INTERPRET),
+            _dot_operand(x, INTERPRET),
+            acc,
+            input_precision=DOT_PRECISION,
+        )
+        dy_ptrs += dy_step
+        t_ptrs += t_step
+        x_ptrs += x_step
+    out_offs = split_off + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    out_mask = (rn < N)[:, None] & (rk < K)[None, :]
+    tl.store(dw_ptr + out_offs, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(ws_ptr, dw_ptr, db_ptr, NK, NB, SPLIT, BLOCK: tl.constexpr):
+    """dw.flat[i] = sum_s ws[s, i] (i < NK); db[i - NK] = sum_s ws[s, i] (NK <= i < NK + NB).
+
+    ``ws`` is contiguous ``[SPLIT, NK + NB]`` fp32 (fp64 for fp64 gradients); the sum runs over
+    s in order (deterministic). NK = 0 when only db is wanted, NB = 0 when only dw.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.cast(NK, tl.int64) + NB
+    mask = offs < row
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(ws_ptr + s * row + offs, mask=mask, other=0.0)
+    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=offs < NK)
+    tl.store(db_ptr + (offs - NK), acc.to(db_ptr.dtype.element_ty), mask=mask & (offs >= NK))
+
+
+# --------------------------------------------------------------------------------------------
+# configurations
+# --------------------------------------------------------------------------------------------
+
+
+# Tiles as (rows, cols, depth) of each kernel's own GEMM: the output tile is rows x cols and the
+# loop walks depth. Forward: (M, N, K); dX = dZ W: (M, K, N); dW = dZ^T X: (N, K, M).
+_TILE_NAMES = {
+    "fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+    "dw": ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
+}
+# 16-bit inputs (wgmma; sizes from the Triton matmul tutorial's H100 list). Shared memory on
+# sm_90 is stages x (rows + cols) x depth x 2 bytes: 147 KiB for the largest, < 227 KiB.
+_TILES_16 = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+]
+# The backward GEMMs also hold the dZ operand and the derivative's inputs in registers: the
+# 256-wide and 4-warp 128x128 tiles spill there (seen in sm_90 cubins), so they are left out.
+_TILES_16_BWD = [
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+    (64, 128, 32, 4, 4),
+]
+# fp32 (IEEE FMA dot, or TF32 wgmma): 4-byte elements, so shallower tiles.
+_TILES_32 = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (128, 128, 16, 8, 4),
+]
+# fp64 (only under backend "triton", e.g. gradcheck): one small config, no autotuning.
+_TILES_64 = [(32, 32, 16, 4, 2)]
+_INTERPRET_TILE = (16, 16, 16, 4, 2)
+
+
+def _cfg(kind: str, tile, group: int = 8) -> triton.Config:
+    rows, cols, depth, warps, stages = tile
+    kw = dict(zip(_TILE_NAMES[kind], (rows, cols, depth)))
+    kw["GROUP_M"] = group
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+_SUM_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)]
+_SUM_INTERPRET = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)
+
+
+@functools.cache
+def _configs(kind: str, dtype: torch.dtype):
+    """(GPU configurations, autotune key, interpreter configuration) of kernel ``kind``.
+
+    ``launch`` caches one autotuner per (kernel, key): the key's order differs per dtype group
+    so that each group gets its own autotuner over its own configuration list.
+    """
+    if dtype == torch.float64:
+        tiles, key = _TILES_64, ("M", "N", "K")  # one config: launched without autotuning
+    elif dtype == torch.float32:
+        tiles, key = _TILES_32, ("K", "N", "M")
+    else:
+        tiles, key = (_TILES_16 if kind == "fwd" else _TILES_16_BWD), ("M", "N", "K")
+    configs = [_cfg(kind, t) for t in tiles]
+    return configs, key, _cfg(kind, _INTERPRET_TILE, group=2)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
+    """How many M-slices the dW/db reduction is split into (1 = no workspace).
+
+    Splits only when the dW grid (at a nominal tile size) leaves SMs idle and M is long.
+    Under the interpreter a nominal 16x16 tile and 4 "SMs" exercise the split path in tests.
+    """
+    if device.type == "cuda":
+        sms, tile, rows = _sm_count(device.index or 0), 128, 512
+    else:
+        sms, tile, rows = 4, 16, 32
+    tiles = max(1, triton.cdiv(N, tile) * triton.cdiv(K, tile))
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), triton.cdiv(M, rows), 32))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    negative_slope: float,
+    out_shape: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y = act(x @ weight^T + bias)`` for a 2-D ``x [M, K]`` (any strides).
+
+    Returns ``(y, z)``: ``y [M, N]`` contiguous in x's dtype (allocated directly with shape
+    ``out_shape`` when given, e.g. ``[..., N]``, so that it is not a view); ``z`` the
+    pre-activation (same shape and dtype) when ``saves_preactivation(activation,
+    negative_slope)``, else None.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    save_z = saves_preactivation(activation, negative_slope)
+    y = torch.empty(out_shape or (M, N), device=x.device, dtype=x.dtype)
+    z = torch.empty_like(y) if save_z else None
+    if M == 0 or N == 0:
+        return y, z
+    configs, key, interpret_config = _configs("fwd", x.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    with on_device(x):
+        launch(
+            _linear_fwd_kernel,
+            grid,
+            configs=configs,
+            key=key,
+            interpret_config=interpret_config,
+            x_ptr=x,
+            w_ptr=weight,
+            b_ptr=bias if bias is not None else y,
+            y_ptr=y,
+            z_ptr=z if save_z else y,
+            M=M,
+            N=N,
+            K=K,
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            stride_wn=weight.stride(0),
+            stride_wk=weight.stride(1),
+            stride_b=bias.stride(0) if bias is not None else 0,
+            negative_slope=float(negative_slope),
+            HAS_BIAS=bias is not None,
+            ACTIVATION=activation,
+            SAVE_Z=save_z,
+            FP64=x.dtype == torch.float64,
+            DOT_PRECISION=dot_precision(x.dtype),
+        )
+    return y, z
+
+
+def linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    saved: torch.Tensor | None,
+    activation: str,
+    negative_slope: float,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    dx_shape: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``y = act(x @ weight^T + b)`` for 2-D ``grad_y [M, N]`` and ``x [M, K]``.
+
+    ``saved``: the output y or the pre-activation z (see ``saves_output`` /
+    ``saves_preactivation``), ``[M, N]`` any strides, None for no activation.
+    Returns ``(dx [M, K] contiguous (allocated with shape ``dx_shape`` when given), dw [N, K]
+    contiguous, db [N])``, each None when not needed; all in x's dtype. No float atomics: results are deterministic.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    dtype = x.dtype
+    dx = dw = db = None
+    if activation == "none":
+        saved = grad_y  # never read; any tensor will do as the pointer
+    prec = dot_precision(dtype)
+    fp64 = dtype == torch.float64
+    if need_dx:
+        dx = torch.empty(dx_shape or (M, K), device=x.device, dtype=dtype)
+        if M and K:
+            if N == 0:
+                dx.zero_()
+            else:
+                grid = lambda meta: (
+                    triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),
+                )
+                configs, key, interpret_config = _configs("dx", dtype)
+                with on_device(x):
+                    launch(
+                        _linear_dx_kernel,
+                        grid,
+                        configs=configs,
+                        key=key,
+                        interpret_config=interpret_config,
+                        dy_ptr=grad_y,
+                        t_ptr=saved,
+                        w_ptr=weight,
+                        dx_ptr=dx,
+                        M=M,
+                        N=N,
+                        K=K,
+                        stride_dym=grad_y.stride(0),
+                        stride_dyn=grad_y.stride(1),
+                        stride_tm=saved.stride(0),
+                        stride_tn=saved.stride(1),
+                        stride_wn=weight.stride(0),
+                        stride_wk=weight.stride(1),
+                        negative_slope=float(negative_slope),
+                        ACTIVATION=activation,
+                        FP64=fp64,
+                        DOT_PRECISION=prec,
+                    )
+    if not (need_dw or need_db):
+        return dx, dw, db
+    if need_dw:
+        dw = torch.empty((N, K), device=x.device, dtype=dtype)
+    if need_db:
+        db = torch.empty((N,), device=x.device, dtype=dtype)
+    if N == 0:
+        return dx, dw, db
+    if M == 0:  # nothing to reduce: zero gradients, as torch
+        if dw is not None:
+            dw.zero_()
+        if db is not None:
+            db.zero_()
+        return dx, dw, db
+    compute_dw = need_dw and K > 0
+    if not (compute_dw or need_db):
+        return dx, dw, db
+    split = dw_split(M, N, K, x.device)
+    nk, nb = (N * K if compute_dw else 0), (N if need_db else 0)
+    if split > 1:
+        ws = torch.empty(
+            (split, nk + nb), device=x.device, dtype=torch.float64 if fp64 else torch.float32
+        )
+        dw_out, db_out, split_stride = ws, ws[:, nk:], nk + nb
+    else:
+        dw_out = dw if dw is not None else dx if dx is not None else x
+        db_out = db if db is not None else dw_out
+        split_stride = 0
+
+    def grid(meta):
+        tiles = triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"])
+        return (
+            (tiles if compute_dw else 0) + (triton.cdiv(N, meta["BLOCK_N"]) if need_db else 0),
+            split,
+        )
+
+    configs, key, interpret_config = _configs("dw", dtype)
+    with on_device(x):
+        launch(
+            _linear_dw_kernel,
+            grid,
+            configs=configs,
+            key=key,
+            interpret_config=interpret_config,
+            dy_ptr=grad_y,
+            t_ptr=saved,
+            x_ptr=x,
+            dw_ptr=dw_out,
+            db_ptr=db_out,
+            M=M,
+            N=N,
+            K=K,
+            stride_dym=grad_y.stride(0),
+            stride_dyn=grad_y.stride(1),
+            stride_tm=saved.stride(0),
+            stride_tn=saved.stride(1),
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+            split_stride=split_stride,
+            negative_slope=float(negative_slope),
+            SPLIT=split,
+            COMPUTE_DB=need_db,
+            ACTIVATION=activation,
+            FP64=fp64,
+            DOT_PRECISION=prec,
+        )
+        if split > 1:
+            launch(
+                _sum_splits_kernel,
+                lambda meta: (triton.cdiv(nk + nb, meta["BLOCK"]),),
+                configs=_SUM_CONFIGS,
+                interpret_config=_SUM_INTERPRET,
+                ws_ptr=ws,
+                dw_ptr=dw if dw is not None else ws,
+                db_ptr=db if db is not None else ws,
+                NK=nk,
+                NB=nb,
+                SPLIT=split,
+            )
+    return dx, dw, db
+
+
+__all__ = [
+    "KERNEL_ACTIVATIONS",
+    "dw_split",
+    "linear_backward",
+    "linear_forward",
+    "saves_output",
+    "saves_preactivation",
+]

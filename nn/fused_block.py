@@ -1,0 +1,230 @@
+"""``FusedSequential``: a ``torch.nn.Sequential`` that runs fusable layer patterns as one block.
+
+Children, their order, their names and so the ``state_dict`` keys are exactly the
+Sequential's: the fusion happens in ``forward``, which recognises, at run time, two patterns of
+fusedmlp modules (exact types) and calls the fused ops of ``fusedmlp.autograd.fused_block`` with
+the children's own parameters and buffers:
+
+    BatchNorm1d, [ReLU | LeakyReLU | Sigmoid | Tanh | GELU | SiLU | Identity], [Dropout]
+        -> ``bn_act_dropout``: normalise + affine + activation + dropout in one pass after the
+           batch statistics (at least one of the two optional modules present; the preceding
+           Linear runs as usual). Needs BatchNorm1d in training mode and a 2-D input.
+    Linear(activation=A), Identity..., Dropout      (or Linear(activation=None), <act module>,
+    Dropout)
+        -> the Linear without activation, then ``act_dropout``: activation + dropout in one
+           pass whose backward keeps the output instead of the pre-activation.
+
+The fused path is taken only when it cannot change what anyone observes: the Triton path is
+active for the tensors involved (``fusedmlp.backend.use_triton``), the modules are in training
+mode (a Dropout in eval mode simply drops out of the block), no module of the pattern has hooks
+and no global module hooks are registered. Otherwise the children run one after the other, as
+in ``torch.nn.Sequential``. Results equal the unfused fusedmlp chain (same dropout mask under
+the same ``torch.manual_seed``) to floating-point tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules import module as _module
+
+from ..autograd.fused_block import act_dropout, bn_act_dropout
+from ..autograd.linear import linear as _linear
+from ..backend import use_triton
+from .batchnorm import BatchNorm1d
+from .dropout import Dropout
+from .linear import Linear
+
+_MODULE_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+)
+
+
+def activation_of(m: torch.nn.Module) -> tuple[str | None, float] | None:
+    """(activation name or None for Identity, negative_slope) of an activation module that a
+    fused block can absorb; None when ``m`` is not one (exact types only)."""
+    t = type(m)
+    if t is torch.nn.Identity:
+        return None, 0.01
+    if t is torch.nn.ReLU:
+        return "relu", 0.01
+    if t is torch.nn.LeakyReLU:
+        return "leaky_relu", float(m.negative_slope)
+    if t is torch.nn.Sigmoid:
+        return "sigmoid", 0.01
+    if t is torch.nn.Tanh:
+        return "tanh", 0.01
+    if t is torch.nn.GELU and m.approximate == "none":
+        return "gelu", 0.01
+    if t is torch.nn.SiLU:
+        return "silu", 0.01
+    return None
+
+
+def _hooked(mods) -> bool:
+    if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
+        return True
+    return any(getattr(m, name, None) for m in mods for name in _MODULE_HOOKS)
+
+
+def _match_bn(mods: list, i: int):
+    """``(end, bn, activation, slope, dropout)`` of a BatchNorm block starting at ``i``."""
+    bn = mods[i]
+    if type(bn) is not BatchNorm1d or not bn.training:
+        return None
+    j = i + 1
+    act, slope = None, 0.01
+    if j < len(mods) and activation_of(mods[j]) is not None:
+        act, slope = activation_of(mods[j])
+        j += 1
+    drop = None
+    if j < len(mods) and type(mods[j]) is Dropout:
+        drop = mods[j]
+        j += 1
+    dropping = drop is not None and drop.training and drop.p > 0.0
+    if act is None and not dropping:
+        return None  # BatchNorm alone: nothing to fuse
+    return j, bn, act, slope, drop
+
+
+def _match_linear(mods: list, i: int):
+    """``(end, linear, activation, slope, dropout)`` of a Linear -> act -> Dropout block."""
+    lin = mods[i]
+    if type(lin) is not Linear:
+        return None
+    act, slope = lin.activation, lin.negative_slope
+    j = i + 1
+    while j < len(mods) and type(mods[j]) is torch.nn.Identity:
+        j += 1
+    if act is None and j < len(mods) and activation_of(mods[j]) is not None:
+        act, slope = activation_of(mods[j])
+        j += 1
+        while j < len(mods) and type(mods[j]) is torch.nn.Identity:
+            j += 1
+    if j >= len(mods) or type(mods[j]) is not Dropout:
+        return None
+    drop = mods[j]
+    if not drop.training or drop.p == 0.0:
+        return None  # the Dropout is the identity: nothing to fuse
+    return j + 1, lin, act, slope, drop
+
+
+def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop) -> Tensor | None:
+    if input.dim() != 2 or input.numel() == 0:
+        return None
+    params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if not use_triton(input, *params):
+        return None
+    bn._check_input_dim(input)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    cumulative = None
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            cumulative = bn.num_batches_tracked
+    track = bn.track_running_stats
+    p = drop.p if drop is not None and drop.training else 0.0
+    return bn_act_dropout(
+        input,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        bn.weight,
+        bn.bias,
+        momentum,
+        bn.eps,
+        act,
+        slope,
+        p,
+        cumulative,
+    )
+
+
+def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | None:
+    if not isinstance(input, Tensor) or not use_triton(input, lin.weight, lin.bias):
+        return None
+    z = _linear(input, lin.weight, lin.bias, None)
+    return act_dropout(z, act, slope, drop.p)
+
+
+def fusable(seq: torch.nn.Module) -> bool:
+    """Whether ``seq``'s children contain a pattern that ``FusedSequential`` fuses in training
+    mode (BatchNorm1d followed by an activation and/or a Dropout; Linear -> act -> Dropout)."""
+    mods = list(seq._modules.values())
+
+    def skip_identity(j):
+        while j < len(mods) and type(mods[j]) is torch.nn.Identity:
+            j += 1
+        return j
+
+    def is_act(j):
+        return j < len(mods) and activation_of(mods[j]) not in (None, (None, 0.01))
+
+    def is_dropout(j):
+        return j < len(mods) and type(mods[j]) is Dropout
+
+    for i, m in enumerate(mods):
+        if type(m) is BatchNorm1d:
+            if is_act(i + 1) or is_dropout(i + 1) or is_dropout(skip_identity(i + 1)):
+                return True
+        if type(m) is Linear:
+            j = skip_identity(i + 1)
+            if m.activation is None and is_act(j):
+                j = skip_identity(j + 1)
+            if is_dropout(j):
+                return True
+    return False
+
+
+class FusedSequential(torch.nn.Sequential):
+    """``torch.nn.Sequential`` whose ``forward`` fuses BatchNorm1d -> act -> Dropout and
+    Linear -> act -> Dropout blocks on the Triton path (see the module docstring).
+
+    Same constructor, children, indexing and ``state_dict`` keys as ``torch.nn.Sequential``.
+    """
+
+    def forward(self, input):
+        mods = list(self._modules.values())
+        n = len(mods)
+        i = 0
+        while i < n:
+            m = mods[i]
+            out = None
+            if type(m) is BatchNorm1d or type(m) is Linear:
+                match = _match_bn(mods, i) if type(m) is BatchNorm1d else _match_linear(mods, i)
+                if match is not None and isinstance(input, Tensor):
+                    end, first, act, slope, drop = match
+                    if not _hooked(mods[i:end]):
+                        run = _run_bn_block if type(m) is BatchNorm1d else _run_linear_block
+                        out = run(input, first, act, slope, drop)
+                        if out is not None:
+                            input = out
+                            i = end
+                            continue
+            input = m(input)
+            i += 1
+        return input
+
+
+def fuse_sequential(seq: torch.nn.Sequential) -> torch.nn.Sequential:
+    """Turn a plain ``torch.nn.Sequential`` (exact type) with a fusable pattern into a
+    ``FusedSequential`` in place (class swap: same object, children, Parameters and keys).
+    Other modules are returned unchanged."""
+    if type(seq) is torch.nn.Sequential and fusable(seq):
+        seq.__class__ = FusedSequential
+    return seq
+
+
+__all__ = ["FusedSequential", "activation_of", "fusable", "fuse_sequential"]

@@ -1,0 +1,422 @@
+"""Cross-layer fusion: BatchNorm1d -> act -> Dropout and Linear -> act -> Dropout blocks.
+
+References: torch's own unfused chain (p = 0: dropout is the identity, so everything must equal
+torch), and for p > 0 the unfused fusedmlp chain (same modules run one by one), which draws the
+same seed at the same point, so the fused block must reproduce its mask exactly.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close
+
+import fusedmlp
+from fusedmlp.autograd.fused_block import (
+    ActDropoutFunction,
+    BNActDropoutFunction,
+    act_dropout,
+    bn_act_dropout,
+)
+from fusedmlp.nn import MLP, BatchNorm1d, Dropout, Linear, convert
+from fusedmlp.nn.fused_block import FusedSequential
+
+TORCH_ACTS = {
+    "relu": torch.nn.ReLU,
+    "leaky_relu": lambda: torch.nn.LeakyReLU(-0.1),
+    "sigmoid": torch.nn.Sigmoid,
+    "tanh": torch.nn.Tanh,
+    "gelu": torch.nn.GELU,
+    "silu": torch.nn.SiLU,
+    None: torch.nn.Identity,
+}
+
+
+def _bn_block(n_in, c, act, p, dtype=torch.float32, lib="fusedmlp"):
+    """[Linear, BatchNorm1d, act, Dropout] with non-trivial BN affine parameters."""
+    torch.manual_seed(0)
+    if lib == "fusedmlp":
+        mods = [Linear(n_in, c), BatchNorm1d(c), TORCH_ACTS[act](), Dropout(p)]
+    else:
+        mods = [
+            torch.nn.Linear(n_in, c),
+            torch.nn.BatchNorm1d(c),
+            TORCH_ACTS[act](),
+            torch.nn.Dropout(p),
+        ]
+    seq = FusedSequential(*mods) if lib == "fusedmlp" else torch.nn.Sequential(*mods)
+    with torch.no_grad():
+        seq[1].weight.uniform_(0.5, 1.5)
+        seq[1].bias.uniform_(-0.5, 0.5)
+    return seq.to(device=DEVICE, dtype=dtype)
+
+
+def _params(seq):
+    return [seq[0].weight, seq[0].bias, seq[1].weight, seq[1].bias]
+
+
+def _run(seq, x, seed, grad_seed=1):
+    """Forward with ``torch.manual_seed(seed)`` and backward of a fixed random cotangent."""
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = seq(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
+    grads = torch.autograd.grad(out, [x, *[p for p in seq.parameters()]], g)
+    return out, grads
+
+
+def _unfused(seq):
+    """The same modules (deep copies) run one after the other."""
+    return torch.nn.Sequential(*copy.deepcopy(list(seq)))
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm1d -> act -> Dropout
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, c, act",
+    [(7, 13, "relu"), (33, 8, "tanh"), (9, 12, "leaky_relu"), (6, 5, "gelu"), (8, 4, "sigmoid")],
+)
+def test_bn_block_p0_equals_torch_chain(backend, launches, n, c, act):
+    fused = _bn_block(5, c, act, 0.0)
+    ref = _bn_block(5, c, act, 0.0, lib="torch")
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(n, 5, device=DEVICE)
+    out, grads = _run(fused, x, 3)
+    launched = dict(launches)
+    out_ref, grads_ref = _run(ref, x, 3)
+    assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, scale=4)
+    assert_close(fused[1].running_mean, ref[1].running_mean)
+    assert_close(fused[1].running_var, ref[1].running_var)
+    assert int(fused[1].num_batches_tracked) == int(ref[1].num_batches_tracked) == 1
+    if backend == "triton":
+        assert launched["_fused_fwd_kernel"] == 1
+        assert launched["_fused_bwd_reduce_kernel"] == 1
+        assert launched["_fused_bwd_dx_kernel"] == 1
+        assert "_bn_forward_kernel" not in launched and "_dropout_kernel" not in launched
+    else:
+        assert launches.total == 0
+
+
+@pytest.mark.parametrize("n, c, act", [(9, 13, "relu"), (16, 8, "silu"), (5, 7, None)])
+def test_bn_block_dropout_equals_unfused_fusedmlp_chain(triton_backend, launches, n, c, act):
+    p = 0.4
+    fused = _bn_block(6, c, act, p)
+    unfused = _unfused(fused)
+    x = torch.randn(n, 6, device=DEVICE)
+    out, grads = _run(fused, x, 11)
+    n_fused = launches.total
+    assert launches["_fused_fwd_kernel"] == 1 and launches["_fused_bwd_dx_kernel"] == 1
+    launches.clear()
+    out_ref, grads_ref = _run(unfused, x, 11)
+    assert launches["_dropout_kernel"] == 2 and "_fused_fwd_kernel" not in launches
+    assert n_fused < launches.total  # 7 launches + Linear's instead of 9 + Linear's
+    # the same seed, the same Philox stream: the same mask
+    assert torch.equal(out == 0, out_ref == 0)
+    assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, scale=4)
+    assert_close(fused[1].running_mean, unfused[1].running_mean)
+    assert_close(fused[1].running_var, unfused[1].running_var)
+    # dropout semantics (the lecture's check): each element is 0 or act(bn(x)) / (1 - p)
+    with torch.no_grad():
+        pre = fused[2](
+            torch.nn.functional.batch_norm(
+                fused[0](x), None, None, fused[1].weight, fused[1].bias, True, 0.0, fused[1].eps
+            )
+        )
+    kept = out != 0
+    assert 0 < kept.sum() < kept.numel()
+    assert_close(out[kept], pre[kept] / (1 - p))
+
+
+def test_bn_block_mask_rate_and_successive_calls_differ(triton_backend):
+    x = torch.randn(64, 32, device=DEVICE)
+    w = torch.ones(32, device=DEVICE)
+    b = torch.full((32,), 10.0, device=DEVICE)  # act(bn(x)) > 0 everywhere: zeros = drops
+    a = bn_act_dropout(x, None, None, w, b, activation="relu", p=0.25)
+    c = bn_act_dropout(x, None, None, w, b, activation="relu", p=0.25)
+    rate = (a == 0).float().mean().item()
+    assert 0.18 < rate < 0.32
+    assert not torch.equal(a == 0, c == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bn_block_half_precision(triton_backend, dtype):
+    fused = _bn_block(6, 12, "relu", 0.3)
+    fused[0].to(dtype)  # fp16/bf16 activations, fp32 BN parameters (as torch allows)
+    unfused = _unfused(fused)
+    x = torch.randn(10, 6, device=DEVICE, dtype=dtype)
+    out, grads = _run(fused, x, 5)
+    out_ref, grads_ref = _run(unfused, x, 5)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, scale=2)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == g_ref.dtype
+        assert_close(g.float(), g_ref.float(), dtype=dtype, scale=4)
+
+
+def test_bn_block_strided_input_and_momentum_none(triton_backend, launches):
+    base = torch.randn(11, 26, device=DEVICE)
+    x = base[:, ::2]  # non-contiguous [11, 13]
+    bn = BatchNorm1d(13, momentum=None).to(DEVICE)
+    ref_bn = copy.deepcopy(bn)
+    for _ in range(2):
+        torch.manual_seed(4)
+        out = FusedSequential(bn, torch.nn.Tanh(), Dropout(0.2))(x)
+        torch.manual_seed(4)
+        ref = torch.nn.Sequential(ref_bn, torch.nn.Tanh(), Dropout(0.2))(x)
+    assert launches["_fused_fwd_kernel"] == 2
+    assert_close(out, ref)
+    assert_close(bn.running_mean, ref_bn.running_mean)
+    assert_close(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_bn_block_saves_less_than_unfused(triton_backend):
+    fused = _bn_block(6, 16, "relu", 0.5)
+    unfused = _unfused(fused)
+    x = torch.randn(32, 6, device=DEVICE)
+
+    def saved_bytes(seq):
+        storages = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(0)
+            seq(x.requires_grad_(True))
+        return sum(storages.values())
+
+    # unfused keeps the BN input, the activation output and the dropout seed; fused keeps only
+    # the BN input (pre-activation recomputed), the statistics, BN's bias and the seed
+    assert saved_bytes(fused) <= saved_bytes(unfused) - 32 * 16 * 4 + 16 * 4
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_bn_block_gradcheck_float64(triton_backend, p):
+    x = torch.randn(5, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, device=DEVICE).add_(0.5).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE) if p else None
+
+    def f(x, w, b):
+        return BNActDropoutFunction.apply(x, w, b, seed, 1e-5, p, "tanh", 0.01)[0]
+
+    assert (f(x, w, b) == 0).any() == (p > 0)  # the mask does drop something
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5)
+
+
+def test_bn_block_torch_backend_is_torch(launches):
+    x = torch.randn(8, 6, device=DEVICE)
+    rm, rv = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
+    with fusedmlp.use_backend("torch"):
+        out = bn_act_dropout(x, rm, rv, None, None, 0.1, 1e-5, "relu", p=0.0)
+    ref_rm, ref_rv = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
+    ref = torch.relu(torch.nn.functional.batch_norm(x, ref_rm, ref_rv, None, None, True))
+    assert launches.total == 0
+    assert_close(out, ref)
+    assert_close(rv, ref_rv)
+
+
+def test_bn_block_bad_inputs_raise_before_launch(triton_backend, launches):
+    x = torch.randn(4, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        bn_act_dropout(x, None, None, p=1.5)
+    with pytest.raises(ValueError, match="unknown activation"):
+        bn_act_dropout(x, None, None, activation="softplus")
+    with pytest.raises(ValueError, match="2-D"):
+        bn_act_dropout(x[None], None, None)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_act_dropout(x[:1], None, None)
+    with pytest.raises(RuntimeError, match="weight should contain 6 elements not 5"):
+        bn_act_dropout(x, None, None, torch.ones(5, device=DEVICE))
+    assert launches.total == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear -> act -> Dropout
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act, c", [("relu", 12), ("sigmoid", 7), ("gelu", 9)])
+def test_linear_block_equals_unfused_fusedmlp_chain(triton_backend, launches, act, c):
+    p = 0.3
+    torch.manual_seed(0)
+    fused = FusedSequential(Linear(5, c, activation=act), torch.nn.Identity(), Dropout(p))
+    fused = fused.to(DEVICE)
+    unfused = _unfused(fused)
+    x = torch.randn(3, 4, 5, device=DEVICE)  # [..., in]: the mask follows the logical index
+    out, grads = _run(fused, x, 21)
+    assert launches["_fused_fwd_kernel"] == 1
+    assert launches["_fused_bwd_elementwise_kernel"] == 1
+    n_fused = launches.total
+    launches.clear()
+    out_ref, grads_ref = _run(unfused, x, 21)
+    assert "_fused_fwd_kernel" not in launches and n_fused <= launches.total
+    assert torch.equal(out == 0, out_ref == 0)
+    assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, scale=4)
+    # dropout semantics against torch's own Linear + activation
+    with torch.no_grad():
+        pre = TORCH_ACTS[act]()(torch.nn.functional.linear(x, fused[0].weight, fused[0].bias))
+    kept = out != 0
+    assert 0 < kept.sum() < kept.numel()
+    assert_close(out[kept], pre[kept] / (1 - p))
+
+
+def test_linear_block_saves_output_not_preactivation(triton_backend):
+    """Linear(relu) -> Dropout -> Linear: fused, the head's saved input IS the block's saved
+    output; unfused, the Linear's activation output is kept besides it."""
+    torch.manual_seed(0)
+    fused = FusedSequential(
+        Linear(6, 16, activation="relu"), torch.nn.Identity(), Dropout(0.5), Linear(16, 3)
+    )
+    fused = fused.to(DEVICE)
+    unfused = _unfused(fused)
+    x = torch.randn(8, 6, device=DEVICE)
+
+    def saved_bytes(seq):
+        storages = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(0)
+            seq(x.requires_grad_(True))
+        return sum(storages.values())
+
+    assert saved_bytes(fused) <= saved_bytes(unfused) - 8 * 16 * 4
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "silu"])
+def test_act_dropout_gradcheck_float64(triton_backend, act):
+    z = torch.randn(2, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=DEVICE)
+    assert (ActDropoutFunction.apply(z, seed, 0.3, act, 0.01) == 0).any()
+    assert torch.autograd.gradcheck(
+        lambda z: ActDropoutFunction.apply(z, seed, 0.3, act, 0.01), (z,), eps=1e-6, atol=1e-5
+    )
+
+
+def test_act_dropout_p1_and_torch_backend(launches):
+    z = torch.randn(4, 5, device=DEVICE)
+    with fusedmlp.use_backend("triton"):
+        assert torch.equal(act_dropout(z, "relu", p=1.0), torch.zeros_like(z))
+    launches.clear()
+    with fusedmlp.use_backend("torch"):
+        assert_close(act_dropout(z, "tanh", p=0.0), torch.tanh(z))
+    assert launches.total == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# FusedSequential: fallbacks; MLP and convert produce fused blocks, keys unchanged
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fused_sequential_falls_back_in_eval_with_hooks_and_on_torch(launches):
+    seq = _bn_block(5, 8, "relu", 0.2)
+    x = torch.randn(6, 5, device=DEVICE)
+    with fusedmlp.use_backend("triton"):
+        seq.eval()
+        seq(x)
+        assert "_fused_fwd_kernel" not in launches and "_bn_forward_kernel" in launches
+        seq.train()
+        calls = []
+        handle = seq[2].register_forward_hook(lambda m, i, o: calls.append(o))
+        launches.clear()
+        seq(x)
+        assert calls and "_fused_fwd_kernel" not in launches  # the hook saw the activation
+        handle.remove()
+        launches.clear()
+        seq(x)
+        assert launches["_fused_fwd_kernel"] == 1
+    launches.clear()
+    with fusedmlp.use_backend("torch"):
+        seq(x)
+    assert launches.total == 0
+
+
+def test_mlp_uses_fused_blocks_with_unchanged_keys(launches):
+    torch.manual_seed(0)
+    model = MLP(6, [16, 8], 3, batchnorm=True, dropout=0.2).to(DEVICE)
+    assert isinstance(model.layers, FusedSequential)
+    keys = list(model.state_dict())
+    assert keys == list(model.to_torch().state_dict())
+    unfused = copy.deepcopy(model)
+    unfused.layers = torch.nn.Sequential(*unfused.layers)
+    assert list(unfused.state_dict()) == keys
+    x = torch.randn(10, 6, device=DEVICE)
+    with fusedmlp.use_backend("triton"):
+        torch.manual_seed(2)
+        out = model(x)
+        assert launches["_fused_fwd_kernel"] == 2
+        torch.manual_seed(2)
+        out_ref = unfused(x)
+    assert_close(out, out_ref)
+    # without BatchNorm: Linear(relu) -> Identity -> Dropout blocks
+    plain = MLP(6, 16, 3, dropout=0.2).to(DEVICE)
+    launches.clear()
+    with fusedmlp.use_backend("triton"):
+        plain(x).sum().backward()
+    assert launches["_fused_fwd_kernel"] == 1
+    assert launches["_fused_bwd_elementwise_kernel"] == 1
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_convert_produces_fused_blocks(launches, inplace):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 12),
+        torch.nn.BatchNorm1d(12),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.25),
+        torch.nn.Linear(12, 8),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.25),
+        torch.nn.Linear(8, 3),
+    ).to(DEVICE)
+    keys = list(model.state_dict())
+    params = list(model.parameters())
+    twin = copy.deepcopy(model)
+    conv = convert(model, inplace=inplace)
+    assert type(conv) is FusedSequential and isinstance(conv, torch.nn.Sequential)
+    assert (conv is model) == inplace
+    assert list(conv.state_dict()) == keys
+    assert all(a is b for a, b in zip(conv.parameters(), params)) == inplace
+    assert [type(m) for m in conv] == [
+        Linear,
+        BatchNorm1d,
+        torch.nn.ReLU,
+        Dropout,
+        Linear,
+        torch.nn.Identity,
+        Dropout,
+        Linear,
+    ]
+    x = torch.randn(9, 6, device=DEVICE)
+    unfused = torch.nn.Sequential(*copy.deepcopy(list(conv)))
+    with fusedmlp.use_backend("triton"):
+        torch.manual_seed(7)
+        out = conv(x)
+        assert launches["_fused_fwd_kernel"] == 2  # one per block
+        torch.manual_seed(7)
+        out_ref = unfused(x)
+    assert_close(out, out_ref)
+    # eval (dropout is the identity, running statistics): equal to torch's own model
+    twin.load_state_dict(conv.state_dict())
+    twin.eval()
+    conv.eval()
+    with fusedmlp.use_backend("triton"):
+        assert_close(conv(x), twin(x))

@@ -1,0 +1,433 @@
+"""Fused linear + bias + activation against ``torch.nn.Linear`` followed by torch's activation.
+
+The Triton path runs under the interpreter on CPU (16x16x16 tiles), so the shapes are small
+but cross several tiles, ragged edges, the split-M dW reduction and the grouped tile order.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, assert_close
+
+from fusedmlp.autograd.linear import ACTIVATIONS, apply_activation_torch
+from fusedmlp.functional import linear
+from fusedmlp.nn import Linear, LinearReLU
+
+FWD, DX, DW, SUM = (
+    "_linear_fwd_kernel",
+    "_linear_dx_kernel",
+    "_linear_dw_kernel",
+    "_sum_splits_kernel",
+)
+
+TORCH_ACT = {
+    None: lambda z, s: z,
+    "relu": lambda z, s: torch.relu(z),
+    "leaky_relu": lambda z, s: F.leaky_relu(z, s),
+    "sigmoid": lambda z, s: torch.sigmoid(z),
+    "tanh": lambda z, s: torch.tanh(z),
+    "gelu": lambda z, s: F.gelu(z),
+    "silu": lambda z, s: F.silu(z),
+}
+# (activation, negative_slope): negative slopes save the pre-activation, >= 0 the output.
+ACT_CASES = [(a, 0.01) for a in ACTIVATIONS] + [("leaky_relu", -0.3), ("leaky_relu", 0.0)]
+ACT_IDS = [f"{a}{'' if s == 0.01 else s}" for a, s in ACT_CASES]
+
+
+def _t(*shape, dtype=torch.float32, gen=None, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _reference(x, w, b, act, slope, gy):
+    """torch.nn.Linear + torch's activation, forward and the three gradients (same dtype)."""
+    x, w = _leaf(x), _leaf(w)
+    b = _leaf(b) if b is not None else None
+    with warnings.catch_warnings():  # "Initializing zero-element tensors is a no-op"
+        warnings.simplefilter("ignore", UserWarning)
+        lin = torch.nn.Linear(
+            w.shape[1], w.shape[0], bias=b is not None, device=DEVICE, dtype=w.dtype
+        )
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    y = TORCH_ACT[act](lin(x), slope)
+    y.backward(gy)
+    return y.detach(), x.grad, lin.weight.grad, (lin.bias.grad if b is not None else None)
+
+
+def _ours(x, w, b, act, slope, gy):
+    x, w = _leaf(x), _leaf(w)
+    b = _leaf(b) if b is not None else None
+    y = linear(x, w, b, act, slope)
+    y.backward(gy)
+    return y.detach(), x.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _check(ours, ref, dtype, scale=1.0):
+    names = ("y", "dx", "dw", "db")
+    for name, a, e in zip(names, ours, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        # gradients sum over rows: widen by the magnitude of what they reduce
+        assert_close(a, e, dtype=dtype, scale=scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _expect(launches, backend, dw_split=1):
+    if backend == "torch":
+        assert launches.total == 0, dict(launches)
+    else:
+        assert launches[FWD] == 1 and launches[DX] == 1 and launches[DW] == 1, dict(launches)
+        assert launches[SUM] == (1 if dw_split > 1 else 0), dict(launches)
+
+
+# ----------------------------------------------------------------------------- every activation
+
+
+@pytest.mark.parametrize("act,slope", ACT_CASES, ids=ACT_IDS)
+def test_every_activation_matches_torch(backend, launches, act, slope):
+    g = torch.Generator().manual_seed(0)
+    x = _t(3, 11, 33, gen=g)  # M = 33, K = 33: three row tiles, three K steps
+    w = _t(17, 33, gen=g, scale=0.2)
+    b = _t(17, gen=g)
+    gy = _t(3, 11, 17, gen=g)
+    ours = _ours(x, w, b, act, slope, gy)
+    _expect(launches, backend)
+    _check(ours, _reference(x, w, b, act, slope, gy), torch.float32)
+
+
+def test_activation_names_and_torch_fallback_helper():
+    assert ACTIVATIONS == (None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+    z = torch.linspace(-4, 4, 17)
+    for act, slope in ACT_CASES:
+        torch.testing.assert_close(
+            apply_activation_torch(z, act, slope), TORCH_ACT[act](z, slope), rtol=0, atol=0
+        )
+    with pytest.raises(ValueError, match="swish"):
+        apply_activation_torch(z, "swish", 0.01)
+
+
+# ------------------------------------------------------------------------- shapes, bias, strides
+
+
+@pytest.mark.parametrize(
+    "lead,k,n",
+    [
+        ((1,), 1, 1),
+        ((7,), 1, 7),
+        ((1,), 7, 1),
+        ((65,), 7, 5),  # a 1-tile dW grid: split-M reduction + second stage
+        ((2, 3, 5), 17, 19),  # 4-D input
+        ((), 9, 3),  # 1-D input, as torch.nn.Linear allows
+    ],
+    ids=["1x1x1", "7x1x7", "1x7x1", "65x7x5-split", "4d", "1d"],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_shapes_and_bias(triton_backend, launches, lead, k, n, bias):
+    from fusedmlp.kernels.linear import dw_split
+
+    g = torch.Generator().manual_seed(1)
+    x = _t(*lead, k, gen=g)
+    w = _t(n, k, gen=g)
+    b = _t(n, gen=g) if bias else None
+    gy = _t(*lead, n, gen=g)
+    ours = _ours(x, w, b, "tanh", 0.01, gy)
+    m = x.numel() // k
+    _expect(launches, "triton", dw_split(m, n, k, torch.device(DEVICE)))
+    _check(ours, _reference(x, w, b, "tanh", 0.01, gy), torch.float32)
+
+
+def test_split_reduction_is_deterministic_and_matches_unsplit(
+    triton_backend, launches, monkeypatch
+):
+    from fusedmlp.kernels import linear as K
+
+    g = torch.Generator().manual_seed(2)
+    x, w, b, gy = _t(97, 5, gen=g), _t(6, 5, gen=g), _t(6, gen=g), _t(97, 6, gen=g)
+    ref = _reference(x, w, b, "silu", 0.01, gy)
+    results = []
+    for split in (1, 3, 3, 7):
+        monkeypatch.setattr(K, "dw_split", lambda M, N, K_, device, s=split: s)
+        launches.clear()
+        results.append(_ours(x, w, b, "silu", 0.01, gy))
+        assert launches[SUM] == (split > 1), (split, dict(launches))  # the split was taken
+        _check(results[-1], ref, torch.float32)
+    for a, e in zip(results[1], results[2]):  # same split twice: bitwise equal
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 5, 3), (5, 0, 3), (40, 0, 3), (5, 3, 0)])
+def test_empty_dimensions(triton_backend, m, k, n):
+    # empty batch, in_features = 0 (y = act(bias), split db), out_features = 0: as torch
+    g = torch.Generator().manual_seed(13)
+    x, w, b, gy = _t(m, k, gen=g), _t(n, k, gen=g), _t(n, gen=g), _t(m, n, gen=g)
+    _check(
+        _ours(x, w, b, "sigmoid", 0.01, gy),
+        _reference(x, w, b, "sigmoid", 0.01, gy),
+        torch.float32,
+    )
+
+
+def _layout(t, how):
+    """The same values as ``t`` (2-D) in a non-contiguous layout."""
+    if how == "transposed":
+        return t.t().contiguous().t()
+    if how == "sliced":
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1] + 1, device=t.device, dtype=t.dtype)
+        wide[:, 1::2] = t
+        return wide[:, 1::2]
+    if how == "expanded":  # stride-0 rows (as the gradient of a sum)
+        return t[:1].expand_as(t)
+    return t
+
+
+@pytest.mark.parametrize(
+    "x_how,g_how,w_how",
+    [
+        ("transposed", "sliced", "contiguous"),
+        ("sliced", "transposed", "transposed"),
+        ("contiguous", "expanded", "sliced"),
+    ],
+)
+def test_noncontiguous_inputs_and_grad_outputs(backend, launches, x_how, g_how, w_how):
+    g = torch.Generator().manual_seed(3)
+    x = _layout(_t(37, 21, gen=g), x_how)
+    w = _layout(_t(19, 21, gen=g), w_how)
+    b = _t(19, gen=g)
+    gy = _layout(_t(37, 19, gen=g), g_how)
+    assert not x.is_contiguous() or x_how == "contiguous"
+    assert not gy.is_contiguous()
+    ours = _ours(x, w, b, "sigmoid", 0.01, gy)
+    _expect(launches, backend)
+    _check(ours, _reference(x, w, b, "sigmoid", 0.01, gy), torch.float32)
+
+
+def test_3d_input_permuted_batch_dims(triton_backend):
+    # [..., in] whose leading dims cannot be flattened by a view: reshaped (copied) once.
+    g = torch.Generator().manual_seed(4)
+    x = _t(5, 3, 9, gen=g).transpose(0, 1)
+    w, b, gy = _t(4, 9, gen=g), _t(4, gen=g), _t(3, 5, 4, gen=g)
+    _check(_ours(x, w, b, "gelu", 0.01, gy), _reference(x, w, b, "gelu", 0.01, gy), torch.float32)
+
+
+# ------------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize(
+    "dtype,act",
+    [
+        (torch.float16, "relu"),
+        (torch.float16, "gelu"),
+        (torch.bfloat16, "tanh"),
+        (torch.bfloat16, "silu"),
+    ],
+    ids=["fp16-relu", "fp16-gelu", "bf16-tanh", "bf16-silu"],
+)
+def test_half_precision_triton_path(triton_backend, launches, dtype, act):
+    g = torch.Generator().manual_seed(5)
+    x = _t(2, 20, 40, gen=g, dtype=dtype)
+    w = _t(24, 40, gen=g, dtype=dtype, scale=0.15)
+    b = _t(24, gen=g, dtype=dtype)
+    gy = _t(2, 20, 24, gen=g, dtype=dtype)
+    ours = _ours(x, w, b, act, 0.01, gy)
+    _expect(launches, "triton")
+    ref = _reference(x, w, b, act, 0.01, gy)
+    # dw and db sum 40 rows of O(1) terms: one unit of the dtype's tolerance per output is tight
+    # (fp32 accumulation in both; torch and the kernel round dZ identically).
+    _check(ours, ref, dtype, scale=2.0)
+
+
+# ------------------------------------------------------------------------------------ gradcheck
+
+
+@pytest.mark.parametrize("act,slope", ACT_CASES, ids=ACT_IDS)
+def test_gradcheck_float64_triton_path(triton_backend, act, slope):
+    g = torch.Generator().manual_seed(6)
+    x = _t(2, 9, 5, dtype=torch.float64, gen=g).requires_grad_()
+    w = _t(18, 5, dtype=torch.float64, gen=g).requires_grad_()
+    b = _t(18, dtype=torch.float64, gen=g).requires_grad_()
+    f = lambda x, w, b: linear(x, w, b, act, slope)
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
+
+
+def test_gradcheck_float64_split_path_and_full_jacobian(triton_backend, launches):
+    g = torch.Generator().manual_seed(7)
+    x = _t(40, 3, dtype=torch.float64, gen=g).requires_grad_()  # split-M dW (1 tile, 40 rows)
+    w = _t(2, 3, dtype=torch.float64, gen=g).requires_grad_()
+    b = _t(2, dtype=torch.float64, gen=g).requires_grad_()
+    f = lambda x, w, b: linear(x, w, b, "leaky_relu", -0.5)
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
+    assert launches[FWD] > 0 and launches[SUM] > 0, dict(launches)
+    # the full Jacobian (slow mode) on a tiny problem
+    xs, ws, bs = (t[:3].detach().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: linear(x, w, b, "gelu"), (xs, ws[:2], bs))
+
+
+# ---------------------------------------------------------------------- which gradients run
+
+
+def test_only_requested_gradients_are_computed(triton_backend, launches):
+    g = torch.Generator().manual_seed(8)
+    x, w, b, gy = _t(9, 6, gen=g), _t(5, 6, gen=g), _t(5, gen=g), _t(9, 5, gen=g)
+    ref = _reference(x, w, b, "relu", 0.01, gy)
+    # frozen layer, input needs grad: no dW launch
+    xl = _leaf(x)
+    linear(xl, w, b, "relu").backward(gy)
+    assert_close(xl.grad, ref[1])
+    assert launches[DX] == 1 and launches[DW] == 0, dict(launches)
+    # first layer: no dX launch; bias only -> db programs only
+    launches.clear()
+    wl, bl = _leaf(w), _leaf(b)
+    linear(x, wl, bl, "relu").backward(gy)
+    assert_close(wl.grad, ref[2])
+    assert_close(bl.grad, ref[3])
+    assert launches[DX] == 0 and launches[DW] == 1, dict(launches)
+    launches.clear()
+    bl = _leaf(b)
+    linear(x, w, bl, "relu").backward(gy)
+    assert_close(bl.grad, ref[3])
+    assert launches[DX] == 0 and launches[DW] == 1, dict(launches)
+
+
+def test_double_backward_is_a_clear_error(triton_backend):
+    x = torch.randn(4, 3, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 3, device=DEVICE, requires_grad=True)
+    (gx,) = torch.autograd.grad(linear(x, w, None, "tanh").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    # without create_graph the first backward is plain and correct
+    (gx2,) = torch.autograd.grad(linear(x, w, None, "tanh").sum(), x)
+    assert_close(gx2, gx.detach())
+
+
+def test_output_modified_in_place_is_detected(triton_backend):
+    # relu saves its output for backward: an in-place change must not give silent garbage.
+    x = torch.randn(4, 3, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 3, device=DEVICE, requires_grad=True)
+    y = linear(x, w, None, "relu")
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # gelu saves the pre-activation instead: in-place ops on its output are fine (not a view)
+    y = linear(x, w, None, "gelu")
+    y.mul_(2)
+    y.sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    (2 * F.gelu(F.linear(xr, w.detach()))).sum().backward()
+    assert_close(x.grad, xr.grad)
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def test_bad_inputs_raise_before_launch(backend, launches):
+    x = torch.randn(4, 3, device=DEVICE)
+    w = torch.randn(5, 2, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"\(4, 3\).*\(5, 2\)"):
+        linear(x, w)
+    w = torch.randn(5, 3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        linear(x, w.double())
+    with pytest.raises(RuntimeError, match="bias"):
+        linear(x, w, torch.randn(5, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match=r"bias shape \(4,\)"):
+        linear(x, w, torch.randn(4, device=DEVICE))
+    with pytest.raises(RuntimeError, match="same device"):
+        linear(x, w.to("meta"))
+    with pytest.raises(RuntimeError, match="2-D"):
+        linear(x, torch.randn(3, device=DEVICE))
+    with pytest.raises(RuntimeError, match="0-d"):
+        linear(torch.tensor(1.0, device=DEVICE), w)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        linear(x, w, activation="swish")
+    with pytest.raises(TypeError, match="negative_slope"):
+        linear(x, w, activation="leaky_relu", negative_slope="0.1")
+    with pytest.raises(ValueError, match="unknown activation"):
+        Linear(3, 5, activation="Relu")
+    assert launches.total == 0, dict(launches)
+
+
+def test_integer_tensors_rejected_on_triton_path(triton_backend, launches):
+    x = torch.ones(2, 3, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(RuntimeError, match="int32"):
+        linear(x, torch.ones(4, 3, dtype=torch.int32, device=DEVICE))
+    assert launches.total == 0
+
+
+# ---------------------------------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_init_state_dict_and_outputs_match_torch(backend, launches, bias):
+    torch.manual_seed(10)
+    ours = Linear(13, 6, bias=bias, activation="leaky_relu", negative_slope=0.2, device=DEVICE)
+    torch.manual_seed(10)
+    ref = torch.nn.Linear(13, 6, bias=bias, device=DEVICE)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():  # same init, same RNG draws
+        assert torch.equal(ours.state_dict()[k], v), k
+    # load both ways
+    other = torch.nn.Linear(13, 6, bias=bias, device=DEVICE)
+    ours.load_state_dict(other.state_dict())
+    back = torch.nn.Linear(13, 6, bias=bias, device=DEVICE)
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.weight, other.weight)
+    x = torch.randn(4, 7, 13, device=DEVICE)
+    y = ours(x)
+    assert_close(y, F.leaky_relu(other(x), 0.2))
+    if backend == "triton":
+        assert launches[FWD] == 1
+    else:
+        assert launches.total == 0
+
+
+def test_module_repr_dtype_device_and_linear_relu(backend):
+    m = Linear(3, 4, activation="tanh", dtype=torch.float64)
+    assert m.weight.dtype == torch.float64 and m.bias.shape == (4,)
+    assert repr(m) == "Linear(in_features=3, out_features=4, bias=True, activation=tanh)"
+    assert "negative_slope=0.1" in repr(Linear(3, 4, activation="leaky_relu", negative_slope=0.1))
+    assert repr(Linear(3, 4, bias=False)) == "Linear(in_features=3, out_features=4, bias=False)"
+    r = LinearReLU(5, 2, device=DEVICE)
+    assert r.activation == "relu" and isinstance(r, Linear)
+    assert "activation=relu" in repr(r)
+    x = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    r(x).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    torch.relu(F.linear(xr, r.weight, r.bias)).sum().backward()
+    assert_close(x.grad, xr.grad)
+
+
+def test_autocast_casts_like_torch_linear(backend, launches):
+    g = torch.Generator().manual_seed(12)
+    x, w, b = _t(6, 20, gen=g), _t(24, 20, gen=g), _t(24, gen=g)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = linear(x, w, b.half(), "tanh")  # a float16 bias is cast too
+        ref = torch.tanh(F.linear(x, w, b))
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_close(y, ref)
+    assert launches[FWD] == (1 if backend == "triton" else 0), dict(launches)
+
+
+def test_custom_ops_pass_opcheck(triton_backend):
+    g = torch.Generator().manual_seed(11)
+    x, w, b = _t(5, 4, gen=g), _t(3, 4, gen=g), _t(3, gen=g)
+    torch.library.opcheck(
+        torch.ops.fusedmlp.linear_fwd,
+        (x, w, b, "gelu", 0.01),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    y, z = torch.ops.fusedmlp.linear_fwd(x, w, b, "gelu", 0.01)
+    gy = _t(5, 3, gen=g)
+    torch.library.opcheck(
+        torch.ops.fusedmlp.linear_bwd,
+        (gy, x, w, z, "gelu", 0.01, True, True, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )

@@ -1,0 +1,125 @@
+"""`fusedmlp verify`: the self-test table, its exit status, and its interpreter set-up.
+
+The main test runs it as a user does, in a fresh process WITHOUT ``TRITON_INTERPRET`` in the
+environment (on a CPU-only machine): ``verify`` itself must switch the interpreter on before
+triton builds fusedmlp's kernels. The other tests call ``run`` in-process with a broken case to
+prove that a wrong result or an exception makes it fail.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ON_GPU
+
+from fusedmlp.cli import verify
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDMLP_BACKEND")}
+    return env
+
+
+def _rows(output: str):
+    """The table rows: lines whose result column is PASS, FAIL or ERROR."""
+    return [line for line in output.splitlines() if re.search(r"\s(PASS|FAIL|ERROR)(\s|$)", line)]
+
+
+def test_verify_command_passes_on_this_machine(tmp_path):
+    report = tmp_path / "verify.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "fusedmlp", "verify", "--json", str(report)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=str(tmp_path),
+        timeout=300,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:]
+    rows = _rows(out.stdout)
+    assert rows and all(re.search(r"\sPASS(\s|$)", r) for r in rows), text[-6000:]
+    assert not re.search(r"\s(FAIL|ERROR)(\s|$)", out.stdout)
+    if not ON_GPU:
+        assert "interpreter" in out.stdout
+    for column in ("op", "case", "dtype", "max abs err", "max rel err", "tolerance", "result"):
+        assert column in out.stdout
+    data = json.loads(report.read_text())
+    assert data["passed"] is True and data["interpreted"] is (not ON_GPU)
+    assert len(data["rows"]) == len(rows)
+    ops = {r["op"] for r in data["rows"]}
+    assert ops >= {"linear", "cross_entropy", "batch_norm", "dropout", "adam", "adamw", "sgd"}
+    assert {r["dtype"] for r in data["rows"]} == {"fp32", "fp16", "bf16"}
+    assert all(r["launches"] > 0 for r in data["rows"])
+
+
+@pytest.mark.skipif(ON_GPU, reason="the compiled-mode guard concerns CPU-only machines")
+def test_verify_refuses_kernels_already_compiled_in_process():
+    code = (
+        "import fusedmlp.kernels.launch\n"  # triton's @jit runs here, without the interpreter
+        "from fusedmlp.cli.main import main\n"
+        "raise SystemExit(main(['verify', '--ops', 'sgd']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd="/"
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "already imported in compiled mode" in out.stdout
+    assert "fresh process" in out.stdout
+
+
+def _args(**kw):
+    base = dict(
+        device=None, dtypes="fp32", ops="sgd", json=None, seed=0, full=False, autotune=False
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_verify_fails_on_a_wrong_result(monkeypatch, capsys):
+    original = verify._case_optimizer
+
+    def wrong(*args, **kwargs):
+        checks = original(*args, **kwargs)
+        checks[0].actual = checks[0].actual.detach() + 1e-2  # a wrong kernel result
+        return checks
+
+    monkeypatch.setattr(verify, "_case_optimizer", wrong)
+    assert verify.run(_args()) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\sFAIL(\s|$)", out) and "out of tolerance" in out
+    assert re.search(r"\sPASS(\s|$)", out)  # the other tensors still pass
+
+
+def test_verify_fails_on_an_op_that_raises(monkeypatch, capsys):
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(verify, "_case_optimizer", boom)
+    assert verify.run(_args()) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\sERROR\s", out) and "kernel exploded" in out
+
+
+def test_verify_fails_when_no_kernel_ran(monkeypatch, capsys):
+    import fusedmlp
+
+    original = verify._case_optimizer
+
+    def fallback(*args, **kwargs):
+        with fusedmlp.use_backend("torch"):  # the fallback must not pass for the kernel
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "_case_optimizer", fallback)
+    assert verify.run(_args()) == 1
+    assert "no Triton kernel launched" in capsys.readouterr().out
+
+
+def test_verify_rejects_unknown_dtypes_and_ops(capsys):
+    assert verify.run(_args(dtypes="fp8")) == 2
+    assert verify.run(_args(ops="conv")) == 2
+    assert "unknown" in capsys.readouterr().out
