@@ -3,6 +3,22 @@ dispatch between it and torch's own single-tensor algorithm.
 
 The op mutates its inputs (params and optimizer state), so it is declared with
 ``mutates_args`` and has no autograd formula (an optimizer step runs under ``no_grad``).
+
+Two step-counter regimes:
+
+- host steps (torch.optim's default: float32 CPU scalars): incremented and read on the host,
+  bias corrections in float64 on the host (``adam_multi_tensor_step``);
+- device steps (``capturable=True``, and every step under ``torch.amp.GradScaler``, whose
+  ``found_inf`` is a device tensor): float32 scalars on the params' device, incremented with
+  ``torch._foreach_add_`` and, when GradScaler found an inf, decremented by ``found_inf``
+  (torch's fused Adam); the kernel reads them (``adam_multi_tensor_step_device``). No host
+  synchronisation, so the step can be captured in a CUDA graph.
+
+AMP: ``grad_scale`` (None after ``GradScaler.unscale_``) and ``found_inf`` are honoured as by
+torch's fused Adam: unscaled in-kernel (the unscaled gradient is written back to ``.grad``),
+the whole update skipped when ``found_inf`` is nonzero. The torch fallback runs torch's own
+fused Adam (``fused=True``) for them; complex parameters, which torch's fused kernels do not
+take, are unscaled with foreach ops and skipped after reading ``found_inf`` on the host.
 """
 
 from __future__ import annotations
@@ -66,6 +82,60 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args) -> None:
     return None
 
 
+@torch.library.custom_op(
+    "fusedmlp::adam_multi_tensor_step_device",
+    mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+)
+def adam_multi_tensor_step_device(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """One fused Adam/AdamW step with device step counters (already incremented) and the AMP
+    ``grad_scale``/``found_inf`` tensors read in-kernel; ``grads`` are overwritten with the
+    unscaled gradients when ``grad_scale`` is given."""
+    from ..kernels import adam as K
+
+    K.adam_step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step_size=0.0,
+        bias_correction2_sqrt=1.0,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        state_steps=state_steps,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+@adam_multi_tensor_step_device.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args) -> None:
+    return None
+
+
 def _torch_adam_module():
     """torch.optim's ``adam`` module (``torch.optim.adam`` is the class's module, shadowed)."""
     return importlib.import_module("torch.optim.adam")
@@ -81,7 +151,57 @@ def call_torch(fn, *args, **kwargs):
     return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def _torch_single_tensor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp):
+def unscale_and_check(grads: list[Tensor], grad_scale, found_inf) -> bool:
+    """GradScaler's work for an algorithm without in-kernel AMP support: divide the gradients
+    by ``grad_scale`` in place; False when ``found_inf`` is set (reads it: one host sync)."""
+    if grad_scale is not None:
+        for g in grads:
+            g.div_(grad_scale.to(g.device, non_blocking=True))
+    return found_inf is None or not bool(found_inf.item())
+
+
+def _fused_ok(params, grads) -> bool:
+    """Whether torch's fused kernels take these tensors (real floating, strided grads)."""
+    return all(p.is_floating_point() and g.layout == torch.strided for p, g in zip(params, grads))
+
+
+def _torch_path(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, device_step, amp, **hp
+):
+    """torch's own algorithm for the tensors the kernel does not take (or the torch backend)."""
+    if not params:
+        return
+    grad_scale, found_inf = amp
+    if grad_scale is not None or found_inf is not None:
+        if _fused_ok(params, grads):
+            call_torch(
+                _torch_adam_module().adam,
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                foreach=False,
+                fused=True,
+                capturable=False,
+                differentiable=False,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                has_complex=False,
+                **hp,
+            )
+            return
+        if not unscale_and_check(grads, grad_scale, found_inf):
+            return
+    _torch_single_tensor(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, capturable=device_step, **hp
+    )
+
+
+def _torch_single_tensor(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, capturable=False, **hp
+):
     if not params:
         return
     call_torch(
@@ -94,7 +214,7 @@ def _torch_single_tensor(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         steps,
         foreach=False,
         fused=False,
-        capturable=False,
+        capturable=capturable,
         differentiable=False,
         has_complex=any(torch.is_complex(p) for p in params),
         **hp,
@@ -117,14 +237,21 @@ def adam(
     eps: float,
     maximize: bool,
     decoupled_weight_decay: bool = False,
+    device_step: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
-    """Adam/AdamW over one param group (torch's functional ``adam`` arguments, float scalars,
-    ``state_steps`` float32 scalar tensors on the CPU, as torch.optim keeps them).
+    """Adam/AdamW over one param group (torch's functional ``adam`` arguments, float scalars).
 
-    Triton path: tensors are partitioned by (device, dtype, step); each partition's step
-    counters are incremented on the host, ``1 - beta^t`` computed in float64, and one kernel
-    runs for the whole partition. float64/complex tensors, and the torch backend, run torch's
-    own single-tensor algorithm.
+    ``state_steps``: float32 scalar tensors on the CPU, as torch.optim keeps them by default
+    (host steps), or, with ``device_step`` (required when ``grad_scale``/``found_inf`` are
+    given), float32 scalars on each param's device (module docstring).
+
+    Triton path: host steps partition the tensors by (device, dtype, step); each partition's
+    step counters are incremented on the host, ``1 - beta^t`` computed in float64, and one
+    kernel runs for the whole partition. Device steps partition by (device, dtype) and the
+    kernel reads the counters. float64/complex tensors, and the torch backend, run torch's own
+    algorithm (single-tensor; its fused Adam for the AMP tensors).
     """
     hp = dict(
         amsgrad=amsgrad,
@@ -138,6 +265,8 @@ def adam(
     )
     if not params:
         return
+    amp = (grad_scale, found_inf)
+    device_step = bool(device_step) or grad_scale is not None or found_inf is not None
     if amsgrad and len(max_exp_avg_sqs) != len(params):
         raise ValueError(
             f"adam: amsgrad needs one max_exp_avg_sq per param, got {len(max_exp_avg_sqs)} "
@@ -148,19 +277,17 @@ def adam(
         for i, p in enumerate(params)
         if p.dtype in _KERNEL_DTYPES and grads[i].layout == torch.strided
     ]
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     if not kernel_idx or not use_triton(*(params[i] for i in kernel_idx)):
-        _torch_single_tensor(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **hp
-        )
+        _torch_path(*lists, device_step, amp, **hp)
         return
     if len(kernel_idx) == len(params):
-        _fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp)
+        _fused(*lists, hp, device_step, amp)
         return
     chosen = set(kernel_idx)
     rest = [i for i in range(len(params)) if i not in chosen]
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    _torch_single_tensor(*_select(rest, lists, amsgrad), **hp)
-    _fused(*_select(kernel_idx, lists, amsgrad), hp)
+    _torch_path(*_select(rest, lists, amsgrad), device_step, amp, **hp)
+    _fused(*_select(kernel_idx, lists, amsgrad), hp, device_step, amp)
 
 
 def _select(idx, lists, amsgrad):
@@ -175,7 +302,51 @@ def _select(idx, lists, amsgrad):
     )
 
 
-def _fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp):
+def _fused_device_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, amp):
+    grad_scale, found_inf = amp
+    groups: dict = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    per_device: dict = {}
+    for (device, _), idx in groups.items():
+        if device not in per_device:  # moved once per device, without blocking (torch's fused)
+            per_device[device] = tuple(
+                None if t is None else t.to(device, non_blocking=True)
+                for t in (grad_scale, found_inf)
+            )
+        scale, inf = per_device[device]
+        steps = [state_steps[i] for i in idx]
+        torch._foreach_add_(steps, 1)
+        torch.ops.fusedmlp.adam_multi_tensor_step_device(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx],
+            [max_exp_avg_sqs[i] for i in idx] if hp["amsgrad"] else [],
+            steps,
+            scale,
+            inf,
+            float(hp["lr"]),
+            float(hp["beta1"]),
+            float(hp["beta2"]),
+            float(hp["eps"]),
+            float(hp["weight_decay"]),
+            bool(hp["amsgrad"]),
+            bool(hp["maximize"]),
+            bool(hp["decoupled_weight_decay"]),
+        )
+        if inf is not None:  # a skipped step does not count (torch's fused Adam)
+            torch._foreach_sub_(steps, [inf] * len(steps))
+
+
+def _fused(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, device_step, amp
+):
+    if device_step:
+        _fused_device_step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, amp
+        )
+        return
     groups: dict = {}
     for i, (p, s) in enumerate(zip(params, state_steps)):
         # Host-side step counters (torch.optim's default): reading them never syncs.
@@ -211,5 +382,7 @@ __all__ = [
     "_torch_sgd_module",
     "adam",
     "adam_multi_tensor_step",
+    "adam_multi_tensor_step_device",
     "call_torch",
+    "unscale_and_check",
 ]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import use_triton
+from ._amp import lower_precision
 
 # Supported activations (None = identity). "gelu" is the exact (erf) form, as torch's default.
 ACTIVATIONS = (None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -243,17 +244,9 @@ def _validate(input, weight, bias, negative_slope) -> None:
         )
 
 
-_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _autocast(input, weight, bias):
     """torch.autocast's rule for linear: eligible floating tensors become the autocast dtype."""
-    device_type = input.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return input, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t
-    return cast(input), cast(weight), cast(bias)
+    return lower_precision(input, weight, bias)
 
 
 def linear(

@@ -1,5 +1,12 @@
 """SGD step: the mutating custom op over the multi-tensor Triton kernel, and the dispatch
 between it and torch's own single-tensor algorithm.
+
+AMP (``torch.amp.GradScaler``): ``grad_scale`` and ``found_inf`` are read in-kernel, as by
+torch's fused SGD (module docstring of ``kernels/sgd.py``); the torch fallback calls torch's
+fused SGD kernel for them. Momentum buffers created by a step that may be skipped start at
+zero: a skipped first step leaves a zero buffer, and the next step's ``momentum * 0 + (1 -
+dampening) * grad`` equals torch's first-step ``buf = grad`` when ``dampening == 0`` (torch's
+default; torch's own fused SGD leaves the buffer uninitialised in that case).
 """
 
 from __future__ import annotations
@@ -8,11 +15,11 @@ import torch
 from torch import Tensor
 
 from ..backend import use_triton
-from .adam import _KERNEL_DTYPES, _torch_sgd_module, call_torch
+from .adam import _KERNEL_DTYPES, _fused_ok, _torch_sgd_module, call_torch, unscale_and_check
 
 
 @torch.library.custom_op(
-    "fusedmlp::sgd_multi_tensor_step", mutates_args=("params", "momentum_buffers")
+    "fusedmlp::sgd_multi_tensor_step", mutates_args=("params", "grads", "momentum_buffers")
 )
 def sgd_multi_tensor_step(
     params: list[Tensor],
@@ -25,8 +32,11 @@ def sgd_multi_tensor_step(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
-    """One fused SGD step over tensors of one device and dtype (one kernel launch)."""
+    """One fused SGD step over tensors of one device and dtype (one kernel launch); ``grads``
+    are overwritten with the unscaled gradients when ``grad_scale`` is given."""
     from ..kernels import sgd as K
 
     K.sgd_step(
@@ -40,6 +50,8 @@ def sgd_multi_tensor_step(
         nesterov=nesterov,
         maximize=maximize,
         first_step=first_step,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
     )
 
 
@@ -74,6 +86,8 @@ def sgd(
     dampening: float,
     nesterov: bool,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """SGD over one param group (torch's functional ``sgd`` arguments, float scalars).
 
@@ -103,41 +117,92 @@ def sgd(
         for i, (p, g) in enumerate(zip(params, grads))
         if p.dtype in _KERNEL_DTYPES and g.layout == torch.strided
     ]
+    amp = (grad_scale, found_inf)
     if not kernel_idx or not use_triton(*(params[i] for i in kernel_idx)):
-        _torch_single_tensor(params, grads, momentum_buffer_list, **hp)
+        _torch_path(params, grads, momentum_buffer_list, amp, **hp)
         return
     chosen = set(kernel_idx)
     rest = [i for i in range(len(params)) if i not in chosen]
     if rest:
         bufs = [momentum_buffer_list[i] for i in rest] if use_momentum else []
-        _torch_single_tensor([params[i] for i in rest], [grads[i] for i in rest], bufs, **hp)
+        _torch_path([params[i] for i in rest], [grads[i] for i in rest], bufs, amp, **hp)
         for j, i in enumerate(rest if use_momentum else []):
             momentum_buffer_list[i] = bufs[j]
 
+    _partitioned(kernel_idx, params, grads, momentum_buffer_list, amp, hp, kernel=True)
+
+
+def _torch_path(params, grads, bufs, amp, **hp):
+    """torch's own algorithm: single-tensor, or its fused SGD kernel for the AMP tensors."""
+    if not params:
+        return
+    grad_scale, found_inf = amp
+    if grad_scale is not None or found_inf is not None:
+        if _fused_ok(params, grads):
+            _partitioned(range(len(params)), params, grads, bufs, amp, hp, kernel=False)
+            return
+        if not unscale_and_check(grads, grad_scale, found_inf):
+            return
+    _torch_single_tensor(params, grads, bufs, **hp)
+
+
+def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
+    """One fused step (ours, or torch's ``_fused_sgd_``) per (device, dtype, new-buffer)
+    partition; new momentum buffers are created here and stored in ``momentum_buffer_list``."""
+    use_momentum = hp["momentum"] != 0
+    grad_scale, found_inf = amp
     partitions: dict = {}
-    for i in kernel_idx:
+    for i in indices:
         p = params[i]
         fresh = use_momentum and momentum_buffer_list[i] is None
         partitions.setdefault((p.device, p.dtype, fresh), []).append(i)
-    for (_, _, fresh), idx in partitions.items():
+    per_device: dict = {}
+    for (device, _, fresh), idx in partitions.items():
         bufs = []
         if use_momentum:
             for i in idx:
                 if fresh:
-                    # torch: buf = clone(grad) (the grad's layout), written by the kernel.
-                    momentum_buffer_list[i] = torch.empty_like(grads[i])
+                    # torch: buf = clone(grad) (the grad's layout), written by the kernel;
+                    # zeros when the step may be skipped (module docstring).
+                    new = torch.zeros_like if found_inf is not None else torch.empty_like
+                    momentum_buffer_list[i] = new(grads[i])
                 bufs.append(momentum_buffer_list[i])
+        if device not in per_device:
+            per_device[device] = tuple(
+                None if t is None else t.to(device, non_blocking=True)
+                for t in (grad_scale, found_inf)
+            )
+        scale, inf = per_device[device]
+        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+        if not kernel:
+            torch._fused_sgd_(
+                ps,
+                gs,
+                bufs,
+                weight_decay=float(hp["weight_decay"]),
+                momentum=float(hp["momentum"]),
+                lr=float(hp["lr"]),
+                dampening=float(hp["dampening"]),
+                nesterov=bool(hp["nesterov"]),
+                maximize=bool(hp["maximize"]),
+                is_first_step=bool(fresh),
+                grad_scale=scale,
+                found_inf=inf,
+            )
+            continue
         torch.ops.fusedmlp.sgd_multi_tensor_step(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
+            ps,
+            gs,
             bufs,
-            float(lr),
-            float(momentum),
-            float(dampening),
-            float(weight_decay),
-            bool(nesterov),
-            bool(maximize),
+            float(hp["lr"]),
+            float(hp["momentum"]),
+            float(hp["dampening"]),
+            float(hp["weight_decay"]),
+            bool(hp["nesterov"]),
+            bool(hp["maximize"]),
             bool(fresh),
+            scale,
+            inf,
         )
 
 

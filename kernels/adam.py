@@ -20,12 +20,22 @@ runs unchanged on CPU in the tests.
 All arithmetic is fp32, for fp32, fp16 and bf16 tensors; the state is stored in the param
 dtype (as torch.optim). The update is in place, so there is a single fixed configuration,
 never autotuned. Runtime scalars (lr, betas, eps, weight decay, the bias-corrected step size)
-are kernel arguments; the step counter itself never reaches the kernel: the bias corrections
-``1 - beta^t`` are computed in float64 on the host.
+are kernel arguments. With host step counters (torch.optim's default) the step never reaches
+the kernel: the bias corrections ``1 - beta^t`` are computed in float64 on the host. With
+device step counters (``capturable=True``, or any step under ``torch.amp.GradScaler``) a third
+table holds the address of each tensor's float32 step and the kernel computes
+``1 - exp(t * ln(beta))`` in float64 itself: nothing is read back to the host.
+
+AMP (``torch.amp.GradScaler``'s ``grad_scale``/``found_inf`` protocol, as torch's fused Adam):
+``grad_scale`` (a one-element float32 device tensor) divides every gradient in-kernel and the
+unscaled gradient is written back to ``.grad``; when ``found_inf`` (one element) is nonzero
+every program returns without touching anything (params, state and grads keep their values).
+Both are read in-kernel, so a skipped step costs no host synchronisation.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -50,7 +60,13 @@ def _adam_kernel(
     addrs,
     meta,
     ref,
+    steps,
+    grad_scale,
+    found_inf,
     n_tensors,
+    lr,
+    log_beta1,
+    log_beta2,
     lerp_weight,
     beta2,
     one_minus_beta2,
@@ -63,6 +79,9 @@ def _adam_kernel(
     MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
     DECOUPLED: tl.constexpr,
+    DEVICE_STEP: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -85,16 +104,33 @@ def _adam_kernel(
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
 
+    if DEVICE_STEP:
+        # This tensor's step counter (float32, already incremented on the device): the bias
+        # corrections in float64; ln(beta) comes from the host (relative error of fp32 ~6e-8,
+        # and 1 - exp(x) keeps the relative accuracy of x for small |x|).
+        s_ptr = tl.load(steps + t).to(tl.pointer_type(tl.float32))
+        step = tl.load(s_ptr).to(tl.float64)
+        bc1 = 1.0 - tl.exp(step * tl.cast(log_beta1, tl.float64))
+        bc2 = 1.0 - tl.exp(step * tl.cast(log_beta2, tl.float64))
+        step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
+        bias_correction2_sqrt = tl.sqrt(bc2).to(tl.float32)
+
     full = start + BLOCK <= numel
     # Two copies of the body: full blocks without a mask (so accesses vectorise; the mask
     # `offs < numel` has unknown alignment), the tail block of each tensor with it.
     for MASKED in tl.static_range(2):
-        if full != MASKED:
+        run = full != MASKED
+        if HAS_INF:  # GradScaler found an inf/NaN: the whole step is skipped
+            run = run & (tl.load(found_inf) == 0)
+        if run:
             lmask = mask if MASKED else None
             p = tl.load(p_ptr + offs, mask=lmask).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=lmask).to(tl.float32)
             m = tl.load(m_ptr + offs, mask=lmask).to(tl.float32)
             v = tl.load(v_ptr + offs, mask=lmask).to(tl.float32)
+            if HAS_SCALE:  # unscale in-kernel and hand the unscaled gradient back (torch's fused)
+                g = g / tl.load(grad_scale).to(tl.float32)
+                tl.store(g_ptr + offs, g.to(dtype), mask=lmask)
             if MAXIMIZE:
                 g = -g
             if WEIGHT_DECAY:
@@ -141,11 +177,45 @@ def _cached(cache: OrderedDict, key, build):
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 table on ``device``; CUDA: through pinned memory, non-blocking."""
+    """An int64 table on ``device``; CUDA: through pinned memory, non-blocking.
+
+    The pinned host buffer stays referenced by the device table: a copy recorded inside a CUDA
+    graph capture re-reads it at every replay, so it must outlive the table (and never return
+    to the pinned-memory pool for reuse).
+    """
     if device.type == "cuda":
         host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
-        return host.to(device, non_blocking=True)
+        table = host.to(device, non_blocking=True)
+        table._fusedmlp_host = host
+        return table
     return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def step_table(steps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 table of the addresses of ``steps`` (float32 one-element tensors on ``device``)."""
+    for s in steps:
+        if s.dtype != torch.float32 or s.device != device or s.numel() != 1:
+            raise ValueError(
+                f"fused Adam step: device step counters must be one-element float32 tensors on "
+                f"{device}, got {tuple(s.shape)} {s.dtype} on {s.device}"
+            )
+    ptrs = tuple(s.data_ptr() for s in steps)
+    return _cached(_ADDR_CACHE, (device, "steps", ptrs), lambda: _to_device(list(ptrs), device))
+
+
+def amp_scalar(t: torch.Tensor | None, name: str, device: torch.device, ref: torch.Tensor):
+    """``grad_scale``/``found_inf`` for the kernel: a one-element float tensor on ``device``
+    (moved without blocking), or ``ref`` as a placeholder when None."""
+    if t is None:
+        return ref
+    if not torch.is_tensor(t) or t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(f"fused optimizer step: {name} must be a one-element float tensor")
+    return t.to(device, non_blocking=True)
+
+
+def log_beta(beta: float) -> float:
+    """ln(beta) for the in-kernel bias correction (beta = 0: -inf, so 1 - beta^t = 1)."""
+    return math.log(beta) if beta > 0 else -math.inf
 
 
 def tables(arrays: list[list[torch.Tensor]], block: int):
@@ -254,23 +324,45 @@ def adam_step(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    state_steps: list[torch.Tensor] | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One in-place Adam/AdamW step over n tensors of one device and dtype, in one launch.
 
     ``params``, ``exp_avgs``, ``exp_avg_sqs`` (and ``max_exp_avg_sqs`` when ``amsgrad``) are
-    updated in place; ``grads`` is read. Every list holds n tensors of the params' shapes,
-    dtype (fp32/fp16/bf16) and device. ``step_size = lr / (1 - beta1^t)`` and
-    ``bias_correction2_sqrt = sqrt(1 - beta2^t)`` come from the host in float64.
+    updated in place; ``grads`` is read (and overwritten with the unscaled gradient when
+    ``grad_scale`` is given). Every list holds n tensors of the params' shapes, dtype
+    (fp32/fp16/bf16) and device.
+
+    Host steps (``state_steps`` None): ``step_size = lr / (1 - beta1^t)`` and
+    ``bias_correction2_sqrt = sqrt(1 - beta2^t)`` come from the host in float64. Device steps:
+    ``state_steps`` holds n one-element float32 tensors on the params' device, already
+    incremented for this step; the kernel reads them and ignores ``step_size`` and
+    ``bias_correction2_sqrt``. ``grad_scale``/``found_inf``: GradScaler's one-element tensors
+    (module docstring), read in-kernel.
     """
+    device_step = state_steps is not None
+    if device_step and len(state_steps) != len(params):
+        raise ValueError(
+            f"fused optimizer step: state_steps has {len(state_steps)} tensors, "
+            f"expected {len(params)}"
+        )
     arrays = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
     check(arrays, names)
-    arrays, writebacks = prepare(arrays, [True, False, True, True, True])
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if len(keep) != len(params):
+        arrays = [[lst[i] for i in keep] for lst in arrays]
+        state_steps = [state_steps[i] for i in keep] if device_step else None
+    arrays, writebacks = prepare(arrays, [True, grad_scale is not None, True, True, True])
     if not arrays[0]:
         return
+    ref = arrays[0][0]
     cfg = config_for(_adam_kernel)
     addrs, meta, n_blocks, aligned = tables(arrays, cfg.kwargs["BLOCK"])
-    with on_device(arrays[0][0]):
+    steps = step_table(state_steps, ref.device) if device_step else addrs
+    with on_device(ref):
         launch(
             _adam_kernel,
             (n_blocks,),
@@ -278,8 +370,14 @@ def adam_step(
             interpret_config=INTERPRET_CONFIG,
             addrs=addrs,
             meta=meta,
-            ref=arrays[0][0],
+            ref=ref,
+            steps=steps,
+            grad_scale=amp_scalar(grad_scale, "grad_scale", ref.device, ref),
+            found_inf=amp_scalar(found_inf, "found_inf", ref.device, ref),
             n_tensors=len(arrays[0]),
+            lr=float(lr),
+            log_beta1=log_beta(float(beta1)),
+            log_beta2=log_beta(float(beta2)),
             lerp_weight=float(1.0 - beta1),
             beta2=float(beta2),
             one_minus_beta2=float(1.0 - beta2),
@@ -292,10 +390,13 @@ def adam_step(
             MAXIMIZE=bool(maximize),
             WEIGHT_DECAY=weight_decay != 0,
             DECOUPLED=bool(decoupled_weight_decay),
+            DEVICE_STEP=device_step,
+            HAS_SCALE=grad_scale is not None,
+            HAS_INF=found_inf is not None,
             ALIGNED=aligned,
         )
     for dst, src in writebacks:
         dst.copy_(src)
 
 
-__all__ = ["adam_step", "tables"]
+__all__ = ["adam_step", "amp_scalar", "step_table", "tables"]

@@ -6,6 +6,11 @@ sizes, first block, block owner), cached and staged the same way. All arithmetic
 buffers stored in the param dtype. ``first_step`` (runtime, not specialised) marks buffers that
 are new this step: torch sets them to the (decayed, sign-adjusted) gradient itself, without
 dampening. Single fixed configuration (in-place update: never autotuned).
+
+AMP (``torch.amp.GradScaler``, as torch's fused SGD): ``grad_scale`` divides the gradients
+in-kernel (the unscaled gradient is written back to ``.grad``), and a nonzero ``found_inf``
+makes every program return without writing anything; both are one-element device tensors read
+in-kernel (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adam import GPU_CONFIG, INTERPRET_CONFIG, check, config_for, prepare, tables
+from .adam import GPU_CONFIG, INTERPRET_CONFIG, amp_scalar, check, config_for, prepare, tables
 from .launch import launch, on_device
 
 
@@ -23,6 +28,8 @@ def _sgd_kernel(
     addrs,
     meta,
     ref,
+    grad_scale,
+    found_inf,
     n_tensors,
     lr,
     momentum,
@@ -33,6 +40,8 @@ def _sgd_kernel(
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -54,10 +63,16 @@ def _sgd_kernel(
     full = start + BLOCK <= numel
     # Full blocks without a mask (vector accesses), each tensor's tail block with it.
     for MASKED in tl.static_range(2):
-        if full != MASKED:
+        run = full != MASKED
+        if HAS_INF:  # GradScaler found an inf/NaN: the whole step is skipped
+            run = run & (tl.load(found_inf) == 0)
+        if run:
             lmask = mask if MASKED else None
             p = tl.load(p_ptr + offs, mask=lmask).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=lmask).to(tl.float32)
+            if HAS_SCALE:  # unscale in-kernel and hand the unscaled gradient back (torch's fused)
+                g = g / tl.load(grad_scale).to(tl.float32)
+                tl.store(g_ptr + offs, g.to(dtype), mask=lmask)
             if MAXIMIZE:
                 g = -g
             if WEIGHT_DECAY:
@@ -93,18 +108,23 @@ def sgd_step(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One in-place SGD step over n tensors of one device and dtype, in one launch.
 
     ``params`` (and ``momentum_buffers`` when ``momentum != 0``) are updated in place; ``grads``
-    is read. With ``first_step`` the buffers are written (not read): buf = grad, as torch.
+    is read (and overwritten with the unscaled gradient when ``grad_scale`` is given). With
+    ``first_step`` the buffers are written (not read): buf = grad, as torch. ``grad_scale`` /
+    ``found_inf``: GradScaler's one-element tensors (module docstring), read in-kernel.
     """
     use_momentum = momentum != 0
     arrays = [params, grads] + ([momentum_buffers] if use_momentum else [])
     check(arrays, ["params", "grads", "momentum_buffers"])
-    arrays, writebacks = prepare(arrays, [True, False, True])
+    arrays, writebacks = prepare(arrays, [True, grad_scale is not None, True])
     if not arrays[0]:
         return
+    ref = arrays[0][0]
     cfg = config_for(_sgd_kernel)
     addrs, meta, n_blocks, aligned = tables(arrays, cfg.kwargs["BLOCK"])
     with on_device(arrays[0][0]):
@@ -115,7 +135,9 @@ def sgd_step(
             interpret_config=INTERPRET_CONFIG,
             addrs=addrs,
             meta=meta,
-            ref=arrays[0][0],
+            ref=ref,
+            grad_scale=amp_scalar(grad_scale, "grad_scale", ref.device, ref),
+            found_inf=amp_scalar(found_inf, "found_inf", ref.device, ref),
             n_tensors=len(arrays[0]),
             lr=float(lr),
             momentum=float(momentum),
@@ -126,6 +148,8 @@ def sgd_step(
             NESTEROV=bool(nesterov),
             MAXIMIZE=bool(maximize),
             WEIGHT_DECAY=weight_decay != 0,
+            HAS_SCALE=grad_scale is not None,
+            HAS_INF=found_inf is not None,
             ALIGNED=aligned,
         )
     for dst, src in writebacks:

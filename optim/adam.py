@@ -10,12 +10,21 @@ so checkpoints move between torch.optim and fusedmlp in both directions.
 Torch's keywords:
 
 - ``foreach``: accepted and ignored (fusedmlp's kernel is already multi-tensor).
-- ``fused=True``, ``capturable=True``, ``differentiable=True``, tensor ``lr``/``betas``: honoured by
-  running torch's own implementation for that group (its state layout, e.g. the step counter
-  on the device, is torch's for those flags).
-- The AMP ``grad_scale``/``found_inf`` protocol is not implemented (``_step_supports_amp_scaling``
-  stays False unless ``fused=True``), so ``torch.amp.GradScaler`` unscales the gradients
-  itself and skips steps with inf/NaN gradients, as for torch's non-fused Adam.
+- ``capturable=True`` (CUDA params): the step counters live on the device (torch's layout for
+  that flag) and the kernel reads them: no host synchronisation, so the step can be captured
+  in a CUDA graph. On other devices torch's own implementation runs (and raises as torch's).
+- ``fused=True``, ``differentiable=True``, tensor ``lr``/``betas``: honoured by running torch's
+  own implementation for that group (its state layout is torch's for those flags).
+- AMP: ``_step_supports_amp_scaling = True``. ``torch.amp.GradScaler.step`` sets
+  ``optimizer.grad_scale`` (None after ``scaler.unscale_``) and ``optimizer.found_inf``, one-
+  element device tensors (``step(grad_scale=..., found_inf=...)`` passes them explicitly);
+  the kernel divides the gradients by ``grad_scale`` (writing the unscaled gradients back to
+  ``.grad``, as torch's fused Adam) and skips the whole update when ``found_inf`` is nonzero,
+  reading both on the device: no host synchronisation. The step counters of such a group move
+  to the params' device (float32, torch's fused layout), incremented and, on a skipped step,
+  decremented by ``found_inf`` on the device. Groups that run torch's non-fused implementation
+  (``differentiable``, tensor hyperparameters) get GradScaler's own treatment (unscale, then
+  skip after reading ``found_inf`` on the host).
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from ..autograd import adam as A
 
 def _torch_group(group) -> bool:
     """Whether a group asks for something only torch's implementation provides."""
+    capturable_elsewhere = group.get("capturable") and not all(p.is_cuda for p in group["params"])
     return bool(
         group.get("fused")
-        or group.get("capturable")
+        or capturable_elsewhere
         or group.get("differentiable")
         or torch.is_tensor(group["lr"])
         or any(torch.is_tensor(b) for b in group["betas"])
@@ -38,15 +48,41 @@ def _torch_group(group) -> bool:
     )
 
 
+def amp_tensors(optimizer, grad_scale, found_inf):
+    """The AMP tensors of this step: the keywords, else what GradScaler set on the optimizer."""
+    if grad_scale is None:
+        grad_scale = getattr(optimizer, "grad_scale", None)
+    if found_inf is None:
+        found_inf = getattr(optimizer, "found_inf", None)
+    return grad_scale, found_inf
+
+
+def _device_steps(state, params, steps) -> None:
+    """Move the step counters to their params' devices as float32 (torch's fused layout)."""
+    for i, p in enumerate(params):
+        s = steps[i]
+        if s.device != p.device or s.dtype != torch.float32:
+            s = s.to(device=p.device, dtype=torch.float32)
+            state[p]["step"] = s
+            steps[i] = s
+
+
 class _FusedAdamStep:
+    _step_supports_amp_scaling = True
+
     @_use_grad_for_differentiable
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale=None, found_inf=None):
         """Perform a single optimization step (one fused launch per group, device and dtype).
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
+            grad_scale, found_inf (Tensor, optional): AMP: divide the gradients by
+                ``grad_scale`` and skip the step when ``found_inf`` is nonzero, on the device
+                (``torch.amp.GradScaler`` sets them as attributes of the optimizer instead).
         """
+        grad_scale, found_inf = amp_tensors(self, grad_scale, found_inf)
+        amp = grad_scale is not None or found_inf is not None
         health = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
             self, "_cuda_graph_capture_health_check", None
         )
@@ -76,6 +112,9 @@ class _FusedAdamStep:
                 or isinstance(self, torch.optim.AdamW),
             )
             if _torch_group(group):
+                fused = bool(group["fused"])
+                if amp and not fused and not A.unscale_and_check(grads, grad_scale, found_inf):
+                    continue  # torch's non-fused algorithm: GradScaler's own skip
                 A.call_torch(
                     A._torch_adam_module().adam,
                     params,
@@ -88,13 +127,29 @@ class _FusedAdamStep:
                     capturable=group["capturable"],
                     differentiable=group["differentiable"],
                     fused=group["fused"],
-                    grad_scale=getattr(self, "grad_scale", None),
-                    found_inf=getattr(self, "found_inf", None),
+                    grad_scale=grad_scale if fused else None,
+                    found_inf=found_inf if fused else None,
                     has_complex=has_complex,
                     **hp,
                 )
                 continue
-            A.adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **hp)
+            device_step = amp or bool(group["capturable"])
+            if device_step:
+                _device_steps(self.state, params, steps)
+            else:  # steps moved to the device by an earlier AMP step stay there
+                device_step = any(s.device.type != "cpu" for s in steps)
+            A.adam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                device_step=device_step,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                **hp,
+            )
         return loss
 
 

@@ -7,8 +7,15 @@ torch's own; only ``step`` differs.
 
 Torch's keywords: ``foreach`` accepted and ignored; ``fused=True``, ``differentiable=True`` and
 tensor ``lr``/``weight_decay`` run torch's own implementation for that group. Sparse gradients
-run torch's single-tensor algorithm (which supports them). The AMP ``grad_scale``/``found_inf``
-protocol is not implemented (``torch.amp.GradScaler`` then unscales and skips steps itself).
+run torch's single-tensor algorithm (which supports them).
+
+AMP: ``_step_supports_amp_scaling = True``: the ``grad_scale``/``found_inf`` tensors that
+``torch.amp.GradScaler`` sets on the optimizer (or ``step(grad_scale=..., found_inf=...)``)
+are read in-kernel: gradients unscaled on the device (and written back to ``.grad``, as torch's
+fused SGD), the update skipped when ``found_inf`` is nonzero, no host synchronisation. Groups
+that run torch's non-fused implementation get GradScaler's own treatment (unscale, then skip
+after reading ``found_inf`` on the host). No step counter: the kernel step can be captured in
+a CUDA graph as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..autograd import adam as A
 from ..autograd import sgd as S
+from .adam import amp_tensors
 
 
 class SGD(torch.optim.SGD):
@@ -26,14 +34,21 @@ class SGD(torch.optim.SGD):
         "fusedmlp.optim.sgd).\n\n" + (torch.optim.SGD.__doc__ or "")
     )
 
+    _step_supports_amp_scaling = True
+
     @_use_grad_for_differentiable
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale=None, found_inf=None):
         """Perform a single optimization step (one fused launch per group, device and dtype).
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
+            grad_scale, found_inf (Tensor, optional): AMP: divide the gradients by
+                ``grad_scale`` and skip the step when ``found_inf`` is nonzero, on the device
+                (``torch.amp.GradScaler`` sets them as attributes of the optimizer instead).
         """
+        grad_scale, found_inf = amp_tensors(self, grad_scale, found_inf)
+        amp = grad_scale is not None or found_inf is not None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -56,6 +71,9 @@ class SGD(torch.optim.SGD):
                 or torch.is_tensor(group["lr"])
                 or torch.is_tensor(group["weight_decay"])
             ):
+                fused = bool(group.get("fused"))
+                if amp and not fused and not A.unscale_and_check(grads, grad_scale, found_inf):
+                    continue  # torch's non-fused algorithm: GradScaler's own skip
                 A.call_torch(
                     A._torch_sgd_module().sgd,
                     params,
@@ -64,12 +82,12 @@ class SGD(torch.optim.SGD):
                     has_sparse_grad=has_sparse_grad,
                     foreach=group["foreach"],
                     fused=group["fused"],
-                    grad_scale=getattr(self, "grad_scale", None),
-                    found_inf=getattr(self, "found_inf", None),
+                    grad_scale=grad_scale if fused else None,
+                    found_inf=found_inf if fused else None,
                     **hp,
                 )
             else:
-                S.sgd(params, grads, bufs, **hp)
+                S.sgd(params, grads, bufs, grad_scale=grad_scale, found_inf=found_inf, **hp)
 
             if group["momentum"] != 0:
                 for p, buf in zip(params, bufs):

@@ -48,7 +48,14 @@ def _worker(rank, world, port, queue):
             grads = [p.grad.clone() for p in model.parameters()]
             opt.step()
         if rank == 0:
-            queue.put(([g for g in grads], [p.detach().clone() for p in model.parameters()]))
+            # numpy arrays pickle by value: tensors would travel as shared-memory handles that
+            # die with this process before the parent opens them.
+            queue.put(
+                (
+                    [g.numpy() for g in grads],
+                    [p.detach().numpy().copy() for p in model.parameters()],
+                )
+            )
     finally:
         dist.destroy_process_group()
 
@@ -63,6 +70,8 @@ def test_ddp_matches_single_process_on_concatenated_batch():
     for p in procs:
         p.start()
     ddp_grads, ddp_params = queue.get(timeout=120)
+    ddp_grads = [torch.from_numpy(a) for a in ddp_grads]
+    ddp_params = [torch.from_numpy(a) for a in ddp_params]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

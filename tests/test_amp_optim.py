@@ -1,0 +1,143 @@
+"""torch.amp.GradScaler with fusedmlp's optimizers: grad_scale / found_inf read on the device.
+
+Reference: torch.optim's default (non-fused) Adam / SGD under the same GradScaler, which
+unscales the gradients itself and skips the whole ``step`` call when it finds an inf/NaN.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import fusedmlp
+from fusedmlp.optim import SGD, Adam, AdamW
+
+STEPS = 6
+INF_STEPS = (0, 3)  # a skipped first step (fresh state) and a skipped later step
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        fusedmlp.nn.Linear(5, 7, activation="tanh"), fusedmlp.nn.Linear(7, 3)
+    ).to(DEVICE)
+
+
+def _ref_model(model):
+    ref = _model()
+    ref.load_state_dict(model.state_dict())
+    return ref
+
+
+def _loss(model, step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(9, 5, generator=g).to(DEVICE)
+    return (model(x) ** 2).mean()
+
+
+def _train(model, opt, scaler, inject=INF_STEPS, unscale=False):
+    """A few GradScaler steps; steps in ``inject`` get an inf gradient. Returns the scales."""
+    scales = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        scaler.scale(_loss(model, step)).backward()
+        if step in inject:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        if unscale:
+            scaler.unscale_(opt)  # then the optimizer gets grad_scale=None, found_inf only
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+OPTS = [
+    (Adam, torch.optim.Adam, {"lr": 1e-2}),
+    (AdamW, torch.optim.AdamW, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}),
+    (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    (SGD, torch.optim.SGD, {"lr": 0.1, "weight_decay": 0.01}),
+]
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaled", "unscale_"])
+@pytest.mark.parametrize("cls,ref_cls,kw", OPTS, ids=[f"{o[0].__name__}-{o[2]}" for o in OPTS])
+def test_grad_scaler_matches_torch(backend, launches, cls, ref_cls, kw, unscale):
+    assert cls._step_supports_amp_scaling
+    model = _model()
+    ref = _ref_model(model)
+    opt, ref_opt = cls(model.parameters(), **kw), ref_cls(ref.parameters(), **kw)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**10, growth_interval=2)
+    ref_scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**10, growth_interval=2)
+    scales = _train(model, opt, scaler, unscale=unscale)
+    ref_scales = _train(ref, ref_opt, ref_scaler, unscale=unscale)
+    # The injected infs halve the scale, exactly as with torch's optimizer.
+    assert scales == ref_scales
+    assert scales[0] == 2.0**9 and scales[3] < scales[2]
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        # The gradients the optimizer saw were unscaled (written back, as torch's fused).
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        st, ref_st = opt.state[p], ref_opt.state[q]
+        if "step" in st:  # skipped steps are not counted
+            assert float(st["step"]) == float(ref_st["step"]) == STEPS - len(INF_STEPS)
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            if k in ref_st:
+                torch.testing.assert_close(st[k], ref_st[k], rtol=1e-5, atol=1e-6)
+    kernel = "_adam_kernel" if cls is not SGD else "_sgd_kernel"
+    # Skipped steps launch too: found_inf is read in-kernel, never on the host.
+    assert launches[kernel] == (STEPS if backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_found_inf_skips_everything_without_host_sync(backend, monkeypatch, cls):
+    """Explicit keywords; found_inf = 1 leaves params, state and grads as they were, and the
+    step reads neither tensor on the host (``item``/``__bool__``/``__float__`` would raise)."""
+    model = _model()
+    opt = cls(model.parameters(), lr=0.1, **({"momentum": 0.9} if cls is SGD else {}))
+    _loss(model, 0).backward()
+    opt.step()  # state exists
+    _loss(model, 1).backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()}
+    scale = torch.tensor(4.0, device=DEVICE)
+    found = torch.tensor(1.0, device=DEVICE)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host synchronisation in the optimizer step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+            m.setattr(torch.Tensor, name, no_sync)
+        opt.step(grad_scale=scale, found_inf=found)
+    for p, p0, g0 in zip(model.parameters(), params, grads):
+        assert torch.equal(p.detach(), p0) and torch.equal(p.grad, g0)
+    after = {k: v for p in model.parameters() for k, v in opt.state[p].items()}
+    for k, v in state.items():
+        assert torch.equal(after[k].cpu(), v.cpu()), k
+    # found_inf = 0: the gradients are divided by grad_scale, written back, and applied.
+    ref_model = _model()
+    ref_model.load_state_dict(model.state_dict())
+    ref_opt = cls(ref_model.parameters(), lr=0.1, **({"momentum": 0.9} if cls is SGD else {}))
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else shared state tensors
+    for p, g0 in zip(ref_model.parameters(), grads):
+        p.grad = g0 / 4
+    opt.step(grad_scale=scale, found_inf=torch.zeros((), device=DEVICE))
+    ref_opt.step()
+    for p, q, g0 in zip(model.parameters(), ref_model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g0 / 4)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_torch_fused_group_keeps_torch_amp(backend):
+    """fused=True runs torch's fused Adam, which takes grad_scale/found_inf itself."""
+    model = _model()
+    ref = _ref_model(model)
+    opt = Adam(model.parameters(), lr=1e-2, fused=True)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=True)
+    _train(model, opt, torch.amp.GradScaler(DEVICE, init_scale=256.0))
+    _train(ref, ref_opt, torch.amp.GradScaler(DEVICE, init_scale=256.0))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach())

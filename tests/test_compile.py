@@ -1,0 +1,139 @@
+"""torch.compile(fullgraph=True) over fusedmlp models: one graph, no graph break, eager results.
+
+``backend="aot_eager"`` traces forward and backward through AOTAutograd (the custom ops'
+fake implementations, the autograd Functions, the mutating running-statistics op) and runs
+them eagerly, on both fusedmlp backends (the Triton kernels under the interpreter: tiny
+shapes). Dropout draws its Philox seed with ``torch.randint`` from torch's global generator;
+under aot_eager that call runs in the graph with the same generator, so the same
+``torch.manual_seed`` gives the same masks as eager (checked exactly below). Inductor replaces
+random ops with its own generator, so its test uses a model without dropout.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+from conftest import DEVICE, assert_close
+from torch._dynamo.utils import counters
+
+import fusedmlp
+
+
+def _sequential():
+    return torch.nn.Sequential(
+        fusedmlp.nn.Linear(5, 8, activation="relu"),
+        fusedmlp.nn.BatchNorm1d(8),
+        fusedmlp.nn.Dropout(0.3),
+        fusedmlp.nn.Linear(8, 6, activation="tanh"),
+        fusedmlp.nn.Linear(6, 3),
+    ), fusedmlp.nn.CrossEntropyLoss()
+
+
+def _mlp():
+    return fusedmlp.nn.MLP(
+        5, [8, 6], 3, batchnorm=True, dropout=0.25
+    ), fusedmlp.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+def _converted():
+    torch_model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8),
+        torch.nn.LeakyReLU(0.1),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(8, 3),
+        torch.nn.LogSoftmax(dim=1),
+    )
+    return fusedmlp.nn.convert(torch_model), fusedmlp.nn.NLLLoss()
+
+
+MODELS = {"sequential": _sequential, "mlp": _mlp, "converted": _converted}
+
+
+def _fresh(make):
+    torch.manual_seed(0)
+    model, loss_fn = make()
+    return model.to(DEVICE), loss_fn.to(DEVICE)
+
+
+def _run(model, loss_fn, fn, x, y):
+    """One forward (seeded) + backward: loss, grads, running statistics."""
+    torch.manual_seed(123)
+    loss = fn(x, y)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    return loss.detach(), grads, buffers
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fullgraph_aot_eager_matches_eager(backend, launches, name, training):
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(6, 5, device=DEVICE)
+    y = torch.randint(0, 3, (6,), device=DEVICE)
+    eager_model, eager_loss = _fresh(MODELS[name])
+    model, loss_fn = _fresh(MODELS[name])
+    eager_model.train(training)
+    model.train(training)
+
+    def step(m, lf):
+        return lambda a, b: lf(m(a), b)
+
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step(model, loss_fn), fullgraph=True, backend=cnt)
+    expected = _run(eager_model, eager_loss, step(eager_model, eager_loss), x, y)
+    launches.clear()
+    got = _run(model, loss_fn, compiled, x, y)
+    # Twice: the second call reuses the graph (no recompilation, e.g. on the dropout seed).
+    model.zero_grad()
+    _run(model, loss_fn, compiled, x, y)
+    assert cnt.frame_count == 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # Same seed, same dropout masks: exactly the eager numbers (same kernels, same order).
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    for a, e in zip(got[1] + got[2], expected[1] + expected[2]):
+        assert_close(a, e, dtype=torch.float32, scale=0.1)
+    if backend == "triton":
+        assert launches.total > 0
+    else:
+        assert launches.total == 0
+
+
+def test_dropout_seed_advances_inside_compiled_graph(backend):
+    """The seed is drawn inside the graph: two calls give different masks, and the same
+    ``manual_seed`` reproduces the eager mask."""
+    torch._dynamo.reset()
+    drop = fusedmlp.nn.Dropout(0.5)
+    fn = torch.compile(drop, fullgraph=True, backend="aot_eager")
+    x = torch.ones(64, device=DEVICE)
+    torch.manual_seed(7)
+    a, b = fn(x), fn(x)
+    torch.manual_seed(7)
+    e = drop(x)
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_fullgraph_inductor_once():
+    """The default (inductor) backend on a small model: forward and backward as eager."""
+    torch._dynamo.reset()
+    with fusedmlp.use_backend("torch"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            fusedmlp.nn.Linear(4, 8, activation="relu"), fusedmlp.nn.Linear(8, 3)
+        ).to(DEVICE)
+        loss_fn = fusedmlp.nn.CrossEntropyLoss()
+        x = torch.randn(5, 4, device=DEVICE)
+        y = torch.randint(0, 3, (5,), device=DEVICE)
+        eager = loss_fn(model(x), y)
+        eager.backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        compiled = torch.compile(lambda a, b: loss_fn(model(a), b), fullgraph=True)
+        loss = compiled(x, y)
+        loss.backward()
+    assert_close(loss.detach(), eager.detach(), dtype=torch.float32)
+    for p, e in zip(model.parameters(), expected):
+        assert_close(p.grad, e, dtype=torch.float32)
