@@ -1,9 +1,292 @@
-"""Placeholder: being implemented."""
+"""Fused softmax + negative log-likelihood (cross-entropy): custom ops, autograd Function and
+backend dispatch.
+
+``cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+reduction="mean", label_smoothing=0.0)`` and ``nll_loss(...)`` have torch.nn.functional's
+signatures and semantics.
+
+Triton path (class-index targets, ``input`` [N, C] or [C], fp32/fp16/bf16 logits; fp64 only
+under the 'triton' backend):
+
+- ``torch.ops.fusedmlp.cross_entropy_fwd`` streams every row of logits once for the loss and,
+  when the logits require grad, a second time for the gradient of the loss, written into its
+  own buffer (the caller's logits are never written). The 'mean' normaliser (sum of w[y] over
+  the non-ignored rows) is a device scalar: no ``.item()``. For fp32/bf16 logits it is folded
+  into the saved gradient; for fp16 it is applied in the backward, so that a small ``1/N`` does
+  not underflow fp16 before a loss scale (``GradScaler``) multiplies it back up.
+- The backward (``cross_entropy_bwd_inplace``) only multiplies that buffer by ``grad_output``
+  (one value per row for reduction='none'), in place, skipping on the device every row whose
+  multiplier is exactly 1. When the graph is retained (``retain_graph=True``), outside an
+  autograd graph task, or under ``torch.compile``, the functional ``cross_entropy_bwd`` writes
+  a new tensor instead, so a second backward sees the untouched buffer.
+- Out-of-range targets raise ``IndexError`` (as torch on the CPU) from inside
+  ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path. Cost on a
+  GPU: a few elementwise kernels over the N targets plus ONE device-to-host synchronisation per
+  forward (tens of microseconds; the host can no longer queue work ahead of the GPU past this
+  point). The check is skipped during CUDA-graph capture (a sync is illegal there: such a row then
+  gets a NaN loss and a zero gradient row) and when ``CHECK_TARGETS`` is set to False.
+
+Under ``torch.autocast`` fp16/bf16 logits are cast to fp32 first, as autocast does for torch's
+cross_entropy (the loss is then fp32).
+
+Torch path (and every input the kernel does not cover: probability targets, [N, C, d1, ...]
+inputs, weights that require grad or differ in dtype, empty batches): ``F.cross_entropy`` /
+``F.nll_loss`` themselves. ``nll_loss`` always runs torch's implementation (a gather of N
+values; there is nothing to fuse).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.nn import _reduction as _Reduction
+
+from ..backend import use_triton
+from ._amp import fp32
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+
+# Set to False to skip the out-of-range target check (and its host synchronisation).
+CHECK_TARGETS = True
 
 
-def cross_entropy(*args, **kwargs):
-    raise NotImplementedError("cross_entropy is not implemented yet")
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def nll_loss(*args, **kwargs):
-    raise NotImplementedError("nll_loss is not implemented yet")
+def _folds_mean(dtype: torch.dtype) -> bool:
+    # fp16 keeps the 'mean' normaliser out of the saved gradient (underflow, see module doc).
+    return dtype != torch.float16
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward retains the graph (True outside a graph task and while
+    torch.compile traces: then the functional backward op is used)."""
+    if torch.compiler.is_compiling():
+        return True
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if getter is None:
+        return True
+    try:
+        return bool(getter())
+    except RuntimeError:
+        return True
+
+
+def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise IndexError for a target outside [0, C) other than ignore_index (one host sync)."""
+    if not CHECK_TARGETS:
+        return
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"Target {value} is out of bounds (expected 0 <= target < {num_classes}).")
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedmlp::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, grad, factor)`` for logits [N, C] and int64 targets [N].
+
+    loss: 0-d ('mean', 'sum') or [N] ('none') in the logits dtype. grad: [N, C] contiguous, in
+    the logits dtype, such that d(loss)/d(logits) = ``grad * grad_output[:, None] * factor``;
+    empty [0] when ``compute_grad`` is False (no gradient written). factor: 0-d (fp32, fp64 for
+    fp64 logits): 1, or 1/sum(w[y]) for 'mean' with fp16 logits.
+    Raises IndexError for out-of-range targets (see the module docstring for its cost).
+    """
+    from ..kernels import cross_entropy as K
+
+    n, c = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    _check_targets(target, c, ignore_index)
+    w = weight.to(acc).contiguous() if weight is not None else None
+    factor = torch.ones((), device=logits.device, dtype=acc)
+    scale = None
+    wsum = None
+    if reduction == "mean":
+        valid = target != ignore_index
+        if w is not None:
+            wsum = torch.where(valid, w[target.clamp(0, c - 1)], 0.0).sum()
+        else:
+            wsum = valid.sum(dtype=acc)
+        inv = 1.0 / wsum
+        if _folds_mean(logits.dtype):
+            scale = inv
+        else:
+            factor = inv
+    loss_rows, grad = K.cross_entropy_fwd(
+        logits, target, w, ignore_index, label_smoothing, scale, compute_grad
+    )
+    if reduction == "mean":
+        loss = loss_rows.sum() / wsum
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows
+    return loss.to(logits.dtype), grad, factor
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
+    n, c = logits.shape
+    loss = logits.new_empty((n,) if reduction == "none" else ())
+    grad = logits.new_empty((n, c) if compute_grad else (0,))
+    factor = logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+    return loss, grad, factor
+
+
+@torch.library.custom_op("fusedmlp::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(grad: Tensor, grad_output: Tensor, factor: Tensor) -> Tensor:
+    """``grad * grad_output[:, None] * factor`` (grad_output 0-d or [N]) as a new tensor."""
+    from ..kernels import cross_entropy as K
+
+    out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+    return K.cross_entropy_scale(grad, grad_output, factor, out=out)
+
+
+@cross_entropy_bwd.register_fake
+def _(grad, grad_output, factor):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fusedmlp::cross_entropy_bwd_inplace", mutates_args=["grad"])
+def cross_entropy_bwd_inplace(grad: Tensor, grad_output: Tensor, factor: Tensor) -> None:
+    """``grad *= grad_output[:, None] * factor`` in place; rows whose multiplier is exactly 1
+    are not touched (decided on the device)."""
+    from ..kernels import cross_entropy as K
+
+    K.cross_entropy_scale(grad, grad_output, factor)
+
+
+@cross_entropy_bwd_inplace.register_fake
+def _(grad, grad_output, factor):
+    return None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy over logits [N, C] with class-index targets [N] on the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction):
+        compute_grad = bool(ctx.needs_input_grad[0])
+        loss, grad, factor = torch.ops.fusedmlp.cross_entropy_fwd(
+            logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad
+        )
+        if compute_grad:
+            ctx.save_for_backward(grad, factor)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad, factor = ctx.saved_tensors
+        if _keep_graph():
+            dx = torch.ops.fusedmlp.cross_entropy_bwd(grad, grad_output, factor)
+        else:  # the buffer is ours and dies with this graph: scale it in place
+            torch.ops.fusedmlp.cross_entropy_bwd_inplace(grad, grad_output, factor)
+            dx = grad
+        return dx, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_covers(input, target, weight, reduction, label_smoothing) -> bool:
+    """Whether the kernel covers this call (otherwise torch's own implementation runs)."""
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+        return False
+    if input.dtype not in _TRITON_DTYPES or target.dtype != torch.int64:
+        return False
+    if input.dim() not in (1, 2) or target.dim() != input.dim() - 1:
+        return False
+    if input.dim() == 2 and target.shape[0] != input.shape[0]:
+        return False
+    if input.numel() == 0 or target.device != input.device:
+        return False
+    if weight is not None:
+        if not isinstance(weight, Tensor) or weight.dim() != 1:
+            return False
+        if weight.numel() != input.shape[-1] or weight.dtype != input.dtype:
+            return False
+        if weight.device != input.device or weight.requires_grad:
+            return False
+    if reduction not in _REDUCTIONS:
+        return False
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
+        return False
+    return True
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``torch.nn.functional.cross_entropy`` on the fused Triton kernel where it applies."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    input, weight = fp32(input, weight)  # autocast: torch's fp32 list
+    if _triton_covers(input, target, weight, reduction, label_smoothing) and use_triton(
+        input, target, weight
+    ):
+        unbatched = input.dim() == 1
+        logits = input.unsqueeze(0) if unbatched else input
+        tgt = target.unsqueeze(0) if unbatched else target
+        loss = CrossEntropyFunction.apply(
+            logits, tgt, weight, int(ignore_index), float(label_smoothing), reduction
+        )
+        return loss.squeeze(0) if unbatched and reduction == "none" else loss
+    return F.cross_entropy(
+        input,
+        target,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``torch.nn.functional.nll_loss`` (torch's implementation on every backend: it gathers
+    N values of the log-probabilities, there is nothing to fuse)."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    input, weight = fp32(input, weight)  # autocast: torch's fp32 list
+    return F.nll_loss(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+__all__ = ["CHECK_TARGETS", "CrossEntropyFunction", "cross_entropy", "nll_loss"]

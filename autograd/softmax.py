@@ -1,9 +1,101 @@
-"""Placeholder: being implemented."""
+"""Softmax and log-softmax over a dimension: custom ops, autograd Function and backend dispatch.
+
+``softmax(input, dim=None, _stacklevel=3, dtype=None)`` and ``log_softmax(...)`` have
+torch.nn.functional's signatures: ``dim=None`` picks torch's implicit dimension (with torch's
+deprecation warning), ``dtype`` casts the input first.
+
+- Triton path: ``torch.ops.fusedmlp.softmax_fwd`` / ``softmax_bwd`` (functional custom ops over
+  ``fusedmlp.kernels.softmax``) tied together by ``SoftmaxFunction``; the output is saved for the
+  backward, as torch does. Double backward raises (``once_differentiable``).
+- Torch path (and 0-d or empty inputs): ``torch.softmax`` / ``torch.log_softmax``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..backend import use_triton
+from ._amp import softmax_dtype
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def softmax(*args, **kwargs):
-    raise NotImplementedError("softmax is not implemented yet")
+@torch.library.custom_op("fusedmlp::softmax_fwd", mutates_args=())
+def softmax_fwd(x: Tensor, dim: int, log: bool) -> Tensor:
+    """Softmax (log=False) or log-softmax of ``x`` over ``dim`` (>= 0); contiguous output."""
+    from ..kernels import softmax as K
+
+    return K.softmax_fwd(x, dim, log)
 
 
-def log_softmax(*args, **kwargs):
-    raise NotImplementedError("log_softmax is not implemented yet")
+@softmax_fwd.register_fake
+def _(x, dim, log):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fusedmlp::softmax_bwd", mutates_args=())
+def softmax_bwd(y: Tensor, grad: Tensor, dim: int, log: bool) -> Tensor:
+    """Input gradient from the saved output ``y`` and the output gradient ``grad``."""
+    from ..kernels import softmax as K
+
+    return K.softmax_bwd(y, grad, dim, log)
+
+
+@softmax_bwd.register_fake
+def _(y, grad, dim, log):
+    return y.new_empty(y.shape)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Softmax / log-softmax over ``dim`` on the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, dim, log):
+        y = torch.ops.fusedmlp.softmax_fwd(x, dim, log)
+        ctx.save_for_backward(y)
+        ctx.dim = dim
+        ctx.log = log
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.ops.fusedmlp.softmax_bwd(y, grad, ctx.dim, ctx.log), None, None
+
+
+def _dispatch(name, input, dim, stacklevel, dtype, log):
+    if not isinstance(input, Tensor):  # torch's own TypeError
+        return F.log_softmax(input, dim) if log else F.softmax(input, dim)
+    if dim is None:
+        dim = F._get_softmax_dim(name, input.dim(), stacklevel + 1)
+    dtype = softmax_dtype(input, dtype)  # autocast: torch's CUDA policy
+    if dtype is not None:
+        input = input.to(dtype)
+    ndim = input.dim()
+    if (
+        ndim > 0
+        and input.numel() > 0
+        and input.dtype in _TRITON_DTYPES
+        and isinstance(dim, int)
+        and -ndim <= dim < ndim
+        and use_triton(input)
+    ):
+        return SoftmaxFunction.apply(input, dim % ndim, log)
+    return torch.log_softmax(input, dim) if log else torch.softmax(input, dim)
+
+
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype=None) -> Tensor:
+    """``torch.nn.functional.softmax`` on the Triton kernels where the backend selects them."""
+    return _dispatch("softmax", input, dim, _stacklevel, dtype, log=False)
+
+
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype=None) -> Tensor:
+    """``torch.nn.functional.log_softmax`` on the Triton kernels where the backend selects them."""
+    return _dispatch("log_softmax", input, dim, _stacklevel, dtype, log=True)
+
+
+__all__ = ["SoftmaxFunction", "log_softmax", "softmax"]

@@ -20,8 +20,9 @@ import argparse
 import math
 import time
 
-import fusedmlp
 import torch
+
+import fusedmlp
 
 
 def create_model(with_batchnorm: bool, nc: int = 32, depth: int = 16) -> torch.nn.Sequential:

@@ -1,9 +1,26 @@
-"""Placeholder: being implemented."""
+"""Drop-in ``torch.nn.Softmax`` and ``torch.nn.LogSoftmax`` (``dim=None`` follows torch's
+implicit-dimension rule with its deprecation warning)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..autograd.softmax import log_softmax, softmax
 
 
-def Softmax(*args, **kwargs):
-    raise NotImplementedError("Softmax is not implemented yet")
+class Softmax(torch.nn.Softmax):
+    """``torch.nn.Softmax(dim=None)`` on fusedmlp's softmax kernels."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return softmax(input, self.dim, _stacklevel=5)
 
 
-def LogSoftmax(*args, **kwargs):
-    raise NotImplementedError("LogSoftmax is not implemented yet")
+class LogSoftmax(torch.nn.LogSoftmax):
+    """``torch.nn.LogSoftmax(dim=None)`` on fusedmlp's log-softmax kernels."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return log_softmax(input, self.dim, _stacklevel=5)
+
+
+__all__ = ["LogSoftmax", "Softmax"]

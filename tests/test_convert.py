@@ -2,10 +2,11 @@
 
 import copy
 
-import fusedmlp
 import pytest
 import torch
 from conftest import DEVICE, assert_close
+
+import fusedmlp
 from fusedmlp.nn import convert
 
 F = fusedmlp.nn

@@ -7,7 +7,6 @@ keep mask read from the output, and the stream itself against a Python Philox4x3
 
 import warnings
 
-import fusedmlp
 import numpy as np
 import pytest
 import torch
@@ -15,11 +14,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from conftest import DEVICE, assert_close
+from torch.utils.checkpoint import checkpoint
+
+import fusedmlp
 from fusedmlp.autograd.dropout import dropout2d
 from fusedmlp.functional import dropout
 from fusedmlp.kernels import dropout as K
 from fusedmlp.nn import Dropout, Dropout2d
-from torch.utils.checkpoint import checkpoint
 
 KERNEL = "_dropout_kernel"
 

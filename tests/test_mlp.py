@@ -2,10 +2,11 @@
 
 import math
 
-import fusedmlp
 import pytest
 import torch
 from conftest import assert_close
+
+import fusedmlp
 from fusedmlp.nn import MLP
 
 

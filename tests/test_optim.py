@@ -3,10 +3,11 @@
 import copy
 import inspect
 
-import fusedmlp
 import pytest
 import torch
 from conftest import DEVICE
+
+import fusedmlp
 from fusedmlp.optim import SGD, Adam, AdamW
 
 STEPS = 30

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from fusedmlp.cli import data as cli_data
 from fusedmlp.cli.main import main
 

@@ -1,0 +1,281 @@
+"""Fused softmax + negative log-likelihood (cross-entropy) over class indices.
+
+Forward (``cross_entropy_fwd``): one program per row of ``logits`` [N, C] (any strides). The row
+is streamed in chunks of ``BLOCK_C`` classes with an online softmax (running max ``m`` and
+running sum ``s`` of ``exp(x - m)``), so a row is never loaded whole (C = 262,144 works). With
+``COMPUTE_GRAD`` the same program streams the row a second time and writes d(row loss)/d(logits)
+into its own buffer ``grad`` [N, C] (contiguous, logits dtype), optionally multiplied by
+``*SCALE`` (1 / sum of w[y], the 'mean' normaliser, a device scalar): no host synchronisation.
+
+Row loss (torch's definition, ``eps`` = label_smoothing, ``w`` = class weights or ones):
+    L = (1 - eps) * w[y] * (lse - x[y]) + (eps / C) * sum_c w[c] * (lse - x[c])
+Gradient derived from it (``p = softmax(x)``, ``W = sum_c w[c]``):
+    dL/dx[j] = p[j] * ((1 - eps) * w[y] + (eps / C) * W) - (1 - eps) * w[y] * [j == y] - (eps / C) * w[j]
+Ignored rows (target == ignore_index) write loss 0 and a zero gradient row. Rows whose target is
+out of range write loss NaN and a zero gradient row (the op raises before that matters, see
+``fusedmlp.autograd.cross_entropy``).
+
+Backward (``cross_entropy_scale``): multiplies the saved gradient by ``grad_output`` (a scalar or
+one value per row, any stride) times a device scalar ``factor``. In place it skips, on the
+device, every row whose multiplier is exactly 1 (``loss.backward()`` of a 'mean'/'sum' loss moves
+no gradient bytes at all); out of place it writes a new buffer.
+
+Arithmetic in fp32 (fp64 for fp64 logits); fp32/fp16/bf16/fp64 logits; int64 targets.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch, on_device
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_C": 2048}, num_warps=8),
+    triton.Config({"BLOCK_C": 4096}, num_warps=8),
+    triton.Config({"BLOCK_C": 4096}, num_warps=16),
+    triton.Config({"BLOCK_C": 8192}, num_warps=16),
+    triton.Config({"BLOCK_C": 1024}, num_warps=4),
+]
+# Small chunk under the interpreter, so the tests exercise many chunks per row.
+_FWD_INTERPRET = triton.Config({"BLOCK_C": 64}, num_warps=4)
+
+# One configuration: an elementwise pass needs no tuning, and autotuning an in-place kernel
+# would apply the scaling once per trial.
+_SCALE_CONFIGS = [triton.Config({"BLOCK": 4096}, num_warps=8)]
+_SCALE_INTERPRET = triton.Config({"BLOCK": 64}, num_warps=4)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    X,
+    stride_xn,
+    stride_xc,
+    T,
+    stride_t,
+    W,
+    LOSS,
+    GRAD,
+    SCALE,
+    C,
+    ignore_index,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    if FP64:
+        ACC: tl.constexpr = tl.float64
+    else:
+        ACC: tl.constexpr = tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xn
+    g_row = GRAD + row * C
+    t = tl.load(T + row * stride_t)
+    cols = tl.arange(0, BLOCK_C)
+    valid = t != ignore_index
+    in_range = (t >= 0) & (t < C)
+    if valid & in_range:
+        m = tl.full((), float("-inf"), ACC)
+        s = tl.zeros((), ACC)
+        sum_wx = tl.zeros((), ACC)  # sum_c w[c] * x[c]
+        sum_w = tl.zeros((), ACC)  # sum_c w[c]
+        for c0 in range(0, C, BLOCK_C):
+            offs = c0 + cols
+            mask = offs < C
+            x = tl.load(x_row + offs.to(tl.int64) * stride_xc, mask=mask, other=float("-inf"))
+            x = x.to(ACC)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            # while every logit so far is -inf keep s = 0 (avoid exp(-inf + inf) = nan)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+            m = m_new
+            if HAS_SMOOTHING:
+                xz = tl.where(mask, x, 0.0)
+                if HAS_WEIGHT:
+                    w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
+                    sum_wx += tl.sum(w * xz, 0)
+                    sum_w += tl.sum(w, 0)
+                else:
+                    sum_wx += tl.sum(xz, 0)
+        lse = m + tl.log(s)
+        x_t = tl.load(x_row + t * stride_xc).to(ACC)
+        if HAS_WEIGHT:
+            w_t = tl.load(W + t).to(ACC)
+        else:
+            w_t = tl.full((), 1.0, ACC)
+        if HAS_SMOOTHING:
+            if not HAS_WEIGHT:
+                sum_w = tl.zeros((), ACC) + C
+            e_c = eps / C
+            loss = (1.0 - eps) * w_t * (lse - x_t) + e_c * (sum_w * lse - sum_wx)
+            coef_p = (1.0 - eps) * w_t + e_c * sum_w
+            coef_t = (1.0 - eps) * w_t
+        else:
+            loss = w_t * (lse - x_t)
+            coef_p = w_t
+            coef_t = w_t
+        tl.store(LOSS + row, loss)
+        if COMPUTE_GRAD:
+            if HAS_SCALE:
+                scale = tl.load(SCALE).to(ACC)
+                coef_p = coef_p * scale
+                coef_t = coef_t * scale
+            else:
+                scale = tl.full((), 1.0, ACC)
+            for c0 in range(0, C, BLOCK_C):
+                offs = c0 + cols
+                mask = offs < C
+                x = tl.load(x_row + offs.to(tl.int64) * stride_xc, mask=mask, other=0.0)
+                p = tl.exp(x.to(ACC) - lse)
+                g = p * coef_p - tl.where(offs == t, coef_t, 0.0)
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
+                        g -= (e_c * scale) * w
+                    else:
+                        g -= e_c * scale
+                tl.store(g_row + offs, g.to(GRAD.dtype.element_ty), mask=mask)
+    else:
+        if valid:  # out-of-range target: NaN loss (the op raises on the host side)
+            tl.store(LOSS + row, tl.full((), float("nan"), ACC))
+        else:
+            tl.store(LOSS + row, tl.zeros((), ACC))
+        if COMPUTE_GRAD:
+            zero = tl.zeros((BLOCK_C,), GRAD.dtype.element_ty)
+            for c0 in range(0, C, BLOCK_C):
+                offs = c0 + cols
+                tl.store(g_row + offs, zero, mask=offs < C)
+
+
+@triton.jit
+def _ce_scale_kernel(
+    G,
+    OUT,
+    GO,
+    stride_go,
+    FACTOR,
+    C,
+    INPLACE: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if FP64:
+        ACC: tl.constexpr = tl.float64
+    else:
+        ACC: tl.constexpr = tl.float32
+    n_blocks = tl.cdiv(C, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_blocks
+    blk = pid % n_blocks
+    f = tl.load(GO + row * stride_go).to(ACC) * tl.load(FACTOR).to(ACC)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    ptr = row * C + offs
+    if INPLACE:
+        if f != 1.0:
+            g = tl.load(G + ptr, mask=mask, other=0.0).to(ACC)
+            tl.store(OUT + ptr, (g * f).to(OUT.dtype.element_ty), mask=mask)
+    else:
+        g = tl.load(G + ptr, mask=mask, other=0.0).to(ACC)
+        tl.store(OUT + ptr, (g * f).to(OUT.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    scale: torch.Tensor | None,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses and (optionally) the gradient of the summed row losses.
+
+    logits [N, C] fp32/fp16/bf16/fp64, any strides; target [N] int64, any stride; weight [C] in
+    the accumulation dtype (contiguous) or None; scale a 0-d accumulation-dtype device tensor
+    multiplied into the gradient (the 'mean' normaliser) or None.
+    Returns ``loss_rows`` [N] (fp32, fp64 for fp64 logits; 0 for ignored rows, NaN for
+    out-of-range targets) and ``grad`` [N, C] contiguous in the logits dtype (shape [0] when
+    ``compute_grad`` is False: nothing is written).
+    """
+    n, c = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    loss = torch.empty(n, device=logits.device, dtype=acc)
+    if compute_grad:
+        grad = torch.empty((n, c), device=logits.device, dtype=logits.dtype)
+    else:
+        grad = torch.empty(0, device=logits.device, dtype=logits.dtype)
+    if n == 0:
+        return loss, grad
+    with on_device(logits):
+        launch(
+            _ce_fwd_kernel,
+            (n,),
+            configs=_FWD_CONFIGS,
+            key=["C", "HAS_WEIGHT", "HAS_SMOOTHING", "COMPUTE_GRAD"],
+            interpret_config=_FWD_INTERPRET,
+            X=logits,
+            stride_xn=logits.stride(0),
+            stride_xc=logits.stride(1),
+            T=target,
+            stride_t=target.stride(0),
+            W=weight if weight is not None else loss,
+            LOSS=loss,
+            GRAD=grad if compute_grad else loss,
+            SCALE=scale if scale is not None else loss,
+            C=c,
+            ignore_index=int(ignore_index),
+            eps=float(label_smoothing),
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=float(label_smoothing) > 0.0,
+            COMPUTE_GRAD=bool(compute_grad),
+            HAS_SCALE=scale is not None,
+            FP64=logits.dtype == torch.float64,
+        )
+    return loss, grad
+
+
+def cross_entropy_scale(
+    grad: torch.Tensor,
+    grad_output: torch.Tensor,
+    factor: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = grad * grad_output[row] * factor``.
+
+    grad [N, C] contiguous; grad_output 0-d (one multiplier for every row) or [N] (any stride);
+    factor 0-d. ``out=None`` scales ``grad`` in place and skips rows whose multiplier is exactly
+    1 (decided on the device); otherwise ``out`` ([N, C] contiguous) receives the product.
+    """
+    n, c = grad.shape
+    inplace = out is None
+    if inplace:
+        out = grad
+    if n == 0 or c == 0:
+        return out
+    stride_go = 0 if grad_output.dim() == 0 else grad_output.stride(0)
+    with on_device(grad):
+        launch(
+            _ce_scale_kernel,
+            lambda meta: (n * triton.cdiv(c, meta["BLOCK"]),),
+            configs=_SCALE_CONFIGS,
+            interpret_config=_SCALE_INTERPRET,
+            G=grad,
+            OUT=out,
+            GO=grad_output,
+            stride_go=stride_go,
+            FACTOR=factor,
+            C=c,
+            INPLACE=inplace,
+            FP64=grad.dtype == torch.float64,
+        )
+    return out

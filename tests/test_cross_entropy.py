@@ -1,0 +1,284 @@
+"""fusedmlp cross_entropy / nll_loss / CrossEntropyLoss / NLLLoss against torch's own."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from conftest import DEVICE, assert_close
+
+import fusedmlp
+from fusedmlp.functional import cross_entropy, nll_loss
+
+KERNEL = "_ce_fwd_kernel"
+SCALE = "_ce_scale_kernel"
+
+
+def _data(n, c, dtype=torch.float32, ignore_index=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * 2).to(dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    if ignore_index is not None:
+        t[::3] = ignore_index
+    w = torch.rand(c, generator=g).to(dtype) + 0.1
+    return x.to(DEVICE), t.to(DEVICE), w.to(DEVICE)
+
+
+def _run(fn, x, t, go, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, t, **kw)
+    loss.backward(go)
+    return loss.detach(), x.grad
+
+
+def _grad_output(reduction, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if reduction == "none":
+        return torch.randn(n, generator=g).to(DEVICE)
+    return torch.tensor(0.7).to(DEVICE)
+
+
+def _expect_launches(launches, backend, fwd=1, scale=1):
+    if backend == "triton":
+        assert launches[KERNEL] == fwd and launches[SCALE] == scale, dict(launches)
+    else:
+        assert launches.total == 0, dict(launches)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grid_matches_torch(backend, launches, reduction, ignore_index, label_smoothing, weighted):
+    n, c = 7, 70  # 70 classes: two chunks under the interpreter
+    x, t, w = _data(n, c, ignore_index=ignore_index if ignore_index != -100 else None)
+    kw = dict(
+        weight=w if weighted else None,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    go = _grad_output(reduction, n)
+    loss, grad = _run(cross_entropy, x, t, go, **kw)
+    _expect_launches(launches, backend)
+    ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, **kw)
+    assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("c", [1, 2, 7, 64, 65, 200])
+def test_num_classes_and_chunks(triton_backend, launches, c):
+    x, t, w = _data(5, c, ignore_index=-100)
+    kw = dict(weight=w, label_smoothing=0.1)
+    go = torch.tensor(1.0, device=DEVICE)  # multiplier 1: the in-place backward skips every row
+    loss, grad = _run(cross_entropy, x, t, go, **kw)
+    assert launches[KERNEL] == 1 and launches[SCALE] == 1
+    ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, **kw)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+def test_262144_classes(triton_backend, monkeypatch):
+    from fusedmlp.kernels import cross_entropy as K
+
+    # a realistic chunk (4096 classes, 64 chunks per row) keeps the interpreter fast
+    monkeypatch.setattr(K, "_FWD_INTERPRET", triton.Config({"BLOCK_C": 4096}, num_warps=8))
+    monkeypatch.setattr(K, "_SCALE_INTERPRET", triton.Config({"BLOCK": 4096}, num_warps=8))
+    x, t, w = _data(2, 262_144, ignore_index=None)
+    t[1] = 262_143
+    go = torch.tensor(3.0, device=DEVICE)
+    loss, grad = _run(cross_entropy, x, t, go, label_smoothing=0.05)
+    ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, label_smoothing=0.05)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_ignored_batch(backend, reduction, weighted):
+    x, t, w = _data(4, 9)
+    t.fill_(-100)
+    kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=0.1)
+    go = _grad_output(reduction, 4)
+    loss, grad = _run(cross_entropy, x, t, go, **kw)
+    ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, **kw)
+    if reduction == "mean":
+        assert torch.isnan(loss) and torch.isnan(ref_loss)
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True)
+    assert torch.equal(grad, torch.zeros_like(grad)) and torch.equal(ref_grad, grad)
+
+
+def test_logits_feed_a_second_loss_term(backend, launches):
+    g = torch.Generator().manual_seed(3)
+    inp = torch.randn(6, 5, generator=g).to(DEVICE)
+    lin = torch.randn(40, 5, generator=g).to(DEVICE)
+    t = torch.randint(0, 40, (6,), generator=g).to(DEVICE)
+
+    def run(fn):
+        a = inp.clone().requires_grad_()
+        logits = a @ lin.t()  # the matmul saved `a`; the second term saves `logits`
+        before = logits.detach().clone()
+        loss = fn(logits, t, label_smoothing=0.1) + 0.5 * (logits**2).mean()
+        loss.backward(retain_graph=True)
+        first = a.grad.clone()
+        loss.backward()  # the retained graph: the saved gradient buffer must be intact
+        assert torch.equal(logits.detach(), before)  # the caller's logits were not written
+        return loss.detach(), first, a.grad
+
+    loss, g1, g2 = run(cross_entropy)
+    if backend == "triton":
+        assert launches[KERNEL] == 1 and launches[SCALE] == 2
+    ref_loss, r1, r2 = run(F.cross_entropy)
+    assert_close(loss, ref_loss)
+    assert_close(g1, r1)
+    assert_close(g2, r2)
+
+
+@pytest.mark.parametrize("bad", [9, -1, 100])
+def test_out_of_range_targets_raise(backend, bad):
+    x, t, _ = _data(5, 9)
+    t[3] = bad
+    with pytest.raises(IndexError):
+        F.cross_entropy(x, t)
+    with pytest.raises(IndexError, match="out of bounds"):
+        cross_entropy(x, t)
+    # the same value as ignore_index is fine
+    torch.testing.assert_close(
+        cross_entropy(x, t, ignore_index=bad), F.cross_entropy(x, t, ignore_index=bad)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision(triton_backend, launches, dtype, reduction):
+    x, t, w = _data(9, 70, dtype=dtype, ignore_index=1)
+    kw = dict(weight=w, ignore_index=1, reduction=reduction, label_smoothing=0.1)
+    # a large loss scale, as GradScaler applies
+    go = _grad_output(reduction, 9) * 1024
+    loss, grad = _run(cross_entropy, x, t, go.to(dtype), **kw)
+    assert launches[KERNEL] == 1
+    assert loss.dtype == dtype and grad.dtype == dtype
+    ref_loss, ref_grad = _run(F.cross_entropy, x.float(), t, go, **{**kw, "weight": w.float()})
+    assert_close(loss, ref_loss.to(dtype))
+    assert_close(grad, ref_grad.to(dtype), scale=1024 if reduction == "none" else 100)
+
+
+def test_noncontiguous_unbatched_and_no_grad(backend, launches):
+    x, t, w = _data(8, 33)
+    xt = x.t().contiguous().t()  # column-major logits
+    assert not xt.is_contiguous()
+    go = torch.tensor(2.0, device=DEVICE)
+    loss, grad = _run(cross_entropy, xt, t, go, weight=w)
+    ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, weight=w)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+    # unbatched [C] logits with a 0-d target
+    for reduction in ("mean", "none"):
+        assert_close(
+            cross_entropy(x[0], t[0], reduction=reduction),
+            F.cross_entropy(x[0], t[0], reduction=reduction),
+        )
+    # logits that do not require grad: the forward alone
+    launches.clear()
+    with torch.no_grad():
+        assert_close(cross_entropy(x, t), F.cross_entropy(x, t))
+    _expect_launches(launches, backend, fwd=1, scale=0)
+
+
+def test_uncovered_inputs_go_to_torch(triton_backend, launches):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 4, generator=g).to(DEVICE)  # [N, C, d1]
+    t = torch.randint(0, 5, (3, 4), generator=g).to(DEVICE)
+    assert_close(
+        cross_entropy(x, t, label_smoothing=0.2), F.cross_entropy(x, t, label_smoothing=0.2)
+    )
+    probs = torch.softmax(torch.randn(3, 5, generator=g), 1).to(DEVICE)
+    x2 = x[:, :, 0]
+    assert_close(cross_entropy(x2, probs), F.cross_entropy(x2, probs))
+    assert launches.total == 0
+    with pytest.raises(ValueError):
+        cross_entropy(x2, t[:, 0], reduction="avg")
+    with pytest.raises(ValueError, match="batch_size"):
+        cross_entropy(x2, t[:2, 0])  # batch size mismatch: torch's own error
+    assert launches.total == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64_triton(triton_backend, launches, reduction):
+    x, t, w = _data(3, 66, dtype=torch.float64, ignore_index=3)
+    x = x.requires_grad_()
+    fn = lambda inp: cross_entropy(
+        inp, t, weight=w, ignore_index=3, reduction=reduction, label_smoothing=0.2
+    )
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert launches[KERNEL] > 0 and launches[SCALE] > 0
+    assert_close(
+        fn(x),
+        F.cross_entropy(x, t, weight=w, ignore_index=3, reduction=reduction, label_smoothing=0.2),
+    )
+
+
+def test_double_backward_raises(triton_backend):
+    x, t, _ = _data(3, 5)
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(x, t), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_modules_and_legacy_arguments(backend):
+    x, t, w = _data(6, 11, ignore_index=0)
+    for kw in (
+        dict(),
+        dict(weight=w, ignore_index=0, reduction="sum", label_smoothing=0.3),
+        dict(size_average=False),
+        dict(reduce=False),
+    ):
+        ours, ref = fusedmlp.nn.CrossEntropyLoss(**kw), torch.nn.CrossEntropyLoss(**kw)
+        assert repr(ours) == repr(ref)
+        assert ours.state_dict().keys() == ref.state_dict().keys()
+        assert_close(ours(x, t), ref(x, t))
+        kw.pop("label_smoothing", None)
+        lp = torch.log_softmax(x, 1)
+        assert_close(fusedmlp.nn.NLLLoss(**kw)(lp, t), torch.nn.NLLLoss(**kw)(lp, t))
+        assert_close(nll_loss(lp, t, **kw), F.nll_loss(lp, t, **kw))
+    m = fusedmlp.nn.CrossEntropyLoss(weight=w)
+    assert "weight" in dict(m.named_buffers()) and torch.equal(m.state_dict()["weight"], w)
+    assert isinstance(m, torch.nn.CrossEntropyLoss)
+
+
+def test_torch_compile_fullgraph(triton_backend, launches):
+    from fusedmlp.functional import log_softmax
+
+    x, t, w = _data(6, 70, ignore_index=2)
+
+    def f(inp):
+        loss = cross_entropy(inp, t, weight=w, ignore_index=2, label_smoothing=0.1)
+        return loss + log_softmax(inp, 0).mean()
+
+    def ref(inp):
+        loss = F.cross_entropy(inp, t, weight=w, ignore_index=2, label_smoothing=0.1)
+        return loss + F.log_softmax(inp, 0).mean()
+
+    loss, grad = _run(
+        lambda inp, _t: torch.compile(f, backend="aot_eager", fullgraph=True)(inp), x, t, None
+    )
+    assert launches[KERNEL] == 1 and launches["_softmax_fwd_kernel"] == 1
+    ref_loss, ref_grad = _run(lambda inp, _t: ref(inp), x, t, None)
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad)
+    bad = t.clone()
+    bad[0] = 70
+    with pytest.raises(IndexError):
+        torch.compile(lambda inp: cross_entropy(inp, bad), backend="aot_eager", fullgraph=True)(x)
+
+
+def test_autocast_computes_in_fp32_as_torch(backend, launches):
+    x, t, w = _data(5, 70, dtype=torch.bfloat16)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        loss, grad = _run(cross_entropy, x, t, None, weight=w)
+        ref_loss, ref_grad = _run(F.cross_entropy, x, t, None, weight=w)
+    assert loss.dtype == ref_loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert_close(loss, ref_loss)
+    assert_close(grad, ref_grad, dtype=torch.bfloat16)
+    assert launches[KERNEL] == (1 if backend == "triton" else 0)
