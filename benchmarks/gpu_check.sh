@@ -115,7 +115,11 @@ for f in "${TESTS[@]}"; do
   if [[ -f $f ]]; then SELECTED+=("$f"); else log "note: $f does not exist, not run"; fi
 done
 if ((${#SELECTED[@]})); then
+  # pytest-xdist (in the GPU image) spreads the kernel compiles over the CPU cores.
+  XDIST=()
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
   step tests 200 env FUSEDMLP_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \
+    ${XDIST[@]+"${XDIST[@]}"} \
     -k 'not fuzz and not hypothesis' --durations=15 -rfEs "${SELECTED[@]}"
   tail -n 3 "$DIR/tests.log" 2>/dev/null | tee -a "$DIR/summary.txt"
 else
