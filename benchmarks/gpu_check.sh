@@ -118,7 +118,7 @@ if ((${#SELECTED[@]})); then
   # pytest-xdist (in the GPU image) spreads the kernel compiles over the CPU cores.
   XDIST=()
   "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-  step tests 200 env FUSEDMLP_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \
+  step tests 150 env FUSEDMLP_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \
     ${XDIST[@]+"${XDIST[@]}"} \
     -k 'not fuzz and not hypothesis' --durations=15 -rfEs "${SELECTED[@]}"
   tail -n 3 "$DIR/tests.log" 2>/dev/null | tee -a "$DIR/summary.txt"
@@ -162,7 +162,7 @@ EOF
 
 # 5. fusedmlp verify (written by another issue: tolerate it missing)
 if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then
-  step verify 60 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
+  step verify 100 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
 else
   log "note: 'fusedmlp verify --help' fails: verify not available, skipped"
 fi

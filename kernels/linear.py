@@ -213,6 +213,7 @@ def _linear_fwd_kernel(
             _dot_operand(b, INTERPRET),
             acc,
             input_precision=DOT_PRECISION,
+            out_dtype=acc.dtype,  # triton 3.6 asserts an fp64 accumulator gets fp64 out
         )
         x_ptrs += x_step
         w_ptrs += w_step
@@ -290,6 +291,7 @@ def _linear_dx_kernel(
             _dot_operand(w, INTERPRET),
             acc,
             input_precision=DOT_PRECISION,
+            out_dtype=acc.dtype,  # triton 3.6 asserts an fp64 accumulator gets fp64 out
         )
         dy_ptrs += dy_step
         t_ptrs += t_step
@@ -440,6 +442,7 @@ def _dw_kernel_gemm_part(
             _dot_operand(x, INTERPRET),
             acc,
             input_precision=DOT_PRECISION,
+            out_dtype=acc.dtype,  # triton 3.6 asserts an fp64 accumulator gets fp64 out
         )
         dy_ptrs += dy_step
         t_ptrs += t_step

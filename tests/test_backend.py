@@ -97,8 +97,14 @@ def test_auto_uses_fallback_for_cpu_and_float64():
 
 
 def test_triton_backend_on_cpu_uses_interpreter():
+    from conftest import ON_GPU
+
     with fusedmlp.use_backend("triton"):
-        assert backend.use_triton(torch.zeros(2), None)
+        if ON_GPU:  # compiled kernels: CPU tensors are refused before any launch
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+                backend.use_triton(torch.zeros(2), None)
+        else:
+            assert backend.use_triton(torch.zeros(2), None)
 
 
 def test_triton_backend_without_interpreter_says_what_to_do():
