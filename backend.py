@@ -32,8 +32,12 @@ def _validate(name: str) -> str:
 _BACKEND: str = _validate(os.environ.get("FUSEDMLP_BACKEND", "auto") or "auto")
 
 
+# Looked up once (no import of triton): torch.compile cannot trace importlib's find_spec.
+_TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def _require_triton() -> None:

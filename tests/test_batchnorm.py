@@ -198,7 +198,8 @@ def test_large_offset_is_stable(backend, launches):
     bound = 2e-3 if backend == "triton" else 1e-2
     assert_close(y.double(), ref, atol=bound, rtol=0)
     assert_close(y, F.batch_norm(x.detach(), None, None, training=True), atol=1e-2, rtol=0)
-    assert_close(rv.double(), x64.var(0), rtol=1e-4, atol=0)
+    # torch's own CUDA batch_norm (the torch backend on a GPU) is ~2e-4 off here
+    assert_close(rv.double(), x64.var(0), rtol=1e-4 if backend == "triton" else 1e-3, atol=0)
     mean_rtol = 2.5e-7 if backend == "triton" else 1e-6  # ~2 fp32 ulp (torch: ~4 ulp)
     assert_close(rm.double(), x64.mean(0), rtol=mean_rtol, atol=0)
     dy = torch.randn_like(y)
@@ -344,7 +345,16 @@ def test_errors_match_torch(backend, launches):
         lambda bn: bn(x, zeros, ones, training=False, eps=-1.0),
     ]
     for case in functional:
-        assert _error(case, batch_norm) == _error(case, F.batch_norm)
+        (ours_type, ours_msg), (torch_type, torch_msg) = (
+            _error(case, batch_norm),
+            _error(case, F.batch_norm),
+        )
+        assert ours_type is torch_type
+        # torch 2.11 and 2.13 word the eps message differently ("... positive[ during
+        # training], but got 0.0"): the messages agree up to their first comma.
+        assert ours_msg.split(",")[0].replace(" during training", "") == torch_msg.split(",")[
+            0
+        ].replace(" during training", "")
     assert launches.total == 0, dict(launches)
 
 

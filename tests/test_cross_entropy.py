@@ -281,8 +281,13 @@ def test_autocast_computes_in_fp32_as_torch(backend, launches):
     x, t, w = _data(5, 70, dtype=torch.bfloat16)
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         loss, grad = _run(cross_entropy, x, t, None, weight=w)
-        ref_loss, ref_grad = _run(F.cross_entropy, x, t, None, weight=w)
-    assert loss.dtype == ref_loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+        torch_loss, torch_grad = _run(F.cross_entropy, x, t, None, weight=w)
+    assert loss.dtype == torch_loss.dtype == torch.float32
+    assert grad.dtype == torch_grad.dtype == torch.bfloat16
+    # The values are checked against fp32 math on the same bf16 inputs: under CUDA autocast
+    # torch's own loss is ~7e-4 off that (seen on an H200: 6.2939 for an exact 6.2982), so it
+    # is no reference for "computes in fp32".
+    ref_loss, ref_grad = _run(F.cross_entropy, x.float(), t, None, weight=w.float())
     assert_close(loss, ref_loss)
-    assert_close(grad, ref_grad, dtype=torch.bfloat16)
+    assert_close(grad, ref_grad.to(torch.bfloat16), dtype=torch.bfloat16)
     assert launches[KERNEL] == (1 if backend == "triton" else 0)

@@ -260,7 +260,10 @@ def test_gradcheck_float64_triton_path(triton_backend, act, slope):
 
 def test_gradcheck_float64_split_path_and_full_jacobian(triton_backend, launches):
     g = torch.Generator().manual_seed(7)
-    x = _t(40, 3, dtype=torch.float64, gen=g).requires_grad_()  # split-M dW (1 tile, 40 rows)
+    # split-M dW: 1 tile of dW, M long enough to split (dw_split: 32 rows a slice under the
+    # interpreter, 512 on a GPU)
+    m = 40 if DEVICE == "cpu" else 1100
+    x = _t(m, 3, dtype=torch.float64, gen=g).requires_grad_()
     w = _t(2, 3, dtype=torch.float64, gen=g).requires_grad_()
     b = _t(2, dtype=torch.float64, gen=g).requires_grad_()
     f = lambda x, w, b: linear(x, w, b, "leaky_relu", -0.5)
