@@ -46,6 +46,10 @@ TESTS=(
   tests/test_checkpoint.py
   tests/test_compile.py
   tests/test_cuda_graphs.py
+  tests/test_autocast.py
+  tests/test_amp_optim.py
+  tests/test_fused_block.py
+  tests/test_inputs.py
 )
 if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; fi
 
