@@ -30,11 +30,12 @@ import torch
 from torch import Tensor
 
 from ..backend import use_triton
+from ._custom_op import caller, custom_op
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@torch.library.custom_op(
+@custom_op(
     "fusedmlp::adam_multi_tensor_step",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
 )
@@ -82,7 +83,7 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args) -> None:
     return None
 
 
-@torch.library.custom_op(
+@custom_op(
     "fusedmlp::adam_multi_tensor_step_device",
     mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
 )
@@ -134,6 +135,10 @@ def adam_multi_tensor_step_device(
 @adam_multi_tensor_step_device.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args) -> None:
     return None
+
+
+_adam_step = caller(adam_multi_tensor_step)
+_adam_step_device = caller(adam_multi_tensor_step_device)
 
 
 def _torch_adam_module():
@@ -317,7 +322,7 @@ def _fused_device_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, st
         scale, inf = per_device[device]
         steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1)
-        torch.ops.fusedmlp.adam_multi_tensor_step_device(
+        _adam_step_device(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [exp_avgs[i] for i in idx],
@@ -358,7 +363,7 @@ def _fused(
         t = step + 1.0
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t
-        torch.ops.fusedmlp.adam_multi_tensor_step(
+        _adam_step(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [exp_avgs[i] for i in idx],

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import use_triton
+from ._custom_op import caller, custom_op
 
 # ----------------------------------------------------------------------------------------------
 # custom ops
@@ -28,7 +29,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fusedmlp::batchnorm_fwd", mutates_args=())
+@custom_op("fusedmlp::batchnorm_fwd", mutates_args=())
 def _batchnorm_fwd(
     x: Tensor,
     weight: Tensor | None,
@@ -50,7 +51,7 @@ def _(x, weight, bias, running_mean, running_var, training, eps):
     return (torch.empty_like(x), *stats)
 
 
-@torch.library.custom_op("fusedmlp::batchnorm_bwd", mutates_args=())
+@custom_op("fusedmlp::batchnorm_bwd", mutates_args=())
 def _batchnorm_bwd(
     dy: Tensor,
     x: Tensor,
@@ -87,9 +88,7 @@ def _(dy, x, weight, mean, stat, training, eps, need_dx, need_dweight, need_dbia
     )
 
 
-@torch.library.custom_op(
-    "fusedmlp::batchnorm_update_running", mutates_args=("running_mean", "running_var")
-)
+@custom_op("fusedmlp::batchnorm_update_running", mutates_args=("running_mean", "running_var"))
 def _batchnorm_update_running(
     running_mean: Tensor,
     running_var: Tensor,
@@ -108,6 +107,11 @@ def _(running_mean, running_var, mean, var, momentum, num_batches_tracked):
     return None
 
 
+_batchnorm_fwd_call = caller(_batchnorm_fwd)
+_batchnorm_bwd_call = caller(_batchnorm_bwd)
+batchnorm_update_running = caller(_batchnorm_update_running)
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps):
-        y, mean, invstd, var = torch.ops.fusedmlp.batchnorm_fwd(
+        y, mean, invstd, var = _batchnorm_fwd_call(
             x, weight, bias, running_mean, running_var, training, eps
         )
         if training:
@@ -139,7 +143,7 @@ class BatchNormFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_dx or need_dw or need_db:
-            dx, dw, db = torch.ops.fusedmlp.batchnorm_bwd(
+            dx, dw, db = _batchnorm_bwd_call(
                 dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
             )
             if need_db and db.dtype != ctx.bias_dtype:
@@ -275,7 +279,7 @@ def _batch_norm(
         float(eps),
     )
     if training and running_mean is not None:
-        torch.ops.fusedmlp.batchnorm_update_running(
+        batchnorm_update_running(
             running_mean, running_var, mean, var, float(momentum), num_batches_tracked
         )
     return y if y.shape == input.shape else y.reshape(input.shape)

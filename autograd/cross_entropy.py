@@ -20,11 +20,15 @@ under the 'triton' backend):
   autograd graph task, or under ``torch.compile``, the functional ``cross_entropy_bwd`` writes
   a new tensor instead, so a second backward sees the untouched buffer.
 - Out-of-range targets raise ``IndexError`` (as torch on the CPU) from inside
-  ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path. Cost on a
-  GPU: a few elementwise kernels over the N targets plus ONE device-to-host synchronisation per
-  forward (tens of microseconds; the host can no longer queue work ahead of the GPU past this
-  point). The check is skipped during CUDA-graph capture (a sync is illegal there: such a row then
-  gets a NaN loss and a zero gradient row) and when ``CHECK_TARGETS`` is set to False.
+  ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path. The kernel
+  writes a NaN loss for such a row, so the check reads the loss after the launch: the reduced
+  loss itself ('mean', 'sum'; no extra kernel) or the sum of the row losses ('none'; one
+  reduction), ONE device-to-host copy of that scalar per forward (a synchronisation: tens of
+  microseconds, and the host can no longer queue work ahead of the GPU past this point). Only
+  when it is NaN (an out-of-range target, NaN/inf logits, or an all-ignored 'mean') are the
+  targets themselves compared against [0, C). The check is skipped during CUDA-graph capture (a
+  sync is illegal there: such a row then gets a NaN loss and a zero gradient row) and when
+  ``CHECK_TARGETS`` is set to False.
 
 Under ``torch.autocast`` fp16/bf16 logits are cast to fp32 first, as autocast does for torch's
 cross_entropy (the loss is then fp32).
@@ -37,6 +41,7 @@ values; there is nothing to fuse).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -47,6 +52,7 @@ from torch.nn import _reduction as _Reduction
 
 from ..backend import use_triton
 from ._amp import fp32
+from ._custom_op import caller, custom_op
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -78,11 +84,18 @@ def _keep_graph() -> bool:
         return True
 
 
-def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise IndexError for a target outside [0, C) other than ignore_index (one host sync)."""
+def _check_targets(target: Tensor, num_classes: int, ignore_index: int, loss: Tensor) -> None:
+    """Raise IndexError for a target outside [0, C) other than ignore_index.
+
+    ``loss``: the reduced loss (0-d) or the row losses ([N], summed here), NaN whenever a row has
+    such a target (the kernel writes a NaN row loss for it); read with one host sync, the targets
+    are only compared when it is NaN.
+    """
     if not CHECK_TARGETS:
         return
     if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if not math.isnan((loss if loss.dim() == 0 else loss.sum()).item()):
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -95,7 +108,7 @@ def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fusedmlp::cross_entropy_fwd", mutates_args=())
+@custom_op("fusedmlp::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
@@ -117,7 +130,6 @@ def cross_entropy_fwd(
 
     n, c = logits.shape
     acc = _acc_dtype(logits.dtype)
-    _check_targets(target, c, ignore_index)
     w = weight.to(acc).contiguous() if weight is not None else None
     factor = torch.ones((), device=logits.device, dtype=acc)
     scale = None
@@ -142,6 +154,7 @@ def cross_entropy_fwd(
         loss = loss_rows.sum()
     else:
         loss = loss_rows
+    _check_targets(target, c, ignore_index, loss)
     return loss.to(logits.dtype), grad, factor
 
 
@@ -154,7 +167,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_
     return loss, grad, factor
 
 
-@torch.library.custom_op("fusedmlp::cross_entropy_bwd", mutates_args=())
+@custom_op("fusedmlp::cross_entropy_bwd", mutates_args=())
 def cross_entropy_bwd(grad: Tensor, grad_output: Tensor, factor: Tensor) -> Tensor:
     """``grad * grad_output[:, None] * factor`` (grad_output 0-d or [N]) as a new tensor."""
     from ..kernels import cross_entropy as K
@@ -168,7 +181,7 @@ def _(grad, grad_output, factor):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fusedmlp::cross_entropy_bwd_inplace", mutates_args=["grad"])
+@custom_op("fusedmlp::cross_entropy_bwd_inplace", mutates_args=["grad"])
 def cross_entropy_bwd_inplace(grad: Tensor, grad_output: Tensor, factor: Tensor) -> None:
     """``grad *= grad_output[:, None] * factor`` in place; rows whose multiplier is exactly 1
     are not touched (decided on the device)."""
@@ -182,13 +195,18 @@ def _(grad, grad_output, factor):
     return None
 
 
+_cross_entropy_fwd = caller(cross_entropy_fwd)
+_cross_entropy_bwd = caller(cross_entropy_bwd)
+_cross_entropy_bwd_inplace = caller(cross_entropy_bwd_inplace)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy over logits [N, C] with class-index targets [N] on the Triton kernels."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction):
         compute_grad = bool(ctx.needs_input_grad[0])
-        loss, grad, factor = torch.ops.fusedmlp.cross_entropy_fwd(
+        loss, grad, factor = _cross_entropy_fwd(
             logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad
         )
         if compute_grad:
@@ -200,9 +218,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad, factor = ctx.saved_tensors
         if _keep_graph():
-            dx = torch.ops.fusedmlp.cross_entropy_bwd(grad, grad_output, factor)
+            dx = _cross_entropy_bwd(grad, grad_output, factor)
         else:  # the buffer is ours and dies with this graph: scale it in place
-            torch.ops.fusedmlp.cross_entropy_bwd_inplace(grad, grad_output, factor)
+            _cross_entropy_bwd_inplace(grad, grad_output, factor)
             dx = grad
         return dx, None, None, None, None, None
 

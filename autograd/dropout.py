@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import use_triton
+from ._custom_op import caller, custom_op
 
 # Seeds cover 62 bits of the 64-bit Philox key: no birthday collisions over a training run.
 _SEED_HIGH = 2**62
 
 
-@torch.library.custom_op("fusedmlp::dropout_fwd", mutates_args=())
+@custom_op("fusedmlp::dropout_fwd", mutates_args=())
 def _dropout_fwd(x: Tensor, seed: Tensor, p: float, inner: int) -> Tensor:
     from ..kernels import dropout as K
 
@@ -50,7 +51,7 @@ def _(x, seed, p, inner):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fusedmlp::dropout_bwd", mutates_args=())
+@custom_op("fusedmlp::dropout_bwd", mutates_args=())
 def _dropout_bwd(grad: Tensor, seed: Tensor, p: float, inner: int) -> Tensor:
     from ..kernels import dropout as K
 
@@ -62,6 +63,10 @@ def _(grad, seed, p, inner):
     return torch.empty_like(grad)
 
 
+_dropout_fwd_call = caller(_dropout_fwd)
+_dropout_bwd_call = caller(_dropout_bwd)
+
+
 class _DropoutGrad(torch.autograd.Function):
     """``grad * keep * scale``; linear in ``grad`` with the same mask, so its own backward is
     itself: double backward through dropout is exact (as torch's)."""
@@ -70,7 +75,7 @@ class _DropoutGrad(torch.autograd.Function):
     def forward(ctx, grad, seed, p, inner):
         ctx.save_for_backward(seed)
         ctx.p, ctx.inner = p, inner
-        return torch.ops.fusedmlp.dropout_bwd(grad, seed, p, inner)
+        return _dropout_bwd_call(grad, seed, p, inner)
 
     @staticmethod
     def backward(ctx, gg):
@@ -87,7 +92,7 @@ class DropoutFunction(torch.autograd.Function):
     def forward(ctx, x, seed, p, inner):
         ctx.save_for_backward(seed)
         ctx.p, ctx.inner = p, inner
-        return torch.ops.fusedmlp.dropout_fwd(x, seed, p, inner)
+        return _dropout_fwd_call(x, seed, p, inner)
 
     @staticmethod
     def backward(ctx, grad):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import use_triton
+from ._custom_op import caller, custom_op
+from .batchnorm import batchnorm_update_running
 from .dropout import _check_p, _seed
 from .linear import apply_activation_torch, check_activation
 
@@ -53,7 +55,7 @@ def saves_output(activation: str, negative_slope: float) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fusedmlp::fused_block_fwd", mutates_args=())
+@custom_op("fusedmlp::fused_block_fwd", mutates_args=())
 def _fused_block_fwd(
     x: Tensor,
     weight: Tensor | None,
@@ -94,7 +96,7 @@ def _(x, weight, bias, seed, normalize, eps, p, activation, negative_slope):
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device), *stats)
 
 
-@torch.library.custom_op("fusedmlp::fused_block_act_dropout_bwd", mutates_args=())
+@custom_op("fusedmlp::fused_block_act_dropout_bwd", mutates_args=())
 def _fused_block_act_dropout_bwd(
     dy: Tensor, saved: Tensor, seed: Tensor, p: float, activation: str, negative_slope: float
 ) -> Tensor:
@@ -120,7 +122,7 @@ def _(dy, saved, seed, p, activation, negative_slope):
     return torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
 
 
-@torch.library.custom_op("fusedmlp::fused_block_bn_bwd", mutates_args=())
+@custom_op("fusedmlp::fused_block_bn_bwd", mutates_args=())
 def _fused_block_bn_bwd(
     dy: Tensor,
     x: Tensor,
@@ -174,6 +176,11 @@ def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx
     )
 
 
+_fused_block_fwd_call = caller(_fused_block_fwd)
+_fused_block_act_dropout_bwd_call = caller(_fused_block_act_dropout_bwd)
+_fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
+
+
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +193,7 @@ class BNActDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, seed, eps, p, activation, negative_slope):
-        out, mean, invstd, var = torch.ops.fusedmlp.fused_block_fwd(
+        out, mean, invstd, var = _fused_block_fwd_call(
             x, weight, bias, seed, True, eps, p, activation, negative_slope
         )
         ctx.save_for_backward(x, weight, bias, mean, invstd, seed)
@@ -202,7 +209,7 @@ class BNActDropoutFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         if not (need_dx or need_dw or need_db):
             return (None,) * 8
-        dx, dw, db = torch.ops.fusedmlp.fused_block_bn_bwd(
+        dx, dw, db = _fused_block_bn_bwd_call(
             dout,
             x,
             weight,
@@ -237,7 +244,7 @@ class ActDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, seed, p, activation, negative_slope):
-        out, _, _, _ = torch.ops.fusedmlp.fused_block_fwd(
+        out, _, _, _ = _fused_block_fwd_call(
             z, None, None, seed, False, 0.0, p, activation, negative_slope
         )
         saved = out if saves_output(activation, negative_slope) else z
@@ -249,7 +256,7 @@ class ActDropoutFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         saved, seed = ctx.saved_tensors
-        dz = torch.ops.fusedmlp.fused_block_act_dropout_bwd(
+        dz = _fused_block_act_dropout_bwd_call(
             dout, saved, seed, ctx.p, ctx.activation, ctx.negative_slope
         )
         return dz, None, None, None, None
@@ -355,7 +362,7 @@ def bn_act_dropout(
         input, weight, bias, seed, eps, p, act, float(negative_slope)
     )
     if running_mean is not None:
-        torch.ops.fusedmlp.batchnorm_update_running(
+        batchnorm_update_running(
             running_mean, running_var, mean, var, float(momentum), num_batches_tracked
         )
     return out

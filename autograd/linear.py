@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..backend import use_triton
 from ._amp import lower_precision
+from ._custom_op import caller, custom_op
 
 # Supported activations (None = identity). "gelu" is the exact (erf) form, as torch's default.
 ACTIVATIONS = (None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -71,7 +72,7 @@ def _saves_preactivation(activation: str, negative_slope: float) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fusedmlp::linear_fwd", mutates_args=())
+@custom_op("fusedmlp::linear_fwd", mutates_args=())
 def linear_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, negative_slope: float
 ) -> tuple[Tensor, Tensor]:
@@ -100,7 +101,7 @@ def _(x, weight, bias, activation, negative_slope):
     return y, z
 
 
-@torch.library.custom_op("fusedmlp::linear_bwd", mutates_args=())
+@custom_op("fusedmlp::linear_bwd", mutates_args=())
 def linear_bwd(
     grad_y: Tensor,
     x: Tensor,
@@ -136,12 +137,16 @@ def _(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, ne
     return dx, dw, db
 
 
+_linear_fwd = caller(linear_fwd)
+_linear_bwd = caller(linear_bwd)
+
+
 class LinearFunction(torch.autograd.Function):
     """``act(x @ weight.T + bias)`` on the Triton kernels (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation: str, negative_slope: float):
-        y, z = torch.ops.fusedmlp.linear_fwd(x, weight, bias, activation, negative_slope)
+        y, z = _linear_fwd(x, weight, bias, activation, negative_slope)
         if activation == "none":
             saved = None
         elif _saves_preactivation(activation, negative_slope):
@@ -171,7 +176,7 @@ def _linear_backward(ctx, grad_y, x, weight, saved):
         return None, None, None, None, None
     if saved is None:
         saved = grad_y  # placeholder: not read without an activation
-    dx, dw, db = torch.ops.fusedmlp.linear_bwd(
+    dx, dw, db = _linear_bwd(
         grad_y,
         x,
         weight,

@@ -15,12 +15,11 @@ import torch
 from torch import Tensor
 
 from ..backend import use_triton
+from ._custom_op import caller, custom_op
 from .adam import _KERNEL_DTYPES, _fused_ok, _torch_sgd_module, call_torch, unscale_and_check
 
 
-@torch.library.custom_op(
-    "fusedmlp::sgd_multi_tensor_step", mutates_args=("params", "grads", "momentum_buffers")
-)
+@custom_op("fusedmlp::sgd_multi_tensor_step", mutates_args=("params", "grads", "momentum_buffers"))
 def sgd_multi_tensor_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -58,6 +57,9 @@ def sgd_multi_tensor_step(
 @sgd_multi_tensor_step.register_fake
 def _(params, grads, momentum_buffers, *args) -> None:
     return None
+
+
+_sgd_step = caller(sgd_multi_tensor_step)
 
 
 def _torch_single_tensor(params, grads, bufs, **hp):
@@ -190,7 +192,7 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
                 found_inf=inf,
             )
             continue
-        torch.ops.fusedmlp.sgd_multi_tensor_step(
+        _sgd_step(
             ps,
             gs,
             bufs,

@@ -19,11 +19,12 @@ from torch.autograd.function import once_differentiable
 
 from ..backend import use_triton
 from ._amp import softmax_dtype
+from ._custom_op import caller, custom_op
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@torch.library.custom_op("fusedmlp::softmax_fwd", mutates_args=())
+@custom_op("fusedmlp::softmax_fwd", mutates_args=())
 def softmax_fwd(x: Tensor, dim: int, log: bool) -> Tensor:
     """Softmax (log=False) or log-softmax of ``x`` over ``dim`` (>= 0); contiguous output."""
     from ..kernels import softmax as K
@@ -36,7 +37,7 @@ def _(x, dim, log):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fusedmlp::softmax_bwd", mutates_args=())
+@custom_op("fusedmlp::softmax_bwd", mutates_args=())
 def softmax_bwd(y: Tensor, grad: Tensor, dim: int, log: bool) -> Tensor:
     """Input gradient from the saved output ``y`` and the output gradient ``grad``."""
     from ..kernels import softmax as K
@@ -49,12 +50,16 @@ def _(y, grad, dim, log):
     return y.new_empty(y.shape)
 
 
+_softmax_fwd = caller(softmax_fwd)
+_softmax_bwd = caller(softmax_bwd)
+
+
 class SoftmaxFunction(torch.autograd.Function):
     """Softmax / log-softmax over ``dim`` on the Triton kernels."""
 
     @staticmethod
     def forward(ctx, x, dim, log):
-        y = torch.ops.fusedmlp.softmax_fwd(x, dim, log)
+        y = _softmax_fwd(x, dim, log)
         ctx.save_for_backward(y)
         ctx.dim = dim
         ctx.log = log
@@ -64,7 +69,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return torch.ops.fusedmlp.softmax_bwd(y, grad, ctx.dim, ctx.log), None, None
+        return _softmax_bwd(y, grad, ctx.dim, ctx.log), None, None
 
 
 def _dispatch(name, input, dim, stacklevel, dtype, log):

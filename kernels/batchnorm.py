@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, on_device
+from .launch import cdiv, launch, on_device
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -470,12 +470,16 @@ _FINAL_CONFIGS = [triton.Config({"BLOCK_C": 128, "BLOCK_S": 16}, num_warps=4)]
 _UPDATE_CONFIGS = [triton.Config({"BLOCK_C": 256}, num_warps=4)]
 
 
+_INTERPRET_SMALL_TILE = triton.Config({"BLOCK_C": 16, "BLOCK_R": 16}, num_warps=4)
+
+
 def _interpret_tile(R: int, C: int) -> triton.Config:
     """Interpreter tile: small (many tiles, splits and channel blocks in small tests); long
-    rows and no idle channels for big batches, so that N = 1,000,000 stays quick there."""
+    rows and no idle channels for big batches, so that N = 1,000,000 stays quick there.
+    (Evaluated at every launch, also on a GPU: the common case returns a shared constant.)"""
     if R <= 4096:
-        return triton.Config({"BLOCK_C": 16, "BLOCK_R": 16}, num_warps=4)
-    block_r = min(16384, triton.next_power_of_2(triton.cdiv(R, 64)))
+        return _INTERPRET_SMALL_TILE
+    block_r = min(16384, triton.next_power_of_2(cdiv(R, 64)))
     return triton.Config(
         {"BLOCK_C": min(16, triton.next_power_of_2(C)), "BLOCK_R": block_r}, num_warps=8
     )
@@ -495,13 +499,13 @@ def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
     over a contiguous slice of at least 256 rows; a few splits under the interpreter."""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        want = triton.cdiv(4 * _sm_count(idx), triton.cdiv(C, 64))
-        split = max(1, min(want, triton.cdiv(R, 256)))
-        rows = triton.cdiv(triton.cdiv(R, split), 128) * 128
+        want = cdiv(4 * _sm_count(idx), cdiv(C, 64))
+        split = max(1, min(want, cdiv(R, 256)))
+        rows = cdiv(cdiv(R, split), 128) * 128
     else:
-        split = max(1, min(4, triton.cdiv(R, 32)))
-        rows = triton.cdiv(R, split)
-    return triton.cdiv(R, rows), rows
+        split = max(1, min(4, cdiv(R, 32)))
+        rows = cdiv(R, split)
+    return cdiv(R, rows), rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,7 +563,7 @@ def batch_norm_stats(
     pm2 = torch.empty((n_split, C), device=x.device, dtype=acc)
     launch(
         _bn_stats_partial_kernel,
-        lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), n_split),
+        lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
         configs=_TILE_CONFIGS,
         key=["C", "S", "rows_per_split"],
         interpret_config=_interpret_tile(R, C),
@@ -579,7 +583,7 @@ def batch_norm_stats(
     var = torch.empty(C, device=x.device, dtype=acc)
     launch(
         _bn_stats_final_kernel,
-        lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+        lambda meta: (cdiv(C, meta["BLOCK_C"]),),
         configs=_FINAL_CONFIGS,
         interpret_config=_INTERPRET_FINAL,
         pmean_ptr=pmean,
@@ -628,7 +632,7 @@ def batch_norm_forward(
             mean, stat = _vec(running_mean), _vec(running_var)
         launch(
             _bn_forward_kernel,
-            lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"])),
+            lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
             configs=_TILE_CONFIGS,
             key=["R", "C", "S"],
             interpret_config=_interpret_tile(R, C),
@@ -675,7 +679,7 @@ def batch_norm_update_running(
     with on_device(mean):
         launch(
             _bn_update_running_kernel,
-            lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+            lambda meta: (cdiv(C, meta["BLOCK_C"]),),
             configs=_UPDATE_CONFIGS,
             interpret_config=_INTERPRET_UPDATE,
             rmean_ptr=rm,
@@ -728,7 +732,7 @@ def batch_norm_backward(
             psum_dyxmu = torch.empty((n_split, C), device=x.device, dtype=acc)
             launch(
                 _bn_backward_reduce_kernel,
-                lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), n_split),
+                lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
                 configs=_TILE_CONFIGS,
                 key=["C", "S", "rows_per_split"],
                 interpret_config=_interpret_tile(R, C),
@@ -753,7 +757,7 @@ def batch_norm_backward(
             db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
             launch(
                 _bn_backward_final_kernel,
-                lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+                lambda meta: (cdiv(C, meta["BLOCK_C"]),),
                 configs=_FINAL_CONFIGS,
                 interpret_config=_INTERPRET_FINAL,
                 psum_dy_ptr=psum_dy,
@@ -775,7 +779,7 @@ def batch_norm_backward(
             dx = torch.empty_like(x)
             launch(
                 _bn_backward_dx_kernel,
-                lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"])),
+                lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
                 configs=_TILE_CONFIGS,
                 key=["R", "C", "S"],
                 interpret_config=_interpret_tile(R, C),

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, on_device
+from .launch import cdiv, launch, on_device
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_C": 2048}, num_warps=8),
@@ -266,7 +266,7 @@ def cross_entropy_scale(
     with on_device(grad):
         launch(
             _ce_scale_kernel,
-            lambda meta: (n * triton.cdiv(c, meta["BLOCK"]),),
+            lambda meta: (n * cdiv(c, meta["BLOCK"]),),
             configs=_SCALE_CONFIGS,
             interpret_config=_SCALE_INTERPRET,
             G=grad,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, on_device
+from .launch import cdiv, launch, on_device
 
 MAX_DIMS = 4  # dims the strided path addresses after coalescing; more -> a contiguous copy
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,6 +43,33 @@ GPU_CONFIGS = [
 ]
 # The interpreter runs one program at a time with numpy: a big block keeps it fast.
 INTERPRET_CONFIG = triton.Config({"BLOCK": 4096}, num_warps=4)
+
+
+@triton.jit
+def philox_keep(seed, counter, lane, p):
+    """The keep decision of the random stream above (shared with ``fused_block``'s kernels).
+
+    Word ``lane`` (0..3) of Philox4x32-10 (Random123) keyed by the int64 ``seed`` at counter
+    ``(lo32(counter), hi32(counter), 0, 0)`` (``counter`` int64), kept when its top 24 bits
+    ``r >> 8 >= p * 2^24``. ``counter`` and ``lane`` broadcast against each other.
+    """
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    r = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    return (r >> 8).to(tl.float32) >= p * 16777216.0
 
 
 @triton.jit
@@ -98,25 +125,7 @@ def _dropout_kernel(
     else:
         quad = quads[:, None]  # [BLOCK // 4, 1]: one Philox call per four elements
         lane = lanes[None, :]
-    # Philox4x32-10 (Random123), written with builtins only (no nested @triton.jit call, so
-    # the kernel compiles for sm_90 from a process that runs the interpreter).
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = (quad & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (quad >> 32).to(tl.uint32)
-    c2 = c0 * 0
-    c3 = c0 * 0
-    for _ in tl.static_range(10):
-        a0 = c0
-        a2 = c2
-        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    r = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
-    keep = (r >> 8).to(tl.float32) >= p * 16777216.0
+    keep = philox_keep(seed, quad, lane, p)
     y = x * tl.where(keep, scale, 0.0)
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
@@ -150,7 +159,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, in
     with on_device(x):
         launch(
             _dropout_kernel,
-            lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
+            lambda meta: (cdiv(numel, meta["BLOCK"]),),
             configs=GPU_CONFIGS,
             key=["numel"],
             interpret_config=INTERPRET_CONFIG,

@@ -48,7 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, on_device
+from .dropout import philox_keep
+from .launch import cdiv, launch, on_device
+from .linear import _activation, _activation_grad
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,127 +70,29 @@ def saves_output(activation: str, negative_slope: float) -> bool:
 
 
 @triton.jit
-def _keep(seed, counter, lane, p):
-    """Dropout keep decision of fusedmlp.kernels.dropout (the same Philox4x32-10 code):
-    word ``lane`` of Philox(key=seed, counter=(lo32(counter), hi32(counter), 0, 0))."""
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (counter >> 32).to(tl.uint32)
-    c2 = c0 * 0
-    c3 = c0 * 0
-    for _ in tl.static_range(10):
-        a0 = c0
-        a2 = c2
-        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    r = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
-    return (r >> 8).to(tl.float32) >= p * 16777216.0
-
-
-@triton.jit
 def _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED: tl.constexpr):
     """Keep mask of the ``[BLOCK_R, BLOCK_Q, 4]`` tile: r ``[BR, 1, 1]`` (int64), q
     ``[1, BQ, 1]``, lane ``[1, 1, 4]``; element index ``i = r * C + 4 q + lane``."""
     seed = tl.load(seed_ptr)
     if ALIGNED:  # C % 4 == 0: one Philox call per quad, i // 4 = r * C / 4 + q
-        keep = _keep(seed, r * (C // 4) + q, lane, p)
+        keep = philox_keep(seed, r * (C // 4) + q, lane, p)
     else:
         i = r * C + q * 4 + lane
-        keep = _keep(seed, i >> 2, i & 3, p)
+        keep = philox_keep(seed, i >> 2, i & 3, p)
     return keep
 
 
 @triton.jit
-def _sigmoid(z):
-    e = tl.exp(-tl.abs(z))  # overflow-free
-    s = 1.0 / (1.0 + e)
-    return tl.where(z >= 0, s, e * s)
-
-
-@triton.jit
-def _tanh(z):
-    # (1 - e) / (1 + e), e = exp(-2|z|), with an odd Taylor polynomial near 0 (relative accuracy;
-    # libdevice.tanh does not run under the interpreter)
-    a = tl.abs(z)
-    e = tl.exp(-2.0 * a)
-    t = (1.0 - e) / (1.0 + e)
-    t = tl.where(z < 0, -t, t)
-    z2 = z * z
-    pz = -0.0014558343870513183
-    pz = pz * z2 + 0.003592128036572481
-    pz = pz * z2 - 0.008863235529902197
-    pz = pz * z2 + 0.021869488536155203
-    pz = pz * z2 - 0.05396825396825397
-    pz = pz * z2 + 0.13333333333333333
-    pz = pz * z2 - 0.3333333333333333
-    pz = z + z * (pz * z2)
-    return tl.where(a < 0.3, pz, t)
-
-
-@triton.jit
-def _act(z, negative_slope, ACTIVATION: tl.constexpr):
-    if ACTIVATION == "relu":
-        y = tl.where(z < 0, 0.0, z)  # NaN stays NaN
-    elif ACTIVATION == "leaky_relu":
-        y = tl.where(z > 0, z, z * negative_slope)
-    elif ACTIVATION == "sigmoid":
-        y = _sigmoid(z)
-    elif ACTIVATION == "tanh":
-        y = _tanh(z)
-    elif ACTIVATION == "gelu":
-        y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACTIVATION == "silu":
-        y = z * _sigmoid(z)
-    else:
-        y = z
-    return y
-
-
-@triton.jit
 def _act_grad_z(g, z, negative_slope, ACTIVATION: tl.constexpr):
-    """``g * act'(z)`` from the pre-activation."""
-    if ACTIVATION == "relu":
-        d = tl.where(z > 0, g, 0.0)
-    elif ACTIVATION == "leaky_relu":
-        d = tl.where(z > 0, g, g * negative_slope)
-    elif ACTIVATION == "sigmoid":
-        s = _sigmoid(z)
-        d = g * (s * (1.0 - s))
+    """``g * act'(z)`` from the pre-activation: fusedmlp.kernels.linear's derivative, which reads
+    the activation output for sigmoid and tanh (recomputed here) and ``z`` otherwise."""
+    if ACTIVATION == "sigmoid":
+        t = _activation(z, negative_slope, ACTIVATION)
     elif ACTIVATION == "tanh":
-        t = _tanh(z)
-        d = g * (1.0 - t * t)
-    elif ACTIVATION == "gelu":
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        d = g * (cdf + z * pdf)
-    elif ACTIVATION == "silu":
-        s = _sigmoid(z)
-        d = g * (s * (1.0 + z * (1.0 - s)))
+        t = _activation(z, negative_slope, ACTIVATION)
     else:
-        d = g
-    return d
-
-
-@triton.jit
-def _act_grad_out(g, a, negative_slope, ACTIVATION: tl.constexpr):
-    """``g * act'(z)`` from the activation output ``a = act(z)`` (relu, leaky_relu with
-    ``negative_slope >= 0``, sigmoid, tanh, none)."""
-    if ACTIVATION == "relu":
-        d = tl.where(a > 0, g, 0.0)
-    elif ACTIVATION == "leaky_relu":
-        d = tl.where(a > 0, g, g * negative_slope)
-    elif ACTIVATION == "sigmoid":
-        d = g * (a * (1.0 - a))
-    elif ACTIVATION == "tanh":
-        d = g * (1.0 - a * a)
-    else:
-        d = g
-    return d
+        t = z
+    return _activation_grad(g, t, negative_slope, ACTIVATION)
 
 
 @triton.jit
@@ -262,7 +166,7 @@ def _fused_fwd_kernel(
         z = _preact(x, mean, sc, sh, DTYPE)
     else:
         z = x
-    a = _act(z, negative_slope, ACTIVATION)
+    a = _activation(z, negative_slope, ACTIVATION)
     if DROPOUT:
         a = a.to(DTYPE).to(ACC)  # the unfused activation output, in the input dtype
         keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
@@ -318,7 +222,7 @@ def _fused_bwd_elementwise_kernel(
         g = dy * tl.where(keep, scale, 0.0)
         if FROM_OUT:
             a = tl.where(keep, t / tl.where(keep, scale, 1.0), 0.0)
-            dz = _act_grad_out(g, a, negative_slope, ACTIVATION)
+            dz = _activation_grad(g, a, negative_slope, ACTIVATION)
         else:
             dz = _act_grad_z(g, t, negative_slope, ACTIVATION)
     tl.store(dx_ptr + r * sgR + c * sgC, dz.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -541,17 +445,17 @@ def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
     each over at least 256 contiguous rows; a few splits under the interpreter."""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        want = triton.cdiv(4 * _sm_count(idx), triton.cdiv(C, 128))
-        split = max(1, min(want, triton.cdiv(R, 256)))
-        rows = triton.cdiv(triton.cdiv(R, split), 64) * 64
+        want = cdiv(4 * _sm_count(idx), cdiv(C, 128))
+        split = max(1, min(want, cdiv(R, 256)))
+        rows = cdiv(cdiv(R, split), 64) * 64
     else:
-        split = max(1, min(3, triton.cdiv(R, 8)))
-        rows = triton.cdiv(R, split)
-    return triton.cdiv(R, rows), rows
+        split = max(1, min(3, cdiv(R, 8)))
+        rows = cdiv(R, split)
+    return cdiv(R, rows), rows
 
 
 def _grid(R: int, C: int):
-    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, 4 * meta["BLOCK_Q"]))
+    return lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, 4 * meta["BLOCK_Q"]))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -772,7 +676,7 @@ def bn_act_dropout_backward(
         psum_gxmu = torch.empty((n_split, C), device=x.device, dtype=acc)
         launch(
             _fused_bwd_reduce_kernel,
-            lambda meta: (triton.cdiv(C, 4 * meta["BLOCK_Q"]), n_split),
+            lambda meta: (cdiv(C, 4 * meta["BLOCK_Q"]), n_split),
             configs=_REDUCE_CONFIGS,
             key=["C", "rows_per_split"],
             interpret_config=_INTERPRET_TILE,
@@ -796,7 +700,7 @@ def bn_act_dropout_backward(
         db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
         launch(
             _fused_bwd_final_kernel,
-            lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+            lambda meta: (cdiv(C, meta["BLOCK_C"]),),
             configs=_FINAL_CONFIGS,
             interpret_config=_INTERPRET_FINAL,
             psum_g_ptr=psum_g,

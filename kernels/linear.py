@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_precision, launch, on_device
+from .launch import cdiv, dot_precision, launch, on_device
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
@@ -562,10 +562,10 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
         sms, tile, rows = _sm_count(device.index or 0), 128, 512
     else:
         sms, tile, rows = 4, 16, 32
-    tiles = max(1, triton.cdiv(N, tile) * triton.cdiv(K, tile))
+    tiles = max(1, cdiv(N, tile) * cdiv(K, tile))
     if tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(sms, tiles), triton.cdiv(M, rows), 32))
+    return max(1, min(cdiv(sms, tiles), cdiv(M, rows), 32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,7 +596,7 @@ def linear_forward(
     if M == 0 or N == 0:
         return y, z
     configs, key, interpret_config = _configs("fwd", x.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x):
         launch(
             _linear_fwd_kernel,
@@ -660,9 +660,7 @@ def linear_backward(
             if N == 0:
                 dx.zero_()
             else:
-                grid = lambda meta: (
-                    triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),
-                )
+                grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
                 configs, key, interpret_config = _configs("dx", dtype)
                 with on_device(x):
                     launch(
@@ -719,9 +717,9 @@ def linear_backward(
         split_stride = 0
 
     def grid(meta):
-        tiles = triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"])
+        tiles = cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"])
         return (
-            (tiles if compute_dw else 0) + (triton.cdiv(N, meta["BLOCK_N"]) if need_db else 0),
+            (tiles if compute_dw else 0) + (cdiv(N, meta["BLOCK_N"]) if need_db else 0),
             split,
         )
 
@@ -758,7 +756,7 @@ def linear_backward(
         if split > 1:
             launch(
                 _sum_splits_kernel,
-                lambda meta: (triton.cdiv(nk + nb, meta["BLOCK"]),),
+                lambda meta: (cdiv(nk + nb, meta["BLOCK"]),),
                 configs=_SUM_CONFIGS,
                 interpret_config=_SUM_INTERPRET,
                 ws_ptr=ws,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, on_device
+from .launch import cdiv, launch, next_power_of_2, on_device
 
 # TILE = BLOCK_C * BLOCK_I elements per chunk; BLOCK_I is chosen by the launcher.
 _CONFIGS = [
@@ -152,7 +152,7 @@ def _block_i(inner: int) -> int:
     """Inner positions per program: 1 when the reduced dimension is the last one."""
     if inner == 1:
         return 1
-    return min(32, triton.next_power_of_2(inner))
+    return min(32, next_power_of_2(inner))
 
 
 def as_3d(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -169,7 +169,7 @@ def as_3d(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _grid(outer: int, inner: int, block_i: int):
-    return (outer * triton.cdiv(inner, block_i),)
+    return (outer * cdiv(inner, block_i),)
 
 
 def softmax_fwd(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""The eager fast path of fusedmlp's custom ops (fusedmlp.autograd._custom_op)."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedmlp.autograd._custom_op as C
+import fusedmlp.autograd.batchnorm as BN
+from fusedmlp.autograd._custom_op import fast_eager
+from fusedmlp.functional import linear
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_fast_eager_rules():
+    x, p = torch.randn(2), torch.nn.Parameter(torch.randn(2))
+    with torch.no_grad():
+        assert fast_eager(x, p, None, [x, p], 1.0, "relu")
+    assert not fast_eager(p)  # grad mode on and an input requires grad: the dispatcher
+    assert fast_eager(p.detach(), None)
+    with _OpLog():
+        assert not fast_eager(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not fast_eager(fake)
+    assert not fast_eager([x, fake])
+
+
+def test_eager_skips_the_dispatcher_and_modes_see_the_op(triton_backend, launches, monkeypatch):
+    x = torch.randn(5, 16, requires_grad=True)
+    w = torch.randn(16, 16, requires_grad=True)
+    taken = []
+    orig = C.fast_eager
+    monkeypatch.setattr(C, "fast_eager", lambda *a: taken.append(orig(*a)) or taken[-1])
+    y = linear(x, w, None, "relu")
+    y.sum().backward()
+    assert taken == [True, True] and launches.total > 0  # linear_fwd, linear_bwd: direct calls
+    # under a dispatch mode the registered op runs, and is what the mode sees
+    with _OpLog() as log:
+        y2 = linear(x, w, None, "relu")
+    assert taken[-1] is False and "fusedmlp.linear_fwd.default" in log.ops
+    torch.testing.assert_close(y2, y)
+
+
+def test_mutating_op_bumps_versions(triton_backend):
+    rm, rv = torch.zeros(16), torch.ones(16)
+    mean, var = torch.randn(16), torch.rand(16)
+    v0 = (rm._version, rv._version, mean._version)
+    BN.batchnorm_update_running(rm, rv, mean, var, 0.1, None)
+    assert rm._version > v0[0] and rv._version > v0[1] and mean._version == v0[2]
+    torch.testing.assert_close(rm, 0.1 * mean)
