@@ -1,6 +1,7 @@
 """The eager fast path of fusedmlp's custom ops (fusedmlp.autograd._custom_op)."""
 
 import torch
+from conftest import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedmlp.autograd._custom_op as C
@@ -36,8 +37,8 @@ def test_fast_eager_rules():
 
 
 def test_eager_skips_the_dispatcher_and_modes_see_the_op(triton_backend, launches, monkeypatch):
-    x = torch.randn(5, 16, requires_grad=True)
-    w = torch.randn(16, 16, requires_grad=True)
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, 16, device=DEVICE, requires_grad=True)
     taken = []
     orig = C.fast_eager
     monkeypatch.setattr(C, "fast_eager", lambda *a: taken.append(orig(*a)) or taken[-1])
@@ -52,8 +53,8 @@ def test_eager_skips_the_dispatcher_and_modes_see_the_op(triton_backend, launche
 
 
 def test_mutating_op_bumps_versions(triton_backend):
-    rm, rv = torch.zeros(16), torch.ones(16)
-    mean, var = torch.randn(16), torch.rand(16)
+    rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+    mean, var = torch.randn(16, device=DEVICE), torch.rand(16, device=DEVICE)
     v0 = (rm._version, rv._version, mean._version)
     BN.batchnorm_update_running(rm, rv, mean, var, 0.1, None)
     assert rm._version > v0[0] and rv._version > v0[1] and mean._version == v0[2]
