@@ -13,7 +13,7 @@ column / channel ``c``, logical row-major element index ``i = r * C + c`` in int
               the activation output, nor a mask is ever stored.
     backward  ``_fused_bwd_reduce_kernel`` (per split: ``sum(g)``, ``sum(g * (x - mean))`` with
               ``g = dout * keep * scale * act'(z)`` recomputed on the fly) ->
-              ``_fused_bwd_final_kernel`` (merges the splits in a fixed order, dweight, dbias) ->
+              ``batchnorm._bn_backward_final_kernel`` (merges the splits in a fixed order, dweight, dbias) ->
               ``_fused_bwd_dx_kernel`` (recomputes ``g`` again, BN's dx formula). ``g`` (the
               gradient of the BN output) is never written to memory. Deterministic, no atomics.
 
@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import batchnorm as BN
 from .dropout import philox_keep
 from .launch import cdiv, launch, on_device
 from .linear import _activation, _activation_grad
@@ -303,46 +304,6 @@ def _fused_bwd_reduce_kernel(
 
 
 @triton.jit
-def _fused_bwd_final_kernel(
-    psum_g_ptr,
-    psum_gxmu_ptr,
-    invstd_ptr,
-    sum_g_ptr,
-    sum_gxmu_ptr,
-    dw_ptr,
-    db_ptr,
-    C,
-    n_split,
-    HAS_DW: tl.constexpr,
-    HAS_DB: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """Sum the splits in a fixed order: ``sum_g``, ``sum_gxmu`` (acc type, for dx) and
-    ``dweight = sum_gxmu * invstd``, ``dbias = sum_g`` in the parameters' dtype."""
-    pid_c = tl.program_id(0)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    a1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=sum_g_ptr.dtype.element_ty)
-    a2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=sum_g_ptr.dtype.element_ty)
-    for s0 in range(0, n_split, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < n_split)[:, None] & cmask[None, :]
-        off = s[:, None] * C + c[None, :]
-        a1 += tl.load(psum_g_ptr + off, mask=mask, other=0.0)
-        a2 += tl.load(psum_gxmu_ptr + off, mask=mask, other=0.0)
-    sum_g = tl.sum(a1, 0)
-    sum_gxmu = tl.sum(a2, 0)
-    tl.store(sum_g_ptr + c, sum_g, mask=cmask)
-    tl.store(sum_gxmu_ptr + c, sum_gxmu, mask=cmask)
-    if HAS_DW:
-        invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0)
-        tl.store(dw_ptr + c, (sum_gxmu * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
-    if HAS_DB:
-        tl.store(db_ptr + c, sum_g.to(db_ptr.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
 def _fused_bwd_dx_kernel(
     x_ptr,
     dy_ptr,
@@ -429,10 +390,8 @@ _REDUCE_CONFIGS = [
     triton.Config({"BLOCK_R": 16, "BLOCK_Q": 16}, num_warps=4),
     triton.Config({"BLOCK_R": 32, "BLOCK_Q": 16}, num_warps=8),
 ]
-_FINAL_CONFIGS = [triton.Config({"BLOCK_C": 128, "BLOCK_S": 16}, num_warps=4)]
 # Interpreter: small tiles, so tiny tests still see several row/column blocks and splits.
 _INTERPRET_TILE = triton.Config({"BLOCK_R": 8, "BLOCK_Q": 4}, num_warps=4)
-_INTERPRET_FINAL = triton.Config({"BLOCK_C": 16, "BLOCK_S": 2}, num_warps=4)
 
 
 @functools.cache
@@ -535,8 +494,6 @@ def fused_forward(
         return out, mean, invstd, var
     with on_device(x):
         if normalize:
-            from . import batchnorm as BN
-
             mean, invstd, var = BN.batch_norm_stats(x, eps)
         launch(
             _fused_fwd_kernel,
@@ -698,22 +655,26 @@ def bn_act_dropout_backward(
         sum_gxmu = torch.empty(C, device=x.device, dtype=acc)
         dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
         db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
+        # The splits merge exactly as batch norm's backward merges its own (fixed order).
         launch(
-            _fused_bwd_final_kernel,
+            BN._bn_backward_final_kernel,
             lambda meta: (cdiv(C, meta["BLOCK_C"]),),
-            configs=_FINAL_CONFIGS,
-            interpret_config=_INTERPRET_FINAL,
-            psum_g_ptr=psum_g,
-            psum_gxmu_ptr=psum_gxmu,
-            invstd_ptr=invstd,
-            sum_g_ptr=sum_g,
-            sum_gxmu_ptr=sum_gxmu,
+            configs=BN._FINAL_CONFIGS,
+            interpret_config=BN._INTERPRET_FINAL,
+            psum_dy_ptr=psum_g,
+            psum_dyxmu_ptr=psum_gxmu,
+            stat_ptr=invstd,
+            sum_dy_ptr=sum_g,
+            sum_dyxmu_ptr=sum_gxmu,
             dw_ptr=dw if dw is not None else sum_g,
             db_ptr=db if db is not None else sum_g,
             C=C,
             n_split=n_split,
+            eps=0.0,
+            STAT_IS_VAR=False,
             HAS_DW=dw is not None,
             HAS_DB=db is not None,
+            FP64=acc == torch.float64,
         )
         dx = None
         if need_dx:
