@@ -57,30 +57,42 @@ def adam_multi_tensor_step(
     decoupled_weight_decay: bool,
 ) -> None:
     """One fused Adam/AdamW step over tensors of one device and dtype (one kernel launch)."""
+    _kernel_step(
+        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
+        (lr, beta1, beta2, eps, weight_decay),
+        (amsgrad, maximize, decoupled_weight_decay),
+        step_size=step_size,
+        bias_correction2_sqrt=bias_correction2_sqrt,
+    )
+
+
+def _kernel_step(tensors, scalars, flags, **kw) -> None:
+    """``kernels.adam.adam_step`` over the five tensor lists; ``scalars`` = (lr, beta1, beta2,
+    eps, weight_decay), ``flags`` = (amsgrad, maximize, decoupled_weight_decay), in schema
+    order (``_hyper``)."""
     from ..kernels import adam as K
 
+    lr, beta1, beta2, eps, weight_decay = scalars
+    amsgrad, maximize, decoupled_weight_decay = flags
     K.adam_step(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
+        *tensors,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
-        step_size=step_size,
-        bias_correction2_sqrt=bias_correction2_sqrt,
         amsgrad=amsgrad,
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
+        **kw,
     )
 
 
-@adam_multi_tensor_step.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args) -> None:
+def _no_output(*args, **kwargs) -> None:
     return None
+
+
+adam_multi_tensor_step.register_fake(_no_output)
 
 
 @custom_op(
@@ -108,33 +120,19 @@ def adam_multi_tensor_step_device(
     """One fused Adam/AdamW step with device step counters (already incremented) and the AMP
     ``grad_scale``/``found_inf`` tensors read in-kernel; ``grads`` are overwritten with the
     unscaled gradients when ``grad_scale`` is given."""
-    from ..kernels import adam as K
-
-    K.adam_step(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
+    _kernel_step(
+        (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
+        (lr, beta1, beta2, eps, weight_decay),
+        (amsgrad, maximize, decoupled_weight_decay),
         step_size=0.0,
         bias_correction2_sqrt=1.0,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
         state_steps=state_steps,
         grad_scale=grad_scale,
         found_inf=found_inf,
     )
 
 
-@adam_multi_tensor_step_device.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args) -> None:
-    return None
+adam_multi_tensor_step_device.register_fake(_no_output)
 
 
 _adam_step = caller(adam_multi_tensor_step)
@@ -176,21 +174,14 @@ def _torch_path(
     """torch's own algorithm for the tensors the kernel does not take (or the torch backend)."""
     if not params:
         return
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
     grad_scale, found_inf = amp
     if grad_scale is not None or found_inf is not None:
         if _fused_ok(params, grads):
-            call_torch(
-                _torch_adam_module().adam,
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                steps,
-                foreach=False,
+            _torch_adam(
+                *tensors,
                 fused=True,
                 capturable=False,
-                differentiable=False,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 has_complex=False,
@@ -199,30 +190,20 @@ def _torch_path(
             return
         if not unscale_and_check(grads, grad_scale, found_inf):
             return
-    _torch_single_tensor(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, capturable=device_step, **hp
-    )
+    has_complex = any(torch.is_complex(p) for p in params)
+    _torch_adam(*tensors, fused=False, capturable=device_step, has_complex=has_complex, **hp)
 
 
-def _torch_single_tensor(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, capturable=False, **hp
-):
-    if not params:
-        return
+def _torch_adam(*tensors, fused, capturable, **kw):
+    """torch.optim's functional ``adam`` (single-tensor or its fused kernel) over the six lists."""
     call_torch(
         _torch_adam_module().adam,
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        steps,
+        *tensors,
         foreach=False,
-        fused=False,
+        fused=fused,
         capturable=capturable,
         differentiable=False,
-        has_complex=any(torch.is_complex(p) for p in params),
-        **hp,
+        **kw,
     )
 
 
@@ -277,22 +258,30 @@ def adam(
             f"adam: amsgrad needs one max_exp_avg_sq per param, got {len(max_exp_avg_sqs)} "
             f"for {len(params)} params"
         )
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    kernel_idx, rest = kernel_partition(params, grads)
+    if not kernel_idx:
+        _torch_path(*lists, device_step, amp, **hp)
+        return
+    if not rest:
+        _fused(lists, hp, device_step, amp)
+        return
+    _torch_path(*_select(rest, lists, amsgrad), device_step, amp, **hp)
+    _fused(_select(kernel_idx, lists, amsgrad), hp, device_step, amp)
+
+
+def kernel_partition(params, grads):
+    """``(kernel_idx, rest)``: the indices of the tensors the Triton kernel takes (fp32/fp16/bf16
+    params with strided grads) and of the others; all in ``rest`` when the backend runs torch."""
     kernel_idx = [
         i
         for i, p in enumerate(params)
         if p.dtype in _KERNEL_DTYPES and grads[i].layout == torch.strided
     ]
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     if not kernel_idx or not use_triton(*(params[i] for i in kernel_idx)):
-        _torch_path(*lists, device_step, amp, **hp)
-        return
-    if len(kernel_idx) == len(params):
-        _fused(*lists, hp, device_step, amp)
-        return
+        return [], list(range(len(params)))
     chosen = set(kernel_idx)
-    rest = [i for i in range(len(params)) if i not in chosen]
-    _torch_path(*_select(rest, lists, amsgrad), device_step, amp, **hp)
-    _fused(*_select(kernel_idx, lists, amsgrad), hp, device_step, amp)
+    return kernel_idx, [i for i in range(len(params)) if i not in chosen]
 
 
 def _select(idx, lists, amsgrad):
@@ -307,78 +296,57 @@ def _select(idx, lists, amsgrad):
     )
 
 
-def _fused_device_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, amp):
-    grad_scale, found_inf = amp
+def _hyper(hp):
+    """The custom ops' scalar arguments, in schema order: (lr, beta1, beta2, eps, weight_decay)
+    as floats and (amsgrad, maximize, decoupled_weight_decay) as bools."""
+    scalars = tuple(float(hp[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    flags = tuple(bool(hp[k]) for k in ("amsgrad", "maximize", "decoupled_weight_decay"))
+    return scalars, flags
+
+
+def amp_on(device, amp, per_device: dict):
+    """``amp`` = (grad_scale, found_inf) on ``device``: moved once per device (memoised in
+    ``per_device``), without blocking (torch's fused optimizers)."""
+    if device not in per_device:
+        per_device[device] = tuple(
+            None if t is None else t.to(device, non_blocking=True) for t in amp
+        )
+    return per_device[device]
+
+
+def _fused_device_step(lists, hp, amp):
+    scalars, flags = _hyper(hp)
     groups: dict = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(lists[0]):
         groups.setdefault((p.device, p.dtype), []).append(i)
     per_device: dict = {}
     for (device, _), idx in groups.items():
-        if device not in per_device:  # moved once per device, without blocking (torch's fused)
-            per_device[device] = tuple(
-                None if t is None else t.to(device, non_blocking=True)
-                for t in (grad_scale, found_inf)
-            )
-        scale, inf = per_device[device]
-        steps = [state_steps[i] for i in idx]
+        scale, inf = amp_on(device, amp, per_device)
+        *tensors, steps = _select(idx, lists, hp["amsgrad"])
         torch._foreach_add_(steps, 1)
-        _adam_step_device(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            [max_exp_avg_sqs[i] for i in idx] if hp["amsgrad"] else [],
-            steps,
-            scale,
-            inf,
-            float(hp["lr"]),
-            float(hp["beta1"]),
-            float(hp["beta2"]),
-            float(hp["eps"]),
-            float(hp["weight_decay"]),
-            bool(hp["amsgrad"]),
-            bool(hp["maximize"]),
-            bool(hp["decoupled_weight_decay"]),
-        )
+        _adam_step_device(*tensors, steps, scale, inf, *scalars, *flags)
         if inf is not None:  # a skipped step does not count (torch's fused Adam)
             torch._foreach_sub_(steps, [inf] * len(steps))
 
 
-def _fused(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, device_step, amp
-):
+def _fused(lists, hp, device_step, amp):
     if device_step:
-        _fused_device_step(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hp, amp
-        )
+        _fused_device_step(lists, hp, amp)
         return
     groups: dict = {}
-    for i, (p, s) in enumerate(zip(params, state_steps)):
+    for i, (p, s) in enumerate(zip(lists[0], lists[5])):
         # Host-side step counters (torch.optim's default): reading them never syncs.
         groups.setdefault((p.device, p.dtype, float(s)), []).append(i)
+    scalars, flags = _hyper(hp)
     beta1, beta2, lr = hp["beta1"], hp["beta2"], hp["lr"]
     for (_, _, step), idx in groups.items():
-        steps = [state_steps[i] for i in idx]
+        *tensors, steps = _select(idx, lists, hp["amsgrad"])
         torch._foreach_add_(steps, 1)
         t = step + 1.0
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t
         _adam_step(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            [max_exp_avg_sqs[i] for i in idx] if hp["amsgrad"] else [],
-            float(lr),
-            float(beta1),
-            float(beta2),
-            float(hp["eps"]),
-            float(hp["weight_decay"]),
-            float(lr / bias_correction1),
-            float(bias_correction2**0.5),
-            bool(hp["amsgrad"]),
-            bool(hp["maximize"]),
-            bool(hp["decoupled_weight_decay"]),
+            *tensors, *scalars, float(lr / bias_correction1), float(bias_correction2**0.5), *flags
         )
 
 
@@ -388,6 +356,8 @@ __all__ = [
     "adam",
     "adam_multi_tensor_step",
     "adam_multi_tensor_step_device",
+    "amp_on",
     "call_torch",
+    "kernel_partition",
     "unscale_and_check",
 ]

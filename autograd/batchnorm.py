@@ -69,6 +69,12 @@ def _batchnorm_bwd(
     dx, dw, db = K.batch_norm_backward(
         dy, x, weight, mean, stat, training, eps, need_dx, need_dweight, need_dbias
     )
+    return grads_or_empty(x, dx, dw, db)
+
+
+def grads_or_empty(x: Tensor, dx, dw, db) -> tuple[Tensor, Tensor, Tensor]:
+    """A backward op's ``(dx, dweight, dbias)`` with an empty tensor (x's dtype and device) for
+    each gradient not computed (custom-op schemas return tensors, not None)."""
     empty = x.new_empty(0)
     return (
         dx if dx is not None else empty,
@@ -146,17 +152,21 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dw, db = _batchnorm_bwd_call(
                 dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
             )
-            if need_db and db.dtype != ctx.bias_dtype:
-                db = db.to(ctx.bias_dtype)
-        return (
-            dx if need_dx else None,
-            dw if need_dw else None,
-            db if need_db else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return affine_grads(ctx, dx, dw, db, 7)
+
+
+def affine_grads(ctx, dx, dw, db, n_inputs: int) -> tuple:
+    """A backward's return for inputs (x, weight, bias, then ``n_inputs - 3`` non-tensors): the
+    gradients asked for (dbias cast to the bias dtype), None elsewhere."""
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    if need_db and db.dtype != ctx.bias_dtype:
+        db = db.to(ctx.bias_dtype)
+    return (
+        dx if need_dx else None,
+        dw if need_dw else None,
+        db if need_db else None,
+        *(None,) * (n_inputs - 3),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +214,21 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
             raise RuntimeError("running_mean must be defined in evaluation mode")
         if running_var is None:
             raise RuntimeError("running_var must be defined in evaluation mode")
+    check_params("batch_norm", input, running_mean, running_var, weight, bias)
+
+
+def check_input_dtype(op: str, input: Tensor) -> None:
+    if input.dtype not in _FLOATS:
+        raise RuntimeError(
+            f"{op}: expected input of a floating dtype (float32, float16, bfloat16, "
+            f"float64), got {input.dtype}"
+        )
+
+
+def check_params(op: str, input, running_mean, running_var, weight, bias) -> None:
+    """The per-channel tensors (each may be None) against ``input`` [N, C, ...]: C elements
+    each, a floating input, then each tensor in the input's dtype (fp32 also beside fp16/bf16)
+    and on its device. Messages are prefixed with ``op``."""
     C = input.shape[1]
     named = (
         ("running_mean", running_mean),
@@ -214,11 +239,7 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
     for name, t in named:
         if t is not None and t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-    if input.dtype not in _FLOATS:
-        raise RuntimeError(
-            f"batch_norm: expected input of a floating dtype (float32, float16, bfloat16, "
-            f"float64), got {input.dtype}"
-        )
+    check_input_dtype(op, input)
     allowed = {input.dtype}
     if input.dtype in (torch.float16, torch.bfloat16):
         allowed.add(torch.float32)
@@ -227,12 +248,12 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
             continue
         if t.dtype not in allowed:
             raise RuntimeError(
-                f"batch_norm: expected {name} to have dtype "
+                f"{op}: expected {name} to have dtype "
                 f"{' or '.join(sorted(map(str, allowed)))} (input is {input.dtype}), got {t.dtype}"
             )
         if t.device != input.device:
             raise RuntimeError(
-                f"batch_norm: expected all tensors to be on the same device, but input is on "
+                f"{op}: expected all tensors to be on the same device, but input is on "
                 f"{input.device} and {name} on {t.device}"
             )
 
@@ -240,6 +261,16 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
 # ----------------------------------------------------------------------------------------------
 # public dispatch
 # ----------------------------------------------------------------------------------------------
+
+
+def torch_batch_norm(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+) -> Tensor:
+    """``F.batch_norm``; ``num_batches_tracked`` (``momentum=None`` of the modules): a cumulative
+    average, factor ``1 / num_batches_tracked`` (read on the host)."""
+    if num_batches_tracked is not None:
+        momentum = 1.0 / float(num_batches_tracked)
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def _batch_norm(
@@ -256,16 +287,12 @@ def _batch_norm(
     """``batch_norm`` with one addition for the modules: when ``num_batches_tracked`` is given
     (``momentum=None``), the running statistics are a cumulative average with factor
     ``1 / num_batches_tracked``, read on the device by the Triton path (no host sync)."""
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not use_triton(input, running_mean, running_var, weight, bias):
-        if num_batches_tracked is not None:
-            momentum = 1.0 / float(num_batches_tracked)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    _check(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if input.numel() == 0:
-        # nothing to launch; torch's own semantics for empty batches
-        if num_batches_tracked is not None:
-            momentum = 1.0 / float(num_batches_tracked)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return torch_batch_norm(*args, num_batches_tracked)
+    _check(*args)
+    if input.numel() == 0:  # nothing to launch; torch's own semantics for empty batches
+        return torch_batch_norm(*args, num_batches_tracked)
     x = input
     if x.dim() > 4:  # BatchNorm3d-like: fold the trailing spatial dims (a view when it can)
         x = x.flatten(3)

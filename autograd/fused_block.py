@@ -31,15 +31,18 @@ from torch import Tensor
 
 from ..backend import use_triton
 from ._custom_op import caller, custom_op
-from .batchnorm import batchnorm_update_running
+from .batchnorm import (
+    _FLOATS,
+    _acc_dtype,
+    affine_grads,
+    batchnorm_update_running,
+    check_input_dtype,
+    check_params,
+    grads_or_empty,
+    torch_batch_norm,
+)
 from .dropout import _check_p, _seed
 from .linear import apply_activation_torch, check_activation
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def saves_output(activation: str, negative_slope: float) -> bool:
@@ -156,12 +159,7 @@ def _fused_block_bn_bwd(
         need_dweight,
         need_dbias,
     )
-    empty = x.new_empty(0)
-    return (
-        dx if dx is not None else empty,
-        dw if dw is not None else empty.clone(),
-        db if db is not None else empty.clone(),
-    )
+    return grads_or_empty(x, dx, dw, db)
 
 
 @_fused_block_bn_bwd.register_fake
@@ -224,18 +222,7 @@ class BNActDropoutFunction(torch.autograd.Function):
             need_dw,
             need_db,
         )
-        if need_db and db.dtype != ctx.bias_dtype:
-            db = db.to(ctx.bias_dtype)
-        return (
-            dx if need_dx else None,
-            dw if need_dw else None,
-            db if need_db else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return affine_grads(ctx, dx, dw, db, 8)
 
 
 class ActDropoutFunction(torch.autograd.Function):
@@ -287,37 +274,10 @@ def _check_bn(input, running_mean, running_var, weight, bias, eps) -> None:
         )
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if input.dtype not in _FLOATS:
-        raise RuntimeError(
-            f"bn_act_dropout: expected input of a floating dtype (float32, float16, bfloat16, "
-            f"float64), got {input.dtype}"
-        )
+    check_input_dtype("bn_act_dropout", input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    C = input.shape[1]
-    allowed = {input.dtype}
-    if input.dtype in (torch.float16, torch.bfloat16):
-        allowed.add(torch.float32)
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        if t is None:
-            continue
-        if t.numel() != C:
-            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-        if t.dtype not in allowed:
-            raise RuntimeError(
-                f"bn_act_dropout: expected {name} to have dtype "
-                f"{' or '.join(sorted(map(str, allowed)))} (input is {input.dtype}), got {t.dtype}"
-            )
-        if t.device != input.device:
-            raise RuntimeError(
-                f"bn_act_dropout: expected all tensors on the same device, but input is on "
-                f"{input.device} and {name} on {t.device}"
-            )
+    check_params("bn_act_dropout", input, running_mean, running_var, weight, bias)
 
 
 def bn_act_dropout(
@@ -351,9 +311,9 @@ def bn_act_dropout(
     p = _check_p(p)
     eps = float(eps)
     if not use_triton(input, running_mean, running_var, weight, bias):
-        if num_batches_tracked is not None:
-            momentum = 1.0 / float(num_batches_tracked)
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+        y = torch_batch_norm(
+            input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked
+        )
         y = apply_activation_torch(y, act, negative_slope)
         return F.dropout(y, p, True) if p > 0.0 else y
     _check_bn(input, running_mean, running_var, weight, bias, eps)

@@ -14,9 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backend import use_triton
 from ._custom_op import caller, custom_op
-from .adam import _KERNEL_DTYPES, _fused_ok, _torch_sgd_module, call_torch, unscale_and_check
+from .adam import (
+    _fused_ok,
+    _no_output,
+    _torch_sgd_module,
+    amp_on,
+    call_torch,
+    kernel_partition,
+    unscale_and_check,
+)
 
 
 @custom_op("fusedmlp::sgd_multi_tensor_step", mutates_args=("params", "grads", "momentum_buffers"))
@@ -54,9 +61,7 @@ def sgd_multi_tensor_step(
     )
 
 
-@sgd_multi_tensor_step.register_fake
-def _(params, grads, momentum_buffers, *args) -> None:
-    return None
+sgd_multi_tensor_step.register_fake(_no_output)
 
 
 _sgd_step = caller(sgd_multi_tensor_step)
@@ -114,17 +119,11 @@ def sgd(
             f"sgd: expected one momentum buffer entry per param, got "
             f"{len(momentum_buffer_list)} for {len(params)} params"
         )
-    kernel_idx = [
-        i
-        for i, (p, g) in enumerate(zip(params, grads))
-        if p.dtype in _KERNEL_DTYPES and g.layout == torch.strided
-    ]
+    kernel_idx, rest = kernel_partition(params, grads)
     amp = (grad_scale, found_inf)
-    if not kernel_idx or not use_triton(*(params[i] for i in kernel_idx)):
+    if not kernel_idx:
         _torch_path(params, grads, momentum_buffer_list, amp, **hp)
         return
-    chosen = set(kernel_idx)
-    rest = [i for i in range(len(params)) if i not in chosen]
     if rest:
         bufs = [momentum_buffer_list[i] for i in rest] if use_momentum else []
         _torch_path([params[i] for i in rest], [grads[i] for i in rest], bufs, amp, **hp)
@@ -152,7 +151,7 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
     """One fused step (ours, or torch's ``_fused_sgd_``) per (device, dtype, new-buffer)
     partition; new momentum buffers are created here and stored in ``momentum_buffer_list``."""
     use_momentum = hp["momentum"] != 0
-    grad_scale, found_inf = amp
+    found_inf = amp[1]
     partitions: dict = {}
     for i in indices:
         p = params[i]
@@ -169,12 +168,7 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
                     new = torch.zeros_like if found_inf is not None else torch.empty_like
                     momentum_buffer_list[i] = new(grads[i])
                 bufs.append(momentum_buffer_list[i])
-        if device not in per_device:
-            per_device[device] = tuple(
-                None if t is None else t.to(device, non_blocking=True)
-                for t in (grad_scale, found_inf)
-            )
-        scale, inf = per_device[device]
+        scale, inf = amp_on(device, amp, per_device)
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         if not kernel:
             torch._fused_sgd_(

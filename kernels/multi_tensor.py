@@ -1,0 +1,278 @@
+"""The multi-tensor table protocol shared by the fused optimizer kernels (``kernels/adam.py``,
+``kernels/sgd.py``): one launch for every tensor of a (group, device, dtype).
+
+The kernels read two small int64 tables instead of one argument per tensor:
+
+- ``addrs`` [K * n]: the raw addresses (``data_ptr()``) of the K arrays of each of the n
+  tensors, array-major (params, grads, then the optimizer's state arrays). Loaded in-kernel and
+  cast with ``.to(tl.pointer_type(dtype))`` (``tensor_ptr``).
+- ``meta`` [2 * n + n_blocks]: numel of each tensor, the index of its first block, then for
+  every block of the grid the tensor it belongs to (``block_of``). The 1-D grid is the total
+  number of ``BLOCK``-element chunks over all tensors, so a 10-element bias and a 10M-element
+  weight share one launch without idle programs.
+
+Both tables are cached (``addrs`` keyed by the addresses, ``meta`` by the sizes), so they are
+rebuilt only when an address changes (fresh ``.grad`` tensors, ``load_state_dict``). On a GPU
+they are staged through pinned memory with a non-blocking copy: no synchronous copy per step.
+Under Triton's interpreter the addresses are those of the CPU tensors themselves (the
+interpreter's host copy of a CPU tensor argument is the tensor itself), so the same kernels
+run unchanged on CPU in the tests.
+
+The updates are in place, so there is a single fixed configuration, never autotuned.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import is_interpreted, launch, on_device
+
+# GPU: 4096 elements per program, 8 warps (16 elements per thread, 128-bit accesses).
+GPU_CONFIG = triton.Config({"BLOCK": 4096}, num_warps=8, num_stages=1)
+# Interpreter: small blocks so that small test tensors span several blocks.
+INTERPRET_CONFIG = triton.Config({"BLOCK": 64}, num_warps=1, num_stages=1)
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_CACHE_SIZE = 32
+_ADDR_CACHE: OrderedDict = OrderedDict()
+_META_CACHE: OrderedDict = OrderedDict()
+
+
+# ----------------------------------------------------------------------------- in-kernel
+
+
+@triton.jit
+def block_of(meta, n_tensors, BLOCK: tl.constexpr):
+    """This program's block: ``(t, offs, mask, full)``: the tensor it belongs to, its element
+    offsets in that tensor, ``offs < numel``, and whether the block is full (no mask needed)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(meta + 2 * n_tensors + pid)  # the tensor this block belongs to
+    numel = tl.load(meta + t)
+    start = (pid - tl.load(meta + n_tensors + t)) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    full = start + BLOCK <= numel
+    return t, offs, mask, full
+
+
+@triton.jit
+def tensor_ptr(addrs, n_tensors, t, ref, K: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s pointer in array ``K`` of ``addrs``, typed as ``ref``'s elements."""
+    ptr = tl.load(addrs + K * n_tensors + t).to(tl.pointer_type(ref.dtype.element_ty))
+    if ALIGNED:  # every address 16-byte aligned (checked on the host): vector accesses
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def runs(full, found_inf, MASKED: tl.constexpr, HAS_INF: tl.constexpr):
+    """Whether this copy of the body runs: full blocks without a mask (vector accesses; the mask
+    ``offs < numel`` has unknown alignment), each tensor's tail block with it; never when
+    GradScaler's ``found_inf`` is set (``HAS_INF``): the whole step is skipped."""
+    run = full != MASKED
+    if HAS_INF:
+        run = run & (tl.load(found_inf) == 0)
+    return run
+
+
+@triton.jit
+def load_param_grad(
+    p_ptr, g_ptr, offs, lmask, grad_scale, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr
+):
+    """fp32 param and gradient; ``HAS_SCALE``: the gradient unscaled in-kernel and the unscaled
+    gradient written back (torch's fused optimizers); ``MAXIMIZE``: negated."""
+    p = tl.load(p_ptr + offs, mask=lmask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=lmask).to(tl.float32)
+    if HAS_SCALE:
+        g = g / tl.load(grad_scale).to(tl.float32)
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=lmask)
+    if MAXIMIZE:
+        g = -g
+    return p, g
+
+
+# ----------------------------------------------------------------------------- host tables
+
+
+def cached(cache: OrderedDict, key, build):
+    """``cache[key]``, built with ``build()`` when missing (LRU, ``_CACHE_SIZE`` entries)."""
+    value = cache.get(key)
+    if value is None:
+        value = build()
+        cache[key] = value
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 table on ``device``; CUDA: through pinned memory, non-blocking.
+
+    The pinned host buffer stays referenced by the device table: a copy recorded inside a CUDA
+    graph capture re-reads it at every replay, so it must outlive the table (and never return
+    to the pinned-memory pool for reuse).
+    """
+    if device.type == "cuda":
+        host = torch.tensor(values, dtype=torch.int64, pin_memory=True)
+        table = host.to(device, non_blocking=True)
+        table._fusedmlp_host = host
+        return table
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def amp_scalar(t: torch.Tensor | None, name: str, device: torch.device, ref: torch.Tensor):
+    """``grad_scale``/``found_inf`` for the kernel: a one-element float tensor on ``device``
+    (moved without blocking), or ``ref`` as a placeholder when None."""
+    if t is None:
+        return ref
+    if not torch.is_tensor(t) or t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(f"fused optimizer step: {name} must be a one-element float tensor")
+    return t.to(device, non_blocking=True)
+
+
+def tables(arrays: list[list[torch.Tensor]], block: int):
+    """(addrs, meta, n_blocks, aligned) for ``arrays`` = K lists of n tensors each.
+
+    Cached: ``addrs`` by the tuple of addresses, ``meta`` by the tuple of sizes and ``block``.
+    """
+    device = arrays[0][0].device
+    ptrs = tuple(t.data_ptr() for lst in arrays for t in lst)
+    sizes = tuple(t.numel() for t in arrays[0])
+    addrs = cached(_ADDR_CACHE, (device, ptrs), lambda: to_device(list(ptrs), device))
+
+    def build_meta():
+        counts = [(s + block - 1) // block for s in sizes]
+        firsts, owner, total = [], [], 0
+        for i, c in enumerate(counts):
+            firsts.append(total)
+            owner.extend([i] * c)
+            total += c
+        return to_device(list(sizes) + firsts + owner, device), total
+
+    meta, n_blocks = cached(_META_CACHE, (device, sizes, block), build_meta)
+    aligned = all(p % 16 == 0 for p in ptrs)
+    return addrs, meta, n_blocks, aligned
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots from data_ptr."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def prepare(arrays: list[list[torch.Tensor]], mutated: list[bool]):
+    """Make every tensor index walkable as one flat run: all K arrays of tensor i must be
+    dense with identical strides. Otherwise contiguous copies stand in (copied back after
+    the step for the mutated arrays). Returns (arrays, writebacks) and drops empty tensors."""
+    n = len(arrays[0])
+    out = [[] for _ in arrays]
+    writebacks = []
+    for i in range(n):
+        ts = [lst[i] for lst in arrays]
+        if ts[0].numel() == 0:
+            continue
+        stride = ts[0].stride()
+        if all(_dense(t) and t.stride() == stride for t in ts):
+            for k, t in enumerate(ts):
+                out[k].append(t)
+            continue
+        for k, t in enumerate(ts):
+            c = t.contiguous()
+            out[k].append(c)
+            if mutated[k] and c is not t:
+                writebacks.append((t, c))
+    return out, writebacks
+
+
+def check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
+    """Same length, device, dtype and shape across the K arrays (raised before any launch)."""
+    ref = arrays[0]
+    if not ref:
+        return
+    dtype, device = ref[0].dtype, ref[0].device
+    if dtype not in _SUPPORTED:
+        raise TypeError(f"fused optimizer step: params must be fp32, fp16 or bf16, got {dtype}")
+    for name, lst in zip(names, arrays):
+        if len(lst) != len(ref):
+            raise ValueError(
+                f"fused optimizer step: {name} has {len(lst)} tensors, expected {len(ref)}"
+            )
+        for p, t in zip(ref, lst):
+            if t.dtype != dtype or t.device != device or t.shape != p.shape:
+                raise ValueError(
+                    f"fused optimizer step: {name} tensor {tuple(t.shape)} {t.dtype} on {t.device} "
+                    f"does not match param {tuple(p.shape)} {dtype} on {device}"
+                )
+
+
+def config_for(kernel) -> triton.Config:
+    return INTERPRET_CONFIG if is_interpreted(kernel) else GPU_CONFIG
+
+
+def launch_step(kernel, arrays, grad_scale, found_inf, extra=None, **kwargs) -> None:
+    """One launch of the multi-tensor optimizer ``kernel`` over ``arrays`` (K checked lists of n
+    non-empty tensors, params and grads first): staged by ``prepare`` (grads mutated only with
+    ``grad_scale``), walked through ``tables``, contiguous stand-ins copied back afterwards.
+
+    Fills the protocol's arguments (``addrs``, ``meta``, ``ref``, ``grad_scale``, ``found_inf``,
+    ``n_tensors``, ``HAS_SCALE``, ``HAS_INF``, ``ALIGNED``); ``kwargs`` are the kernel's own and
+    ``extra(addrs, ref)`` returns more that need the tables.
+    """
+    mutated = [k != 1 or grad_scale is not None for k in range(len(arrays))]
+    arrays, writebacks = prepare(arrays, mutated)
+    if not arrays[0]:
+        return
+    ref = arrays[0][0]
+    addrs, meta, n_blocks, aligned = tables(arrays, config_for(kernel).kwargs["BLOCK"])
+    if extra is not None:
+        kwargs.update(extra(addrs, ref))
+    with on_device(ref):
+        launch(
+            kernel,
+            (n_blocks,),
+            configs=[GPU_CONFIG],
+            interpret_config=INTERPRET_CONFIG,
+            addrs=addrs,
+            meta=meta,
+            ref=ref,
+            grad_scale=amp_scalar(grad_scale, "grad_scale", ref.device, ref),
+            found_inf=amp_scalar(found_inf, "found_inf", ref.device, ref),
+            n_tensors=len(arrays[0]),
+            HAS_SCALE=grad_scale is not None,
+            HAS_INF=found_inf is not None,
+            ALIGNED=aligned,
+            **kwargs,
+        )
+    for dst, src in writebacks:
+        dst.copy_(src)
+
+
+__all__ = [
+    "GPU_CONFIG",
+    "INTERPRET_CONFIG",
+    "amp_scalar",
+    "block_of",
+    "cached",
+    "check",
+    "config_for",
+    "launch_step",
+    "load_param_grad",
+    "prepare",
+    "runs",
+    "tables",
+    "tensor_ptr",
+    "to_device",
+]
