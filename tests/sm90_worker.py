@@ -43,6 +43,7 @@ def main() -> None:
     from triton.compiler import ASTSource
 
     jobs = pickle.load(sys.stdin.buffer)
+    print(json.dumps({"triton": triton.__version__, "path": triton.__file__}), flush=True)
     target = GPUTarget("cuda", 90, 32)
     for module, qualname, signature, constexprs, warps, stages, label in jobs:
         result = {"label": label}

@@ -41,26 +41,48 @@ def _jobs():
     return list(jobs.values())
 
 
+def _tritons():
+    """The triton installations to compile with: this environment's, plus each folder listed in
+    ``FUSEDMLP_SM90_EXTRA_TRITON`` (os.pathsep-separated ``pip install --target`` folders: CI
+    adds triton 3.6, the GPU machines' version, so code that only the current release accepts
+    fails here)."""
+    extra = [p for p in os.environ.get("FUSEDMLP_SM90_EXTRA_TRITON", "").split(os.pathsep) if p]
+    return [None, *extra]
+
+
 def test_every_launched_configuration_compiles_for_sm90(capsys):
     jobs = _jobs()
     if not jobs:
         pytest.fail("no kernel was launched in this run: run this test together with the op tests")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    start = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("sm90_worker.py"))],
-        input=pickle.dumps(jobs),
-        capture_output=True,
-        env=env,
-        timeout=1200,
-    )
-    results = [
-        json.loads(line) for line in out.stdout.decode().splitlines() if line.startswith("{")
-    ]
-    assert out.returncode == 0 and len(results) == len(jobs), out.stderr.decode()[-3000:]
-    failures = [f"{r['label']}: {r['error']}" for r in results if "error" in r]
-    with capsys.disabled():
-        print(f"\nsm_90 compile: {len(jobs)} configurations in {time.perf_counter() - start:.1f} s")
-        for r in results:
-            print(f"  {r['label']}: {r.get('resources', r.get('error'))}")
+    failures = []
+    for site in _tritons():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if site:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("sm90_worker.py"))],
+            input=pickle.dumps(jobs),
+            capture_output=True,
+            env=env,
+            timeout=1200,
+        )
+        lines = [json.loads(x) for x in out.stdout.decode().splitlines() if x.startswith("{")]
+        header = next((x for x in lines if "triton" in x), {"triton": "?", "path": ""})
+        version = header["triton"]
+        results = [x for x in lines if "label" in x]
+        assert out.returncode == 0 and len(results) == len(jobs), out.stderr.decode()[-3000:]
+        if site:  # the worker really imported the extra triton, not this environment's
+            assert header["path"].startswith(os.path.abspath(site)), (site, header)
+        failures += [
+            f"triton {version}: {r['label']}: {r['error']}" for r in results if "error" in r
+        ]
+        with capsys.disabled():
+            print(
+                f"\nsm_90 compile with triton {version}: {len(jobs)} configurations in "
+                f"{time.perf_counter() - start:.1f} s"
+            )
+            if site is None:  # registers and spills once, for the environment's triton
+                for r in results:
+                    print(f"  {r['label']}: {r.get('resources', r.get('error'))}")
     assert not failures, "kernels that do not compile for sm_90:\n" + "\n".join(failures)
