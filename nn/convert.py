@@ -114,21 +114,10 @@ def _replacements() -> dict:
 
 
 def _absorbable(act: torch.nn.Module) -> tuple[str, float] | None:
-    """(activation name, negative_slope) when ``act`` can be fused into a preceding Linear."""
-    t = type(act)
-    if t is torch.nn.ReLU:
-        return "relu", 0.01
-    if t is torch.nn.LeakyReLU:
-        return "leaky_relu", float(act.negative_slope)
-    if t is torch.nn.Sigmoid:
-        return "sigmoid", 0.01
-    if t is torch.nn.Tanh:
-        return "tanh", 0.01
-    if t is torch.nn.GELU and act.approximate == "none":
-        return "gelu", 0.01
-    if t is torch.nn.SiLU:
-        return "silu", 0.01
-    return None
+    """(activation name, negative_slope) when ``act`` can be fused into a preceding Linear:
+    the fused block's activations, Identity excepted (there is nothing to absorb)."""
+    found = _fused_block.activation_of(act)
+    return None if found is None or found[0] is None else found
 
 
 def _has_hooks(m: torch.nn.Module, names=_HOOK_DICTS) -> bool:
