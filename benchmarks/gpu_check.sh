@@ -9,8 +9,10 @@
 #   3. tests:    a curated subset of the test suite, compiled on the GPU (fixed configurations,
 #                no hypothesis: every new specialisation costs a compile)
 #   4. int64:    dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
-#   5. verify:   fusedmlp verify (tolerated missing)
-#   6. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
+#   5. profile:  benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
+#                times of the MLP training step, and the host cost of one launch, under profile/
+#   6. verify:   fusedmlp verify (tolerated missing)
+#   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
 # Everything is logged under OUTDIR (<step>.log, summary.txt). The script goes on past a failing
 # step and exits non-zero if any step failed. Copy OUTDIR/RESULTS.md to benchmarks/RESULTS.md to
 # publish the figures.
@@ -164,14 +166,19 @@ with fusedmlp.use_backend("triton"):
 print("int64 dropout OK")
 EOF
 
-# 5. fusedmlp verify (written by another issue: tolerate it missing)
+# 5. where a training step's time goes (fixed configurations: no autotuning inside the profile)
+step profile 45 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
+  --shapes 64x256,16384x1024 --steps 10
+cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
+
+# 6. fusedmlp verify (written by another issue: tolerate it missing)
 if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then
-  step verify 100 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
+  step verify 80 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
 else
   log "note: 'fusedmlp verify --help' fails: verify not available, skipped"
 fi
 
-# 6. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
+# 7. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
 t=$(left)
 ((t > 180)) && t=180
 bench_budget=$((t - 35))

@@ -32,13 +32,11 @@ per-channel ``(mean, scale, shift)`` and the per-element ``(x - mean) * scale + 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device
+from .launch import cdiv, launch, on_device, row_splits
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -489,23 +487,9 @@ _INTERPRET_FINAL = triton.Config({"BLOCK_C": 16, "BLOCK_S": 2}, num_warps=4)
 _INTERPRET_UPDATE = triton.Config({"BLOCK_C": 16}, num_warps=4)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
-    """(n_split, rows_per_split) for the reductions: about 4 programs per SM on a GPU, each
-    over a contiguous slice of at least 256 rows; a few splits under the interpreter."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        want = cdiv(4 * _sm_count(idx), cdiv(C, 64))
-        split = max(1, min(want, cdiv(R, 256)))
-        rows = cdiv(cdiv(R, split), 128) * 128
-    else:
-        split = max(1, min(4, cdiv(R, 32)))
-        rows = cdiv(R, split)
-    return cdiv(R, rows), rows
+    """(n_split, rows_per_split) for the reductions (``launch.row_splits``)."""
+    return row_splits(R, C, device, block_c=64, align=128, cpu_splits=4, cpu_min_rows=32)
 
 
 # ----------------------------------------------------------------------------------------------

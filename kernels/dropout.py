@@ -98,11 +98,10 @@ def _dropout_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     seed = tl.load(seed_ptr)
-    # The block as [BLOCK // 4, 4]: row q holds the four consecutive elements 4q .. 4q+3 whose
-    # random words come from one Philox call (elementwise mode).
-    quads = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # int64
-    lanes = tl.arange(0, 4)
-    idx = quads[:, None] * 4 + lanes[None, :]  # int64 logical (row-major) element indices
+    # The block as [BLOCK // 8, 8]: row o holds the eight consecutive elements 8o .. 8o+7, one
+    # 16-byte access for fp16/bf16 (rows of four gave 8-byte accesses), and two Philox calls.
+    octs = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # int64
+    idx = octs[:, None] * 8 + tl.arange(0, 8)[None, :]  # int64 logical (row-major) indices
     in_bounds = idx < numel
     if CONTIGUOUS:
         x_off = idx
@@ -120,12 +119,13 @@ def _dropout_kernel(
     # Philox counter and output word of each element's group (elementwise: group = element).
     if CHANNEL:
         group = idx // inner
-        quad = group // 4  # [BLOCK // 4, 4]: one Philox call per element
-        lane = group % 4
+        keep = philox_keep(seed, group // 4, group % 4, p)  # one Philox call per element
     else:
-        quad = quads[:, None]  # [BLOCK // 4, 1]: one Philox call per four elements
-        lane = lanes[None, :]
-    keep = philox_keep(seed, quad, lane, p)
+        # [BLOCK // 8, 2, 4]: one Philox call per quad (counter 2o + h), its four words for the
+        # four elements 8o + 4h .. 8o + 4h + 3; row-major reshape back to [BLOCK // 8, 8].
+        quad = (octs[:, None] * 2 + tl.arange(0, 2)[None, :])[:, :, None]
+        lane = tl.arange(0, 4)[None, None, :]
+        keep = tl.reshape(philox_keep(seed, quad, lane, p), [BLOCK // 8, 8])
     y = x * tl.where(keep, scale, 0.0)
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
 

@@ -42,15 +42,13 @@ as torch's). Any strides in; outputs are contiguous.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import batchnorm as BN
 from .dropout import philox_keep
-from .launch import cdiv, launch, on_device
+from .launch import cdiv, launch, on_device, row_splits
 from .linear import _activation, _activation_grad
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -394,23 +392,9 @@ _REDUCE_CONFIGS = [
 _INTERPRET_TILE = triton.Config({"BLOCK_R": 8, "BLOCK_Q": 4}, num_warps=4)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
-    """(n_split, rows_per_split) of the backward reduction: about 4 programs per SM on a GPU,
-    each over at least 256 contiguous rows; a few splits under the interpreter."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        want = cdiv(4 * _sm_count(idx), cdiv(C, 128))
-        split = max(1, min(want, cdiv(R, 256)))
-        rows = cdiv(cdiv(R, split), 64) * 64
-    else:
-        split = max(1, min(3, cdiv(R, 8)))
-        rows = cdiv(R, split)
-    return cdiv(R, rows), rows
+    """(n_split, rows_per_split) of the backward reduction (``launch.row_splits``)."""
+    return row_splits(R, C, device, block_c=128, align=64, cpu_splits=3, cpu_min_rows=8)
 
 
 def _grid(R: int, C: int):

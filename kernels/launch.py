@@ -7,8 +7,9 @@
 - Under Triton's interpreter (``TRITON_INTERPRET=1``): one fixed configuration, because
   autotune needs a GPU driver; the ``INTERPRET`` constexpr is set for kernels that take it
   (interpreter-only bf16 upcast before ``tl.dot``, see DESIGN.md "Traps").
-- Every launch records its (kernel, signature, constexprs, warps, stages) in ``LAUNCHED``,
-  which the test suite compiles for sm_90 (H100) on a CPU-only machine.
+- Every launch records its (kernel, signature, constexprs, warps, stages, and what the JIT
+  would specialise on: integers equal to 1, divisibility by 16) in ``LAUNCHED``, which the test
+  suite compiles for sm_90 (H100) on a CPU-only machine.
 
 Launches happen inside ``torch.library.custom_op`` implementations, which ``torch.compile`` treats
 as opaque calls with a fake (shape-only) implementation. ``triton_op`` + ``wrap_triton`` would let
@@ -112,6 +113,18 @@ def arg_type(value) -> str:
     raise TypeError(f"cannot type kernel argument {value!r}")
 
 
+def arg_specialization(value) -> str:
+    """What triton's JIT specialises a runtime argument on, from its value: ``"1"`` for the
+    integer 1 (compiled as the constant 1), ``"D"`` for an integer divisible by 16 or a tensor
+    whose address is 16-byte aligned (``tt.divisibility = 16``), else ``""``. Kernel parameters
+    listed in ``do_not_specialize`` ignore it (the sm_90 compile worker applies that rule)."""
+    if isinstance(value, torch.Tensor):
+        return "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "1" if value == 1 else "D" if value % 16 == 0 else ""
+    return ""
+
+
 @dataclass(frozen=True)
 class LaunchRecord:
     module: str
@@ -121,6 +134,8 @@ class LaunchRecord:
     num_warps: int
     num_stages: int
     gpu_configs: tuple = field(default=(), compare=False, hash=False)
+    # (name, arg_specialization) of every runtime argument, as the JIT sees the values
+    specialization: tuple[tuple[str, str], ...] = ()
 
 
 # Every configuration launched in this process: record -> the raw Python kernel function.
@@ -134,9 +149,21 @@ class _KernelInfo:
     constexprs: frozenset[str]
     has_interpret: bool
     interpreting: bool
+    unspecialized: frozenset[str]  # the kernel's ``do_not_specialize`` parameters
 
 
 _INFO: dict = {}
+
+
+def _unspecialized(kernel, names: tuple[str, ...]) -> frozenset[str]:
+    while not hasattr(kernel, "do_not_specialize") and not hasattr(kernel, "kwargs"):
+        if not hasattr(kernel, "fn"):
+            return frozenset()
+        kernel = kernel.fn  # an Autotuner wraps the jitted function
+    listed = getattr(kernel, "do_not_specialize", None)
+    if listed is None:  # interpreted: the @triton.jit keyword arguments
+        listed = kernel.kwargs.get("do_not_specialize") or ()
+    return frozenset(names[p] if isinstance(p, int) else p for p in listed)
 
 
 def _info(kernel) -> _KernelInfo:
@@ -146,7 +173,12 @@ def _info(kernel) -> _KernelInfo:
         fn = raw_function(kernel)
         names = tuple(inspect.signature(fn).parameters)
         info = _KernelInfo(
-            fn, names, frozenset(_constexpr_names(fn)), "INTERPRET" in names, is_interpreted(kernel)
+            fn,
+            names,
+            frozenset(_constexpr_names(fn)),
+            "INTERPRET" in names,
+            is_interpreted(kernel),
+            _unspecialized(kernel, names),
         )
         _INFO[kernel] = info
     return info
@@ -160,6 +192,11 @@ def _record(info: _KernelInfo, kwargs: dict, config: triton.Config, gpu_configs)
         raise TypeError(f"{fn.__name__}: missing kernel arguments {missing}")
     signature = tuple((n, "constexpr" if n in cexpr else arg_type(values[n])) for n in names)
     constexprs = tuple((n, values[n]) for n in names if n in cexpr and n in values)
+    specialization = tuple(
+        (n, "" if n in info.unspecialized else arg_specialization(values[n]))
+        for n in names
+        if n not in cexpr
+    )
     rec = LaunchRecord(
         fn.__module__,
         fn.__qualname__,
@@ -168,6 +205,7 @@ def _record(info: _KernelInfo, kwargs: dict, config: triton.Config, gpu_configs)
         config.num_warps,
         config.num_stages,
         tuple(gpu_configs),
+        specialization,
     )
     LAUNCHED.setdefault(rec, fn)
 
@@ -228,6 +266,52 @@ def launch(
     tuned[grid](**kwargs)
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of CUDA ``device`` (queried once per device index, never at
+    import time)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+def row_splits(
+    R: int,
+    C: int,
+    device: torch.device,
+    *,
+    block_c: int,
+    align: int,
+    cpu_splits: int,
+    cpu_min_rows: int,
+) -> tuple[int, int]:
+    """``(n_split, rows_per_split)`` of a deterministic split reduction over the R rows of an
+    ``[R, C]`` problem (batch-norm statistics and gradients), one program per split and
+    ``block_c`` channels.
+
+    GPU: about ``PROGRAMS_PER_SM`` programs per SM, each over a contiguous slice of at least 256
+    rows (a multiple of ``align``). CPU (the interpreter): at most ``cpu_splits`` splits of at
+    least ``cpu_min_rows`` rows, so that small tests exercise the split merge.
+    """
+    if device.type == "cuda":
+        want = cdiv(PROGRAMS_PER_SM * sm_count(device), cdiv(C, block_c))
+        split = max(1, min(want, cdiv(R, 256)))
+        rows = cdiv(cdiv(R, split), align) * align
+    else:
+        split = max(1, min(cpu_splits, cdiv(R, cpu_min_rows)))
+        rows = cdiv(R, split)
+    return cdiv(R, rows), rows
+
+
+# Programs per SM that the split reductions aim for: their 8-warp tiles compile to about 64
+# registers for sm_90, so 4 such programs fill an SM's register file (one wave).
+PROGRAMS_PER_SM = 4
+
+
 @contextlib.contextmanager
 def on_device(t: torch.Tensor):
     """Launch on ``t``'s GPU (multi-GPU machines); a no-op for CPU tensors."""
@@ -241,6 +325,7 @@ def on_device(t: torch.Tensor):
 __all__ = [
     "LAUNCHED",
     "LaunchRecord",
+    "arg_specialization",
     "arg_type",
     "cdiv",
     "dot_precision",
@@ -250,4 +335,6 @@ __all__ = [
     "next_power_of_2",
     "on_device",
     "raw_function",
+    "row_splits",
+    "sm_count",
 ]

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, dot_precision, launch, on_device
+from .launch import cdiv, dot_precision, launch, on_device, sm_count
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
@@ -547,11 +547,6 @@ def _configs(kind: str, dtype: torch.dtype):
     return configs, key, _cfg(kind, _INTERPRET_TILE, group=2)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
     """How many M-slices the dW/db reduction is split into (1 = no workspace).
 
@@ -559,7 +554,7 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
     Under the interpreter a nominal 16x16 tile and 4 "SMs" exercise the split path in tests.
     """
     if device.type == "cuda":
-        sms, tile, rows = _sm_count(device.index or 0), 128, 512
+        sms, tile, rows = sm_count(device), 128, 512
     else:
         sms, tile, rows = 4, 16, 32
     tiles = max(1, cdiv(N, tile) * cdiv(K, tile))

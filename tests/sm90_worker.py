@@ -5,7 +5,12 @@ interpreter objects that the real compiler cannot lower, so ``test_sm90_compile.
 configurations its run launched to this script (a pickle on stdin) and reads one JSON line per
 configuration back.
 
-Input: list of (module, qualname, signature: dict, constexprs: dict, num_warps, num_stages, label).
+Input: list of (module, qualname, signature: dict, constexprs: dict, num_warps, num_stages, label,
+specialization: dict). ``specialization`` maps each runtime argument to what the JIT would
+specialise on (``fusedmlp.kernels.launch.arg_specialization``): ``"1"`` compiles the argument as
+the constant 1, ``"D"`` adds ``tt.divisibility = 16``, unless the kernel's ``do_not_specialize``
+(``do_not_specialize_on_alignment`` for pointers) lists the parameter: the JIT's own rules, so
+that registers and spills are those of the GPU compile.
 """
 
 import importlib
@@ -36,6 +41,27 @@ def resources(cubin: bytes) -> str:
     return "resources unknown"
 
 
+def specialize(fn, signature: dict, constexprs: dict, spec: dict):
+    """(signature, constexprs, attrs) as triton's JIT would compile the recorded values."""
+    signature, constexprs, attrs = dict(signature), dict(constexprs), {}
+    params = {p.name: p for p in getattr(fn, "params", [])}
+    for i, (name, ty) in enumerate(signature.items()):
+        kind, param = spec.get(name, ""), params.get(name)
+        if ty == "constexpr" or not kind:
+            continue
+        pointer = ty.startswith("*")
+        if pointer and getattr(param, "do_not_specialize_on_alignment", False):
+            continue
+        if not pointer and getattr(param, "do_not_specialize", False):
+            continue
+        if kind == "1" and not pointer:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif kind == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     import triton
@@ -45,7 +71,7 @@ def main() -> None:
     jobs = pickle.load(sys.stdin.buffer)
     print(json.dumps({"triton": triton.__version__, "path": triton.__file__}), flush=True)
     target = GPUTarget("cuda", 90, 32)
-    for module, qualname, signature, constexprs, warps, stages, label in jobs:
+    for module, qualname, signature, constexprs, warps, stages, label, spec in jobs:
         result = {"label": label}
         try:
             obj = importlib.import_module(module)
@@ -55,12 +81,7 @@ def main() -> None:
                 obj = obj.fn
             if "INTERPRET" in constexprs:  # compile the GPU code, not the interpreter-only branch
                 constexprs = {**constexprs, "INTERPRET": False}
-            # Pointers as torch allocates them (16-byte aligned), as the JIT would specialise them.
-            attrs = {
-                (i,): [["tt.divisibility", 16]]
-                for i, ty in enumerate(signature.values())
-                if ty.startswith("*")
-            }
+            signature, constexprs, attrs = specialize(obj, signature, constexprs, spec)
             src = ASTSource(obj, signature, constexprs, attrs)
             compiled = triton.compile(
                 src, target=target, options={"num_warps": warps, "num_stages": stages}

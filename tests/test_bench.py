@@ -175,3 +175,24 @@ def test_cases_run_the_triton_kernels_when_selected(launches):
     assert [(r["backend"], r["error"]) for r in rows] == [("triton", None)] * 2
     assert all(r["ms"] > 0 for r in rows)
     assert launches.total >= 2 * 3  # first call, timing call(s), for each case
+
+
+def test_profile_step_script_runs_on_cpu(tmp_path, monkeypatch):
+    # benchmarks/profile_step.py (run by gpu_check.sh on the GPU machine): the same steps on CPU.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile"
+    assert (
+        module.main(["--out", str(out), "--shapes", "16x32", "--steps", "2", "--device", "cpu"])
+        == 0
+    )
+    summary = (out / "summary.txt").read_text()
+    assert "fusedmlp  B=    16 width=   32" in summary and "torch     B=    16" in summary
+    cprofile = (out / "fusedmlp_16x32_cprofile.txt").read_text()
+    assert "sorted by tottime" in cprofile and "fused_block" in cprofile
+    assert "Self CPU" in (out / "torch_16x32_ops.txt").read_text()

@@ -4,7 +4,10 @@ The interpreter accepts programs the GPU compiler refuses (``tl.dot`` dimensions
 shared memory over the limit): this test reproduces those errors on a CPU-only machine.
 It runs last (conftest) and compiles what ``fusedmlp.kernels.launch.LAUNCHED`` recorded, plus
 every GPU autotune configuration for the first recorded signature of each kernel, in a
-subprocess without the interpreter (``sm90_worker.py``). Registers and spills are printed.
+subprocess without the interpreter (``sm90_worker.py``), with the argument specialization the
+JIT would apply to the recorded values (integers equal to 1 compiled as constants, divisibility
+by 16 of integers and addresses), so that the registers and spills printed are those of the
+GPU compile.
 Run it together with the tests whose kernels it should compile.
 """
 
@@ -26,10 +29,14 @@ def _jobs():
 
     def add(rec, constexprs, warps, stages):
         signature = dict(rec.signature)
-        types = ",".join(t for t in signature.values() if t != "constexpr")
+        spec = dict(rec.specialization)
+        types = ",".join(f"{t}{spec.get(n, '')}" for n, t in signature.items() if t != "constexpr")
         label = f"{rec.name}({types}) {constexprs} w{warps} s{stages}"
+        # One job per signature and configuration, compiled with the argument specialization of
+        # its first launch: specialisations only change alignment and constant-1 folding.
         key = (rec.module, rec.name, rec.signature, repr(sorted(constexprs.items())), warps, stages)
-        jobs.setdefault(key, (rec.module, rec.name, signature, constexprs, warps, stages, label))
+        job = (rec.module, rec.name, signature, constexprs, warps, stages, label, spec)
+        jobs.setdefault(key, job)
 
     for rec in LAUNCHED:
         add(rec, dict(rec.constexprs), rec.num_warps, rec.num_stages)
