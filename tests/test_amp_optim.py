@@ -5,10 +5,11 @@ unscales the gradients itself and skips the whole ``step`` call when it finds an
 """
 
 import copy
+import functools
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE
 
 import fusedmlp
 from fusedmlp.optim import SGD, Adam, AdamW
@@ -52,17 +53,14 @@ def _train(model, opt, scaler, inject=INF_STEPS, unscale=False):
     return scales
 
 
+NESTEROV = {"lr": 0.1, "momentum": 0.9, "nesterov": True}
 OPTS = [
     (Adam, torch.optim.Adam, {"lr": 1e-2}),
     (AdamW, torch.optim.AdamW, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}),
-    pytest.param(
-        SGD,
-        torch.optim.SGD,
-        {"lr": 0.1, "momentum": 0.9, "nesterov": True},
-        # On the H200 (torch 2.11) both backends agreed with each other and with torch's fused
-        # SGD but not with torch's foreach SGD (0.21 apart after 8 steps); unexplained, open.
-        marks=pytest.mark.skipif(ON_GPU, reason="nesterov + GradScaler differs on CUDA: open"),
-    ),
+    # torch's foreach SGD (the default on CUDA) overwrites .grad with the nesterov direction
+    # (test_nesterov_foreach_reference_rewrites_grads); the single-tensor SGD (the CPU default)
+    # leaves the gradient in .grad, as torch's fused SGD and fusedmlp's do.
+    (SGD, functools.partial(torch.optim.SGD, foreach=False), NESTEROV),
     (SGD, torch.optim.SGD, {"lr": 0.1, "weight_decay": 0.01}),
 ]
 
@@ -97,6 +95,24 @@ def test_grad_scaler_matches_torch(backend, launches, cls, ref_cls, kw, unscale)
     kernel = "_adam_kernel" if cls is not SGD else "_sgd_kernel"
     # Skipped steps launch too: found_inf is read in-kernel, never on the host.
     assert launches[kernel] == (STEPS if backend == "triton" else 0)
+
+
+def test_nesterov_foreach_reference_rewrites_grads(backend):
+    """Against torch's foreach SGD (CUDA's default) with nesterov momentum: the same parameters
+    and momentum buffers, but torch's foreach step adds ``momentum * buf`` into ``.grad`` in
+    place (``_foreach_add_(grads, bufs)`` when there is no weight decay and no maximize), where
+    fusedmlp (like torch's fused and single-tensor SGD) leaves the unscaled gradient there."""
+    model = _model()
+    ref = _ref_model(model)
+    opt = SGD(model.parameters(), **NESTEROV)
+    ref_opt = torch.optim.SGD(ref.parameters(), foreach=True, **NESTEROV)
+    _train(model, opt, torch.amp.GradScaler(DEVICE, init_scale=2.0**10, growth_interval=2))
+    _train(ref, ref_opt, torch.amp.GradScaler(DEVICE, init_scale=2.0**10, growth_interval=2))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        buf, ref_buf = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
+        torch.testing.assert_close(buf, ref_buf, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q.grad, p.grad + NESTEROV["momentum"] * buf)
 
 
 @pytest.mark.parametrize("cls", [Adam, SGD])
