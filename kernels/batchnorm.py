@@ -86,14 +86,22 @@ def _bn_stats_partial_kernel(
     shift = tl.load(x_ptr + c_off + k_off, mask=cmask, other=0.0).to(ACC)
     s1 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     s2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    # Software prefetch: the next tile's load is issued before this tile is accumulated, so two
+    # tiles per program are in flight (triton does not pipeline loads that feed no tl.dot).
+    r = start + tl.arange(0, BLOCK_R)
+    mask = cmask[:, None] & (r < end)[None, :]
+    r_off = (r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW
+    x = tl.load(x_ptr + c_off[:, None] + r_off[None, :], mask=mask, other=0.0)
     for r0 in range(start, end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_off = (r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW
-        mask = cmask[:, None] & (r < end)[None, :]
-        x = tl.load(x_ptr + c_off[:, None] + r_off[None, :], mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, x - shift[:, None], 0.0)
+        r_next = r0 + BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_next = cmask[:, None] & (r_next < end)[None, :]
+        r_off = (r_next // S) * sxN + (r_next % S // W) * sxH + (r_next % W) * sxW
+        x_next = tl.load(x_ptr + c_off[:, None] + r_off[None, :], mask=mask_next, other=0.0)
+        d = tl.where(mask, x.to(ACC) - shift[:, None], 0.0)
         s1 += d
         s2 += d * d
+        x = x_next
+        mask = mask_next
     n = (end - start).to(ACC)
     t1 = tl.sum(s1, 1)
     t2 = tl.sum(s2, 1)
@@ -311,15 +319,25 @@ def _bn_backward_reduce_kernel(
     end = tl.minimum(start + rows_per_split, R)
     a1 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     a2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
+    # Software prefetch of the next tiles, as in _bn_stats_partial_kernel.
+    r = start + tl.arange(0, BLOCK_R)
+    mask = cmask[:, None] & (r < end)[None, :]
+    x_off = cx[:, None] + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
+    d_off = cd[:, None] + ((r // S) * sdN + (r % S // W) * sdH + (r % W) * sdW)[None, :]
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0)
     for r0 in range(start, end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = cmask[:, None] & (r < end)[None, :]
+        r = r0 + BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_next = cmask[:, None] & (r < end)[None, :]
         x_off = cx[:, None] + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
         d_off = cd[:, None] + ((r // S) * sdN + (r % S // W) * sdH + (r % W) * sdW)[None, :]
-        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(ACC)
-        a1 += dy
-        a2 += dy * tl.where(mask, x - mean[:, None], 0.0)
+        x_next = tl.load(x_ptr + x_off, mask=mask_next, other=0.0)
+        dy_next = tl.load(dy_ptr + d_off, mask=mask_next, other=0.0)
+        a1 += dy.to(ACC)
+        a2 += dy.to(ACC) * tl.where(mask, x.to(ACC) - mean[:, None], 0.0)
+        x = x_next
+        dy = dy_next
+        mask = mask_next
     out = pid_s * C + c
     tl.store(psum_dy_ptr + out, tl.sum(a1, 1), mask=cmask)
     tl.store(psum_dyxmu_ptr + out, tl.sum(a2, 1), mask=cmask)
