@@ -33,6 +33,7 @@ from .multi_tensor import (
     block_of,
     cached,
     check,
+    chunk_of,
     launch_step,
     load_param_grad,
     runs,
@@ -71,13 +72,16 @@ def _adam_kernel(
     HAS_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
 ):
-    t, offs, mask, full = block_of(meta, n_tensors, BLOCK)
+    t, start, numel = chunk_of(meta, n_tensors, BLOCK * ITERS)
     dtype = ref.dtype.element_ty
     p_ptr = tensor_ptr(addrs, n_tensors, t, ref, 0, ALIGNED)
     g_ptr = tensor_ptr(addrs, n_tensors, t, ref, 1, ALIGNED)
     m_ptr = tensor_ptr(addrs, n_tensors, t, ref, 2, ALIGNED)
     v_ptr = tensor_ptr(addrs, n_tensors, t, ref, 3, ALIGNED)
+    if AMSGRAD:
+        vm_ptr = tensor_ptr(addrs, n_tensors, t, ref, 4, ALIGNED)
 
     if DEVICE_STEP:
         # This tensor's step counter (float32, already incremented on the device): the bias
@@ -90,36 +94,37 @@ def _adam_kernel(
         step_size = (tl.cast(lr, tl.float64) / bc1).to(tl.float32)
         bias_correction2_sqrt = tl.sqrt(bc2).to(tl.float32)
 
-    for MASKED in tl.static_range(2):  # two copies of the body (``runs``)
-        if runs(full, found_inf, MASKED, HAS_INF):
-            lmask = mask if MASKED else None
-            p, g = load_param_grad(p_ptr, g_ptr, offs, lmask, grad_scale, HAS_SCALE, MAXIMIZE)
-            m = tl.load(m_ptr + offs, mask=lmask).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=lmask).to(tl.float32)
-            if WEIGHT_DECAY:
-                if DECOUPLED:
-                    p = p * decay_factor
+    for it in range(ITERS):
+        offs, mask, full, present = block_of(start, it, numel, BLOCK)
+        for MASKED in tl.static_range(2):  # two copies of the body (``runs``)
+            if runs(full, present, found_inf, MASKED, HAS_INF):
+                lmask = mask if MASKED else None
+                p, g = load_param_grad(p_ptr, g_ptr, offs, lmask, grad_scale, HAS_SCALE, MAXIMIZE)
+                m = tl.load(m_ptr + offs, mask=lmask).to(tl.float32)
+                v = tl.load(v_ptr + offs, mask=lmask).to(tl.float32)
+                if WEIGHT_DECAY:
+                    if DECOUPLED:
+                        p = p * decay_factor
+                    else:
+                        g = g + weight_decay * p
+                # torch's lerp: small weights from the start, large weights from the end.
+                if lerp_weight < 0.5:
+                    m = m + lerp_weight * (g - m)
                 else:
-                    g = g + weight_decay * p
-            # torch's lerp: small weights from the start, large weights from the end.
-            if lerp_weight < 0.5:
-                m = m + lerp_weight * (g - m)
-            else:
-                m = g - (g - m) * (1.0 - lerp_weight)
-            v = v * beta2 + one_minus_beta2 * (g * g)
-            if AMSGRAD:
-                vm_ptr = tensor_ptr(addrs, n_tensors, t, ref, 4, ALIGNED)
-                # fp32 max (for fp32 params exactly torch's; fp16/bf16 keep the fp32 value
-                # for this step's denominator instead of one that may underflow to 0).
-                vmax = tl.maximum(tl.load(vm_ptr + offs, mask=lmask).to(tl.float32), v)
-                tl.store(vm_ptr + offs, vmax.to(dtype), mask=lmask)
-                denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
-            else:
-                denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-            p = p - step_size * (m / denom)
-            tl.store(p_ptr + offs, p.to(dtype), mask=lmask)
-            tl.store(m_ptr + offs, m.to(dtype), mask=lmask)
-            tl.store(v_ptr + offs, v.to(dtype), mask=lmask)
+                    m = g - (g - m) * (1.0 - lerp_weight)
+                v = v * beta2 + one_minus_beta2 * (g * g)
+                if AMSGRAD:
+                    # fp32 max (for fp32 params exactly torch's; fp16/bf16 keep the fp32 value
+                    # for this step's denominator instead of one that may underflow to 0).
+                    vmax = tl.maximum(tl.load(vm_ptr + offs, mask=lmask).to(tl.float32), v)
+                    tl.store(vm_ptr + offs, vmax.to(dtype), mask=lmask)
+                    denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
+                else:
+                    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+                p = p - step_size * (m / denom)
+                tl.store(p_ptr + offs, p.to(dtype), mask=lmask)
+                tl.store(m_ptr + offs, m.to(dtype), mask=lmask)
+                tl.store(v_ptr + offs, v.to(dtype), mask=lmask)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -6,10 +6,11 @@ The kernels read two small int64 tables instead of one argument per tensor:
 - ``addrs`` [K * n]: the raw addresses (``data_ptr()``) of the K arrays of each of the n
   tensors, array-major (params, grads, then the optimizer's state arrays). Loaded in-kernel and
   cast with ``.to(tl.pointer_type(dtype))`` (``tensor_ptr``).
-- ``meta`` [2 * n + n_blocks]: numel of each tensor, the index of its first block, then for
-  every block of the grid the tensor it belongs to (``block_of``). The 1-D grid is the total
-  number of ``BLOCK``-element chunks over all tensors, so a 10-element bias and a 10M-element
-  weight share one launch without idle programs.
+- ``meta`` [2 * n + n_chunks]: numel of each tensor, the index of its first chunk, then for
+  every chunk of the grid the tensor it belongs to (``chunk_of``). The 1-D grid is the total
+  number of ``BLOCK * ITERS``-element chunks over all tensors, so a 10-element bias and a
+  10M-element weight share one launch without idle programs; each program walks its chunk in
+  ``ITERS`` blocks of ``BLOCK`` elements (``block_of``).
 
 Both tables are cached (``addrs`` keyed by the addresses, ``meta`` by the sizes), so they are
 rebuilt only when an address changes (fresh ``.grad`` tensors, ``load_state_dict``). On a GPU
@@ -31,13 +32,15 @@ import triton.language as tl
 
 from .launch import is_interpreted, launch, on_device
 
-# GPU: 2048 elements per program, 8 warps: 8 elements per thread and array (128-bit accesses
-# for fp32 and for fp16/bf16). 16 per thread (BLOCK 4096) compiled to 228 registers for Adam
-# (one program per SM, no overlap of one program's loads with another's stores; 36% of copy
-# bandwidth on an H200); 8 per thread compile to 64 (Adam) and 40 (SGD) registers for sm_90.
-GPU_CONFIG = triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=1)
-# Interpreter: small blocks so that small test tensors span several blocks.
-INTERPRET_CONFIG = triton.Config({"BLOCK": 64}, num_warps=1, num_stages=1)
+# GPU: chunks of ITERS blocks of 2048 elements per program, 8 warps: 8 elements per thread and
+# array (128-bit accesses for fp32 and for fp16/bf16). 16 per thread (BLOCK 4096) compiled to
+# 228 registers for Adam (one program per SM, no overlap of one program's loads with another's
+# stores; 36% of copy bandwidth on an H200); 8 per thread compile to 64 (Adam) and 40 (SGD)
+# registers for sm_90. The ITERS loop amortises each program's dependent table loads (chunk ->
+# tensor -> addresses) over 4 blocks.
+GPU_CONFIG = triton.Config({"BLOCK": 2048, "ITERS": 4}, num_warps=8, num_stages=1)
+# Interpreter: small blocks and chunks, so that small test tensors span several of each.
+INTERPRET_CONFIG = triton.Config({"BLOCK": 64, "ITERS": 2}, num_warps=1, num_stages=1)
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _CACHE_SIZE = 32
@@ -49,17 +52,24 @@ _META_CACHE: OrderedDict = OrderedDict()
 
 
 @triton.jit
-def block_of(meta, n_tensors, BLOCK: tl.constexpr):
-    """This program's block: ``(t, offs, mask, full)``: the tensor it belongs to, its element
-    offsets in that tensor, ``offs < numel``, and whether the block is full (no mask needed)."""
+def chunk_of(meta, n_tensors, CHUNK: tl.constexpr):
+    """This program's chunk: ``(t, start, numel)``: the tensor it belongs to, the offset of its
+    first element in that tensor, and the tensor's numel."""
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(meta + 2 * n_tensors + pid)  # the tensor this block belongs to
+    t = tl.load(meta + 2 * n_tensors + pid)  # the tensor this chunk belongs to
     numel = tl.load(meta + t)
-    start = (pid - tl.load(meta + n_tensors + t)) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    full = start + BLOCK <= numel
-    return t, offs, mask, full
+    start = (pid - tl.load(meta + n_tensors + t)) * CHUNK
+    return t, start, numel
+
+
+@triton.jit
+def block_of(start, it, numel, BLOCK: tl.constexpr):
+    """Block ``it`` of the chunk at ``start``: ``(offs, mask, full, present)``: its element
+    offsets, ``offs < numel``, whether it is full (no mask needed) and whether it holds any
+    element (the tail chunk of a tensor may end before its last block)."""
+    first = start + it * BLOCK
+    offs = first + tl.arange(0, BLOCK)
+    return offs, offs < numel, first + BLOCK <= numel, first < numel
 
 
 @triton.jit
@@ -72,11 +82,11 @@ def tensor_ptr(addrs, n_tensors, t, ref, K: tl.constexpr, ALIGNED: tl.constexpr)
 
 
 @triton.jit
-def runs(full, found_inf, MASKED: tl.constexpr, HAS_INF: tl.constexpr):
+def runs(full, present, found_inf, MASKED: tl.constexpr, HAS_INF: tl.constexpr):
     """Whether this copy of the body runs: full blocks without a mask (vector accesses; the mask
-    ``offs < numel`` has unknown alignment), each tensor's tail block with it; never when
+    ``offs < numel`` has unknown alignment), each tensor's partial tail block with it; never when
     GradScaler's ``found_inf`` is set (``HAS_INF``): the whole step is skipped."""
-    run = full != MASKED
+    run = present & (full != MASKED)
     if HAS_INF:
         run = run & (tl.load(found_inf) == 0)
     return run
@@ -139,10 +149,11 @@ def amp_scalar(t: torch.Tensor | None, name: str, device: torch.device, ref: tor
     return t.to(device, non_blocking=True)
 
 
-def tables(arrays: list[list[torch.Tensor]], block: int):
-    """(addrs, meta, n_blocks, aligned) for ``arrays`` = K lists of n tensors each.
+def tables(arrays: list[list[torch.Tensor]], chunk: int):
+    """(addrs, meta, n_chunks, aligned) for ``arrays`` = K lists of n tensors each, walked in
+    chunks of ``chunk`` elements.
 
-    Cached: ``addrs`` by the tuple of addresses, ``meta`` by the tuple of sizes and ``block``.
+    Cached: ``addrs`` by the tuple of addresses, ``meta`` by the tuple of sizes and ``chunk``.
     """
     device = arrays[0][0].device
     ptrs = tuple(t.data_ptr() for lst in arrays for t in lst)
@@ -150,7 +161,7 @@ def tables(arrays: list[list[torch.Tensor]], block: int):
     addrs = cached(_ADDR_CACHE, (device, ptrs), lambda: to_device(list(ptrs), device))
 
     def build_meta():
-        counts = [(s + block - 1) // block for s in sizes]
+        counts = [(s + chunk - 1) // chunk for s in sizes]
         firsts, owner, total = [], [], 0
         for i, c in enumerate(counts):
             firsts.append(total)
@@ -158,9 +169,9 @@ def tables(arrays: list[list[torch.Tensor]], block: int):
             total += c
         return to_device(list(sizes) + firsts + owner, device), total
 
-    meta, n_blocks = cached(_META_CACHE, (device, sizes, block), build_meta)
+    meta, n_chunks = cached(_META_CACHE, (device, sizes, chunk), build_meta)
     aligned = all(p % 16 == 0 for p in ptrs)
-    return addrs, meta, n_blocks, aligned
+    return addrs, meta, n_chunks, aligned
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -239,13 +250,14 @@ def launch_step(kernel, arrays, grad_scale, found_inf, extra=None, **kwargs) -> 
     if not arrays[0]:
         return
     ref = arrays[0][0]
-    addrs, meta, n_blocks, aligned = tables(arrays, config_for(kernel).kwargs["BLOCK"])
+    config = config_for(kernel).kwargs
+    addrs, meta, n_chunks, aligned = tables(arrays, config["BLOCK"] * config["ITERS"])
     if extra is not None:
         kwargs.update(extra(addrs, ref))
     with on_device(ref):
         launch(
             kernel,
-            (n_blocks,),
+            (n_chunks,),
             configs=[GPU_CONFIG],
             interpret_config=INTERPRET_CONFIG,
             addrs=addrs,
@@ -269,6 +281,7 @@ __all__ = [
     "amp_scalar",
     "block_of",
     "cached",
+    "chunk_of",
     "check",
     "config_for",
     "launch_step",

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import block_of, check, launch_step, load_param_grad, runs, tensor_ptr
+from .multi_tensor import block_of, check, chunk_of, launch_step, load_param_grad, runs, tensor_ptr
 
 
 @triton.jit(do_not_specialize=["n_tensors", "first_step"])
@@ -43,33 +43,37 @@ def _sgd_kernel(
     HAS_INF: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
 ):
-    t, offs, mask, full = block_of(meta, n_tensors, BLOCK)
+    t, start, numel = chunk_of(meta, n_tensors, BLOCK * ITERS)
     dtype = ref.dtype.element_ty
     p_ptr = tensor_ptr(addrs, n_tensors, t, ref, 0, ALIGNED)
     g_ptr = tensor_ptr(addrs, n_tensors, t, ref, 1, ALIGNED)
+    if MOMENTUM:
+        b_ptr = tensor_ptr(addrs, n_tensors, t, ref, 2, ALIGNED)
 
-    for MASKED in tl.static_range(2):  # two copies of the body (``runs``)
-        if runs(full, found_inf, MASKED, HAS_INF):
-            lmask = mask if MASKED else None
-            p, g = load_param_grad(p_ptr, g_ptr, offs, lmask, grad_scale, HAS_SCALE, MAXIMIZE)
-            if WEIGHT_DECAY:
-                g = g + weight_decay * p
-            if MOMENTUM:
-                b_ptr = tensor_ptr(addrs, n_tensors, t, ref, 2, ALIGNED)
-                if first_step != 0:
-                    buf = g  # torch: the first buffer is the gradient itself, no dampening
-                else:
-                    buf = tl.load(b_ptr + offs, mask=lmask).to(tl.float32)
-                    buf = buf * momentum + one_minus_dampening * g
-                # Rounded to the buffer's dtype first: torch reads the stored buffer back.
-                buf = buf.to(dtype).to(tl.float32)
-                tl.store(b_ptr + offs, buf.to(dtype), mask=lmask)
-                if NESTEROV:
-                    g = g + momentum * buf
-                else:
-                    g = buf
-            tl.store(p_ptr + offs, (p - lr * g).to(dtype), mask=lmask)
+    for it in range(ITERS):
+        offs, mask, full, present = block_of(start, it, numel, BLOCK)
+        for MASKED in tl.static_range(2):  # two copies of the body (``runs``)
+            if runs(full, present, found_inf, MASKED, HAS_INF):
+                lmask = mask if MASKED else None
+                p, g = load_param_grad(p_ptr, g_ptr, offs, lmask, grad_scale, HAS_SCALE, MAXIMIZE)
+                if WEIGHT_DECAY:
+                    g = g + weight_decay * p
+                if MOMENTUM:
+                    if first_step != 0:
+                        buf = g  # torch: the first buffer is the gradient itself, no dampening
+                    else:
+                        buf = tl.load(b_ptr + offs, mask=lmask).to(tl.float32)
+                        buf = buf * momentum + one_minus_dampening * g
+                    # Rounded to the buffer's dtype first: torch reads the stored buffer back.
+                    buf = buf.to(dtype).to(tl.float32)
+                    tl.store(b_ptr + offs, buf.to(dtype), mask=lmask)
+                    if NESTEROV:
+                        g = g + momentum * buf
+                    else:
+                        g = buf
+                tl.store(p_ptr + offs, (p - lr * g).to(dtype), mask=lmask)
 
 
 def sgd_step(

@@ -284,8 +284,8 @@ def test_address_table_cached_and_rebuilt():
 
     a = [torch.randn(5), torch.randn(70)]
     b = [torch.randn(5), torch.randn(70)]
-    addrs, meta, n_blocks, aligned = K.tables([a, b], 64)
-    assert n_blocks == 1 + 2
+    addrs, meta, n_chunks, aligned = K.tables([a, b], 64)
+    assert n_chunks == 1 + 2
     assert meta.tolist() == [5, 70, 0, 1, 0, 1, 1]
     assert addrs.tolist() == [t.data_ptr() for t in a + b]
     again = K.tables([a, b], 64)
