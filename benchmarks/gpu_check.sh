@@ -167,13 +167,13 @@ print("int64 dropout OK")
 EOF
 
 # 5. where a training step's time goes (fixed configurations: no autotuning inside the profile)
-step profile 45 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
+step profile 60 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
   --shapes 64x256,16384x1024 --steps 10
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
 # 6. fusedmlp verify (written by another issue: tolerate it missing)
 if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then
-  step verify 80 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
+  step verify 70 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
 else
   log "note: 'fusedmlp verify --help' fails: verify not available, skipped"
 fi

@@ -13,9 +13,10 @@ and for eager torch:
 - ``cProfile`` of the fusedmlp step (``*_cprofile.txt``): the Python functions, by own time and
   by cumulative time.
 
-Then one line per launch path (``launch.txt``): the host time of one launch of a tiny kernel
-through ``fusedmlp.kernels.launch.launch``, through triton's ``kernel[grid](...)`` directly, and
-of one small torch op, for reference: what a launch costs on this machine's CPU.
+First (CUDA only), one line per launch path (``launch.txt``): the host time of one launch of a
+tiny kernel through ``fusedmlp.kernels.launch.launch``, through triton's ``kernel[grid](...)``
+directly, and of one small torch op, for reference: what a launch costs on this machine's CPU.
+``summary.txt`` is rewritten after every shape, so a timeout keeps what ran.
 
 On a CPU-only machine it runs the same steps (fusedmlp on its torch fallback, so it says
 nothing about the kernels); ``benchmarks/gpu_check.sh`` runs it on the GPU machine.
@@ -172,6 +173,11 @@ def main(argv=None) -> int:
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # as the bench's MLP cases (TF32)
     try:
+        if device.type == "cuda":  # first: the cheapest and most telling figures
+            lines = launch_costs(device)
+            for line in lines:
+                say("launch: " + line)
+            (out / "launch.txt").write_text("\n".join(lines) + "\n")
         for shape in args.shapes.split(","):
             batch, width = (int(v) for v in shape.lower().split("x"))
             for impl in ("fusedmlp", "torch"):
@@ -190,11 +196,6 @@ def main(argv=None) -> int:
                         fn, device, args.steps, prefix.with_name(prefix.name + "_cprofile.txt")
                     )
                 del prepared, fn
-        if device.type == "cuda":
-            lines = launch_costs(device)
-            for line in lines:
-                say("launch: " + line)
-            (out / "launch.txt").write_text("\n".join(lines) + "\n")
     finally:
         torch.set_float32_matmul_precision(previous)
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
