@@ -496,7 +496,9 @@ _TILES_16 = [
     (64, 128, 32, 4, 4),
 ]
 # The backward GEMMs also hold the dZ operand and the derivative's inputs in registers: the
-# 256-wide and 4-warp 128x128 tiles spill there (seen in sm_90 cubins), so they are left out.
+# 256-row and 4-warp 128x128 tiles spill there for relu or gelu (sm_90 cubins, compiled with
+# the JIT's argument specialization); 128 x 256 x 64 with 8 warps does not (204-255 registers
+# for none/relu/gelu, dX and dW).
 _TILES_16_BWD = [
     (128, 128, 64, 8, 4),
     (128, 128, 64, 8, 3),
@@ -505,6 +507,7 @@ _TILES_16_BWD = [
     (64, 64, 64, 4, 4),
     (128, 128, 32, 8, 4),
     (64, 128, 32, 4, 4),
+    (128, 256, 64, 8, 3),
 ]
 # fp32 (IEEE FMA dot, or TF32 wgmma): 4-byte elements, so shallower tiles.
 _TILES_32 = [
@@ -514,6 +517,9 @@ _TILES_32 = [
     (64, 64, 32, 4, 4),
     (128, 128, 16, 8, 4),
 ]
+# TF32 only: 128 x 256 x 16 with 8 warps compiles without spills for the forward, dX and dW
+# with wgmma (178-250 registers); the IEEE FMA dot spills there.
+_TILES_32_TF32 = _TILES_32 + [(128, 256, 16, 8, 4)]
 # fp64 (only under backend "triton", e.g. gradcheck): one small config, no autotuning.
 _TILES_64 = [(32, 32, 16, 4, 2)]
 _INTERPRET_TILE = (16, 16, 16, 4, 2)
@@ -531,8 +537,9 @@ _SUM_INTERPRET = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)
 
 
 @functools.cache
-def _configs(kind: str, dtype: torch.dtype):
-    """(GPU configurations, autotune key, interpreter configuration) of kernel ``kind``.
+def _configs(kind: str, dtype: torch.dtype, precision: str):
+    """(GPU configurations, autotune key, interpreter configuration) of kernel ``kind`` for
+    ``dtype`` and the dot ``precision`` (``dot_precision``).
 
     ``launch`` caches one autotuner per (kernel, key): the key's order differs per dtype group
     so that each group gets its own autotuner over its own configuration list.
@@ -540,7 +547,7 @@ def _configs(kind: str, dtype: torch.dtype):
     if dtype == torch.float64:
         tiles, key = _TILES_64, ("M", "N", "K")  # one config: launched without autotuning
     elif dtype == torch.float32:
-        tiles, key = _TILES_32, ("K", "N", "M")
+        tiles, key = (_TILES_32_TF32 if precision == "tf32" else _TILES_32), ("K", "N", "M")
     else:
         tiles, key = (_TILES_16 if kind == "fwd" else _TILES_16_BWD), ("M", "N", "K")
     configs = [_cfg(kind, t) for t in tiles]
@@ -590,7 +597,8 @@ def linear_forward(
     z = torch.empty_like(y) if save_z else None
     if M == 0 or N == 0:
         return y, z
-    configs, key, interpret_config = _configs("fwd", x.dtype)
+    precision = dot_precision(x.dtype)
+    configs, key, interpret_config = _configs("fwd", x.dtype, precision)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x):
         launch(
@@ -617,7 +625,7 @@ def linear_forward(
             ACTIVATION=activation,
             SAVE_Z=save_z,
             FP64=x.dtype == torch.float64,
-            DOT_PRECISION=dot_precision(x.dtype),
+            DOT_PRECISION=precision,
         )
     return y, z
 
@@ -656,7 +664,7 @@ def linear_backward(
                 dx.zero_()
             else:
                 grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
-                configs, key, interpret_config = _configs("dx", dtype)
+                configs, key, interpret_config = _configs("dx", dtype, prec)
                 with on_device(x):
                     launch(
                         _linear_dx_kernel,
@@ -718,7 +726,7 @@ def linear_backward(
             split,
         )
 
-    configs, key, interpret_config = _configs("dw", dtype)
+    configs, key, interpret_config = _configs("dw", dtype, prec)
     with on_device(x):
         launch(
             _linear_dw_kernel,
