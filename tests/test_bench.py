@@ -196,3 +196,25 @@ def test_profile_step_script_runs_on_cpu(tmp_path, monkeypatch):
     cprofile = (out / "fusedmlp_16x32_cprofile.txt").read_text()
     assert "sorted by tottime" in cprofile and "fused_block" in cprofile
     assert "Self CPU" in (out / "torch_16x32_ops.txt").read_text()
+
+
+def test_host_overhead_script_runs_through_the_real_launch_path():
+    # benchmarks/host_overhead.py: sm_90 compiles and triton's launch path with a recording
+    # driver, in its own process (triton must not be interpreting there).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["--width", "32", "--depth", "1", "--steps", "2"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1]
+    # forward: linear, BN stats (2), fused BN-ReLU-dropout, running stats, linear, CE (7);
+    # backward: CE scale, last linear dx + dw + split sum (CPU split heuristics), BN block
+    # reduce + final + dx, first linear dw (8); Adam (1).
+    assert "launch path" in line and "16 launches/step" in line, out.stdout

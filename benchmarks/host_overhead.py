@@ -1,0 +1,154 @@
+"""Host time of a training step on a CPU-only machine, through triton's real launch path.
+
+    python benchmarks/host_overhead.py [--batch 64] [--width 256] [--depth 4] [--steps 50]
+    PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
+
+A small MLP step (``fusedmlp bench``'s: [Linear-BN-ReLU-Dropout] x depth + Linear,
+cross-entropy, Adam) runs with CPU tensors standing in for CUDA ones and triton NOT interpreting:
+every kernel is compiled for sm_90 (as on an H100, with ptxas) and launched through
+``JITFunction.run`` exactly as on a GPU, except that a recording driver replaces the CUDA one, so
+the final ``cuLaunchKernel`` never happens (and no kernel computes anything: the tensors hold
+garbage). Three figures per step:
+
+- ``launch path``: the whole step with the real launch path;
+- ``launches as no-ops``: the same with ``JITFunction.run`` replaced by a no-op: what fusedmlp's
+  own Python and the torch calls around the launches cost;
+- the number of launches per step.
+
+A development tool for sessions without a GPU: it patches triton internals (the CUDA driver and
+launcher classes of triton 3.6 and 3.9) and may need adjusting for other releases. What it cannot
+see: the driver's own launch cost and anything that waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+
+def install_recording_driver() -> list:
+    """Make triton compile for sm_90 and 'launch' into a list instead of a GPU; returns it."""
+    from triton.backends.nvidia import driver as nvd
+    from triton.runtime.driver import driver
+
+    calls: list = []
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return 1, 2, 32, 0, 1024  # module, function, registers, spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536}
+
+    def launcher(src, metadata):
+        obj = nvd.CudaLauncher.__new__(nvd.CudaLauncher)
+        obj.num_ctas = getattr(metadata, "num_ctas", 1)
+        for name in (
+            "global_scratch_size",
+            "global_scratch_align",
+            "profile_scratch_size",
+            "profile_scratch_align",
+            "launch_cooperative_grid",
+            "launch_pdl",
+        ):
+            setattr(obj, name, getattr(metadata, name))
+
+        # triton 3.9's launcher also reads these (GSan off: the argument tuple passes as is).
+        obj.gsan_enabled, obj.arg_annotations, obj.kernel_signature = False, None, None
+
+        def launch(*args):  # 3.6: (..., *kernel_args); 3.9: (..., kernel_args)
+            for a in args:
+                for b in a if isinstance(a, tuple) else (a,):
+                    if hasattr(b, "data_ptr"):  # the C launcher reads every tensor's address
+                        b.data_ptr()
+            calls.append(getattr(getattr(src, "fn", None), "__name__", "?"))
+
+        obj.launch = launch
+        return obj
+
+    fake = nvd.CudaDriver.__new__(nvd.CudaDriver)
+    fake.utils = Utils()
+    fake.launcher_cls = launcher
+    fake.get_device_capability = lambda device=0: (9, 0)
+    fake.get_current_stream = lambda device=0: 0
+    fake.get_current_device = lambda: 0
+    fake.set_current_device = lambda device: None
+    driver.set_active(fake)
+    return calls
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FUSEDMLP_AUTOTUNE", "0")  # autotuning would time kernels on a GPU
+
+    import torch
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    calls = install_recording_driver()
+
+    import fusedmlp
+    import fusedmlp.kernels.launch as L
+    from fusedmlp import nn as fnn
+    from fusedmlp import optim as fo
+
+    L.interpreter_active = lambda: True  # CPU tensors stand in for CUDA ones
+    fusedmlp.set_backend("triton")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.width)
+    y = torch.randint(0, 10, (args.batch,))
+    model = fnn.MLP(
+        args.width, [args.width] * args.depth, 10, activation="relu", batchnorm=True, dropout=0.1
+    )
+    loss_fn = fnn.CrossEntropyLoss()
+    opt = fo.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    start = time.perf_counter()
+    for _ in range(2):
+        step()  # compiles every kernel for sm_90
+    compile_s = time.perf_counter() - start
+
+    def per_step() -> float:
+        for _ in range(3):
+            step()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        return (time.perf_counter() - start) / args.steps
+
+    calls.clear()
+    real = per_step()
+    launches = len(calls) / (args.steps + 3)
+    run = JITFunction.run
+    JITFunction.run = lambda self, *a, **k: None
+    try:
+        own = per_step()
+    finally:
+        JITFunction.run = run
+    print(f"triton {triton.__version__}, torch {torch.__version__}; compile {compile_s:.1f} s")
+    print(
+        f"batch {args.batch} width {args.width} depth {args.depth}: "
+        f"launch path {real * 1e3:.3f} ms/step, launches as no-ops {own * 1e3:.3f} ms/step, "
+        f"{launches:.0f} launches/step ({(real - own) / max(launches, 1) * 1e6:.1f} us each)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
