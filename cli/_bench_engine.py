@@ -11,8 +11,9 @@
 - Ceilings, measured at the start of the run: a device-to-device copy (GB/s counting the read
   and the write) and a large matmul (bf16 on CUDA; a small fp32 matmul on CPU, labelled CPU).
 - Peak memory (CUDA): ``torch.cuda.max_memory_allocated`` over one steady-state call, with the
-  case's inputs, parameters and optimizer state live, minus what was allocated before the case
-  was built (the L2-flush buffer); None on CPU.
+  case's inputs, parameters and optimizer state live and the listed ``.grad`` reset to None
+  before it (as before each timed call), minus what was allocated before the case was built
+  (the L2-flush buffer); None on CPU.
 """
 
 from __future__ import annotations
@@ -210,6 +211,9 @@ def run_case(case: Case, device: torch.device, cfg: Settings, ceilings: dict, dn
             _sync(device)
             row["setup_s"] = round(time.perf_counter() - t0, 3)
             if cuda:
+                # As before every timed call: a call that accumulated into .grad left by the
+                # previous one would hold both gradients at once, which no training step does.
+                _reset(prepared.grad_to_none)
                 torch.cuda.reset_peak_memory_stats(device)
                 prepared.fn()
                 torch.cuda.synchronize(device)

@@ -120,8 +120,9 @@ def render_markdown(doc: dict, title: str | None = None) -> str:
         "GB/s from the op's compulsory bytes (formulas in `cli/_bench_ops.py`); "
         "% roofline = max(% copy bandwidth, % matmul peak); vs eager / vs compile = the "
         "baseline's time over this row's time (> 1: this row is faster); peak MB = "
-        "`torch.cuda.max_memory_allocated` over one call with the case's tensors live, minus "
-        "what was allocated before the case.",
+        "`torch.cuda.max_memory_allocated` over one call with the case's tensors live (gradients "
+        "reset to None first, as before every timed call), minus what was allocated before the "
+        "case.",
         "",
     ]
     for op in OPS:
