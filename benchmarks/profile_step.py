@@ -8,7 +8,7 @@ and for eager torch:
 
 - ``wall``: wall time per step over a block of steps between two synchronisations;
 - ``torch.profiler`` (CPU + CUDA activities) over a few steps: the per-kernel device times
-  (``*_kernels.txt``, sorted by self CUDA time) and the per-op host times (``*_ops.txt``, sorted
+  (``*_kernels.txt``, sorted by self device (CUDA) time) and the per-op host times (``*_ops.txt``, sorted
   by self CPU time);
 - ``cProfile`` of the fusedmlp step (``*_cprofile.txt``): the Python functions, by own time and
   by cumulative time.
@@ -65,10 +65,10 @@ def _profile(fn, device, steps: int, prefix: Path) -> None:
     averages = prof.key_averages()
     if device.type == "cuda":
         table = averages.table(
-            sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70
+            sort_by="self_device_time_total", row_limit=40, max_name_column_width=70
         )
         prefix.with_name(prefix.name + "_kernels.txt").write_text(
-            f"{steps} steps; sorted by self CUDA time\n{table}\n"
+            f"{steps} steps; sorted by self device (CUDA) time\n{table}\n"
         )
     table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
     prefix.with_name(prefix.name + "_ops.txt").write_text(
