@@ -8,8 +8,8 @@ and for eager torch:
 
 - ``wall``: wall time per step over a block of steps between two synchronisations;
 - ``torch.profiler`` (CPU + CUDA activities) over a few steps: the per-kernel device times
-  (``*_kernels.txt``, sorted by self device (CUDA) time) and the per-op host times (``*_ops.txt``, sorted
-  by self CPU time);
+  (``*_kernels.txt``, sorted by self device time) and the per-op host times (``*_ops.txt``,
+  sorted by self CPU time);
 - ``cProfile`` of the fusedmlp step (``*_cprofile.txt``): the Python functions, by own time and
   by cumulative time.
 
