@@ -168,30 +168,35 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_
 
 
 @custom_op("fusedmlp::cross_entropy_bwd", mutates_args=())
-def cross_entropy_bwd(grad: Tensor, grad_output: Tensor, factor: Tensor) -> Tensor:
-    """``grad * grad_output[:, None] * factor`` (grad_output 0-d or [N]) as a new tensor."""
+def cross_entropy_bwd(
+    grad: Tensor, grad_output: Tensor, factor: Tensor, target: Tensor, ignore_index: int
+) -> Tensor:
+    """``grad * grad_output[:, None] * factor`` (grad_output 0-d or [N]) as a new tensor; rows
+    whose target is ``ignore_index`` are 0 whatever the multiplier, as torch's."""
     from ..kernels import cross_entropy as K
 
     out = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    return K.cross_entropy_scale(grad, grad_output, factor, out=out)
+    return K.cross_entropy_scale(grad, grad_output, factor, target, ignore_index, out=out)
 
 
 @cross_entropy_bwd.register_fake
-def _(grad, grad_output, factor):
+def _(grad, grad_output, factor, target, ignore_index):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 @custom_op("fusedmlp::cross_entropy_bwd_inplace", mutates_args=["grad"])
-def cross_entropy_bwd_inplace(grad: Tensor, grad_output: Tensor, factor: Tensor) -> None:
-    """``grad *= grad_output[:, None] * factor`` in place; rows whose multiplier is exactly 1
-    are not touched (decided on the device)."""
+def cross_entropy_bwd_inplace(
+    grad: Tensor, grad_output: Tensor, factor: Tensor, target: Tensor, ignore_index: int
+) -> None:
+    """``grad *= grad_output[:, None] * factor`` in place; rows whose multiplier is exactly 1,
+    and ignored rows (0 in ``grad``), are not touched (decided on the device)."""
     from ..kernels import cross_entropy as K
 
-    K.cross_entropy_scale(grad, grad_output, factor)
+    K.cross_entropy_scale(grad, grad_output, factor, target, ignore_index)
 
 
 @cross_entropy_bwd_inplace.register_fake
-def _(grad, grad_output, factor):
+def _(grad, grad_output, factor, target, ignore_index):
     return None
 
 
@@ -210,17 +215,19 @@ class CrossEntropyFunction(torch.autograd.Function):
             logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad
         )
         if compute_grad:
-            ctx.save_for_backward(grad, factor)
+            ctx.save_for_backward(grad, factor, target)
+            ctx.ignore_index = ignore_index
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grad, factor = ctx.saved_tensors
+        grad, factor, target = ctx.saved_tensors
+        args = (grad, grad_output, factor, target, ctx.ignore_index)
         if _keep_graph():
-            dx = _cross_entropy_bwd(grad, grad_output, factor)
+            dx = _cross_entropy_bwd(*args)
         else:  # the buffer is ours and dies with this graph: scale it in place
-            _cross_entropy_bwd_inplace(grad, grad_output, factor)
+            _cross_entropy_bwd_inplace(*args)
             dx = grad
         return dx, None, None, None, None, None
 

@@ -16,9 +16,10 @@ out of range write loss NaN and a zero gradient row (the op raises before that m
 ``fusedmlp.autograd.cross_entropy``).
 
 Backward (``cross_entropy_scale``): multiplies the saved gradient by ``grad_output`` (a scalar or
-one value per row, any stride) times a device scalar ``factor``. In place it skips, on the
-device, every row whose multiplier is exactly 1 (``loss.backward()`` of a 'mean'/'sum' loss moves
-no gradient bytes at all); out of place it writes a new buffer.
+one value per row, any stride) times a device scalar ``factor``, except on ignored rows, which
+stay 0 whatever the multiplier (as torch's). In place it skips, on the device, every row whose
+multiplier is exactly 1 (``loss.backward()`` of a 'mean'/'sum' loss moves no gradient bytes at
+all); out of place it writes a new buffer.
 
 Arithmetic in fp32 (fp64 for fp64 logits); fp32/fp16/bf16/fp64 logits; int64 targets.
 """
@@ -163,11 +164,20 @@ def _ce_scale_kernel(
     GO,
     stride_go,
     FACTOR,
+    T,
+    stride_t,
+    ignore_index,
     C,
     INPLACE: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """``OUT[row] = G[row] * GO[row * stride_go] * FACTOR`` over one ``BLOCK`` of a row; a row
+    whose target ``T[row]`` is ``ignore_index`` is 0 whatever the multiplier (torch never
+    scales an ignored row: a NaN grad_output, or the infinite 1/sum(w[y]) of an all-ignored
+    'mean' batch, leaves it at 0). G, OUT: [N, C] contiguous; GO: 0-d (stride 0) or [N].
+    ``INPLACE`` (OUT is G): rows with a multiplier of exactly 1, and ignored rows (already 0
+    in G), are not touched."""
     if FP64:
         ACC: tl.constexpr = tl.float64
     else:
@@ -176,15 +186,17 @@ def _ce_scale_kernel(
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_blocks
     blk = pid % n_blocks
+    ignored = tl.load(T + row * stride_t) == ignore_index
     f = tl.load(GO + row * stride_go).to(ACC) * tl.load(FACTOR).to(ACC)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
     ptr = row * C + offs
     if INPLACE:
-        if f != 1.0:
+        if (f != 1.0) & (ignored == 0):
             g = tl.load(G + ptr, mask=mask, other=0.0).to(ACC)
             tl.store(OUT + ptr, (g * f).to(OUT.dtype.element_ty), mask=mask)
     else:
+        f = tl.where(ignored, 0.0, f)
         g = tl.load(G + ptr, mask=mask, other=0.0).to(ACC)
         tl.store(OUT + ptr, (g * f).to(OUT.dtype.element_ty), mask=mask)
 
@@ -248,13 +260,17 @@ def cross_entropy_scale(
     grad: torch.Tensor,
     grad_output: torch.Tensor,
     factor: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out = grad * grad_output[row] * factor``.
+    """``out = grad * grad_output[row] * factor``, 0 on the rows whose target is ``ignore_index``.
 
-    grad [N, C] contiguous; grad_output 0-d (one multiplier for every row) or [N] (any stride);
-    factor 0-d. ``out=None`` scales ``grad`` in place and skips rows whose multiplier is exactly
-    1 (decided on the device); otherwise ``out`` ([N, C] contiguous) receives the product.
+    grad [N, C] contiguous (the forward's gradient buffer: zero on ignored rows); grad_output 0-d
+    (one multiplier for every row) or [N] (any stride); factor 0-d; target [N] int64 (any
+    stride). ``out=None`` scales ``grad`` in place and skips rows whose multiplier is exactly 1
+    and ignored rows (decided on the device); otherwise ``out`` ([N, C] contiguous) receives
+    the product.
     """
     n, c = grad.shape
     inplace = out is None
@@ -274,6 +290,9 @@ def cross_entropy_scale(
             GO=grad_output,
             stride_go=stride_go,
             FACTOR=factor,
+            T=target,
+            stride_t=target.stride(0),
+            ignore_index=int(ignore_index),
             C=c,
             INPLACE=inplace,
             FP64=grad.dtype == torch.float64,

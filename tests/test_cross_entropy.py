@@ -93,10 +93,13 @@ def test_262144_classes(triton_backend, monkeypatch):
     assert_close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_all_ignored_batch(backend, reduction, weighted):
-    x, t, w = _data(4, 9)
+def test_all_ignored_batch(backend, reduction, weighted, dtype):
+    # fp16 'mean' keeps 1/sum(w[y]) (infinite here) out of the saved gradient until the backward:
+    # the ignored rows must stay 0 there too (found by a wider run of test_fuzz.py).
+    x, t, w = _data(4, 9, dtype=dtype)
     t.fill_(-100)
     kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=0.1)
     go = _grad_output(reduction, 4)
@@ -106,6 +109,24 @@ def test_all_ignored_batch(backend, reduction, weighted):
         assert torch.isnan(loss) and torch.isnan(ref_loss)
     torch.testing.assert_close(loss, ref_loss, equal_nan=True)
     assert torch.equal(grad, torch.zeros_like(grad)) and torch.equal(ref_grad, grad)
+
+
+@pytest.mark.parametrize("retain_graph", [False, True], ids=["in_place", "new_buffer"])
+def test_ignored_rows_stay_zero_under_a_nan_grad_output(backend, launches, retain_graph):
+    # torch never scales an ignored row: a NaN grad_output leaves it at 0.
+    x, t, _ = _data(6, 11, ignore_index=-100)
+    go = torch.randn(6).to(DEVICE)
+    go[t == -100] = float("nan")
+    go[1] = float("nan")  # a row that is not ignored: NaN, as torch
+    grads = []
+    for fn in (cross_entropy, F.cross_entropy):
+        xx = x.detach().clone().requires_grad_()
+        fn(xx, t, reduction="none").backward(go, retain_graph=retain_graph)
+        grads.append(xx.grad)
+    grad, ref = grads
+    assert torch.equal(grad[t == -100], torch.zeros_like(grad[t == -100]))
+    torch.testing.assert_close(grad, ref, equal_nan=True)
+    _expect_launches(launches, backend)
 
 
 def test_logits_feed_a_second_loss_term(backend, launches):
