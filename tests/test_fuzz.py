@@ -5,9 +5,13 @@ float32 from exactly the same (already rounded) inputs, with the dtype's toleran
 conftest. Shapes are tiny (1, primes, odd sizes) because the Triton path runs under the
 interpreter on CPU; the example budget is bounded and derandomised, so a run is reproducible
 and the file stays well inside the suite's time budget.
+
+A wider search: ``FUSEDMLP_FUZZ_SCALE=30 pytest tests/test_fuzz.py`` multiplies every example
+budget by 30 and draws new examples on every run (not derandomised); a few minutes on 2 cores.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -19,9 +23,10 @@ from hypothesis import strategies as st
 import fusedmlp
 import fusedmlp.functional as FF
 
+SCALE = int(os.environ.get("FUSEDMLP_FUZZ_SCALE", "1"))
 FUZZ = settings(
-    max_examples=8,
-    derandomize=True,
+    max_examples=8 * SCALE,
+    derandomize=SCALE == 1,
     deadline=None,
     database=None,
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure reports at once
@@ -121,7 +126,7 @@ def _act(z, activation, slope):
 
 
 @BACKENDS
-@settings(FUZZ, max_examples=12)
+@settings(FUZZ, max_examples=12 * SCALE)
 @given(
     lead=st.sampled_from([(), (1,), (3,), (2, 1)]),
     m=SIZES,
@@ -192,7 +197,7 @@ def test_linear_fuzz(
 
 
 @BACKENDS
-@settings(FUZZ, max_examples=12)
+@settings(FUZZ, max_examples=12 * SCALE)
 @given(
     n=SIZES,
     c=st.sampled_from([1, 2, 3, 7, 31, 67, 131]),
@@ -246,7 +251,7 @@ def test_cross_entropy_fuzz(
 
 
 @BACKENDS
-@settings(FUZZ, max_examples=6)
+@settings(FUZZ, max_examples=6 * SCALE)
 @given(
     shape=st.sampled_from([(1, 7), (5, 1), (3, 5, 31), (2, 13, 3), (67,)]),
     dim=st.integers(-3, 2),
@@ -480,7 +485,7 @@ def _optimizer_config(draw):
 
 
 @BACKENDS
-@settings(FUZZ, max_examples=12)
+@settings(FUZZ, max_examples=12 * SCALE)
 @given(
     config=_optimizer_config(),
     shapes=st.lists(
