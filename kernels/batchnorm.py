@@ -86,16 +86,15 @@ def _bn_stats_partial_kernel(
     shift = tl.load(x_ptr + c_off + k_off, mask=cmask, other=0.0).to(ACC)
     s1 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     s2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
-    # Software prefetch: the next tile's load is issued before this tile is accumulated, so two
+    # Software prefetch: each iteration loads its tile before it accumulates the one the previous
+    # iteration loaded (the first accumulates an empty tile, the last loads nothing), so two
     # tiles per program are in flight (triton does not pipeline loads that feed no tl.dot).
-    r = start + tl.arange(0, BLOCK_R)
-    mask = cmask[:, None] & (r < end)[None, :]
-    r_off = (r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW
-    x = tl.load(x_ptr + c_off[:, None] + r_off[None, :], mask=mask, other=0.0)
-    for r0 in range(start, end, BLOCK_R):
-        r_next = r0 + BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_next = cmask[:, None] & (r_next < end)[None, :]
-        r_off = (r_next // S) * sxN + (r_next % S // W) * sxH + (r_next % W) * sxW
+    x = tl.zeros([BLOCK_C, BLOCK_R], dtype=x_ptr.dtype.element_ty)
+    mask = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.int1)
+    for r0 in range(start, end + BLOCK_R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_off = (r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW
+        mask_next = cmask[:, None] & (r < end)[None, :]
         x_next = tl.load(x_ptr + c_off[:, None] + r_off[None, :], mask=mask_next, other=0.0)
         d = tl.where(mask, x.to(ACC) - shift[:, None], 0.0)
         s1 += d
@@ -319,15 +318,12 @@ def _bn_backward_reduce_kernel(
     end = tl.minimum(start + rows_per_split, R)
     a1 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     a2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
-    # Software prefetch of the next tiles, as in _bn_stats_partial_kernel.
-    r = start + tl.arange(0, BLOCK_R)
-    mask = cmask[:, None] & (r < end)[None, :]
-    x_off = cx[:, None] + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
-    d_off = cd[:, None] + ((r // S) * sdN + (r % S // W) * sdH + (r % W) * sdW)[None, :]
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0)
-    for r0 in range(start, end, BLOCK_R):
-        r = r0 + BLOCK_R + tl.arange(0, BLOCK_R)
+    # Software prefetch, as in _bn_stats_partial_kernel.
+    x = tl.zeros([BLOCK_C, BLOCK_R], dtype=x_ptr.dtype.element_ty)
+    dy = tl.zeros([BLOCK_C, BLOCK_R], dtype=dy_ptr.dtype.element_ty)
+    mask = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.int1)
+    for r0 in range(start, end + BLOCK_R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
         mask_next = cmask[:, None] & (r < end)[None, :]
         x_off = cx[:, None] + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
         d_off = cd[:, None] + ((r // S) * sdN + (r % S // W) * sdH + (r % W) * sdW)[None, :]

@@ -20,6 +20,7 @@ fails for interpreted kernels (CPU tensors), so the test suite could not compile
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -266,17 +267,20 @@ def launch(
     tuned[grid](**kwargs)
 
 
-_SM_COUNTS: dict[int, int] = {}
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of CUDA ``device`` (queried once per device index, never at
     import time)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SM_COUNTS.get(index)
-    if count is None:
-        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Programs per SM that the split reductions aim for: their 8-warp tiles compile to about 64
+# registers for sm_90, so 4 such programs fill an SM's register file (one wave).
+PROGRAMS_PER_SM = 4
 
 
 def row_splits(
@@ -305,11 +309,6 @@ def row_splits(
         split = max(1, min(cpu_splits, cdiv(R, cpu_min_rows)))
         rows = cdiv(R, split)
     return cdiv(R, rows), rows
-
-
-# Programs per SM that the split reductions aim for: their 8-warp tiles compile to about 64
-# registers for sm_90, so 4 such programs fill an SM's register file (one wave).
-PROGRAMS_PER_SM = 4
 
 
 @contextlib.contextmanager
