@@ -334,8 +334,12 @@ def _fused(lists, hp, device_step, amp):
         _fused_device_step(lists, hp, amp)
         return
     groups: dict = {}
-    for i, (p, s) in enumerate(zip(lists[0], lists[5])):
-        # Host-side step counters (torch.optim's default): reading them never syncs.
+    # Host-side step counters (torch.optim's default): reading them never syncs. One stacked
+    # read instead of a float() per tensor (~2-5 us each on the host).
+    steps = lists[5]
+    single = steps and len({(s.dtype, s.device, s.dim()) for s in steps}) == 1
+    values = torch.stack(steps).tolist() if single else [float(s) for s in steps]
+    for i, (p, s) in enumerate(zip(lists[0], values)):
         groups.setdefault((p.device, p.dtype, float(s)), []).append(i)
     scalars, flags = _hyper(hp)
     beta1, beta2, lr = hp["beta1"], hp["beta2"], hp["lr"]

@@ -11,8 +11,9 @@
 #   4. int64:    dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
 #   5. profile:  benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
 #                times of the MLP training step, and the host cost of one launch, under profile/
-#   6. verify:   fusedmlp verify (tolerated missing)
+#   6. kernel_times: benchmarks/kernel_times.py (step, ops): kernel-only vs event time per case
 #   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
+#   8. verify:   fusedmlp verify with what is left of the budget (tolerated missing)
 # Everything is logged under OUTDIR (<step>.log, summary.txt). The script goes on past a failing
 # step and exits non-zero if any step failed. Copy OUTDIR/RESULTS.md to benchmarks/RESULTS.md to
 # publish the figures.
@@ -171,12 +172,8 @@ step profile 60 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "
   --shapes 64x256,16384x1024 --steps 10
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
-# 6. fusedmlp verify (written by another issue: tolerate it missing)
-if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then
-  step verify 70 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
-else
-  log "note: 'fusedmlp verify --help' fails: verify not available, skipped"
-fi
+# 6. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show)
+step kernel_times 90 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 55 --sections step,ops
 
 # 7. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
 t=$(left)
@@ -193,6 +190,13 @@ step bench "$t" "$PY" -m fusedmlp bench --quick --time-budget "$bench_budget" \
   --json "$DIR/bench.json" --markdown "$DIR/bench.md" ${PLOT[@]+"${PLOT[@]}"}
 if [[ -f "$DIR/bench.json" ]]; then
   step results_md 20 "$PY" benchmarks/results_md.py "$DIR/bench.json" -o "$DIR/RESULTS.md"
+fi
+
+# 8. fusedmlp verify (written by another issue: tolerate it missing)
+if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then
+  step verify 80 "$PY" -m fusedmlp verify --json "$DIR/verify.json"
+else
+  log "note: 'fusedmlp verify --help' fails: verify not available, skipped"
 fi
 
 log "elapsed $((SECONDS - START)) s"

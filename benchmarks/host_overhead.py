@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("FUSEDMLP_AUTOTUNE", "0")  # autotuning would time kernels on a GPU
 
@@ -142,6 +145,15 @@ def main(argv=None) -> int:
     finally:
         JITFunction.run = run
     print(f"triton {triton.__version__}, torch {torch.__version__}; compile {compile_s:.1f} s")
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [step() for _ in range(args.steps)])
+        stats = pstats.Stats(prof).strip_dirs()
+        stats.sort_stats("tottime").print_stats(args.cprofile)
+        stats.sort_stats("cumulative").print_stats(args.cprofile)
     print(
         f"batch {args.batch} width {args.width} depth {args.depth}: "
         f"launch path {real * 1e3:.3f} ms/step, launches as no-ops {own * 1e3:.3f} ms/step, "

@@ -145,15 +145,14 @@ def _setup_interpreter(device: str) -> str | None:
 @contextlib.contextmanager
 def _first_config_only():
     """Run each kernel's first GPU configuration instead of autotuning (``FUSEDMLP_AUTOTUNE=0``)."""
-    previous = os.environ.get("FUSEDMLP_AUTOTUNE")
-    os.environ["FUSEDMLP_AUTOTUNE"] = "0"
+    from ..kernels import launch
+
+    previous = launch.AUTOTUNE
+    launch.AUTOTUNE = False
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["FUSEDMLP_AUTOTUNE"]
-        else:
-            os.environ["FUSEDMLP_AUTOTUNE"] = previous
+        launch.AUTOTUNE = previous
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ fails for interpreted kernels (CPU tensors), so the test suite could not compile
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -211,9 +210,14 @@ def _record(info: _KernelInfo, kwargs: dict, config: triton.Config, gpu_configs)
     LAUNCHED.setdefault(rec, fn)
 
 
+# ``FUSEDMLP_AUTOTUNE=0`` (read once, at import: an environment lookup per launch costs ~1 us).
+AUTOTUNE = os.environ.get("FUSEDMLP_AUTOTUNE") != "0"
+
 # (kernel, id(configs), key, restore, reset) -> (configs, autotuner). The configs object is kept
 # in the value and compared by identity, so a recycled id can never return another autotuner.
 _AUTOTUNED: dict = {}
+# (autotuner, autotune key) -> (config.kwargs, config.all_kwargs()) of the tuned configuration.
+_BEST: dict = {}
 
 
 def _autotuned(kernel, configs, key, restore_value, reset_to_zero):
@@ -255,7 +259,7 @@ def launch(
     interpreting = info.interpreting
     if info.has_interpret:
         kwargs["INTERPRET"] = interpreting
-    if interpreting or len(configs) == 1 or os.environ.get("FUSEDMLP_AUTOTUNE") == "0":
+    if interpreting or len(configs) == 1 or not AUTOTUNE:
         config = interpret_config if (interpreting and interpret_config) else configs[0]
         if interpreting:
             _record(info, kwargs, config, configs)
@@ -264,7 +268,23 @@ def launch(
         kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
         return
     tuned = _autotuned(kernel, configs, key, restore_value, reset_to_zero)
-    tuned[grid](**kwargs)
+    # The autotuner's own key: the key arguments' values, then the dtypes of the tensor arguments.
+    tune_key = (
+        *(kwargs[k] for k in key if k in kwargs),
+        *(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)),
+    )
+    best = _BEST.get((tuned, tune_key))
+    if best is None:
+        tuned[grid](**kwargs)  # tunes this key once (restore_value / reset_to_zero apply there)
+        config = tuned.cache.get(tune_key)
+        if config is not None and config.pre_hook is None:
+            _BEST[(tuned, tune_key)] = (config.kwargs, config.all_kwargs())
+        return
+    # Tuned already: launch the jitted kernel with the chosen configuration directly. Autotuner.run
+    # rebuilds its key and argument dicts on every call, host time that a small op pays per launch.
+    meta_kwargs, all_kwargs = best
+    g = grid({**kwargs, **meta_kwargs}) if callable(grid) else grid
+    kernel[g](**kwargs, **all_kwargs)
 
 
 @functools.cache
@@ -311,14 +331,28 @@ def row_splits(
     return cdiv(R, rows), rows
 
 
-@contextlib.contextmanager
-def on_device(t: torch.Tensor):
-    """Launch on ``t``'s GPU (multi-GPU machines); a no-op for CPU tensors."""
-    if t.is_cuda:
-        with torch.cuda.device(t.device):
-            yield
-    else:
-        yield
+class on_device:
+    """Launch on ``t``'s GPU (multi-GPU machines); a no-op for CPU tensors.
+
+    ``torch.cuda.device``'s own work (exchange the current device, restore it) without its
+    device-index parsing and without a generator-based context manager: it runs around every
+    launch, and each of those costs microseconds of host time per launch.
+    """
+
+    __slots__ = ("index", "previous")
+
+    def __init__(self, t: torch.Tensor):
+        self.index = t.device.index if t.is_cuda else None
+
+    def __enter__(self):
+        if self.index is not None:
+            self.previous = torch.cuda._exchange_device(self.index)
+        return self
+
+    def __exit__(self, *exc):
+        if self.index is not None:
+            torch.cuda._maybe_exchange_device(self.previous)
+        return False
 
 
 __all__ = [

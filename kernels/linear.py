@@ -18,13 +18,24 @@ What is saved for backward (``saves_preactivation``):
     gelu (erf form), silu;
   - nothing for no activation.
 
-Backward: ``dZ = dY * act'(.)`` is never written to memory. ``_linear_dx_kernel`` computes
+Backward, two paths (``backward_path``):
+
+"fused": ``dZ = dY * act'(.)`` is never written to memory. ``_linear_dx_kernel`` computes
 ``dX = dZ @ W`` and ``_linear_dw_kernel`` computes ``dW = dZ^T @ X``; both apply the derivative
 to the dY tile right after loading it. ``_linear_dw_kernel`` also runs the bias-gradient
 programs (a deterministic column sum of dZ over M-chunks, no atomics). When the dW grid has
 fewer tiles than the GPU has SMs, the M reduction is split over ``SPLIT`` program slices that
 write fp32 partials to a workspace, summed in a fixed order by ``_sum_splits_kernel``
 (deterministic split-K).
+
+"dz" (on a GPU for large TF32 and 16-bit problems, ``FUSEDMLP_LINEAR_BWD`` overrides): one pass,
+``_linear_dz_kernel``, writes dZ (and, for fp32, dZ^T) and per-slice column sums of dZ; then
+both GEMMs run through the forward kernel with no bias and no activation, ``dX = dZ @ W`` and
+``dW = dZ^T @ X``. Why: the fused kernels feed wgmma its A operand (dZ) from registers, which
+splits each K-step into k8 slices with waits between them, and TF32 wgmma reads shared-memory
+operands only K-major, while X and W are stored with the reduction dimension outer. The
+forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
+and dZ^T (16-bit types transpose in wgmma and use views).
 
 Activations are a ``tl.constexpr`` string: "none", "relu", "leaky_relu", "sigmoid", "tanh",
 "gelu" (erf form), "silu"; ``negative_slope`` is a runtime argument.
@@ -34,12 +45,13 @@ All offsets are computed in int64.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, dot_precision, launch, on_device, sm_count
+from .launch import cdiv, dot_precision, launch, on_device, row_splits, sm_count
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
@@ -453,6 +465,72 @@ def _dw_kernel_gemm_part(
 
 
 @triton.jit
+def _linear_dz_kernel(
+    dy_ptr,
+    t_ptr,
+    dz_ptr,
+    dzt_ptr,
+    ws_ptr,
+    M,
+    N,
+    stride_dym,
+    stride_dyn,
+    stride_tm,
+    stride_tn,
+    rows_per_split,
+    negative_slope,
+    ACTIVATION: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
+    WRITE_DZT: tl.constexpr,
+    WRITE_SUMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dZ = dY * act'(t) for the "dz" backward path.
+
+    Grid ``(n_split, cdiv(N, BLOCK_N))``: program (s, j) walks rows
+    ``[s * rows_per_split, (s + 1) * rows_per_split)`` of columns ``[j * BLOCK_N, ...)`` in
+    ``[BLOCK_M, BLOCK_N]`` tiles.
+    dy, t: ``[M, N]``, any strides, the input dtype (t: the saved output or pre-activation,
+    see ``saves_preactivation``; unread for "none"). dZ is rounded to ``dz_ptr``'s dtype (the
+    input dtype, as torch's dZ) and stored, when asked, to dz ``[M, N]`` contiguous and to
+    dzt ``[N, M]`` contiguous; ws ``[n_split, N]`` fp32 gets each slice's column sums of the
+    rounded dZ (summed in a fixed order: deterministic).
+    """
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rn64 = rn.to(tl.int64)
+    row0 = pid_s * rows_per_split
+    row_end = tl.minimum(row0 + rows_per_split, M)
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(row0, row_end, BLOCK_M):
+        rm = start + tl.arange(0, BLOCK_M)
+        rm64 = rm.to(tl.int64)
+        mask = (rm < row_end)[:, None] & n_mask[None, :]
+        dy = tl.load(
+            dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn, mask=mask, other=0.0
+        )
+        if ACTIVATION == "none":
+            dz = dy.to(dz_ptr.dtype.element_ty)
+        else:
+            t = tl.load(
+                t_ptr + rm64[:, None] * stride_tm + rn64[None, :] * stride_tn, mask=mask, other=0.0
+            )
+            dz = _activation_grad(dy.to(tl.float32), t.to(tl.float32), negative_slope, ACTIVATION)
+            dz = dz.to(dz_ptr.dtype.element_ty)
+        if WRITE_DZ:
+            tl.store(dz_ptr + rm64[:, None] * N + rn64[None, :], dz, mask=mask)
+        if WRITE_DZT:
+            tl.store(dzt_ptr + rn64[None, :] * M + rm64[:, None], dz, mask=mask)
+        if WRITE_SUMS:
+            colsum += tl.sum(dz.to(tl.float32), axis=0)
+    if WRITE_SUMS:
+        tl.store(ws_ptr + pid_s.to(tl.int64) * N + rn, colsum, mask=n_mask)
+
+
+@triton.jit
 def _sum_splits_kernel(ws_ptr, dw_ptr, db_ptr, NK, NB, SPLIT, BLOCK: tl.constexpr):
     """dw.flat[i] = sum_s ws[s, i] (i < NK); db[i - NK] = sum_s ws[s, i] (NK <= i < NK + NB).
 
@@ -630,6 +708,100 @@ def linear_forward(
     return y, z
 
 
+_DZ_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+_DZ_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+# "auto" | "fused" | "dz": the backward path (module doc). Read once; tests set the attribute.
+BACKWARD_PATH = os.environ.get("FUSEDMLP_LINEAR_BWD", "auto")
+# "auto" takes the dz path from these sizes (M * N * K multiply-adds) up; below them the fused
+# kernels are as fast (H200, kernel time, benchmarks/kernel_times.py: TF32 16384x1024x1024
+# relu 0.49 ms dz vs 1.06 ms fused; bf16 8192^3 3.40 vs 4.61 ms; bf16 16384x1024x1024 0.173
+# vs 0.167 ms) and the dz path's extra launches cost host time.
+DZ_PATH_MIN_MACS = {"tf32": 2**30, "16bit": 2**36}
+
+
+def backward_path(dtype: torch.dtype, precision: str, M: int, N: int, K: int, device) -> str:
+    """ "fused" or "dz" for a backward of these sizes (see the module doc)."""
+    if dtype == torch.float64 or not (M and N and K):
+        return "fused"
+    if BACKWARD_PATH in ("fused", "dz"):
+        return BACKWARD_PATH
+    if device.type != "cuda" or (dtype == torch.float32 and precision != "tf32"):
+        return "fused"  # the IEEE fp32 dot is FMA-based: no wgmma operand constraints
+    kind = "tf32" if dtype == torch.float32 else "16bit"
+    return "dz" if M * N * K >= DZ_PATH_MIN_MACS[kind] else "fused"
+
+
+def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db,
+                 dx_shape):  # fmt: skip
+    """The "dz" path of ``linear_backward`` (M, N, K > 0, not fp64)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    dtype = x.dtype
+    # TF32 wgmma reads fp32 operands only K-major: physical transposes. 16-bit types: views.
+    kmajor = dtype == torch.float32
+    write_dz = activation != "none" and (need_dx or (need_dw and not kmajor))
+    write_dzt = need_dw and kmajor
+    dz = torch.empty((M, N), device=x.device, dtype=dtype) if write_dz else None
+    dzt = torch.empty((N, M), device=x.device, dtype=dtype) if write_dzt else None
+    db = ws = None
+    cfg = _DZ_INTERPRET if x.device.type != "cuda" else _DZ_CONFIG
+    n_split, rows = row_splits(
+        M, N, x.device, block_c=cfg.kwargs["BLOCK_N"], align=cfg.kwargs["BLOCK_M"],
+        cpu_splits=3, cpu_min_rows=8,
+    )  # fmt: skip
+    if need_db:
+        db = torch.empty((N,), device=x.device, dtype=dtype)
+        ws = torch.empty((n_split, N), device=x.device, dtype=torch.float32)
+    with on_device(x):
+        if write_dz or write_dzt or need_db:
+            launch(
+                _linear_dz_kernel,
+                lambda meta: (n_split, cdiv(N, meta["BLOCK_N"])),
+                configs=[_DZ_CONFIG],
+                interpret_config=_DZ_INTERPRET,
+                dy_ptr=grad_y,
+                t_ptr=saved,
+                dz_ptr=dz if write_dz else x,  # x: never written, gives dZ's dtype
+                dzt_ptr=dzt if write_dzt else x,
+                ws_ptr=ws if need_db else x,
+                M=M,
+                N=N,
+                stride_dym=grad_y.stride(0),
+                stride_dyn=grad_y.stride(1),
+                stride_tm=saved.stride(0),
+                stride_tn=saved.stride(1),
+                rows_per_split=rows,
+                negative_slope=float(negative_slope),
+                ACTIVATION=activation,
+                WRITE_DZ=write_dz,
+                WRITE_DZT=write_dzt,
+                WRITE_SUMS=need_db,
+            )
+        if need_db:
+            launch(
+                _sum_splits_kernel,
+                lambda meta: (cdiv(N, meta["BLOCK"]),),
+                configs=_SUM_CONFIGS,
+                interpret_config=_SUM_INTERPRET,
+                ws_ptr=ws,
+                dw_ptr=db,
+                db_ptr=db,
+                NK=0,
+                NB=N,
+                SPLIT=n_split,
+            )
+    dz_rows = dz if write_dz else grad_y
+    dx = dw = None
+    if need_dx:  # dX = dZ @ W = dZ @ (W^T)^T
+        w_t = weight.t().contiguous() if kmajor else weight.t()
+        dx = linear_forward(dz_rows, w_t, None, "none", 0.0, out_shape=dx_shape)[0]
+    if need_dw:  # dW = dZ^T @ X = dZ^T @ (X^T)^T
+        x_t = x.t().contiguous() if kmajor else x.t()
+        dw = linear_forward(dzt if write_dzt else dz_rows.t(), x_t, None, "none", 0.0)[0]
+    return dx, dw, db
+
+
 def linear_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -657,6 +829,11 @@ def linear_backward(
         saved = grad_y  # never read; any tensor will do as the pointer
     prec = dot_precision(dtype)
     fp64 = dtype == torch.float64
+    if backward_path(dtype, prec, M, N, K, x.device) == "dz":
+        return _backward_dz(
+            grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db,
+            dx_shape,
+        )  # fmt: skip
     if need_dx:
         dx = torch.empty(dx_shape or (M, K), device=x.device, dtype=dtype)
         if M and K:
@@ -774,6 +951,7 @@ def linear_backward(
 
 __all__ = [
     "KERNEL_ACTIVATIONS",
+    "backward_path",
     "dw_split",
     "linear_backward",
     "linear_forward",

@@ -146,3 +146,42 @@ def test_dot_precision_follows_torch_matmul_setting():
         assert dot_precision(torch.float16) == "ieee"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
+    """After the autotuner picked a configuration for a key, ``launch`` calls the jitted kernel
+    with it directly (no Autotuner.run per call); the key is the autotuner's own. The benchmark
+    is stubbed (autotuning needs a GPU); the kernels run under the interpreter."""
+    import triton
+    import triton.language as tl
+
+    from fusedmlp.kernels import launch as L
+
+    @triton.jit
+    def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    configs = [triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)]
+    tuned = L._autotuned(_scale_kernel, configs, ("n",), (), ())
+    benched = []
+
+    def bench(*args, config, **kwargs):
+        benched.append(config.kwargs["BLOCK"])
+        return 1.0 if config.kwargs["BLOCK"] == 32 else 2.0
+
+    monkeypatch.setattr(tuned, "_bench", bench)
+    monkeypatch.setattr(
+        L, "_info", lambda k: L._KernelInfo(None, (), frozenset(), False, False, frozenset())
+    )
+    runs = []
+    original_run = tuned.run
+    monkeypatch.setattr(tuned, "run", lambda *a, **k: runs.append(1) or original_run(*a, **k))
+    x = torch.arange(40, dtype=torch.float32)
+    for _ in range(3):
+        y = torch.empty_like(x)
+        L.launch(_scale_kernel, lambda m: (triton.cdiv(40, m["BLOCK"]),), configs=configs,
+                 key=("n",), x_ptr=x, y_ptr=y, n=40)  # fmt: skip
+        torch.testing.assert_close(y, x * 2)
+    assert benched == [16, 32] and len(runs) == 1  # tuned once, then launched directly
+    assert L._BEST[(tuned, (40, "torch.float32", "torch.float32"))][0] == {"BLOCK": 32}

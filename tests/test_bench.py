@@ -218,3 +218,26 @@ def test_host_overhead_script_runs_through_the_real_launch_path():
     # backward: CE scale, last linear dx + dw + split sum (CPU split heuristics), BN block
     # reduce + final + dx, first linear dw (8); Adam (1).
     assert "launch path" in line and "16 launches/step" in line, out.stdout
+
+
+def test_kernel_times_script_dry_run(tmp_path):
+    # benchmarks/kernel_times.py (run by gpu_check.sh): every section's cases build and time on
+    # CPU with tiny shapes (kernel times need CUDA: 0 there); one JSON line per case, no errors.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_times.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "kernel_times.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 + 5 + 14 and all("error" not in r for r in rows), rows
+    assert all(r["event_ms"] > 0 for r in rows)

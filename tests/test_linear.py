@@ -245,6 +245,76 @@ def test_half_precision_triton_path(triton_backend, launches, dtype, act):
     _check(ours, ref, dtype, scale=2.0)
 
 
+# --------------------------------------------------------------------------- "dz" backward path
+
+DZ = "_linear_dz_kernel"
+
+
+@pytest.fixture
+def dz_path(monkeypatch):
+    """The backward's "dz" path (dZ pass, then the forward GEMM kernel for dX and dW)."""
+    from fusedmlp.kernels import linear as kernels
+
+    monkeypatch.setattr(kernels, "BACKWARD_PATH", "dz")
+
+
+@pytest.mark.parametrize(
+    "dtype,act,slope",
+    [
+        (torch.float32, None, 0.01),
+        (torch.float32, "relu", 0.01),
+        (torch.float32, "leaky_relu", -0.3),
+        (torch.float32, "gelu", 0.01),
+        (torch.float16, "sigmoid", 0.01),
+        (torch.bfloat16, "relu", 0.01),
+        (torch.bfloat16, None, 0.01),
+    ],
+    ids=["fp32-none", "fp32-relu", "fp32-leaky-0.3", "fp32-gelu", "fp16-sigmoid", "bf16-relu",
+         "bf16-none"],
+)  # fmt: skip
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_dz_backward_path_matches_torch(triton_backend, launches, dz_path, dtype, act, slope, bias):
+    g = torch.Generator().manual_seed(11)
+    x = _t(3, 13, 37, gen=g, dtype=dtype)  # M = 39 rows: three row splits, a partial tile
+    w = _t(21, 37, gen=g, dtype=dtype, scale=0.2)
+    b = _t(21, gen=g, dtype=dtype) if bias else None
+    gy = _t(3, 13, 21, gen=g, dtype=dtype).transpose(0, 1).contiguous().transpose(0, 1)
+    ours = _ours(x, w, b, act, slope, gy)
+    # forward + dX + dW through the GEMM kernel; the dZ pass (column sums), and their merge
+    assert launches["_linear_fwd_kernel"] == 3, dict(launches)
+    assert launches[DX] == 0 and launches[DW] == 0, dict(launches)
+    assert launches[DZ] == (1 if (act or dtype == torch.float32 or bias) else 0), dict(launches)
+    assert launches[SUM] == (1 if bias else 0), dict(launches)
+    ref = _reference(x, w, b, act, slope, gy)
+    _check(ours, ref, dtype, scale=2.0)
+
+
+def test_dz_backward_path_only_requested_gradients(triton_backend, launches, dz_path):
+    g = torch.Generator().manual_seed(12)
+    x, w, b = _t(9, 8, gen=g), _leaf(_t(5, 8, gen=g)), _leaf(_t(5, gen=g))
+    gy = _t(9, 5, gen=g)
+    y = linear(x, w, b, "relu")  # x needs no gradient: no dX GEMM
+    y.backward(gy)
+    assert launches["_linear_fwd_kernel"] == 2 and launches[SUM] == 1, dict(launches)
+    ref = _reference(x, w.detach(), b.detach(), "relu", 0.01, gy)
+    assert_close(w.grad, ref[2], dtype=torch.float32)
+    assert_close(b.grad, ref[3], dtype=torch.float32)
+
+
+def test_backward_path_policy():
+    from fusedmlp.kernels.linear import backward_path
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    big = (16384, 1024, 1024)
+    assert backward_path(torch.float32, "tf32", *big, cuda) == "dz"
+    assert backward_path(torch.float32, "ieee", *big, cuda) == "fused"
+    assert backward_path(torch.float32, "tf32", 64, 256, 256, cuda) == "fused"
+    assert backward_path(torch.float32, "tf32", *big, cpu) == "fused"
+    assert backward_path(torch.float64, "ieee", *big, cuda) == "fused"
+    assert backward_path(torch.bfloat16, "ieee", 8192, 8192, 8192, cuda) == "dz"
+    assert backward_path(torch.float16, "ieee", *big, cuda) == "fused"
+
+
 # ------------------------------------------------------------------------------------ gradcheck
 
 

@@ -1,0 +1,170 @@
+"""Kernel-only GPU time next to the event-timed figure of ``fusedmlp bench``, per op.
+
+    python benchmarks/kernel_times.py [--out DIR] [--budget SECONDS] [--sections a,b,...]
+
+``fusedmlp bench`` times each call the ``triton.testing.do_bench`` way (CUDA events around the
+call, L2 flushed before it). When the host needs longer to issue a call than the GPU needs to
+run it, that figure is the host's time, not the kernels'. This script also sums the device
+time of the kernels the call launched (torch.profiler, CUDA activity), so each row shows both:
+``event ms`` (what the bench reports) and ``kernel ms`` (GPU busy time; host excluded).
+
+Sections (in order, each skipped once the time budget is spent):
+  linear: the linear + ReLU backward through each backward path (``FUSEDMLP_LINEAR_BWD``,
+          ``kernels/linear.py``), TF32 and bf16, against torch autograd;
+  step:   the MLP training step of the bench (width 1024, batch 16K, TF32) per backward path,
+          and the small step (width 256, batch 64) whose time is the host's;
+  ops:    dropout, batch norm, cross-entropy, Adam, SGD as in the bench, fusedmlp and torch.
+One JSON line per row goes to ``DIR/kernel_times.jsonl`` as soon as it is measured, and a table
+to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fusedmlp.cli import _bench_engine as E  # noqa: E402
+from fusedmlp.cli import _bench_ops as O  # noqa: E402
+from fusedmlp.kernels import linear as KL  # noqa: E402
+
+
+def kernel_ms(fn, grads, calls: int = 10) -> tuple[float, int]:
+    """(GPU ms per call summed over the kernels, memsets and copies it ran; kernels per call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            E._reset(grads)
+            fn()
+        torch.cuda.synchronize()
+    total_us, count = 0.0, 0
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            total_us += evt.device_time
+            count += 1
+    return total_us / calls / 1e3, round(count / calls)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "kernel-times"))
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for all sections")
+    ap.add_argument("--sections", default="linear,step,ops")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script")
+    args = ap.parse_args()
+    dry = args.dry_run
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "kernel_times.jsonl").open("a")
+    dev = torch.device("cpu" if dry else "cuda")
+    cfg = E.settings(not dry, quick=True)
+    S = 64 if dry else 1  # shapes divided by S in a dry run
+    t_start = time.perf_counter()
+    print(f"{E.device_name(dev)}  torch {torch.__version__}", flush=True)
+    print(f"{'case':64s} {'event ms':>10s} {'kernel ms':>10s} {'kernels':>8s} {'setup s':>8s}")
+
+    def row(section, name, build, wall=False, context=None, path=None):
+        if time.perf_counter() - t_start > args.budget:
+            print(f"{name:64s} skipped: budget", flush=True)
+            return
+        previous = KL.BACKWARD_PATH
+        if path:
+            KL.BACKWARD_PATH = path
+        try:
+            with context() if context else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                prep = build()
+                prep.fn()
+                E._sync(dev)
+                setup = time.perf_counter() - t0
+                if dry:
+                    ev, (km, nk) = E.time_cpu(prep.fn, prep.grad_to_none, cfg), (0.0, 0)
+                else:
+                    timer = E.time_wall if wall else E.time_cuda
+                    ev = timer(prep.fn, prep.grad_to_none, dev, cfg)
+                    km, nk = kernel_ms(prep.fn, prep.grad_to_none)
+            rec = dict(section=section, case=name, event_ms=ev, kernel_ms=km, kernels=nk,
+                       setup_s=setup, wall=wall)  # fmt: skip
+            print(f"{name:64s} {ev:10.4f} {km:10.4f} {nk:8d} {setup:8.1f}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - reported, the next row runs
+            rec = dict(section=section, case=name, error=f"{type(exc).__name__}: {exc}"[:300])
+            print(f"{name:64s} ERROR {rec['error']}", flush=True)
+        finally:
+            KL.BACKWARD_PATH = previous
+            torch.cuda.empty_cache()
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    sections = args.sections.split(",")
+    tf32 = O._tf32
+    if "linear" in sections:
+        for dtype, (M, N, K), ctx in [
+            (torch.float32, (16384, 1024, 1024), tf32),
+            (torch.bfloat16, (8192, 8192, 8192), None),
+            (torch.bfloat16, (16384, 1024, 1024), None),
+        ]:
+            M, N, K = M // S, N // S, K // S
+            tag = f"linear+relu bwd {str(dtype)[6:]} M={M} N={N} K={K}"
+            for path in ("fused", "dz"):
+                build = O.build_linear("fusedmlp", dev, dtype, M, N, K, True)
+                row("linear", f"{tag} fusedmlp {path}", build, context=ctx, path=path)
+            row("linear", f"{tag} torch", O.build_linear("torch", dev, dtype, M, N, K, True),
+                context=ctx)  # fmt: skip
+    if "step" in sections:
+        for path in ("fused", "dz"):
+            build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
+            row("step", f"mlp step w1024 B16K tf32 fusedmlp {path}", build, wall=True,
+                context=tf32, path=path)  # fmt: skip
+        row("step", "mlp step w1024 B16K tf32 torch", O.build_mlp_step("torch", dev, 16384 // S, 1024 // S),
+            wall=True, context=tf32)  # fmt: skip
+        for impl in ("fusedmlp", "torch"):  # host-bound: the wall time is the host's
+            build = O.build_mlp_step(impl, dev, 64, 256 // S)
+            row("step", f"mlp step w256 B64 tf32 {impl}", build, wall=True, context=tf32)
+    if "ops" in sections:
+        bf16 = torch.bfloat16
+        for impl in ("fusedmlp", "torch"):
+            row(
+                "ops",
+                f"dropout fwd 64Mi bf16 {impl}",
+                O.build_dropout(impl, dev, bf16, 65536 // S, 1024 // S, False),
+            )
+            row(
+                "ops",
+                f"dropout bwd 64Mi bf16 {impl}",
+                O.build_dropout(impl, dev, bf16, 65536 // S, 1024 // S, True),
+            )
+            row(
+                "ops",
+                f"batchnorm fwd 64Kx1024 bf16 {impl}",
+                O.build_batchnorm(impl, dev, bf16, 65536 // S, 1024 // S, False),
+            )
+            row(
+                "ops",
+                f"batchnorm bwd 64Kx1024 bf16 {impl}",
+                O.build_batchnorm(impl, dev, bf16, 65536 // S, 1024 // S, True),
+            )
+            row(
+                "ops",
+                f"cross_entropy 16Kx32K bf16 {impl}",
+                O.build_cross_entropy(impl, dev, bf16, 16384 // S, 32768 // S),
+            )
+            row(
+                "ops",
+                f"adam 50M/100 {impl}",
+                O.build_optimizer(impl, dev, "adam", 50_000_000 // S**3, 100),
+            )
+            row("ops", f"sgd 50M/100 {impl}", O.build_optimizer(impl, dev, "sgd", 50_000_000 // S**3, 100))  # fmt: skip
+    print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
