@@ -339,8 +339,8 @@ def _fused(lists, hp, device_step, amp):
     steps = lists[5]
     single = steps and len({(s.dtype, s.device, s.dim()) for s in steps}) == 1
     values = torch.stack(steps).tolist() if single else [float(s) for s in steps]
-    for i, (p, s) in enumerate(zip(lists[0], values)):
-        groups.setdefault((p.device, p.dtype, float(s)), []).append(i)
+    for i, (p, step) in enumerate(zip(lists[0], values)):
+        groups.setdefault((p.device, p.dtype, step), []).append(i)
     scalars, flags = _hyper(hp)
     beta1, beta2, lr = hp["beta1"], hp["beta2"], hp["lr"]
     for (_, _, step), idx in groups.items():

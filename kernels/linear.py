@@ -708,6 +708,22 @@ def linear_forward(
     return y, z
 
 
+def _sum_splits(ws, dw, db, nk: int, nb: int, split: int) -> None:
+    """dw.flat = ws[:, :nk] summed over the split, db = ws[:, nk:] summed (``_sum_splits_kernel``)."""
+    launch(
+        _sum_splits_kernel,
+        lambda meta: (cdiv(nk + nb, meta["BLOCK"]),),
+        configs=_SUM_CONFIGS,
+        interpret_config=_SUM_INTERPRET,
+        ws_ptr=ws,
+        dw_ptr=dw if dw is not None else ws,
+        db_ptr=db if db is not None else ws,
+        NK=nk,
+        NB=nb,
+        SPLIT=split,
+    )
+
+
 _DZ_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 _DZ_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
@@ -718,10 +734,14 @@ BACKWARD_PATH = os.environ.get("FUSEDMLP_LINEAR_BWD", "auto")
 # relu 0.49 ms dz vs 1.06 ms fused; bf16 8192^3 3.40 vs 4.61 ms; bf16 16384x1024x1024 0.173
 # vs 0.167 ms) and the dz path's extra launches cost host time.
 DZ_PATH_MIN_MACS = {"tf32": 2**30, "16bit": 2**36}
+# The dz path's dW GEMM is the forward kernel, which has no split-K: its [N, K] output must give
+# the GPU enough tiles (1024 x 1024: 256 tiles of 64 x 64). Narrow layers over long batches keep
+# the fused kernels, whose dW reduction splits over M.
+DZ_PATH_MIN_DW_ELEMENTS = 2**20
 
 
 def backward_path(dtype: torch.dtype, precision: str, M: int, N: int, K: int, device) -> str:
-    """ "fused" or "dz" for a backward of these sizes (see the module doc)."""
+    """The backward path, "fused" or "dz", for these sizes (see the module doc)."""
     if dtype == torch.float64 or not (M and N and K):
         return "fused"
     if BACKWARD_PATH in ("fused", "dz"):
@@ -729,6 +749,8 @@ def backward_path(dtype: torch.dtype, precision: str, M: int, N: int, K: int, de
     if device.type != "cuda" or (dtype == torch.float32 and precision != "tf32"):
         return "fused"  # the IEEE fp32 dot is FMA-based: no wgmma operand constraints
     kind = "tf32" if dtype == torch.float32 else "16bit"
+    if N * K < DZ_PATH_MIN_DW_ELEMENTS:
+        return "fused"
     return "dz" if M * N * K >= DZ_PATH_MIN_MACS[kind] else "fused"
 
 
@@ -779,18 +801,7 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
                 WRITE_SUMS=need_db,
             )
         if need_db:
-            launch(
-                _sum_splits_kernel,
-                lambda meta: (cdiv(N, meta["BLOCK"]),),
-                configs=_SUM_CONFIGS,
-                interpret_config=_SUM_INTERPRET,
-                ws_ptr=ws,
-                dw_ptr=db,
-                db_ptr=db,
-                NK=0,
-                NB=N,
-                SPLIT=n_split,
-            )
+            _sum_splits(ws, None, db, 0, N, n_split)
     dz_rows = dz if write_dz else grad_y
     dx = dw = None
     if need_dx:  # dX = dZ @ W = dZ @ (W^T)^T
@@ -934,18 +945,7 @@ def linear_backward(
             DOT_PRECISION=prec,
         )
         if split > 1:
-            launch(
-                _sum_splits_kernel,
-                lambda meta: (cdiv(nk + nb, meta["BLOCK"]),),
-                configs=_SUM_CONFIGS,
-                interpret_config=_SUM_INTERPRET,
-                ws_ptr=ws,
-                dw_ptr=dw if dw is not None else ws,
-                db_ptr=db if db is not None else ws,
-                NK=nk,
-                NB=nb,
-                SPLIT=split,
-            )
+            _sum_splits(ws, dw, db, nk, nb, split)
     return dx, dw, db
 
 

@@ -313,6 +313,7 @@ def test_backward_path_policy():
     assert backward_path(torch.float64, "ieee", *big, cuda) == "fused"
     assert backward_path(torch.bfloat16, "ieee", 8192, 8192, 8192, cuda) == "dz"
     assert backward_path(torch.float16, "ieee", *big, cuda) == "fused"
+    assert backward_path(torch.float32, "tf32", 65536, 128, 128, cuda) == "fused"  # narrow dW
 
 
 # ------------------------------------------------------------------------------------ gradcheck
