@@ -31,8 +31,12 @@ The dropout random stream is exactly ``fusedmlp.kernels.dropout``'s (elementwise
 read on the device) at counter ``(lo32(i // 4), hi32(i // 4), 0, 0)``, kept when
 ``(r >> 8) >= p * 2^24``. So a fused block draws the same mask as the unfused
 ``fusedmlp.nn.Dropout`` given the same seed, and the backward regenerates it. Tiles are
-``[BLOCK_R, BLOCK_Q, 4]`` (rows x quads of columns x 4 lanes): when ``C % 4 == 0`` a quad of
-columns is one Philox call (``ALIGNED``), else each element computes its own.
+``[BLOCK_R, 4 * BLOCK_Q]`` (rows x columns): when ``C % 4 == 0`` each quad of columns is one
+Philox call (``ALIGNED``: computed on a ``[BLOCK_R, BLOCK_Q, 1]`` counter and reshaped), else
+each element computes its own. Per-column vectors (mean, invstd, weight, bias, the backward's
+sums) are loaded at the tile's 2-D shape (each row reads the same addresses: L1 hits), so they
+share the data tile's register layout: loaded as ``[1, C]`` rows they take a layout of their
+own and the compiler moves the whole data tile through shared memory, twice (sm_90 PTX).
 
 Numerics follow the unfused chain: fp32 computation (fp64 for fp64 inputs); the BN output and
 the activation output are rounded to the input dtype before the next step (as the unfused
@@ -69,14 +73,18 @@ def saves_output(activation: str, negative_slope: float) -> bool:
 
 
 @triton.jit
-def _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED: tl.constexpr):
-    """Keep mask of the ``[BLOCK_R, BLOCK_Q, 4]`` tile: r ``[BR, 1, 1]`` (int64), q
-    ``[1, BQ, 1]``, lane ``[1, 1, 4]``; element index ``i = r * C + 4 q + lane``."""
+def _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Keep mask of the ``[BLOCK_R, 4 * BLOCK_Q]`` tile of rows ``r`` (``[BR, 1]`` int64) and
+    columns ``pid_c * 4 * BLOCK_Q + [0, 4 * BLOCK_Q)``: element index ``i = r * C + c``."""
     seed = tl.load(seed_ptr)
     if ALIGNED:  # C % 4 == 0: one Philox call per quad, i // 4 = r * C / 4 + q
-        keep = philox_keep(seed, r * (C // 4) + q, lane, p)
+        q = pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        quad = r[:, :, None] * (C // 4) + q[None, :, None]  # [BR, BQ, 1]
+        keep = philox_keep(seed, quad, tl.arange(0, 4)[None, None, :], p)  # [BR, BQ, 4]
+        keep = tl.reshape(keep, [quad.shape[0], 4 * BLOCK_Q])
     else:
-        i = r * C + q * 4 + lane
+        c = pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+        i = r * C + c[None, :]
         keep = philox_keep(seed, i >> 2, i & 3, p)
     return keep
 
@@ -144,22 +152,23 @@ def _fused_fwd_kernel(
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]
-    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
-    lane = tl.arange(0, 4)[None, None, :]
-    c = q * 4 + lane  # [1, BQ, 4]
+    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    c = (pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q))[None, :]
     cmask = c < C
     mask = (r < R) & cmask
     x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
     if NORM:
-        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-        invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0).to(ACC)
+        # per-column vectors loaded at the tile's shape (L1 hits after the first row): the
+        # same layout as x, where [1, C] loads would move the whole tile through shared memory
+        cb = c + r * 0
+        mean = tl.load(mean_ptr + cb, mask=mask, other=0.0).to(ACC)
+        invstd = tl.load(invstd_ptr + cb, mask=mask, other=1.0).to(ACC)
         if HAS_W:
-            sc = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+            sc = invstd * tl.load(w_ptr + cb, mask=mask, other=0.0).to(ACC)
         else:
             sc = invstd
         if HAS_B:
-            sh = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+            sh = tl.load(b_ptr + cb, mask=mask, other=0.0).to(ACC)
         else:
             sh = tl.zeros_like(sc)
         z = _preact(x, mean, sc, sh, DTYPE)
@@ -168,7 +177,7 @@ def _fused_fwd_kernel(
     a = _activation(z, negative_slope, ACTIVATION)
     if DROPOUT:
         a = a.to(DTYPE).to(ACC)  # the unfused activation output, in the input dtype
-        keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+        keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
         a = a * tl.where(keep, scale, 0.0)
     tl.store(out_ptr + r * soR + c * soC, a.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -206,10 +215,8 @@ def _fused_bwd_elementwise_kernel(
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]
-    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
-    lane = tl.arange(0, 4)[None, None, :]
-    c = q * 4 + lane
+    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    c = (pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q))[None, :]
     mask = (r < R) & (c < C)
     dy = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
     t = tl.load(t_ptr + r * stR + c * stC, mask=mask, other=0.0).to(ACC)
@@ -217,7 +224,7 @@ def _fused_bwd_elementwise_kernel(
         # out > 0 exactly where the element was kept and z > 0: no mask to regenerate
         dz = tl.where(t > 0, dy * scale, 0.0)
     else:
-        keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+        keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
         g = dy * tl.where(keep, scale, 0.0)
         if FROM_OUT:
             a = tl.where(keep, t / tl.where(keep, scale, 1.0), 0.0)
@@ -266,39 +273,39 @@ def _fused_bwd_reduce_kernel(
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
-    lane = tl.arange(0, 4)[None, None, :]
-    c = q * 4 + lane
+    c = (pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q))[None, :]
     cmask = c < C
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-    invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0).to(ACC)
+    cb = c + tl.zeros([BLOCK_R, 1], dtype=tl.int64)  # the tile's shape: see _fused_fwd_kernel
+    cbmask = cb < C
+    mean = tl.load(mean_ptr + cb, mask=cbmask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + cb, mask=cbmask, other=1.0).to(ACC)
     if HAS_W:
-        sc = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+        sc = invstd * tl.load(w_ptr + cb, mask=cbmask, other=0.0).to(ACC)
     else:
         sc = invstd
     if HAS_B:
-        sh = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+        sh = tl.load(b_ptr + cb, mask=cbmask, other=0.0).to(ACC)
     else:
         sh = tl.zeros_like(sc)
     start = pid_s.to(tl.int64) * rows_per_split
     end = tl.minimum(start + rows_per_split, R)
-    a1 = tl.zeros([BLOCK_R, BLOCK_Q, 4], dtype=ACC)
-    a2 = tl.zeros([BLOCK_R, BLOCK_Q, 4], dtype=ACC)
+    a1 = tl.zeros([BLOCK_R, 4 * BLOCK_Q], dtype=ACC)
+    a2 = tl.zeros([BLOCK_R, 4 * BLOCK_Q], dtype=ACC)
     for r0 in range(start, end, BLOCK_R):
-        r = (r0 + tl.arange(0, BLOCK_R))[:, None, None]
+        r = (r0 + tl.arange(0, BLOCK_R))[:, None]
         mask = (r < end) & cmask
         x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
         g = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
         if DROPOUT:
-            keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+            keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
             g = g * tl.where(keep, scale, 0.0)
         z = _preact(x, mean, sc, sh, DTYPE)
         g = tl.where(mask, _act_grad_z(g, z, negative_slope, ACTIVATION), 0.0)
         a1 += g
         a2 += g * (x - mean)
     out = pid_s * C + c
-    tl.store(psum_g_ptr + out, tl.sum(a1, 0)[None, :, :], mask=cmask)
-    tl.store(psum_gxmu_ptr + out, tl.sum(a2, 0)[None, :, :], mask=cmask)
+    tl.store(psum_g_ptr + out, tl.sum(a1, 0)[None, :], mask=cmask)
+    tl.store(psum_gxmu_ptr + out, tl.sum(a2, 0)[None, :], mask=cmask)
 
 
 @triton.jit
@@ -339,32 +346,30 @@ def _fused_bwd_dx_kernel(
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]
-    q = (pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :, None]
-    lane = tl.arange(0, 4)[None, None, :]
-    c = q * 4 + lane
-    cmask = c < C
-    mask = (r < R) & cmask
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-    invstd = tl.load(invstd_ptr + c, mask=cmask, other=1.0).to(ACC)
+    r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+    c = (pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q))[None, :]
+    mask = (r < R) & (c < C)
+    cb = c + r * 0  # per-column vectors at the tile's shape: see _fused_fwd_kernel
+    mean = tl.load(mean_ptr + cb, mask=mask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + cb, mask=mask, other=1.0).to(ACC)
     if HAS_W:
-        sc = invstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+        sc = invstd * tl.load(w_ptr + cb, mask=mask, other=0.0).to(ACC)
     else:
         sc = invstd
     if HAS_B:
-        sh = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+        sh = tl.load(b_ptr + cb, mask=mask, other=0.0).to(ACC)
     else:
         sh = tl.zeros_like(sc)
     x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
     g = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
     if DROPOUT:
-        keep = _tile_keep(seed_ptr, r, q, lane, C, p, ALIGNED)
+        keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
         g = g * tl.where(keep, scale, 0.0)
     z = _preact(x, mean, sc, sh, DTYPE)
     g = _act_grad_z(g, z, negative_slope, ACTIVATION)
     n = R * 1.0
-    b = tl.load(sum_g_ptr + c, mask=cmask, other=0.0) / n
-    k = invstd * invstd * tl.load(sum_gxmu_ptr + c, mask=cmask, other=0.0) / n
+    b = tl.load(sum_g_ptr + cb, mask=mask, other=0.0) / n
+    k = invstd * invstd * tl.load(sum_gxmu_ptr + cb, mask=mask, other=0.0) / n
     dx = (g - b - (x - mean) * k) * sc
     tl.store(dx_ptr + r * sgR + c * sgC, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

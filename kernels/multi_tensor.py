@@ -158,7 +158,11 @@ def tables(arrays: list[list[torch.Tensor]], chunk: int):
     device = arrays[0][0].device
     ptrs = tuple(t.data_ptr() for lst in arrays for t in lst)
     sizes = tuple(t.numel() for t in arrays[0])
-    addrs = cached(_ADDR_CACHE, (device, ptrs), lambda: to_device(list(ptrs), device))
+    addrs, aligned = cached(
+        _ADDR_CACHE,
+        (device, ptrs),
+        lambda: (to_device(list(ptrs), device), all(p % 16 == 0 for p in ptrs)),
+    )
 
     def build_meta():
         counts = [(s + chunk - 1) // chunk for s in sizes]
@@ -170,7 +174,6 @@ def tables(arrays: list[list[torch.Tensor]], chunk: int):
         return to_device(list(sizes) + firsts + owner, device), total
 
     meta, n_chunks = cached(_META_CACHE, (device, sizes, chunk), build_meta)
-    aligned = all(p % 16 == 0 for p in ptrs)
     return addrs, meta, n_chunks, aligned
 
 
@@ -190,8 +193,21 @@ def _dense(t: torch.Tensor) -> bool:
 def prepare(arrays: list[list[torch.Tensor]], mutated: list[bool]):
     """Make every tensor index walkable as one flat run: all K arrays of tensor i must be
     dense with identical strides. Otherwise contiguous copies stand in (copied back after
-    the step for the mutated arrays). Returns (arrays, writebacks) and drops empty tensors."""
-    n = len(arrays[0])
+    the step for the mutated arrays). Returns (arrays, writebacks) and drops empty tensors.
+
+    ``check`` ran first (same shapes across the arrays). The common case (every tensor dense
+    and each index's K strides equal) is decided with one list of strides per array, no
+    per-tensor Python beyond that; only the rest goes tensor by tensor.
+    """
+    params = arrays[0]
+    strides = [t.stride() for t in params]
+    if (
+        all(t.is_contiguous() for t in params)
+        and all([t.stride() for t in lst] == strides for lst in arrays[1:])
+        and all(t.numel() for t in params)
+    ):
+        return arrays, []  # contiguous params, and every array with the params' strides
+    n = len(params)
     out = [[] for _ in arrays]
     writebacks = []
     for i in range(n):
@@ -212,18 +228,29 @@ def prepare(arrays: list[list[torch.Tensor]], mutated: list[bool]):
 
 
 def check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
-    """Same length, device, dtype and shape across the K arrays (raised before any launch)."""
+    """Same length, device, dtype and shape across the K arrays (raised before any launch).
+
+    One list of shapes, one set of dtypes and one of devices per array; the per-tensor walk that
+    names the offending tensor runs only when those differ.
+    """
     ref = arrays[0]
     if not ref:
         return
     dtype, device = ref[0].dtype, ref[0].device
     if dtype not in _SUPPORTED:
         raise TypeError(f"fused optimizer step: params must be fp32, fp16 or bf16, got {dtype}")
+    shapes = [t.size() for t in ref]
     for name, lst in zip(names, arrays):
         if len(lst) != len(ref):
             raise ValueError(
                 f"fused optimizer step: {name} has {len(lst)} tensors, expected {len(ref)}"
             )
+        if (
+            {t.dtype for t in lst} == {dtype}
+            and {t.device for t in lst} == {device}
+            and [t.size() for t in lst] == shapes
+        ):
+            continue
         for p, t in zip(ref, lst):
             if t.dtype != dtype or t.device != device or t.shape != p.shape:
                 raise ValueError(
