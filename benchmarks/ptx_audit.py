@@ -1,7 +1,9 @@
 """Static audit of the kernels' sm_90 code on a machine without a GPU.
 
-    python benchmarks/ptx_audit.py                 (this environment's triton)
-    PYTHONPATH=.triton36 python benchmarks/ptx_audit.py     (triton 3.6, the GPU machines')
+    python benchmarks/ptx_audit.py [--triton DIR]
+
+``--triton DIR``: compile with the triton installed in DIR (``pip install --target``, e.g. CI's
+``.triton36``, the GPU machines' release); the ops always run under this environment's triton.
 
 Runs a small set of ops under Triton's interpreter (batch norm, dropout, cross-entropy in fp32
 and bf16, an MLP training step with Adam), then compiles the first GPU configuration of every
@@ -110,15 +112,21 @@ def audit(path: str) -> None:
         )
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
     import tempfile
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--triton", metavar="DIR", help="compile with the triton in DIR")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "jobs.pkl")
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         run = [sys.executable, __file__, "--collect", path]
         subprocess.run(run, check=True, env=env, cwd=ROOT)
         env.pop("TRITON_INTERPRET")
+        if args.triton:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.triton, env.get("PYTHONPATH")]))
         subprocess.run([sys.executable, __file__, "--audit", path], check=True, env=env, cwd=ROOT)
     return 0
 
