@@ -5,8 +5,8 @@
 ``--triton DIR``: compile with the triton installed in DIR (``pip install --target``, e.g. CI's
 ``.triton36``, the GPU machines' release); the ops always run under this environment's triton.
 
-Runs a small set of ops under Triton's interpreter (batch norm, dropout, cross-entropy in fp32
-and bf16, an MLP training step with Adam), then compiles the first GPU configuration of every
+Runs a small set of ops under Triton's interpreter (batch norm, dropout, cross-entropy and the
+linear backward's dz path in fp32 and bf16, an MLP training step with Adam), then compiles the first GPU configuration of every
 kernel it launched for sm_90, with the JIT's argument specialisation (``tests/sm90_worker.py``),
 and prints per kernel what the generated code does that costs bandwidth or time:
 
@@ -54,6 +54,14 @@ def collect(path: str) -> None:
         FF.dropout(x, 0.3, True).sum().backward()
         logits = torch.randn(16, 40, dtype=dt, requires_grad=True)
         FF.cross_entropy(logits, torch.randint(0, 40, (16,))).backward()
+    from fusedmlp.kernels import linear as KL
+
+    KL.BACKWARD_PATH = "dz"  # the linear backward's dz path too (a GPU takes it for big GEMMs)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(64, 32, dtype=dt, requires_grad=True)
+        w = torch.randn(48, 32, dtype=dt, requires_grad=True)
+        FF.linear(x, w, torch.randn(48, dtype=dt, requires_grad=True), "relu").sum().backward()
+    KL.BACKWARD_PATH = "auto"
     model = fnn.MLP(32, [32, 32], 10, activation="relu", batchnorm=True, dropout=0.1)
     opt = fo.Adam(model.parameters())
     FF.cross_entropy(model(torch.randn(64, 32)), torch.randint(0, 10, (64,))).backward()
