@@ -163,6 +163,8 @@ def main() -> None:
                 O.build_optimizer(impl, dev, "adam", 50_000_000 // S**3, 100),
             )
             row("ops", f"sgd 50M/100 {impl}", O.build_optimizer(impl, dev, "sgd", 50_000_000 // S**3, 100))  # fmt: skip
+            # issue 7's small-tensor case: 1,000 tensors of 1,000 elements (host-bound)
+            row("ops", f"adam 1M/1000 {impl}", O.build_optimizer(impl, dev, "adam", 1_000_000, 1000))  # fmt: skip
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 

@@ -102,7 +102,11 @@ def test_bn_block_p0_equals_torch_chain(backend, launches, n, c, act):
         assert launches.total == 0
 
 
-@pytest.mark.parametrize("n, c, act", [(9, 13, "relu"), (16, 8, "silu"), (5, 7, None)])
+@pytest.mark.parametrize(
+    "n, c, act",
+    # c = 36, 37: three column blocks of the interpreter's 16-column tile (aligned and not)
+    [(9, 13, "relu"), (16, 8, "silu"), (5, 7, None), (20, 36, "relu"), (11, 37, "tanh")],
+)
 def test_bn_block_dropout_equals_unfused_fusedmlp_chain(triton_backend, launches, n, c, act):
     p = 0.4
     fused = _bn_block(6, c, act, p)
