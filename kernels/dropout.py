@@ -46,13 +46,9 @@ INTERPRET_CONFIG = triton.Config({"BLOCK": 4096}, num_warps=4)
 
 
 @triton.jit
-def philox_keep(seed, counter, lane, p):
-    """The keep decision of the random stream above (shared with ``fused_block``'s kernels).
-
-    Word ``lane`` (0..3) of Philox4x32-10 (Random123) keyed by the int64 ``seed`` at counter
-    ``(lo32(counter), hi32(counter), 0, 0)`` (``counter`` int64), kept when its top 24 bits
-    ``r >> 8 >= p * 2^24``. ``counter`` and ``lane`` broadcast against each other.
-    """
+def philox_words(seed, counter):
+    """The four words of Philox4x32-10 (Random123) keyed by the int64 ``seed`` at counter
+    ``(lo32(counter), hi32(counter), 0, 0)`` (``counter`` int64, any shape)."""
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
@@ -68,7 +64,22 @@ def philox_keep(seed, counter, lane, p):
         c3 = a0 * 0xD2511F53
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    r = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_word(seed, counter, lane):
+    """Word ``lane`` (0..3) of ``philox_words(seed, counter)``; ``counter`` and ``lane``
+    broadcast against each other."""
+    c0, c1, c2, c3 = philox_words(seed, counter)
+    return tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+
+
+@triton.jit
+def philox_keep(seed, counter, lane, p):
+    """The keep decision of the random stream above (shared with ``fused_block``'s kernels):
+    ``philox_word(seed, counter, lane)`` kept when its top 24 bits ``r >> 8 >= p * 2^24``."""
+    r = philox_word(seed, counter, lane)
     return (r >> 8).to(tl.float32) >= p * 16777216.0
 
 

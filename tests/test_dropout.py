@@ -91,37 +91,19 @@ def test_reference_philox_known_answers(key, counter, expected):
 
 @triton.jit
 def _words_kernel(seed_ptr, group_ptr, out_ptr, N: tl.constexpr):
-    # The kernel's CHANNEL-branch Philox and word selection, verbatim.
+    # The kernels' own Philox word of each element group (elementwise: group = element).
     offs = tl.arange(0, N)
-    seed = tl.load(seed_ptr)
     group = tl.load(group_ptr + offs)
-    quad = group // 4
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = (quad & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (quad >> 32).to(tl.uint32)
-    c2 = c0 * 0
-    c3 = c0 * 0
-    for _ in tl.static_range(10):
-        a0 = c0
-        a2 = c2
-        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    lane = group % 4
-    r = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    r = K.philox_word(tl.load(seed_ptr), group // 4, group % 4)
     tl.store(out_ptr + offs, r.to(tl.int64))
 
 
 def test_philox_word_64bit_counters_match_reference():
     """Group indices beyond 2^32 and 2^34 (tensors beyond 2^31 elements) neither wrap nor repeat.
 
-    Checks the kernel's Philox and counter construction (copied in ``_words_kernel``: a nested
-    jit helper shared with the kernel would not compile in the sm_90 test) at indices no test
-    tensor reaches; ``test_kernel_stream_matches_reference`` checks the kernel itself.
+    Checks the kernels' Philox helper (``philox_word``, which ``philox_keep`` reads) at
+    indices no test tensor reaches; ``test_kernel_stream_matches_reference`` checks the kernel
+    itself.
     """
     seed = (0x1234_5678 << 32) | 0x9ABC_DEF0
     groups = np.array(
