@@ -424,3 +424,20 @@ def test_convert_produces_fused_blocks(launches, inplace):
     conv.eval()
     with fusedmlp.use_backend("triton"):
         assert_close(conv(x), twin(x))
+
+
+@pytest.mark.parametrize("block", ["batchnorm", "bn_block"])
+def test_backward_materializes_no_zero_gradients(triton_backend, block):
+    """The batch mean and variance outputs are non-differentiable: their gradients are never
+    materialized as zero tensors (one allocation and fill each per backward otherwise)."""
+    if block == "batchnorm":
+        mod = BatchNorm1d(8).to(DEVICE)
+    else:
+        mod = _bn_block(8, 8, "relu", 0.2)
+    x = torch.randn(16, 8, device=DEVICE, requires_grad=True)
+    y = mod(x).sum()
+    with torch.profiler.profile() as prof:
+        y.backward()
+    names = [e.name for e in prof.events()]
+    assert "aten::zeros" not in names and "aten::zero_" not in names, names
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
