@@ -335,17 +335,23 @@ def _fused(lists, hp, device_step, amp):
         return
     groups: dict = {}
     # Host-side step counters (torch.optim's default): reading them never syncs. One stacked
-    # read instead of a float() per tensor (~2-5 us each on the host).
+    # read instead of a float() per tensor (~2-5 us each on the host); all counters incremented
+    # up front, as torch's foreach Adam does, by one shared 0-d tensor: a Python scalar costs
+    # _foreach_add_ a conversion per tensor (1.26 ms against 0.33 ms for 1,000 counters).
     steps = lists[5]
-    single = steps and len({(s.dtype, s.device, s.dim()) for s in steps}) == 1
-    values = torch.stack(steps).tolist() if single else [float(s) for s in steps]
+    if steps and len({(s.dtype, s.device, s.dim()) for s in steps}) == 1:
+        values = torch.stack(steps).tolist()
+        one = torch.ones((), dtype=steps[0].dtype, device=steps[0].device)
+        torch._foreach_add_(steps, [one] * len(steps))
+    else:
+        values = [float(s) for s in steps]
+        torch._foreach_add_(steps, 1)
     for i, (p, step) in enumerate(zip(lists[0], values)):
         groups.setdefault((p.device, p.dtype, step), []).append(i)
     scalars, flags = _hyper(hp)
     beta1, beta2, lr = hp["beta1"], hp["beta2"], hp["lr"]
     for (_, _, step), idx in groups.items():
-        *tensors, steps = _select(idx, lists, hp["amsgrad"])
-        torch._foreach_add_(steps, 1)
+        tensors = _select(idx, lists, hp["amsgrad"])[:5]
         t = step + 1.0
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t
