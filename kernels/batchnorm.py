@@ -11,7 +11,8 @@ Parameters (weight, bias) and running statistics may be fp32 with fp16/bf16 inpu
 
 Kernels (launches per call, training, everything tracked):
     forward   ``_bn_stats_partial_kernel`` -> ``_bn_stats_final_kernel`` -> ``_bn_forward_kernel``
-              (+ ``_bn_update_running_kernel``, a separate in-place op)
+              (+ ``_bn_update_running_kernel``, a separate in-place op); with a single split
+              (small batches) the partial kernel writes the final statistics itself
     backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_final_kernel`` -> ``_bn_backward_dx_kernel``
 Eval mode (running statistics) is one forward launch; its backward is one launch for dx
 (plus the two reduction launches only when weight/bias need gradients).
@@ -55,6 +56,7 @@ def _bn_stats_partial_kernel(
     x_ptr,
     pmean_ptr,
     pm2_ptr,
+    var_ptr,
     R,
     C,
     S,
@@ -64,6 +66,8 @@ def _bn_stats_partial_kernel(
     sxH,
     sxW,
     rows_per_split,
+    eps,
+    FINAL: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -73,6 +77,9 @@ def _bn_stats_partial_kernel(
     Shifted sums: ``K`` = the split's first row, ``S1 = sum(x - K)``, ``S2 = sum((x - K)^2)``
     accumulated element-wise in ``[BLOCK_C, BLOCK_R]`` registers, reduced once at the end;
     ``mean = K + S1 / n``, ``M2 = S2 - S1^2 / n``. x: any strides; pmean, pm2: ``[n_split, C]``.
+    ``FINAL`` (one split: these are all the rows): the final statistics instead, as
+    ``_bn_stats_final_kernel`` writes them: mean to pmean, invstd to pm2, the unbiased variance
+    to var (``[C]`` each), without the merge launch.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_c = tl.program_id(0)
@@ -105,10 +112,29 @@ def _bn_stats_partial_kernel(
     t1 = tl.sum(s1, 1)
     t2 = tl.sum(s2, 1)
     mean = shift + t1 / n
-    m2 = tl.maximum(t2 - t1 * (t1 / n), 0.0)
-    out = pid_s * C + c
-    tl.store(pmean_ptr + out, mean, mask=cmask)
-    tl.store(pm2_ptr + out, m2, mask=cmask)
+    m2 = t2 - t1 * (t1 / n)
+    # rounding below 0 clamps to 0; a NaN (an infinite x: inf - inf) stays NaN, as torch's
+    # statistics (tl.maximum would return the 0)
+    m2 = tl.where(m2 < 0.0, 0.0, m2)
+    if FINAL:
+        tl.store(pmean_ptr + c, mean, mask=cmask)
+        tl.store(pm2_ptr + c, _invstd(m2, R, eps, FP64, BLOCK_C), mask=cmask)
+        tl.store(var_ptr + c, m2 / (R * 1.0 - 1.0), mask=cmask)
+    else:
+        out = pid_s * C + c
+        tl.store(pmean_ptr + out, mean, mask=cmask)
+        tl.store(pm2_ptr + out, m2, mask=cmask)
+
+
+@triton.jit
+def _invstd(m2, R, eps, FP64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``1 / sqrt(M2 / R + eps)``, correctly rounded in fp32 (torch's CUDA batch norm)."""
+    v = m2 / (R * 1.0) + eps
+    if FP64:
+        invstd = 1.0 / tl.sqrt(v)
+    else:
+        invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), tl.sqrt_rn(v))
+    return invstd
 
 
 @triton.jit
@@ -159,15 +185,9 @@ def _bn_stats_final_kernel(
         mean = mean + delta * frac
         m2 = m2 + m2_b + delta * delta * n_a * frac
         n_a = n_ab
-    n = R * 1.0
-    v = m2 / n + eps
-    if FP64:
-        invstd = 1.0 / tl.sqrt(v)
-    else:
-        invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(v))
     tl.store(mean_ptr + c, mean, mask=cmask)
-    tl.store(invstd_ptr + c, invstd, mask=cmask)
-    tl.store(var_ptr + c, m2 / (n - 1.0), mask=cmask)
+    tl.store(invstd_ptr + c, _invstd(m2, R, eps, FP64, BLOCK_C), mask=cmask)
+    tl.store(var_ptr + c, m2 / (R * 1.0 - 1.0), mask=cmask)
 
 
 @triton.jit
@@ -552,13 +572,17 @@ def batch_norm_stats(
 
     Returns ``(mean, invstd, var)``, each ``[C]`` in the acc type: ``invstd = 1 / sqrt(biased
     var + eps)`` and ``var`` the unbiased variance (for the running estimate). Two launches:
-    the split partials, then their merge.
+    the split partials, then their merge; one when a single split holds every row.
     """
     R, C, S, W = _geometry(x)
     acc = _acc_dtype(x)
     n_split, rows = _splits(R, C, x.device)
-    pmean = torch.empty((n_split, C), device=x.device, dtype=acc)
-    pm2 = torch.empty((n_split, C), device=x.device, dtype=acc)
+    mean = torch.empty(C, device=x.device, dtype=acc)
+    invstd = torch.empty(C, device=x.device, dtype=acc)
+    var = torch.empty(C, device=x.device, dtype=acc)
+    final = n_split == 1  # one split holds every row: final statistics, no merge launch
+    pmean = mean if final else torch.empty((n_split, C), device=x.device, dtype=acc)
+    pm2 = invstd if final else torch.empty((n_split, C), device=x.device, dtype=acc)
     launch(
         _bn_stats_partial_kernel,
         lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
@@ -568,17 +592,19 @@ def batch_norm_stats(
         x_ptr=x,
         pmean_ptr=pmean,
         pm2_ptr=pm2,
+        var_ptr=var,
         R=R,
         C=C,
         S=S,
         W=W,
         **_strides(x, "x"),
         rows_per_split=rows,
+        eps=float(eps),
+        FINAL=final,
         FP64=acc == torch.float64,
     )
-    mean = torch.empty(C, device=x.device, dtype=acc)
-    invstd = torch.empty(C, device=x.device, dtype=acc)
-    var = torch.empty(C, device=x.device, dtype=acc)
+    if final:
+        return mean, invstd, var
     launch(
         _bn_stats_final_kernel,
         lambda meta: (cdiv(C, meta["BLOCK_C"]),),
