@@ -14,6 +14,7 @@ Kernels (launches per call, training, everything tracked):
               (+ ``_bn_update_running_kernel``, a separate in-place op); with a single split
               (small batches) the partial kernel writes the final statistics itself
     backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_final_kernel`` -> ``_bn_backward_dx_kernel``
+              (with a single split, the reduction writes the merged sums and dweight/dbias)
 Eval mode (running statistics) is one forward launch; its backward is one launch for dx
 (plus the two reduction launches only when weight/bias need gradients).
 
@@ -306,6 +307,9 @@ def _bn_backward_reduce_kernel(
     mean_ptr,
     psum_dy_ptr,
     psum_dyxmu_ptr,
+    stat_ptr,
+    dw_ptr,
+    db_ptr,
     R,
     C,
     S,
@@ -319,12 +323,19 @@ def _bn_backward_reduce_kernel(
     sdH,
     sdW,
     rows_per_split,
+    eps,
+    FINAL: tl.constexpr,
+    STAT_IS_VAR: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     """Pass 1 of the backward: per split, ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel,
     accumulated element-wise and reduced once. psum_*: ``[n_split, C]``, acc type.
+    ``FINAL`` (one split): the merged sums ``[C]`` into psum_* and dweight/dbias, as
+    ``_bn_backward_final_kernel`` writes them, without its launch.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_c = tl.program_id(0)
@@ -354,9 +365,15 @@ def _bn_backward_reduce_kernel(
         x = x_next
         dy = dy_next
         mask = mask_next
-    out = pid_s * C + c
-    tl.store(psum_dy_ptr + out, tl.sum(a1, 1), mask=cmask)
-    tl.store(psum_dyxmu_ptr + out, tl.sum(a2, 1), mask=cmask)
+    if FINAL:
+        _store_grad_sums(
+            tl.sum(a1, 1), tl.sum(a2, 1), c, cmask, stat_ptr, psum_dy_ptr, psum_dyxmu_ptr,
+            dw_ptr, db_ptr, eps, STAT_IS_VAR, HAS_DW, HAS_DB, FP64,
+        )  # fmt: skip
+    else:
+        out = pid_s * C + c
+        tl.store(psum_dy_ptr + out, tl.sum(a1, 1), mask=cmask)
+        tl.store(psum_dyxmu_ptr + out, tl.sum(a2, 1), mask=cmask)
 
 
 @triton.jit
@@ -392,17 +409,30 @@ def _bn_backward_final_kernel(
         off = s[:, None] * C + c[None, :]
         a1 += tl.load(psum_dy_ptr + off, mask=mask, other=0.0)
         a2 += tl.load(psum_dyxmu_ptr + off, mask=mask, other=0.0)
-    sum_dy = tl.sum(a1, 0)
-    sum_dyxmu = tl.sum(a2, 0)
+    _store_grad_sums(
+        tl.sum(a1, 0), tl.sum(a2, 0), c, cmask, stat_ptr, sum_dy_ptr, sum_dyxmu_ptr, dw_ptr,
+        db_ptr, eps, STAT_IS_VAR, HAS_DW, HAS_DB, FP64,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_grad_sums(
+    sum_dy, sum_dyxmu, c, cmask, stat_ptr, sum_dy_ptr, sum_dyxmu_ptr, dw_ptr, db_ptr, eps,
+    STAT_IS_VAR: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """The backward's merged sums of channels ``c`` (1-D): stored for the dx pass, and
+    ``dweight = sum_dyxmu * invstd``, ``dbias = sum_dy`` in the parameters' dtype."""
     tl.store(sum_dy_ptr + c, sum_dy, mask=cmask)
     tl.store(sum_dyxmu_ptr + c, sum_dyxmu, mask=cmask)
     if HAS_DW:
-        stat = tl.load(stat_ptr + c, mask=cmask, other=1.0).to(ACC)
+        stat = tl.load(stat_ptr + c, mask=cmask, other=1.0).to(sum_dy.dtype)
         if STAT_IS_VAR:
             if FP64:
                 invstd = 1.0 / tl.sqrt(stat + eps)
             else:
-                invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(stat + eps))
+                invstd = tl.math.div_rn(
+                    tl.full(stat.shape, 1.0, tl.float32), tl.sqrt_rn(stat + eps)
+                )
         else:
             invstd = stat
         tl.store(dw_ptr + c, (sum_dyxmu * invstd).to(dw_ptr.dtype.element_ty), mask=cmask)
@@ -752,8 +782,26 @@ def batch_norm_backward(
     with on_device(x):
         if training or need_dweight or need_dbias:
             n_split, rows = _splits(R, C, x.device)
-            psum_dy = torch.empty((n_split, C), device=x.device, dtype=acc)
-            psum_dyxmu = torch.empty((n_split, C), device=x.device, dtype=acc)
+            final = n_split == 1  # one split: the reduction writes the merged sums itself
+            sum_dy = torch.empty(C, device=x.device, dtype=acc)
+            sum_dyxmu = torch.empty(C, device=x.device, dtype=acc)
+            pdtype = weight.dtype if weight is not None else acc
+            dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
+            db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
+            psum_dy = sum_dy if final else torch.empty((n_split, C), device=x.device, dtype=acc)
+            psum_dyxmu = (
+                sum_dyxmu if final else torch.empty((n_split, C), device=x.device, dtype=acc)
+            )
+            grads = dict(
+                stat_ptr=stat,
+                dw_ptr=dw if dw is not None else sum_dy,
+                db_ptr=db if db is not None else sum_dy,
+                eps=float(eps),
+                STAT_IS_VAR=not training,
+                HAS_DW=dw is not None,
+                HAS_DB=db is not None,
+                FP64=acc == torch.float64,
+            )
             launch(
                 _bn_backward_reduce_kernel,
                 lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
@@ -772,33 +820,23 @@ def batch_norm_backward(
                 **_strides(x, "x"),
                 **_strides(dy, "d"),
                 rows_per_split=rows,
-                FP64=acc == torch.float64,
+                FINAL=final,
+                **grads,
             )
-            sum_dy = torch.empty(C, device=x.device, dtype=acc)
-            sum_dyxmu = torch.empty(C, device=x.device, dtype=acc)
-            pdtype = weight.dtype if weight is not None else acc
-            dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
-            db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
-            launch(
-                _bn_backward_final_kernel,
-                lambda meta: (cdiv(C, meta["BLOCK_C"]),),
-                configs=_FINAL_CONFIGS,
-                interpret_config=_INTERPRET_FINAL,
-                psum_dy_ptr=psum_dy,
-                psum_dyxmu_ptr=psum_dyxmu,
-                stat_ptr=stat,
-                sum_dy_ptr=sum_dy,
-                sum_dyxmu_ptr=sum_dyxmu,
-                dw_ptr=dw if dw is not None else sum_dy,
-                db_ptr=db if db is not None else sum_dy,
-                C=C,
-                n_split=n_split,
-                eps=float(eps),
-                STAT_IS_VAR=not training,
-                HAS_DW=dw is not None,
-                HAS_DB=db is not None,
-                FP64=acc == torch.float64,
-            )
+            if not final:
+                launch(
+                    _bn_backward_final_kernel,
+                    lambda meta: (cdiv(C, meta["BLOCK_C"]),),
+                    configs=_FINAL_CONFIGS,
+                    interpret_config=_INTERPRET_FINAL,
+                    psum_dy_ptr=psum_dy,
+                    psum_dyxmu_ptr=psum_dyxmu,
+                    sum_dy_ptr=sum_dy,
+                    sum_dyxmu_ptr=sum_dyxmu,
+                    C=C,
+                    n_split=n_split,
+                    **grads,
+                )
         if need_dx:
             dx = torch.empty_like(x)
             launch(

@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from . import batchnorm as BN
+from .batchnorm import _store_grad_sums
 from .dropout import philox_keep
 from .launch import cdiv, launch, on_device, row_splits
 from .linear import _activation, _activation_grad
@@ -245,6 +246,8 @@ def _fused_bwd_reduce_kernel(
     seed_ptr,
     psum_g_ptr,
     psum_gxmu_ptr,
+    dw_ptr,
+    db_ptr,
     R,
     C,
     sxR,
@@ -255,6 +258,9 @@ def _fused_bwd_reduce_kernel(
     p,
     scale,
     negative_slope,
+    FINAL: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -268,6 +274,8 @@ def _fused_bwd_reduce_kernel(
     ``sum(g)`` and ``sum(g * (x - mean))`` over the split's rows, where
     ``g = dout * keep * scale * act'(z)`` and ``z`` is recomputed from x. psum_*: ``[n_split, C]``
     in the acc type; accumulated element-wise in registers, reduced once at the end.
+    ``FINAL`` (one split): the merged sums ``[C]`` into psum_* and dweight/dbias, as batch
+    norm's final kernel writes them, without its launch.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -303,9 +311,16 @@ def _fused_bwd_reduce_kernel(
         g = tl.where(mask, _act_grad_z(g, z, negative_slope, ACTIVATION), 0.0)
         a1 += g
         a2 += g * (x - mean)
-    out = pid_s * C + c
-    tl.store(psum_g_ptr + out, tl.sum(a1, 0)[None, :], mask=cmask)
-    tl.store(psum_gxmu_ptr + out, tl.sum(a2, 0)[None, :], mask=cmask)
+    if FINAL:
+        c1 = pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+        _store_grad_sums(
+            tl.sum(a1, 0), tl.sum(a2, 0), c1, c1 < C, invstd_ptr, psum_g_ptr, psum_gxmu_ptr,
+            dw_ptr, db_ptr, 0.0, False, HAS_DW, HAS_DB, FP64,
+        )  # fmt: skip
+    else:
+        out = pid_s * C + c
+        tl.store(psum_g_ptr + out, tl.sum(a1, 0)[None, :], mask=cmask)
+        tl.store(psum_gxmu_ptr + out, tl.sum(a2, 0)[None, :], mask=cmask)
 
 
 @triton.jit
@@ -588,7 +603,7 @@ def bn_act_dropout_backward(
     dy, x: ``[R, C]``, any strides; weight/bias: the BN parameters or None; mean/invstd: the
     forward's ``[C]`` statistics; seed: the forward's dropout seed or None. The gradient of the
     BN output, ``g = dy * keep * scale * act'(z)``, is recomputed from x in both passes (never
-    stored). Launches: split reduction, its merge, then dx. Returns ``(dx, dweight, dbias)``
+    stored). Launches: split reduction, its merge (not with a single split), then dx. Returns ``(dx, dweight, dbias)``
     (None where not asked for): dx contiguous in x's dtype, dweight/dbias in weight's dtype.
     """
     _check(x, seed, activation)
@@ -618,8 +633,19 @@ def bn_act_dropout_backward(
     )
     with on_device(x):
         n_split, rows = _splits(R, C, x.device)
-        psum_g = torch.empty((n_split, C), device=x.device, dtype=acc)
-        psum_gxmu = torch.empty((n_split, C), device=x.device, dtype=acc)
+        final = n_split == 1  # one split: the reduction writes the merged sums itself
+        sum_g = torch.empty(C, device=x.device, dtype=acc)
+        sum_gxmu = torch.empty(C, device=x.device, dtype=acc)
+        dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
+        db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
+        psum_g = sum_g if final else torch.empty((n_split, C), device=x.device, dtype=acc)
+        psum_gxmu = sum_gxmu if final else torch.empty((n_split, C), device=x.device, dtype=acc)
+        grads = dict(
+            dw_ptr=dw if dw is not None else sum_g,
+            db_ptr=db if db is not None else sum_g,
+            HAS_DW=dw is not None,
+            HAS_DB=db is not None,
+        )
         launch(
             _fused_bwd_reduce_kernel,
             lambda meta: (cdiv(C, 4 * meta["BLOCK_Q"]), n_split),
@@ -637,34 +663,30 @@ def bn_act_dropout_backward(
             sdR=dy.stride(0),
             sdC=dy.stride(1),
             rows_per_split=rows,
+            FINAL=final,
+            **grads,
             **ptrs,
             **common,
         )
-        sum_g = torch.empty(C, device=x.device, dtype=acc)
-        sum_gxmu = torch.empty(C, device=x.device, dtype=acc)
-        dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
-        db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
-        # The splits merge exactly as batch norm's backward merges its own (fixed order).
-        launch(
-            BN._bn_backward_final_kernel,
-            lambda meta: (cdiv(C, meta["BLOCK_C"]),),
-            configs=BN._FINAL_CONFIGS,
-            interpret_config=BN._INTERPRET_FINAL,
-            psum_dy_ptr=psum_g,
-            psum_dyxmu_ptr=psum_gxmu,
-            stat_ptr=invstd,
-            sum_dy_ptr=sum_g,
-            sum_dyxmu_ptr=sum_gxmu,
-            dw_ptr=dw if dw is not None else sum_g,
-            db_ptr=db if db is not None else sum_g,
-            C=C,
-            n_split=n_split,
-            eps=0.0,
-            STAT_IS_VAR=False,
-            HAS_DW=dw is not None,
-            HAS_DB=db is not None,
-            FP64=acc == torch.float64,
-        )
+        if not final:
+            # The splits merge exactly as batch norm's backward merges its own (fixed order).
+            launch(
+                BN._bn_backward_final_kernel,
+                lambda meta: (cdiv(C, meta["BLOCK_C"]),),
+                configs=BN._FINAL_CONFIGS,
+                interpret_config=BN._INTERPRET_FINAL,
+                psum_dy_ptr=psum_g,
+                psum_dyxmu_ptr=psum_gxmu,
+                stat_ptr=invstd,
+                sum_dy_ptr=sum_g,
+                sum_dyxmu_ptr=sum_gxmu,
+                C=C,
+                n_split=n_split,
+                eps=0.0,
+                STAT_IS_VAR=False,
+                FP64=acc == torch.float64,
+                **grads,
+            )
         dx = None
         if need_dx:
             dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
