@@ -130,41 +130,22 @@ def main() -> None:
             build = O.build_mlp_step(impl, dev, 64, 256 // S)
             row("step", f"mlp step w256 B64 tf32 {impl}", build, wall=True, context=tf32)
     if "ops" in sections:
-        bf16 = torch.bfloat16
+        bf16, rows, cols, big = torch.bfloat16, 65536 // S, 1024 // S, 50_000_000 // S**3
         for impl in ("fusedmlp", "torch"):
-            row(
-                "ops",
-                f"dropout fwd 64Mi bf16 {impl}",
-                O.build_dropout(impl, dev, bf16, 65536 // S, 1024 // S, False),
-            )
-            row(
-                "ops",
-                f"dropout bwd 64Mi bf16 {impl}",
-                O.build_dropout(impl, dev, bf16, 65536 // S, 1024 // S, True),
-            )
-            row(
-                "ops",
-                f"batchnorm fwd 64Kx1024 bf16 {impl}",
-                O.build_batchnorm(impl, dev, bf16, 65536 // S, 1024 // S, False),
-            )
-            row(
-                "ops",
-                f"batchnorm bwd 64Kx1024 bf16 {impl}",
-                O.build_batchnorm(impl, dev, bf16, 65536 // S, 1024 // S, True),
-            )
-            row(
-                "ops",
-                f"cross_entropy 16Kx32K bf16 {impl}",
-                O.build_cross_entropy(impl, dev, bf16, 16384 // S, 32768 // S),
-            )
-            row(
-                "ops",
-                f"adam 50M/100 {impl}",
-                O.build_optimizer(impl, dev, "adam", 50_000_000 // S**3, 100),
-            )
-            row("ops", f"sgd 50M/100 {impl}", O.build_optimizer(impl, dev, "sgd", 50_000_000 // S**3, 100))  # fmt: skip
-            # issue 7's small-tensor case: 1,000 tensors of 1,000 elements (host-bound)
-            row("ops", f"adam 1M/1000 {impl}", O.build_optimizer(impl, dev, "adam", 1_000_000, 1000))  # fmt: skip
+            cases = [
+                ("dropout fwd 64Mi bf16", O.build_dropout(impl, dev, bf16, rows, cols, False)),
+                ("dropout bwd 64Mi bf16", O.build_dropout(impl, dev, bf16, rows, cols, True)),
+                ("batchnorm fwd 64Kx1024 bf16", O.build_batchnorm(impl, dev, bf16, rows, cols, False)),
+                ("batchnorm bwd 64Kx1024 bf16", O.build_batchnorm(impl, dev, bf16, rows, cols, True)),
+                ("cross_entropy 16Kx32K bf16",
+                 O.build_cross_entropy(impl, dev, bf16, 16384 // S, 32768 // S)),
+                ("adam 50M/100", O.build_optimizer(impl, dev, "adam", big, 100)),
+                ("sgd 50M/100", O.build_optimizer(impl, dev, "sgd", big, 100)),
+                # issue 7's small-tensor case: 1,000 tensors of 1,000 elements (host-bound)
+                ("adam 1M/1000", O.build_optimizer(impl, dev, "adam", 1_000_000, 1000)),
+            ]  # fmt: skip
+            for name, build in cases:
+                row("ops", f"{name} {impl}", build)
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
