@@ -11,7 +11,7 @@
 #   4. int64:    dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
 #   5. profile:  benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
 #                times of the MLP training step, and the host cost of one launch, under profile/
-#   6. kernel_times: benchmarks/kernel_times.py (step, ops): kernel-only vs event time per case
+#   6. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time
 #   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
 #   8. verify:   fusedmlp verify with what is left of the budget (tolerated missing)
 # Everything is logged under OUTDIR (<step>.log, summary.txt). The script goes on past a failing
@@ -173,7 +173,7 @@ step profile 60 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
 # 6. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show)
-step kernel_times 90 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 55 --sections step,ops
+step kernel_times 110 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 75 --sections ops,step
 
 # 7. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
 t=$(left)

@@ -8,7 +8,7 @@ run it, that figure is the host's time, not the kernels'. This script also sums 
 time of the kernels the call launched (torch.profiler, CUDA activity), so each row shows both:
 ``event ms`` (what the bench reports) and ``kernel ms`` (GPU busy time; host excluded).
 
-Sections (in order, each skipped once the time budget is spent):
+Sections (run in the order ``--sections`` gives; rows are skipped once the budget is spent):
   linear: the linear + ReLU backward through each backward path (``FUSEDMLP_LINEAR_BWD``,
           ``kernels/linear.py``), TF32 and bf16, against torch autograd;
   step:   the MLP training step of the bench (width 1024, batch 16K, TF32) per backward path,
@@ -104,9 +104,9 @@ def main() -> None:
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    sections = args.sections.split(",")
     tf32 = O._tf32
-    if "linear" in sections:
+
+    def linear():
         for dtype, (M, N, K), ctx in [
             (torch.float32, (16384, 1024, 1024), tf32),
             (torch.bfloat16, (8192, 8192, 8192), None),
@@ -119,7 +119,8 @@ def main() -> None:
                 row("linear", f"{tag} fusedmlp {path}", build, context=ctx, path=path)
             row("linear", f"{tag} torch", O.build_linear("torch", dev, dtype, M, N, K, True),
                 context=ctx)  # fmt: skip
-    if "step" in sections:
+
+    def step():
         for path in ("fused", "dz"):
             build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
             row("step", f"mlp step w1024 B16K tf32 fusedmlp {path}", build, wall=True,
@@ -129,7 +130,8 @@ def main() -> None:
         for impl in ("fusedmlp", "torch"):  # host-bound: the wall time is the host's
             build = O.build_mlp_step(impl, dev, 64, 256 // S)
             row("step", f"mlp step w256 B64 tf32 {impl}", build, wall=True, context=tf32)
-    if "ops" in sections:
+
+    def ops():
         bf16, rows, cols, big = torch.bfloat16, 65536 // S, 1024 // S, 50_000_000 // S**3
         for impl in ("fusedmlp", "torch"):
             cases = [
@@ -146,6 +148,9 @@ def main() -> None:
             ]  # fmt: skip
             for name, build in cases:
                 row("ops", f"{name} {impl}", build)
+
+    for section in args.sections.split(","):  # in the order given
+        {"linear": linear, "step": step, "ops": ops}[section]()
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
