@@ -22,13 +22,13 @@ Both are read in-kernel, so a skipped step costs no host synchronisation.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    _ADDR_CACHE,
     amp_scalar,
     block_of,
     cached,
@@ -130,6 +130,10 @@ def _adam_kernel(
 # ----------------------------------------------------------------------------- tables
 
 
+# step-counter address tables (multi_tensor's address cache holds (table, aligned) pairs)
+_STEP_CACHE: OrderedDict = OrderedDict()
+
+
 def step_table(steps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """int64 table of the addresses of ``steps`` (float32 one-element tensors on ``device``)."""
     for s in steps:
@@ -139,7 +143,7 @@ def step_table(steps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
                 f"{device}, got {tuple(s.shape)} {s.dtype} on {s.device}"
             )
     ptrs = tuple(s.data_ptr() for s in steps)
-    return cached(_ADDR_CACHE, (device, "steps", ptrs), lambda: to_device(list(ptrs), device))
+    return cached(_STEP_CACHE, (device, ptrs), lambda: to_device(list(ptrs), device))
 
 
 def log_beta(beta: float) -> float:
