@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 
 _HAS_GPU = shutil.which("nvidia-smi") is not None and (
     subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
@@ -50,6 +51,13 @@ def assert_close(actual, expected, dtype=None, scale=1.0, **kw):
     kw.setdefault("rtol", rtol * scale)
     kw.setdefault("atol", atol * scale)
     torch.testing.assert_close(actual, expected, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Seed torch per test from its id: a test draws the same inputs whatever ran before it (a
+    ``-k`` subset, another order, the GPU run's curated list)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture
