@@ -32,6 +32,7 @@ _Tensor = torch.Tensor
 # exactly these types take the fast path: nn.Parameter disables __torch_function__ and has no
 # __torch_dispatch__, so it dispatches as a plain tensor
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_PLAIN_OR_NONE = _PLAIN | {type(None)}
 _is_compiling = torch.compiler.is_compiling
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _function_mode_enabled = torch._C._is_torch_function_mode_enabled
@@ -61,13 +62,11 @@ def fast_eager(*args) -> bool:
             if grad and a.requires_grad:
                 return False
         elif t is list or t is tuple:
-            for x in a:
-                if type(x) not in _PLAIN:
-                    if x is None:
-                        continue
-                    return False
-                if grad and x.requires_grad:
-                    return False
+            # C loops (map): an optimizer step passes lists of hundreds of tensors.
+            if not _PLAIN_OR_NONE.issuperset(map(type, a)):
+                return False
+            if grad and any(x is not None and x.requires_grad for x in a):
+                return False
         elif isinstance(a, Tensor):  # a tensor subclass
             return False
     return True

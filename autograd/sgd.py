@@ -16,6 +16,8 @@ from torch import Tensor
 
 from ._custom_op import caller, custom_op
 from .adam import (
+    _DEVICE,
+    _DTYPE,
     _fused_ok,
     _no_output,
     _torch_sgd_module,
@@ -153,15 +155,25 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
     use_momentum = hp["momentum"] != 0
     found_inf = amp[1]
     partitions: dict = {}
-    for i in indices:
-        p = params[i]
-        fresh = use_momentum and momentum_buffer_list[i] is None
-        partitions.setdefault((p.device, p.dtype, fresh), []).append(i)
+    devices = set(map(_DEVICE, params)) if len(set(map(_DTYPE, params))) == 1 else ()
+    if (
+        len(indices) == len(params)
+        and len(devices) == 1
+        and (not use_momentum or all(map(torch.is_tensor, momentum_buffer_list)))
+    ):  # one partition, every buffer present (the common case): no per-tensor grouping
+        partitions[(*devices, params[0].dtype, False)] = None
+    else:
+        for i in indices:
+            p = params[i]
+            fresh = use_momentum and momentum_buffer_list[i] is None
+            partitions.setdefault((p.device, p.dtype, fresh), []).append(i)
     per_device: dict = {}
     for (device, _, fresh), idx in partitions.items():
-        bufs = []
-        if use_momentum:
-            for i in idx:
+        if idx is None:
+            ps, gs, bufs = params, grads, list(momentum_buffer_list) if use_momentum else []
+        else:
+            ps, gs, bufs = [params[i] for i in idx], [grads[i] for i in idx], []
+            for i in idx if use_momentum else ():
                 if fresh:
                     # torch: buf = clone(grad) (the grad's layout), written by the kernel;
                     # zeros when the step may be skipped (module docstring).
@@ -169,7 +181,6 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
                     momentum_buffer_list[i] = new(grads[i])
                 bufs.append(momentum_buffer_list[i])
         scale, inf = amp_on(device, amp, per_device)
-        ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         if not kernel:
             torch._fused_sgd_(
                 ps,

@@ -198,8 +198,8 @@ def adam_step(
     arrays = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
     check(arrays, names)
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if len(keep) != len(params):
+    if not all(map(torch.Tensor.numel, params)):  # drop empty tensors (and their step counters)
+        keep = [i for i, p in enumerate(params) if p.numel() > 0]
         arrays = [[lst[i] for i in keep] for lst in arrays]
         state_steps = [state_steps[i] for i in keep] if device_step else None
     launch_step(

@@ -24,7 +24,9 @@ The updates are in place, so there is a single fixed configuration, never autotu
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
+from itertools import chain
 
 import torch
 import triton
@@ -43,6 +45,16 @@ GPU_CONFIG = triton.Config({"BLOCK": 2048, "ITERS": 4}, num_warps=8, num_stages=
 INTERPRET_CONFIG = triton.Config({"BLOCK": 64, "ITERS": 2}, num_warps=1, num_stages=1)
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+# Per-tensor attributes read with map(): a C loop without a Python frame per tensor; the host
+# checks and tables walk every tensor of every array at every step.
+_DATA_PTR, _NUMEL, _SIZE, _STRIDE, _IS_CONTIGUOUS = (
+    torch.Tensor.data_ptr,
+    torch.Tensor.numel,
+    torch.Tensor.size,
+    torch.Tensor.stride,
+    torch.Tensor.is_contiguous,
+)
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 _CACHE_SIZE = 32
 _ADDR_CACHE: OrderedDict = OrderedDict()
 _META_CACHE: OrderedDict = OrderedDict()
@@ -156,8 +168,8 @@ def tables(arrays: list[list[torch.Tensor]], chunk: int):
     Cached: ``addrs`` by the tuple of addresses, ``meta`` by the tuple of sizes and ``chunk``.
     """
     device = arrays[0][0].device
-    ptrs = tuple(t.data_ptr() for lst in arrays for t in lst)
-    sizes = tuple(t.numel() for t in arrays[0])
+    ptrs = tuple(chain.from_iterable([map(_DATA_PTR, lst) for lst in arrays]))
+    sizes = tuple(map(_NUMEL, arrays[0]))
     addrs, aligned = cached(
         _ADDR_CACHE,
         (device, ptrs),
@@ -200,11 +212,11 @@ def prepare(arrays: list[list[torch.Tensor]], mutated: list[bool]):
     per-tensor Python beyond that; only the rest goes tensor by tensor.
     """
     params = arrays[0]
-    strides = [t.stride() for t in params]
+    strides = list(map(_STRIDE, params))
     if (
-        all(t.is_contiguous() for t in params)
-        and all([t.stride() for t in lst] == strides for lst in arrays[1:])
-        and all(t.numel() for t in params)
+        all(map(_IS_CONTIGUOUS, params))
+        and all(list(map(_STRIDE, lst)) == strides for lst in arrays[1:])
+        and all(map(_NUMEL, params))
     ):
         return arrays, []  # contiguous params, and every array with the params' strides
     n = len(params)
@@ -239,16 +251,16 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
     dtype, device = ref[0].dtype, ref[0].device
     if dtype not in _SUPPORTED:
         raise TypeError(f"fused optimizer step: params must be fp32, fp16 or bf16, got {dtype}")
-    shapes = [t.size() for t in ref]
+    shapes = list(map(_SIZE, ref))
     for name, lst in zip(names, arrays):
         if len(lst) != len(ref):
             raise ValueError(
                 f"fused optimizer step: {name} has {len(lst)} tensors, expected {len(ref)}"
             )
         if (
-            {t.dtype for t in lst} == {dtype}
-            and {t.device for t in lst} == {device}
-            and [t.size() for t in lst] == shapes
+            set(map(_DTYPE, lst)) == {dtype}
+            and set(map(_DEVICE, lst)) == {device}
+            and (lst is ref or list(map(_SIZE, lst)) == shapes)
         ):
             continue
         for p, t in zip(ref, lst):
