@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..backend import use_triton
 from ._custom_op import caller, custom_op
+from ._once import once_differentiable
 
 # ----------------------------------------------------------------------------------------------
 # custom ops
@@ -146,7 +147,7 @@ class BatchNormFunction(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("batch_norm")
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:
             return (None,) * 7

@@ -30,6 +30,9 @@ under the 'triton' backend):
   sync is illegal there: such a row then gets a NaN loss and a zero gradient row) and when
   ``CHECK_TARGETS`` is set to False.
 
+Double backward raises (``_once.once_differentiable``): already the ``create_graph=True``
+backward, since the op saves no tensor that carries the logits' graph.
+
 Under ``torch.autocast`` fp16/bf16 logits are cast to fp32 first, as autocast does for torch's
 cross_entropy (the loss is then fp32).
 
@@ -47,12 +50,12 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn import _reduction as _Reduction
 
 from ..backend import use_triton
 from ._amp import fp32
 from ._custom_op import caller, custom_op
+from ._once import once_differentiable
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -220,7 +223,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("cross_entropy")
     def backward(ctx, grad_output):
         grad, factor, target = ctx.saved_tensors
         args = (grad, grad_output, factor, target, ctx.ignore_index)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..backend import use_triton
 from ._custom_op import caller, custom_op
+from ._once import once_differentiable
 from .batchnorm import (
     _FLOATS,
     _acc_dtype,
@@ -184,6 +185,11 @@ _fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
 # ----------------------------------------------------------------------------------------------
 
 
+# Activations whose derivative is constant between kinks: the act-dropout gradient is then linear
+# in the received gradient alone (nothing second-order flows through the saved tensors).
+_PIECEWISE_LINEAR = frozenset(("none", "relu", "leaky_relu"))
+
+
 class BNActDropoutFunction(torch.autograd.Function):
     """``out = dropout(act(batch_norm(x)))`` with batch statistics; also returns the batch mean
     and unbiased variance (non-differentiable) for the running-statistics update.
@@ -204,7 +210,7 @@ class BNActDropoutFunction(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("batch_norm + activation + dropout")
     def backward(ctx, dout, _dmean, _dvar):
         if dout is None:
             return (None,) * 8
@@ -245,7 +251,9 @@ class ActDropoutFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable(
+        "activation + dropout", through_saved=lambda ctx: ctx.activation not in _PIECEWISE_LINEAR
+    )
     def backward(ctx, dout):
         saved, seed = ctx.saved_tensors
         dz = _fused_block_act_dropout_bwd_call(

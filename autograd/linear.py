@@ -8,7 +8,7 @@
   activation's derivative from the saved OUTPUT for relu, leaky_relu with
   ``negative_slope >= 0``, sigmoid and tanh (no pre-activation tensor is kept); for
   leaky_relu with ``negative_slope < 0``, gelu and silu the forward also stores the
-  pre-activation ``z`` for the backward. Double backward raises (``once_differentiable``).
+  pre-activation ``z`` for the backward. Double backward raises (``_once.once_differentiable``).
 - Torch path: ``F.linear`` followed by torch's own activation (``apply_activation_torch``),
   differentiated by torch's autograd.
 """
@@ -25,6 +25,7 @@ from torch import Tensor
 from ..backend import use_triton
 from ._amp import lower_precision
 from ._custom_op import caller, custom_op
+from ._once import once_differentiable
 
 # Supported activations (None = identity). "gelu" is the exact (erf) form, as torch's default.
 ACTIVATIONS = (None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -160,15 +161,11 @@ class LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable("linear")
     def backward(ctx, grad_y):
-        x, weight, saved = ctx.saved_tensors
-        # The saved tensors go in as arguments so that ``once_differentiable`` sees that they
-        # require grad: with create_graph=True the gradients then fail loudly when
-        # differentiated again, even when grad_y itself does not require grad.
-        return _linear_backward(ctx, grad_y, x, weight, saved)
+        return _linear_backward(ctx, grad_y, *ctx.saved_tensors)
 
 
-@torch.autograd.function.once_differentiable
 def _linear_backward(ctx, grad_y, x, weight, saved):
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias

@@ -6,7 +6,7 @@ deprecation warning), ``dtype`` casts the input first.
 
 - Triton path: ``torch.ops.fusedmlp.softmax_fwd`` / ``softmax_bwd`` (functional custom ops over
   ``fusedmlp.kernels.softmax``) tied together by ``SoftmaxFunction``; the output is saved for the
-  backward, as torch does. Double backward raises (``once_differentiable``).
+  backward, as torch does. Double backward raises (``_once.once_differentiable``).
 - Torch path (and 0-d or empty inputs): ``torch.softmax`` / ``torch.log_softmax``.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..backend import use_triton
 from ._amp import softmax_dtype
 from ._custom_op import caller, custom_op
+from ._once import once_differentiable
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -66,7 +66,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("softmax / log_softmax")
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return _softmax_bwd(y, grad, ctx.dim, ctx.log), None, None

@@ -92,6 +92,40 @@ def test_double_backward_through_a_fused_op_is_a_clear_error(triton_backend, op)
         g.sum().backward()
 
 
+@pytest.mark.parametrize(
+    "op", ["linear", "cross_entropy", "softmax", "log_softmax", "batch_norm", "mlp_block"]
+)
+@pytest.mark.parametrize("how", ["backward", "grad"])
+def test_gradient_penalty_through_a_fused_op_raises_never_drops_a_term(triton_backend, op, how):
+    # A gradient penalty with a non-leaf input: the first gradient is taken with create_graph
+    # and plain incoming gradients, then differentiated again with respect to a parameter before
+    # the op. torch.autograd.function.once_differentiable lets this through with the op's own
+    # second-order term silently missing; fusedmlp's raises.
+    torch.manual_seed(0)
+    m = torch.randn(4, 4, device=DEVICE, requires_grad=True)
+    a = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    if op == "mlp_block":
+        block = fusedmlp.nn.MLP(4, [8], 3, activation="tanh", batchnorm=True, dropout=0.2)
+        ours = block.to(DEVICE)
+    else:
+        ours, _ = _ops()[op]
+    with pytest.raises(RuntimeError, match="double backward"):
+        (g,) = torch.autograd.grad(ours(a @ m).sum(), a, create_graph=True)
+        penalty = g.square().sum()
+        if how == "backward":
+            penalty.backward()
+        else:
+            torch.autograd.grad(penalty, m, allow_unused=True)
+
+
+def test_create_graph_without_a_second_differentiation_works(triton_backend):
+    x = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    ours, theirs = _ops()["softmax"]
+    (g,) = torch.autograd.grad(ours(x).square().sum(), x, create_graph=True)
+    (ref,) = torch.autograd.grad(theirs(x).square().sum(), x)
+    assert_close(g.detach(), ref)
+
+
 def test_mismatched_dtypes_raise_before_any_launch(triton_backend, launches):
     x = torch.randn(3, 4, device=DEVICE)
     with pytest.raises(RuntimeError, match="dtype"):

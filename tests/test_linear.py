@@ -375,7 +375,7 @@ def test_double_backward_is_a_clear_error(triton_backend):
     x = torch.randn(4, 3, device=DEVICE, requires_grad=True)
     w = torch.randn(2, 3, device=DEVICE, requires_grad=True)
     (gx,) = torch.autograd.grad(linear(x, w, None, "tanh").sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
     # without create_graph the first backward is plain and correct
     (gx2,) = torch.autograd.grad(linear(x, w, None, "tanh").sum(), x)
