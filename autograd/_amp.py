@@ -32,6 +32,8 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype of ``device_type`` when an autocast region is active there, else None."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta, ...): no region there
+        return None
     except TypeError:  # torch < 2.4: no device argument
         if device_type == "cpu":
             enabled = torch.is_autocast_cpu_enabled()

@@ -143,3 +143,14 @@ def test_cuda_input_with_cpu_parameters_raises_before_any_launch(launches):
     with pytest.raises(RuntimeError, match="device"):
         FF.linear(x, torch.randn(5, 4))
     assert launches.total == 0
+
+
+def test_meta_tensors_give_torch_shapes():
+    # No autocast region exists for the meta device: the dispatch must not ask torch for one.
+    x = torch.randn(3, 4, device="meta")
+    w = torch.randn(5, 4, device="meta")
+    t = torch.zeros(3, dtype=torch.long, device="meta")
+    assert FF.linear(x, w, activation="relu").shape == F.linear(x, w).shape
+    assert FF.softmax(x, 1).shape == (3, 4)
+    assert FF.cross_entropy(x, t).shape == F.cross_entropy(x, t).shape
+    assert fusedmlp.nn.Linear(4, 5, device="meta")(x).device.type == "meta"
