@@ -143,7 +143,9 @@ def cross_entropy_fwd(
             wsum = torch.where(valid, w[target.clamp(0, c - 1)], 0.0).sum()
         else:
             wsum = valid.sum(dtype=acc)
-        inv = 1.0 / wsum
+        # sum(w[y]) = 0 ('mean' of rows that all weigh 0, or all ignored): torch's loss and
+        # gradients are NaN there (0/0), also when label smoothing makes the numerator nonzero.
+        inv = torch.where(wsum == 0, math.nan, 1.0 / wsum)
         if _folds_mean(logits.dtype):
             scale = inv
         else:
@@ -152,7 +154,7 @@ def cross_entropy_fwd(
         logits, target, w, ignore_index, label_smoothing, scale, compute_grad
     )
     if reduction == "mean":
-        loss = loss_rows.sum() / wsum
+        loss = torch.where(wsum == 0, math.nan, loss_rows.sum() / wsum)
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
@@ -286,9 +288,11 @@ def cross_entropy(
         unbatched = input.dim() == 1
         logits = input.unsqueeze(0) if unbatched else input
         tgt = target.unsqueeze(0) if unbatched else target
-        loss = CrossEntropyFunction.apply(
-            logits, tgt, weight, int(ignore_index), float(label_smoothing), reduction
-        )
+        args = (logits, tgt, weight, int(ignore_index), float(label_smoothing), reduction)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            loss = CrossEntropyFunction.apply(*args)
+        else:  # no graph (e.g. under no_grad): no gradient buffer is written
+            loss = _cross_entropy_fwd(*args, False)[0]
         return loss.squeeze(0) if unbatched and reduction == "none" else loss
     return F.cross_entropy(
         input,

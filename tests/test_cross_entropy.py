@@ -210,6 +210,42 @@ def test_noncontiguous_unbatched_and_no_grad(backend, launches):
     _expect_launches(launches, backend, fwd=1, scale=0)
 
 
+def test_no_gradient_buffer_without_a_graph(triton_backend, monkeypatch):
+    from fusedmlp.kernels import cross_entropy as K
+
+    seen = []
+    fwd = K.cross_entropy_fwd
+
+    def spy(*args):
+        seen.append(args[-1])  # compute_grad
+        return fwd(*args)
+
+    monkeypatch.setattr(K, "cross_entropy_fwd", spy)
+    x, t, _ = _data(4, 7)
+    x.requires_grad_()
+    with torch.no_grad():  # logits that require grad, but no graph is recorded
+        assert_close(cross_entropy(x, t), F.cross_entropy(x, t))
+    cross_entropy(x, t).backward()
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mean_over_rows_that_all_weigh_zero_is_nan_like_torch(
+    triton_backend, dtype, label_smoothing
+):
+    # sum(w[y]) = 0 with rows that are not ignored: torch's 'mean' is 0/0 (NaN) in the loss and
+    # the non-ignored rows' gradients, also when label smoothing makes the numerator nonzero.
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    t = torch.tensor([0, 0, 1, -100], device=DEVICE)
+    w = torch.tensor([0.0, 0.0, 1.0], device=DEVICE, dtype=dtype)
+    kw = dict(weight=w, label_smoothing=label_smoothing)
+    loss, grad = _run(cross_entropy, x, t, None, **kw)
+    ref_loss, ref_grad = _run(F.cross_entropy, x, t, None, **kw)
+    torch.testing.assert_close(loss, ref_loss, equal_nan=True)
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True)
+
+
 def test_uncovered_inputs_go_to_torch(triton_backend, launches):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 5, 4, generator=g).to(DEVICE)  # [N, C, d1]
