@@ -205,6 +205,9 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         raise TypeError(
             f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
         )
+    if input.dim() == 1 and not training and running_mean is not None:
+        # torch reads a 1-D input's channel count as 0 here, and says so about running_mean
+        raise RuntimeError(f"running_mean should contain 0 elements not {running_mean.numel()}")
     if input.dim() < 2:
         raise IndexError(
             f"batch_norm: input must have at least 2 dimensions (N, C, ...), got "

@@ -269,6 +269,16 @@ def linear(
     act = check_activation(activation)
     if isinstance(input, Tensor) and isinstance(weight, Tensor):
         input, weight, bias = _autocast(input, weight, bias)
+        if (
+            isinstance(bias, Tensor)
+            and weight.dim() == 2
+            and bias.numel() == 1
+            and bias.dim() <= 1
+            and weight.shape[0] != 1
+        ):
+            # F.linear broadcasts a 0-d or one-element bias over the outputs: an expanded view
+            # (stride 0) does the same here, and its backward sums the gradient back.
+            bias = bias.expand(weight.shape[0])
     _validate(input, weight, bias, negative_slope)
     negative_slope = float(negative_slope)
     if use_triton(input, weight, bias):

@@ -371,6 +371,24 @@ def test_only_requested_gradients_are_computed(triton_backend, launches):
     assert launches[DX] == 0 and launches[DW] == 1, dict(launches)
 
 
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_one_element_bias_broadcasts_like_torch(backend, launches, shape):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(3, 5, generator=g).to(DEVICE).requires_grad_()
+    b = torch.randn(shape, generator=g).to(DEVICE).requires_grad_()
+    y = linear(x, w, b, "tanh")
+    ref = torch.tanh(F.linear(x, w, b))
+    assert_close(y, ref)
+    gy = torch.randn(4, 3, generator=g).to(DEVICE)
+    grads = torch.autograd.grad(y, (x, w, b), gy)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
+    for a, r in zip(grads, ref_grads):
+        assert a.shape == r.shape
+        assert_close(a, r)
+    assert (launches.total > 0) == (backend == "triton")
+
+
 def test_double_backward_is_a_clear_error(triton_backend):
     x = torch.randn(4, 3, device=DEVICE, requires_grad=True)
     w = torch.randn(2, 3, device=DEVICE, requires_grad=True)
