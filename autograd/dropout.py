@@ -101,6 +101,8 @@ class DropoutFunction(torch.autograd.Function):
 
 
 def _check_p(p) -> float:
+    if isinstance(p, Tensor) and p.numel() == 1 and not p.is_complex():
+        p = p.item()  # torch's dropout takes a one-element tensor p as its number
     if not isinstance(p, numbers.Real):
         raise TypeError(f"dropout probability must be a real number, got {type(p).__name__}")
     if p < 0.0 or p > 1.0:  # NaN passes torch's check too, and is refused below

@@ -1,7 +1,9 @@
 """``fusedmlp.nn.convert``: swap torch's modules for fusedmlp's in any module tree.
 
 Replaced (only when the module's type is *exactly* the torch class: subclasses, lazy modules
-that are not materialised yet and parametrized modules are left alone):
+that are not materialised yet, parametrized modules and modules whose parameters or buffers
+were renamed or extended, as by the hook-based ``torch.nn.utils.weight_norm`` or
+``spectral_norm`` or a user's extra buffer, are left alone):
 
     torch.nn.Linear                  -> fusedmlp.nn.Linear
     torch.nn.BatchNorm1d / 2d        -> fusedmlp.nn.BatchNorm1d / 2d
@@ -25,7 +27,8 @@ in the tree) or has forward hooks, or the activation has hooks.
 
 The new modules hold the very Parameter and buffer objects of the old ones, so weights, buffers,
 ``requires_grad``, device, dtype, non-persistent buffers and train/eval mode are kept, and the
-module's hooks are carried over. ``inplace=False`` converts a deep copy (the original is
+module's hooks are carried over (its very hook dicts: the handles a user holds still remove
+them). ``inplace=False`` converts a deep copy (the original is
 untouched); ``inplace=True`` edits the tree itself and keeps the same Parameter objects, so an
 optimizer built before still works. Always use the return value: a root that is itself a
 replaced module (``convert(torch.nn.Linear(2, 3))``) can only be returned, not edited.
@@ -137,14 +140,13 @@ def _convertible(m: torch.nn.Module, table: dict) -> bool:
     )
 
 
-def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
-    """Move ``old``'s Parameter and buffer objects, mode and hooks into ``new``."""
+def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module | None:
+    """Move ``old``'s Parameter and buffer objects, mode and hooks into ``new``; None (``old``
+    stays) when their parameter or buffer names differ: a module that something else reshaped,
+    e.g. ``torch.nn.utils.weight_norm``/``spectral_norm`` (``weight_g``, ``weight_orig``, ...)
+    or a user's extra buffer, whose forward fusedmlp's module would not reproduce."""
     if set(new._parameters) != set(old._parameters) or set(new._buffers) != set(old._buffers):
-        raise RuntimeError(
-            f"fusedmlp.nn.convert: {type(new).__name__} has parameters {sorted(new._parameters)} "
-            f"and buffers {sorted(new._buffers)}, but {type(old).__name__} has "
-            f"{sorted(old._parameters)} and {sorted(old._buffers)}"
-        )
+        return None
     for name, value in old._parameters.items():
         new._parameters[name] = value
     for name, value in old._buffers.items():
@@ -153,12 +155,13 @@ def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
     new.training = old.training
     for name in _HOOK_DICTS:
         if hasattr(old, name) and hasattr(new, name):
-            value = getattr(old, name)
-            setattr(new, name, copy.copy(value))
+            # the very dicts (as the Parameters): the handles a user holds keep working
+            setattr(new, name, getattr(old, name))
     return new
 
 
-def _replace(m: torch.nn.Module, table: dict, memo: dict, act=None) -> torch.nn.Module:
+def _replace(m: torch.nn.Module, table: dict, memo: dict, act=None) -> torch.nn.Module | None:
+    """fusedmlp's module for ``m`` (once per module and activation), or None (``_transplant``)."""
     key = (id(m), act)
     if key not in memo:
         if act is None:
@@ -219,9 +222,15 @@ def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: 
                     and _supports_activation(cand)
                 ):
                     act = cand
-            parent._modules[name] = _replace(child, table, memo, act)
+            new = _replace(child, table, memo, act)
+            if new is None and act is not None:  # not convertible: the activation stays too
+                act = None
+            if new is not None:
+                parent._modules[name] = new
             if act is not None:
-                parent._modules[names[i + 1]] = torch.nn.Identity()
+                identity = torch.nn.Identity()
+                identity.training = parent._modules[names[i + 1]].training
+                parent._modules[names[i + 1]] = identity
                 i += 2
                 continue
         else:
@@ -257,6 +266,6 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
         counts[id(m)] = counts.get(id(m), 0) + 1
     memo: dict = {}
     if _convertible(module, table):
-        return _replace(module, table, memo)
+        return _replace(module, table, memo) or module
     _walk(module, table, memo, counts, {})
     return module

@@ -251,6 +251,42 @@ def test_left_alone_lazy_parametrized_hooks_and_custom_sequential():
     assert type(convert(conv)[0]) is F.Linear
 
 
+def test_hook_based_weight_and_spectral_norm_are_left_alone():
+    torch.manual_seed(0)
+    normed = torch.nn.utils.spectral_norm(torch.nn.Linear(4, 4))  # weight_orig, weight_u/v
+    wn = torch.nn.utils.weight_norm(torch.nn.Linear(4, 4))  # weight_g, weight_v
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Dropout(0.0), normed, torch.nn.ReLU(), wn, torch.nn.ReLU()
+    ).eval()
+    x = torch.randn(5, 3)
+    ref = model(x)
+    conv = convert(model, inplace=True)  # (weight_norm's module cannot be deep-copied by torch)
+    assert conv is model
+    assert type(conv[0]) is F.Linear and type(conv[1]) is F.Dropout
+    assert type(conv[2]) is torch.nn.Linear and type(conv[3]) is torch.nn.ReLU  # not absorbed
+    assert type(conv[4]) is torch.nn.Linear and type(conv[5]) is torch.nn.ReLU
+    assert_close(conv(x), ref)
+
+
+def test_hook_handles_still_remove_hooks_after_convert():
+    lin = torch.nn.Linear(4, 4)
+    calls = []
+    handle = lin.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    model = convert(torch.nn.Sequential(lin), inplace=True)
+    model(torch.randn(2, 4))
+    assert calls == [1]
+    handle.remove()
+    model(torch.randn(2, 4))
+    assert calls == [1]
+
+
+def test_absorbed_activation_keeps_eval_mode():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    conv = convert(model.eval())
+    assert type(conv[1]) is torch.nn.Identity
+    assert [m.training for m in conv.modules()] == [m.training for m in model.modules()]
+
+
 def test_shared_linear_is_not_absorbed_and_stays_shared():
     shared = torch.nn.Linear(4, 4)
     model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)

@@ -242,6 +242,16 @@ def test_nan_inf_propagate_like_torch(backend):
     assert torch.isnan(y[~keep & torch.isinf(x)]).all()
 
 
+def test_one_element_tensor_p_is_taken_as_torch_takes_it(backend):
+    x = torch.ones(64, device=DEVICE)
+    p = torch.tensor(0.5)
+    for ours, theirs in [(dropout(x, p), F.dropout(x, p)), (Dropout(p)(x), torch.nn.Dropout(p)(x))]:
+        assert ours.shape == theirs.shape
+        assert set(ours.unique().tolist()) <= {0.0, 2.0}
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout(x, torch.tensor(1.5))
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.1])
 def test_bad_p_raises_at_construction_and_call(backend, launches, p):
     x = torch.ones(2, 3, 4, 5, device=DEVICE)
