@@ -64,6 +64,8 @@ ADAM_CASES = [
     (Adam, torch.optim.Adam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
     (AdamW, torch.optim.AdamW, {}),
     (AdamW, torch.optim.AdamW, {"amsgrad": True, "maximize": True, "weight_decay": 0.2}),
+    (Adam, torch.optim.Adam, {"amsgrad": True, "maximize": True, "betas": (0.0, 0.99)}),
+    (AdamW, torch.optim.AdamW, {"amsgrad": True, "eps": 1e-3, "weight_decay": 0.0}),
 ]
 
 
@@ -89,6 +91,8 @@ SGD_CASES = [
     {"momentum": 0.8, "nesterov": True, "weight_decay": 0.05},
     {"momentum": 0.9, "maximize": True},
     {"maximize": True, "weight_decay": 0.1},
+    {"momentum": 0.9, "nesterov": True, "maximize": True, "weight_decay": 0.1},
+    {"momentum": 0.5, "dampening": 0.5, "maximize": True, "weight_decay": 0.2},
 ]
 
 
