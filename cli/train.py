@@ -185,6 +185,20 @@ def _accuracy(net, x, y, chunk: int = 8192) -> float:
     return correct.item() / len(x)
 
 
+def _check_plot_path(path: str) -> None:
+    """Refuse ``--plot`` before training, not after it: matplotlib importable, folder present."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("matplotlib") is None:
+        _fail("--plot needs matplotlib: pip install matplotlib (or 'fusedmlp[examples]')")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        _fail(f"cannot write the plot {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        _fail(f"cannot write the plot {path}: folder {folder} is not writable")
+
+
 def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
     try:
         import matplotlib
@@ -232,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
             _fail(f"bad --device {args.device!r}: {e}")
         if device.type == "cuda" and not torch.cuda.is_available():
             _fail(f"--device {args.device} asked for, but CUDA is not available here")
+    if args.plot:
+        _check_plot_path(args.plot)
     try:
         ds = load(args.dataset, data=args.data, data_dir=args.data_dir, seed=args.seed)
     except DataError as e:

@@ -131,6 +131,9 @@ def test_clear_errors_for_missing_data(tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip")
     assert "cannot read" in _error(["train", "--data", str(garbage), *TINY])
+    # an unwritable --plot is refused before any training, not after it
+    msg = _error(["train", "--plot", str(tmp_path / "no" / "such" / "loss.png"), *TINY])
+    assert "cannot write the plot" in msg and "no folder" in msg
 
 
 def test_bad_options_exit_nonzero(capsys):
