@@ -76,7 +76,9 @@ def _softmax_fwd_kernel(
         m = m_new
     s = tl.where(mask_i, s, 1.0)  # padding lanes: keep log / division finite
     if LOG:
-        shift = m + tl.log(s)
+        # (x - m) - log(s), never x - (m + log(s)): m + log(s) rounds to the precision of the
+        # largest logit (1e-3 near 1e4 in fp32), which the small result would inherit.
+        log_s = tl.log(s)
     else:
         inv = 1.0 / s
     for c0 in range(0, C, BLOCK_C):
@@ -84,7 +86,7 @@ def _softmax_fwd_kernel(
         mask = (offs_c < C)[:, None] & mask_i[None, :]
         x = tl.load(x_base + offs_c[:, None] * sx_c, mask=mask, other=0.0).to(ACC)
         if LOG:
-            y = x - shift[None, :]
+            y = (x - m[None, :]) - log_s[None, :]
         else:
             y = tl.exp(x - m[None, :]) * inv[None, :]
         tl.store(y_base + offs_c[:, None] * sy_c, y.to(Y.dtype.element_ty), mask=mask)

@@ -246,6 +246,25 @@ def test_mean_over_rows_that_all_weigh_zero_is_nan_like_torch(
     torch.testing.assert_close(grad, ref_grad, equal_nan=True)
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_large_logits_keep_full_precision(triton_backend, offset):
+    # Against float64: the loss of a logit near 1e4 is of order 1; forming lse = m + log(s)
+    # first would keep only ~1e-3 of it in fp32. torch stays within ~1e-6 here, so must we.
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 37, generator=g) + offset).to(DEVICE)
+    t = torch.randint(0, 37, (6,), generator=g).to(DEVICE)
+    w = torch.rand(37, generator=g).add(0.5).to(DEVICE)
+    for kw in (dict(), dict(weight=w, label_smoothing=0.3)):
+        loss, grad = _run(cross_entropy, x, t, None, reduction="sum", **kw)
+        ref_loss, ref_grad = _run(F.cross_entropy, x.double(), t, None, reduction="sum", **kw64(kw))
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=2e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=2e-6)
+
+
+def kw64(kw):
+    return {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+
+
 def test_uncovered_inputs_go_to_torch(triton_backend, launches):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 5, 4, generator=g).to(DEVICE)  # [N, C, d1]

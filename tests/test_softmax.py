@@ -116,3 +116,18 @@ def test_double_backward_raises(triton_backend):
     (g,) = torch.autograd.grad((softmax(x, 1) * _x((3, 5), seed=3)).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_log_softmax_of_large_logits_keeps_full_precision(triton_backend, offset):
+    # (x - m) - log(s), not x - (m + log(s)): against float64, as torch's (~1e-7 here).
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 300, generator=g) + offset).to(DEVICE).requires_grad_()
+    y = log_softmax(x, 1)
+    ref = torch.log_softmax(x.detach().double(), 1)
+    torch.testing.assert_close(y.detach().double(), ref, rtol=0, atol=2e-6)
+    gy = torch.randn(5, 300, generator=g).to(DEVICE)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    xr = x.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad(torch.log_softmax(xr, 1), xr, gy.double())
+    torch.testing.assert_close(gx.double(), gr, rtol=0, atol=1e-5)
