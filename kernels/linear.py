@@ -135,8 +135,8 @@ def _activation(z, negative_slope, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(dy, t, negative_slope, ACTIVATION: tl.constexpr):
     """dZ from dY and the saved tensor ``t`` (output y or pre-activation z, see module doc)."""
-    if ACTIVATION == "relu":  # t = y
-        dz = tl.where(t > 0, dy, 0.0)
+    if ACTIVATION == "relu":  # t = y; a NaN output passes the gradient, as torch's relu
+        dz = tl.where(t <= 0, 0.0, dy)
     elif ACTIVATION == "leaky_relu":  # t = y (slope >= 0) or z (slope < 0): same test
         dz = tl.where(t > 0, dy, dy * negative_slope)
     elif ACTIVATION == "sigmoid":  # t = y

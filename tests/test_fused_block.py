@@ -6,6 +6,7 @@ same seed at the same point, so the fused block must reproduce its mask exactly.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -441,3 +442,24 @@ def test_backward_materializes_no_zero_gradients(triton_backend, block):
     names = [e.name for e in prof.events()]
     assert "aten::zeros" not in names and "aten::zero_" not in names, names
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_relu_dropout_backward_at_nan_outputs_like_torch(triton_backend):
+    # relu(NaN) = NaN and the dropout multiplies, so a NaN output does not say whether the
+    # element was kept: torch's relu passes the gradient at NaN, its dropout keeps it only where
+    # kept. (Elsewhere the relu-from-output shortcut needs no mask.)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(8, 16, generator=g).to(DEVICE)
+    z[3] = math.nan  # a whole row: some of it kept, some dropped
+    z[5, 7] = -math.inf
+    torch.manual_seed(11)
+    keep = act_dropout(torch.ones_like(z), "relu", p=0.5) != 0  # same seed draw, same mask
+    assert keep[3].any() and (~keep[3]).any()
+    torch.manual_seed(11)
+    zz = z.clone().requires_grad_()
+    out = act_dropout(zz, "relu", p=0.5)
+    dy = torch.randn(8, 16, generator=g).to(DEVICE)
+    out.backward(dy)
+    zt = z.clone().requires_grad_()
+    (torch.relu(zt) * keep * 2.0).backward(dy)
+    torch.testing.assert_close(zz.grad, zt.grad, equal_nan=True)

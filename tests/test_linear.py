@@ -4,6 +4,7 @@ The Triton path runs under the interpreter on CPU (16x16x16 tiles), so the shape
 but cross several tiles, ragged edges, the split-M dW reduction and the grouped tile order.
 """
 
+import math
 import warnings
 
 import pytest
@@ -387,6 +388,19 @@ def test_one_element_bias_broadcasts_like_torch(backend, launches, shape):
         assert a.shape == r.shape
         assert_close(a, r)
     assert (launches.total > 0) == (backend == "triton")
+
+
+def test_relu_gradient_at_nan_and_inf_like_torch(backend):
+    # torch's relu backward zeroes where the output is <= 0: a NaN output passes the gradient.
+    x = torch.tensor([[math.inf, 1.0], [-math.inf, 2.0], [math.nan, -1.0], [1.0, 0.5]])
+    x = x.to(DEVICE).requires_grad_()
+    w = torch.tensor([[1.0, 0.0], [0.5, -2.0], [0.0, 1.0]], device=DEVICE, requires_grad=True)
+    gy = torch.randn(4, 3, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    grads = torch.autograd.grad(linear(x, w, None, "relu"), (x, w), gy)
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = torch.autograd.grad(F.relu(F.linear(xr, wr)), (xr, wr), gy)
+    for a, r in zip(grads, ref):
+        torch.testing.assert_close(a, r, equal_nan=True)
 
 
 def test_double_backward_is_a_clear_error(triton_backend):
