@@ -5,8 +5,8 @@
 ``--triton DIR``: compile with the triton installed in DIR (``pip install --target``, e.g. CI's
 ``.triton36``, the GPU machines' release); the ops always run under this environment's triton.
 
-Runs a small set of ops under Triton's interpreter (batch norm, dropout, cross-entropy and the
-linear backward's dz path in fp32 and bf16, an MLP training step with Adam), then compiles the first GPU configuration of every
+Runs a small set of ops under Triton's interpreter (batch norm, dropout, cross-entropy, the relu-dropout block
+and the linear backward's dz path in fp32 and bf16, an MLP training step with Adam), then compiles the first GPU configuration of every
 kernel it launched for sm_90, with the JIT's argument specialisation (``tests/sm90_worker.py``),
 and prints per kernel what the generated code does that costs bandwidth or time:
 
@@ -44,6 +44,7 @@ def collect(path: str) -> None:
     from fusedmlp import functional as FF
     from fusedmlp import nn as fnn
     from fusedmlp import optim as fo
+    from fusedmlp.autograd.fused_block import act_dropout
     from fusedmlp.kernels.launch import LAUNCHED
 
     fusedmlp.set_backend("triton")
@@ -54,6 +55,9 @@ def collect(path: str) -> None:
         FF.dropout(x, 0.3, True).sum().backward()
         logits = torch.randn(16, 40, dtype=dt, requires_grad=True)
         FF.cross_entropy(logits, torch.randint(0, 40, (16,))).backward()
+        # the relu-dropout tail of Linear -> ReLU -> Dropout (its backward reads the output)
+        y = act_dropout(x, "relu", p=0.3)
+        y.backward(torch.randn_like(y))  # a dense gradient (.sum()'s is expanded: stride 0)
     from fusedmlp.kernels import linear as KL
 
     KL.BACKWARD_PATH = "dz"  # the linear backward's dz path too (a GPU takes it for big GEMMs)
