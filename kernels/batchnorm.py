@@ -34,6 +34,8 @@ per-channel ``(mean, scale, shift)`` and the per-element ``(x - mean) * scale + 
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -271,6 +273,7 @@ def _bn_update_running_kernel(
     nbt_ptr,
     C,
     momentum,
+    momentum_lo,
     CUMULATIVE: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -278,6 +281,9 @@ def _bn_update_running_kernel(
     """In place: ``running = f * batch + (1 - f) * running`` for the mean and the (unbiased)
     variance. ``f = momentum``, or ``1 / num_batches_tracked`` read on the device when
     ``CUMULATIVE`` (torch's ``momentum=None``), so there is no host sync.
+
+    A float argument reaches a kernel as fp32: for float64 statistics ``momentum_lo`` carries
+    the rest (``momentum + momentum_lo`` is the float64 value to ~2^-48), as torch's double.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
@@ -286,10 +292,15 @@ def _bn_update_running_kernel(
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
     var = tl.load(var_ptr + c, mask=cmask, other=0.0)
     if CUMULATIVE:
-        nbt = tl.load(nbt_ptr).to(tl.float32)
-        f = tl.math.div_rn(
-            tl.full([BLOCK_C], 1.0, tl.float32), nbt + tl.zeros([BLOCK_C], tl.float32)
-        )
+        if FP64:
+            f = 1.0 / (tl.load(nbt_ptr).to(tl.float64) + tl.zeros([BLOCK_C], tl.float64))
+        else:
+            nbt = tl.load(nbt_ptr).to(tl.float32)
+            f = tl.math.div_rn(
+                tl.full([BLOCK_C], 1.0, tl.float32), nbt + tl.zeros([BLOCK_C], tl.float32)
+            )
+    elif FP64:
+        f = (tl.zeros([BLOCK_C], tl.float64) + momentum) + momentum_lo
     else:
         f = momentum
     rm = tl.load(rmean_ptr + c, mask=cmask, other=0.0).to(ACC)
@@ -713,6 +724,14 @@ def batch_norm_forward(
     return y, mean, invstd, var
 
 
+def _fp32(value: float) -> float:
+    """``value`` rounded to fp32, as a float kernel argument arrives (inf beyond its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
+
+
 def batch_norm_update_running(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
@@ -728,6 +747,7 @@ def batch_norm_update_running(
     cumulative average for ``momentum=None``). Running stats: [C], any float dtype.
     """
     C = mean.numel()
+    hi = _fp32(float(momentum))
     rm = running_mean if running_mean.is_contiguous() else running_mean.contiguous()
     rv = running_var if running_var.is_contiguous() else running_var.contiguous()
     with on_device(mean):
@@ -742,7 +762,8 @@ def batch_norm_update_running(
             var_ptr=var,
             nbt_ptr=num_batches_tracked if num_batches_tracked is not None else mean,
             C=C,
-            momentum=float(momentum),
+            momentum=hi,
+            momentum_lo=float(momentum) - hi,
             CUMULATIVE=num_batches_tracked is not None,
             FP64=mean.dtype == torch.float64,
         )

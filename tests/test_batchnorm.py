@@ -433,3 +433,19 @@ def test_custom_ops_opcheck():
             (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), mean, var, 0.1, None),
             test_utils=("test_schema", "test_faketensor"),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_float64_running_statistics_to_float64_precision(triton_backend, launches, momentum):
+    # A float kernel argument arrives as fp32: the update must still use momentum as a double
+    # (0.1 is not 0.100000001490116...), as torch does for float64 statistics.
+    ours = BatchNorm1d(5, momentum=momentum, device=DEVICE, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(5, momentum=momentum, device=DEVICE, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        x = (torch.randn(16, 5, generator=g, dtype=torch.float64) * 3 + 2).to(DEVICE)
+        ours(x)
+        ref(x)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=1e-13)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=1e-12)
+    assert launches[UPDATE] == 3
