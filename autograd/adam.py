@@ -145,13 +145,19 @@ _adam_step = caller(adam_multi_tensor_step)
 _adam_step_device = caller(adam_multi_tensor_step_device)
 
 
+# torch.optim's ``adam``/``sgd`` modules (``torch.optim.adam`` may be shadowed by a name),
+# looked up once: torch.compile cannot trace importlib (a graph break in every compiled step).
+_TORCH_OPTIM_MODULES = {
+    name: importlib.import_module(f"torch.optim.{name}") for name in ("adam", "sgd")
+}
+
+
 def _torch_adam_module():
-    """torch.optim's ``adam`` module (``torch.optim.adam`` is the class's module, shadowed)."""
-    return importlib.import_module("torch.optim.adam")
+    return _TORCH_OPTIM_MODULES["adam"]
 
 
 def _torch_sgd_module():
-    return importlib.import_module("torch.optim.sgd")
+    return _TORCH_OPTIM_MODULES["sgd"]
 
 
 def call_torch(fn, *args, **kwargs):
