@@ -14,9 +14,12 @@
 #   6. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time
 #   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
 #   8. verify:   fusedmlp verify with what is left of the budget (tolerated missing)
-# Everything is logged under OUTDIR (<step>.log, summary.txt). The script goes on past a failing
-# step and exits non-zero if any step failed. Copy OUTDIR/RESULTS.md to benchmarks/RESULTS.md to
-# publish the figures.
+# Everything is logged under OUTDIR (<step>.log, summary.txt), and at the end packed into
+# OUTDIR/gpu_check.tgz. The script goes on past a failing step and exits non-zero if any step
+# failed. Copy OUTDIR/RESULTS.md to benchmarks/RESULTS.md to publish the figures.
+# The device tool brings back at most 8 files from $OUT: run it into a folder of its own and copy
+# only summary.txt, bench.json, RESULTS.md and gpu_check.tgz into $OUT, e.g.
+#   bash benchmarks/gpu_check.sh /tmp/gc; rc=$?; cp /tmp/gc/{summary.txt,bench.json,RESULTS.md,gpu_check.tgz} $OUT/; exit $rc
 # Overrides (for a dry run elsewhere): PYTHON, GPU_CHECK_TESTS (space-separated test files),
 # GPU_CHECK_NO_INSTALL=1.
 set -u -o pipefail
@@ -57,6 +60,10 @@ TESTS=(
 if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; fi
 
 : >"$DIR/summary.txt"
+# kernel_times.py appends to its JSONL, and a skipped step would leave the last run's files:
+# start from none of this script's outputs (a rerun into the same folder on a warm machine).
+rm -rf "$DIR/profile" "$DIR"/*.log "$DIR"/kernel_times.jsonl "$DIR"/bench.{json,md,png} \
+  "$DIR"/RESULTS.md "$DIR"/verify.json "$DIR"/gpu_check.tgz
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$DIR/summary.txt"; }
 
 left() { echo $((BUDGET - (SECONDS - START))); }
@@ -176,7 +183,7 @@ cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 step kernel_times 110 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 75 --sections ops,step
 
 # 7. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
-t=$(left)
+t=$(($(left) - 25)) # keep 25 s for results_md: RESULTS.md is made even when the bench times out
 ((t > 180)) && t=180
 bench_budget=$((t - 35))
 ((bench_budget < 10)) && bench_budget=10
@@ -200,8 +207,14 @@ else
 fi
 
 log "elapsed $((SECONDS - START)) s"
+rc=0
 if ((${#FAILED[@]})); then
   log "FAILED: ${FAILED[*]}"
-  exit 1
+  rc=1
+else
+  log "all steps passed"
 fi
-log "all steps passed"
+# The device tool brings back at most 8 files from $OUT: every output in one archive.
+tgz=$(mktemp) && tar -czf "$tgz" -C "$DIR" . && mv "$tgz" "$DIR/gpu_check.tgz" && chmod 644 "$DIR/gpu_check.tgz" &&
+  echo "all outputs in $DIR/gpu_check.tgz"
+exit $rc

@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
         summary.append(line)
+        (out / "summary.txt").write_text("\n".join(summary) + "\n")  # a timeout keeps what ran
 
     say(
         f"device {device}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
@@ -198,7 +199,6 @@ def main(argv=None) -> int:
                 del prepared, fn
     finally:
         torch.set_float32_matmul_precision(previous)
-    (out / "summary.txt").write_text("\n".join(summary) + "\n")
     return 0
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import fusedmlp
 from fusedmlp import backend
@@ -157,6 +158,9 @@ def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
 
     from fusedmlp.kernels import launch as L
 
+    # the GPU check runs the tests with FUSEDMLP_AUTOTUNE=0
+    monkeypatch.setattr(L, "AUTOTUNE", True)
+
     @triton.jit
     def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -177,7 +181,7 @@ def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
     runs = []
     original_run = tuned.run
     monkeypatch.setattr(tuned, "run", lambda *a, **k: runs.append(1) or original_run(*a, **k))
-    x = torch.arange(40, dtype=torch.float32)
+    x = torch.arange(40, dtype=torch.float32, device=DEVICE)  # compiled kernels need CUDA tensors
     for _ in range(3):
         y = torch.empty_like(x)
         L.launch(_scale_kernel, lambda m: (triton.cdiv(40, m["BLOCK"]),), configs=configs,
