@@ -56,17 +56,20 @@ def once_differentiable(name: str, through_saved=None):
     def wrap(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            with torch.no_grad():
-                grads = backward(ctx, *grad_outputs)
             if not (torch.is_grad_enabled() and any(ctx.needs_input_grad)):
-                return grads
+                with torch.no_grad():
+                    return backward(ctx, *grad_outputs)
+            # Read the saved tensors before the backward runs: it may scale one of them in
+            # place (cross-entropy's gradient buffer), which a later unpack would refuse.
             saved = through_saved is None or through_saved(ctx)
             candidates = (*grad_outputs, *ctx.saved_tensors) if saved else grad_outputs
             sources = [t for t in candidates if isinstance(t, Tensor) and t.requires_grad]
-            if not sources:
-                if not saved:
-                    return grads  # nothing the gradients depend on carries a graph
+            if not sources and saved:
                 raise RuntimeError(_message(name))
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not sources:
+                return grads  # nothing the gradients depend on carries a graph
             single = not isinstance(grads, tuple)
             out = [grads] if single else list(grads)
             idx = [i for i, g in enumerate(out) if isinstance(g, Tensor)]

@@ -205,13 +205,13 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         raise TypeError(
             f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
         )
-    if input.dim() == 1 and not training and running_mean is not None:
+    if input.dim() == 1 and running_mean is not None and running_mean.numel() != 0:
         # torch reads a 1-D input's channel count as 0 here, and says so about running_mean
         raise RuntimeError(f"running_mean should contain 0 elements not {running_mean.numel()}")
-    if input.dim() < 2:
+    if input.dim() < 2:  # torch's own words (its C++ reads size(1))
         raise IndexError(
-            f"batch_norm: input must have at least 2 dimensions (N, C, ...), got "
-            f"{input.dim()}-D input of size {tuple(input.shape)}: Dimension out of range"
+            f"Dimension out of range (expected to be in range of [{-max(input.dim(), 1)}, "
+            f"{max(input.dim(), 1) - 1}], but got 1)"
         )
     if (running_mean is None) != (running_var is None):
         if training:

@@ -30,8 +30,9 @@ under the 'triton' backend):
   sync is illegal there: such a row then gets a NaN loss and a zero gradient row) and when
   ``CHECK_TARGETS`` is set to False.
 
-Double backward raises (``_once.once_differentiable``): already the ``create_graph=True``
-backward, since the op saves no tensor that carries the logits' graph.
+Double backward raises (``_once.once_differentiable``). The op saves no tensor that carries the
+logits' graph, so unless the incoming gradient carries one, the ``create_graph=True`` backward
+itself raises.
 
 Under ``torch.autocast`` fp16/bf16 logits are cast to fp32 first, as autocast does for torch's
 cross_entropy (the loss is then fp32).
@@ -85,6 +86,12 @@ def _keep_graph() -> bool:
         return bool(getter())
     except RuntimeError:
         return True
+
+
+def _forward_ad_active() -> bool:
+    """A forward-AD level is open: dual tensors must reach the autograd Function (which then
+    says it has no jvp) rather than lose their tangent."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _check_targets(target: Tensor, num_classes: int, ignore_index: int, loss: Tensor) -> None:
@@ -289,7 +296,7 @@ def cross_entropy(
         logits = input.unsqueeze(0) if unbatched else input
         tgt = target.unsqueeze(0) if unbatched else target
         args = (logits, tgt, weight, int(ignore_index), float(label_smoothing), reduction)
-        if torch.is_grad_enabled() and logits.requires_grad:
+        if (torch.is_grad_enabled() and logits.requires_grad) or _forward_ad_active():
             loss = CrossEntropyFunction.apply(*args)
         else:  # no graph (e.g. under no_grad): no gradient buffer is written
             loss = _cross_entropy_fwd(*args, False)[0]

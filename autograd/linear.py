@@ -274,7 +274,7 @@ def linear(
             and weight.dim() == 2
             and bias.numel() == 1
             and bias.dim() <= 1
-            and weight.shape[0] != 1
+            and bias.shape != (weight.shape[0],)
         ):
             # F.linear broadcasts a 0-d or one-element bias over the outputs: an expanded view
             # (stride 0) does the same here, and its backward sums the gradient back.

@@ -85,12 +85,12 @@ def _ce_fwd_kernel(
     valid = t != ignore_index
     in_range = (t >= 0) & (t < C)
     if valid & in_range:
-        x_t = tl.load(x_row + t * stride_xc).to(ACC)
-        # Logits enter every sum as differences (x - ref, m - x_t), never as lse = m + log(s):
-        # near 1e4, m + log(s) keeps only 1e-3 of an fp32 loss of order 1.
-        ref = tl.where(tl.abs(x_t) < float("inf"), x_t, 0.0)  # finite: the target's logit
+        # Logits enter every sum as differences from the running max (x - m, m - x[y]), never
+        # through lse = m + log(s): near 1e4, m + log(s) keeps only 1e-3 of an fp32 loss of
+        # order 1 (torch subtracts in this order too).
         m = tl.full((), float("-inf"), ACC)
         s = tl.zeros((), ACC)
+        ref = tl.zeros((), ACC)  # the max that sum_wx is relative to (0 while all are -inf)
         sum_wx = tl.zeros((), ACC)  # sum_c w[c] * (x[c] - ref)
         sum_w = tl.zeros((), ACC)  # sum_c w[c]
         for c0 in range(0, C, BLOCK_C):
@@ -104,21 +104,22 @@ def _ce_fwd_kernel(
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
             m = m_new
             if HAS_SMOOTHING:
-                xz = tl.where(mask, x - ref, 0.0)
+                # rebase the sum on the new max: sum w (x - new) = sum w (x - old) - W (new - old)
+                xz = tl.where(mask, x - m_safe, 0.0)
                 if HAS_WEIGHT:
                     w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
-                    sum_wx += tl.sum(w * xz, 0)
-                    sum_w += tl.sum(w, 0)
                 else:
-                    sum_wx += tl.sum(xz, 0)
+                    w = mask.to(ACC)
+                sum_wx += sum_w * (ref - m_safe) + tl.sum(w * xz, 0)
+                sum_w += tl.sum(w, 0)
+                ref = m_safe
         log_s = tl.log(s)
+        x_t = tl.load(x_row + t * stride_xc).to(ACC)
         if HAS_WEIGHT:
             w_t = tl.load(W + t).to(ACC)
         else:
             w_t = tl.full((), 1.0, ACC)
         if HAS_SMOOTHING:
-            if not HAS_WEIGHT:
-                sum_w = tl.zeros((), ACC) + C
             e_c = eps / C
             # sum_w * lse - sum_c w[c] x[c] = sum_w * ((m - ref) + log(s)) - sum_wx
             loss = (1.0 - eps) * w_t * ((m - x_t) + log_s) + e_c * (

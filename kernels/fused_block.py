@@ -225,8 +225,9 @@ def _fused_bwd_elementwise_kernel(
         # out > 0 exactly where the element was kept and z > 0: no mask to regenerate
         dz = tl.where(t > 0, dy * scale, 0.0)
         if tl.max((t != t).to(tl.int32)) > 0:
-            # a NaN output (NaN z, kept or not: the dropout multiplies): torch's relu passes
-            # the gradient there and its dropout keeps it only where kept, so read the mask
+            # a NaN output (NaN z, kept or not, or a dropped +inf z: the dropout multiplies):
+            # torch's relu passes the gradient there and its dropout keeps it only where kept,
+            # so read the mask
             keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
             dz = tl.where(t != t, tl.where(keep, dy * scale, 0.0), dz)
     else:

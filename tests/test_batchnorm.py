@@ -344,6 +344,8 @@ def test_errors_match_torch(backend, launches):
         lambda bn: bn(x, None, None, training=True, eps=0.0),
         lambda bn: bn(x, zeros, ones, training=False, eps=-1.0),
         lambda bn: bn(torch.randn(4, device=DEVICE), zeros, ones, training=False),  # 1-D
+        lambda bn: bn(torch.randn(4, device=DEVICE), zeros, ones, training=True),
+        lambda bn: bn(torch.randn(4, device=DEVICE), None, None, training=True),
     ]
     for case in functional:
         (ours_type, ours_msg), (torch_type, torch_msg) = (

@@ -298,6 +298,45 @@ def test_gradcheck_float64_triton(triton_backend, launches, reduction):
     )
 
 
+def test_create_graph_backward_with_a_gradient_that_carries_a_graph(triton_backend):
+    # loss * loss: the incoming gradient requires grad, so the create_graph backward runs (the
+    # saved buffer scaled in place when the graph is not retained) and only a second
+    # differentiation raises.
+    x, t, _ = _data(3, 5)
+    x.requires_grad_()
+    loss = cross_entropy(x * 1, t)
+    (g,) = torch.autograd.grad(loss * loss, x, create_graph=True, retain_graph=False)
+    xr = x.detach().requires_grad_()
+    ref_loss = F.cross_entropy(xr * 1, t)
+    (ref,) = torch.autograd.grad(ref_loss * ref_loss, xr)
+    assert_close(g.detach(), ref)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_forward_ad_is_refused_not_dropped(triton_backend):
+    import torch.autograd.forward_ad as fwAD
+
+    x, t, _ = _data(3, 5)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            cross_entropy(dual, t)
+
+
+def test_extreme_logits_with_label_smoothing_like_torch(triton_backend):
+    # Logits spanning +-3e38: the smoothing sum is kept relative to the running max, so no
+    # difference of two logits overflows into inf - inf.
+    x = torch.tensor([[3e38, -3e38, 0.0], [-3e38, -3e38, 0.0]], device=DEVICE)
+    for t in ([0, 0], [1, 2]):
+        tgt = torch.tensor(t, device=DEVICE)
+        for w in (None, torch.tensor([1.0, 0.0, 2.0], device=DEVICE)):
+            kw = dict(weight=w, label_smoothing=0.1, reduction="none")
+            torch.testing.assert_close(
+                cross_entropy(x, tgt, **kw), F.cross_entropy(x, tgt, **kw), equal_nan=True
+            )
+
+
 def test_double_backward_raises(triton_backend):
     # The op saves only its gradient buffer (no tensor that carries the logits' graph), so the
     # create_graph backward itself raises (autograd/_once.py).

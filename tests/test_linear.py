@@ -372,16 +372,17 @@ def test_only_requested_gradients_are_computed(triton_backend, launches):
     assert launches[DX] == 0 and launches[DW] == 1, dict(launches)
 
 
+@pytest.mark.parametrize("out", [1, 3])
 @pytest.mark.parametrize("shape", [(), (1,)])
-def test_one_element_bias_broadcasts_like_torch(backend, launches, shape):
+def test_one_element_bias_broadcasts_like_torch(backend, launches, shape, out):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 5, generator=g).to(DEVICE).requires_grad_()
-    w = torch.randn(3, 5, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(out, 5, generator=g).to(DEVICE).requires_grad_()
     b = torch.randn(shape, generator=g).to(DEVICE).requires_grad_()
     y = linear(x, w, b, "tanh")
     ref = torch.tanh(F.linear(x, w, b))
     assert_close(y, ref)
-    gy = torch.randn(4, 3, generator=g).to(DEVICE)
+    gy = torch.randn(4, out, generator=g).to(DEVICE)
     grads = torch.autograd.grad(y, (x, w, b), gy)
     ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
     for a, r in zip(grads, ref_grads):
