@@ -282,6 +282,14 @@ def adam(
     _fused(_select(kernel_idx, lists, amsgrad), hp, device_step, amp)
 
 
+def one_device_and_dtype(tensors) -> tuple | None:
+    """``(device, dtype)`` when every tensor shares them, else None (read with C loops)."""
+    if len(set(map(_DTYPE, tensors))) != 1:
+        return None
+    devices = set(map(_DEVICE, tensors))
+    return (*devices, tensors[0].dtype) if len(devices) == 1 else None
+
+
 def kernel_partition(params, grads):
     """``(kernel_idx, rest)``: the indices of the tensors the Triton kernel takes (fp32/fp16/bf16
     params with strided grads) and of the others; all in ``rest`` when the backend runs torch."""
@@ -367,12 +375,9 @@ def _fused(lists, hp, device_step, amp):
         values = [float(s) for s in steps]
         torch._foreach_add_(steps, 1)
     params = lists[0]
-    if len(set(values)) == 1 and len(set(map(_DTYPE, params))) == 1:
-        devices = set(map(_DEVICE, params))
-    else:
-        devices = ()
-    if len(devices) == 1:  # one partition (the common case): no per-tensor grouping
-        groups[(*devices, params[0].dtype, values[0])] = None
+    shared = one_device_and_dtype(params) if len(set(values)) == 1 else None
+    if shared is not None:  # one partition (the common case): no per-tensor grouping
+        groups[(*shared, values[0])] = None
     else:
         for i, (p, step) in enumerate(zip(params, values)):
             groups.setdefault((p.device, p.dtype, step), []).append(i)
@@ -400,5 +405,6 @@ __all__ = [
     "amp_on",
     "call_torch",
     "kernel_partition",
+    "one_device_and_dtype",
     "unscale_and_check",
 ]

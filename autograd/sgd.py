@@ -16,14 +16,13 @@ from torch import Tensor
 
 from ._custom_op import caller, custom_op
 from .adam import (
-    _DEVICE,
-    _DTYPE,
     _fused_ok,
     _no_output,
     _torch_sgd_module,
     amp_on,
     call_torch,
     kernel_partition,
+    one_device_and_dtype,
     unscale_and_check,
 )
 
@@ -155,13 +154,11 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
     use_momentum = hp["momentum"] != 0
     found_inf = amp[1]
     partitions: dict = {}
-    devices = set(map(_DEVICE, params)) if len(set(map(_DTYPE, params))) == 1 else ()
-    if (
-        len(indices) == len(params)
-        and len(devices) == 1
-        and (not use_momentum or all(map(torch.is_tensor, momentum_buffer_list)))
+    shared = one_device_and_dtype(params) if len(indices) == len(params) else None
+    if shared is not None and (
+        not use_momentum or all(map(torch.is_tensor, momentum_buffer_list))
     ):  # one partition, every buffer present (the common case): no per-tensor grouping
-        partitions[(*devices, params[0].dtype, False)] = None
+        partitions[(*shared, False)] = None
     else:
         for i in indices:
             p = params[i]
