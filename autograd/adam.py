@@ -38,7 +38,17 @@ _KERNEL_DTYPE_SET = frozenset(_KERNEL_DTYPES)
 _STRIDED = {torch.strided}
 # Per-tensor attributes read with map(): a C loop, no Python frame per tensor (host time per
 # step over hundreds of tensors).
-_DTYPE, _DEVICE, _LAYOUT = (operator.attrgetter(a) for a in ("dtype", "device", "layout"))
+_GETTERS = {a: operator.attrgetter(a) for a in ("dtype", "device", "layout", "is_cpu")}
+_is_compiling = torch.compiler.is_compiling
+
+
+def attr_set(name: str, tensors) -> set:
+    """``{t.<name> for t in tensors}``, read with a C loop (``map``) in eager mode. Under
+    ``torch.compile`` a comprehension: dynamo cannot trace ``attrgetter`` (a graph break, and a
+    recompilation of the optimizer step at every call)."""
+    if _is_compiling():
+        return {getattr(t, name) for t in tensors}
+    return set(map(_GETTERS[name], tensors))
 
 
 @custom_op(
@@ -284,16 +294,16 @@ def adam(
 
 def one_device_and_dtype(tensors) -> tuple | None:
     """``(device, dtype)`` when every tensor shares them, else None (read with C loops)."""
-    if len(set(map(_DTYPE, tensors))) != 1:
+    if len(attr_set("dtype", tensors)) != 1:
         return None
-    devices = set(map(_DEVICE, tensors))
+    devices = attr_set("device", tensors)
     return (*devices, tensors[0].dtype) if len(devices) == 1 else None
 
 
 def kernel_partition(params, grads):
     """``(kernel_idx, rest)``: the indices of the tensors the Triton kernel takes (fp32/fp16/bf16
     params with strided grads) and of the others; all in ``rest`` when the backend runs torch."""
-    if set(map(_DTYPE, params)) <= _KERNEL_DTYPE_SET and set(map(_LAYOUT, grads)) == _STRIDED:
+    if attr_set("dtype", params) <= _KERNEL_DTYPE_SET and attr_set("layout", grads) == _STRIDED:
         kernel_idx = list(range(len(params)))  # the common case, without a per-tensor loop
     else:
         kernel_idx = [
@@ -364,8 +374,8 @@ def _fused(lists, hp, device_step, amp):
     steps = lists[5]
     if (
         steps
-        and len(set(map(_DTYPE, steps))) == 1
-        and len(set(map(_DEVICE, steps))) == 1
+        and len(attr_set("dtype", steps)) == 1
+        and len(attr_set("device", steps)) == 1
         and set(map(Tensor.dim, steps)) == {steps[0].dim()}
     ):
         values = torch.stack(steps).tolist()
@@ -403,6 +413,7 @@ __all__ = [
     "adam_multi_tensor_step",
     "adam_multi_tensor_step_device",
     "amp_on",
+    "attr_set",
     "call_torch",
     "kernel_partition",
     "one_device_and_dtype",

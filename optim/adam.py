@@ -29,14 +29,11 @@ Torch's keywords:
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..autograd import adam as A
 
-_IS_CPU = operator.attrgetter("is_cpu")
 
 
 def _torch_group(group) -> bool:
@@ -141,7 +138,7 @@ class _FusedAdamStep:
             if device_step:
                 _device_steps(self.state, params, steps)
             else:  # steps moved to the device by an earlier AMP step stay there
-                device_step = not all(map(_IS_CPU, steps))
+                device_step = False in A.attr_set("is_cpu", steps)
             A.adam(
                 params,
                 grads,
