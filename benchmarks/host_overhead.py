@@ -30,8 +30,9 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)
 
 
-def install_recording_driver() -> list:
-    """Make triton compile for sm_90 and 'launch' into a list instead of a GPU; returns it."""
+def install_recording_driver(record_args: bool = False) -> list:
+    """Make triton compile for sm_90 and 'launch' into a list instead of a GPU; returns it
+    (kernel names, or with ``record_args`` (name, launcher, flattened launch arguments))."""
     from triton.backends.nvidia import driver as nvd
     from triton.runtime.driver import driver
 
@@ -61,11 +62,12 @@ def install_recording_driver() -> list:
         obj.gsan_enabled, obj.arg_annotations, obj.kernel_signature = False, None, None
 
         def launch(*args):  # 3.6: (..., *kernel_args); 3.9: (..., kernel_args)
-            for a in args:
-                for b in a if isinstance(a, tuple) else (a,):
-                    if hasattr(b, "data_ptr"):  # the C launcher reads every tensor's address
-                        b.data_ptr()
-            calls.append(getattr(getattr(src, "fn", None), "__name__", "?"))
+            flat = tuple(b for a in args for b in (a if isinstance(a, tuple) else (a,)))
+            for b in flat:
+                if hasattr(b, "data_ptr"):  # the C launcher reads every tensor's address
+                    b.data_ptr()
+            name = getattr(getattr(src, "fn", None), "__name__", "?")
+            calls.append((name, obj, flat) if record_args else name)
 
         obj.launch = launch
         return obj
@@ -97,6 +99,12 @@ def main(argv=None) -> int:
         metavar="T",
         help="instead of the MLP step: fusedmlp.optim.Adam's step over T tensors of 1000 elements",
     )
+    parser.add_argument(
+        "--check-direct",
+        action="store_true",
+        help="launch every kernel of a step both ways (fusedmlp's direct launch of the cached "
+        "compiled kernel, triton's JITFunction.run) and check the launcher calls are identical",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("FUSEDMLP_AUTOTUNE", "0")  # autotuning would time kernels on a GPU
 
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
     import triton
     from triton.runtime.jit import JITFunction
 
-    calls = install_recording_driver()
+    calls = install_recording_driver(record_args=args.check_direct)
 
     import fusedmlp
     import fusedmlp.kernels.launch as L
@@ -155,15 +163,22 @@ def main(argv=None) -> int:
             step()
         return (time.perf_counter() - start) / args.steps
 
+    if args.check_direct:
+        return check_direct(L, step, calls)
     calls.clear()
     real = per_step()
     launches = len(calls) / (args.steps + 3)
+    L.DIRECT_LAUNCH = False
+    triton_path = per_step()
+    L.DIRECT_LAUNCH = True
     run = JITFunction.run
     JITFunction.run = lambda self, *a, **k: None
+    L.DIRECT_LAUNCH = False
     try:
         own = per_step()
     finally:
         JITFunction.run = run
+        L.DIRECT_LAUNCH = True
     print(f"triton {triton.__version__}, torch {torch.__version__}; compile {compile_s:.1f} s")
     if args.cprofile:
         import cProfile
@@ -174,12 +189,57 @@ def main(argv=None) -> int:
         stats = pstats.Stats(prof).strip_dirs()
         stats.sort_stats("tottime").print_stats(args.cprofile)
         stats.sort_stats("cumulative").print_stats(args.cprofile)
+    n = max(launches, 1)
     print(
-        f"batch {args.batch} width {args.width} depth {args.depth}: "
-        f"launch path {real * 1e3:.3f} ms/step, launches as no-ops {own * 1e3:.3f} ms/step, "
-        f"{launches:.0f} launches/step ({(real - own) / max(launches, 1) * 1e6:.1f} us each)"
+        f"batch {args.batch} width {args.width} depth {args.depth}, {launches:.0f} launches/step: "
+        f"direct launches {real * 1e3:.3f} ms/step ({(real - own) / n * 1e6:.1f} us each), "
+        f"all through JITFunction.run {triton_path * 1e3:.3f} ms/step "
+        f"({(triton_path - own) / n * 1e6:.1f} us each), launches as no-ops {own * 1e3:.3f} ms/step"
     )
     return 0
+
+
+def _same_argument(x, y) -> bool:
+    if x is y:
+        return True
+    if type(x) is not type(y) or hasattr(x, "data_ptr"):  # tensors: the same object
+        return False
+    if type(x).__name__ == "LazyDict":  # launch metadata, built per launch when a hook is set
+        return x.data == y.data
+    return x == y
+
+
+def check_direct(L, step, calls) -> int:
+    """Run a step with every launch made twice, through ``JITFunction.run`` and through
+    fusedmlp's direct launch, and compare what reached the launcher (the compiled kernel's
+    launcher object, grid, stream, metadata, hooks, every argument)."""
+    run, direct = L._run, L._direct_launch
+    stats = {"launches": 0, "direct": 0}
+
+    def counted(*a):
+        stats["direct"] += 1
+        direct(*a)
+
+    def both(kernel, info, grid, meta, options):
+        n = len(calls)
+        L.DIRECT_LAUNCH = False
+        run(kernel, info, grid, meta, options)
+        L.DIRECT_LAUNCH = True
+        run(kernel, info, grid, meta, options)
+        (name, a_obj, a_args), (_, b_obj, b_args) = calls[n], calls[n + 1]
+        same = a_obj is b_obj and len(a_args) == len(b_args)
+        same = same and all(map(_same_argument, a_args, b_args))
+        if not same:
+            raise AssertionError(f"{name}: direct launch differs\n{a_args}\n{b_args}")
+        stats["launches"] += 1
+
+    L._run, L._direct_launch = both, counted
+    try:
+        step()
+    finally:
+        L._run, L._direct_launch = run, direct
+    print(f"direct launch check: {stats['launches']} launches, {stats['direct']} direct, identical")
+    return 0 if stats["launches"] and stats["direct"] == stats["launches"] else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@
   would specialise on: integers equal to 1, divisibility by 16) in ``LAUNCHED``, which the test
   suite compiles for sm_90 (H100) on a CPU-only machine.
 
+- On a GPU, a launch whose kernel specialization already ran skips triton's ``JITFunction.run``
+  (``_direct_launch``): the compiled kernel found for the arguments' specialization (triton's
+  own binder computes it) is called directly, as ``CompiledKernel.__getitem__``'s runner does.
+  ``JITFunction.run`` rebuilds its option dict, cache-key string and hook lookups on every
+  call: about 35 us of host time per launch on the H200 machine's host against a few us here.
+  ``FUSEDMLP_DIRECT_LAUNCH=0`` turns this off.
+
 Launches happen inside ``torch.library.custom_op`` implementations, which ``torch.compile`` treats
 as opaque calls with a fake (shape-only) implementation. ``triton_op`` + ``wrap_triton`` would let
 inductor see into the kernels, but its functional decomposition traces into the launch, which
@@ -26,6 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 _TYPES = {
     torch.float32: "fp32",
@@ -150,6 +160,7 @@ class _KernelInfo:
     has_interpret: bool
     interpreting: bool
     unspecialized: frozenset[str]  # the kernel's ``do_not_specialize`` parameters
+    direct: bool = False  # a compiled JITFunction: ``_run`` may launch it directly
 
 
 _INFO: dict = {}
@@ -179,6 +190,7 @@ def _info(kernel) -> _KernelInfo:
             "INTERPRET" in names,
             is_interpreted(kernel),
             _unspecialized(kernel, names),
+            not is_interpreted(kernel) and isinstance(kernel, JITFunction),
         )
         _INFO[kernel] = info
     return info
@@ -261,11 +273,19 @@ def launch(
         kwargs["INTERPRET"] = interpreting
     if interpreting or len(configs) == 1 or not AUTOTUNE:
         config = interpret_config if (interpreting and interpret_config) else configs[0]
+        meta = {**kwargs, **config.kwargs}
         if interpreting:
             _record(info, kwargs, config, configs)
-        meta = {**kwargs, **config.kwargs}
-        g = grid(meta) if callable(grid) else grid
-        kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
+            g = grid(meta) if callable(grid) else grid
+            kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
+            return
+        _run(
+            kernel,
+            info,
+            grid,
+            meta,
+            (("num_warps", config.num_warps), ("num_stages", config.num_stages)),
+        )
         return
     tuned = _autotuned(kernel, configs, key, restore_value, reset_to_zero)
     # The autotuner's own key: the key arguments' values, then the dtypes of the tensor arguments.
@@ -278,13 +298,73 @@ def launch(
         tuned[grid](**kwargs)  # tunes this key once (restore_value / reset_to_zero apply there)
         config = tuned.cache.get(tune_key)
         if config is not None and config.pre_hook is None:
-            _BEST[(tuned, tune_key)] = (config.kwargs, config.all_kwargs())
+            options = tuple(
+                (k, v) for k, v in config.all_kwargs().items() if k not in config.kwargs
+            )
+            _BEST[(tuned, tune_key)] = (config.kwargs, options)
         return
     # Tuned already: launch the jitted kernel with the chosen configuration directly. Autotuner.run
     # rebuilds its key and argument dicts on every call, host time that a small op pays per launch.
-    meta_kwargs, all_kwargs = best
-    g = grid({**kwargs, **meta_kwargs}) if callable(grid) else grid
-    kernel[g](**kwargs, **all_kwargs)
+    meta_kwargs, options = best
+    _run(kernel, info, grid, {**kwargs, **meta_kwargs}, options)
+
+
+# (id(kernel), device, options, specialization) -> (kernel, the CompiledKernel triton built).
+_COMPILED: dict = {}
+# ``FUSEDMLP_DIRECT_LAUNCH=0`` (read once, at import): every launch goes through
+# ``JITFunction.run`` (benchmarks/host_overhead.py compares both).
+DIRECT_LAUNCH = os.environ.get("FUSEDMLP_DIRECT_LAUNCH") != "0"
+
+
+def _run(kernel, info: _KernelInfo, grid, meta: dict, options: tuple) -> None:
+    """Launch a jitted kernel on a GPU: ``meta`` holds every kernel parameter (constexprs too),
+    ``options`` the launch options as ``(name, value)`` pairs (num_warps, num_stages, ...)."""
+    key = None
+    if DIRECT_LAUNCH and info.direct and not kernel.pre_run_hooks:
+        try:
+            args = [meta[n] for n in info.names]
+            key = _compiled_key(kernel, args, options)
+            hit = _COMPILED.get(key)
+        except (KeyError, TypeError):  # a missing argument (triton reports it), unhashable value
+            key = hit = None
+        if hit is not None and hit[0] is kernel:
+            _direct_launch(hit[1], grid(meta) if callable(grid) else grid, args)
+            return
+    g = grid(meta) if callable(grid) else grid
+    compiled = kernel[g](**meta, **dict(options))
+    if key is not None and compiled is not None:
+        _COMPILED[key] = (kernel, compiled)
+
+
+def _compiled_key(kernel, args: list, options: tuple) -> tuple:
+    """What selects the compiled kernel: the device, the launch options and the specialization
+    triton's binder derives from the arguments (types, 16-byte alignment of pointers, integers
+    equal to 1 or divisible by 16, constexpr values), as ``JITFunction.run`` computes it.
+    (``JITFunction.run`` also keys on the debug/instrumentation knobs, read from the
+    environment: they are not expected to change within a process.)"""
+    device = driver.active.get_current_device()
+    binder = kernel.device_caches[device][4]
+    # id(): hashing a JITFunction hashes its source digest under a lock (~1 us); the cache
+    # value holds the kernel, checked by identity.
+    return id(kernel), device, options, tuple(binder(*args)[1])
+
+
+def _direct_launch(compiled, g, args: list) -> None:
+    """Call a compiled kernel as ``CompiledKernel.__getitem__``'s runner does (and as
+    ``JITFunction.run`` does once it has found it): every parameter, constexprs included."""
+    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    compiled.run(
+        g[0],
+        g[1] if len(g) > 1 else 1,
+        g[2] if len(g) > 2 else 1,
+        stream,
+        compiled.function,
+        compiled.packed_metadata,
+        compiled.launch_metadata(g, stream, *args),
+        knobs.runtime.launch_enter_hook,
+        knobs.runtime.launch_exit_hook,
+        *args,
+    )
 
 
 @functools.cache

@@ -35,7 +35,6 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from ..autograd import adam as A
 
 
-
 def _torch_group(group) -> bool:
     """Whether a group asks for something only torch's implementation provides."""
     capturable_elsewhere = group.get("capturable") and not all(p.is_cuda for p in group["params"])

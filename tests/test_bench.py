@@ -217,7 +217,41 @@ def test_host_overhead_script_runs_through_the_real_launch_path():
     # forward: linear, BN stats (2), fused BN-ReLU-dropout, running stats, linear, CE (7);
     # backward: CE scale, last linear dx + dw + split sum (CPU split heuristics), BN block
     # reduce + final + dx, first linear dw (8); Adam (1).
-    assert "launch path" in line and "16 launches/step" in line, out.stdout
+    assert "16 launches/step" in line and "direct launches" in line, out.stdout
+
+
+def _extra_tritons():
+    import os
+
+    extra = os.environ.get("FUSEDMLP_SM90_EXTRA_TRITON", "")
+    return [None] + [p for p in extra.split(os.pathsep) if p]
+
+
+@pytest.mark.parametrize(
+    "triton_path", _extra_tritons(), ids=lambda p: "extra" if p else "installed"
+)
+def test_direct_launch_calls_the_launcher_as_triton_does(triton_path):
+    # kernels/launch.py launches a kernel specialization it has seen through its CompiledKernel,
+    # not JITFunction.run (GPU host time). host_overhead.py --check-direct launches every
+    # kernel of a training step (forward, backward, Adam) both ways through sm_90 compiles and
+    # a recording driver, and fails unless the launcher got the same compiled kernel, grid,
+    # stream, metadata and arguments each time: with the installed triton and with the GPU
+    # machines' triton 3.6 (CI's side folder).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
+    args = ["--width", "32", "--depth", "2", "--check-direct"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
+    assert "launches, " in out.stdout and "identical" in out.stdout, out.stdout
 
 
 def test_kernel_times_script_dry_run(tmp_path):
