@@ -30,7 +30,7 @@ import operator
 import torch
 from torch import Tensor
 
-from ..backend import use_triton
+from ..backend import get_backend, use_triton
 from ._custom_op import caller, custom_op
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,11 +43,9 @@ _is_compiling = torch.compiler.is_compiling
 
 
 def attr_set(name: str, tensors) -> set:
-    """``{t.<name> for t in tensors}``, read with a C loop (``map``) in eager mode. Under
-    ``torch.compile`` a comprehension: dynamo cannot trace ``attrgetter`` (a graph break, and a
-    recompilation of the optimizer step at every call)."""
-    if _is_compiling():
-        return {getattr(t, name) for t in tensors}
+    """``{t.<name> for t in tensors}``, read with a C loop (``map``): eager mode only (dynamo
+    cannot trace ``attrgetter``: a graph break, and a recompilation of the optimizer step at
+    every call). Traced code takes the plain-loop branches of the callers below."""
     return set(map(_GETTERS[name], tensors))
 
 
@@ -294,6 +292,10 @@ def adam(
 
 def one_device_and_dtype(tensors) -> tuple | None:
     """``(device, dtype)`` when every tensor shares them, else None (read with C loops)."""
+    if _is_compiling():  # plain loops: no attrgetter, no set algebra in the traced graph
+        first = tensors[0]
+        same = all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+        return (first.device, first.dtype) if same else None
     if len(attr_set("dtype", tensors)) != 1:
         return None
     devices = attr_set("device", tensors)
@@ -303,7 +305,11 @@ def one_device_and_dtype(tensors) -> tuple | None:
 def kernel_partition(params, grads):
     """``(kernel_idx, rest)``: the indices of the tensors the Triton kernel takes (fp32/fp16/bf16
     params with strided grads) and of the others; all in ``rest`` when the backend runs torch."""
-    if attr_set("dtype", params) <= _KERNEL_DTYPE_SET and attr_set("layout", grads) == _STRIDED:
+    if get_backend() == "torch":
+        return [], list(range(len(params)))
+    if not _is_compiling() and (
+        attr_set("dtype", params) <= _KERNEL_DTYPE_SET and attr_set("layout", grads) == _STRIDED
+    ):
         kernel_idx = list(range(len(params)))  # the common case, without a per-tensor loop
     else:
         kernel_idx = [

@@ -137,7 +137,11 @@ class _FusedAdamStep:
             if device_step:
                 _device_steps(self.state, params, steps)
             else:  # steps moved to the device by an earlier AMP step stay there
-                device_step = False in A.attr_set("is_cpu", steps)
+                device_step = (
+                    not all(s.is_cpu for s in steps)
+                    if torch.compiler.is_compiling()
+                    else False in A.attr_set("is_cpu", steps)
+                )
             A.adam(
                 params,
                 grads,
