@@ -74,7 +74,14 @@ def test_verify_refuses_kernels_already_compiled_in_process():
 
 def _args(**kw):
     base = dict(
-        device=None, dtypes="fp32", ops="sgd", json=None, seed=0, full=False, autotune=False
+        device=None,
+        dtypes="fp32",
+        ops="sgd",
+        json=None,
+        seed=0,
+        full=False,
+        autotune=False,
+        time_budget=None,
     )
     base.update(kw)
     return argparse.Namespace(**base)
@@ -123,3 +130,30 @@ def test_verify_rejects_unknown_dtypes_and_ops(capsys):
     assert verify.run(_args(dtypes="fp8")) == 2
     assert verify.run(_args(ops="conv")) == 2
     assert "unknown" in capsys.readouterr().out
+
+
+def test_verify_time_budget_starts_no_case_after_it(capsys):
+    # gpu_check.sh runs verify with --time-budget: a case that starts before the deadline runs
+    # whole, the ones after it are counted as not run.
+    import time
+
+    ran = []
+
+    def case(name, delay):
+        def thunk(inp, dtype):
+            ran.append(name)
+            time.sleep(delay)
+            return []
+
+        return thunk
+
+    cases = [("sgd", "a", "fp32", case("a", 0.2)), ("sgd", "b", "fp32", case("b", 0.0))]
+    deadline = time.perf_counter() + 0.1
+    rows, not_run = verify._run_cases(cases, ["sgd"], None, True, deadline)
+    assert ran == ["a"] and not_run == 1 and rows == []
+
+
+def test_verify_with_a_spent_time_budget_fails_and_says_so(capsys):
+    assert verify.run(_args(time_budget=0)) == 1  # nothing was verified
+    out = capsys.readouterr().out
+    assert "INCOMPLETE" in out and "0 checks" in out
