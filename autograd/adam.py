@@ -292,6 +292,8 @@ def adam(
 
 def one_device_and_dtype(tensors) -> tuple | None:
     """``(device, dtype)`` when every tensor shares them, else None (read with C loops)."""
+    if not tensors:
+        return None
     if _is_compiling():  # plain loops: no attrgetter, no set algebra in the traced graph
         first = tensors[0]
         same = all(t.dtype == first.dtype and t.device == first.device for t in tensors)

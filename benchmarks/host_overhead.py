@@ -130,6 +130,8 @@ def main(argv=None) -> int:
         adam = fo.Adam(params, lr=1e-3)
         for _ in range(3):
             adam.step()
+        if args.check_direct:
+            return check_direct(L, adam.step, calls)
         start = time.perf_counter()
         for _ in range(args.steps):
             adam.step()

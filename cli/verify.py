@@ -837,6 +837,13 @@ def run(args) -> int:
         print(error)
         return 2
 
+    budget = args.time_budget
+    if budget is not None and not (math.isfinite(budget) and budget >= 0):
+        print(
+            f"fusedmlp verify: --time-budget must be a finite number of seconds >= 0, got {budget}"
+        )
+        return 2
+
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPE_NAMES]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -926,7 +933,8 @@ def run(args) -> int:
                     "torch": torch.__version__,
                     "triton": triton.__version__,
                     "elapsed_s": elapsed,
-                    "passed": not failed,
+                    "passed": bool(rows) and not failed,
+                    "complete": not not_run,
                     "cases_not_run": not_run,
                     "rows": [asdict(r) for r in rows],
                 },

@@ -323,7 +323,7 @@ def _run(kernel, info: _KernelInfo, grid, meta: dict, options: tuple) -> None:
     """Launch a jitted kernel on a GPU: ``meta`` holds every kernel parameter (constexprs too),
     ``options`` the launch options as ``(name, value)`` pairs (num_warps, num_stages, ...)."""
     key = None
-    if DIRECT_LAUNCH and info.direct and not kernel.pre_run_hooks:
+    if DIRECT_LAUNCH and info.direct and not kernel.pre_run_hooks and _plain_knobs(kernel):
         try:
             args = [meta[n] for n in info.names]
             key = _compiled_key(kernel, args, options)
@@ -339,12 +339,34 @@ def _run(kernel, info: _KernelInfo, grid, meta: dict, options: tuple) -> None:
         _COMPILED[key] = (kernel, compiled)
 
 
+def _plain_knobs(kernel) -> bool:
+    """Whether the triton knobs that ``JITFunction.run`` folds into its cache key or acts on at
+    every launch are at their defaults: no debug mode (kernel or ``knobs.runtime.debug``), no
+    instrumentation (proton sets it while it profiles), no fpsan casts (triton 3.9), no stages
+    inspection hook, and no global value read by the kernel that changed since it compiled
+    (``JITFunction.run`` raises then). Otherwise the launch goes through ``JITFunction.run``,
+    which recompiles or raises as triton does."""
+    comp, rt = knobs.compilation, knobs.runtime
+    if (
+        kernel.debug
+        or rt.debug
+        or comp.instrumentation_mode
+        or getattr(comp, "fpsan_homomorphic_casts", False)
+        or getattr(rt, "add_stages_inspection_hook", None) is not None
+    ):
+        return False
+    missing = object()
+    return all(
+        globals_dict.get(name, missing) == value
+        for (name, _), (value, globals_dict) in kernel.used_global_vals.items()
+    )
+
+
 def _compiled_key(kernel, args: list, options: tuple) -> tuple:
     """What selects the compiled kernel: the device, the launch options and the specialization
     triton's binder derives from the arguments (types, 16-byte alignment of pointers, integers
-    equal to 1 or divisible by 16, constexpr values), as ``JITFunction.run`` computes it.
-    (``JITFunction.run`` also keys on the debug/instrumentation knobs, read from the
-    environment: they are not expected to change within a process.)"""
+    equal to 1 or divisible by 16, constexpr values), as ``JITFunction.run`` computes it (the
+    knobs it also keys on are at their defaults here: ``_plain_knobs``)."""
     device = driver.active.get_current_device()
     binder = kernel.device_caches[device][4]
     # id(): hashing a JITFunction hashes its source digest under a lock (~1 us); the cache

@@ -189,3 +189,30 @@ def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
         torch.testing.assert_close(y, x * 2)
     assert benched == [16, 32] and len(runs) == 1  # tuned once, then launched directly
     assert L._BEST[(tuned, (40, "torch.float32", "torch.float32"))][0] == {"BLOCK": 32}
+
+
+def test_direct_launch_defers_to_triton_when_its_knobs_are_set(monkeypatch):
+    # The direct launch (kernels/launch.py) skips JITFunction.run only while the knobs that
+    # run() keys its compiled-kernel cache on, or checks at every launch, are at their defaults:
+    # debug mode, proton's instrumentation, fpsan casts, a stages inspection hook, and the
+    # global values a kernel read when it compiled.
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from fusedmlp.kernels import launch as L
+
+    scope = {"SCALE": 2}
+    kernel = SimpleNamespace(debug=False, used_global_vals={("SCALE", id(scope)): (2, scope)})
+    assert L._plain_knobs(kernel)
+    for obj, name, value in [
+        (knobs.runtime, "debug", True),
+        (knobs.compilation, "instrumentation_mode", "fpsan"),
+        (knobs.runtime, "add_stages_inspection_hook", lambda: ("k", "h")),
+    ]:
+        with monkeypatch.context() as m:
+            m.setattr(obj, name, value)
+            assert not L._plain_knobs(kernel), name
+    assert not L._plain_knobs(SimpleNamespace(debug=True, used_global_vals={}))
+    scope["SCALE"] = 3  # JITFunction.run raises for a changed global: so must the launch
+    assert not L._plain_knobs(kernel)

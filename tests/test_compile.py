@@ -246,3 +246,32 @@ def test_fused_sgd_step_traces_without_breaks_or_recompiles(triton_backend, laun
     for b, r in zip(bufs, ref):
         assert_close(b, torch_opt.state[r]["momentum_buffer"])
     assert launches.total == 4
+
+
+@pytest.mark.parametrize("third", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+def test_compiled_sgd_dispatch_matches_eager_over_mixed_dtypes(triton_backend, launches, third):
+    # The dispatch's compiled branches (plain loops under torch.compile) against its eager ones
+    # (C-loop attribute reads): one kernel launch per kernel dtype (fp32, bf16, fp16), fp64 on
+    # torch's algorithm, in both modes, with the same results.
+    from fusedmlp.autograd import sgd as S
+
+    torch._dynamo.reset()
+    shapes_dtypes = [((3, 4), torch.float32), ((5,), torch.bfloat16), ((2, 2), third)]
+    params = [torch.randn(s, device=DEVICE).to(dt) for s, dt in shapes_dtypes]
+    eager = [p.clone() for p in params]
+    hp = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False)
+    bufs, eager_bufs = [None] * 3, [None] * 3
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(grads):
+        S.sgd(params, grads, bufs, maximize=False, **hp)
+
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        S.sgd(eager, [g.clone() for g in grads], eager_bufs, maximize=False, **hp)
+        step(grads)
+    for p, e in zip(params + bufs, eager + eager_bufs):
+        assert p.dtype == e.dtype
+        assert_close(p, e)
+    partitions = 2 if third == torch.float64 else 3
+    assert launches.total == partitions * 2 * 3  # compiled and eager, three steps

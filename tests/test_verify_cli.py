@@ -153,7 +153,16 @@ def test_verify_time_budget_starts_no_case_after_it(capsys):
     assert ran == ["a"] and not_run == 1 and rows == []
 
 
-def test_verify_with_a_spent_time_budget_fails_and_says_so(capsys):
-    assert verify.run(_args(time_budget=0)) == 1  # nothing was verified
+def test_verify_with_a_spent_time_budget_fails_and_says_so(capsys, tmp_path):
+    report = tmp_path / "verify.json"
+    assert verify.run(_args(time_budget=0, json=str(report))) == 1  # nothing was verified
     out = capsys.readouterr().out
     assert "INCOMPLETE" in out and "0 checks" in out
+    data = json.loads(report.read_text())
+    assert data["passed"] is False and data["complete"] is False and data["cases_not_run"] > 0
+
+
+@pytest.mark.parametrize("budget", [-5.0, float("nan"), float("inf")])
+def test_verify_rejects_a_time_budget_that_is_not_a_number_of_seconds(budget, capsys):
+    assert verify.run(_args(time_budget=budget)) == 2
+    assert "--time-budget" in capsys.readouterr().out
