@@ -11,8 +11,9 @@ time of the kernels the call launched (torch.profiler, CUDA activity), so each r
 Sections (run in the order ``--sections`` gives; rows are skipped once the budget is spent):
   linear: the linear + ReLU backward through each backward path (``FUSEDMLP_LINEAR_BWD``,
           ``kernels/linear.py``), TF32 and bf16, against torch autograd;
-  step:   the MLP training step of the bench (width 1024, batch 16K, TF32) per backward path,
-          and the small step (width 256, batch 64) whose time is the host's;
+  step:   the small MLP training step (width 256, batch 64) whose time is the host's, with the
+          direct launch on and off (``kernels/launch.py``), then the bench's step (width 1024,
+          batch 16K, TF32) per backward path;
   ops:    dropout, batch norm, cross-entropy, Adam, SGD as in the bench, fusedmlp and torch.
 One JSON line per row goes to ``DIR/kernel_times.jsonl`` as soon as it is measured, and a table
 to stdout.
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusedmlp.cli import _bench_engine as E  # noqa: E402
 from fusedmlp.cli import _bench_ops as O  # noqa: E402
+from fusedmlp.kernels import launch as KLaunch  # noqa: E402
 from fusedmlp.kernels import linear as KL  # noqa: E402
 
 
@@ -106,6 +108,16 @@ def main() -> None:
 
     tf32 = O._tf32
 
+    @contextlib.contextmanager
+    def _direct_launch(on, inner):
+        previous = KLaunch.DIRECT_LAUNCH
+        KLaunch.DIRECT_LAUNCH = on
+        try:
+            with inner():
+                yield
+        finally:
+            KLaunch.DIRECT_LAUNCH = previous
+
     def linear():
         for dtype, (M, N, K), ctx in [
             (torch.float32, (16384, 1024, 1024), tf32),
@@ -121,15 +133,21 @@ def main() -> None:
                 context=ctx)  # fmt: skip
 
     def step():
-        for path in ("fused", "dz"):
+        # The host-bound small step first (short set-up), with every launch once through
+        # fusedmlp's direct launch and once through triton's JITFunction.run (kernels/launch.py):
+        # an A/B in one process; then the GPU-bound large step with both linear backward paths.
+        for impl in ("fusedmlp", "torch"):  # host-bound: the wall time is the host's
+            build = O.build_mlp_step(impl, dev, 64, 256 // S)
+            row("step", f"mlp step w256 B64 tf32 {impl}", build, wall=True, context=tf32)
+        build = O.build_mlp_step("fusedmlp", dev, 64, 256 // S)
+        row("step", "mlp step w256 B64 tf32 fusedmlp, JITFunction.run launches", build,
+            wall=True, context=lambda: _direct_launch(False, tf32))  # fmt: skip
+        for path in ("dz", "fused"):
             build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
             row("step", f"mlp step w1024 B16K tf32 fusedmlp {path}", build, wall=True,
                 context=tf32, path=path)  # fmt: skip
         row("step", "mlp step w1024 B16K tf32 torch", O.build_mlp_step("torch", dev, 16384 // S, 1024 // S),
             wall=True, context=tf32)  # fmt: skip
-        for impl in ("fusedmlp", "torch"):  # host-bound: the wall time is the host's
-            build = O.build_mlp_step(impl, dev, 64, 256 // S)
-            row("step", f"mlp step w256 B64 tf32 {impl}", build, wall=True, context=tf32)
 
     def ops():
         bf16, rows, cols, big = torch.bfloat16, 65536 // S, 1024 // S, 50_000_000 // S**3
