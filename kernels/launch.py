@@ -331,7 +331,7 @@ def _run(kernel, info: _KernelInfo, grid, meta: dict, options: tuple) -> None:
         except (KeyError, TypeError):  # a missing argument (triton reports it), unhashable value
             key = hit = None
         if hit is not None and hit[0] is kernel:
-            _direct_launch(hit[1], grid(meta) if callable(grid) else grid, args)
+            _direct_launch(hit[1], grid(meta) if callable(grid) else grid, args, key[1])
             return
     g = grid(meta) if callable(grid) else grid
     compiled = kernel[g](**meta, **dict(options))
@@ -374,10 +374,11 @@ def _compiled_key(kernel, args: list, options: tuple) -> tuple:
     return id(kernel), device, options, tuple(binder(*args)[1])
 
 
-def _direct_launch(compiled, g, args: list) -> None:
+def _direct_launch(compiled, g, args: list, device: int) -> None:
     """Call a compiled kernel as ``CompiledKernel.__getitem__``'s runner does (and as
-    ``JITFunction.run`` does once it has found it): every parameter, constexprs included."""
-    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    ``JITFunction.run`` does once it has found it): every parameter, constexprs included, on
+    the current stream of ``device`` (the current device, read by ``_compiled_key``)."""
+    stream = driver.active.get_current_stream(device)
     compiled.run(
         g[0],
         g[1] if len(g) > 1 else 1,
