@@ -8,6 +8,7 @@
 #   2. env:      GPU (nvidia-smi), driver, torch / triton / CUDA versions
 #   3. tests:    a curated subset of the test suite, compiled on the GPU (fixed configurations,
 #                no hypothesis: every new specialisation costs a compile)
+#   3b. train:   `fusedmlp train --epochs 5` (the README's main job) on the GPU
 #   4. int64:    dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
 #   5. profile:  benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
 #                times of the MLP training step, and the host cost of one launch, under profile/
@@ -140,6 +141,13 @@ else
   log "FAIL tests: none of the curated test files exists"
   FAILED+=("tests (none found)")
 fi
+
+# 3b. the main job on the GPU (README: `fusedmlp train`), as a user runs it (autotuning on):
+# scikit-learn's digits when sklearn is importable, else the generated 2-D disc problem
+DATASET=(--dataset disc)
+"$PY" -c "import sklearn" 2>/dev/null && DATASET=(--dataset digits)
+step train 60 "$PY" -m fusedmlp train "${DATASET[@]}" --epochs 5 --no-progress
+tail -n 6 "$DIR/train.log" 2>/dev/null | tee -a "$DIR/summary.txt"
 
 # 4. int64 indexing: one tensor beyond 2^31 elements
 step int64 60 "$PY" - <<'EOF'
