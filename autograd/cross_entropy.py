@@ -20,15 +20,15 @@ under the 'triton' backend):
   autograd graph task, or under ``torch.compile``, the functional ``cross_entropy_bwd`` writes
   a new tensor instead, so a second backward sees the untouched buffer.
 - Out-of-range targets raise ``IndexError`` (as torch on the CPU) from inside
-  ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path. The kernel
-  writes a NaN loss for such a row, so the check reads the loss after the launch: the reduced
-  loss itself ('mean', 'sum'; no extra kernel) or the sum of the row losses ('none'; one
-  reduction), ONE device-to-host copy of that scalar per forward (a synchronisation: tens of
-  microseconds, and the host can no longer queue work ahead of the GPU past this point). Only
-  when it is NaN (an out-of-range target, NaN/inf logits, or an all-ignored 'mean') are the
-  targets themselves compared against [0, C). The check is skipped during CUDA-graph capture (a
-  sync is illegal there: such a row then gets a NaN loss and a zero gradient row) and when
-  ``CHECK_TARGETS`` is set to False.
+  ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path, before
+  any kernel launch. Cost on a GPU: up to three small ops over the N targets (ignore_index
+  masked when it lies outside [0, C), one ``aminmax``, a stack) and ONE device-to-host copy of
+  the smallest and largest target per forward: a synchronisation (tens of microseconds) with
+  the work queued before the loss, e.g. the model's forward; the loss's own kernels are
+  queued after it, so the GPU runs them while the host goes on to the backward's launches.
+  The check is skipped during CUDA-graph capture (a sync is illegal there: the kernel then
+  writes a NaN loss and a zero gradient row for such a row) and when ``CHECK_TARGETS`` is set
+  to False.
 
 Double backward raises (``_once.once_differentiable``). The op saves no tensor that carries the
 logits' graph, so unless the incoming gradient carries one, the ``create_graph=True`` backward
@@ -94,23 +94,29 @@ def _forward_ad_active() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
-def _check_targets(target: Tensor, num_classes: int, ignore_index: int, loss: Tensor) -> None:
-    """Raise IndexError for a target outside [0, C) other than ignore_index.
+def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise IndexError for a target outside [0, C) other than ignore_index, before any launch.
 
-    ``loss``: the reduced loss (0-d) or the row losses ([N], summed here), NaN whenever a row has
-    such a target (the kernel writes a NaN row loss for it); read with one host sync, the targets
-    are only compared when it is NaN.
+    The smallest and largest target (ignored rows counted as 0 when ``ignore_index`` lies
+    outside [0, C)) come from one ``aminmax`` reduction over the N targets and ONE
+    device-to-host copy of the two values: a synchronisation with the work already queued, but
+    not with this op's own kernels, which are queued after it, so the GPU runs them while the
+    host goes on (the backward's launches included). The targets are compared one by one only
+    to name an offending value.
     """
-    if not CHECK_TARGETS:
+    if not CHECK_TARGETS or target.numel() == 0:
         return
     if target.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if not math.isnan((loss if loss.dim() == 0 else loss.sum()).item()):
+    t = target
+    if not 0 <= ignore_index < num_classes:
+        t = torch.where(target == ignore_index, 0, target)
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()
+    if lo >= 0 and hi < num_classes:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise IndexError(f"Target {value} is out of bounds (expected 0 <= target < {num_classes}).")
+    value = int(target[bad][0])
+    raise IndexError(f"Target {value} is out of bounds (expected 0 <= target < {num_classes}).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +145,7 @@ def cross_entropy_fwd(
     from ..kernels import cross_entropy as K
 
     n, c = logits.shape
+    _check_targets(target, c, ignore_index)
     acc = _acc_dtype(logits.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
     factor = torch.ones((), device=logits.device, dtype=acc)
@@ -166,7 +173,6 @@ def cross_entropy_fwd(
         loss = loss_rows.sum()
     else:
         loss = loss_rows
-    _check_targets(target, c, ignore_index, loss)
     return loss.to(logits.dtype), grad, factor
 
 

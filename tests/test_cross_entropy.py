@@ -155,18 +155,22 @@ def test_logits_feed_a_second_loss_term(backend, launches):
     assert_close(g2, r2)
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 4], ids=["ignore-outside", "ignore-inside"])
 @pytest.mark.parametrize("bad", [9, -1, 100])
-def test_out_of_range_targets_raise(backend, bad):
+def test_out_of_range_targets_raise(backend, launches, bad, ignore_index):
     x, t, _ = _data(5, 9)
     t[3] = bad
+    t[1] = ignore_index  # an ignored row beside the bad one
     with pytest.raises(IndexError):  # torch's own error (on CUDA torch device-asserts instead)
-        F.cross_entropy(x.cpu(), t.cpu())
+        F.cross_entropy(x.cpu(), t.cpu(), ignore_index=ignore_index)
     if backend == "torch" and x.is_cuda:
         # The fallback is torch's cross_entropy, whose CUDA kernel device-asserts (and poisons
         # the CUDA context): the torch backend's IndexError is checked on CPU tensors.
         x, t = x.cpu(), t.cpu()
-    with pytest.raises(IndexError, match="out of bounds"):
-        cross_entropy(x, t)
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        cross_entropy(x, t, ignore_index=ignore_index)
+    assert launches.total == 0  # raised before any kernel launch
+    t[1] = 0
     # the same value as ignore_index is fine
     torch.testing.assert_close(
         cross_entropy(x, t, ignore_index=bad), F.cross_entropy(x, t, ignore_index=bad)
