@@ -21,11 +21,12 @@ under the 'triton' backend):
   a new tensor instead, so a second backward sees the untouched buffer.
 - Out-of-range targets raise ``IndexError`` (as torch on the CPU) from inside
   ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path, before
-  any kernel launch. Cost on a GPU: up to three small ops over the N targets (ignore_index
-  masked when it lies outside [0, C), one ``aminmax``, a stack) and ONE device-to-host copy of
-  the smallest and largest target per forward: a synchronisation (tens of microseconds) with
-  the work queued before the loss, e.g. the model's forward; the loss's own kernels are
-  queued after it, so the GPU runs them while the host goes on to the backward's launches.
+  any Triton launch (only the 'mean' normaliser's small torch ops, which clamp the targets,
+  run before it). Cost on a GPU: up to four small ops over the N targets (ignore_index masked
+  when it lies outside [0, C), one ``aminmax``, a stack) and ONE device-to-host copy of the
+  smallest and largest target per forward: a synchronisation (tens of microseconds) with the
+  work queued before it, e.g. the model's forward; the loss kernel is queued right after it,
+  so the GPU runs it while the host goes on to the backward's launches.
   The check is skipped during CUDA-graph capture (a sync is illegal there: the kernel then
   writes a NaN loss and a zero gradient row for such a row) and when ``CHECK_TARGETS`` is set
   to False.
@@ -95,7 +96,7 @@ def _forward_ad_active() -> bool:
 
 
 def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise IndexError for a target outside [0, C) other than ignore_index, before any launch.
+    """Raise IndexError for a target outside [0, C) other than ignore_index (before the kernel).
 
     The smallest and largest target (ignored rows counted as 0 when ``ignore_index`` lies
     outside [0, C)) come from one ``aminmax`` reduction over the N targets and ONE
@@ -145,7 +146,6 @@ def cross_entropy_fwd(
     from ..kernels import cross_entropy as K
 
     n, c = logits.shape
-    _check_targets(target, c, ignore_index)
     acc = _acc_dtype(logits.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
     factor = torch.ones((), device=logits.device, dtype=acc)
@@ -164,6 +164,9 @@ def cross_entropy_fwd(
             scale = inv
         else:
             factor = inv
+    # The check's sync comes after the normaliser's small ops (they clamp the targets, so a bad
+    # one is harmless there) and right before the kernel: the GPU waits only for its launch.
+    _check_targets(target, c, ignore_index)
     loss_rows, grad = K.cross_entropy_fwd(
         logits, target, w, ignore_index, label_smoothing, scale, compute_grad
     )
