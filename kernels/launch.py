@@ -323,6 +323,7 @@ def _run(kernel, info: _KernelInfo, grid, meta: dict, options: tuple) -> None:
     """Launch a jitted kernel on a GPU: ``meta`` holds every kernel parameter (constexprs too),
     ``options`` the launch options as ``(name, value)`` pairs (num_warps, num_stages, ...)."""
     key = None
+    g = grid(meta) if callable(grid) else grid
     if DIRECT_LAUNCH and info.direct and not kernel.pre_run_hooks and _plain_knobs(kernel):
         try:
             args = [meta[n] for n in info.names]
@@ -331,9 +332,8 @@ def _run(kernel, info: _KernelInfo, grid, meta: dict, options: tuple) -> None:
         except (KeyError, TypeError):  # a missing argument (triton reports it), unhashable value
             key = hit = None
         if hit is not None and hit[0] is kernel:
-            _direct_launch(hit[1], grid(meta) if callable(grid) else grid, args, key[1])
+            _direct_launch(hit[1], g, args, key[1])
             return
-    g = grid(meta) if callable(grid) else grid
     compiled = kernel[g](**meta, **dict(options))
     if key is not None and compiled is not None:
         _COMPILED[key] = (kernel, compiled)
