@@ -83,9 +83,11 @@ class _FusedAdamStep:
         """
         grad_scale, found_inf = amp_tensors(self, grad_scale, found_inf)
         amp = grad_scale is not None or found_inf is not None
-        health = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
-            self, "_cuda_graph_capture_health_check", None
-        )
+        # An ``is None`` test, not ``or``: torch 2.11's dynamo cannot take the truth value of a
+        # bound method (a graph break that sent the whole step back to eager).
+        health = getattr(self, "_accelerator_graph_capture_health_check", None)
+        if health is None:
+            health = getattr(self, "_cuda_graph_capture_health_check", None)
         if health is not None:
             health()
 
