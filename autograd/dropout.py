@@ -97,7 +97,10 @@ class DropoutFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        return _DropoutGrad.apply(grad, seed, ctx.p, ctx.inner), None, None, None
+        if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again
+            return _DropoutGrad.apply(grad, seed, ctx.p, ctx.inner), None, None, None
+        # A plain backward: the op itself, without a second Function's host overhead.
+        return _dropout_bwd_call(grad, seed, ctx.p, ctx.inner), None, None, None
 
 
 def _check_p(p) -> float:

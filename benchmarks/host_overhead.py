@@ -1,6 +1,7 @@
 """Host time of a training step on a CPU-only machine, through triton's real launch path.
 
     python benchmarks/host_overhead.py [--batch 64] [--width 256] [--depth 4] [--steps 50]
+    python benchmarks/host_overhead.py --autotune     (multi-config kernels as a GPU launches them)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
 
 A small MLP step (``fusedmlp bench``'s: [Linear-BN-ReLU-Dropout] x depth + Linear,
@@ -83,6 +84,15 @@ def install_recording_driver(record_args: bool = False) -> list:
     return calls
 
 
+def skip_tuning() -> None:
+    """Make triton's autotuner choose each kernel's first configuration without benchmarking
+    (timing needs a GPU): one configuration left after pruning, timed as a constant."""
+    from triton.runtime.autotuner import Autotuner
+
+    Autotuner.prune_configs = lambda self, kwargs, *a, **k: self.configs[:1]
+    Autotuner._bench = lambda self, *a, **k: [1.0, 1.0, 1.0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -105,8 +115,18 @@ def main(argv=None) -> int:
         help="launch every kernel of a step both ways (fusedmlp's direct launch of the cached "
         "compiled kernel, triton's JITFunction.run) and check the launcher calls are identical",
     )
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="launch multi-config kernels through fusedmlp's autotuned path, as on a GPU (the "
+        "'tuning' picks each kernel's first configuration without timing anything)",
+    )
     args = parser.parse_args(argv)
-    os.environ.setdefault("FUSEDMLP_AUTOTUNE", "0")  # autotuning would time kernels on a GPU
+    if args.autotune:
+        os.environ["FUSEDMLP_AUTOTUNE"] = "1"
+        skip_tuning()
+    else:
+        os.environ.setdefault("FUSEDMLP_AUTOTUNE", "0")  # autotuning would time kernels on a GPU
 
     import torch
     import triton

@@ -158,14 +158,22 @@ def _coalesce(shape, *strides):
     return dims
 
 
+# A contiguous x and out as the kernel's CONTIGUOUS branch takes them (it reads only numel).
+_FLAT_SIZES = (1,) * MAX_DIMS
+_FLAT_STRIDES = (0,) * MAX_DIMS
+
+
 def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, inner: int) -> None:
     numel = x.numel()
-    dims = _coalesce(x.shape, x.stride(), out.stride())
-    contiguous = len(dims) <= 1 and all(s == 1 for s in (dims[0][1] if dims else [1, 1]))
-    dims = [(1, [0, 0])] * (MAX_DIMS - len(dims)) + dims
-    sizes = [d[0] for d in dims]
-    x_strides = [d[1][0] for d in dims]
-    out_strides = [d[1][1] for d in dims]
+    if x.is_contiguous() and out.is_contiguous():  # the common case, without the coalescing
+        contiguous, sizes, x_strides, out_strides = True, _FLAT_SIZES, _FLAT_STRIDES, _FLAT_STRIDES
+    else:
+        dims = _coalesce(x.shape, x.stride(), out.stride())
+        contiguous = len(dims) <= 1 and all(s == 1 for s in (dims[0][1] if dims else [1, 1]))
+        dims = [(1, [0, 0])] * (MAX_DIMS - len(dims)) + dims
+        sizes = [d[0] for d in dims]
+        x_strides = [d[1][0] for d in dims]
+        out_strides = [d[1][1] for d in dims]
     scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
     with on_device(x):
         launch(

@@ -228,25 +228,29 @@ def _record(info: _KernelInfo, kwargs: dict, config: triton.Config, gpu_configs)
 # ``FUSEDMLP_AUTOTUNE=0`` (read once, at import: an environment lookup per launch costs ~1 us).
 AUTOTUNE = os.environ.get("FUSEDMLP_AUTOTUNE") != "0"
 
-# (kernel, id(configs), key, restore, reset) -> (configs, autotuner). The configs object is kept
-# in the value and compared by identity, so a recycled id can never return another autotuner.
+# (id(kernel), id(configs)) -> (kernel, configs, (key, restore, reset), autotuner). Keyed by ids
+# (hashing a JITFunction digests its source under a lock, ~1 us per launch); the value keeps the
+# kernel and the configs, checked by identity, so a recycled id never returns another autotuner.
 _AUTOTUNED: dict = {}
-# (autotuner, autotune key) -> (config.kwargs, config.all_kwargs()) of the tuned configuration.
+# (autotuner, key values, dtypes of the tensor arguments) -> (config.kwargs, launch options) of
+# the tuned configuration.
 _BEST: dict = {}
+# autotuner -> names of the kernel arguments that are tensors (learnt at its first launch).
+_TENSOR_ARGS: dict = {}
 
 
 def _autotuned(kernel, configs, key, restore_value, reset_to_zero):
-    cache_key = (kernel, id(configs), tuple(key), tuple(restore_value), tuple(reset_to_zero))
-    hit = _AUTOTUNED.get(cache_key)
-    if hit is not None and hit[0] is configs:
-        return hit[1]
+    names = (tuple(key), tuple(restore_value), tuple(reset_to_zero))
+    hit = _AUTOTUNED.get((id(kernel), id(configs)))
+    if hit is not None and hit[0] is kernel and hit[1] is configs and hit[2] == names:
+        return hit[3]
     tuned = triton.autotune(
         configs=list(configs),
         key=list(key),
         restore_value=list(restore_value) or None,
         reset_to_zero=list(reset_to_zero) or None,
     )(kernel)
-    _AUTOTUNED[cache_key] = (configs, tuned)
+    _AUTOTUNED[(id(kernel), id(configs))] = (kernel, configs, names, tuned)
     return tuned
 
 
@@ -291,20 +295,33 @@ def launch(
         )
         return
     tuned = _autotuned(kernel, configs, key, restore_value, reset_to_zero)
-    # The autotuner's own key: the key arguments' values, then the dtypes of the tensor arguments.
-    tune_key = (
-        *(kwargs[k] for k in key if k in kwargs),
-        *(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)),
-    )
-    best = _BEST.get((tuned, tune_key))
+    # What the autotuner keys on: the key arguments' values, then the dtypes of the tensor
+    # arguments (as dtype objects here: str() of each costs host time at every launch).
+    # The tensor arguments' names are learnt at the autotuner's first launch (scanning every
+    # argument costs ~1.5 us a launch): fusedmlp's launchers pass a tensor (or a placeholder
+    # tensor) at the same names at every call. A call where one of them is not a tensor rescans.
+    values = tuple(kwargs[k] for k in key if k in kwargs)
+    names = _TENSOR_ARGS.get(tuned, ())
+    try:
+        dtypes = tuple([kwargs[n].dtype for n in names])
+    except (KeyError, AttributeError):
+        names = ()
+    if not names:
+        names = tuple(n for n, v in kwargs.items() if isinstance(v, torch.Tensor))
+        _TENSOR_ARGS[tuned] = names
+        dtypes = tuple([kwargs[n].dtype for n in names])
+    best = _BEST.get((tuned, values, dtypes))
     if best is None:
         tuned[grid](**kwargs)  # tunes this key once (restore_value / reset_to_zero apply there)
-        config = tuned.cache.get(tune_key)
+        # The autotuner's own key: this call's tensor arguments in its keyword order.
+        config = tuned.cache.get(
+            (*values, *(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)))
+        )
         if config is not None and config.pre_hook is None:
             options = tuple(
                 (k, v) for k, v in config.all_kwargs().items() if k not in config.kwargs
             )
-            _BEST[(tuned, tune_key)] = (config.kwargs, options)
+            _BEST[(tuned, values, dtypes)] = (config.kwargs, options)
         return
     # Tuned already: launch the jitted kernel with the chosen configuration directly. Autotuner.run
     # rebuilds its key and argument dicts on every call, host time that a small op pays per launch.

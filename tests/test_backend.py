@@ -188,7 +188,17 @@ def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
                  key=("n",), x_ptr=x, y_ptr=y, n=40)  # fmt: skip
         torch.testing.assert_close(y, x * 2)
     assert benched == [16, 32] and len(runs) == 1  # tuned once, then launched directly
-    assert L._BEST[(tuned, (40, "torch.float32", "torch.float32"))][0] == {"BLOCK": 32}
+    assert L._BEST[(tuned, (40,), (torch.float32, torch.float32))][0] == {"BLOCK": 32}
+    assert L._TENSOR_ARGS[tuned] == ("x_ptr", "y_ptr")
+    assert ((40, "torch.float32", "torch.float32")) in tuned.cache  # the autotuner's own key
+    # Another dtype is another key: tuned again (the dtypes are read at the learnt names).
+    x16 = x.half()
+    y16 = torch.empty_like(x16)
+    L.launch(_scale_kernel, lambda m: (triton.cdiv(40, m["BLOCK"]),), configs=configs,
+             key=("n",), x_ptr=x16, y_ptr=y16, n=40)  # fmt: skip
+    torch.testing.assert_close(y16, x16 * 2)
+    assert benched == [16, 32, 16, 32] and len(runs) == 2
+    assert (tuned, (40,), (torch.float16, torch.float16)) in L._BEST
 
 
 def test_direct_launch_defers_to_triton_when_its_knobs_are_set(monkeypatch):
