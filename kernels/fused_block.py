@@ -499,9 +499,10 @@ def fused_forward(
     if out is None:
         out = torch.empty((R, C), dtype=x.dtype, device=x.device)
     weight, bias = _vec(weight), _vec(bias)
-    mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))  # distinct (custom op)
-    if x.numel() == 0:
-        return out, mean, invstd, var
+    if x.numel() == 0 or not normalize:
+        mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))  # distinct (custom op)
+        if x.numel() == 0:
+            return out, mean, invstd, var
     with on_device(x):
         if normalize:
             mean, invstd, var = BN.batch_norm_stats(x, eps)

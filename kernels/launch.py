@@ -396,6 +396,7 @@ def _direct_launch(compiled, g, args: list, device: int) -> None:
     ``JITFunction.run`` does once it has found it): every parameter, constexprs included, on
     the current stream of ``device`` (the current device, read by ``_compiled_key``)."""
     stream = driver.active.get_current_stream(device)
+    enter = knobs.runtime.launch_enter_hook
     compiled.run(
         g[0],
         g[1] if len(g) > 1 else 1,
@@ -403,8 +404,9 @@ def _direct_launch(compiled, g, args: list, device: int) -> None:
         stream,
         compiled.function,
         compiled.packed_metadata,
-        compiled.launch_metadata(g, stream, *args),
-        knobs.runtime.launch_enter_hook,
+        # launch_metadata returns None without an enter hook: skip the call and its *args
+        None if enter is None else compiled.launch_metadata(g, stream, *args),
+        enter,
         knobs.runtime.launch_exit_hook,
         *args,
     )
