@@ -565,6 +565,9 @@ _TILE_NAMES = {
 _TILES_16 = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
+    # 4 stages: 192 KiB of shared memory, one more K-step of loads in flight per tile
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 4),
     (128, 128, 64, 8, 4),
     (128, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
@@ -598,6 +601,10 @@ _TILES_32 = [
 # TF32 only: 128 x 256 x 16 with 8 warps compiles without spills for the forward, dX and dW
 # with wgmma (178-250 registers); the IEEE FMA dot spills there.
 _TILES_32_TF32 = _TILES_32 + [(128, 256, 16, 8, 4)]
+# The forward kernel (also both GEMMs of the "dz" backward) with 32-deep TF32 tiles: half the
+# barriers and wgmma issue rounds per FLOP of the 16-deep one; 182-188 registers, no spills
+# (sm_90, triton 3.9). The fused dX/dW kernels spill with them (72-96 bytes of stack).
+_TILES_32_TF32_FWD = _TILES_32_TF32 + [(128, 256, 32, 8, 3), (256, 128, 32, 8, 3)]
 # fp64 (only under backend "triton", e.g. gradcheck): one small config, no autotuning.
 _TILES_64 = [(32, 32, 16, 4, 2)]
 _INTERPRET_TILE = (16, 16, 16, 4, 2)
@@ -625,7 +632,11 @@ def _configs(kind: str, dtype: torch.dtype, precision: str):
     if dtype == torch.float64:
         tiles, key = _TILES_64, ("M", "N", "K")  # one config: launched without autotuning
     elif dtype == torch.float32:
-        tiles, key = (_TILES_32_TF32 if precision == "tf32" else _TILES_32), ("K", "N", "M")
+        if precision == "tf32":
+            tiles = _TILES_32_TF32_FWD if kind == "fwd" else _TILES_32_TF32
+        else:
+            tiles = _TILES_32
+        key = ("K", "N", "M")
     else:
         tiles, key = (_TILES_16 if kind == "fwd" else _TILES_16_BWD), ("M", "N", "K")
     configs = [_cfg(kind, t) for t in tiles]
