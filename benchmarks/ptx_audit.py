@@ -5,7 +5,7 @@
 ``--triton DIR``: compile with the triton installed in DIR (``pip install --target``, e.g. CI's
 ``.triton36``, the GPU machines' release); the ops always run under this environment's triton.
 
-Runs a small set of ops under Triton's interpreter (batch norm, dropout, cross-entropy, the relu-dropout block
+Runs a small set of ops under Triton's interpreter (batch norm, dropout, cross-entropy, log-softmax, the relu-dropout block
 and the linear backward's dz path in fp32 and bf16, an MLP training step with Adam), then compiles the first GPU configuration of every
 kernel it launched for sm_90, with the JIT's argument specialisation (``tests/sm90_worker.py``),
 and prints per kernel what the generated code does that costs bandwidth or time:
@@ -13,6 +13,8 @@ and prints per kernel what the generated code does that costs bandwidth or time:
 - ``cvt``: ``ttg.convert_layout`` ops in the TTGIR; with ``st.shared``/``bar``: a tensor moved
   between register layouts through shared memory (cheap once per program, costly per tile);
 - ``ld.v4`` / ``ld``: vectorised (16-byte) and all global loads in the PTX;
+- ``L2hint``: global loads with an L2 cache-eviction hint (``eviction_policy``: the two-pass
+  cross-entropy and softmax kernels keep their first pass in L2 for the second);
 - ``mulhi``: ``mul.hi`` instructions (Philox rounds: 2 per round, 20 per call of 4 words).
 
 This found the fused block kernels moving every data tile through shared memory twice (their
@@ -33,7 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # PTX instruction counts: shared-memory stores, barriers, 16-byte global loads, global loads,
 # mul.hi (Philox)
-_PATTERNS = (r"st\.shared", r"bar\.sync", r"ld\.global[^\n]*v4", r"ld\.global", r"mul\.hi")
+_PATTERNS = (
+    r"st\.shared",
+    r"bar\.sync",
+    r"ld\.global[^\n]*v4",
+    r"ld\.global",
+    r"mul\.hi",
+    r"ld\.global[^\n]*L2::cache_hint",
+)
 
 
 def collect(path: str) -> None:
@@ -53,8 +62,9 @@ def collect(path: str) -> None:
         x = torch.randn(64, 32, dtype=dt, requires_grad=True)
         fnn.BatchNorm1d(32).to(dt)(x).sum().backward()
         FF.dropout(x, 0.3, True).sum().backward()
-        logits = torch.randn(16, 40, dtype=dt, requires_grad=True)
-        FF.cross_entropy(logits, torch.randint(0, 40, (16,))).backward()
+        logits = torch.randn(16, 48, dtype=dt, requires_grad=True)  # rows 16-element aligned
+        FF.cross_entropy(logits, torch.randint(0, 48, (16,))).backward()
+        FF.log_softmax(logits, 1).backward(torch.randn(16, 48, dtype=dt))
         # the relu-dropout tail of Linear -> ReLU -> Dropout (its backward reads the output)
         y = act_dropout(x, "relu", p=0.3)
         y.backward(torch.randn_like(y))  # a dense gradient (.sum()'s is expanded: stride 0)
@@ -117,10 +127,10 @@ def audit(path: str) -> None:
         ptx = c.asm["ptx"]
         counts = [len(re.findall(pattern, ptx)) for pattern in _PATTERNS]
         convert = c.asm["ttgir"].count("ttg.convert_layout")
-        shared, bar, v4, loads, mulhi = counts
+        shared, bar, v4, loads, mulhi, hinted = counts
         print(
             f"{name:32s} {types:24s} w{warps} cvt {convert:2d} st.shared {shared:3d} bar {bar:3d}"
-            f" ld.v4 {v4:3d} ld {loads:3d} mulhi {mulhi:3d}"
+            f" ld.v4 {v4:3d} ld {loads:3d} L2hint {hinted:3d} mulhi {mulhi:3d}"
         )
 
 

@@ -22,6 +22,10 @@ multiplier is exactly 1 (``loss.backward()`` of a 'mean'/'sum' loss moves no gra
 all); out of place it writes a new buffer.
 
 Arithmetic in fp32 (fp64 for fp64 logits); fp32/fp16/bf16/fp64 logits; int64 targets.
+
+L2 hints (as torch inductor's looped reductions): with ``COMPUTE_GRAD`` the first pass loads
+the row ``evict_last`` and the gradient pass ``evict_first``, so that the rows in flight can be
+re-read from L2 rather than HBM while the gradient stores stream through it.
 """
 
 from __future__ import annotations
@@ -96,7 +100,15 @@ def _ce_fwd_kernel(
         for c0 in range(0, C, BLOCK_C):
             offs = c0 + cols
             mask = offs < C
-            x = tl.load(x_row + offs.to(tl.int64) * stride_xc, mask=mask, other=float("-inf"))
+            if COMPUTE_GRAD:  # read again by the gradient pass: keep it in L2 meanwhile
+                x = tl.load(
+                    x_row + offs.to(tl.int64) * stride_xc,
+                    mask=mask,
+                    other=float("-inf"),
+                    eviction_policy="evict_last",
+                )
+            else:
+                x = tl.load(x_row + offs.to(tl.int64) * stride_xc, mask=mask, other=float("-inf"))
             x = x.to(ACC)
             m_new = tl.maximum(m, tl.max(x, 0))
             # while every logit so far is -inf keep s = 0 (avoid exp(-inf + inf) = nan)
@@ -142,7 +154,12 @@ def _ce_fwd_kernel(
             for c0 in range(0, C, BLOCK_C):
                 offs = c0 + cols
                 mask = offs < C
-                x = tl.load(x_row + offs.to(tl.int64) * stride_xc, mask=mask, other=0.0)
+                x = tl.load(
+                    x_row + offs.to(tl.int64) * stride_xc,
+                    mask=mask,
+                    other=0.0,
+                    eviction_policy="evict_first",  # its last read
+                )
                 p = tl.exp((x.to(ACC) - m) - log_s)
                 g = p * coef_p - tl.where(offs == t, coef_t, 0.0)
                 if HAS_SMOOTHING:
