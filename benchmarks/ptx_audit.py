@@ -15,7 +15,10 @@ and prints per kernel what the generated code does that costs bandwidth or time:
 - ``ld.v4`` / ``ld``: vectorised (16-byte) and all global loads in the PTX;
 - ``L2hint``: global loads with an L2 cache-eviction hint (``eviction_policy``: the two-pass
   cross-entropy and softmax kernels keep their first pass in L2 for the second);
-- ``mulhi``: ``mul.hi`` instructions (Philox rounds: 2 per round, 20 per call of 4 words).
+- ``mulhi``: ``mul.hi`` instructions (Philox rounds: 2 per round, 20 per call of 4 words);
+- ``sass``: SASS instructions of the cubin (``cuobjdump -sass``, bundled with triton): what an
+  arithmetic-bound kernel executes per program (tried and dropped with it: a 64-bit multiply
+  for Philox's hi/lo pairs, fewer for fp32 and more for bf16; an integer keep test, no fewer).
 
 This found the fused block kernels moving every data tile through shared memory twice (their
 per-column vectors took a layout of their own) and the forward computing each Philox call four
@@ -131,7 +134,25 @@ def audit(path: str) -> None:
         print(
             f"{name:32s} {types:24s} w{warps} cvt {convert:2d} st.shared {shared:3d} bar {bar:3d}"
             f" ld.v4 {v4:3d} ld {loads:3d} L2hint {hinted:3d} mulhi {mulhi:3d}"
+            f" sass {sass_count(c.asm['cubin']):5d}"
         )
+
+
+def sass_count(cubin: bytes) -> int:
+    """SASS instructions in ``cubin`` (triton's bundled ``cuobjdump -sass``; -1 without it):
+    a static count, the cost of a kernel bound by its arithmetic (Philox) per element."""
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True)
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", out.stdout, re.M))
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,9 @@ GPU_CONFIGS = [
     triton.Config({"BLOCK": 2048}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=8),
     triton.Config({"BLOCK": 4096}, num_warps=8),
+    # 32 elements a thread: more loads in flight per thread to hide the Philox arithmetic
+    triton.Config({"BLOCK": 4096}, num_warps=4),
+    triton.Config({"BLOCK": 8192}, num_warps=8),
 ]
 # The interpreter runs one program at a time with numpy: a big block keeps it fast.
 INTERPRET_CONFIG = triton.Config({"BLOCK": 4096}, num_warps=4)
