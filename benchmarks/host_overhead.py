@@ -2,6 +2,7 @@
 
     python benchmarks/host_overhead.py [--batch 64] [--width 256] [--depth 4] [--steps 50]
     python benchmarks/host_overhead.py --autotune     (multi-config kernels as a GPU launches them)
+    python benchmarks/host_overhead.py --peak --batch 16384 --width 1024   (memory, not time)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
 
 A small MLP step (``fusedmlp bench``'s: [Linear-BN-ReLU-Dropout] x depth + Linear,
@@ -121,6 +122,13 @@ def main(argv=None) -> int:
         help="launch multi-config kernels through fusedmlp's autotuned path, as on a GPU (the "
         "'tuning' picks each kernel's first configuration without timing anything)",
     )
+    parser.add_argument(
+        "--peak",
+        action="store_true",
+        help="instead of timing: the bytes in use at each launch of one step (glibc's mallinfo2, "
+        "so only on Linux), with TF32 matmuls and each linear backward on the path a GPU takes "
+        "(the bench's step: --batch 16384 --width 1024)",
+    )
     args = parser.parse_args(argv)
     if args.autotune:
         os.environ["FUSEDMLP_AUTOTUNE"] = "1"
@@ -172,6 +180,8 @@ def main(argv=None) -> int:
         loss_fn(model(x), y).backward()
         opt.step()
 
+    if args.peak:
+        return peak(L, torch, step)
     start = time.perf_counter()
     for _ in range(2):
         step()  # compiles every kernel for sm_90
@@ -218,6 +228,55 @@ def main(argv=None) -> int:
         f"all through JITFunction.run {triton_path * 1e3:.3f} ms/step "
         f"({(triton_path - own) / n * 1e6:.1f} us each), launches as no-ops {own * 1e3:.3f} ms/step"
     )
+    return 0
+
+
+def peak(L, torch, step) -> int:
+    """Print the peak of the bytes in use over one step, sampled at every launch (a kernel's
+    buffers all exist when it launches), and where it happens: a CPU stand-in for the GPU
+    allocator's peak (the caching allocator's own overhead aside)."""
+    import ctypes
+
+    from fusedmlp.kernels import linear as KL
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                         "uordblks", "fordblks", "keepcost")
+        ]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.hblkhd + info.uordblks  # mmapped blocks (the big tensors) + the heap's
+
+    torch.set_float32_matmul_precision("high")  # TF32, as the bench's step
+    choose = KL.backward_path
+    cuda = torch.device("cuda")
+    KL.backward_path = lambda dtype, prec, M, N, K, device: choose(dtype, prec, M, N, K, cuda)
+    for _ in range(2):
+        step()
+    trace = []
+    direct = L._direct_launch
+
+    def sampled(compiled, *args):
+        trace.append((compiled.name, in_use()))
+        return direct(compiled, *args)
+
+    L._direct_launch = sampled
+    before = in_use()
+    try:
+        step()
+    finally:
+        L._direct_launch = direct
+    top = max(range(len(trace)), key=lambda i: trace[i][1])
+    print(f"in use before the step: {before / 2**20:.0f} MiB; peak {trace[top][1] / 2**20:.0f} MiB "
+          f"at launch {top + 1} of {len(trace)} ({trace[top][0]})")  # fmt: skip
+    for i, (name, used) in enumerate(trace, 1):
+        print(f"  {i:3d} {used / 2**20:7.0f} MiB  {name}")
     return 0
 
 

@@ -815,12 +815,17 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
             _sum_splits(ws, None, db, 0, N, n_split)
     dz_rows = dz if write_dz else grad_y
     dx = dw = None
-    if need_dx:  # dX = dZ @ W = dZ @ (W^T)^T
-        w_t = weight.t().contiguous() if kmajor else weight.t()
-        dx = linear_forward(dz_rows, w_t, None, "none", 0.0, out_shape=dx_shape)[0]
+    # dW first, and its [M, *] transposes freed before dX is allocated: TF32 holds dZ^T and X^T
+    # (M x N and M x K) for it, and dX (M x K) need not exist beside them. That is the
+    # step's peak (the last hidden layer's backward, every activation still saved): 64 MiB less
+    # at width 1024, batch 16K, fp32.
     if need_dw:  # dW = dZ^T @ X = dZ^T @ (X^T)^T
         x_t = x.t().contiguous() if kmajor else x.t()
         dw = linear_forward(dzt if write_dzt else dz_rows.t(), x_t, None, "none", 0.0)[0]
+        del x_t, dzt
+    if need_dx:  # dX = dZ @ W = dZ @ (W^T)^T
+        w_t = weight.t().contiguous() if kmajor else weight.t()
+        dx = linear_forward(dz_rows, w_t, None, "none", 0.0, out_shape=dx_shape)[0]
     return dx, dw, db
 
 
