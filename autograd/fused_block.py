@@ -1,6 +1,6 @@
 """Cross-layer fusion: custom ops, autograd Functions and dispatch of the fused blocks.
 
-Two blocks (kernels in ``fusedmlp.kernels.fused_block``):
+Three blocks (kernels in ``fusedmlp.kernels.fused_block``):
 
 - ``bn_act_dropout``: ``dropout(act(batch_norm(x)))`` with the batch statistics (training
   mode). Triton path: the batch-norm op's statistics kernels, then ONE pass for normalise +
@@ -10,6 +10,10 @@ Two blocks (kernels in ``fusedmlp.kernels.fused_block``):
   the backward (which reads x anyway for the BN reductions), so no BN output, activation output
   or mask is stored. The backward never writes the BN output's gradient to memory: two passes
   over (x, dout) recompute it (split reduction + merge, then dx).
+- ``bn_act_dropout_linear``: ``linear(bn_act_dropout(x), W, b)``, the block and the Linear
+  without activation that follows it in an MLP: the block's output is not saved but recomputed
+  in the backward (``fused_block_apply``: the forward pass again with the saved statistics, the
+  same bits) for the Linear's dW, then freed before the block's backward runs.
 - ``act_dropout``: ``dropout(act(z))``, the tail of ``Linear -> act -> Dropout`` when the Linear
   runs without activation. Saved: the OUTPUT where it determines the derivative (none, relu,
   leaky_relu with ``negative_slope >= 0``, sigmoid, tanh; the next layer keeps it as its input
@@ -43,7 +47,7 @@ from .batchnorm import (
     torch_batch_norm,
 )
 from .dropout import _check_p, _seed
-from .linear import apply_activation_torch, check_activation
+from .linear import _linear_bwd, _linear_fwd, _validate, apply_activation_torch, check_activation
 
 
 def saves_output(activation: str, negative_slope: float) -> bool:
@@ -175,7 +179,37 @@ def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx
     )
 
 
+@custom_op("fusedmlp::fused_block_apply", mutates_args=())
+def _fused_block_apply(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    seed: Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+) -> Tensor:
+    """``dropout(act(bn(x)))`` with given statistics (``fused_block_fwd``'s mean and invstd for
+    this x): that op's output again, bit for bit, without the statistics kernels."""
+    from ..kernels import fused_block as K
+
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    K.fused_forward(
+        x, weight, bias, seed, True, 0.0, p, activation, negative_slope, out=out,
+        stats=(mean, invstd),
+    )  # fmt: skip
+    return out
+
+
+@_fused_block_apply.register_fake
+def _(x, weight, bias, mean, invstd, seed, p, activation, negative_slope):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 _fused_block_fwd_call = caller(_fused_block_fwd)
+_fused_block_apply_call = caller(_fused_block_apply)
 _fused_block_act_dropout_bwd_call = caller(_fused_block_act_dropout_bwd)
 _fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
 
@@ -234,6 +268,85 @@ class BNActDropoutFunction(torch.autograd.Function):
             need_db,
         )
         return affine_grads(ctx, dx, dw, db, 8)
+
+
+class BNActDropoutLinearFunction(torch.autograd.Function):
+    """``linear(dropout(act(batch_norm(x))), lin_weight, lin_bias)`` with batch statistics, the
+    Linear without activation (an MLP's next layer, or its head). Also returns the batch mean and
+    unbiased variance (non-differentiable) for the running-statistics update.
+
+    The block's output, the Linear's input, is not saved: the backward recomputes it from x, the
+    statistics and the seed (one elementwise pass, ``fused_block_apply``) for the Linear's dW,
+    then frees it before the block's own backward. A hidden layer so keeps one [N, C] activation
+    for backward (x) instead of two (x and the block output), as a compiled torch model does.
+    Saves x, weight, bias, mean, invstd, seed, lin_weight."""
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, seed, lin_weight, lin_bias, eps, p, activation, negative_slope
+    ):
+        out, mean, invstd, var = _fused_block_fwd_call(
+            x, weight, bias, seed, True, eps, p, activation, negative_slope
+        )
+        y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
+        del out  # freed here: the backward recomputes it
+        ctx.save_for_backward(x, weight, bias, mean, invstd, seed, lin_weight)
+        ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.has_lin_bias = lin_bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable("batch_norm + activation + dropout + linear")
+    def backward(ctx, dy, _dmean, _dvar):
+        if dy is None:
+            return (None,) * 10
+        x, weight, bias, mean, invstd, seed, lin_weight = ctx.saved_tensors
+        need_dx, need_dw, need_db, _, need_dlw, need_dlb = ctx.needs_input_grad[:6]
+        need_dlb = need_dlb and ctx.has_lin_bias
+        need_block = need_dx or need_dw or need_db
+        if need_dlw:  # the Linear's input again, for its dW only
+            out = _fused_block_apply_call(
+                x, weight, bias, mean, invstd, seed, ctx.p, ctx.activation, ctx.negative_slope
+            )
+        else:
+            out = x  # shape and dtype only: not read without dW
+        dout, dlw, dlb = _linear_bwd(
+            dy, out, lin_weight, dy, "none", 0.0, need_block, need_dlw, need_dlb
+        )
+        del out
+        dx = dw = db = None
+        if need_block:
+            dx, dw, db = _fused_block_bn_bwd_call(
+                dout,
+                x,
+                weight,
+                bias,
+                mean,
+                invstd,
+                seed,
+                ctx.p,
+                ctx.activation,
+                ctx.negative_slope,
+                need_dx,
+                need_dw,
+                need_db,
+            )
+            dx, dw, db = affine_grads(ctx, dx, dw, db, 3)
+        return (
+            dx,
+            dw,
+            db,
+            None,
+            dlw if need_dlw else None,
+            dlb if need_dlb else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class ActDropoutFunction(torch.autograd.Function):
@@ -341,6 +454,62 @@ def bn_act_dropout(
     return out
 
 
+def bn_act_dropout_linear(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+    p: float,
+    num_batches_tracked: Tensor | None,
+    lin_weight: Tensor,
+    lin_bias: Tensor | None,
+) -> Tensor | None:
+    """``linear(bn_act_dropout(input, ...), lin_weight, lin_bias)`` (no activation on the
+    Linear) as one autograd Function that does not save the block's output
+    (``BNActDropoutLinearFunction``); same arguments as ``bn_act_dropout``, and the same
+    results, masks and running statistics as the two ops run one after the other.
+
+    Only where ``block_linear_applies`` (the caller asks first, and otherwise runs the two ops).
+    """
+    act = _kernel_activation(activation)
+    p = _check_p(p)
+    eps = float(eps)
+    _check_bn(input, running_mean, running_var, weight, bias, eps)
+    _validate(input, lin_weight, lin_bias, 0.0)  # the block's output: input's shape and dtype
+    seed = _seed(input, None) if p > 0.0 else None
+    y, mean, var = BNActDropoutLinearFunction.apply(
+        input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope)
+    )
+    if running_mean is not None:
+        batchnorm_update_running(
+            running_mean, running_var, mean, var, float(momentum), num_batches_tracked
+        )
+    return y
+
+
+# Below this many bytes of block output, keeping it costs less than recomputing it: the
+# recomputation is one more launch per layer in backward, host time that a small (host-bound)
+# step pays in full, for memory it does not need.
+RECOMPUTE_MIN_BYTES = 1 << 20
+
+
+def block_linear_applies(input, *tensors: Tensor | None) -> bool:
+    """Whether ``bn_act_dropout_linear`` runs for ``input`` and the block's and the Linear's
+    ``tensors``: the Triton path, no autocast (it would cast the Linear's operands), and a
+    block output of at least ``RECOMPUTE_MIN_BYTES``."""
+    return (
+        isinstance(input, Tensor)
+        and input.numel() * input.element_size() >= RECOMPUTE_MIN_BYTES
+        and not torch.is_autocast_enabled(input.device.type)
+        and use_triton(input, *tensors)
+    )
+
+
 def act_dropout(
     input: Tensor, activation: str | None = None, negative_slope: float = 0.01, p: float = 0.5
 ) -> Tensor:
@@ -371,4 +540,12 @@ def act_dropout(
     return ActDropoutFunction.apply(input, seed, p, act, float(negative_slope))
 
 
-__all__ = ["ActDropoutFunction", "BNActDropoutFunction", "act_dropout", "bn_act_dropout"]
+__all__ = [
+    "ActDropoutFunction",
+    "BNActDropoutFunction",
+    "BNActDropoutLinearFunction",
+    "act_dropout",
+    "bn_act_dropout",
+    "bn_act_dropout_linear",
+    "block_linear_applies",
+]

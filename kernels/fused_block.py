@@ -474,6 +474,7 @@ def fused_forward(
     activation: str,
     negative_slope: float,
     out: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``out = act(bn(x)) * keep * 1/(1-p)`` (``normalize``) or ``act(x) * keep * 1/(1-p)``.
 
@@ -487,6 +488,9 @@ def fused_forward(
         p: drop probability in [0, 1] (ignored without seed).
         activation: one of ``KERNEL_ACTIVATIONS``; ``negative_slope`` for leaky_relu.
         out: optional ``[R, C]`` destination (e.g. a view of a tensor of the caller's shape).
+        stats: ``(mean, invstd)`` of an earlier call on the same x (``normalize``): the
+            statistics kernels are skipped and the output is that call's, bit for bit (the
+            backward's recomputation of a block output it did not save); var comes back empty.
 
     Returns:
         ``(out, mean, invstd, var)``: out ``[R, C]`` contiguous in x's dtype; with
@@ -499,12 +503,14 @@ def fused_forward(
     if out is None:
         out = torch.empty((R, C), dtype=x.dtype, device=x.device)
     weight, bias = _vec(weight), _vec(bias)
-    if x.numel() == 0 or not normalize:
+    if x.numel() == 0 or not normalize or stats is not None:
         mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))  # distinct (custom op)
         if x.numel() == 0:
             return out, mean, invstd, var
     with on_device(x):
-        if normalize:
+        if stats is not None:
+            mean, invstd = _vec(stats[0]), _vec(stats[1])
+        elif normalize:
             mean, invstd, var = BN.batch_norm_stats(x, eps)
         launch(
             _fused_fwd_kernel,

@@ -9,6 +9,12 @@ the children's own parameters and buffers:
         -> ``bn_act_dropout``: normalise + affine + activation + dropout in one pass after the
            batch statistics (at least one of the two optional modules present; the preceding
            Linear runs as usual). Needs BatchNorm1d in training mode and a 2-D input.
+        followed by Linear(activation=None) (an MLP's next layer or head), with at least
+        ``RECOMPUTE_MIN_BYTES`` (1 MiB) of block output and no autocast
+        -> ``bn_act_dropout_linear``: the block and that Linear in one autograd Function that
+           does not keep the block's output for backward but recomputes it there (one
+           elementwise pass) for the Linear's dW: one [N, C] activation kept per hidden layer
+           instead of two.
     Linear(activation=A), Identity..., Dropout      (or Linear(activation=None), <act module>,
     Dropout)
         -> the Linear without activation, then ``act_dropout``: activation + dropout in one
@@ -28,7 +34,12 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as _module
 
-from ..autograd.fused_block import act_dropout, bn_act_dropout
+from ..autograd.fused_block import (
+    act_dropout,
+    block_linear_applies,
+    bn_act_dropout,
+    bn_act_dropout_linear,
+)
 from ..autograd.linear import linear as _linear
 from ..backend import use_triton
 from .batchnorm import BatchNorm1d
@@ -122,11 +133,16 @@ def _match_linear(mods: list, i: int):
     return j + 1, lin, act, slope, drop
 
 
-def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop) -> Tensor | None:
+def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None) -> Tensor | None:
+    """The block's output, or with ``lin`` (a Linear without activation that follows it) the
+    Linear's, from one Function that does not keep the block's output for backward."""
     if input.dim() != 2 or input.numel() == 0:
         return None
     params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if not use_triton(input, *params):
+    if lin is not None:
+        if not block_linear_applies(input, *params, lin.weight, lin.bias):
+            return None
+    elif not use_triton(input, *params):
         return None
     bn._check_input_dim(input)
     momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -137,7 +153,7 @@ def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop) -> Tensor | 
             cumulative = bn.num_batches_tracked
     track = bn.track_running_stats
     p = drop.p if drop is not None and drop.training else 0.0
-    return bn_act_dropout(
+    args = (
         input,
         bn.running_mean if track else None,
         bn.running_var if track else None,
@@ -150,6 +166,9 @@ def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop) -> Tensor | 
         p,
         cumulative,
     )
+    if lin is not None:
+        return bn_act_dropout_linear(*args, lin.weight, lin.bias)
+    return bn_act_dropout(*args)
 
 
 def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | None:
@@ -206,6 +225,20 @@ class FusedSequential(torch.nn.Sequential):
                 match = _match_bn(mods, i) if type(m) is BatchNorm1d else _match_linear(mods, i)
                 if match is not None and isinstance(input, Tensor):
                     end, first, act, slope, drop = match
+                    if type(m) is BatchNorm1d:
+                        # A Linear without activation right after the block takes the block's
+                        # output without keeping it for backward (recomputed there).
+                        nxt = mods[end] if end < n else None
+                        if (
+                            type(nxt) is Linear
+                            and nxt.activation is None
+                            and not _hooked(mods[i : end + 1])
+                        ):
+                            out = _run_bn_block(input, first, act, slope, drop, nxt)
+                            if out is not None:
+                                input = out
+                                i = end + 1
+                                continue
                     if not _hooked(mods[i:end]):
                         run = _run_bn_block if type(m) is BatchNorm1d else _run_linear_block
                         out = run(input, first, act, slope, drop)

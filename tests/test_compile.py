@@ -101,6 +101,18 @@ def test_fullgraph_aot_eager_matches_eager(backend, launches, name, training):
         assert launches.total == 0
 
 
+def test_fullgraph_aot_eager_block_then_linear_recomputing(backend, launches, monkeypatch):
+    # The MLP's BatchNorm blocks with the next Linear in one Function that recomputes the
+    # block's output in backward (autograd/fused_block.py; from 1 MiB of output, here always).
+    from fusedmlp.autograd import fused_block
+
+    monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
+    test_fullgraph_aot_eager_matches_eager(backend, launches, "mlp", True)
+    if backend == "triton":
+        # two compiled steps x two blocks x (forward + recomputation)
+        assert launches["_fused_fwd_kernel"] == 8
+
+
 def test_dropout_seed_advances_inside_compiled_graph(backend):
     """The seed is drawn inside the graph: two calls give different masks, and the same
     ``manual_seed`` reproduces the eager mask."""

@@ -16,6 +16,7 @@ import fusedmlp
 from fusedmlp.autograd.fused_block import (
     ActDropoutFunction,
     BNActDropoutFunction,
+    BNActDropoutLinearFunction,
     act_dropout,
     bn_act_dropout,
 )
@@ -217,6 +218,145 @@ def test_bn_block_gradcheck_float64(triton_backend, p):
 
     assert (f(x, w, b) == 0).any() == (p > 0)  # the mask does drop something
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm1d -> act -> Dropout -> Linear: the block's output recomputed, not saved
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recompute(monkeypatch):
+    """The recomputing path at the tests' small sizes (it starts at 1 MiB of block output)."""
+    from fusedmlp.autograd import fused_block
+
+    monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
+
+
+def _bn_block_linear(c, act, p, out=3):
+    seq = _bn_block(6, c, act, p)
+    torch.manual_seed(1)
+    return FusedSequential(*seq, Linear(c, out).to(DEVICE))
+
+
+def _block_then_linear(seq):
+    """The same modules (deep copies): the fused block, then the Linear as its own op (which
+    keeps the block's output), as before this path existed."""
+    mods = copy.deepcopy(list(seq))
+    return torch.nn.Sequential(FusedSequential(*mods[:4]), mods[4])
+
+
+def _saved_bytes(seq, x):
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(0)
+        seq(x.detach().requires_grad_(True))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "n, c, act, p", [(9, 13, "relu", 0.4), (16, 8, "tanh", 0.0), (7, 37, None, 0.3)]
+)
+def test_bn_block_then_linear_equals_the_unfused_chain(
+    triton_backend, recompute, launches, n, c, act, p
+):
+    fused = _bn_block_linear(c, act, p)
+    unfused = _block_then_linear(fused)
+    x = torch.randn(n, 6, device=DEVICE)
+    out, grads = _run(fused, x, 5)
+    launched = dict(launches)
+    launches.clear()
+    out_ref, grads_ref = _run(unfused, x, 5)
+    # one fused pass forward, its recomputation for the second Linear's dW in backward
+    assert launched["_fused_fwd_kernel"] == 2
+    # the same kernels on the same values: equal to the bit, masks included
+    assert torch.equal(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.equal(g, g_ref)
+    assert torch.equal(fused[1].running_mean, unfused[0][1].running_mean)
+    assert torch.equal(fused[1].running_var, unfused[0][1].running_var)
+    # the second Linear does not keep its [n, c] input
+    assert _saved_bytes(fused, x) <= _saved_bytes(unfused, x) - n * c * 4
+
+
+def test_bn_block_then_linear_without_dw_skips_the_recomputation(
+    triton_backend, recompute, launches
+):
+    fused = _bn_block_linear(8, "relu", 0.3)
+    fused[4].weight.requires_grad_(False)
+    unfused = _block_then_linear(fused)
+    x = torch.randn(10, 6, device=DEVICE, requires_grad=True)
+    torch.manual_seed(4)
+    out = fused(x)
+    gx = torch.autograd.grad(out, x, torch.ones_like(out))[0]
+    assert launches["_fused_fwd_kernel"] == 1  # no dW: the block's output is not needed again
+    torch.manual_seed(4)
+    out_ref = unfused(x)
+    assert torch.equal(out, out_ref)
+    assert torch.equal(gx, torch.autograd.grad(out_ref, x, torch.ones_like(out_ref))[0])
+
+
+def test_bn_block_then_linear_falls_back_with_hooks_activation_or_autocast(
+    triton_backend, recompute, launches
+):
+    fused = _bn_block_linear(8, "relu", 0.3)
+    x = torch.randn(10, 6, device=DEVICE)
+    seen = []
+    handle = fused[4].register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    fused(x).sum().backward()
+    handle.remove()
+    assert seen and launches["_fused_fwd_kernel"] == 1  # the hook saw the block's output
+    launches.clear()
+    fused[4].activation = "relu"  # a Linear with its own activation keeps its own Function
+    fused(x).sum().backward()
+    assert launches["_fused_fwd_kernel"] == 1
+    fused[4].activation = None
+    launches.clear()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        fused(x).float().sum().backward()
+    assert launches["_fused_fwd_kernel"] == 1
+
+
+def test_mlp_keeps_one_activation_per_hidden_layer(triton_backend, launches, monkeypatch):
+    from fusedmlp.autograd import fused_block
+
+    torch.manual_seed(0)
+    model = MLP(8, [16, 16, 16], 4, batchnorm=True, dropout=0.1).to(DEVICE)
+    block_then_linear = copy.deepcopy(model)
+    x = torch.randn(32, 8, device=DEVICE)
+    # small block outputs (2 KiB here, under RECOMPUTE_MIN_BYTES): kept, no recomputation
+    kept = _saved_bytes(block_then_linear, x)
+    launches.clear()
+    block_then_linear(x).sum().backward()
+    assert launches["_fused_fwd_kernel"] == 3
+    launches.clear()
+    monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 32 * 16 * 4)
+    # three hidden [32, 16] block outputs not kept, each recomputed once in backward
+    assert _saved_bytes(model, x) <= kept - 3 * 32 * 16 * 4
+    launches.clear()
+    model(x).sum().backward()
+    assert launches["_fused_fwd_kernel"] == 6
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_bn_block_linear_gradcheck_float64(triton_backend, p):
+    x = torch.randn(5, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, device=DEVICE).add_(0.5).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    lw = torch.randn(2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    lb = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE) if p else None
+
+    def f(x, w, b, lw, lb):
+        return BNActDropoutLinearFunction.apply(x, w, b, seed, lw, lb, 1e-5, p, "tanh", 0.01)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b, lw, lb), eps=1e-6, atol=1e-5)
 
 
 def test_bn_block_torch_backend_is_torch(launches):
