@@ -765,6 +765,18 @@ def backward_path(dtype: torch.dtype, precision: str, M: int, N: int, K: int, de
     return "dz" if M * N * K >= DZ_PATH_MIN_MACS[kind] else "fused"
 
 
+def dw_copies_input_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear_backward`` of a 2-D ``x`` copies x transposed for its dW (the dz path in
+    fp32: TF32 wgmma reads its operands K-major only). A caller that makes the input anyway can
+    hand over ``x_t.t()`` (a view of a contiguous [K, M] tensor) instead: the copy is skipped."""
+    M, K = x.shape
+    N = weight.shape[0]
+    return (
+        x.dtype == torch.float32
+        and backward_path(x.dtype, dot_precision(x.dtype), M, N, K, x.device) == "dz"
+    )
+
+
 def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db,
                  dx_shape):  # fmt: skip
     """The "dz" path of ``linear_backward`` (M, N, K > 0, not fp64)."""
@@ -819,7 +831,7 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
     # (M x N and M x K) for it, and dX (M x K) need not exist beside them. That is the
     # step's peak (the last hidden layer's backward, every activation still saved): 64 MiB less
     # at width 1024, batch 16K, fp32.
-    if need_dw:  # dW = dZ^T @ X = dZ^T @ (X^T)^T
+    if need_dw:  # dW = dZ^T @ X = dZ^T @ (X^T)^T (no copy when x is already such a view)
         x_t = x.t().contiguous() if kmajor else x.t()
         dw = linear_forward(dzt if write_dzt else dz_rows.t(), x_t, None, "none", 0.0)[0]
         del x_t, dzt

@@ -260,12 +260,18 @@ def _saved_bytes(seq, x):
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("path", ["auto", "dz"])
 @pytest.mark.parametrize(
     "n, c, act, p", [(9, 13, "relu", 0.4), (16, 8, "tanh", 0.0), (7, 37, None, 0.3)]
 )
 def test_bn_block_then_linear_equals_the_unfused_chain(
-    triton_backend, recompute, launches, n, c, act, p
+    triton_backend, recompute, launches, monkeypatch, n, c, act, p, path
 ):
+    # path "dz": the Linear's backward as a GPU runs it for big fp32 GEMMs, whose dW reads
+    # its input transposed: the recomputed block output is then handed over transposed
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", path)
     fused = _bn_block_linear(c, act, p)
     unfused = _block_then_linear(fused)
     x = torch.randn(n, 6, device=DEVICE)
