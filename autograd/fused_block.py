@@ -190,22 +190,27 @@ def _fused_block_apply(
     p: float,
     activation: str,
     negative_slope: float,
+    transposed: bool,
 ) -> Tensor:
     """``dropout(act(bn(x)))`` with given statistics (``fused_block_fwd``'s mean and invstd for
-    this x): that op's output again, bit for bit, without the statistics kernels."""
+    this x): that op's output again, bit for bit, without the statistics kernels. x ``[N, C]``;
+    the output ``[N, C]``, or with ``transposed`` its transpose ``[C, N]`` (contiguous: the
+    kernel writes its tiles transposed, through shared memory, with coalesced stores)."""
     from ..kernels import fused_block as K
 
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n, c = x.shape
+    buf = torch.empty((c, n) if transposed else (n, c), dtype=x.dtype, device=x.device)
     K.fused_forward(
-        x, weight, bias, seed, True, 0.0, p, activation, negative_slope, out=out,
-        stats=(mean, invstd),
+        x, weight, bias, seed, True, 0.0, p, activation, negative_slope,
+        out=buf.t() if transposed else buf, stats=(mean, invstd),
     )  # fmt: skip
-    return out
+    return buf
 
 
 @_fused_block_apply.register_fake
-def _(x, weight, bias, mean, invstd, seed, p, activation, negative_slope):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _(x, weight, bias, mean, invstd, seed, p, activation, negative_slope, transposed):
+    n, c = x.shape
+    return torch.empty((c, n) if transposed else (n, c), dtype=x.dtype, device=x.device)
 
 
 _fused_block_fwd_call = caller(_fused_block_fwd)
@@ -308,16 +313,28 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
         need_dlb = need_dlb and ctx.has_lin_bias
         need_block = need_dx or need_dw or need_db
         if need_dlw:  # the Linear's input again, for its dW only
-            out = _fused_block_apply_call(
-                x, weight, bias, mean, invstd, seed, ctx.p, ctx.activation, ctx.negative_slope
-            )
             from ..kernels.linear import dw_copies_input_transposed
 
-            # The transposed copy TF32's dW makes of it, made here: the row-major recomputed
-            # output is freed before dZ^T exists beside it (64 MiB less at w1024 B16K fp32).
-            # Eager only: the precision setting it reads cannot be traced.
-            if not torch.compiler.is_compiling() and dw_copies_input_transposed(out, lin_weight):
-                out = out.t().contiguous().t()
+            # Where TF32's dW would copy it transposed, the recomputation writes it transposed
+            # at once: no row-major copy beside dZ^T (64 MiB less at w1024 B16K fp32), no
+            # transpose pass. Eager only: the precision setting read there cannot be traced.
+            transposed = not torch.compiler.is_compiling() and dw_copies_input_transposed(
+                x, lin_weight
+            )
+            out = _fused_block_apply_call(
+                x,
+                weight,
+                bias,
+                mean,
+                invstd,
+                seed,
+                ctx.p,
+                ctx.activation,
+                ctx.negative_slope,
+                transposed,
+            )
+            if transposed:
+                out = out.t()  # [N, C] again, a view of the contiguous [C, N]
         else:
             out = x  # shape and dtype only: not read without dW
         dout, dlw, dlb = _linear_bwd(
