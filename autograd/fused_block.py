@@ -229,6 +229,25 @@ _fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
 _PIECEWISE_LINEAR = frozenset(("none", "relu", "leaky_relu"))
 
 
+def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int) -> tuple:
+    """The block's (dx, dweight, dbias) as ``affine_grads`` returns them for a Function of
+    ``n_inputs`` inputs (x, weight and bias first), from the gradient of its output."""
+    dx, dw, db = _fused_block_bn_bwd_call(
+        dout,
+        x,
+        weight,
+        bias,
+        mean,
+        invstd,
+        seed,
+        ctx.p,
+        ctx.activation,
+        ctx.negative_slope,
+        *ctx.needs_input_grad[:3],
+    )
+    return affine_grads(ctx, dx, dw, db, n_inputs)
+
+
 class BNActDropoutFunction(torch.autograd.Function):
     """``out = dropout(act(batch_norm(x)))`` with batch statistics; also returns the batch mean
     and unbiased variance (non-differentiable) for the running-statistics update.
@@ -253,26 +272,9 @@ class BNActDropoutFunction(torch.autograd.Function):
     def backward(ctx, dout, _dmean, _dvar):
         if dout is None:
             return (None,) * 8
-        x, weight, bias, mean, invstd, seed = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        if not (need_dx or need_dw or need_db):
+        if not any(ctx.needs_input_grad[:3]):
             return (None,) * 8
-        dx, dw, db = _fused_block_bn_bwd_call(
-            dout,
-            x,
-            weight,
-            bias,
-            mean,
-            invstd,
-            seed,
-            ctx.p,
-            ctx.activation,
-            ctx.negative_slope,
-            need_dx,
-            need_dw,
-            need_db,
-        )
-        return affine_grads(ctx, dx, dw, db, 8)
+        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=8)
 
 
 class BNActDropoutLinearFunction(torch.autograd.Function):
@@ -343,22 +345,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
         del out
         dx = dw = db = None
         if need_block:
-            dx, dw, db = _fused_block_bn_bwd_call(
-                dout,
-                x,
-                weight,
-                bias,
-                mean,
-                invstd,
-                seed,
-                ctx.p,
-                ctx.activation,
-                ctx.negative_slope,
-                need_dx,
-                need_dw,
-                need_db,
-            )
-            dx, dw, db = affine_grads(ctx, dx, dw, db, 3)
+            dx, dw, db = _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs=3)
         return (
             dx,
             dw,

@@ -183,24 +183,25 @@ def test_bn_block_strided_input_and_momentum_none(triton_backend, launches):
     assert int(bn.num_batches_tracked) == 2
 
 
+def _saved_bytes(seq, x):
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(0)
+        seq(x.detach().requires_grad_(True))
+    return sum(storages.values())
+
+
 def test_bn_block_saves_less_than_unfused(triton_backend):
     fused = _bn_block(6, 16, "relu", 0.5)
     unfused = _unfused(fused)
     x = torch.randn(32, 6, device=DEVICE)
-
-    def saved_bytes(seq):
-        storages = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.manual_seed(0)
-            seq(x.requires_grad_(True))
-        return sum(storages.values())
-
+    saved_bytes = lambda seq: _saved_bytes(seq, x)  # noqa: E731
     # unfused keeps the BN input, the activation output and the dropout seed; fused keeps only
     # the BN input (pre-activation recomputed), the statistics, BN's bias and the seed
     assert saved_bytes(fused) <= saved_bytes(unfused) - 32 * 16 * 4 + 16 * 4
@@ -244,20 +245,6 @@ def _block_then_linear(seq):
     keeps the block's output), as before this path existed."""
     mods = copy.deepcopy(list(seq))
     return torch.nn.Sequential(FusedSequential(*mods[:4]), mods[4])
-
-
-def _saved_bytes(seq, x):
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.manual_seed(0)
-        seq(x.detach().requires_grad_(True))
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("path", ["auto", "dz"])
@@ -435,18 +422,7 @@ def test_linear_block_saves_output_not_preactivation(triton_backend):
     unfused = _unfused(fused)
     x = torch.randn(8, 6, device=DEVICE)
 
-    def saved_bytes(seq):
-        storages = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.manual_seed(0)
-            seq(x.requires_grad_(True))
-        return sum(storages.values())
+    saved_bytes = lambda seq: _saved_bytes(seq, x)  # noqa: E731
 
     assert saved_bytes(fused) <= saved_bytes(unfused) - 8 * 16 * 4
 
