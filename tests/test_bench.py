@@ -220,6 +220,34 @@ def test_host_overhead_script_runs_through_the_real_launch_path():
     assert "16 launches/step" in line and "direct launches" in line, out.stdout
 
 
+def test_host_overhead_peak_and_autotune_options():
+    # --peak: the bytes in use at each launch of one step. At 1 MiB of block output (4096 x 64
+    # fp32) each BatchNorm block and the Linear after it run as one Function that recomputes
+    # the block's output in backward: two blocks, two fused forward passes more.
+    # --autotune: the autotuned launch path (configurations picked without timing).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    runs = {
+        "peak": ["--peak", "--batch", "4096", "--width", "64", "--depth", "2"],
+        "autotune": ["--autotune", "--width", "32", "--depth", "1", "--steps", "2"],
+    }
+    out = {}
+    for name, args in runs.items():
+        res = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+            timeout=600,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = res.stdout
+    assert "peak" in out["peak"] and out["peak"].count("_fused_fwd_kernel") == 4, out["peak"]
+    assert "16 launches/step" in out["autotune"].strip().splitlines()[-1], out["autotune"]
+
+
 def _extra_tritons():
     import os
 
