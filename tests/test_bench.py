@@ -274,7 +274,8 @@ def test_direct_launch_calls_the_launcher_as_triton_does(triton_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if triton_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
-    args = ["--width", "32", "--depth", "2", "--check-direct"]
+    # 1 MiB of block output: the recomputing block-then-Linear path is among them
+    args = ["--batch", "4096", "--width", "64", "--depth", "2", "--check-direct"]
     out = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600
     )
