@@ -21,15 +21,17 @@ under the 'triton' backend):
   a new tensor instead, so a second backward sees the untouched buffer.
 - Out-of-range targets raise ``IndexError`` (as torch on the CPU) from inside
   ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path, before
-  any Triton launch (only the 'mean' normaliser's small torch ops, which clamp the targets,
-  run before it). Cost on a GPU: up to four small ops over the N targets (ignore_index masked
-  when it lies outside [0, C), one ``aminmax``, a stack) and ONE device-to-host copy of the
-  smallest and largest target per forward: a synchronisation (tens of microseconds) with the
-  work queued before it, e.g. the model's forward; the loss kernel is queued right after it,
-  so the GPU runs it while the host goes on to the backward's launches.
+  any Triton launch: the op's first work. Cost on a GPU: up to five small ops over the N
+  targets (ignore_index masked when it lies outside [0, C), two ``aminmax``, a stack) and ONE
+  device-to-host copy of the smallest and largest target, with and without the ignored rows,
+  per forward: a synchronisation (tens of microseconds) with the work queued before it, e.g.
+  the model's forward. The 'mean' normaliser's ops and the loss kernel are queued after it, so
+  the GPU runs them while the host goes on to the backward's launches. The same copy tells
+  whether any row is ignored: a 'mean' without class weights and no ignored row then takes N
+  for its normaliser (two small ops instead of eight; the same bits).
   The check is skipped during CUDA-graph capture (a sync is illegal there: the kernel then
   writes a NaN loss and a zero gradient row for such a row) and when ``CHECK_TARGETS`` is set
-  to False.
+  to False; the normaliser is then computed on the device.
 
 Double backward raises (``_once.once_differentiable``). The op saves no tensor that carries the
 logits' graph, so unless the incoming gradient carries one, the ``create_graph=True`` backward
@@ -95,26 +97,34 @@ def _forward_ad_active() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
-def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise IndexError for a target outside [0, C) other than ignore_index (before the kernel).
+def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> bool:
+    """Raise IndexError for a target outside [0, C) other than ignore_index (before the kernel);
+    return whether every target lies in [0, C) with ``ignore_index`` outside it, i.e. no row is
+    ignored (then the 'mean' normaliser is N, known on the host).
 
-    The smallest and largest target (ignored rows counted as 0 when ``ignore_index`` lies
-    outside [0, C)) come from one ``aminmax`` reduction over the N targets and ONE
-    device-to-host copy of the two values: a synchronisation with the work already queued, but
-    not with this op's own kernels, which are queued after it, so the GPU runs them while the
-    host goes on (the backward's launches included). The targets are compared one by one only
-    to name an offending value.
+    The smallest and largest target, of the targets as they are and with the ignored rows
+    counted as 0 (``ignore_index`` outside [0, C)), come from ``aminmax`` reductions over the N
+    targets and ONE device-to-host copy of the values: a synchronisation with the work already
+    queued, but not with this op's own kernels, which are queued after it, so the GPU runs them
+    while the host goes on (the backward's launches included). The targets are compared one by
+    one only to name an offending value. Not checked (False) when empty, with ``CHECK_TARGETS``
+    off, or during a CUDA-graph capture (no synchronisation there).
     """
     if not CHECK_TARGETS or target.numel() == 0:
-        return
+        return False
     if target.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    t = target
-    if not 0 <= ignore_index < num_classes:
-        t = torch.where(target == ignore_index, 0, target)
-    lo, hi = torch.stack(torch.aminmax(t)).tolist()
+        return False
+    if 0 <= ignore_index < num_classes:
+        lo, hi = torch.stack(torch.aminmax(target)).tolist()
+        counted = False  # an ignored row is not told apart by the targets' range
+    else:
+        masked = torch.where(target == ignore_index, 0, target)
+        lo, hi, raw_lo, raw_hi = torch.stack(
+            [*torch.aminmax(masked), *torch.aminmax(target)]
+        ).tolist()
+        counted = raw_lo >= 0 and raw_hi < num_classes
     if lo >= 0 and hi < num_classes:
-        return
+        return counted
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     value = int(target[bad][0])
     raise IndexError(f"Target {value} is out of bounds (expected 0 <= target < {num_classes}).")
@@ -151,7 +161,16 @@ def cross_entropy_fwd(
     factor = torch.ones((), device=logits.device, dtype=acc)
     scale = None
     wsum = None
-    if reduction == "mean":
+    # The target check's synchronisation first: it also tells whether any row is ignored. A
+    # 'mean' without class weights and no ignored row (the common case) then has N for its
+    # normaliser, known on the host: two small ops make it instead of eight (each a launch on a
+    # GPU), the same bits (N < 2^24 is exact in fp32).
+    counted = _check_targets(target, c, ignore_index)
+    counted = counted and reduction == "mean" and w is None and n < 1 << 24
+    if counted:
+        wsum = torch.full((), float(n), device=logits.device, dtype=acc)
+        inv = wsum.reciprocal()
+    elif reduction == "mean":
         valid = target != ignore_index
         if w is not None:
             wsum = torch.where(valid, w[target.clamp(0, c - 1)], 0.0).sum()
@@ -160,17 +179,17 @@ def cross_entropy_fwd(
         # sum(w[y]) = 0 ('mean' of rows that all weigh 0, or all ignored): torch's loss and
         # gradients are NaN there (0/0), also when label smoothing makes the numerator nonzero.
         inv = torch.where(wsum == 0, math.nan, 1.0 / wsum)
+    if reduction == "mean":
         if _folds_mean(logits.dtype):
             scale = inv
         else:
             factor = inv
-    # The check's sync comes after the normaliser's small ops (they clamp the targets, so a bad
-    # one is harmless there) and right before the kernel: the GPU waits only for its launch.
-    _check_targets(target, c, ignore_index)
     loss_rows, grad = K.cross_entropy_fwd(
         logits, target, w, ignore_index, label_smoothing, scale, compute_grad
     )
-    if reduction == "mean":
+    if counted:
+        loss = loss_rows.sum() / wsum
+    elif reduction == "mean":
         loss = torch.where(wsum == 0, math.nan, loss_rows.sum() / wsum)
     elif reduction == "sum":
         loss = loss_rows.sum()

@@ -177,6 +177,45 @@ def test_out_of_range_targets_raise(backend, launches, bad, ignore_index):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_mean_normaliser_read_off_the_target_check(
+    triton_backend, launches, monkeypatch, dtype, smoothing
+):
+    # 'mean' with no class weight and no ignored row: the normaliser N comes from the target
+    # check's synchronisation (two small ops instead of eight); bit for bit the device-computed
+    # one (taken here with the check off, or with an ignored row present) and torch's value.
+    from fusedmlp.autograd import cross_entropy as A
+
+    x, t, _ = _data(13, 7)
+    x = x.to(dtype)
+
+    def run():
+        logits = x.detach().clone().requires_grad_(True)
+        loss = cross_entropy(logits, t, label_smoothing=smoothing)
+        loss.backward()
+        return loss, logits.grad
+
+    loss, grad = run()
+    n_fast = launches.total
+    monkeypatch.setattr(A, "CHECK_TARGETS", False)  # the normaliser computed on the device
+    slow_loss, slow_grad = run()
+    assert torch.equal(loss, slow_loss) and torch.equal(grad, slow_grad)
+    assert n_fast == launches.total - n_fast  # the same kernels (the small ops are torch's)
+    ref = x.float().detach().requires_grad_(True)
+    F.cross_entropy(ref, t, label_smoothing=smoothing).backward()
+    assert_close(
+        loss.float(), F.cross_entropy(x.float(), t, label_smoothing=smoothing), dtype=dtype
+    )
+    assert_close(grad.float(), ref.grad, dtype=dtype)
+    # an ignored row: the device normaliser (N - 1 valid rows), still torch's result
+    monkeypatch.setattr(A, "CHECK_TARGETS", True)
+    t2 = t.clone()
+    t2[4] = -100
+    got = cross_entropy(x.float(), t2, label_smoothing=smoothing)
+    assert_close(got, F.cross_entropy(x.float(), t2, label_smoothing=smoothing))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_half_precision(triton_backend, launches, dtype, reduction):
