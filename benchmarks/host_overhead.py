@@ -3,6 +3,7 @@
     python benchmarks/host_overhead.py [--batch 64] [--width 256] [--depth 4] [--steps 50]
     python benchmarks/host_overhead.py --autotune     (multi-config kernels as a GPU launches them)
     python benchmarks/host_overhead.py --peak --batch 16384 --width 1024   (memory, not time)
+    python benchmarks/host_overhead.py --ops          (host time per op, beside torch's CPU op)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
 
 A small MLP step (``fusedmlp bench``'s: [Linear-BN-ReLU-Dropout] x depth + Linear,
@@ -129,6 +130,12 @@ def main(argv=None) -> int:
         "so only on Linux), with TF32 matmuls and each linear backward on the path a GPU takes "
         "(the bench's step: --batch 16384 --width 1024)",
     )
+    parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="instead of the step: host microseconds per call of each op (forward, backward), "
+        "fusedmlp through the recording driver beside torch's CPU op at the same small size",
+    )
     args = parser.parse_args(argv)
     if args.autotune:
         os.environ["FUSEDMLP_AUTOTUNE"] = "1"
@@ -151,6 +158,8 @@ def main(argv=None) -> int:
     fusedmlp.set_backend("triton")
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.ops:
+        return per_op(torch)
     if args.adam_tensors:
         params = [torch.randn(1000, requires_grad=True) for _ in range(args.adam_tensors)]
         for p in params:
@@ -228,6 +237,71 @@ def main(argv=None) -> int:
         f"all through JITFunction.run {triton_path * 1e3:.3f} ms/step "
         f"({(triton_path - own) / n * 1e6:.1f} us each), launches as no-ops {own * 1e3:.3f} ms/step"
     )
+    return 0
+
+
+def per_op(torch) -> int:
+    """Host us per call, best of 5 runs: each fusedmlp op (its kernels launched into the
+    recording driver) beside torch's own op on the CPU at the same small size, where torch's
+    figure is mostly its host path too."""
+    import torch.nn.functional as F
+
+    from fusedmlp import functional as FF
+    from fusedmlp import nn as fnn
+
+    def best(fn, n=1000) -> float:
+        for _ in range(50):
+            fn()
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            runs.append((time.perf_counter() - start) / n * 1e6)
+        return min(runs)
+
+    def backward(out, leaves):
+        g = torch.randn_like(out)
+
+        def run():
+            for t in leaves:
+                t.grad = None
+            out.backward(g, retain_graph=True)
+
+        return run
+
+    x = torch.randn(64, 64, requires_grad=True)
+    lin, tlin = fnn.Linear(64, 64, activation="relu"), torch.nn.Linear(64, 64)
+    bn, tbn = fnn.BatchNorm1d(64), torch.nn.BatchNorm1d(64)
+    logits, target = torch.randn(64, 10, requires_grad=True), torch.randint(0, 10, (64,))
+    pairs = {
+        "linear+relu fwd": (lambda: lin(x), lambda: torch.relu(tlin(x))),
+        "linear+relu bwd": (
+            backward(lin(x), [x, *lin.parameters()]),
+            backward(torch.relu(tlin(x)), [x, *tlin.parameters()]),
+        ),
+        "batchnorm fwd": (lambda: bn(x), lambda: tbn(x)),
+        "batchnorm bwd": (
+            backward(bn(x), [x, *bn.parameters()]),
+            backward(torch.nn.BatchNorm1d(64)(x), [x]),
+        ),
+        "dropout fwd": (lambda: FF.dropout(x, 0.5, True), lambda: F.dropout(x, 0.5, True)),
+        "dropout bwd": (
+            backward(FF.dropout(x, 0.5, True), [x]),
+            backward(F.dropout(x, 0.5, True), [x]),
+        ),
+        "cross_entropy fwd": (
+            lambda: FF.cross_entropy(logits, target),
+            lambda: F.cross_entropy(logits, target),
+        ),
+        "cross_entropy fwd+bwd": (
+            lambda: FF.cross_entropy(logits, target).backward(),
+            lambda: F.cross_entropy(logits, target).backward(),
+        ),
+    }
+    print(f"{'op (64 x 64, CPU)':24s} {'fusedmlp us':>12s} {'torch us':>9s}")
+    for name, (ours, theirs) in pairs.items():
+        print(f"{name:24s} {best(ours):12.1f} {best(theirs):9.1f}")
     return 0
 
 

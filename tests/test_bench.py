@@ -220,11 +220,12 @@ def test_host_overhead_script_runs_through_the_real_launch_path():
     assert "16 launches/step" in line and "direct launches" in line, out.stdout
 
 
-def test_host_overhead_peak_and_autotune_options():
+def test_host_overhead_peak_autotune_and_ops_options():
     # --peak: the bytes in use at each launch of one step. At 1 MiB of block output (4096 x 64
     # fp32) each BatchNorm block and the Linear after it run as one Function that recomputes
     # the block's output in backward: two blocks, two fused forward passes more.
     # --autotune: the autotuned launch path (configurations picked without timing).
+    # --ops: host time per op beside torch's.
     import os
     import subprocess
     import sys
@@ -235,6 +236,7 @@ def test_host_overhead_peak_and_autotune_options():
     runs = {
         "peak": ["--peak", "--batch", "4096", "--width", "64", "--depth", "2"],
         "autotune": ["--autotune", "--width", "32", "--depth", "1", "--steps", "2"],
+        "ops": ["--ops"],
     }
     out = {}
     for name, args in runs.items():
@@ -246,6 +248,7 @@ def test_host_overhead_peak_and_autotune_options():
         out[name] = res.stdout
     assert "peak" in out["peak"] and out["peak"].count("_fused_fwd_kernel") == 4, out["peak"]
     assert "16 launches/step" in out["autotune"].strip().splitlines()[-1], out["autotune"]
+    assert out["ops"].count("\n") == 9 and "cross_entropy fwd+bwd" in out["ops"], out["ops"]
 
 
 def _extra_tritons():
