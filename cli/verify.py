@@ -22,6 +22,10 @@ AdamW and SGD against ``torch.optim``. One table row per compared tensor:
   the keep rate (within 5 binomial standard deviations of ``1 - p``) and that the backward
   regenerates the forward's mask (gradient = ``grad_output * mask / (1 - p)`` with the mask read
   from the forward output, through a gradient with other strides than the input).
+- ``mlp_block``: an MLP's hidden block and the next layer (``[Linear, BatchNorm1d, ReLU,
+  Linear]`` through ``fusedmlp.nn.convert``, fp32 only: 16-bit intermediates compound along the
+  chain) against the torch chain, so the cross-layer fused kernels are verified too; at the GPU
+  sizes the block's output is recomputed in backward (``BNActDropoutLinearFunction``).
 - ``nll_loss`` is not verified: it is torch's own implementation on every backend (a gather of
   N log-probabilities has nothing to fuse); cross-entropy is the fused softmax + NLL kernel.
 - An op that raises is an ``ERROR`` row. The exit status is 0 only when every row passes.
@@ -65,6 +69,7 @@ OPS = (
     "log_softmax",
     "batch_norm",
     "dropout",
+    "mlp_block",
     "adam",
     "adamw",
     "sgd",
@@ -533,6 +538,60 @@ def _case_batch_norm(inp, dtype, sizes, kind, momentum, affine, track, channels_
     return checks
 
 
+def _case_mlp_block(inp, dtype, sizes):
+    """An MLP's hidden block and the next layer, [Linear, BatchNorm1d, ReLU, Linear], converted
+    by ``fusedmlp.nn.convert``: the fused BatchNorm-ReLU kernels and, from 1 MiB of block output
+    (the GPU sizes), the Function that recomputes the block's output for the last Linear's dW."""
+    import torch
+
+    import fusedmlp
+
+    n, c = sizes["bn1d"]
+    ref = torch.nn.Sequential(
+        torch.nn.Linear(c, c), torch.nn.BatchNorm1d(c), torch.nn.ReLU(), torch.nn.Linear(c, 5)
+    ).to(inp.device)
+    with torch.no_grad():
+        for lin in (ref[0], ref[3]):
+            lin.weight.copy_(inp.randn(*lin.weight.shape, dtype=torch.float32, scale=c**-0.5))
+            lin.bias.copy_(inp.randn(*lin.bias.shape, dtype=torch.float32, scale=0.5))
+        ref[1].weight.copy_(inp.rand(c, dtype=torch.float32, low=0.5, high=1.5))
+        ref[1].bias.copy_(inp.randn(c, dtype=torch.float32))
+    ours = fusedmlp.nn.convert(ref).to(dtype)
+    x = inp.randn(n, c, dtype=dtype)
+    g = inp.randn(n, 5, dtype=dtype)
+    x_ = _leaf(x)
+    y = ours(x_)
+    y.backward(g)
+    xr = _ref_leaf(x)
+    z = ref[0](xr)
+    z.retain_grad()
+    b = ref[1](z)
+    b.retain_grad()
+    r = ref[2](b)
+    yr = ref[3](r)
+    yr.backward(g.float())
+    # The reductions' rounding bounds, as for linear and batch norm alone (sums of |terms|).
+    ag, ar, agz, ax = g.float().abs(), r.detach().abs(), z.grad.abs(), xr.detach().abs()
+    zd = z.detach()
+    xhat = (zd - zd.mean(0)) / (zd.var(0, unbiased=False) + ref[1].eps).sqrt()
+    checks = [
+        Check("output", y, yr, dtype=dtype),
+        Check("grad input", x_.grad, xr.grad, bound=agz @ ref[0].weight.detach().abs()),
+        Check("grad weight (last Linear)", ours[3].weight.grad, ref[3].weight.grad,
+              bound=ag.t() @ ar),
+        Check("grad bias (last Linear)", ours[3].bias.grad, ref[3].bias.grad, bound=ag.sum(0)),
+        Check("grad weight (BatchNorm)", ours[1].weight.grad, ref[1].weight.grad,
+              bound=(b.grad.abs() * xhat.abs()).sum(0)),
+        Check("grad bias (BatchNorm)", ours[1].bias.grad, ref[1].bias.grad,
+              bound=b.grad.abs().sum(0)),
+        Check("grad weight (first Linear)", ours[0].weight.grad, ref[0].weight.grad,
+              bound=agz.t() @ ax),
+        Check("running_mean", ours[1].running_mean, ref[1].running_mean),
+        Check("running_var", ours[1].running_var, ref[1].running_var),
+    ]  # fmt: skip
+    return checks
+
+
 def _case_dropout(inp, dtype, sizes, p):
     import torch
 
@@ -696,6 +755,13 @@ def _cases(sizes, dtypes, full):
                 ),
             )
         add("dropout", "p=0.3", dt, lambda i, d: _case_dropout(i, d, sizes, 0.3))
+        if dt == "fp32":  # 16-bit intermediates compound through the chain: fp32 only
+            add(
+                "mlp_block",
+                "Linear, BatchNorm1d, ReLU, Linear (fused block)",
+                dt,
+                lambda i, d: _case_mlp_block(i, d, sizes),
+            )
         add("dropout", "Dropout2d p=0.5", dt, lambda i, d: _case_dropout2d(i, d, sizes, 0.5))
         optim_cases = [
             ("adam", dict(lr=1e-2, weight_decay=0.01)),
