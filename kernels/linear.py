@@ -765,14 +765,20 @@ def backward_path(dtype: torch.dtype, precision: str, M: int, N: int, K: int, de
     return "dz" if M * N * K >= DZ_PATH_MIN_MACS[kind] else "fused"
 
 
+def _dz_copies_transposes(dtype: torch.dtype) -> bool:
+    """Whether the dz path makes physical transposes of its operands: TF32 wgmma reads fp32
+    operands only K-major; 16-bit types take transposed views."""
+    return dtype == torch.float32
+
+
 def dw_copies_input_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear_backward`` of a 2-D ``x`` copies x transposed for its dW (the dz path in
-    fp32: TF32 wgmma reads its operands K-major only). A caller that makes the input anyway can
-    hand over ``x_t.t()`` (a view of a contiguous [K, M] tensor) instead: the copy is skipped."""
+    fp32). A caller that makes the input anyway can hand over ``x_t.t()`` (a view of a
+    contiguous [K, M] tensor) instead: the copy is skipped."""
     M, K = x.shape
     N = weight.shape[0]
     return (
-        x.dtype == torch.float32
+        _dz_copies_transposes(x.dtype)
         and backward_path(x.dtype, dot_precision(x.dtype), M, N, K, x.device) == "dz"
     )
 
@@ -783,8 +789,7 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    # TF32 wgmma reads fp32 operands only K-major: physical transposes. 16-bit types: views.
-    kmajor = dtype == torch.float32
+    kmajor = _dz_copies_transposes(dtype)
     write_dz = activation != "none" and (need_dx or (need_dw and not kmajor))
     write_dzt = need_dw and kmajor
     dz = torch.empty((M, N), device=x.device, dtype=dtype) if write_dz else None
