@@ -18,6 +18,12 @@ tiny kernel through ``fusedmlp.kernels.launch.launch``, through triton's ``kerne
 directly, and of one small torch op, for reference: what a launch costs on this machine's CPU.
 ``summary.txt`` is rewritten after every shape, so a timeout keeps what ran.
 
+``--ops``: instead of the steps, single ops at the bench's shapes (batch norm forward and
+backward 64K x 1024 bf16, linear+ReLU forward 16K x 256 x 256 bf16, Adam over 50M parameters
+in 100 tensors), fusedmlp beside torch: wall time per call over back-to-back calls (the host's
+pace when it is slower than the kernels) and a cProfile of fusedmlp's calls
+(``op_<name>_cprofile.txt``).
+
 On a CPU-only machine it runs the same steps (fusedmlp on its torch fallback, so it says
 nothing about the kernels); ``benchmarks/gpu_check.sh`` runs it on the GPU machine.
 """
@@ -150,12 +156,40 @@ def launch_costs(device, calls: int = 2000) -> list[str]:
     return lines
 
 
+def _ops(device, steps: int, out: Path, say) -> None:
+    bf16 = torch.bfloat16
+    big = device.type == "cuda"
+    n, c = (65536, 1024) if big else (4096, 256)
+    cases = {
+        "batchnorm_fwd": lambda impl: O.build_batchnorm(impl, device, bf16, n, c, False),
+        "batchnorm_bwd": lambda impl: O.build_batchnorm(impl, device, bf16, n, c, True),
+        "linear_relu_fwd": lambda impl: O.build_linear(
+            impl, device, bf16, 16384 if big else 1024, 256, 256, False
+        ),
+        "adam_100": lambda impl: O.build_optimizer(
+            impl, device, "adam", 50_000_000 if big else 1_000_000, 100
+        ),
+    }
+    for name, build in cases.items():
+        for impl in ("fusedmlp", "torch"):
+            prepared = build(impl)()
+            fn = prepared.fn
+            for _ in range(3):
+                fn()
+            wall = _wall(fn, device, steps * 5)
+            say(f"op {name:16s} {impl:9s}: {wall * 1e6:9.1f} us/call wall ({prepared.backend})")
+            if impl == "fusedmlp":
+                _cprofile(fn, device, steps * 5, out / f"op_{name}_cprofile.txt")
+            del prepared, fn
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="profile-results")
     parser.add_argument("--shapes", default="64x256,16384x256,16384x1024")
     parser.add_argument("--steps", type=int, default=20, help="steps per measurement")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", action="store_true", help="single ops instead of the steps")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out)
@@ -179,6 +213,9 @@ def main(argv=None) -> int:
             for line in lines:
                 say("launch: " + line)
             (out / "launch.txt").write_text("\n".join(lines) + "\n")
+        if args.ops:
+            _ops(device, args.steps, out, say)
+            return 0
         for shape in args.shapes.split(","):
             batch, width = (int(v) for v in shape.lower().split("x"))
             for impl in ("fusedmlp", "torch"):

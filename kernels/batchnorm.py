@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device, row_splits
+from .launch import cdiv, launch, on_device, row_splits, worth_tuning
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -628,6 +628,7 @@ def batch_norm_stats(
         _bn_stats_partial_kernel,
         lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
         configs=_TILE_CONFIGS,
+        fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
         key=["C", "S", "rows_per_split"],
         interpret_config=_interpret_tile(R, C),
         x_ptr=x,
@@ -699,6 +700,7 @@ def batch_norm_forward(
             _bn_forward_kernel,
             lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
             configs=_TILE_CONFIGS,
+            fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
             key=["R", "C", "S"],
             interpret_config=_interpret_tile(R, C),
             x_ptr=x,
@@ -827,6 +829,7 @@ def batch_norm_backward(
                 _bn_backward_reduce_kernel,
                 lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
                 configs=_TILE_CONFIGS,
+                fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
                 key=["C", "S", "rows_per_split"],
                 interpret_config=_interpret_tile(R, C),
                 x_ptr=x,
@@ -864,6 +867,7 @@ def batch_norm_backward(
                 _bn_backward_dx_kernel,
                 lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
                 configs=_TILE_CONFIGS,
+                fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
                 key=["R", "C", "S"],
                 interpret_config=_interpret_tile(R, C),
                 x_ptr=x,

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device
+from .launch import cdiv, launch, on_device, worth_tuning
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_C": 2048}, num_warps=8),
@@ -44,6 +44,7 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK_C": 1024}, num_warps=4),
 ]
 # Small chunk under the interpreter, so the tests exercise many chunks per row.
+_FWD_SMALL = _FWD_CONFIGS[-1]  # 1024 classes, 4 warps: below worth_tuning's size
 _FWD_INTERPRET = triton.Config({"BLOCK_C": 64}, num_warps=4)
 
 # One configuration: an elementwise pass needs no tuning, and autotuning an in-place kernel
@@ -258,6 +259,7 @@ def cross_entropy_fwd(
             (n,),
             configs=_FWD_CONFIGS,
             key=["C", "HAS_WEIGHT", "HAS_SMOOTHING", "COMPUTE_GRAD"],
+            fixed_config=None if worth_tuning(n * c) else _FWD_SMALL,
             interpret_config=_FWD_INTERPRET,
             X=logits,
             stride_xn=logits.stride(0),

@@ -4,6 +4,12 @@
   An in-place kernel passes ``restore_value`` so autotuning never applies its update twice.
 - ``FUSEDMLP_AUTOTUNE=0``: the first configuration, no autotuning (the GPU check's tests use it:
   each new shape would otherwise compile and time every configuration).
+- A problem too small to be worth tuning (the launcher passes ``fixed_config``, see
+  ``worth_tuning``) runs that configuration without autotuning: it is bound by the launch, and
+  timing every configuration for every new small shape (a last partial batch, an evaluation
+  batch) cost the README's 5-epoch training run over a minute of tuning on an H100.
+- Autotuning times each configuration with ``triton.testing.do_bench`` for ``TUNE_WARMUP_MS`` +
+  ``TUNE_REP_MS`` (triton's defaults, 25 + 100 ms, spend seconds per new shape and kernel).
 - Under Triton's interpreter (``TRITON_INTERPRET=1``): one fixed configuration, because
   autotune needs a GPU driver; the ``INTERPRET`` constexpr is set for kernels that take it
   (interpreter-only bf16 upcast before ``tl.dot``, see DESIGN.md "Traps").
@@ -228,6 +234,26 @@ def _record(info: _KernelInfo, kwargs: dict, config: triton.Config, gpu_configs)
 # ``FUSEDMLP_AUTOTUNE=0`` (read once, at import: an environment lookup per launch costs ~1 us).
 AUTOTUNE = os.environ.get("FUSEDMLP_AUTOTUNE") != "0"
 
+# Problems with fewer elements (or, for a GEMM, multiply-adds) than these launch a fixed
+# configuration: a kernel this small takes a few microseconds whatever its tiles, less than the
+# host's launch, so timing configurations cannot win anything back.
+TUNE_MIN_ELEMENTS = 1 << 22
+TUNE_MIN_MACS = 1 << 28
+# do_bench's warm-up and measurement per configuration, ms (triton's defaults: 25 and 100).
+TUNE_WARMUP_MS = 5
+TUNE_REP_MS = 25
+
+
+def worth_tuning(work: int, *, gemm: bool = False) -> bool:
+    """Whether a launch over ``work`` elements (multiply-adds with ``gemm``) is autotuned on a
+    GPU; the launchers pass ``fixed_config`` when it is not."""
+    return work >= (TUNE_MIN_MACS if gemm else TUNE_MIN_ELEMENTS)
+
+
+def _time_config(fn, quantiles=None):
+    return triton.testing.do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
 # (id(kernel), id(configs)) -> (kernel, configs, (key, restore, reset), autotuner). Keyed by ids
 # (hashing a JITFunction digests its source under a lock, ~1 us per launch); the value keeps the
 # kernel and the configs, checked by identity, so a recycled id never returns another autotuner.
@@ -249,6 +275,7 @@ def _autotuned(kernel, configs, key, restore_value, reset_to_zero):
         key=list(key),
         restore_value=list(restore_value) or None,
         reset_to_zero=list(reset_to_zero) or None,
+        do_bench=_time_config,
     )(kernel)
     _AUTOTUNED[(id(kernel), id(configs))] = (kernel, configs, names, tuned)
     return tuned
@@ -261,6 +288,7 @@ def launch(
     configs,
     key=(),
     interpret_config: triton.Config | None = None,
+    fixed_config: triton.Config | None = None,
     restore_value=(),
     reset_to_zero=(),
     **kwargs,
@@ -269,7 +297,9 @@ def launch(
 
     ``configs``: the GPU autotune space (a list of ``triton.Config``); ``key``: the argument
     names autotune keys on; ``interpret_config``: the fixed configuration used under the
-    interpreter (default ``configs[0]``). ``grid`` is a tuple or a callable of the meta dict.
+    interpreter (default ``configs[0]``); ``fixed_config``: when given, the configuration a GPU
+    launches without autotuning (a problem too small to tune: ``worth_tuning``); it is compiled
+    for sm_90 with the others. ``grid`` is a tuple or a callable of the meta dict.
     A kernel parameter named ``INTERPRET`` is filled in here. Launches are recorded for the
     sm_90 compile test under the interpreter only (the test suite's CPU runs); on a GPU the
     bookkeeping would only add host overhead to every launch.
@@ -278,11 +308,17 @@ def launch(
     interpreting = info.interpreting
     if info.has_interpret:
         kwargs["INTERPRET"] = interpreting
-    if interpreting or len(configs) == 1 or not AUTOTUNE:
-        config = interpret_config if (interpreting and interpret_config) else configs[0]
+    if interpreting or fixed_config is not None or len(configs) == 1 or not AUTOTUNE:
+        if interpreting:
+            config = interpret_config or configs[0]
+        else:
+            config = fixed_config or configs[0]
         meta = {**kwargs, **config.kwargs}
         if interpreting:
-            _record(info, kwargs, config, configs)
+            gpu_configs = configs
+            if fixed_config is not None and fixed_config not in configs:
+                gpu_configs = [*configs, fixed_config]
+            _record(info, kwargs, config, gpu_configs)
             g = grid(meta) if callable(grid) else grid
             kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
             return

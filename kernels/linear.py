@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, dot_precision, launch, on_device, row_splits, sm_count
+from .launch import cdiv, dot_precision, launch, on_device, row_splits, sm_count, worth_tuning
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
@@ -608,6 +608,9 @@ _TILES_32_TF32_FWD = _TILES_32_TF32 + [(128, 256, 32, 8, 3), (256, 128, 32, 8, 3
 # fp64 (only under backend "triton", e.g. gradcheck): one small config, no autotuning.
 _TILES_64 = [(32, 32, 16, 4, 2)]
 _INTERPRET_TILE = (16, 16, 16, 4, 2)
+# Below ``worth_tuning``'s size: the smallest tile of each list (more programs for the few
+# output tiles a small GEMM has), launched without autotuning.
+_SMALL_TILES = {4: (64, 64, 32, 4, 4), 2: (64, 64, 64, 4, 4), 8: _TILES_64[0]}
 
 
 def _cfg(kind: str, tile, group: int = 8) -> triton.Config:
@@ -623,8 +626,9 @@ _SUM_INTERPRET = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)
 
 @functools.cache
 def _configs(kind: str, dtype: torch.dtype, precision: str):
-    """(GPU configurations, autotune key, interpreter configuration) of kernel ``kind`` for
-    ``dtype`` and the dot ``precision`` (``dot_precision``).
+    """(GPU configurations, autotune key, interpreter configuration, the configuration of a
+    GEMM too small to tune) of kernel ``kind`` for ``dtype`` and the dot ``precision``
+    (``dot_precision``).
 
     ``launch`` caches one autotuner per (kernel, key): the key's order differs per dtype group
     so that each group gets its own autotuner over its own configuration list.
@@ -640,7 +644,19 @@ def _configs(kind: str, dtype: torch.dtype, precision: str):
     else:
         tiles, key = (_TILES_16 if kind == "fwd" else _TILES_16_BWD), ("M", "N", "K")
     configs = [_cfg(kind, t) for t in tiles]
-    return configs, key, _cfg(kind, _INTERPRET_TILE, group=2)
+    small = configs[tiles.index(_SMALL_TILES[dtype.itemsize])]
+    return configs, key, _cfg(kind, _INTERPRET_TILE, group=2), small
+
+
+def _launch_configs(kind: str, dtype: torch.dtype, precision: str, M: int, N: int, K: int):
+    """``launch``'s configuration arguments for kernel ``kind`` of an ``[M, N, K]`` problem."""
+    configs, key, interpret_config, small = _configs(kind, dtype, precision)
+    return dict(
+        configs=configs,
+        key=key,
+        interpret_config=interpret_config,
+        fixed_config=None if worth_tuning(M * N * K, gemm=True) else small,
+    )
 
 
 def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
@@ -687,15 +703,12 @@ def linear_forward(
     if M == 0 or N == 0:
         return y, z
     precision = dot_precision(x.dtype)
-    configs, key, interpret_config = _configs("fwd", x.dtype, precision)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x):
         launch(
             _linear_fwd_kernel,
             grid,
-            configs=configs,
-            key=key,
-            interpret_config=interpret_config,
+            **_launch_configs("fwd", x.dtype, precision, M, N, K),
             x_ptr=x,
             w_ptr=weight,
             b_ptr=bias if bias is not None else y,
@@ -885,14 +898,11 @@ def linear_backward(
                 dx.zero_()
             else:
                 grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
-                configs, key, interpret_config = _configs("dx", dtype, prec)
                 with on_device(x):
                     launch(
                         _linear_dx_kernel,
                         grid,
-                        configs=configs,
-                        key=key,
-                        interpret_config=interpret_config,
+                        **_launch_configs("dx", dtype, prec, M, N, K),
                         dy_ptr=grad_y,
                         t_ptr=saved,
                         w_ptr=weight,
@@ -947,14 +957,11 @@ def linear_backward(
             split,
         )
 
-    configs, key, interpret_config = _configs("dw", dtype, prec)
     with on_device(x):
         launch(
             _linear_dw_kernel,
             grid,
-            configs=configs,
-            key=key,
-            interpret_config=interpret_config,
+            **_launch_configs("dw", dtype, prec, M, N, K),
             dy_ptr=grad_y,
             t_ptr=saved,
             x_ptr=x,

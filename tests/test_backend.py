@@ -201,6 +201,56 @@ def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
     assert (tuned, (40,), (torch.float16, torch.float16)) in L._BEST
 
 
+def test_small_problems_launch_their_fixed_configuration_untuned(monkeypatch):
+    """A launch given ``fixed_config`` (a problem below ``worth_tuning``'s size) runs it without
+    autotuning on a GPU, and the sm_90 compile test sees it among the kernel's configurations."""
+    import triton
+    import triton.language as tl
+
+    from fusedmlp.kernels import launch as L
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(L, "AUTOTUNE", True)
+
+    @triton.jit
+    def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    configs = [triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)]
+    fixed = triton.Config({"BLOCK": 8}, num_warps=1)
+    x = torch.arange(40, dtype=torch.float32, device=DEVICE)
+    y = torch.empty_like(x)
+    # Under the interpreter: recorded with the fixed configuration among the GPU ones.
+    L.launch(_double_kernel, lambda m: (triton.cdiv(40, m["BLOCK"]),), configs=configs,
+             key=("n",), fixed_config=fixed, x_ptr=x, y_ptr=y, n=40)  # fmt: skip
+    torch.testing.assert_close(y, x * 2)
+    recs = [r for r in L.LAUNCHED if r.name.endswith("_double_kernel")]
+    assert recs and all(fixed in r.gpu_configs and len(r.gpu_configs) == 3 for r in recs)
+    # As on a GPU (the interpreted kernel stands in for the compiled one): no autotuner is
+    # built or run, the fixed configuration's tiles are launched.
+    monkeypatch.setattr(
+        L, "_info", lambda k: L._KernelInfo(None, (), frozenset(), False, False, frozenset())
+    )
+    monkeypatch.setattr(L, "_autotuned", lambda *a: pytest.fail("autotuned a small problem"))
+    grids = []
+
+    def grid(meta):
+        grids.append(meta["BLOCK"])
+        return (triton.cdiv(40, meta["BLOCK"]),)
+
+    y = torch.empty_like(x)
+    L.launch(_double_kernel, grid, configs=configs, key=("n",), fixed_config=fixed,
+             x_ptr=x, y_ptr=y, n=40)  # fmt: skip
+    torch.testing.assert_close(y, x * 2)
+    assert grids == [8]
+    # The linear launchers' threshold: a GEMM of 2^28 multiply-adds or more is tuned.
+    small = KL._launch_configs("fwd", torch.float32, "ieee", 64, 256, 64)["fixed_config"]
+    assert small is not None and small.kwargs["BLOCK_M"] == 64 and small.num_warps == 4
+    assert KL._launch_configs("fwd", torch.float32, "ieee", 4096, 256, 256)["fixed_config"] is None
+    assert KL._launch_configs("dw", torch.bfloat16, "ieee", 4095, 256, 256)["fixed_config"]
+
+
 def test_direct_launch_defers_to_triton_when_its_knobs_are_set(monkeypatch):
     # The direct launch (kernels/launch.py) skips JITFunction.run only while the knobs that
     # run() keys its compiled-kernel cache on, or checks at every launch, are at their defaults:
