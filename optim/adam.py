@@ -29,6 +29,9 @@ Torch's keywords:
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
+
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
@@ -67,8 +70,47 @@ def _device_steps(state, params, steps) -> None:
             steps[i] = s
 
 
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_EXP_AVG = operator.itemgetter("exp_avg")
+_EXP_AVG_SQ = operator.itemgetter("exp_avg_sq")
+_MAX_EXP_AVG_SQ = operator.itemgetter("max_exp_avg_sq")
+_STEP = operator.itemgetter("step")
+
+
 class _FusedAdamStep:
     _step_supports_amp_scaling = True
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        """torch's ``Adam._init_group`` (the same lists, errors and return value). Once every
+        param with a gradient has its state, in eager mode, the lists are built with C-level
+        maps instead of torch's loop: about half of the step's host time over 100 tensors."""
+        if (
+            torch.compiler.is_compiling()
+            or group["differentiable"]
+            or (group["foreach"] and torch.is_tensor(group["lr"]))
+        ):
+            return super()._init_group(
+                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+            )
+        ps = group["params"]
+        gs = list(map(_GRAD, ps))
+        if False in map(operator.is_not, gs, repeat(None)):
+            ps = [p for p, g in zip(ps, gs) if g is not None]
+            gs = [g for g in gs if g is not None]
+        states = list(map(self.state.get, ps))
+        if not all(states) or True in map(_IS_SPARSE, gs):  # lazy initialisation; the error
+            return super()._init_group(
+                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+            )
+        params.extend(ps)
+        grads.extend(gs)
+        exp_avgs.extend(map(_EXP_AVG, states))
+        exp_avg_sqs.extend(map(_EXP_AVG_SQ, states))
+        if group["amsgrad"]:
+            max_exp_avg_sqs.extend(map(_MAX_EXP_AVG_SQ, states))
+        steps.extend(map(_STEP, states))
+        return True in map(torch.is_complex, ps)
 
     @_use_grad_for_differentiable
     def step(self, closure=None, *, grad_scale=None, found_inf=None):

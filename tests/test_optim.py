@@ -375,3 +375,33 @@ def test_torch_flags_accepted(backend, flag):
     assert opt.state_dict()["param_groups"] == ref_opt.state_dict()["param_groups"]
     for p, q in zip(ours, ref):  # e.g. fused=True keeps torch's step on the param's device
         assert opt.state[p]["step"].device == ref_opt.state[q]["step"].device
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_init_group_fast_path_builds_torchs_lists(cls, amsgrad):
+    """Once the state exists, Adam's ``_init_group`` builds its lists with C-level maps: the same
+    tensors, in the same order, and the same ``has_complex`` as torch's loop; params without a
+    gradient are left out; a sparse gradient gets torch's error."""
+    params = [torch.randn(3, device=DEVICE, requires_grad=True) for _ in range(4)]
+    params.append(torch.randn(2, dtype=torch.complex64, device=DEVICE, requires_grad=True))
+    opt = cls(params, lr=1e-2, amsgrad=amsgrad)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # lazy state initialisation (torch's own loop)
+    params[1].grad = None
+    for complex_grad in (True, False):
+        params[4].grad = torch.randn_like(params[4]) if complex_grad else None
+        ours, theirs = [[] for _ in range(6)], [[] for _ in range(6)]
+        group = opt.param_groups[0]
+        has_complex = opt._init_group(group, *ours)
+        assert has_complex == torch.optim.Adam._init_group(opt, group, *theirs) == complex_grad
+        assert [len(a) for a in ours] == [len(a) for a in theirs]
+        assert len(ours[0]) == (4 if complex_grad else 3) and len(ours[4]) == (
+            len(ours[0]) if amsgrad else 0
+        )
+        for a, b in zip(ours, theirs):
+            assert all(x is y for x, y in zip(a, b))
+    params[0].grad = torch.randn(3, device=DEVICE).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
