@@ -21,14 +21,15 @@ under the 'triton' backend):
   a new tensor instead, so a second backward sees the untouched buffer.
 - Out-of-range targets raise ``IndexError`` (as torch on the CPU) from inside
   ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path, before
-  any Triton launch: the op's first work. Cost on a GPU: up to five small ops over the N
-  targets (ignore_index masked when it lies outside [0, C), two ``aminmax``, a stack) and ONE
-  device-to-host copy of the smallest and largest target, with and without the ignored rows,
-  per forward: a synchronisation (tens of microseconds) with the work queued before it, e.g.
-  the model's forward. The 'mean' normaliser's ops and the loss kernel are queued after it, so
-  the GPU runs them while the host goes on to the backward's launches. The same copy tells
-  whether any row is ignored: a 'mean' without class weights and no ignored row then takes N
-  for its normaliser (two small ops instead of eight; the same bits).
+  the loss kernel's launch: the op's first work. Cost on a GPU: one small launch over the N
+  targets (``count_bad_targets``: it counts the out-of-range and the ignored targets; beyond
+  65,536 targets a second one zeroes its counters) and ONE device-to-host copy of the two
+  counts per forward: a synchronisation (tens of microseconds) with the work queued before it,
+  e.g. the model's forward. The loss kernel and the rest are queued after it, so the GPU runs
+  them while the host goes on to the backward's launches. The same copy tells whether any row
+  is ignored: a 'mean' without class weights and no ignored row then takes 1/N, known on the
+  host, as the gradient's scale (no launch) and N as the loss's divisor (the same bits as the
+  device normaliser).
   The check is skipped during CUDA-graph capture (a sync is illegal there: the kernel then
   writes a NaN loss and a zero gradient row for such a row) and when ``CHECK_TARGETS`` is set
   to False; the normaliser is then computed on the device.
@@ -98,33 +99,27 @@ def _forward_ad_active() -> bool:
 
 
 def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> bool:
-    """Raise IndexError for a target outside [0, C) other than ignore_index (before the kernel);
-    return whether every target lies in [0, C) with ``ignore_index`` outside it, i.e. no row is
-    ignored (then the 'mean' normaliser is N, known on the host).
+    """Raise IndexError for a target outside [0, C) other than ignore_index (before the loss
+    kernel); return whether no row is ignored (then the 'mean' normaliser is N, known on the
+    host).
 
-    The smallest and largest target, of the targets as they are and with the ignored rows
-    counted as 0 (``ignore_index`` outside [0, C)), come from ``aminmax`` reductions over the N
-    targets and ONE device-to-host copy of the values: a synchronisation with the work already
-    queued, but not with this op's own kernels, which are queued after it, so the GPU runs them
-    while the host goes on (the backward's launches included). The targets are compared one by
-    one only to name an offending value. Not checked (False) when empty, with ``CHECK_TARGETS``
-    off, or during a CUDA-graph capture (no synchronisation there).
+    One kernel counts the out-of-range and the ignored targets (``count_bad_targets``) and
+    ONE device-to-host copy brings the two
+    counts: a synchronisation with the work already queued, but not with this op's own
+    kernels, which are queued after it, so the GPU runs them while the host goes on (the
+    backward's launches included). The targets are compared one by one only to name an
+    offending value. Not checked (False) when empty, with ``CHECK_TARGETS`` off, or during a
+    CUDA-graph capture (no synchronisation there).
     """
     if not CHECK_TARGETS or target.numel() == 0:
         return False
     if target.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    if 0 <= ignore_index < num_classes:
-        lo, hi = torch.stack(torch.aminmax(target)).tolist()
-        counted = False  # an ignored row is not told apart by the targets' range
-    else:
-        masked = torch.where(target == ignore_index, 0, target)
-        lo, hi, raw_lo, raw_hi = torch.stack(
-            [*torch.aminmax(masked), *torch.aminmax(target)]
-        ).tolist()
-        counted = raw_lo >= 0 and raw_hi < num_classes
-    if lo >= 0 and hi < num_classes:
-        return counted
+    from ..kernels.cross_entropy import count_bad_targets
+
+    n_bad, n_ignored = count_bad_targets(target, num_classes, ignore_index).tolist()
+    if not n_bad:
+        return n_ignored == 0
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     value = int(target[bad][0])
     raise IndexError(f"Target {value} is out of bounds (expected 0 <= target < {num_classes}).")
@@ -158,18 +153,20 @@ def cross_entropy_fwd(
     n, c = logits.shape
     acc = _acc_dtype(logits.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
-    factor = torch.ones((), device=logits.device, dtype=acc)
     scale = None
     wsum = None
+    inv = None
+    factor = 1.0
     # The target check's synchronisation first: it also tells whether any row is ignored. A
     # 'mean' without class weights and no ignored row (the common case) then has N for its
-    # normaliser, known on the host: two small ops make it instead of eight (each a launch on a
-    # GPU), the same bits (N < 2^24 is exact in fp32).
+    # normaliser, known on the host: no launch makes it, and the loss kernel is the next launch
+    # after the check. The same bits: N < 2^24 is exact in fp32, and 1/N rounded to fp32 on the
+    # host is the correctly rounded quotient the device's reciprocal gives (fp64 logits keep
+    # the device normaliser: the kernel's float argument is fp32).
     counted = _check_targets(target, c, ignore_index)
-    counted = counted and reduction == "mean" and w is None and n < 1 << 24
+    counted = counted and reduction == "mean" and w is None and n < 1 << 24 and acc == torch.float32
     if counted:
-        wsum = torch.full((), float(n), device=logits.device, dtype=acc)
-        inv = wsum.reciprocal()
+        inv = 1.0 / n
     elif reduction == "mean":
         valid = target != ignore_index
         if w is not None:
@@ -187,8 +184,15 @@ def cross_entropy_fwd(
     loss_rows, grad = K.cross_entropy_fwd(
         logits, target, w, ignore_index, label_smoothing, scale, compute_grad
     )
+    factor = (
+        torch.full((), factor, device=logits.device, dtype=acc)
+        if isinstance(factor, float)
+        else factor
+    )
     if counted:
-        loss = loss_rows.sum() / wsum
+        # divided by a device N, not a Python number: CUDA's division by a host scalar
+        # multiplies by its reciprocal (other bits than the device normaliser's quotient)
+        loss = loss_rows.sum() / torch.full((), float(n), device=logits.device, dtype=acc)
     elif reduction == "mean":
         loss = torch.where(wsum == 0, math.nan, loss_rows.sum() / wsum)
     elif reduction == "sum":

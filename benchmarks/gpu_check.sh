@@ -14,6 +14,7 @@
 #                times of the MLP training step, and the host cost of one launch, under profile/
 #   6. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time
 #   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
+#   7b. grid:    benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16, fp32)
 #   8. verify:   fusedmlp verify, no new case 20 s before its timeout (tolerated missing)
 # Everything is logged under OUTDIR (<step>.log, summary.txt), and at the end packed into
 # OUTDIR/gpu_check.tgz. The script goes on past a failing step and exits non-zero if any step
@@ -188,7 +189,7 @@ step profile 60 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
 # 6. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show)
-step kernel_times 110 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 75 --sections ops,step
+step kernel_times 120 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 85 --sections ops,step
 
 # 7. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
 t=$(($(left) - 25)) # keep 25 s for results_md: RESULTS.md is made even when the bench times out
@@ -206,6 +207,10 @@ step bench "$t" "$PY" -m fusedmlp bench --quick --time-budget "$bench_budget" \
 if [[ -f "$DIR/bench.json" ]]; then
   step results_md 20 "$PY" benchmarks/results_md.py "$DIR/bench.json" -o "$DIR/RESULTS.md"
 fi
+
+# 7b. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100)
+step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.json" \
+  --markdown "$DIR/target_grid.md"
 
 # 8. fusedmlp verify (written by another issue: tolerate it missing)
 if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then

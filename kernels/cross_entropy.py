@@ -5,7 +5,8 @@ is streamed in chunks of ``BLOCK_C`` classes with an online softmax (running max
 running sum ``s`` of ``exp(x - m)``), so a row is never loaded whole (C = 262,144 works). With
 ``COMPUTE_GRAD`` the same program streams the row a second time and writes d(row loss)/d(logits)
 into its own buffer ``grad`` [N, C] (contiguous, logits dtype), optionally multiplied by
-``*SCALE`` (1 / sum of w[y], the 'mean' normaliser, a device scalar): no host synchronisation.
+``*SCALE`` (1 / sum of w[y], the 'mean' normaliser, a device scalar): no host synchronisation;
+or by ``host_scale`` (1 / N when the host knows the normaliser: no row ignored, no weights).
 
 Row loss (torch's definition, ``eps`` = label_smoothing, ``w`` = class weights or ones):
     L = (1 - eps) * w[y] * (lse - x[y]) + (eps / C) * sum_c w[c] * (lse - x[c])
@@ -14,6 +15,11 @@ Gradient derived from it (``p = softmax(x)``, ``W = sum_c w[c]``):
 Ignored rows (target == ignore_index) write loss 0 and a zero gradient row. Rows whose target is
 out of range write loss NaN and a zero gradient row (the op raises before that matters, see
 ``fusedmlp.autograd.cross_entropy``).
+
+Target check (``count_bad_targets``): one launch over the targets counts the out-of-range ones
+(not ``ignore_index``) and the ignored ones into two int64 counters, for the op's one
+device-to-host copy: one program up to 65,536 targets, else one per block adding with integer
+atomics (the same counts in any order).
 
 Backward (``cross_entropy_scale``): multiplies the saved gradient by ``grad_output`` (a scalar or
 one value per row, any stride) times a device scalar ``factor``, except on ignored rows, which
@@ -52,6 +58,9 @@ _FWD_INTERPRET = triton.Config({"BLOCK_C": 64}, num_warps=4)
 _SCALE_CONFIGS = [triton.Config({"BLOCK": 4096}, num_warps=8)]
 _SCALE_INTERPRET = triton.Config({"BLOCK": 64}, num_warps=4)
 
+_CHECK_CONFIGS = [triton.Config({"BLOCK": 2048}, num_warps=4)]
+_CHECK_INTERPRET = triton.Config({"BLOCK": 16}, num_warps=4)
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -68,6 +77,7 @@ def _ce_fwd_kernel(
     LOSS,
     GRAD,
     SCALE,
+    host_scale,
     C,
     ignore_index,
     eps,
@@ -148,10 +158,10 @@ def _ce_fwd_kernel(
         if COMPUTE_GRAD:
             if HAS_SCALE:
                 scale = tl.load(SCALE).to(ACC)
-                coef_p = coef_p * scale
-                coef_t = coef_t * scale
             else:
-                scale = tl.full((), 1.0, ACC)
+                scale = tl.full((), host_scale, ACC)  # 1.0 when there is no normaliser
+            coef_p = coef_p * scale
+            coef_t = coef_t * scale
             for c0 in range(0, C, BLOCK_C):
                 offs = c0 + cols
                 mask = offs < C
@@ -180,6 +190,70 @@ def _ce_fwd_kernel(
             for c0 in range(0, C, BLOCK_C):
                 offs = c0 + cols
                 tl.store(g_row + offs, zero, mask=offs < C)
+
+
+@triton.jit
+def _ce_check_kernel(
+    T, stride_t, N, C, ignore_index, COUNTS, ATOMIC: tl.constexpr, BLOCK: tl.constexpr
+):
+    """``COUNTS[0]``: the targets outside [0, C) other than ``ignore_index``; ``COUNTS[1]``: the
+    targets equal to ``ignore_index``. T: the N int64 targets, any stride; COUNTS: 2 int64.
+
+    ``ATOMIC``: one ``BLOCK`` of targets per program, added to COUNTS (zeroed by the caller)
+    with integer atomics, so the counts do not depend on the order the programs add them in.
+    Otherwise (few targets) one program walks them all and stores the counts: no zeroing."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_bad = tl.zeros((), tl.int64)
+    n_ignored = tl.zeros((), tl.int64)
+    start = pid * BLOCK if ATOMIC else 0
+    stop = tl.minimum(start + BLOCK, N) if ATOMIC else N
+    for b in range(start, stop, BLOCK):
+        offs = b + tl.arange(0, BLOCK)
+        mask = offs < stop
+        t = tl.load(T + offs * stride_t, mask=mask, other=0)
+        ignored = (t == ignore_index) & mask
+        bad = ((t < 0) | (t >= C)) & mask & (t != ignore_index)
+        n_bad += tl.sum(bad.to(tl.int64), 0)
+        n_ignored += tl.sum(ignored.to(tl.int64), 0)
+    if ATOMIC:
+        tl.atomic_add(COUNTS, n_bad)
+        tl.atomic_add(COUNTS + 1, n_ignored)
+    else:
+        tl.store(COUNTS, n_bad)
+        tl.store(COUNTS + 1, n_ignored)
+
+
+# Up to this many targets one program counts them all (a few microseconds), without atomics
+# and so without zeroing the counters first (one launch fewer).
+_CHECK_ONE_PROGRAM = 1 << 16
+
+
+def count_bad_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """int64 [2] on the targets' device: how many of ``target`` (int64 [N], N > 0, any stride)
+    lie outside [0, num_classes) other than ``ignore_index``, and how many equal
+    ``ignore_index``. One launch (two beyond ``_CHECK_ONE_PROGRAM`` targets: zeroed counters,
+    then the count over one program per block); no synchronisation."""
+    n = target.numel()
+    atomic = n > (_CHECK_ONE_PROGRAM if target.is_cuda else 32)  # small tests take both paths
+    if atomic:
+        counts = torch.zeros(2, device=target.device, dtype=torch.int64)
+    else:
+        counts = torch.empty(2, device=target.device, dtype=torch.int64)
+    with on_device(target):
+        launch(
+            _ce_check_kernel,
+            lambda meta: (cdiv(n, meta["BLOCK"]) if atomic else 1,),
+            configs=_CHECK_CONFIGS,
+            interpret_config=_CHECK_INTERPRET,
+            T=target,
+            stride_t=target.stride(0),
+            N=n,
+            C=int(num_classes),
+            ignore_index=int(ignore_index),
+            COUNTS=counts,
+            ATOMIC=atomic,
+        )
+    return counts
 
 
 @triton.jit
@@ -232,14 +306,15 @@ def cross_entropy_fwd(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-    scale: torch.Tensor | None,
+    scale: torch.Tensor | float | None,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses and (optionally) the gradient of the summed row losses.
 
     logits [N, C] fp32/fp16/bf16/fp64, any strides; target [N] int64, any stride; weight [C] in
-    the accumulation dtype (contiguous) or None; scale a 0-d accumulation-dtype device tensor
-    multiplied into the gradient (the 'mean' normaliser) or None.
+    the accumulation dtype (contiguous) or None; scale the 'mean' normaliser multiplied into the
+    gradient: a 0-d accumulation-dtype device tensor, a Python float (rounded to fp32: not for
+    fp64 logits) or None.
     Returns ``loss_rows`` [N] (fp32, fp64 for fp64 logits; 0 for ignored rows, NaN for
     out-of-range targets) and ``grad`` [N, C] contiguous in the logits dtype (shape [0] when
     ``compute_grad`` is False: nothing is written).
@@ -269,14 +344,15 @@ def cross_entropy_fwd(
             W=weight if weight is not None else loss,
             LOSS=loss,
             GRAD=grad if compute_grad else loss,
-            SCALE=scale if scale is not None else loss,
+            SCALE=scale if isinstance(scale, torch.Tensor) else loss,
+            host_scale=float(scale) if isinstance(scale, float) else 1.0,
             C=c,
             ignore_index=int(ignore_index),
             eps=float(label_smoothing),
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=float(label_smoothing) > 0.0,
             COMPUTE_GRAD=bool(compute_grad),
-            HAS_SCALE=scale is not None,
+            HAS_SCALE=isinstance(scale, torch.Tensor),
             FP64=logits.dtype == torch.float64,
         )
     return loss, grad

@@ -169,7 +169,8 @@ def test_out_of_range_targets_raise(backend, launches, bad, ignore_index):
         x, t = x.cpu(), t.cpu()
     with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
         cross_entropy(x, t, ignore_index=ignore_index)
-    assert launches.total == 0  # raised before any kernel launch
+    # raised before the loss kernel: the one launch is the target check's count
+    assert launches.total == (1 if backend == "triton" else 0) == launches["_ce_check_kernel"]
     t[1] = 0
     # the same value as ignore_index is fine
     torch.testing.assert_close(
@@ -183,7 +184,7 @@ def test_mean_normaliser_read_off_the_target_check(
     triton_backend, launches, monkeypatch, dtype, smoothing
 ):
     # 'mean' with no class weight and no ignored row: the normaliser N comes from the target
-    # check's synchronisation (two small ops instead of eight); bit for bit the device-computed
+    # check's synchronisation (its 1/N a kernel argument, no launch); bit for bit the device-computed
     # one (taken here with the check off, or with an ignored row present) and torch's value.
     from fusedmlp.autograd import cross_entropy as A
 
@@ -198,10 +199,12 @@ def test_mean_normaliser_read_off_the_target_check(
 
     loss, grad = run()
     n_fast = launches.total
+    assert launches["_ce_check_kernel"] == 1
     monkeypatch.setattr(A, "CHECK_TARGETS", False)  # the normaliser computed on the device
     slow_loss, slow_grad = run()
     assert torch.equal(loss, slow_loss) and torch.equal(grad, slow_grad)
-    assert n_fast == launches.total - n_fast  # the same kernels (the small ops are torch's)
+    # the same kernels but the check's (the normaliser's small ops are torch's)
+    assert launches["_ce_check_kernel"] == 1 and n_fast - 1 == launches.total - n_fast
     ref = x.float().detach().requires_grad_(True)
     F.cross_entropy(ref, t, label_smoothing=smoothing).backward()
     assert_close(
@@ -454,3 +457,21 @@ def test_autocast_computes_in_fp32_as_torch(backend, launches):
     assert_close(loss, ref_loss)
     assert_close(grad, ref_grad.to(torch.bfloat16), dtype=torch.bfloat16)
     assert launches[KERNEL] == (1 if backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("n", [7, 100])  # one program / one per block with atomics (CPU: > 32)
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_target_check_counts(triton_backend, launches, n, ignore_index):
+    """The target check's kernel against the same counts in torch, over strided targets."""
+    from fusedmlp.kernels.cross_entropy import count_bad_targets
+
+    C = 10
+    gen = torch.Generator().manual_seed(n)
+    t = torch.randint(-3, C + 3, (2 * n,), generator=gen).to(DEVICE)
+    t[::7] = ignore_index
+    t = t[::2]  # stride 2
+    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
+    expected = [int(bad.sum()), int((t == ignore_index).sum())]
+    assert expected[0] > 0 and expected[1] > 0
+    assert count_bad_targets(t, C, ignore_index).tolist() == expected
+    assert launches["_ce_check_kernel"] == 1
