@@ -149,24 +149,32 @@ def test_dot_precision_follows_torch_matmul_setting():
         torch.set_float32_matmul_precision(previous)
 
 
+def _doubling_kernel_and_configs():
+    """A fresh ``y = 2 x`` kernel (its own autotuner and caches per test) and two configurations.
+    Defined in a function: the tests keep it out of the sm_90 compile test's records."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    configs = [triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)]
+    return _double_kernel, configs
+
+
 def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
     """After the autotuner picked a configuration for a key, ``launch`` calls the jitted kernel
     with it directly (no Autotuner.run per call); the key is the autotuner's own. The benchmark
     is stubbed (autotuning needs a GPU); the kernels run under the interpreter."""
     import triton
-    import triton.language as tl
 
     from fusedmlp.kernels import launch as L
 
     # the GPU check runs the tests with FUSEDMLP_AUTOTUNE=0
     monkeypatch.setattr(L, "AUTOTUNE", True)
-
-    @triton.jit
-    def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
-
-    configs = [triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)]
+    _scale_kernel, configs = _doubling_kernel_and_configs()
     tuned = L._autotuned(_scale_kernel, configs, ("n",), (), ())
     benched = []
 
@@ -205,19 +213,12 @@ def test_small_problems_launch_their_fixed_configuration_untuned(monkeypatch):
     """A launch given ``fixed_config`` (a problem below ``worth_tuning``'s size) runs it without
     autotuning on a GPU, and the sm_90 compile test sees it among the kernel's configurations."""
     import triton
-    import triton.language as tl
 
     from fusedmlp.kernels import launch as L
     from fusedmlp.kernels import linear as KL
 
     monkeypatch.setattr(L, "AUTOTUNE", True)
-
-    @triton.jit
-    def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
-
-    configs = [triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)]
+    _double_kernel, configs = _doubling_kernel_and_configs()
     fixed = triton.Config({"BLOCK": 8}, num_warps=1)
     x = torch.arange(40, dtype=torch.float32, device=DEVICE)
     y = torch.empty_like(x)

@@ -1,0 +1,163 @@
+"""Every GPU configuration of every autotuned kernel, forced one at a time, against torch.
+
+On a GPU the autotuner may pick any configuration of a kernel's list, while the GPU check's
+tests (``FUSEDMLP_AUTOTUNE=0``) and the small problems (``fixed_config``) run only one or two
+of them. Test ``i`` launches configuration ``i`` (modulo the list's length) of every kernel that
+the ops below launch (linear fwd/dX/dW on both backward paths, batch norm, the fused
+BN-activation-dropout block, cross-entropy, softmax, dropout), through the ops' own launchers,
+and compares the results with torch's.
+
+On a GPU this checks the compiled code of each configuration. Under the interpreter (CPU-only
+machines) the forced configuration also replaces the interpreter's small one, so each GPU tile
+shape runs there too: the masks and loop bounds at those shapes (about 45 s on 2 cores).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, ON_GPU, assert_close
+
+import fusedmlp
+from fusedmlp import functional as FF
+from fusedmlp import nn as fnn
+
+# The kernel modules whose launches are forced (Adam/SGD have one configuration each).
+_MODULES = ("linear", "batchnorm", "cross_entropy", "dropout", "fused_block", "softmax")
+LONGEST = 11  # the longest configuration list (bf16 linear forward)
+
+
+@pytest.fixture
+def forced(monkeypatch, request):
+    """Make every launch of the kernel modules run configuration ``request.param`` of its list;
+    yields {kernel name: the configuration launched}."""
+    import importlib
+
+    index = request.param
+    used = {}
+    for name in _MODULES:
+        module = importlib.import_module(f"fusedmlp.kernels.{name}")
+        original = module.launch
+
+        def launch(kernel, grid, *, configs, fixed_config=None, interpret_config=None,
+                   original=original, **kwargs):  # fmt: skip
+            cfg = configs[index % len(configs)]
+            used[getattr(kernel, "__name__", str(kernel))] = (index % len(configs), cfg)
+            return original(
+                kernel,
+                grid,
+                configs=[cfg],
+                interpret_config=interpret_config if ON_GPU else cfg,
+                **kwargs,
+            )
+
+        monkeypatch.setattr(module, "launch", launch)
+    with fusedmlp.use_backend("triton"):
+        yield used
+
+
+def _check_forced(used, names):
+    for name in names:
+        assert name in used, f"{name} was not launched: {sorted(used)}"
+
+
+@pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
+@pytest.mark.parametrize("path", ["fused", "dz"])
+@pytest.mark.parametrize("dtype, precision", [
+    (torch.bfloat16, "highest"), (torch.float32, "highest"), (torch.float32, "high"),
+], ids=["bf16", "fp32", "tf32"])  # fmt: skip
+def test_linear_every_configuration(forced, monkeypatch, path, dtype, precision):
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", path)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ref = torch.nn.Linear(72, 136, device=DEVICE, dtype=dtype)
+        ours = fnn.Linear(72, 136, activation="relu", device=DEVICE, dtype=dtype)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(200, 72, device=DEVICE, dtype=dtype)
+        g = torch.randn(200, 136, device=DEVICE, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), torch.relu(ref(xb))
+        ya.backward(g)
+        yb.backward(g)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    scale = 20.0 if precision == "high" else 1.0  # TF32 on both sides, other rounding
+    assert_close(ya, yb, scale=scale)
+    assert_close(xa.grad, xb.grad, scale=scale)
+    assert_close(ours.weight.grad, ref.weight.grad, scale=scale)
+    assert_close(ours.bias.grad, ref.bias.grad, scale=scale)
+    if path == "fused":
+        _check_forced(forced, ["_linear_fwd_kernel", "_linear_dx_kernel", "_linear_dw_kernel"])
+    else:
+        _check_forced(forced, ["_linear_fwd_kernel"])
+
+
+@pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_norm_loss_softmax_every_configuration(forced, dtype):
+    # batch norm, training and eval, with fp32 parameters beside a bf16 input
+    ref = torch.nn.BatchNorm1d(40, device=DEVICE)
+    ours = fnn.BatchNorm1d(40, device=DEVICE)
+    x = (torch.randn(300, 40, device=DEVICE) * 3 + 1).to(dtype)
+    g = torch.randn_like(x)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(xa).backward(g)
+    ref(xb).backward(g)
+    assert_close(xa.grad, xb.grad, dtype=dtype, scale=4.0)
+    assert_close(ours.weight.grad, ref.weight.grad, dtype=dtype, scale=4.0)
+    assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    assert_close(ours(x), ref(x), dtype=dtype)
+    # cross-entropy over several chunks of the largest block (8192 classes)
+    logits = torch.randn(24, 9000, device=DEVICE, dtype=dtype)
+    target = torch.randint(0, 9000, (24,), device=DEVICE)
+    la, lb = logits.clone().requires_grad_(), logits.float().requires_grad_()
+    FF.cross_entropy(la, target, label_smoothing=0.1).backward()
+    F.cross_entropy(lb, target, label_smoothing=0.1).backward()
+    assert_close(la.grad.float(), lb.grad, dtype=dtype)
+    # softmax over the last dim (rows of several tiles) and log-softmax over dim 0 (inner > 1)
+    for fn, ref_fn, dim, shape in (
+        (FF.softmax, F.softmax, -1, (37, 9000)),
+        (FF.log_softmax, F.log_softmax, 0, (300, 40)),
+    ):
+        s = torch.randn(*shape, device=DEVICE, dtype=dtype)
+        sa, sb = s.clone().requires_grad_(), s.float().requires_grad_()
+        ya, yb = fn(sa, dim=dim), ref_fn(sb, dim=dim)
+        gs = torch.randn_like(yb)
+        ya.backward(gs.to(dtype))
+        yb.backward(gs)
+        assert_close(ya.float(), yb, dtype=dtype)
+        assert_close(sa.grad.float(), sb.grad, dtype=dtype, scale=2.0)
+    _check_forced(
+        forced,
+        ["_bn_forward_kernel", "_bn_backward_dx_kernel", "_ce_fwd_kernel", "_softmax_fwd_kernel"],
+    )
+
+
+@pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
+def test_fused_block_and_dropout_every_configuration(forced):
+    # [Linear, BatchNorm1d, ReLU, Linear] through convert: the fused BN-activation kernels
+    torch_model = torch.nn.Sequential(
+        torch.nn.Linear(24, 48), torch.nn.BatchNorm1d(48), torch.nn.ReLU(), torch.nn.Linear(48, 5)
+    ).to(DEVICE)
+    ours = fnn.convert(copy.deepcopy(torch_model))
+    x = torch.randn(260, 24, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(xa).square().sum().backward()
+    torch_model(xb).square().sum().backward()
+    assert_close(xa.grad, xb.grad, scale=10.0)
+    for (name, pa), pb in zip(ours.named_parameters(), torch_model.parameters()):
+        assert_close(pa.grad, pb.grad, scale=10.0, msg=name)
+    # dropout: every element kept as x / (1 - p) or dropped, and the backward's mask the same
+    d = torch.randn(257, 33, device=DEVICE).requires_grad_()
+    y = FF.dropout(d, 0.3, True)
+    kept = y != 0
+    assert_close(y[kept], d.detach()[kept] / 0.7)
+    assert 0.6 < kept.float().mean().item() < 0.8
+    y.backward(torch.ones_like(y))
+    assert torch.equal(d.grad != 0, kept)
+    _check_forced(forced, ["_dropout_kernel", "_fused_fwd_kernel"])
