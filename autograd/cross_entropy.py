@@ -104,10 +104,9 @@ def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> bool:
     host).
 
     One kernel counts the out-of-range and the ignored targets (``count_bad_targets``) and
-    ONE device-to-host copy brings the two
-    counts: a synchronisation with the work already queued, but not with this op's own
-    kernels, which are queued after it, so the GPU runs them while the host goes on (the
-    backward's launches included). The targets are compared one by one only to name an
+    ONE device-to-host copy brings the two counts: a synchronisation with the work already
+    queued, but not with this op's own kernels, which are queued after it, so the GPU runs them
+    while the host goes on (the backward's launches included). The targets are compared one by one only to name an
     offending value. Not checked (False) when empty, with ``CHECK_TARGETS`` off, or during a
     CUDA-graph capture (no synchronisation there).
     """

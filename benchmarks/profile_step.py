@@ -138,7 +138,8 @@ def launch_costs(device, calls: int = 2000) -> list[str]:
         f"{_per_call(lambda: L.launch(kernel, grid, **kwargs), calls) * 1e6:.1f} us"
     )
     configs = kwargs.pop("configs")
-    for name in ("key", "interpret_config", "fixed_config", "restore_value", "reset_to_zero"):
+    for name in ("key", "interpret_config", "small_config", "work", "gemm", "restore_value",
+                 "reset_to_zero"):  # fmt: skip
         kwargs.pop(name, None)
     config = configs[0]
     meta = {**kwargs, **config.kwargs}

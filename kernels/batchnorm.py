@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device, row_splits, worth_tuning
+from .launch import cdiv, launch, on_device, row_splits
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -628,7 +628,8 @@ def batch_norm_stats(
         _bn_stats_partial_kernel,
         lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
         configs=_TILE_CONFIGS,
-        fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
+        small_config=_TILE_CONFIGS[0],
+        work=R * C * S,
         key=["C", "S", "rows_per_split"],
         interpret_config=_interpret_tile(R, C),
         x_ptr=x,
@@ -700,7 +701,8 @@ def batch_norm_forward(
             _bn_forward_kernel,
             lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
             configs=_TILE_CONFIGS,
-            fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
+            small_config=_TILE_CONFIGS[0],
+            work=R * C * S,
             key=["R", "C", "S"],
             interpret_config=_interpret_tile(R, C),
             x_ptr=x,
@@ -829,7 +831,8 @@ def batch_norm_backward(
                 _bn_backward_reduce_kernel,
                 lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
                 configs=_TILE_CONFIGS,
-                fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
+                small_config=_TILE_CONFIGS[0],
+                work=R * C * S,
                 key=["C", "S", "rows_per_split"],
                 interpret_config=_interpret_tile(R, C),
                 x_ptr=x,
@@ -867,7 +870,8 @@ def batch_norm_backward(
                 _bn_backward_dx_kernel,
                 lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
                 configs=_TILE_CONFIGS,
-                fixed_config=None if worth_tuning(R * C * S) else _TILE_CONFIGS[0],
+                small_config=_TILE_CONFIGS[0],
+                work=R * C * S,
                 key=["R", "C", "S"],
                 interpret_config=_interpret_tile(R, C),
                 x_ptr=x,

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device, worth_tuning
+from .launch import cdiv, launch, on_device
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_C": 2048}, num_warps=8),
@@ -334,7 +334,8 @@ def cross_entropy_fwd(
             (n,),
             configs=_FWD_CONFIGS,
             key=["C", "HAS_WEIGHT", "HAS_SMOOTHING", "COMPUTE_GRAD"],
-            fixed_config=None if worth_tuning(n * c) else _FWD_SMALL,
+            small_config=_FWD_SMALL,
+            work=n * c,
             interpret_config=_FWD_INTERPRET,
             X=logits,
             stride_xn=logits.stride(0),

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device, worth_tuning
+from .launch import cdiv, launch, on_device
 
 MAX_DIMS = 4  # dims the strided path addresses after coalescing; more -> a contiguous copy
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -184,7 +184,8 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, in
             lambda meta: (cdiv(numel, meta["BLOCK"]),),
             configs=GPU_CONFIGS,
             key=["numel"],
-            fixed_config=None if worth_tuning(numel) else GPU_CONFIGS[0],
+            small_config=GPU_CONFIGS[0],
+            work=numel,
             interpret_config=INTERPRET_CONFIG,
             x_ptr=x,
             out_ptr=out,

@@ -53,7 +53,7 @@ import triton.language as tl
 from . import batchnorm as BN
 from .batchnorm import _store_grad_sums
 from .dropout import philox_keep
-from .launch import cdiv, launch, on_device, row_splits, worth_tuning
+from .launch import cdiv, launch, on_device, row_splits
 from .linear import _activation, _activation_grad
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -516,7 +516,8 @@ def fused_forward(
             _fused_fwd_kernel,
             _grid(R, C),
             configs=_TILE_CONFIGS,
-            fixed_config=None if worth_tuning(R * C) else _TILE_CONFIGS[0],
+            small_config=_TILE_CONFIGS[0],
+            work=R * C,
             key=["R", "C"],
             interpret_config=_INTERPRET_TILE,
             x_ptr=x,
@@ -572,7 +573,8 @@ def act_dropout_backward(
             _fused_bwd_elementwise_kernel,
             _grid(R, C),
             configs=_TILE_CONFIGS,
-            fixed_config=None if worth_tuning(R * C) else _TILE_CONFIGS[0],
+            small_config=_TILE_CONFIGS[0],
+            work=R * C,
             key=["R", "C"],
             interpret_config=_INTERPRET_TILE,
             dy_ptr=dy,
@@ -665,7 +667,8 @@ def bn_act_dropout_backward(
             _fused_bwd_reduce_kernel,
             lambda meta: (cdiv(C, 4 * meta["BLOCK_Q"]), n_split),
             configs=_REDUCE_CONFIGS,
-            fixed_config=None if worth_tuning(R * C) else _REDUCE_CONFIGS[0],
+            small_config=_REDUCE_CONFIGS[0],
+            work=R * C,
             key=["C", "rows_per_split"],
             interpret_config=_INTERPRET_TILE,
             x_ptr=x,
@@ -710,7 +713,8 @@ def bn_act_dropout_backward(
                 _fused_bwd_dx_kernel,
                 _grid(R, C),
                 configs=_TILE_CONFIGS,
-                fixed_config=None if worth_tuning(R * C) else _TILE_CONFIGS[0],
+                small_config=_TILE_CONFIGS[0],
+                work=R * C,
                 key=["R", "C"],
                 interpret_config=_INTERPRET_TILE,
                 x_ptr=x,

@@ -4,8 +4,8 @@
   An in-place kernel passes ``restore_value`` so autotuning never applies its update twice.
 - ``FUSEDMLP_AUTOTUNE=0``: the first configuration, no autotuning (the GPU check's tests use it:
   each new shape would otherwise compile and time every configuration).
-- A problem too small to be worth tuning (the launcher passes ``fixed_config``, see
-  ``worth_tuning``) runs that configuration without autotuning: it is bound by the launch, and
+- A problem too small to be worth tuning (``work`` below ``worth_tuning``'s size) runs the
+  launcher's ``small_config`` without autotuning: it is bound by the launch, and
   timing every configuration for every new small shape (a last partial batch, an evaluation
   batch) cost the README's 5-epoch training run over a minute of tuning on an H100.
 - Autotuning times each configuration with ``triton.testing.do_bench`` for ``TUNE_WARMUP_MS`` +
@@ -246,7 +246,7 @@ TUNE_REP_MS = 25
 
 def worth_tuning(work: int, *, gemm: bool = False) -> bool:
     """Whether a launch over ``work`` elements (multiply-adds with ``gemm``) is autotuned on a
-    GPU; the launchers pass ``fixed_config`` when it is not."""
+    GPU; below that ``launch`` runs the launcher's ``small_config``."""
     return work >= (TUNE_MIN_MACS if gemm else TUNE_MIN_ELEMENTS)
 
 
@@ -288,7 +288,9 @@ def launch(
     configs,
     key=(),
     interpret_config: triton.Config | None = None,
-    fixed_config: triton.Config | None = None,
+    small_config: triton.Config | None = None,
+    work: int = 0,
+    gemm: bool = False,
     restore_value=(),
     reset_to_zero=(),
     **kwargs,
@@ -297,9 +299,10 @@ def launch(
 
     ``configs``: the GPU autotune space (a list of ``triton.Config``); ``key``: the argument
     names autotune keys on; ``interpret_config``: the fixed configuration used under the
-    interpreter (default ``configs[0]``); ``fixed_config``: when given, the configuration a GPU
-    launches without autotuning (a problem too small to tune: ``worth_tuning``); it is compiled
-    for sm_90 with the others. ``grid`` is a tuple or a callable of the meta dict.
+    interpreter (default ``configs[0]``); ``small_config``: the configuration a GPU launches
+    without autotuning when ``work`` (elements, or multiply-adds with ``gemm``) is below
+    ``worth_tuning``'s size; it is compiled for sm_90 with the others. ``grid`` is a tuple or a
+    callable of the meta dict.
     A kernel parameter named ``INTERPRET`` is filled in here. Launches are recorded for the
     sm_90 compile test under the interpreter only (the test suite's CPU runs); on a GPU the
     bookkeeping would only add host overhead to every launch.
@@ -308,16 +311,19 @@ def launch(
     interpreting = info.interpreting
     if info.has_interpret:
         kwargs["INTERPRET"] = interpreting
-    if interpreting or fixed_config is not None or len(configs) == 1 or not AUTOTUNE:
+    fixed = None
+    if small_config is not None and not worth_tuning(work, gemm=gemm):
+        fixed = small_config
+    if interpreting or fixed is not None or len(configs) == 1 or not AUTOTUNE:
         if interpreting:
             config = interpret_config or configs[0]
         else:
-            config = fixed_config or configs[0]
+            config = fixed or configs[0]
         meta = {**kwargs, **config.kwargs}
         if interpreting:
             gpu_configs = configs
-            if fixed_config is not None and fixed_config not in configs:
-                gpu_configs = [*configs, fixed_config]
+            if small_config is not None and small_config not in configs:
+                gpu_configs = [*configs, small_config]
             _record(info, kwargs, config, gpu_configs)
             g = grid(meta) if callable(grid) else grid
             kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)

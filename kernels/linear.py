@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, dot_precision, launch, on_device, row_splits, sm_count, worth_tuning
+from .launch import cdiv, dot_precision, launch, on_device, row_splits, sm_count
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
@@ -655,7 +655,9 @@ def _launch_configs(kind: str, dtype: torch.dtype, precision: str, M: int, N: in
         configs=configs,
         key=key,
         interpret_config=interpret_config,
-        fixed_config=None if worth_tuning(M * N * K, gemm=True) else small,
+        small_config=small,
+        work=M * N * K,
+        gemm=True,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, next_power_of_2, on_device, worth_tuning
+from .launch import cdiv, launch, next_power_of_2, on_device
 
 # TILE = BLOCK_C * BLOCK_I elements per chunk; BLOCK_I is chosen by the launcher.
 _CONFIGS = [
@@ -30,11 +30,6 @@ _CONFIGS = [
     triton.Config({"TILE": 1024}, num_warps=4),
 ]
 _INTERPRET = triton.Config({"TILE": 256}, num_warps=4)
-
-
-def _fixed(numel: int) -> triton.Config | None:
-    """The configuration of a problem below ``worth_tuning``'s size (None: autotune)."""
-    return None if worth_tuning(numel) else _CONFIGS[3]
 
 
 @triton.jit
@@ -212,7 +207,8 @@ def softmax_fwd(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
             _grid(outer, inner, block_i),
             configs=_CONFIGS,
             key=["C", "inner", "LOG", "BLOCK_I"],
-            fixed_config=_fixed(outer * c * inner),
+            small_config=_CONFIGS[3],
+            work=outer * c * inner,
             interpret_config=_INTERPRET,
             X=x3,
             Y=y3,
@@ -246,7 +242,8 @@ def softmax_bwd(y: torch.Tensor, grad: torch.Tensor, dim: int, log: bool) -> tor
             _grid(outer, inner, block_i),
             configs=_CONFIGS,
             key=["C", "inner", "LOG", "BLOCK_I"],
-            fixed_config=_fixed(outer * c * inner),
+            small_config=_CONFIGS[3],
+            work=outer * c * inner,
             interpret_config=_INTERPRET,
             Y=y3,
             G=g3,

@@ -209,8 +209,8 @@ def test_launch_reuses_the_autotuned_configuration_directly(monkeypatch):
     assert (tuned, (40,), (torch.float16, torch.float16)) in L._BEST
 
 
-def test_small_problems_launch_their_fixed_configuration_untuned(monkeypatch):
-    """A launch given ``fixed_config`` (a problem below ``worth_tuning``'s size) runs it without
+def test_small_problems_launch_their_small_configuration_untuned(monkeypatch):
+    """A launch whose ``work`` is below ``worth_tuning``'s size runs its ``small_config`` without
     autotuning on a GPU, and the sm_90 compile test sees it among the kernel's configurations."""
     import triton
 
@@ -219,19 +219,19 @@ def test_small_problems_launch_their_fixed_configuration_untuned(monkeypatch):
 
     monkeypatch.setattr(L, "AUTOTUNE", True)
     _double_kernel, configs = _doubling_kernel_and_configs()
-    fixed = triton.Config({"BLOCK": 8}, num_warps=1)
+    small = triton.Config({"BLOCK": 8}, num_warps=1)
     x = torch.arange(40, dtype=torch.float32, device=DEVICE)
     y = torch.empty_like(x)
-    # Under the interpreter: recorded with the fixed configuration among the GPU ones (in a
+    # Under the interpreter: recorded with the small configuration among the GPU ones (in a
     # record of its own: the sm_90 compile test cannot import a kernel defined in a test).
     monkeypatch.setattr(L, "LAUNCHED", {})
     L.launch(_double_kernel, lambda m: (triton.cdiv(40, m["BLOCK"]),), configs=configs,
-             key=("n",), fixed_config=fixed, x_ptr=x, y_ptr=y, n=40)  # fmt: skip
+             key=("n",), small_config=small, work=40, x_ptr=x, y_ptr=y, n=40)  # fmt: skip
     torch.testing.assert_close(y, x * 2)
     recs = [r for r in L.LAUNCHED if r.name.endswith("_double_kernel")]
-    assert recs and all(fixed in r.gpu_configs and len(r.gpu_configs) == 3 for r in recs)
+    assert recs and all(small in r.gpu_configs and len(r.gpu_configs) == 3 for r in recs)
     # As on a GPU (the interpreted kernel stands in for the compiled one): no autotuner is
-    # built or run, the fixed configuration's tiles are launched.
+    # built or run, the small configuration's tiles are launched.
     monkeypatch.setattr(
         L, "_info", lambda k: L._KernelInfo(None, (), frozenset(), False, False, frozenset())
     )
@@ -243,15 +243,19 @@ def test_small_problems_launch_their_fixed_configuration_untuned(monkeypatch):
         return (triton.cdiv(40, meta["BLOCK"]),)
 
     y = torch.empty_like(x)
-    L.launch(_double_kernel, grid, configs=configs, key=("n",), fixed_config=fixed,
+    L.launch(_double_kernel, grid, configs=configs, key=("n",), small_config=small, work=40,
              x_ptr=x, y_ptr=y, n=40)  # fmt: skip
     torch.testing.assert_close(y, x * 2)
     assert grids == [8]
     # The linear launchers' threshold: a GEMM of 2^28 multiply-adds or more is tuned.
-    small = KL._launch_configs("fwd", torch.float32, "ieee", 64, 256, 64)["fixed_config"]
-    assert small is not None and small.kwargs["BLOCK_M"] == 64 and small.num_warps == 4
-    assert KL._launch_configs("fwd", torch.float32, "ieee", 4096, 256, 256)["fixed_config"] is None
-    assert KL._launch_configs("dw", torch.bfloat16, "ieee", 4095, 256, 256)["fixed_config"]
+    # The thresholds: 2^22 elements, 2^28 multiply-adds for the GEMMs (the linear launchers'
+    # small tile: the 64 x 64 one, 4 warps).
+    assert not L.worth_tuning((1 << 22) - 1) and L.worth_tuning(1 << 22)
+    assert not L.worth_tuning(4095 * 256 * 256, gemm=True)
+    assert L.worth_tuning(4096 * 256 * 256, gemm=True)
+    args = KL._launch_configs("fwd", torch.float32, "ieee", 64, 256, 64)
+    assert args["work"] == 64 * 256 * 64 and args["gemm"] is True
+    assert args["small_config"].kwargs["BLOCK_M"] == 64 and args["small_config"].num_warps == 4
 
 
 def test_direct_launch_defers_to_triton_when_its_knobs_are_set(monkeypatch):

@@ -1,7 +1,7 @@
 """Every GPU configuration of every autotuned kernel, forced one at a time, against torch.
 
 On a GPU the autotuner may pick any configuration of a kernel's list, while the GPU check's
-tests (``FUSEDMLP_AUTOTUNE=0``) and the small problems (``fixed_config``) run only one or two
+tests (``FUSEDMLP_AUTOTUNE=0``) and the small problems (``small_config``) run only one or two
 of them. Test ``i`` launches configuration ``i`` (modulo the list's length) of every kernel that
 the ops below launch (linear fwd/dX/dW on both backward paths, batch norm, the fused
 BN-activation-dropout block, cross-entropy, softmax, dropout), through the ops' own launchers,
@@ -40,7 +40,7 @@ def forced(monkeypatch, request):
         module = importlib.import_module(f"fusedmlp.kernels.{name}")
         original = module.launch
 
-        def launch(kernel, grid, *, configs, fixed_config=None, interpret_config=None,
+        def launch(kernel, grid, *, configs, small_config=None, interpret_config=None,
                    original=original, **kwargs):  # fmt: skip
             cfg = configs[index % len(configs)]
             used[getattr(kernel, "__name__", str(kernel))] = (index % len(configs), cfg)
