@@ -11,7 +11,9 @@ cross-entropy, Adam) runs with CPU tensors standing in for CUDA ones and triton 
 every kernel is compiled for sm_90 (as on an H100, with ptxas) and launched through
 ``JITFunction.run`` exactly as on a GPU, except that a recording driver replaces the CUDA one, so
 the final ``cuLaunchKernel`` never happens (and no kernel computes anything: the tensors hold
-garbage). Three figures per step:
+garbage). The launchers choose their splits as on an H100 (``gpu_geometry``): with the
+interpreter's small-test heuristics a batch of 64 would launch merge kernels a GPU skips.
+Three figures per step:
 
 - ``launch path``: the whole step with the real launch path;
 - ``launches as no-ops``: the same with ``JITFunction.run`` replaced by a no-op: what fusedmlp's
@@ -86,6 +88,37 @@ def install_recording_driver(record_args: bool = False) -> list:
     return calls
 
 
+class _H100:
+    """Stands in for ``torch.device("cuda", 0)`` where launchers choose a geometry by device."""
+
+    type, index = "cuda", 0
+
+
+def gpu_geometry(sms: int = 132) -> None:
+    """Make the launchers choose their splits as on an H100 (``sms`` SMs) for the CPU tensors:
+    the split reductions (batch norm, the fused block, linear's db and dW) and the
+    cross-entropy check otherwise take the interpreter's small-test geometry, which launches
+    merge kernels a GPU would not need at small batches."""
+    import functools
+
+    from fusedmlp.kernels import batchnorm, cross_entropy, fused_block, launch, linear
+
+    launch._sm_count = functools.cache(lambda index: sms)
+    for module in (batchnorm, fused_block, linear):
+        splits = module.row_splits
+        module.row_splits = functools.wraps(splits)(
+            lambda R, C, device, _f=splits, **kw: _f(R, C, _H100, **kw)
+        )
+    dw_split = linear.dw_split
+    linear.dw_split = lambda M, N, K, device: dw_split(M, N, K, _H100)
+    cross_entropy.check_on_one_program = lambda target: (
+        target.numel() <= cross_entropy._CHECK_ONE_PROGRAM
+    )
+    count = cross_entropy.count_bad_targets
+    # No kernel computes: the counts the loss reads back would be garbage (out-of-range targets).
+    cross_entropy.count_bad_targets = lambda *args: count(*args).zero_()
+
+
 def skip_tuning() -> None:
     """Make triton's autotuner choose each kernel's first configuration without benchmarking
     (timing needs a GPU): one configuration left after pruning, timed as a constant."""
@@ -155,6 +188,7 @@ def main(argv=None) -> int:
     from fusedmlp import optim as fo
 
     L.interpreter_active = lambda: True  # CPU tensors stand in for CUDA ones
+    gpu_geometry()
     fusedmlp.set_backend("triton")
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -228,13 +228,19 @@ def _ce_check_kernel(
 _CHECK_ONE_PROGRAM = 1 << 16
 
 
+def check_on_one_program(target: torch.Tensor) -> bool:
+    """Whether one program counts every target (else integer atomics after a zeroing): up to
+    ``_CHECK_ONE_PROGRAM`` targets on a GPU, 32 on CPU, so that small tests take both paths."""
+    return target.numel() <= (_CHECK_ONE_PROGRAM if target.is_cuda else 32)
+
+
 def count_bad_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """int64 [2] on the targets' device: how many of ``target`` (int64 [N], N > 0, any stride)
     lie outside [0, num_classes) other than ``ignore_index``, and how many equal
     ``ignore_index``. One launch (two beyond ``_CHECK_ONE_PROGRAM`` targets: zeroed counters,
     then the count over one program per block); no synchronisation."""
     n = target.numel()
-    atomic = n > (_CHECK_ONE_PROGRAM if target.is_cuda else 32)  # small tests take both paths
+    atomic = not check_on_one_program(target)
     if atomic:
         counts = torch.zeros(2, device=target.device, dtype=torch.int64)
     else:
