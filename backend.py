@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import operator
 import os
 
 import torch
@@ -91,11 +92,35 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         )
     _require_triton()
     if not all(t.is_cuda for t in ts):
-        from .kernels.launch import interpreter_active
-
-        if not interpreter_active():
-            raise RuntimeError(
-                "fusedmlp backend 'triton' got CPU tensors but Triton's interpreter is off: "
-                "use CUDA tensors, or set TRITON_INTERPRET=1 before triton is imported"
-            )
+        _require_interpreter()
     return True
+
+
+_IS_CUDA = operator.attrgetter("is_cuda")
+_DTYPE = operator.attrgetter("dtype")
+
+
+def use_triton_all(tensors: list[torch.Tensor]) -> bool:
+    """``use_triton(*tensors)`` for a list without None, walked with C loops (``map``): an
+    optimizer step asks it of hundreds of tensors. Eager only: dynamo cannot trace
+    ``attrgetter`` (a graph break), so traced code calls ``use_triton``."""
+    backend = _BACKEND
+    if backend == "torch":
+        return False
+    cuda = all(map(_IS_CUDA, tensors))
+    if backend == "auto":
+        return cuda and torch.float64 not in set(map(_DTYPE, tensors)) and triton_available()
+    _require_triton()
+    if not cuda:
+        _require_interpreter()
+    return True
+
+
+def _require_interpreter() -> None:
+    from .kernels.launch import interpreter_active
+
+    if not interpreter_active():
+        raise RuntimeError(
+            "fusedmlp backend 'triton' got CPU tensors but Triton's interpreter is off: "
+            "use CUDA tensors, or set TRITON_INTERPRET=1 before triton is imported"
+        )

@@ -30,7 +30,7 @@ import operator
 import torch
 from torch import Tensor
 
-from ..backend import get_backend, use_triton
+from ..backend import get_backend, use_triton, use_triton_all
 from ._custom_op import caller, custom_op
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -311,14 +311,15 @@ def kernel_partition(params, grads):
         return [], list(range(len(params)))
     if not _is_compiling() and (
         attr_set("dtype", params) <= _KERNEL_DTYPE_SET and attr_set("layout", grads) == _STRIDED
-    ):
-        kernel_idx = list(range(len(params)))  # the common case, without a per-tensor loop
-    else:
-        kernel_idx = [
-            i
-            for i, p in enumerate(params)
-            if p.dtype in _KERNEL_DTYPES and grads[i].layout == torch.strided
-        ]
+    ):  # the common case, without a per-tensor loop
+        if use_triton_all(params):
+            return list(range(len(params))), []
+        return [], list(range(len(params)))
+    kernel_idx = [
+        i
+        for i, p in enumerate(params)
+        if p.dtype in _KERNEL_DTYPES and grads[i].layout == torch.strided
+    ]
     if not kernel_idx or not use_triton(*(params[i] for i in kernel_idx)):
         return [], list(range(len(params)))
     chosen = set(kernel_idx)

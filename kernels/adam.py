@@ -197,16 +197,19 @@ def adam_step(
         )
     arrays = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
-    check(arrays, names)
-    if not all(map(torch.Tensor.numel, params)):  # drop empty tensors (and their step counters)
+    checked = check(arrays, names)
+    if checked is not None and not checked.plain and not all(map(torch.Tensor.numel, params)):
+        # drop empty tensors (and their step counters)
         keep = [i for i, p in enumerate(params) if p.numel() > 0]
         arrays = [[lst[i] for i in keep] for lst in arrays]
         state_steps = [state_steps[i] for i in keep] if device_step else None
+        checked = None
     launch_step(
         _adam_kernel,
         arrays,
         grad_scale,
         found_inf,
+        checked=checked,
         extra=lambda addrs, ref: {
             "steps": step_table(state_steps, ref.device) if device_step else addrs
         },

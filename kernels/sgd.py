@@ -100,12 +100,13 @@ def sgd_step(
     """
     use_momentum = momentum != 0
     arrays = [params, grads] + ([momentum_buffers] if use_momentum else [])
-    check(arrays, ["params", "grads", "momentum_buffers"])
+    checked = check(arrays, ["params", "grads", "momentum_buffers"])
     launch_step(
         _sgd_kernel,
         arrays,
         grad_scale,
         found_inf,
+        checked=checked,
         lr=float(lr),
         momentum=float(momentum),
         one_minus_dampening=float(1.0 - dampening),

@@ -405,3 +405,65 @@ def test_init_group_fast_path_builds_torchs_lists(cls, amsgrad):
     params[0].grad = torch.randn(3, device=DEVICE).to_sparse()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls,ref_cls", [(Adam, torch.optim.Adam), (SGD, torch.optim.SGD)])
+def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
+    triton_backend, launches, monkeypatch, cls, ref_cls
+):
+    """``multi_tensor.check`` walks every tensor only for a call it has not seen: the same
+    params, state and gradient objects at the same addresses pass without it. Any change is
+    caught before a launch: a gradient reshaped behind torch's back at the same address (as
+    torch's own foreach step, which raises on it), a state tensor swapped for another of the
+    wrong shape, and a gradient reinterpreted with other strides at the same address (stand-in
+    copies, as with a fresh call; results as torch.optim's)."""
+    from fusedmlp.kernels import multi_tensor as M
+
+    walks = []
+    monkeypatch.setattr(M, "_check", lambda *a, _f=M._check: walks.append(1) or _f(*a))
+    ours = _params(shapes=[(4, 3), (6,)])
+    ref = _clone(ours)
+    kwargs = {"lr": 0.1, "momentum": 0.9} if cls is SGD else {"lr": 0.1}
+    opt, ref_opt = cls(ours, **kwargs), ref_cls(ref, **kwargs)
+    grads = [torch.randn(p.shape, device=DEVICE) for p in ours]
+    for p, q, g in zip(ours, ref, grads):
+        p.grad, q.grad = g, g.clone()
+    launches.clear()
+    for _ in range(3):  # the same grad objects every step (zero_grad(set_to_none=False))
+        opt.step()
+        ref_opt.step()
+    _assert_params(ours, ref)
+    assert launches.total == 3
+    assert len(walks) == 1  # the state exists before the first launch (lazy init)
+    walks.clear()
+    opt.step()
+    assert walks == [] and launches.total == 4
+    ref_opt.step()
+
+    # the same address, other strides: the column-major reading of the same 12 numbers
+    g0 = ours[0].grad
+    ours[0].grad.data = g0.data.as_strided((4, 3), (1, 4))
+    assert ours[0].grad.data_ptr() == g0.data_ptr()
+    ref[0].grad = ours[0].grad.detach().clone()
+    opt.step()
+    ref_opt.step()
+    _assert_params(ours, ref)
+    assert walks == [1] and launches.total == 5
+
+    # The refused steps below advance Adam's step counters, as torch's foreach Adam does when
+    # one of its ops raises: no comparison with ref_opt after them.
+    # The same storage at the same address, viewed as (3, 4): walked again, and refused.
+    walks.clear()
+    ours[0].grad.data = g0.data.as_strided((3, 4), (4, 1))
+    assert ours[0].grad.data_ptr() == g0.data_ptr()
+    with pytest.raises(ValueError, match=r"grads tensor \(3, 4\)"):
+        opt.step()
+    assert walks == [1] and launches.total == 5
+    ours[0].grad.data = g0.data.as_strided((4, 3), (3, 1))
+
+    # a state tensor swapped for one of the wrong shape
+    key = "exp_avg" if cls is Adam else "momentum_buffer"
+    opt.state[ours[1]][key] = torch.zeros(5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        opt.step()
+    assert launches.total == 5
