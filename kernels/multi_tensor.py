@@ -14,9 +14,10 @@ The kernels read two small int64 tables instead of one argument per tensor:
 
 Both tables are cached (``addrs`` keyed by the addresses, ``meta`` by the sizes), so they are
 rebuilt only when an address changes (fresh ``.grad`` tensors, ``load_state_dict``). So is the
-host check of the tensors (``check``): a call whose tensors are the very objects of a checked
-call at the same addresses, with gradients of the same shapes, strides and dtype, skips the
-per-array walks (over 1,000 tensors they took 1.2 of the step's 3.4 ms of host time). On a GPU
+host check of the tensors (``check``): a call whose params and state are the very objects of a
+checked call at the same addresses, with gradients of the same shapes, strides and dtype,
+skips the per-array walks (over 1,000 tensors they took 1.2 of the step's 3.4 ms of host
+time). On a GPU
 they are staged through pinned memory with a non-blocking copy: no synchronous copy per step.
 Under Triton's interpreter the addresses are those of the CPU tensors themselves (the
 interpreter's host copy of a CPU tensor argument is the tensor itself), so the same kernels
@@ -262,32 +263,45 @@ def prepare(arrays: list[list[torch.Tensor]], mutated: list[bool], plain: bool |
 
 
 class Checked(NamedTuple):
-    """What ``check`` established: the ``addresses`` of the arrays' tensors, whether
-    ``prepare``'s common case holds (``plain``: no stand-ins, the arrays launch as they are),
-    and the checked call's record, which keeps their tables for the next calls."""
+    """What ``check`` established: whether ``prepare``'s common case holds (``plain``: no
+    stand-ins, the arrays launch as they are), and the checked call's record (``tables``)."""
 
-    ptrs: tuple
     plain: bool
     call: _CheckedCall
 
 
 class _CheckedCall:
-    """A checked call, for the next ones (``_CHECK_CACHE``): weak references to every tensor
-    but the gradients (the same objects, still alive), the gradients' dtype, shapes and strides
-    (fresh tensors at every step when ``zero_grad`` sets them to None), and the ``tables`` of a
-    plain call by chunk size (no cache lookups keyed by thousands of addresses and sizes)."""
+    """A checked call, for the next ones (``_CHECK_CACHE``, keyed by the addresses of every
+    tensor but the gradients): weak references to those tensors (the same objects, still
+    alive), the gradients' dtype, shapes and strides (fresh tensors at every step when
+    ``zero_grad`` sets them to None; their addresses may change), and the last ``tables`` of a
+    plain call by chunk size with the gradient addresses they hold."""
 
-    __slots__ = ("lengths", "refs", "dtype", "grad_shapes", "grad_strides", "plain", "tables")
+    __slots__ = (
+        "lengths", "others", "refs", "dtype", "grad_shapes", "grad_strides", "plain", "tables",
+    )  # fmt: skip
 
-    def __init__(self, arrays):
+    def __init__(self, arrays, lengths: tuple, others: tuple):
         grads = arrays[1] if len(arrays) > 1 else []
-        self.lengths = tuple(map(len, arrays))
+        self.lengths, self.others = lengths, others
         self.refs = list(map(_REF, _others(arrays)))
         self.dtype = arrays[0][0].dtype
         self.grad_shapes = list(map(_SIZE, grads))
         self.grad_strides = list(map(_STRIDE, grads))
         self.plain = _plain(arrays)
         self.tables: dict = {}
+
+    def tables_for(self, arrays, chunk: int):
+        """``tables(arrays, chunk)`` for this call's own (plain) arrays: the last ones while the
+        gradients stay at the same addresses (no lookup keyed by every address)."""
+        grad_ptrs = tuple(map(_DATA_PTR, arrays[1])) if len(arrays) > 1 else ()
+        last = self.tables.get(chunk)
+        if last is not None and last[0] == grad_ptrs:
+            return last[1]
+        n = len(arrays[0])
+        built = tables(arrays, chunk, self.others[:n] + grad_ptrs + self.others[n:])
+        self.tables[chunk] = (grad_ptrs, built)
+        return built
 
 
 def _others(arrays):
@@ -298,8 +312,7 @@ def _others(arrays):
 def _same_call(arrays, hit: _CheckedCall) -> bool:
     grads = arrays[1] if len(arrays) > 1 else []
     return (
-        tuple(map(len, arrays)) == hit.lengths
-        and all(map(operator.is_, map(_DEREF, hit.refs), _others(arrays)))
+        all(map(operator.is_, map(_DEREF, hit.refs), _others(arrays)))
         and set(map(_DTYPE, grads)) <= {hit.dtype}
         and list(map(_SIZE, grads)) == hit.grad_shapes
         and list(map(_STRIDE, grads)) == hit.grad_strides
@@ -311,27 +324,28 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> Checked | None:
     None when there are no tensors. ``arrays[0]`` are the params, ``arrays[1]`` (when present)
     the gradients.
 
-    A call whose addresses, params and state tensors (the same objects) and gradient shapes,
-    strides and dtype are those of a call checked before passes without the walks below: a
-    tensor keeps its dtype, device and shape while it lives, unless its metadata is changed in
-    place (``resize_``, ``set_``, assigning ``.data``: each of them changes the address or
-    is outside what an optimizer's tensors go through). Otherwise: one list of shapes, one set
-    of dtypes and one of devices per array; the per-tensor walk that names the offending tensor
-    runs only when those differ.
+    A call whose params and state tensors are the objects of a call checked before, at the same
+    addresses, and whose gradients have the same dtype, shapes and strides passes without the
+    walks below: a tensor keeps its dtype, device and shape while it lives unless its metadata
+    is changed in place (``resize_``, ``set_``, assigning ``.data``: each changes the address or
+    is outside what an optimizer's tensors go through), and torch gives a gradient its param's
+    device. Otherwise: one list of shapes, one set of dtypes and one of devices per array; the
+    per-tensor walk that names the offending tensor runs only when those differ.
     """
     ref = arrays[0]
     if not ref:
         return None
-    ptrs = addresses(arrays)
-    key = (ref[0].device, ptrs)
+    lengths = tuple(map(len, arrays))
+    others = tuple(map(_DATA_PTR, _others(arrays)))
+    key = (ref[0].device, lengths, others)
     hit = _CHECK_CACHE.get(key)
     if hit is not None and _same_call(arrays, hit):
-        return Checked(ptrs, hit.plain, hit)
+        return Checked(hit.plain, hit)
     _check(arrays, names)
-    call = _CHECK_CACHE[key] = _CheckedCall(arrays)
+    call = _CHECK_CACHE[key] = _CheckedCall(arrays, lengths, others)
     if len(_CHECK_CACHE) > _CACHE_SIZE:  # the oldest entry (a lookup here hashes every address
         _CHECK_CACHE.pop(next(iter(_CHECK_CACHE)))  # once: no LRU reordering)
-    return Checked(ptrs, call.plain, call)
+    return Checked(call.plain, call)
 
 
 def _check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
@@ -383,11 +397,8 @@ def launch_step(
     ref = arrays[0][0]
     config = config_for(kernel).kwargs
     chunk = config["BLOCK"] * config["ITERS"]
-    if plain:  # the checked call's own tensors: its tables, once built
-        built = checked.call.tables
-        if chunk not in built:
-            built[chunk] = tables(arrays, chunk, checked.ptrs)
-        addrs, meta, n_chunks, aligned = built[chunk]
+    if plain:  # the checked call's own tensors
+        addrs, meta, n_chunks, aligned = checked.call.tables_for(arrays, chunk)
     else:
         addrs, meta, n_chunks, aligned = tables(arrays, chunk)
     if extra is not None:

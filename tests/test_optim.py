@@ -412,7 +412,8 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     triton_backend, launches, monkeypatch, cls, ref_cls
 ):
     """``multi_tensor.check`` walks every tensor only for a call it has not seen: the same
-    params, state and gradient objects at the same addresses pass without it. Any change is
+    params and state objects at the same addresses, with gradients of the same dtype, shapes and
+    strides (fresh ones too, anywhere), pass without it. Any change is
     caught before a launch: a gradient reshaped behind torch's back at the same address (as
     torch's own foreach step, which raises on it), a state tensor swapped for another of the
     wrong shape, and a gradient reinterpreted with other strides at the same address (stand-in
@@ -439,6 +440,14 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     opt.step()
     assert walks == [] and launches.total == 4
     ref_opt.step()
+    # fresh gradient tensors (zero_grad(set_to_none=True)): new objects, other addresses
+    keep = [p.grad for p in ours]  # alive, so that the new ones cannot take their addresses
+    _feed(ours, ref, 99)
+    assert all(p.grad.data_ptr() != g.data_ptr() for p, g in zip(ours, keep))
+    opt.step()
+    ref_opt.step()
+    _assert_params(ours, ref)
+    assert walks == [] and launches.total == 5
 
     # the same address, other strides: the column-major reading of the same 12 numbers
     g0 = ours[0].grad
@@ -448,7 +457,7 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     opt.step()
     ref_opt.step()
     _assert_params(ours, ref)
-    assert walks == [1] and launches.total == 5
+    assert walks == [1] and launches.total == 6
 
     # The refused steps below advance Adam's step counters, as torch's foreach Adam does when
     # one of its ops raises: no comparison with ref_opt after them.
@@ -458,7 +467,7 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     assert ours[0].grad.data_ptr() == g0.data_ptr()
     with pytest.raises(ValueError, match=r"grads tensor \(3, 4\)"):
         opt.step()
-    assert walks == [1] and launches.total == 5
+    assert walks == [1] and launches.total == 6
     ours[0].grad.data = g0.data.as_strided((4, 3), (3, 1))
 
     # a state tensor swapped for one of the wrong shape
@@ -466,4 +475,4 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     opt.state[ours[1]][key] = torch.zeros(5, device=DEVICE)
     with pytest.raises(ValueError, match=r"\(5,\)"):
         opt.step()
-    assert launches.total == 5
+    assert launches.total == 6
