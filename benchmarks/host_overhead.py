@@ -389,13 +389,21 @@ def peak(L, torch, step) -> int:
 
 
 def _same_argument(x, y) -> bool:
+    x, y = _no_hook(x), _no_hook(y)
     if x is y:
         return True
+    if {type(x).__name__, type(y).__name__} == {"LazyDict", "NoneType"}:
+        return True  # metadata for no hook: JITFunction.run builds it, the direct launch skips it
     if type(x) is not type(y) or hasattr(x, "data_ptr"):  # tensors: the same object
         return False
     if type(x).__name__ == "LazyDict":  # launch metadata, built per launch when a hook is set
         return x.data == y.data
     return x == y
+
+
+def _no_hook(x):
+    """An empty launch-hook chain calls nothing: the same as no hook (None)."""
+    return None if type(x).__name__ == "HookChain" and not x.calls else x
 
 
 def check_direct(L, step, calls) -> int:

@@ -602,8 +602,11 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A per-channel vector as a contiguous 1-D tensor (a view when it already is one)."""
-    return None if t is None else t.contiguous().view(-1)
+    """A per-channel vector as a contiguous 1-D tensor: ``t`` itself when it already is one (no
+    view object per launch), else a contiguous view of its elements."""
+    if t is None or (t.dim() == 1 and t.is_contiguous()):
+        return t
+    return t.contiguous().view(-1)
 
 
 def batch_norm_stats(

@@ -435,10 +435,6 @@ def _scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous().view(-1)
-
-
 def _check(x: torch.Tensor, seed: torch.Tensor | None, activation: str) -> None:
     if x.dim() != 2:
         raise RuntimeError(f"fused block kernel: expected a 2-D [R, C] input, got {x.dim()}-D")
@@ -502,14 +498,14 @@ def fused_forward(
     acc = _acc_dtype(x)
     if out is None:
         out = torch.empty((R, C), dtype=x.dtype, device=x.device)
-    weight, bias = _vec(weight), _vec(bias)
+    weight, bias = BN._vec(weight), BN._vec(bias)
     if x.numel() == 0 or not normalize or stats is not None:
         mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))  # distinct (custom op)
         if x.numel() == 0:
             return out, mean, invstd, var
     with on_device(x):
         if stats is not None:
-            mean, invstd = _vec(stats[0]), _vec(stats[1])
+            mean, invstd = BN._vec(stats[0]), BN._vec(stats[1])
         elif normalize:
             mean, invstd, var = BN.batch_norm_stats(x, eps)
         launch(
@@ -626,8 +622,8 @@ def bn_act_dropout_backward(
     _check(x, seed, activation)
     R, C = x.shape
     acc = _acc_dtype(x)
-    weight, bias = _vec(weight), _vec(bias)
-    mean, invstd = _vec(mean), _vec(invstd)
+    weight, bias = BN._vec(weight), BN._vec(bias)
+    mean, invstd = BN._vec(mean), BN._vec(invstd)
     need_dweight = need_dweight and weight is not None
     pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
     common = dict(

@@ -43,6 +43,9 @@ from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+# triton >= 3.6 keeps launch hooks in a HookChain; older releases in a plain attribute.
+_HookChain = getattr(knobs, "HookChain", None)
+
 _TYPES = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -438,7 +441,8 @@ def _direct_launch(compiled, g, args: list, device: int) -> None:
     ``JITFunction.run`` does once it has found it): every parameter, constexprs included, on
     the current stream of ``device`` (the current device, read by ``_compiled_key``)."""
     stream = driver.active.get_current_stream(device)
-    enter = knobs.runtime.launch_enter_hook
+    rt = knobs.runtime
+    enter, leave = _hook(rt.launch_enter_hook), _hook(rt.launch_exit_hook)
     compiled.run(
         g[0],
         g[1] if len(g) > 1 else 1,
@@ -446,12 +450,21 @@ def _direct_launch(compiled, g, args: list, device: int) -> None:
         stream,
         compiled.function,
         compiled.packed_metadata,
-        # launch_metadata returns None without an enter hook: skip the call and its *args
-        None if enter is None else compiled.launch_metadata(g, stream, *args),
+        # Only the hooks read the launch metadata: without any, neither is built nor called.
+        None if enter is None and leave is None else compiled.launch_metadata(g, stream, *args),
         enter,
-        knobs.runtime.launch_exit_hook,
+        leave,
         *args,
     )
+
+
+def _hook(hook):
+    """A launch hook knob as the launcher should get it: None for no hook, also for an empty
+    ``HookChain`` (the knobs' default since triton 3.6: the launcher would call it, and
+    ``launch_metadata`` build a dict for it, at every launch, to run no hook)."""
+    if hook is None or (type(hook) is _HookChain and not hook.calls):
+        return None
+    return hook
 
 
 @functools.cache

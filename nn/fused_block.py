@@ -30,6 +30,8 @@ the same ``torch.manual_seed``) to floating-point tolerance.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 from torch.nn.modules import module as _module
@@ -85,10 +87,15 @@ def activation_of(m: torch.nn.Module) -> tuple[str | None, float] | None:
     return None
 
 
+_MODULE_HOOK_DICTS = operator.attrgetter(*_MODULE_HOOKS)
+
+
 def _hooked(mods) -> bool:
-    if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
+    """Whether a hook is registered globally or on one of ``mods`` (C-level reads of the hook
+    dicts: this runs for every block of every forward)."""
+    if any(map(vars(_module).get, _GLOBAL_HOOKS)):
         return True
-    return any(getattr(m, name, None) for m in mods for name in _MODULE_HOOKS)
+    return any(any(_MODULE_HOOK_DICTS(m)) for m in mods)
 
 
 def _match_bn(mods: list, i: int):
@@ -239,7 +246,12 @@ class FusedSequential(torch.nn.Sequential):
                                 input = out
                                 i = end + 1
                                 continue
-                    if not _hooked(mods[i:end]):
+                            hooked = False  # mods[i:end] is part of what was just looked at
+                        else:
+                            hooked = _hooked(mods[i:end])
+                    else:
+                        hooked = _hooked(mods[i:end])
+                    if not hooked:
                         run = _run_bn_block if type(m) is BatchNorm1d else _run_linear_block
                         out = run(input, first, act, slope, drop)
                         if out is not None:

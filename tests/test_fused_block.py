@@ -469,6 +469,18 @@ def test_fused_sequential_falls_back_in_eval_with_hooks_and_on_torch(launches):
         launches.clear()
         seq(x)
         assert launches["_fused_fwd_kernel"] == 1
+        # a global module hook (torch.nn.modules.module.register_module_forward_hook) sees
+        # every module's output too
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(type(m).__name__)
+        )
+        launches.clear()
+        try:
+            seq(x)
+        finally:
+            handle.remove()
+        assert "ReLU" in seen and "_fused_fwd_kernel" not in launches
     launches.clear()
     with fusedmlp.use_backend("torch"):
         seq(x)
