@@ -476,3 +476,50 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     with pytest.raises(ValueError, match=r"\(5,\)"):
         opt.step()
     assert launches.total == 6
+
+
+@pytest.mark.parametrize("change", ["fill", "replace", "none"])
+def test_step_counters_known_between_steps_and_reread_when_touched(triton_backend, change):
+    """Adam reads its host step counters (float32 CPU scalars) once, then knows them from step
+    to step while they are the same tensors, untouched (``autograd/adam._known_steps``). A
+    counter written in place or replaced is read again: the bias corrections follow torch's."""
+    from fusedmlp.autograd import adam as A
+
+    ours = _params()
+    ref = _clone(ours)
+    opt, ref_opt = Adam(ours, lr=0.05), torch.optim.Adam(ref, lr=0.05)
+    for step in range(3):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+    steps = [opt.state[p]["step"] for p in ours]
+    record = A._known_steps(steps)
+    assert record is not None and record[2] == 3.0 == float(steps[0])
+    for o, r in zip(ours, ref):
+        if change == "fill":
+            opt.state[o]["step"].fill_(40.0)
+            ref_opt.state[r]["step"].fill_(40.0)
+        elif change == "replace":
+            opt.state[o]["step"] = torch.tensor(70.0)
+            ref_opt.state[r]["step"] = torch.tensor(70.0)
+    steps = [opt.state[p]["step"] for p in ours]
+    assert (A._known_steps(steps) is None) == (change != "none")
+    for step in range(3, 6):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+        _assert_params(ours, ref)
+    expected = {"fill": 43.0, "replace": 73.0, "none": 6.0}[change]
+    assert A._known_steps(steps)[2] == expected == float(opt.state[ours[0]]["step"])
+
+
+def test_step_counter_value_rounds_as_float32():
+    # float32 counters stop at 2^24 (2^24 + 1 rounds back to it): the known value does too
+    from fusedmlp.autograd import adam as A
+
+    assert A._f32_plus_one(2.0**24) == 2.0**24
+    assert A._f32_plus_one(2.0**24 - 1) == 2.0**24
+    assert A._f32_plus_one(41.0) == 42.0
+    t = torch.tensor(2.0**24)
+    t += 1
+    assert float(t) == A._f32_plus_one(2.0**24)
