@@ -91,8 +91,13 @@ _MODULE_HOOK_DICTS = operator.attrgetter(*_MODULE_HOOKS)
 
 
 def _hooked(mods) -> bool:
-    """Whether a hook is registered globally or on one of ``mods`` (C-level reads of the hook
-    dicts: this runs for every block of every forward)."""
+    """Whether a hook is registered globally or on one of ``mods``: in eager mode with C-level
+    reads of the hook dicts (this runs for every block of every forward); traced, with the
+    plain loops dynamo follows (it cannot trace ``attrgetter``)."""
+    if torch.compiler.is_compiling():
+        if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
+            return True
+        return any(getattr(m, name, None) for m in mods for name in _MODULE_HOOKS)
     if any(map(vars(_module).get, _GLOBAL_HOOKS)):
         return True
     return any(any(_MODULE_HOOK_DICTS(m)) for m in mods)
