@@ -20,12 +20,17 @@ a CUDA graph as it is.
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
+
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..autograd import adam as A
 from ..autograd import sgd as S
-from .adam import amp_tensors
+from .adam import _GRAD, _IS_SPARSE, amp_tensors
+
+_MOMENTUM_BUFFER = operator.methodcaller("get", "momentum_buffer")
 
 
 class SGD(torch.optim.SGD):
@@ -35,6 +40,22 @@ class SGD(torch.optim.SGD):
     )
 
     _step_supports_amp_scaling = True
+
+    def _init_group(self, group, params, grads, momentum_buffer_list):
+        """torch's ``SGD._init_group`` (the same lists, state entries and return value), built
+        with C-level maps in eager mode instead of a Python loop over the params."""
+        if torch.compiler.is_compiling() or group["fused"] or group["differentiable"]:
+            return super()._init_group(group, params, grads, momentum_buffer_list)
+        ps = group["params"]
+        gs = list(map(_GRAD, ps))
+        if False in map(operator.is_not, gs, repeat(None)):
+            ps = [p for p, g in zip(ps, gs) if g is not None]
+            gs = [g for g in gs if g is not None]
+        params.extend(ps)
+        grads.extend(gs)
+        if group["momentum"] != 0:  # self.state[p] as torch's loop: a defaultdict entry
+            momentum_buffer_list.extend(map(_MOMENTUM_BUFFER, map(self.state.__getitem__, ps)))
+        return True in map(_IS_SPARSE, gs)
 
     @_use_grad_for_differentiable
     def step(self, closure=None, *, grad_scale=None, found_inf=None):
@@ -57,6 +78,8 @@ class SGD(torch.optim.SGD):
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             has_sparse_grad = self._init_group(group, params, grads, bufs)
+            # The step creates the buffers that do not exist yet; the state gets them after it.
+            created = True in map(operator.is_, bufs, repeat(None))
             hp = dict(
                 weight_decay=group["weight_decay"],
                 momentum=group["momentum"],
@@ -89,7 +112,7 @@ class SGD(torch.optim.SGD):
             else:
                 S.sgd(params, grads, bufs, grad_scale=grad_scale, found_inf=found_inf, **hp)
 
-            if group["momentum"] != 0:
+            if group["momentum"] != 0 and (created or torch.compiler.is_compiling()):
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf
         return loss

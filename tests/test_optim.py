@@ -407,6 +407,33 @@ def test_init_group_fast_path_builds_torchs_lists(cls, amsgrad):
         opt.step()
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_init_group_fast_path_builds_torchs_lists(momentum):
+    """SGD's ``_init_group`` with C-level maps: the same params, grads and momentum buffers (None
+    before the first step), the same state entries and ``has_sparse_grad`` as torch's loop."""
+    params = [torch.randn(3, device=DEVICE, requires_grad=True) for _ in range(4)]
+    opt = SGD(params, lr=1e-2, momentum=momentum)
+    ref = torch.optim.SGD(params, lr=1e-2, momentum=momentum)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[2].grad = None
+    for _ in range(2):
+        ours, theirs = [[] for _ in range(3)], [[] for _ in range(3)]
+        group = opt.param_groups[0]
+        sparse = opt._init_group(group, *ours)
+        assert sparse is torch.optim.SGD._init_group(ref, ref.param_groups[0], *theirs) is False
+        assert [len(a) for a in ours] == [len(a) for a in theirs] == [3, 3, 3 if momentum else 0]
+        for a, b in zip(ours, theirs):
+            assert all(x is y for x, y in zip(a, b))
+        assert set(opt.state) == set(ref.state)  # torch's loop makes an entry per param
+        opt.step()
+        ref.state = opt.state  # the same buffers: the next lists must hold them
+        if momentum:
+            assert all(opt.state[p]["momentum_buffer"] is not None for p in (params[0], params[3]))
+    params[0].grad = torch.randn(3, device=DEVICE).to_sparse()
+    assert opt._init_group(opt.param_groups[0], [], [], []) is True
+
+
 @pytest.mark.parametrize("cls,ref_cls", [(Adam, torch.optim.Adam), (SGD, torch.optim.SGD)])
 def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     triton_backend, launches, monkeypatch, cls, ref_cls
