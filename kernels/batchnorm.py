@@ -34,13 +34,14 @@ per-channel ``(mean, scale, shift)`` and the per-element ``(x - mean) * scale + 
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device, row_splits
+from .launch import cdiv, launch, next_power_of_2, on_device, row_splits
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -549,13 +550,15 @@ _INTERPRET_SMALL_TILE = triton.Config({"BLOCK_C": 16, "BLOCK_R": 16}, num_warps=
 def _interpret_tile(R: int, C: int) -> triton.Config:
     """Interpreter tile: small (many tiles, splits and channel blocks in small tests); long
     rows and no idle channels for big batches, so that N = 1,000,000 stays quick there.
-    (Evaluated at every launch, also on a GPU: the common case returns a shared constant.)"""
+    (Evaluated at every launch, also on a GPU: a shared constant or a cached one.)"""
     if R <= 4096:
         return _INTERPRET_SMALL_TILE
-    block_r = min(16384, triton.next_power_of_2(cdiv(R, 64)))
-    return triton.Config(
-        {"BLOCK_C": min(16, triton.next_power_of_2(C)), "BLOCK_R": block_r}, num_warps=8
-    )
+    return _interpret_big_tile(min(16384, next_power_of_2(cdiv(R, 64))), min(16, C))
+
+
+@functools.lru_cache(maxsize=64)
+def _interpret_big_tile(block_r: int, c: int) -> triton.Config:
+    return triton.Config({"BLOCK_C": next_power_of_2(c), "BLOCK_R": block_r}, num_warps=8)
 
 
 _INTERPRET_FINAL = triton.Config({"BLOCK_C": 16, "BLOCK_S": 2}, num_warps=4)
@@ -585,16 +588,19 @@ def _geometry(t: torch.Tensor) -> tuple[int, int, int, int]:
     raise ValueError(f"batch_norm kernels take 2-D, 3-D or 4-D input, got {t.dim()}-D")
 
 
+_STRIDE_NAMES = {p: tuple(f"s{p}{k}" for k in "NCHW") for p in "xydg"}
+
+
 def _strides(t: torch.Tensor, p: str) -> dict:
-    """(sN, sC, sH, sW) as kernel arguments named ``s{p}N`` ..."""
+    """(sN, sC, sH, sW) as kernel arguments named ``s{p}N`` ... (``p`` in x, y, d, g)."""
     st = t.stride()
-    if t.dim() == 2:
+    if len(st) == 2:
         v = (st[0], st[1], 0, 0)
-    elif t.dim() == 3:
+    elif len(st) == 3:
         v = (st[0], st[1], 0, st[2])
     else:
         v = st
-    return {f"s{p}{k}": s for k, s in zip("NCHW", v)}
+    return dict(zip(_STRIDE_NAMES[p], v))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
