@@ -409,7 +409,8 @@ def _no_hook(x):
 def check_direct(L, step, calls) -> int:
     """Run a step with every launch made twice, through ``JITFunction.run`` and through
     fusedmlp's direct launch, and compare what reached the launcher (the compiled kernel's
-    launcher object, grid, stream, metadata, hooks, every argument)."""
+    launcher object, grid, stream, metadata, hooks, every argument) and the specialization
+    each path computed."""
     run, direct = L._run, L._direct_launch
     stats = {"launches": 0, "direct": 0}
 
@@ -428,6 +429,16 @@ def check_direct(L, step, calls) -> int:
         same = same and all(map(_same_argument, a_args, b_args))
         if not same:
             raise AssertionError(f"{name}: direct launch differs\n{a_args}\n{b_args}")
+        # fusedmlp's specializer tells launches apart as triton's binder does: the same values
+        # (a constexpr's value bare, where the binder writes ("constexpr", value))
+        args = info.arguments(meta)
+        ours = L._compiled_key(kernel, args, options)[3]
+        binder = kernel.device_caches[L.driver.active.get_current_device()][4]
+        theirs = tuple(
+            v[1] if kp.is_constexpr else v for kp, v in zip(kernel.params, binder(*args)[1])
+        )
+        if ours != theirs:
+            raise AssertionError(f"{name}: specialization differs\n{ours}\n{theirs}")
         stats["launches"] += 1
 
     L._run, L._direct_launch = both, counted
