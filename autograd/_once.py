@@ -56,7 +56,9 @@ def once_differentiable(name: str, through_saved=None):
     def wrap(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            if not (torch.is_grad_enabled() and any(ctx.needs_input_grad)):
+            if not torch.is_grad_enabled():  # the engine's usual mode (no create_graph)
+                return backward(ctx, *grad_outputs)
+            if not any(ctx.needs_input_grad):
                 with torch.no_grad():
                     return backward(ctx, *grad_outputs)
             # Read the saved tensors before the backward runs: it may scale one of them in
