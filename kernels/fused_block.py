@@ -471,7 +471,7 @@ def fused_forward(
     negative_slope: float,
     out: torch.Tensor | None = None,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out = act(bn(x)) * keep * 1/(1-p)`` (``normalize``) or ``act(x) * keep * 1/(1-p)``.
 
     Args:
@@ -486,12 +486,13 @@ def fused_forward(
         out: optional ``[R, C]`` destination (e.g. a view of a tensor of the caller's shape).
         stats: ``(mean, invstd)`` of an earlier call on the same x (``normalize``): the
             statistics kernels are skipped and the output is that call's, bit for bit (the
-            backward's recomputation of a block output it did not save); var comes back empty.
+            backward's recomputation of a block output it did not save).
 
     Returns:
         ``(out, mean, invstd, var)``: out ``[R, C]`` contiguous in x's dtype; with
         ``normalize`` the batch mean, invstd and unbiased var ``[C]`` in the acc type (mean and
-        invstd are saved for backward, var feeds the running estimate), else empty.
+        invstd are saved for backward, var feeds the running estimate), else empty; with
+        ``stats``, the given mean and invstd and None (nothing allocated for them).
     """
     _check(x, seed, activation)
     R, C = x.shape
@@ -499,14 +500,14 @@ def fused_forward(
     if out is None:
         out = torch.empty((R, C), dtype=x.dtype, device=x.device)
     weight, bias = BN._vec(weight), BN._vec(bias)
-    if x.numel() == 0 or not normalize or stats is not None:
+    if stats is not None:
+        mean, invstd, var = BN._vec(stats[0]), BN._vec(stats[1]), None
+    elif x.numel() == 0 or not normalize:
         mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))  # distinct (custom op)
-        if x.numel() == 0:
-            return out, mean, invstd, var
+    if x.numel() == 0:
+        return out, mean, invstd, var
     with on_device(x):
-        if stats is not None:
-            mean, invstd = BN._vec(stats[0]), BN._vec(stats[1])
-        elif normalize:
+        if normalize and stats is None:
             mean, invstd, var = BN.batch_norm_stats(x, eps)
         launch(
             _fused_fwd_kernel,
