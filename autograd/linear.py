@@ -81,6 +81,9 @@ def linear_fwd(
     when the backward needs it (leaky_relu with negative_slope < 0, gelu, silu), else empty."""
     from ..kernels import linear as K
 
+    if x.dim() == 2:  # the common case: no view object, no shape arithmetic
+        y, z = K.linear_forward(x, weight, bias, activation, negative_slope)
+        return y, (z if z is not None else x.new_empty(0))
     in_features = weight.shape[1]
     out_shape = (*x.shape[:-1], weight.shape[0])
     rows = math.prod(x.shape[:-1])
@@ -118,14 +121,21 @@ def linear_bwd(
     (any tensor) without activation. A gradient not asked for comes back empty."""
     from ..kernels import linear as K
 
-    out_features, in_features = weight.shape
-    rows = math.prod(x.shape[:-1])
-    g2 = grad_y.reshape(rows, out_features)
-    x2 = x.reshape(rows, in_features)
-    s2 = saved.reshape(rows, out_features) if activation != "none" else None
-    dx, dw, db = K.linear_backward(
-        g2, x2, weight, s2, activation, negative_slope, need_dx, need_dw, need_db, tuple(x.shape)
-    )
+    if x.dim() == 2 and grad_y.dim() == 2:  # the common case: no views, no shape arithmetic
+        s2 = saved if activation != "none" else None
+        dx, dw, db = K.linear_backward(
+            grad_y, x, weight, s2, activation, negative_slope, need_dx, need_dw, need_db
+        )
+    else:
+        out_features, in_features = weight.shape
+        rows = math.prod(x.shape[:-1])
+        g2 = grad_y.reshape(rows, out_features)
+        x2 = x.reshape(rows, in_features)
+        s2 = saved.reshape(rows, out_features) if activation != "none" else None
+        dx, dw, db = K.linear_backward(
+            g2, x2, weight, s2, activation, negative_slope, need_dx, need_dw, need_db,
+            tuple(x.shape),
+        )  # fmt: skip
     empty = lambda t: t if t is not None else x.new_empty(0)
     return empty(dx), empty(dw), empty(db)
 
