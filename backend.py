@@ -83,15 +83,13 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     backend = _BACKEND
     if backend == "torch":
         return False
-    ts = [t for t in tensors if t is not None]
-    if backend == "auto":
-        return (
-            all(t.is_cuda for t in ts)
-            and all(t.dtype != torch.float64 for t in ts)
-            and triton_available()
-        )
+    if backend == "auto":  # one plain loop: it runs for every op call
+        for t in tensors:
+            if t is not None and (not t.is_cuda or t.dtype == torch.float64):
+                return False
+        return triton_available()
     _require_triton()
-    if not all(t.is_cuda for t in ts):
+    if not all(t.is_cuda for t in tensors if t is not None):
         _require_interpreter()
     return True
 
