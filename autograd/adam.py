@@ -26,8 +26,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import operator
-import struct
-import weakref
 
 import torch
 from torch import Tensor
@@ -373,65 +371,17 @@ def _fused_device_step(lists, hp, amp):
             torch._foreach_sub_(steps, [inf] * len(steps))
 
 
-# Host step counters of recent calls, by the ids of the counter tensors: weak references to
-# them, their versions after the call's increment, the value they then all hold, and the 0-d
-# one that incremented them. A call over the same counters, untouched since (same versions:
-# every in-place write bumps a tensor's version; a replaced counter is another object), knows
-# their value without reading them.
-_STEP_VALUES: dict = {}
-_VERSION = operator.attrgetter("_version")
-_DEREF = weakref.ref.__call__
-
-
-def _known_steps(steps) -> list | None:
-    """The record of ``steps`` (``[refs, versions, value, one]``) when they are the counters
-    ``_remember_steps`` last saw, untouched since."""
-    if not steps or _is_compiling():
-        return None
-    hit = _STEP_VALUES.get(tuple(map(id, steps)))
-    if (
-        hit is None
-        or not all(map(operator.is_, map(_DEREF, hit[0]), steps))
-        or list(map(_VERSION, steps)) != hit[1]
-    ):
-        return None
-    return hit
-
-
-def _f32_plus_one(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value + 1.0))[0]  # float32's own sum
-
-
-def _remember_steps(steps, value: float, one: Tensor, record: list | None = None) -> None:
-    """After float32 ``steps`` that all held ``value`` were incremented by ``one`` (updating
-    their ``record`` when ``_known_steps`` returned one)."""
-    if record is not None:
-        record[1], record[2] = list(map(_VERSION, steps)), _f32_plus_one(value)
-        return
-    _STEP_VALUES[tuple(map(id, steps))] = [
-        list(map(weakref.ref, steps)), list(map(_VERSION, steps)), _f32_plus_one(value), one,
-    ]  # fmt: skip
-    if len(_STEP_VALUES) > 32:
-        _STEP_VALUES.pop(next(iter(_STEP_VALUES)))
-
-
 def _fused(lists, hp, device_step, amp):
     if device_step:
         _fused_device_step(lists, hp, amp)
         return
     groups: dict = {}
     # Host-side step counters (torch.optim's default): reading them never syncs. One stacked
-    # read instead of a float() per tensor (~2-5 us each on the host), or none when the counters
-    # are those of the last call, untouched since (``_known_steps``); all counters incremented
+    # read instead of a float() per tensor (~2-5 us each on the host); all counters incremented
     # up front, as torch's foreach Adam does, by one shared 0-d tensor: a Python scalar costs
     # _foreach_add_ a conversion per tensor (1.26 ms against 0.33 ms for 1,000 counters).
     steps = lists[5]
-    known = _known_steps(steps)
-    if known is not None:
-        values, one = [known[2]], known[3]
-        torch._foreach_add_(steps, [one] * len(steps))
-        _remember_steps(steps, values[0], one, known)
-    elif (
+    if (
         steps
         and len(attr_set("dtype", steps)) == 1
         and len(attr_set("device", steps)) == 1
@@ -440,8 +390,6 @@ def _fused(lists, hp, device_step, amp):
         values = torch.stack(steps).tolist()
         one = torch.ones((), dtype=steps[0].dtype, device=steps[0].device)
         torch._foreach_add_(steps, [one] * len(steps))
-        if len(set(values)) == 1 and steps[0].dtype == torch.float32 and not _is_compiling():
-            _remember_steps(steps, values[0], one)
     else:
         values = [float(s) for s in steps]
         torch._foreach_add_(steps, 1)
