@@ -326,11 +326,14 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> Checked | None:
 
     A call whose params and state tensors are the objects of a call checked before, at the same
     addresses, and whose gradients have the same dtype, shapes and strides passes without the
-    walks below: a tensor keeps its dtype, device and shape while it lives unless its metadata
-    is changed in place (``resize_``, ``set_``, assigning ``.data``: each changes the address or
-    is outside what an optimizer's tensors go through), and torch gives a gradient its param's
-    device. Otherwise: one list of shapes, one set of dtypes and one of devices per array; the
-    per-tensor walk that names the offending tensor runs only when those differ.
+    walks below. What that relies on: a tensor keeps its dtype, device, shape and strides while
+    it lives unless they are changed in place (``resize_``, ``set_``, assigning ``.data``).
+    Those change the address, except a ``.data`` view of the same storage from its first
+    element. A param changed so shows in its next gradient, which autograd makes with the
+    param's dtype, shape and strides (and torch gives a gradient its param's device); a state
+    tensor changed so (never done by torch.optim or fusedmlp) is not seen. Otherwise: one list
+    of shapes, one set of dtypes and one of devices per array; the per-tensor walk that names
+    the offending tensor runs only when those differ.
     """
     ref = arrays[0]
     if not ref:

@@ -503,3 +503,31 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     with pytest.raises(ValueError, match=r"\(5,\)"):
         opt.step()
     assert launches.total == 6
+
+
+@pytest.mark.parametrize("write", ["fill_", "data.fill_", "replace"])
+def test_step_counters_read_every_step(triton_backend, write):
+    """Adam reads its host step counters at every step: a counter written in place, through
+    ``.data`` (which bumps no version counter) or replaced gives the bias corrections torch's
+    Adam computes from it. (Caching the values between steps would miss the ``.data`` write.)"""
+    ours = _params()
+    ref = _clone(ours)
+    opt, ref_opt = Adam(ours, lr=0.05), torch.optim.Adam(ref, lr=0.05)
+    for step in range(3):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+    for o, r in zip(ours, ref):
+        for state in (opt.state[o], ref_opt.state[r]):
+            if write == "fill_":
+                state["step"].fill_(40.0)
+            elif write == "data.fill_":
+                state["step"].data.fill_(40.0)
+            else:
+                state["step"] = torch.tensor(40.0)
+    for step in range(3, 6):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+        _assert_params(ours, ref)
+    assert float(opt.state[ours[0]]["step"]) == 43.0
