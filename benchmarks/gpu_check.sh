@@ -15,6 +15,8 @@
 #                times of the MLP training step, and the host cost of one launch, under profile/
 #   6. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time
 #   6b. grid:    benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16, fp32)
+#   6c. tma:     benchmarks/target_grid.py --grid tma: issue 3's bf16 GEMMs through the default
+#                forward kernel, the opt-in TMA one (FUSEDMLP_TMA=1) and torch
 #   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
 #   8. verify:   fusedmlp verify, no new case 20 s before its timeout (tolerated missing)
 # Everything is logged under OUTDIR (<step>.log, summary.txt), and at the end packed into
@@ -67,6 +69,7 @@ if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; f
 # kernel_times.py appends to its JSONL, and a skipped step would leave the last run's files:
 # start from none of this script's outputs (a rerun into the same folder on a warm machine).
 rm -rf "$DIR/profile" "$DIR"/*.log "$DIR"/kernel_times.jsonl "$DIR"/bench.{json,md,png} \
+  "$DIR"/tma_grid.{json,md} \
   "$DIR"/RESULTS.md "$DIR"/verify.json "$DIR"/gpu_check.tgz
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$DIR/summary.txt"; }
 
@@ -196,6 +199,12 @@ step kernel_times 120 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 85 
 # 6b. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100)
 step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.json" \
   --markdown "$DIR/target_grid.md"
+
+# 6c. the opt-in TMA forward kernel against the default one and torch (bf16 8192^3 and
+# 16384 x 4096 x 4096, forward and backward): whether FUSEDMLP_TMA should become the default
+step tma_grid 45 "$PY" benchmarks/target_grid.py --grid tma --json "$DIR/tma_grid.json" \
+  --markdown "$DIR/tma_grid.md"
+cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null
 
 # 7. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
 # keep 25 s for results_md (RESULTS.md is made even when the bench times out) and 50 s for verify

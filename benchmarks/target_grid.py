@@ -1,11 +1,19 @@
 """The issues' speed-target grids that ``fusedmlp bench --quick`` leaves out, in one run.
 
-    python benchmarks/target_grid.py [--json PATH] [--markdown PATH] [--compile]
+    python benchmarks/target_grid.py [--grid cross_entropy|tma] [--json PATH] [--markdown PATH]
+                                     [--compile]
 
-Cross-entropy forward+backward at M = 16K rows and C = 32K, 64K and 128K classes, in bf16 and
-fp32 (issue 4's grid: >= 75% of the measured copy bandwidth on 3 x bytes(logits), >= 2.5x
-``F.cross_entropy``, extra memory at most the size of the logits), beside torch eager (and
-``torch.compile`` with ``--compile``: a compile per shape and dtype, tens of seconds each).
+``--grid cross_entropy`` (default): cross-entropy forward+backward at M = 16K rows and C = 32K,
+64K and 128K classes, in bf16 and fp32 (issue 4's grid: >= 75% of the measured copy bandwidth
+on 3 x bytes(logits), >= 2.5x ``F.cross_entropy``, extra memory at most the size of the
+logits), beside torch eager (and ``torch.compile`` with ``--compile``: a compile per shape and
+dtype, tens of seconds each).
+
+``--grid tma``: issue 3's bf16 GEMM, linear + ReLU forward and backward at 8192^3 and
+16384 x 4096 x 4096, through the default pointer-based kernels ("fusedmlp"), the opt-in TMA
+forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``; it also runs the backward's two GEMMs on the
+"dz" path) and torch: whether the TMA kernel should become the default.
+
 Same cases, timing and columns as ``fusedmlp bench`` (``cli/_bench_ops.py``); needs a GPU
 (about 2 minutes on an H100, 40 GB of GPU memory for the largest fp32 case).
 """
@@ -13,6 +21,7 @@ Same cases, timing and columns as ``fusedmlp bench`` (``cli/_bench_ops.py``); ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import sys
 
@@ -25,7 +34,12 @@ from fusedmlp.cli._bench_ops import (
     OPS,
     Case,
     build_cross_entropy,
+    build_linear,
     cross_entropy_bytes,
+    linear_bwd_bytes,
+    linear_bwd_flops,
+    linear_fwd_bytes,
+    linear_fwd_flops,
 )
 from fusedmlp.cli.bench import _versions
 
@@ -52,8 +66,55 @@ def cases(device: torch.device, compile_: bool) -> list[Case]:
     return out
 
 
+@contextlib.contextmanager
+def tma_forward():
+    """The opt-in TMA forward kernel on (``FUSEDMLP_TMA=1``) for the duration."""
+    from fusedmlp.kernels import linear as kernels
+
+    before = kernels.TMA
+    kernels.TMA = True
+    try:
+        yield
+    finally:
+        kernels.TMA = before
+
+
+TMA_SHAPES = ((8192, 8192, 8192), (16384, 4096, 4096))
+
+
+def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
+    impls = [("fusedmlp", "fusedmlp", contextlib.nullcontext)]
+    impls += [("fusedmlp TMA", "fusedmlp", tma_forward), ("torch", "torch", contextlib.nullcontext)]
+    if compile_:
+        impls.append(("torch.compile", "torch.compile", contextlib.nullcontext))
+    dtype, out = torch.bfloat16, []
+    for M, N, K in TMA_SHAPES:
+        for bwd in (False, True):
+            for name, impl, context in impls:
+                count = linear_bwd_bytes if bwd else linear_fwd_bytes
+                out.append(
+                    Case(
+                        "linear",
+                        "bwd" if bwd else "fwd",
+                        f"M={M} N={N} K={K}",
+                        DTYPE_NAMES[dtype],
+                        name,
+                        build_linear(impl, device, dtype, M, N, K, bwd),
+                        count(M, N, K, dtype.itemsize),
+                        (linear_bwd_flops if bwd else linear_fwd_flops)(M, N, K),
+                        context=context,
+                        order=(OPS.index("linear"), len(out)),
+                    )
+                )
+    return out
+
+
+GRIDS = {"cross_entropy": cases, "tma": tma_cases}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="cross_entropy")
     ap.add_argument("--json", default="target_grid.json")
     ap.add_argument("--markdown", default="target_grid.md")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile baselines")
@@ -70,7 +131,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": True,
         "compile": args.compile,
-        "ops": ["cross_entropy"],
+        "ops": ["linear" if args.grid == "tma" else "cross_entropy"],
         "timing": "CUDA events, L2 flushed, median (the triton.testing.do_bench method)",
         **_versions(device),
     }
@@ -82,7 +143,8 @@ def main(argv=None) -> int:
         R.write_markdown(args.markdown, doc)
         return doc
 
-    rows = E.run_cases(cases(device, args.compile), device, cfg, ceilings, dname, on_row=save)
+    grid = GRIDS[args.grid](device, args.compile)
+    rows = E.run_cases(grid, device, cfg, ceilings, dname, on_row=save)
     save(rows, complete=True)
     errors = [r for r in rows if r["error"]]
     for r in errors:

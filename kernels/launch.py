@@ -121,8 +121,32 @@ def _constexpr_names(fn) -> tuple[str, ...]:
     return tuple(n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation))
 
 
+@dataclass(frozen=True)
+class Tma:
+    """A kernel argument that ``launch`` passes as a host-side TMA descriptor (triton's
+    ``TensorDescriptor``) over the 2-D ``tensor`` (last stride 1; 16-byte aligned address and
+    row stride), with the block shape given by the configuration's constexprs named in
+    ``block``: the configurations of such a launch may differ in anything but those (stages,
+    warps, group size), so one descriptor serves them all. Its sm_90 compile record types the
+    argument with the block shape of each configuration it compiles."""
+
+    tensor: torch.Tensor
+    block: tuple[str, ...]
+
+    def descriptor(self, meta: dict):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        t = self.tensor
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [meta[n] for n in self.block])
+
+
 def arg_type(value) -> str:
-    """Triton signature type of a runtime argument, as the JIT would specialise it."""
+    """Triton signature type of a runtime argument, as the JIT would specialise it; for a
+    ``Tma`` argument the block shape is a format string of constexpr names
+    (``"tensordesc<bf16[{BLOCK_M}, {BLOCK_K}]>"``)."""
+    if isinstance(value, Tma):
+        dims = ", ".join("{" + n + "}" for n in value.block)
+        return f"tensordesc<{_TYPES[value.tensor.dtype]}[{dims}]>"
     if isinstance(value, torch.Tensor):
         return "*" + _TYPES[value.dtype]
     if isinstance(value, bool):
@@ -309,6 +333,7 @@ def launch(
     gemm: bool = False,
     restore_value=(),
     reset_to_zero=(),
+    tma=(),
     **kwargs,
 ):
     """Launch ``kernel`` over ``grid`` with keyword arguments ``kwargs``.
@@ -318,13 +343,16 @@ def launch(
     interpreter (default ``configs[0]``); ``small_config``: the configuration a GPU launches
     without autotuning when ``work`` (elements, or multiply-adds with ``gemm``) is below
     ``worth_tuning``'s size; it is compiled for sm_90 with the others. ``grid`` is a tuple or a
-    callable of the meta dict.
+    callable of the meta dict. ``tma``: the names of the ``Tma`` arguments among ``kwargs``
+    (their descriptors are built here, with the block shape all ``configs`` share).
     A kernel parameter named ``INTERPRET`` is filled in here. Launches are recorded for the
     sm_90 compile test under the interpreter only (the test suite's CPU runs); on a GPU the
     bookkeeping would only add host overhead to every launch.
     """
     info = _info(kernel)
     interpreting = info.interpreting
+    if tma:
+        _check_tma_blocks(info, kwargs, tma, configs)
     if info.has_interpret:
         kwargs["INTERPRET"] = interpreting
     fixed = None
@@ -336,6 +364,8 @@ def launch(
         else:
             config = fixed or configs[0]
         meta = {**kwargs, **config.kwargs}
+        for name in tma:
+            meta[name] = kwargs[name].descriptor(config.kwargs)
         if interpreting:
             gpu_configs = configs
             if small_config is not None and small_config not in configs:
@@ -352,6 +382,8 @@ def launch(
             (("num_warps", config.num_warps), ("num_stages", config.num_stages)),
         )
         return
+    if tma:  # every configuration has the same block shape (_check_tma_blocks)
+        kwargs = {**kwargs, **{n: kwargs[n].descriptor(configs[0].kwargs) for n in tma}}
     tuned = _autotuned(kernel, configs, key, restore_value, reset_to_zero)
     # What the autotuner keys on: the key arguments' values, then the dtypes of the tensor
     # arguments (as dtype objects here: str() of each costs host time at every launch).
@@ -385,6 +417,17 @@ def launch(
     # rebuilds its key and argument dicts on every call, host time that a small op pays per launch.
     meta_kwargs, options = best
     _run(kernel, info, grid, {**kwargs, **meta_kwargs}, options)
+
+
+def _check_tma_blocks(info: _KernelInfo, kwargs: dict, tma, configs) -> None:
+    """A launch's ``Tma`` arguments get one descriptor for all its configurations: they must
+    agree on the block-shape constexprs."""
+    names = [n for t in tma for n in kwargs[t].block]
+    if len({tuple(c.kwargs[n] for n in names) for c in configs}) != 1:
+        raise ValueError(
+            f"{info.fn.__name__}: the configurations of a launch with TMA descriptors must share "
+            f"the block shape ({', '.join(dict.fromkeys(names))})"
+        )
 
 
 # (id(kernel), device, options, specialization) -> (kernel, the CompiledKernel triton built).

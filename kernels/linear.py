@@ -37,6 +37,12 @@ operands only K-major, while X and W are stored with the reduction dimension out
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
 and dZ^T (16-bit types transpose in wgmma and use views).
 
+TMA forward (``_linear_fwd_tma_kernel``, opt-in: ``FUSEDMLP_TMA=1``): for large fp16/bf16
+GEMMs on sm_90+, the same epilogue behind a persistent loop over output tiles whose operands
+arrive by TMA (host descriptors; either orientation of x and W, so the "dz" path's dX and dW
+GEMMs take it too). Operands TMA cannot read (a row stride or address not 16-byte aligned, no
+unit stride) keep the pointer kernel.
+
 Activations are a ``tl.constexpr`` string: "none", "relu", "leaky_relu", "sigmoid", "tanh",
 "gelu" (erf form), "silu"; ``negative_slope`` is a runtime argument.
 All offsets are computed in int64.
@@ -51,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, dot_precision, launch, on_device, row_splits, sm_count
+from .launch import Tma, cdiv, dot_precision, launch, on_device, row_splits, sm_count
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
@@ -229,6 +235,16 @@ def _linear_fwd_kernel(
         )
         x_ptrs += x_step
         w_ptrs += w_step
+    _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
+                  HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
+
+
+@triton.jit
+def _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_Z: tl.constexpr):  # fmt: skip
+    """The forward kernels' epilogue on the accumulator tile of rows ``rm`` and columns ``rn``
+    (``bn``: the columns wrapped into [0, N), int64): bias, rounding to the output dtype,
+    activation, and the masked stores of ``z`` (SAVE_Z) and ``y`` (contiguous [M, N])."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + bn * stride_b)
         acc += bias.to(acc.dtype)[None, :]
@@ -242,6 +258,75 @@ def _linear_fwd_kernel(
     else:
         y = _activation(z.to(acc.dtype), negative_slope, ACTIVATION).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_offs, y, mask=out_mask)
+
+
+@triton.jit
+def _linear_fwd_tma_kernel(
+    x_desc,
+    w_desc,
+    b_ptr,
+    y_ptr,
+    z_ptr,
+    M,
+    N,
+    K,
+    stride_b,
+    negative_slope,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    SAVE_Z: tl.constexpr,
+    X_T: tl.constexpr,
+    W_T: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """``_linear_fwd_kernel`` for 16-bit operands read by TMA, persistent (opt-in: ``TMA``).
+
+    ``x_desc``: a host TMA descriptor over x [M, K] (block [BLOCK_M, BLOCK_K]), or with ``X_T``
+    over its transpose's storage [K, M] (block [BLOCK_K, BLOCK_M]); ``w_desc`` likewise over
+    weight [N, K] ([BLOCK_N, BLOCK_K]) or, with ``W_T``, over weight^T's storage [K, N]
+    ([BLOCK_K, BLOCK_N]). Both fp16 or both bf16, last stride 1, 16-byte aligned base and row
+    stride. y, z, bias and what the backward saves: as ``_linear_fwd_kernel``.
+
+    NUM_SMS programs each walk the output tiles ``start, start + NUM_SMS, ...``; the flattened
+    loop lets the pipeliner issue the next tile's first loads while this tile's epilogue runs.
+    TMA zero-fills reads past the tensor's end, so the K loop has no mask.
+    """
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    # The epilogue recomputes its tile from its own counter: a value used both before and
+    # after the flattened inner loop defeats its pipelining (Triton's persistent matmul).
+    tile_c = start - NUM_SMS
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            if X_T:
+                a = tl.trans(x_desc.load([off_k, off_m]))
+            else:
+                a = x_desc.load([off_m, off_k])
+            if W_T:
+                b = w_desc.load([off_k, off_n])
+            else:
+                b = tl.trans(w_desc.load([off_n, off_k]))
+            acc = tl.dot(_dot_operand(a, INTERPRET), _dot_operand(b, INTERPRET), acc)
+        tile_c += NUM_SMS
+        pid_m, pid_n = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        bn = (rn % N).to(tl.int64)
+        _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
+                      HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
 
 
 @triton.jit
@@ -682,6 +767,90 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# The TMA forward (``_linear_fwd_tma_kernel``): opt-in (``FUSEDMLP_TMA=1``, read once; tests set
+# the attribute) until a GPU run has checked it and timed it against the pointer kernel.
+TMA = os.environ.get("FUSEDMLP_TMA") == "1"
+# From this many multiply-adds up (16-bit operands, every dimension >= TMA_MIN_DIM): building the
+# two descriptors costs ~9 us of host time a launch (CPU stand-in), hidden behind a GEMM of
+# 2^34 multiply-adds (~50 us at 700 TFLOPS) but not behind a small one.
+TMA_MIN_MACS = 2**34
+TMA_MIN_DIM = 16
+# 128 x 256 x 64 tiles (the Triton tutorials' H100 choice for 16-bit GEMMs), autotuned over the
+# pipeline depth only (the descriptors' block shape is fixed before the launch: ``launch.Tma``).
+# sm_90 shared memory (triton 3.9, with the epilogue's): 176 KiB for 3 stages, 224 KiB for 4.
+_TMA_CONFIGS = [_cfg("fwd", (128, 256, 64, 8, 3)), _cfg("fwd", (128, 256, 64, 8, 4))]
+# The interpreter: small tiles, and 3 "SMs", so that every program walks several tiles.
+_TMA_INTERPRET = _cfg("fwd", (16, 32, 16, 4, 2), group=2)
+_TMA_INTERPRET_PROGRAMS = 3
+
+
+@functools.cache
+def _tma_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_operand(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """``(view, transposed)``: the 2-D ``t`` itself (last stride 1) or its transpose (first
+    stride 1) as TMA reads it, or None where TMA cannot (an unaligned address or row stride)."""
+    if t.stride(1) == 1:
+        view, transposed = t, False
+    elif t.stride(0) == 1:
+        view, transposed = t.t(), True
+    else:
+        return None
+    if view.data_ptr() % 16 or (view.stride(0) * view.element_size()) % 16:
+        return None
+    return view, transposed
+
+
+def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int):
+    """The ``_tma_operand`` pair of x and weight when the TMA forward takes this problem."""
+    if not TMA or x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if min(M, N, K) < TMA_MIN_DIM or M * N * K < TMA_MIN_MACS:
+        return None
+    device = x.device  # not CUDA: the interpreter
+    if device.type == "cuda" and not _tma_capable(device.index if device.index is not None else 0):
+        return None
+    xa, wa = _tma_operand(x), _tma_operand(weight)
+    return None if xa is None or wa is None else (xa, wa)
+
+
+def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K) -> None:
+    """``linear_forward`` through ``_linear_fwd_tma_kernel`` (``operands``: ``_tma_operands``)."""
+    (xv, x_t), (wv, w_t) = operands
+    device = xv.device
+    programs = sm_count(device) if device.type == "cuda" else _TMA_INTERPRET_PROGRAMS
+    grid = lambda meta: (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+    with on_device(xv):
+        launch(
+            _linear_fwd_tma_kernel,
+            grid,
+            configs=_TMA_CONFIGS,
+            key=("M", "N", "K"),
+            interpret_config=_TMA_INTERPRET,
+            work=M * N * K,
+            gemm=True,
+            tma=("x_desc", "w_desc"),
+            x_desc=Tma(xv, ("BLOCK_K", "BLOCK_M") if x_t else ("BLOCK_M", "BLOCK_K")),
+            w_desc=Tma(wv, ("BLOCK_K", "BLOCK_N") if w_t else ("BLOCK_N", "BLOCK_K")),
+            b_ptr=bias if bias is not None else y,
+            y_ptr=y,
+            z_ptr=z if z is not None else y,
+            M=M,
+            N=N,
+            K=K,
+            stride_b=bias.stride(0) if bias is not None else 0,
+            negative_slope=float(negative_slope),
+            HAS_BIAS=bias is not None,
+            ACTIVATION=activation,
+            SAVE_Z=z is not None,
+            X_T=x_t,
+            W_T=w_t,
+            NUM_SMS=programs,
+        )
+
+
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -703,6 +872,10 @@ def linear_forward(
     y = torch.empty(out_shape or (M, N), device=x.device, dtype=x.dtype)
     z = torch.empty_like(y) if save_z else None
     if M == 0 or N == 0:
+        return y, z
+    operands = _tma_operands(x, weight, M, N, K)
+    if operands is not None:
+        _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K)
         return y, z
     precision = dot_precision(x.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)

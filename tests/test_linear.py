@@ -317,6 +317,104 @@ def test_backward_path_policy():
     assert backward_path(torch.float32, "tf32", 65536, 128, 128, cuda) == "fused"  # narrow dW
 
 
+# ------------------------------------------------------------------------------ TMA forward
+
+TMA = "_linear_fwd_tma_kernel"
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """The opt-in TMA forward (``FUSEDMLP_TMA=1``) at every size."""
+    from fusedmlp.kernels import linear as kernels
+
+    monkeypatch.setattr(kernels, "TMA", True)
+    monkeypatch.setattr(kernels, "TMA_MIN_MACS", 0)
+
+
+@pytest.mark.parametrize(
+    "dtype,act,slope",
+    [
+        (torch.bfloat16, "relu", 0.01),
+        (torch.bfloat16, None, 0.01),
+        (torch.float16, "leaky_relu", -0.3),  # stores the pre-activation too
+        (torch.float16, "gelu", 0.01),
+    ],
+    ids=["bf16-relu", "bf16-none", "fp16-leaky-0.3", "fp16-gelu"],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_tma_forward_matches_torch(triton_backend, launches, tma, dtype, act, slope, bias):
+    g = torch.Generator().manual_seed(21)
+    # M = 40 and N = 72 over 16 x 32 tiles: 9 output tiles for the interpreter's 3 persistent
+    # programs, with partial tiles in M, N and K (K = 40 over 16-deep steps: zero-filled reads).
+    x = _t(2, 20, 40, gen=g, dtype=dtype)
+    w = _t(72, 40, gen=g, dtype=dtype, scale=0.15)
+    b = _t(72, gen=g, dtype=dtype) if bias else None
+    gy = _t(2, 20, 72, gen=g, dtype=dtype)
+    ours = _ours(x, w, b, act, slope, gy)
+    assert launches[TMA] == 1 and launches[FWD] == 0, dict(launches)
+    ref = _reference(x, w, b, act, slope, gy)
+    _check(ours, ref, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tma_forward_runs_the_dz_backward_gemms(triton_backend, launches, tma, dz_path, dtype):
+    # dW = dZ^T X and dX = dZ W take transposed views: every operand orientation of the kernel.
+    g = torch.Generator().manual_seed(22)
+    x = _t(40, 48, gen=g, dtype=dtype)
+    w = _t(56, 48, gen=g, dtype=dtype, scale=0.15)
+    b = _t(56, gen=g, dtype=dtype)
+    gy = _t(40, 56, gen=g, dtype=dtype)
+    ours = _ours(x, w, b, "relu", 0.01, gy)
+    assert launches[TMA] == 3 and launches[FWD] == 0, dict(launches)
+    ref = _reference(x, w, b, "relu", 0.01, gy)
+    _check(ours, ref, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["k-unaligned", "row-stride-unaligned", "no-unit-stride", "fp32", "below-threshold"],
+)
+def test_tma_forward_falls_back_to_the_pointer_kernel(triton_backend, launches, tma, how):
+    from fusedmlp.kernels import linear as kernels
+
+    g = torch.Generator().manual_seed(23)
+    dtype = torch.float32 if how == "fp32" else torch.bfloat16
+    k = 37 if how == "k-unaligned" else 40  # 74-byte rows: not a TMA row stride
+    x = _t(24, k, gen=g, dtype=dtype)
+    if how == "row-stride-unaligned":
+        x = _t(24, 44, gen=g, dtype=dtype)[:, :40]
+    elif how == "no-unit-stride":
+        x = _t(24, 80, gen=g, dtype=dtype)[:, ::2]
+    elif how == "below-threshold":
+        kernels.TMA_MIN_MACS = 24 * 32 * 40 + 1
+    w = _t(32, k, gen=g, dtype=dtype, scale=0.2)
+    b = _t(32, gen=g, dtype=dtype)
+    y = linear(x, w, b, "relu")
+    assert launches[FWD] == 1 and launches[TMA] == 0, dict(launches)
+    ref = torch.relu(torch.nn.functional.linear(x.float(), w.float(), b.float())).to(dtype)
+    assert_close(y, ref, dtype=dtype, scale=2.0)
+
+
+def test_tma_launch_configurations_share_the_block_shape():
+    import triton
+
+    from fusedmlp.kernels import linear as kernels
+    from fusedmlp.kernels.launch import Tma, arg_type, launch
+
+    x = torch.zeros(32, 64, dtype=torch.bfloat16)
+    desc = Tma(x, ("BLOCK_M", "BLOCK_K"))
+    assert arg_type(desc) == "tensordesc<bf16[{BLOCK_M}, {BLOCK_K}]>"
+    two = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 16}),
+    ]
+    with pytest.raises(ValueError, match="share the block shape"):
+        launch(kernels._linear_fwd_tma_kernel, (1,), configs=two, tma=("x_desc",), x_desc=desc)
+    assert {
+        tuple(c.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for c in kernels._TMA_CONFIGS
+    } == {(128, 256, 64)}
+
+
 # ------------------------------------------------------------------------------------ gradcheck
 
 

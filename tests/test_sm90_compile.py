@@ -28,7 +28,8 @@ def _jobs():
     jobs, seen = {}, set()
 
     def add(rec, constexprs, warps, stages):
-        signature = dict(rec.signature)
+        # A TMA descriptor's type names its block shape by constexprs (``launch.Tma``).
+        signature = {n: t.format(**constexprs) if "{" in t else t for n, t in rec.signature}
         spec = dict(rec.specialization)
         types = ",".join(f"{t}{spec.get(n, '')}" for n, t in signature.items() if t != "constexpr")
         label = f"{rec.name}({types}) {constexprs} w{warps} s{stages}"
