@@ -10,9 +10,10 @@ logits), beside torch eager (and ``torch.compile`` with ``--compile``: a compile
 dtype, tens of seconds each).
 
 ``--grid tma``: issue 3's bf16 GEMM, linear + ReLU forward and backward at 8192^3 and
-16384 x 4096 x 4096, through the default pointer-based kernels ("fusedmlp"), the opt-in TMA
-forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``; it also runs the backward's two GEMMs on the
-"dz" path) and torch: whether the TMA kernel should become the default.
+16384 x 4096 x 4096, and the bench step's TF32 layer (16384 x 1024 x 1024, fp32 with torch's
+matmul precision "high"), through the default pointer-based kernels ("fusedmlp"), the opt-in
+TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``; it also runs the backward's two GEMMs on
+the "dz" path) and torch: whether the TMA kernel should become the default.
 
 Same cases, timing and columns as ``fusedmlp bench`` (``cli/_bench_ops.py``); needs a GPU
 (about 2 minutes on an H100, 40 GB of GPU memory for the largest fp32 case).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import sys
 
 import torch
@@ -67,42 +69,52 @@ def cases(device: torch.device, compile_: bool) -> list[Case]:
 
 
 @contextlib.contextmanager
-def tma_forward():
-    """The opt-in TMA forward kernel on (``FUSEDMLP_TMA=1``) for the duration."""
+def linear_settings(tma: bool, tf32: bool):
+    """The TMA forward kernel on or off (``FUSEDMLP_TMA``), and torch's fp32 matmul precision
+    "high" (TF32, for fusedmlp and torch alike) when ``tf32``, for the duration."""
     from fusedmlp.kernels import linear as kernels
 
-    before = kernels.TMA
-    kernels.TMA = True
+    before = kernels.TMA, torch.get_float32_matmul_precision()
+    kernels.TMA = tma
+    if tf32:
+        torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
-        kernels.TMA = before
+        kernels.TMA = before[0]
+        torch.set_float32_matmul_precision(before[1])
 
 
-TMA_SHAPES = ((8192, 8192, 8192), (16384, 4096, 4096))
+# (dtype, M, N, K): issue 3's bf16 shape, a wider-batch bf16 one, and the bench step's TF32 layer
+TMA_SHAPES = (
+    (torch.bfloat16, 8192, 8192, 8192),
+    (torch.bfloat16, 16384, 4096, 4096),
+    (torch.float32, 16384, 1024, 1024),
+)
 
 
 def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
-    impls = [("fusedmlp", "fusedmlp", contextlib.nullcontext)]
-    impls += [("fusedmlp TMA", "fusedmlp", tma_forward), ("torch", "torch", contextlib.nullcontext)]
-    if compile_:
-        impls.append(("torch.compile", "torch.compile", contextlib.nullcontext))
-    dtype, out = torch.bfloat16, []
-    for M, N, K in TMA_SHAPES:
+    impls = [("fusedmlp", "fusedmlp", False), ("fusedmlp TMA", "fusedmlp", True)]
+    impls += [("torch", "torch", False)] + (
+        [("torch.compile", "torch.compile", False)] if compile_ else []
+    )
+    out = []
+    for dtype, M, N, K in TMA_SHAPES:
+        tf32 = dtype == torch.float32
         for bwd in (False, True):
-            for name, impl, context in impls:
+            for name, impl, tma in impls:
                 count = linear_bwd_bytes if bwd else linear_fwd_bytes
                 out.append(
                     Case(
                         "linear",
                         "bwd" if bwd else "fwd",
                         f"M={M} N={N} K={K}",
-                        DTYPE_NAMES[dtype],
+                        "tf32" if tf32 else DTYPE_NAMES[dtype],
                         name,
                         build_linear(impl, device, dtype, M, N, K, bwd),
                         count(M, N, K, dtype.itemsize),
                         (linear_bwd_flops if bwd else linear_fwd_flops)(M, N, K),
-                        context=context,
+                        context=functools.partial(linear_settings, tma, tf32),
                         order=(OPS.index("linear"), len(out)),
                     )
                 )

@@ -37,11 +37,12 @@ operands only K-major, while X and W are stored with the reduction dimension out
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
 and dZ^T (16-bit types transpose in wgmma and use views).
 
-TMA forward (``_linear_fwd_tma_kernel``, opt-in: ``FUSEDMLP_TMA=1``): for large fp16/bf16
-GEMMs on sm_90+, the same epilogue behind a persistent loop over output tiles whose operands
-arrive by TMA (host descriptors; either orientation of x and W, so the "dz" path's dX and dW
-GEMMs take it too). Operands TMA cannot read (a row stride or address not 16-byte aligned, no
-unit stride) keep the pointer kernel.
+TMA forward (``_linear_fwd_tma_kernel``, opt-in: ``FUSEDMLP_TMA=1``): for large fp16/bf16 and
+TF32 GEMMs on sm_90+, the same epilogue behind a persistent loop over output tiles whose
+operands arrive by TMA (host descriptors). 16-bit operands may come in either orientation, so
+the "dz" path's dX and dW GEMMs take it too; TF32 takes K-major operands only (x [M, K] and
+W [N, K] with unit stride along K: the "dz" path's fp32 copies are). Operands TMA cannot read
+(a row stride or address not 16-byte aligned, no unit stride) keep the pointer kernel.
 
 Activations are a ``tl.constexpr`` string: "none", "relu", "leaky_relu", "sigmoid", "tanh",
 "gelu" (erf form), "silu"; ``negative_slope`` is a runtime argument.
@@ -277,6 +278,7 @@ def _linear_fwd_tma_kernel(
     SAVE_Z: tl.constexpr,
     X_T: tl.constexpr,
     W_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -284,17 +286,20 @@ def _linear_fwd_tma_kernel(
     GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
-    """``_linear_fwd_kernel`` for 16-bit operands read by TMA, persistent (opt-in: ``TMA``).
+    """``_linear_fwd_kernel`` for operands read by TMA, persistent (opt-in: ``TMA``).
 
     ``x_desc``: a host TMA descriptor over x [M, K] (block [BLOCK_M, BLOCK_K]), or with ``X_T``
     over its transpose's storage [K, M] (block [BLOCK_K, BLOCK_M]); ``w_desc`` likewise over
     weight [N, K] ([BLOCK_N, BLOCK_K]) or, with ``W_T``, over weight^T's storage [K, N]
-    ([BLOCK_K, BLOCK_N]). Both fp16 or both bf16, last stride 1, 16-byte aligned base and row
-    stride. y, z, bias and what the backward saves: as ``_linear_fwd_kernel``.
+    ([BLOCK_K, BLOCK_N]). Both fp16, both bf16, or both fp32 with ``DOT_PRECISION`` "tf32" and
+    neither transposed (TF32 wgmma reads K-major operands only); last stride 1, 16-byte aligned
+    base and row stride. y, z, bias and what the backward saves: as ``_linear_fwd_kernel``.
 
     NUM_SMS programs each walk the output tiles ``start, start + NUM_SMS, ...``; the flattened
     loop lets the pipeliner issue the next tile's first loads while this tile's epilogue runs.
-    TMA zero-fills reads past the tensor's end, so the K loop has no mask.
+    TMA zero-fills reads past the tensor's end, so the K loop has no mask. The next tile's
+    operand buffers stay live during the epilogue, so the shared memory its stores' layout
+    conversion takes adds to the pipeline's (``_TMA_CONFIGS``).
     """
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -319,14 +324,18 @@ def _linear_fwd_tma_kernel(
                 b = w_desc.load([off_k, off_n])
             else:
                 b = tl.trans(w_desc.load([off_n, off_k]))
-            acc = tl.dot(_dot_operand(a, INTERPRET), _dot_operand(b, INTERPRET), acc)
+            acc = tl.dot(
+                _dot_operand(a, INTERPRET),
+                _dot_operand(b, INTERPRET),
+                acc,
+                input_precision=DOT_PRECISION,
+            )
         tile_c += NUM_SMS
         pid_m, pid_n = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        bn = (rn % N).to(tl.int64)
-        _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
-                      HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
+        _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), b_ptr, y_ptr, z_ptr, M, N, stride_b,
+                      negative_slope, HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
 
 
 @triton.jit
@@ -770,15 +779,22 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # The TMA forward (``_linear_fwd_tma_kernel``): opt-in (``FUSEDMLP_TMA=1``, read once; tests set
 # the attribute) until a GPU run has checked it and timed it against the pointer kernel.
 TMA = os.environ.get("FUSEDMLP_TMA") == "1"
-# From this many multiply-adds up (16-bit operands, every dimension >= TMA_MIN_DIM): building the
-# two descriptors costs ~9 us of host time a launch (CPU stand-in), hidden behind a GEMM of
-# 2^34 multiply-adds (~50 us at 700 TFLOPS) but not behind a small one.
+# From this many multiply-adds up (every dimension >= TMA_MIN_DIM): building the two
+# descriptors costs ~9 us of host time a launch (CPU stand-in), hidden behind a GEMM of 2^34
+# multiply-adds (~50 us at 700 TFLOPS) but not behind a small one.
 TMA_MIN_MACS = 2**34
 TMA_MIN_DIM = 16
-# 128 x 256 x 64 tiles (the Triton tutorials' H100 choice for 16-bit GEMMs), autotuned over the
+
+
+# 128 x 256 tiles (the Triton tutorials' H100 choice for 16-bit GEMMs), autotuned over the
 # pipeline depth only (the descriptors' block shape is fixed before the launch: ``launch.Tma``).
-# sm_90 shared memory (triton 3.9, with the epilogue's): 176 KiB for 3 stages, 224 KiB for 4.
-_TMA_CONFIGS = [_cfg("fwd", (128, 256, 64, 8, 3)), _cfg("fwd", (128, 256, 64, 8, 4))]
+# sm_90 shared memory (triton 3.9, the epilogue's included): 16-bit 64-deep, 176 KiB for 3
+# stages, 224 KiB for 4. fp32 32-deep needs 272 KiB for 3 stages (the epilogue converts a
+# 128 KiB fp32 tile); a subtiled epilogue fits but spills 232 bytes of registers: 16-deep.
+_TMA_CONFIGS = {
+    2: [_cfg("fwd", (128, 256, 64, 8, 3)), _cfg("fwd", (128, 256, 64, 8, 4))],
+    4: [_cfg("fwd", (128, 256, 16, 8, 3)), _cfg("fwd", (128, 256, 16, 8, 4))],
+}
 # The interpreter: small tiles, and 3 "SMs", so that every program walks several tiles.
 _TMA_INTERPRET = _cfg("fwd", (16, 32, 16, 4, 2), group=2)
 _TMA_INTERPRET_PROGRAMS = 3
@@ -803,9 +819,12 @@ def _tma_operand(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return view, transposed
 
 
-def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int):
+def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int, precision: str):
     """The ``_tma_operand`` pair of x and weight when the TMA forward takes this problem."""
-    if not TMA or x.dtype not in (torch.float16, torch.bfloat16):
+    if not TMA:
+        return None
+    tf32 = x.dtype == torch.float32 and precision == "tf32"
+    if not (tf32 or x.dtype in (torch.float16, torch.bfloat16)):
         return None
     if min(M, N, K) < TMA_MIN_DIM or M * N * K < TMA_MIN_MACS:
         return None
@@ -813,10 +832,12 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int)
     if device.type == "cuda" and not _tma_capable(device.index if device.index is not None else 0):
         return None
     xa, wa = _tma_operand(x), _tma_operand(weight)
-    return None if xa is None or wa is None else (xa, wa)
+    if xa is None or wa is None or (tf32 and (xa[1] or wa[1])):
+        return None
+    return xa, wa
 
 
-def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K) -> None:
+def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision):
     """``linear_forward`` through ``_linear_fwd_tma_kernel`` (``operands``: ``_tma_operands``)."""
     (xv, x_t), (wv, w_t) = operands
     device = xv.device
@@ -826,7 +847,7 @@ def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, 
         launch(
             _linear_fwd_tma_kernel,
             grid,
-            configs=_TMA_CONFIGS,
+            configs=_TMA_CONFIGS[xv.element_size()],
             key=("M", "N", "K"),
             interpret_config=_TMA_INTERPRET,
             work=M * N * K,
@@ -847,6 +868,7 @@ def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, 
             SAVE_Z=z is not None,
             X_T=x_t,
             W_T=w_t,
+            DOT_PRECISION=precision,
             NUM_SMS=programs,
         )
 
@@ -873,11 +895,11 @@ def linear_forward(
     z = torch.empty_like(y) if save_z else None
     if M == 0 or N == 0:
         return y, z
-    operands = _tma_operands(x, weight, M, N, K)
-    if operands is not None:
-        _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K)
-        return y, z
     precision = dot_precision(x.dtype)
+    operands = _tma_operands(x, weight, M, N, K, precision)
+    if operands is not None:
+        _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision)
+        return y, z
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x):
         launch(

@@ -116,6 +116,48 @@ def test_linear_every_configuration(forced, monkeypatch, path, dtype, precision)
         _check_forced(forced, ["_linear_fwd_kernel"])
 
 
+@pytest.mark.parametrize("forced", range(2), indirect=True)  # the TMA lists' length
+@pytest.mark.parametrize("path", ["fused", "dz"])
+@pytest.mark.parametrize("dtype, precision", [
+    (torch.bfloat16, "highest"), (torch.float32, "high"),
+], ids=["bf16", "tf32"])  # fmt: skip
+def test_linear_tma_every_configuration(forced, monkeypatch, path, dtype, precision):
+    """The opt-in TMA forward (``FUSEDMLP_TMA=1``): each configuration of its 16-bit and TF32
+    lists, for the forward and (dz path) the backward's GEMMs in every operand orientation."""
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", path)
+    monkeypatch.setattr(KL, "TMA", True)
+    monkeypatch.setattr(KL, "TMA_MIN_MACS", 0)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ref = torch.nn.Linear(72, 136, device=DEVICE, dtype=dtype)
+        ours = fnn.Linear(72, 136, activation="relu", device=DEVICE, dtype=dtype)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(200, 72, device=DEVICE, dtype=dtype)
+        g = torch.randn(200, 136, device=DEVICE, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = ours(xa)
+        ya.backward(g)
+        yb = torch.relu(ref(xb))
+        yb.backward(g)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    # TF32 on a GPU, torch's GEMMs too: a bf16-sized tolerance (a ReLU mask may flip where the
+    # two round a pre-activation differently across 0: compare the unmasked entries)
+    tol = torch.bfloat16
+    keep = (ya > 0) == (yb > 0)
+    assert keep.float().mean() > 0.99
+    assert_close(ya[keep], yb[keep], dtype=tol)
+    if precision == "highest":
+        assert_close(xa.grad, xb.grad, dtype=tol)
+        assert_close(ours.weight.grad, ref.weight.grad, dtype=tol, scale=2.0)
+        assert_close(ours.bias.grad, ref.bias.grad, dtype=tol, scale=2.0)
+    _check_forced(forced, ["_linear_fwd_tma_kernel"])
+    assert "_linear_fwd_kernel" not in forced, sorted(forced)
+
+
 @pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_norm_loss_softmax_every_configuration(forced, dtype):

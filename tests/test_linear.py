@@ -410,9 +410,41 @@ def test_tma_launch_configurations_share_the_block_shape():
     ]
     with pytest.raises(ValueError, match="share the block shape"):
         launch(kernels._linear_fwd_tma_kernel, (1,), configs=two, tma=("x_desc",), x_desc=desc)
-    assert {
-        tuple(c.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for c in kernels._TMA_CONFIGS
-    } == {(128, 256, 64)}
+    for size, configs in kernels._TMA_CONFIGS.items():  # one block shape per element size
+        shapes = {tuple(c.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for c in configs}
+        assert shapes == {(128, 256, {2: 64, 4: 16}[size])}, size
+
+
+@pytest.fixture
+def tf32(monkeypatch):
+    """torch's matmul precision "high": fp32 GEMMs may use TF32 (the kernels' DOT_PRECISION)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("dz", [False, True], ids=["fused-bwd", "dz-bwd"])
+def test_tma_forward_tf32_takes_k_major_operands(triton_backend, launches, tma, tf32, dz):
+    from fusedmlp.kernels import linear as kernels
+
+    g = torch.Generator().manual_seed(24)
+    x = _t(40, 48, gen=g)
+    w = _t(56, 48, gen=g, scale=0.15)
+    b = _t(56, gen=g)
+    gy = _t(40, 56, gen=g)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "BACKWARD_PATH", "dz" if dz else "fused")
+        ours = _ours(x, w, b, "relu", 0.01, gy)
+        # dz: dW and dX through the forward GEMM on K-major copies (TF32 wgmma's only layout)
+        assert launches[TMA] == (3 if dz else 1) and launches[FWD] == 0, dict(launches)
+        launches.clear()
+        y = linear(x.t().contiguous().t(), w, b, "relu")  # x transposed: not K-major
+        assert launches[FWD] == 1 and launches[TMA] == 0, dict(launches)
+    ref = _reference(x, w, b, "relu", 0.01, gy)
+    # TF32 on a GPU (10-bit mantissa, torch's GEMMs too): a bf16-sized tolerance
+    _check(ours, ref, torch.bfloat16, scale=2.0)
+    assert_close(y, ref[0], dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------ gradcheck
