@@ -807,14 +807,16 @@ def _tma_capable(index: int) -> bool:
 
 def _tma_operand(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """``(view, transposed)``: the 2-D ``t`` itself (last stride 1) or its transpose (first
-    stride 1) as TMA reads it, or None where TMA cannot (an unaligned address or row stride)."""
+    stride 1) as TMA reads it, or None where TMA cannot (an unaligned address or row stride,
+    rows that overlap)."""
     if t.stride(1) == 1:
         view, transposed = t, False
     elif t.stride(0) == 1:
         view, transposed = t.t(), True
     else:
         return None
-    if view.data_ptr() % 16 or (view.stride(0) * view.element_size()) % 16:
+    rows = view.stride(0)  # rows of a broadcast (0) or overlapping view: no TMA tensor map
+    if view.data_ptr() % 16 or (rows * view.element_size()) % 16 or rows < view.shape[1]:
         return None
     return view, transposed
 

@@ -372,7 +372,14 @@ def test_tma_forward_runs_the_dz_backward_gemms(triton_backend, launches, tma, d
 
 @pytest.mark.parametrize(
     "how",
-    ["k-unaligned", "row-stride-unaligned", "no-unit-stride", "fp32", "below-threshold"],
+    [
+        "k-unaligned",
+        "row-stride-unaligned",
+        "no-unit-stride",
+        "broadcast-rows",
+        "fp32",
+        "below-threshold",
+    ],
 )
 def test_tma_forward_falls_back_to_the_pointer_kernel(triton_backend, launches, tma, how):
     from fusedmlp.kernels import linear as kernels
@@ -385,6 +392,8 @@ def test_tma_forward_falls_back_to_the_pointer_kernel(triton_backend, launches, 
         x = _t(24, 44, gen=g, dtype=dtype)[:, :40]
     elif how == "no-unit-stride":
         x = _t(24, 80, gen=g, dtype=dtype)[:, ::2]
+    elif how == "broadcast-rows":  # row stride 0: 16-byte "aligned", but no TMA tensor map
+        x = _t(1, k, gen=g, dtype=dtype).expand(24, k)
     elif how == "below-threshold":
         kernels.TMA_MIN_MACS = 24 * 32 * 40 + 1
     w = _t(32, k, gen=g, dtype=dtype, scale=0.2)
