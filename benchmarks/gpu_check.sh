@@ -15,9 +15,11 @@
 #                times of the MLP training step, and the host cost of one launch, under profile/
 #   6. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time
 #   6b. grid:    benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16, fp32)
-#   6c. tma:     benchmarks/target_grid.py --grid tma: issue 3's bf16 GEMMs and a TF32 layer
-#                through the default kernels, the opt-in TMA one (FUSEDMLP_TMA=1) and torch
+#   6c. tma:     benchmarks/target_grid.py --grid tma,optim: issue 3's bf16 GEMMs and a TF32
+#                layer through the default kernels, the opt-in TMA one (FUSEDMLP_TMA=1) and
+#                torch; issue 7's Adam over 1,000 small tensors
 #   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
+#   7b. targets: benchmarks/targets.py: each open issue's speed targets, met or not, from the JSONs
 #   8. verify:   fusedmlp verify, no new case 20 s before its timeout (tolerated missing)
 # Everything is logged under OUTDIR (<step>.log, summary.txt), and at the end packed into
 # OUTDIR/gpu_check.tgz. The script goes on past a failing step and exits non-zero if any step
@@ -69,7 +71,7 @@ if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; f
 # kernel_times.py appends to its JSONL, and a skipped step would leave the last run's files:
 # start from none of this script's outputs (a rerun into the same folder on a warm machine).
 rm -rf "$DIR/profile" "$DIR"/*.log "$DIR"/kernel_times.jsonl "$DIR"/bench.{json,md,png} \
-  "$DIR"/tma_grid.{json,md} \
+  "$DIR"/tma_grid.{json,md} "$DIR"/targets.md \
   "$DIR"/RESULTS.md "$DIR"/verify.json "$DIR"/gpu_check.tgz
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$DIR/summary.txt"; }
 
@@ -194,7 +196,7 @@ step profile 60 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
 # 6. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show)
-step kernel_times 120 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 85 --sections ops,step
+step kernel_times 95 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 60 --sections ops,step
 
 # 6b. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100)
 step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.json" \
@@ -202,8 +204,8 @@ step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.jso
 
 # 6c. the opt-in TMA forward kernel against the default one and torch (bf16 8192^3 and
 # 16384 x 4096 x 4096, TF32 16384 x 1024 x 1024; forward and backward): whether FUSEDMLP_TMA
-# should become the default
-step tma_grid 60 "$PY" benchmarks/target_grid.py --grid tma --json "$DIR/tma_grid.json" \
+# should become the default; and issue 7's Adam over 1,000 small tensors
+step tma_grid 70 "$PY" benchmarks/target_grid.py --grid tma,optim --json "$DIR/tma_grid.json" \
   --markdown "$DIR/tma_grid.md"
 cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null
 
@@ -224,6 +226,9 @@ step bench "$t" "$PY" -m fusedmlp bench --quick --time-budget "$bench_budget" \
 if [[ -f "$DIR/bench.json" ]]; then
   step results_md 20 "$PY" benchmarks/results_md.py "$DIR/bench.json" -o "$DIR/RESULTS.md"
 fi
+# 7b. the open issues' speed targets from this run's JSON files (met / not met / not measured)
+step targets 10 "$PY" benchmarks/targets.py "$DIR" -o "$DIR/targets.md"
+cat "$DIR/targets.md" >>"$DIR/summary.txt" 2>/dev/null
 
 # 8. fusedmlp verify (written by another issue: tolerate it missing)
 if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then

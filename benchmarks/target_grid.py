@@ -1,7 +1,7 @@
 """The issues' speed-target grids that ``fusedmlp bench --quick`` leaves out, in one run.
 
-    python benchmarks/target_grid.py [--grid cross_entropy|tma] [--json PATH] [--markdown PATH]
-                                     [--compile]
+    python benchmarks/target_grid.py [--grid cross_entropy|tma|optim[,...]] [--json PATH]
+                                     [--markdown PATH] [--compile]
 
 ``--grid cross_entropy`` (default): cross-entropy forward+backward at M = 16K rows and C = 32K,
 64K and 128K classes, in bf16 and fp32 (issue 4's grid: >= 75% of the measured copy bandwidth
@@ -14,6 +14,11 @@ dtype, tens of seconds each).
 matmul precision "high"), through the default pointer-based kernels ("fusedmlp"), the opt-in
 TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``; it also runs the backward's two GEMMs on
 the "dz" path) and torch: whether the TMA kernel should become the default.
+
+``--grid optim``: issue 7's small-tensor case, Adam over 1,000 tensors of 1,000 fp32 elements
+(>= 5x ``torch.optim.Adam(foreach=True)``), beside torch's fused Adam.
+
+Several grids, comma-separated, run into one JSON file.
 
 Same cases, timing and columns as ``fusedmlp bench`` (``cli/_bench_ops.py``); needs a GPU
 (about 2 minutes on an H100, 40 GB of GPU memory for the largest fp32 case).
@@ -35,8 +40,11 @@ from fusedmlp.cli._bench_ops import (
     DTYPE_NAMES,
     OPS,
     Case,
+    _si,
+    adam_bytes,
     build_cross_entropy,
     build_linear,
+    build_optimizer,
     cross_entropy_bytes,
     linear_bwd_bytes,
     linear_bwd_flops,
@@ -121,16 +129,42 @@ def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
     return out
 
 
-GRIDS = {"cross_entropy": cases, "tma": tma_cases}
+def optim_cases(device: torch.device, compile_: bool) -> list[Case]:
+    impls = ["fusedmlp", "torch", "torch.fused"] + (["torch.compile"] if compile_ else [])
+    P, T = 1_000_000, 1000
+    return [
+        Case(
+            "adam",
+            "step",
+            f"P={_si(P)} in {T} tensors",
+            DTYPE_NAMES[torch.float32],
+            impl,
+            build_optimizer(impl, device, "adam", P, T),
+            adam_bytes(P),
+            order=(OPS.index("adam"), i),
+        )
+        for i, impl in enumerate(impls)
+    ]
+
+
+GRIDS = {"cross_entropy": cases, "tma": tma_cases, "optim": optim_cases}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="cross_entropy")
+    ap.add_argument(
+        "--grid",
+        type=lambda v: v.split(","),
+        default=["cross_entropy"],
+        help=f"comma-separated, from {', '.join(GRIDS)} (default: cross_entropy)",
+    )
     ap.add_argument("--json", default="target_grid.json")
     ap.add_argument("--markdown", default="target_grid.md")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile baselines")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.grid) - set(GRIDS))
+    if unknown:
+        ap.error(f"unknown grid {', '.join(unknown)} (choose from {', '.join(GRIDS)})")
     if not torch.cuda.is_available():
         print("target_grid.py: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -143,7 +177,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": True,
         "compile": args.compile,
-        "ops": ["linear" if args.grid == "tma" else "cross_entropy"],
+        "ops": [{"tma": "linear", "optim": "adam"}.get(g, g) for g in args.grid],
         "timing": "CUDA events, L2 flushed, median (the triton.testing.do_bench method)",
         **_versions(device),
     }
@@ -155,7 +189,7 @@ def main(argv=None) -> int:
         R.write_markdown(args.markdown, doc)
         return doc
 
-    grid = GRIDS[args.grid](device, args.compile)
+    grid = [case for name in args.grid for case in GRIDS[name](device, args.compile)]
     rows = E.run_cases(grid, device, cfg, ceilings, dname, on_row=save)
     save(rows, complete=True)
     errors = [r for r in rows if r["error"]]

@@ -308,3 +308,77 @@ def test_kernel_times_script_dry_run(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "kernel_times.jsonl").read_text().splitlines()]
     assert len(rows) == 9 + 6 + 16 and all("error" not in r for r in rows), rows
     assert all(r["event_ms"] > 0 for r in rows)
+
+
+def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
+    # benchmarks/targets.py reads gpu_check's JSON files; the seventh session's H100 figures
+    # (RESULTS.md) as rows: which targets they meet, each ratio taken within its own file.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
+    spec = importlib.util.spec_from_file_location("targets", path)
+    T = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(T)
+
+    def row(op, pass_, shape, dtype, impl, ms, **kw):
+        return {"op": op, "pass": pass_, "shape": shape, "dtype": dtype, "impl": impl, "ms": ms,
+                **kw}  # fmt: skip
+
+    big, bn, p = "M=8192 N=8192 K=8192", "N=65536 C=1024", "P=50M in 100 tensors"
+    bench = [
+        row("linear", "fwd", big, "bf16", "fusedmlp", 1.794),
+        row("linear", "fwd", big, "bf16", "torch", 1.478),
+        row("linear", "bwd", big, "bf16", "fusedmlp", 3.155),
+        row("linear", "bwd", big, "bf16", "torch", 2.960),
+        row("batchnorm", "fwd", bn, "bf16", "fusedmlp", 0.1581, bytes=402653184),
+        row("batchnorm", "bwd", bn, "bf16", "fusedmlp", 0.2886, bytes=671088640),
+        row("batchnorm", "fwd", bn, "bf16", "torch", 0.333),
+        row("batchnorm", "bwd", bn, "bf16", "torch", 0.441),
+        row("adam", "step", p, "fp32", "fusedmlp", 0.6563, pct_bw=70.9),
+        row("adam", "step", p, "fp32", "torch", 1.383),
+        row("adam", "step", p, "fp32", "torch.fused", 0.544),
+        row("mlp_step", "step", "width=1024 B=16384", "fp32 (tf32)", "fusedmlp", 6.282,
+            peak_mem_mb=505),
+        row("mlp_step", "step", "width=1024 B=16384", "fp32 (tf32)", "torch", 3.84,
+            peak_mem_mb=1009),
+        row("mlp_step", "step", "width=1024 B=16384", "fp32 (tf32)", "torch.compile", 5.79,
+            peak_mem_mb=689),
+        row("linear", "fwd", big, "bf16", "fusedmlp", None),  # a failed case: ignored
+    ]  # fmt: skip
+    tma = [  # its own run: the TMA row is judged against this file's torch row only
+        row("linear", "fwd", big, "bf16", "fusedmlp TMA", 1.60),
+        row("linear", "fwd", big, "bf16", "torch", 1.50),
+    ]
+    ce = [
+        row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "fusedmlp", 1.094,
+            pct_bw=97.9, bytes=3 * 2 * 16384 * 32768, peak_mem_mb=2048),
+        row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "torch", 2.582),
+    ]  # fmt: skip
+    for name, rows in (("bench.json", bench), ("tma_grid.json", tma), ("target_grid.json", ce)):
+        doc = {"meta": {}, "ceilings": {"copy_gbps": 3008.0}, "rows": rows}
+        (tmp_path / name).write_text(json.dumps(doc))
+    rows, ceilings = T.load_rows(str(tmp_path))
+    got = {what: (shown, verdict) for _, what, shown, verdict in T.criteria(rows, ceilings)}
+
+    def verdict(prefix):
+        (key,) = [k for k in got if k.startswith(prefix)]
+        return got[key]
+
+    assert verdict("linear fwd bf16 8192^3 (fusedmlp) ") == ("0.82x", "not met")
+    assert verdict("linear fwd bf16 8192^3 (fusedmlp TMA)") == ("0.94x", "**met**")
+    assert verdict("linear bwd bf16 8192^3 (fusedmlp) ") == ("0.94x", "**met**")
+    assert verdict("linear + ReLU fwd") == ("-", "not measured")
+    assert verdict("batch norm fwd+bwd 64K x 1024: >= 80%") == ("79.9%", "not met")
+    assert verdict("batch norm fwd+bwd 64K x 1024 vs") == ("1.73x", "**met**")
+    assert verdict("cross-entropy M=16384 C=32768 bf16 vs") == ("2.36x", "not met")
+    assert verdict("cross-entropy M=16384 C=32768 bf16: extra") == ("1024 MB", "**met**")
+    assert verdict("Adam vs torch fused") == ("0.83x", "not met")
+    assert verdict("Adam vs torch foreach") == ("2.11x", "not met")
+    assert verdict("Adam over 1,000") == ("-", "not measured")
+    assert verdict("SGD") == ("-", "not measured")
+    assert verdict("training step w1024") == ("0.61x", "not met")
+    assert verdict("training step vs torch.compile") == ("0.92x", "not met")
+    assert verdict("training step peak") == ("-184 MB against the lower", "**met**")
+    md = T.markdown(T.criteria(rows, ceilings))
+    assert md.startswith("| issue | criterion |") and "| #5 |" in md
