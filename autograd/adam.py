@@ -168,9 +168,19 @@ def _torch_sgd_module():
     return _TORCH_OPTIM_MODULES["sgd"]
 
 
+# torch.optim functional -> the names of its parameters: ``inspect.signature`` costs ~40 us a
+# call, at every step of an optimizer that runs torch's algorithm (the CPU fallback).
+_ACCEPTED: dict = {}
+
+
 def call_torch(fn, *args, **kwargs):
     """Call a torch.optim functional with only the keywords the installed torch accepts."""
-    accepted = inspect.signature(fn).parameters
+    if _is_compiling():  # traced code: no module-level cache lookup in the graph
+        accepted = inspect.signature(fn).parameters
+    else:
+        accepted = _ACCEPTED.get(fn)
+        if accepted is None:
+            accepted = _ACCEPTED[fn] = frozenset(inspect.signature(fn).parameters)
     return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
 
 

@@ -227,6 +227,10 @@ class FusedSequential(torch.nn.Sequential):
     """
 
     def forward(self, input):
+        if not (isinstance(input, Tensor) and use_triton(input)):
+            # No block can run fused (each asks use_triton of this input, among others):
+            # torch.nn.Sequential's loop, without matching the blocks at every call.
+            return super().forward(input)
         mods = list(self._modules.values())
         n = len(mods)
         i = 0
