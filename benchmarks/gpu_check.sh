@@ -190,9 +190,10 @@ with fusedmlp.use_backend("triton"):
 print("int64 dropout OK")
 EOF
 
-# 5. where a training step's time goes (fixed configurations: no autotuning inside the profile)
+# 5. where a training step's time goes (fixed configurations: no autotuning inside the profile);
+# 65536x64: the bench's narrow step, 2.9x slower than eager in the seventh session's run 1
 step profile 60 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
-  --shapes 64x256,16384x1024 --steps 10
+  --shapes 64x256,16384x1024,65536x64 --steps 10
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
 # 6. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show)
