@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, launch, on_device
+from .launch import cdiv, launch, next_power_of_2, on_device
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_C": 2048}, num_warps=8),
@@ -57,6 +57,33 @@ _FWD_INTERPRET = triton.Config({"BLOCK_C": 64}, num_warps=4)
 # would apply the scaling once per trial.
 _SCALE_CONFIGS = [triton.Config({"BLOCK": 4096}, num_warps=8)]
 _SCALE_INTERPRET = triton.Config({"BLOCK": 64}, num_warps=4)
+
+# Narrow rows (C <= 1024 classes for the loss, <= 4096 for the scaling: one chunk per row): one
+# configuration, the chunk the row's width rounded up to a power of two (at least 32) and one
+# warp per 128 elements (at most 4 for the loss, 8 for the scaling), instead of 1024- or
+# 4096-wide chunks of 4-8 warps that are nearly all masked lanes: the classifier heads of MLPs
+# (10 classes) run one small program per row.
+NARROW_LOSS_C = 1024
+NARROW_SCALE_C = 4096
+
+
+def _narrow(c: int, name: str, max_warps: int) -> triton.Config:
+    block = max(32, next_power_of_2(c))
+    return triton.Config({name: block}, num_warps=max(1, min(max_warps, block // 128)))
+
+
+_NARROW: dict = {}
+
+
+def _narrow_configs(c: int, name: str, max_warps: int) -> list:
+    """``[_narrow(c, ...)]``, the same list object per (width, kernel): ``launch`` caches its
+    autotuner and configuration lookups by the list's identity."""
+    key = (next_power_of_2(max(c, 32)), name, max_warps)
+    hit = _NARROW.get(key)
+    if hit is None:
+        hit = _NARROW[key] = [_narrow(c, name, max_warps)]
+    return hit
+
 
 _CHECK_CONFIGS = [triton.Config({"BLOCK": 2048}, num_warps=4)]
 _CHECK_INTERPRET = triton.Config({"BLOCK": 16}, num_warps=4)
@@ -335,12 +362,13 @@ def cross_entropy_fwd(
     if n == 0:
         return loss, grad
     with on_device(logits):
+        narrow = c <= NARROW_LOSS_C
         launch(
             _ce_fwd_kernel,
             (n,),
-            configs=_FWD_CONFIGS,
+            configs=_narrow_configs(c, "BLOCK_C", 4) if narrow else _FWD_CONFIGS,
             key=["C", "HAS_WEIGHT", "HAS_SMOOTHING", "COMPUTE_GRAD"],
-            small_config=_FWD_SMALL,
+            small_config=None if narrow else _FWD_SMALL,
             work=n * c,
             interpret_config=_FWD_INTERPRET,
             X=logits,
@@ -392,7 +420,7 @@ def cross_entropy_scale(
         launch(
             _ce_scale_kernel,
             lambda meta: (n * cdiv(c, meta["BLOCK"]),),
-            configs=_SCALE_CONFIGS,
+            configs=_narrow_configs(c, "BLOCK", 8) if c <= NARROW_SCALE_C else _SCALE_CONFIGS,
             interpret_config=_SCALE_INTERPRET,
             G=grad,
             OUT=out,

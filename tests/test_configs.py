@@ -181,6 +181,19 @@ def test_norm_loss_softmax_every_configuration(forced, dtype):
     FF.cross_entropy(la, target, label_smoothing=0.1).backward()
     F.cross_entropy(lb, target, label_smoothing=0.1).backward()
     assert_close(la.grad.float(), lb.grad, dtype=dtype)
+    # narrow rows (a classifier head: one chunk per row, the width's own configuration), with a
+    # per-row grad_output so that the scaling writes every row
+    for classes in (10, 700):
+        logits = torch.randn(50, classes, device=DEVICE, dtype=dtype)
+        target = torch.randint(0, classes, (50,), device=DEVICE)
+        go = torch.rand(50, device=DEVICE)
+        la, lb = logits.clone().requires_grad_(), logits.float().requires_grad_()
+        ya = FF.cross_entropy(la, target, reduction="none")
+        yb = F.cross_entropy(lb, target, reduction="none")
+        ya.backward(go.to(dtype))
+        yb.backward(go)
+        assert_close(ya.float(), yb, dtype=dtype)
+        assert_close(la.grad.float(), lb.grad, dtype=dtype)
     # softmax over the last dim (rows of several tiles) and log-softmax over dim 0 (inner > 1)
     for fn, ref_fn, dim, shape in (
         (FF.softmax, F.softmax, -1, (37, 9000)),
