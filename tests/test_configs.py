@@ -62,6 +62,30 @@ def _check_forced(used, names):
         assert name in used, f"{name} was not launched: {sorted(used)}"
 
 
+def _linear_run(dtype, precision, activation, reference: bool):
+    """fusedmlp.nn.Linear(72, 136, activation) and torch.nn.Linear with the same weights over one
+    batch of 200, forward and backward, under torch's fp32 matmul ``precision``; torch's (with a
+    ReLU) only with ``reference``. Returns (ours, ref, x, g, xa, xb, ya, yb), yb None without."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ref = torch.nn.Linear(72, 136, device=DEVICE, dtype=dtype)
+        ours = fnn.Linear(72, 136, activation=activation, device=DEVICE, dtype=dtype)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(200, 72, device=DEVICE, dtype=dtype)
+        g = torch.randn(200, 136, device=DEVICE, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = ours(xa)
+        ya.backward(g)
+        yb = None
+        if reference:
+            yb = torch.relu(ref(xb))
+            yb.backward(g)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return ours, ref, x, g, xa, xb, ya, yb
+
+
 @pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
 @pytest.mark.parametrize("path", ["fused", "dz"])
 @pytest.mark.parametrize("dtype, precision", [
@@ -75,22 +99,7 @@ def test_linear_every_configuration(forced, monkeypatch, path, dtype, precision)
     # TF32 against float64 with its rounding bound (below), without an activation: a ReLU mask
     # could flip where TF32 moves a pre-activation across 0
     activation = None if tf32 else "relu"
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        ref = torch.nn.Linear(72, 136, device=DEVICE, dtype=dtype)
-        ours = fnn.Linear(72, 136, activation=activation, device=DEVICE, dtype=dtype)
-        ours.load_state_dict(ref.state_dict())
-        x = torch.randn(200, 72, device=DEVICE, dtype=dtype)
-        g = torch.randn(200, 136, device=DEVICE, dtype=dtype)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya = ours(xa)
-        ya.backward(g)
-        if not tf32:
-            yb = torch.relu(ref(xb))
-            yb.backward(g)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    ours, ref, x, g, xa, xb, ya, yb = _linear_run(dtype, precision, activation, not tf32)
     if tf32:
         # TF32 keeps 10 of each operand's mantissa bits (rounded, or truncated when fp32 goes
         # to the tensor cores as is): each operand within 2^-10, each product within about
@@ -129,21 +138,7 @@ def test_linear_tma_every_configuration(forced, monkeypatch, path, dtype, precis
     monkeypatch.setattr(KL, "BACKWARD_PATH", path)
     monkeypatch.setattr(KL, "TMA", True)
     monkeypatch.setattr(KL, "TMA_MIN_MACS", 0)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        ref = torch.nn.Linear(72, 136, device=DEVICE, dtype=dtype)
-        ours = fnn.Linear(72, 136, activation="relu", device=DEVICE, dtype=dtype)
-        ours.load_state_dict(ref.state_dict())
-        x = torch.randn(200, 72, device=DEVICE, dtype=dtype)
-        g = torch.randn(200, 136, device=DEVICE, dtype=dtype)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya = ours(xa)
-        ya.backward(g)
-        yb = torch.relu(ref(xb))
-        yb.backward(g)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    ours, ref, _, _, xa, xb, ya, yb = _linear_run(dtype, precision, "relu", True)
     # TF32 on a GPU, torch's GEMMs too: a bf16-sized tolerance (a ReLU mask may flip where the
     # two round a pre-activation differently across 0: compare the unmasked entries)
     tol = torch.bfloat16
