@@ -256,6 +256,7 @@ def adam(
     device_step: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    steps_buffer: Tensor | None = None,
 ) -> None:
     """Adam/AdamW over one param group (torch's functional ``adam`` arguments, float scalars).
 
@@ -268,6 +269,10 @@ def adam(
     kernel runs for the whole partition. Device steps partition by (device, dtype) and the
     kernel reads the counters. float64/complex tensors, and the torch backend, run torch's own
     algorithm (single-tensor; its fused Adam for the AMP tensors).
+
+    ``steps_buffer``: a 1-D tensor whose elements are exactly the (host) ``state_steps``, in
+    order (0-d views of it): read and incremented with one op each when every tensor takes
+    the kernel.
     """
     hp = dict(
         amsgrad=amsgrad,
@@ -294,7 +299,7 @@ def adam(
         _torch_path(*lists, device_step, amp, **hp)
         return
     if not rest:
-        _fused(lists, hp, device_step, amp)
+        _fused(lists, hp, device_step, amp, steps_buffer)
         return
     _torch_path(*_select(rest, lists, amsgrad), device_step, amp, **hp)
     _fused(_select(kernel_idx, lists, amsgrad), hp, device_step, amp)
@@ -381,7 +386,7 @@ def _fused_device_step(lists, hp, amp):
             torch._foreach_sub_(steps, [inf] * len(steps))
 
 
-def _fused(lists, hp, device_step, amp):
+def _fused(lists, hp, device_step, amp, steps_buffer=None):
     if device_step:
         _fused_device_step(lists, hp, amp)
         return
@@ -391,7 +396,10 @@ def _fused(lists, hp, device_step, amp):
     # up front, as torch's foreach Adam does, by one shared 0-d tensor: a Python scalar costs
     # _foreach_add_ a conversion per tensor (1.26 ms against 0.33 ms for 1,000 counters).
     steps = lists[5]
-    if (
+    if steps_buffer is not None:  # the counters are its elements: one read, one increment
+        values = steps_buffer.tolist()
+        steps_buffer.add_(1)
+    elif (
         steps
         and len(attr_set("dtype", steps)) == 1
         and len(attr_set("device", steps)) == 1

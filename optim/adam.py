@@ -76,6 +76,7 @@ _EXP_AVG = operator.itemgetter("exp_avg")
 _EXP_AVG_SQ = operator.itemgetter("exp_avg_sq")
 _MAX_EXP_AVG_SQ = operator.itemgetter("max_exp_avg_sq")
 _STEP = operator.itemgetter("step")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 class _FusedAdamStep:
@@ -111,6 +112,44 @@ class _FusedAdamStep:
             max_exp_avg_sqs.extend(map(_MAX_EXP_AVG_SQ, states))
         steps.extend(map(_STEP, states))
         return True in map(torch.is_complex, ps)
+
+    def _steps_buffer(self, group, params, steps):
+        """A 1-D tensor whose elements are ``steps`` (the host step counters of the params with
+        a gradient, in order), or None: ``adam`` then reads and increments every counter with
+        one op each instead of one per tensor (~0.6 of 2.4 ms of host time per step over 1,000
+        tensors; CPU tensors, so no synchronisation either way).
+
+        Eager mode, on the Triton path, for float 0-d CPU counters of one dtype: the first such
+        step stacks the counters into one buffer and makes every param's ``state["step"]`` a
+        0-d view of it (same values, dtype and device: torch.optim and checkpoints take them as
+        they are). Later steps check that the counters still live at the buffer's addresses,
+        with one C-level read of every counter's address: a counter replaced, assigned through
+        ``.data``, or a different set of params with gradients builds a new buffer. Values
+        written in place through the views are the buffer's own."""
+        n = len(steps)
+        if n < 2:
+            return None
+        cache = self.__dict__.setdefault("_fusedmlp_steps", {})
+        hit = cache.get(id(group))
+        if hit is not None and hit[0] is group and tuple(map(_DATA_PTR, steps)) == hit[2]:
+            return hit[1]
+        if not A.use_triton_all(params):
+            return None
+        dtypes = A.attr_set("dtype", steps)
+        if (
+            len(dtypes) != 1
+            or not next(iter(dtypes)).is_floating_point
+            or False in A.attr_set("is_cpu", steps)
+            or set(map(torch.Tensor.dim, steps)) != {0}
+        ):
+            return None
+        buffer = torch.stack(steps)
+        views = buffer.unbind(0)
+        for p, view in zip(params, views):
+            self.state[p]["step"] = view
+        steps[:] = views
+        cache[id(group)] = (group, buffer, tuple(map(_DATA_PTR, views)))
+        return buffer
 
     @_use_grad_for_differentiable
     def step(self, closure=None, *, grad_scale=None, found_inf=None):
@@ -186,6 +225,9 @@ class _FusedAdamStep:
                     if torch.compiler.is_compiling()
                     else False in A.attr_set("is_cpu", steps)
                 )
+            buffer = None
+            if not device_step and not torch.compiler.is_compiling():
+                buffer = self._steps_buffer(group, params, steps)
             A.adam(
                 params,
                 grads,
@@ -196,6 +238,7 @@ class _FusedAdamStep:
                 device_step=device_step,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                steps_buffer=buffer,
                 **hp,
             )
         return loss

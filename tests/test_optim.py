@@ -505,7 +505,7 @@ def test_checked_steps_skip_the_host_walks_until_a_tensor_changes(
     assert launches.total == 6
 
 
-@pytest.mark.parametrize("write", ["fill_", "data.fill_", "replace"])
+@pytest.mark.parametrize("write", ["fill_", "data.fill_", "data =", "replace"])
 def test_step_counters_read_every_step(triton_backend, write):
     """Adam reads its host step counters at every step: a counter written in place, through
     ``.data`` (which bumps no version counter) or replaced gives the bias corrections torch's
@@ -523,6 +523,8 @@ def test_step_counters_read_every_step(triton_backend, write):
                 state["step"].fill_(40.0)
             elif write == "data.fill_":
                 state["step"].data.fill_(40.0)
+            elif write == "data =":  # the same tensor object, other storage
+                state["step"].data = torch.tensor(40.0)
             else:
                 state["step"] = torch.tensor(40.0)
     for step in range(3, 6):
@@ -531,3 +533,36 @@ def test_step_counters_read_every_step(triton_backend, write):
         ref_opt.step()
         _assert_params(ours, ref)
     assert float(opt.state[ours[0]]["step"]) == 43.0
+
+
+def test_step_counters_share_one_buffer_and_stay_torchs(triton_backend, launches):
+    """On the Triton path the host step counters of a group become 0-d views of one buffer
+    (read and incremented with one op each). They stay torch's state: a param without a
+    gradient keeps its count, and a checkpoint moves to torch.optim.Adam and back mid-training
+    with the same results."""
+    import copy
+
+    ours = _params()
+    ref = _clone(ours)
+    opt, ref_opt = Adam(ours, lr=0.05), torch.optim.Adam(ref, lr=0.05)
+    _run(opt, ref_opt, ours, ref, steps=3)
+    steps = [opt.state[p]["step"] for p in ours]
+    base = steps[0].untyped_storage().data_ptr()
+    assert all(s.untyped_storage().data_ptr() == base and s.dim() == 0 for s in steps)
+    assert [float(s) for s in steps] == [3.0] * len(ours)
+    # a step without a gradient for param 1: its counter stays, the others' move on
+    _run(opt, ref_opt, ours, ref, steps=2, skip=lambda step: (1,))
+    assert [float(opt.state[p]["step"]) for p in ours] == [
+        float(ref_opt.state[q]["step"]) for q in ref
+    ]
+    assert float(opt.state[ours[1]]["step"]) == 3.0 and float(opt.state[ours[0]]["step"]) == 5.0
+    # fusedmlp -> torch -> fusedmlp through deep copies of the state, as checkpoints do
+    theirs = torch.optim.Adam(ours, lr=0.05)
+    theirs.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _run(theirs, ref_opt, ours, ref, steps=2)
+    back = Adam(ours, lr=0.05)
+    back.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    _run(back, ref_opt, ours, ref, steps=3)
+    assert float(back.state[ours[0]]["step"]) == 10.0
+    # two launches a step once param 1's count lags the others' (one per step value)
+    assert launches["_adam_kernel"] == 3 + 2 + 2 * 3, dict(launches)
