@@ -217,17 +217,15 @@ class _FusedAdamStep:
                 )
                 continue
             device_step = amp or bool(group["capturable"])
+            buffer = None
             if device_step:
                 _device_steps(self.state, params, steps)
-            else:  # steps moved to the device by an earlier AMP step stay there
-                device_step = (
-                    not all(s.is_cpu for s in steps)
-                    if torch.compiler.is_compiling()
-                    else False in A.attr_set("is_cpu", steps)
-                )
-            buffer = None
-            if not device_step and not torch.compiler.is_compiling():
-                buffer = self._steps_buffer(group, params, steps)
+            elif torch.compiler.is_compiling():  # counters moved to the device by AMP stay there
+                device_step = not all(s.is_cpu for s in steps)
+            else:
+                buffer = self._steps_buffer(group, params, steps)  # only over CPU counters
+                if buffer is None:
+                    device_step = False in A.attr_set("is_cpu", steps)
             A.adam(
                 params,
                 grads,
