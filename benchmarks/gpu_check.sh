@@ -15,7 +15,7 @@
 #                times of the MLP training step, and the host cost of one launch, under profile/
 #   6. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time
 #   6b. grid:    benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16, fp32)
-#   6c. tma:     benchmarks/target_grid.py --grid tma,optim: issue 3's bf16 GEMMs and a TF32
+#   6c. tma:     benchmarks/target_grid.py --grid optim,tma: issue 3's bf16 GEMMs and a TF32
 #                layer through the default kernels, the opt-in TMA one (FUSEDMLP_TMA=1) and
 #                torch; issue 7's Adam over 1,000 small tensors
 #   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
@@ -206,7 +206,7 @@ step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.jso
 # 6c. the opt-in TMA forward kernel against the default one and torch (bf16 8192^3 and
 # 16384 x 4096 x 4096, TF32 16384 x 1024 x 1024; forward and backward): whether FUSEDMLP_TMA
 # should become the default; and issue 7's Adam over 1,000 small tensors
-step tma_grid 70 "$PY" benchmarks/target_grid.py --grid tma,optim --json "$DIR/tma_grid.json" \
+step tma_grid 70 "$PY" benchmarks/target_grid.py --grid optim,tma --json "$DIR/tma_grid.json" \
   --markdown "$DIR/tma_grid.md"
 cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null
 
