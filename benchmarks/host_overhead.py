@@ -5,6 +5,7 @@
     python benchmarks/host_overhead.py --peak --batch 16384 --width 1024   (memory, not time)
     python benchmarks/host_overhead.py --ops          (host time per op, beside torch's CPU op)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
+    python benchmarks/host_overhead.py --check-direct [--tma]   (direct launches = triton's)
 
 A small MLP step (``fusedmlp bench``'s: [Linear-BN-ReLU-Dropout] x depth + Linear,
 cross-entropy, Adam) runs with CPU tensors standing in for CUDA ones and triton NOT interpreting:
@@ -157,6 +158,12 @@ def main(argv=None) -> int:
         "'tuning' picks each kernel's first configuration without timing anything)",
     )
     parser.add_argument(
+        "--tma",
+        action="store_true",
+        help="the step's forward GEMMs through the opt-in TMA kernel (FUSEDMLP_TMA=1, at every "
+        "size, TF32 matmuls)",
+    )
+    parser.add_argument(
         "--peak",
         action="store_true",
         help="instead of timing: the bytes in use at each launch of one step (glibc's mallinfo2, "
@@ -192,6 +199,11 @@ def main(argv=None) -> int:
     fusedmlp.set_backend("triton")
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.tma:
+        import fusedmlp.kernels.linear as KL
+
+        KL.TMA, KL.TMA_MIN_MACS = True, 0
+        torch.set_float32_matmul_precision("high")
     if args.ops:
         return per_op(torch)
     if args.adam_tensors:
@@ -413,6 +425,7 @@ def check_direct(L, step, calls) -> int:
     each path computed."""
     run, direct = L._run, L._direct_launch
     stats = {"launches": 0, "direct": 0}
+    kernels = set()
 
     def counted(*a):
         stats["direct"] += 1
@@ -440,13 +453,17 @@ def check_direct(L, step, calls) -> int:
         if ours != theirs:
             raise AssertionError(f"{name}: specialization differs\n{ours}\n{theirs}")
         stats["launches"] += 1
+        kernels.add(name)
 
     L._run, L._direct_launch = both, counted
     try:
         step()
     finally:
         L._run, L._direct_launch = run, direct
-    print(f"direct launch check: {stats['launches']} launches, {stats['direct']} direct, identical")
+    print(
+        f"direct launch check: {stats['launches']} launches, {stats['direct']} direct, identical "
+        f"({', '.join(sorted(kernels))})"
+    )
     return 0 if stats["launches"] and stats["direct"] == stats["launches"] else 1
 
 

@@ -278,13 +278,20 @@ def test_direct_launch_calls_the_launcher_as_triton_does(triton_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if triton_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
-    # 1 MiB of block output: the recomputing block-then-Linear path is among them
+    # 1 MiB of block output: the recomputing block-then-Linear path is among them; then the
+    # same step with the forward GEMMs on the opt-in TMA kernel (descriptor arguments)
     args = ["--batch", "4096", "--width", "64", "--depth", "2", "--check-direct"]
-    out = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
-    assert "launches, " in out.stdout and "identical" in out.stdout, out.stdout
+    for extra in ([], ["--tma"]):
+        out = subprocess.run(
+            [sys.executable, str(script), *args, *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
+        assert "launches, " in out.stdout and "identical" in out.stdout, out.stdout
+        assert ("_linear_fwd_tma_kernel" in out.stdout) == bool(extra), out.stdout
 
 
 def test_kernel_times_script_dry_run(tmp_path):
