@@ -192,7 +192,7 @@ EOF
 
 # 5. where a training step's time goes (fixed configurations: no autotuning inside the profile);
 # 65536x64: the bench's narrow step, 2.9x slower than eager in the seventh session's run 1
-step profile 60 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
+step profile 75 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
   --shapes 64x256,16384x1024,65536x64 --steps 10
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
