@@ -67,21 +67,18 @@ NARROW_LOSS_C = 1024
 NARROW_SCALE_C = 4096
 
 
-def _narrow(c: int, name: str, max_warps: int) -> triton.Config:
-    block = max(32, next_power_of_2(c))
-    return triton.Config({name: block}, num_warps=max(1, min(max_warps, block // 128)))
-
-
 _NARROW: dict = {}
 
 
 def _narrow_configs(c: int, name: str, max_warps: int) -> list:
-    """``[_narrow(c, ...)]``, the same list object per (width, kernel): ``launch`` caches its
-    autotuner and configuration lookups by the list's identity."""
-    key = (next_power_of_2(max(c, 32)), name, max_warps)
+    """The one configuration of a row of ``c`` classes, as a list that is the same object per
+    (chunk, kernel): ``launch`` caches its autotuner and configuration lookups by its identity."""
+    block = max(32, next_power_of_2(c))
+    key = (block, name, max_warps)
     hit = _NARROW.get(key)
     if hit is None:
-        hit = _NARROW[key] = [_narrow(c, name, max_warps)]
+        warps = max(1, min(max_warps, block // 128))
+        hit = _NARROW[key] = [triton.Config({name: block}, num_warps=warps)]
     return hit
 
 
