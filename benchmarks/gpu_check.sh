@@ -38,7 +38,7 @@ DIR="${1:-${OUT:-gpu-results}}"
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET=500 # seconds for all steps (the device tool: 600 s a call, 900 s a session)
+BUDGET=${GPU_CHECK_BUDGET:-500} # seconds for all steps (the device tool: 600 s a call, 900 s a session)
 START=$SECONDS
 FAILED=()
 unset TRITON_INTERPRET
