@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     if args.tma:
         import fusedmlp.kernels.linear as KL
 
-        KL.TMA, KL.TMA_MIN_MACS = True, 0
+        KL.TMA, KL.TMA_MIN_MACS, KL.TMA_MIN_WAVES = True, 0, 0
         torch.set_float32_matmul_precision("high")
     if args.ops:
         return per_op(torch)

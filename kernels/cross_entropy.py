@@ -185,8 +185,10 @@ def _ce_fwd_kernel(
                 scale = tl.load(SCALE).to(ACC)
             else:
                 scale = tl.full((), host_scale, ACC)  # 1.0 when there is no normaliser
-            coef_p = coef_p * scale
-            coef_t = coef_t * scale
+            # scale multiplies last (a product no addition consumes): PTX leaves an unfused
+            # mul.f32 feeding an add.f32 to ptxas, which fused ``e_c * scale`` into the
+            # subtraction in one specialisation (HAS_SCALE) and not the other, and the device
+            # and host normalisers must give the same bits (seen on an H100)
             for c0 in range(0, C, BLOCK_C):
                 offs = c0 + cols
                 mask = offs < C
@@ -201,9 +203,10 @@ def _ce_fwd_kernel(
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
                         w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
-                        g -= (e_c * scale) * w
+                        g -= e_c * w
                     else:
-                        g -= e_c * scale
+                        g -= e_c
+                g = g * scale
                 tl.store(g_row + offs, g.to(GRAD.dtype.element_ty), mask=mask)
     else:
         if valid:  # out-of-range target: NaN loss (the op raises on the host side)

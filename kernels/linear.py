@@ -37,12 +37,13 @@ operands only K-major, while X and W are stored with the reduction dimension out
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
 and dZ^T (16-bit types transpose in wgmma and use views).
 
-TMA forward (``_linear_fwd_tma_kernel``, opt-in: ``FUSEDMLP_TMA=1``): for large fp16/bf16 and
-TF32 GEMMs on sm_90+, the same epilogue behind a persistent loop over output tiles whose
-operands arrive by TMA (host descriptors). 16-bit operands may come in either orientation, so
-the "dz" path's dX and dW GEMMs take it too; TF32 takes K-major operands only (x [M, K] and
-W [N, K] with unit stride along K: the "dz" path's fp32 copies are). Operands TMA cannot read
-(a row stride or address not 16-byte aligned, no unit stride) keep the pointer kernel.
+TMA forward (``_linear_fwd_tma_kernel``, the default on sm_90+, ``FUSEDMLP_TMA=0`` turns it
+off): for large fp16/bf16 and TF32 GEMMs (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``), the same
+epilogue behind a persistent loop over output tiles whose operands arrive by TMA (host
+descriptors). 16-bit operands may come in either orientation, so the "dz" path's dX and dW
+GEMMs take it too; TF32 takes K-major operands only (x [M, K] and W [N, K] with unit stride
+along K: the "dz" path's fp32 copies are). Operands TMA cannot read (a row stride or address
+not 16-byte aligned, no unit stride) keep the pointer kernel.
 
 Activations are a ``tl.constexpr`` string: "none", "relu", "leaky_relu", "sigmoid", "tanh",
 "gelu" (erf form), "silu"; ``negative_slope`` is a runtime argument.
@@ -286,7 +287,7 @@ def _linear_fwd_tma_kernel(
     GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
-    """``_linear_fwd_kernel`` for operands read by TMA, persistent (opt-in: ``TMA``).
+    """``_linear_fwd_kernel`` for operands read by TMA, persistent (``TMA``, on by default).
 
     ``x_desc``: a host TMA descriptor over x [M, K] (block [BLOCK_M, BLOCK_K]), or with ``X_T``
     over its transpose's storage [K, M] (block [BLOCK_K, BLOCK_M]); ``w_desc`` likewise over
@@ -776,14 +777,20 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-# The TMA forward (``_linear_fwd_tma_kernel``): opt-in (``FUSEDMLP_TMA=1``, read once; tests set
-# the attribute) until a GPU run has checked it and timed it against the pointer kernel.
-TMA = os.environ.get("FUSEDMLP_TMA") == "1"
+# The TMA forward (``_linear_fwd_tma_kernel``): on by default on sm_90+ (``FUSEDMLP_TMA=0``
+# turns it off; read once, tests set the attribute). H100, triton 3.6 (benchmarks/RESULTS.md):
+# bf16 8192^3 forward 0.98x torch.mm against the pointer kernel's 0.80-0.90x, 16384x4096x4096
+# 0.96x against 0.83x, the TF32 16384x1024x1024 layer 1.03x the pointer kernel.
+TMA = os.environ.get("FUSEDMLP_TMA", "1") != "0"
 # From this many multiply-adds up (every dimension >= TMA_MIN_DIM): building the two
 # descriptors costs ~9 us of host time a launch (CPU stand-in), hidden behind a GEMM of 2^34
 # multiply-adds (~50 us at 700 TFLOPS) but not behind a small one.
 TMA_MIN_MACS = 2**34
 TMA_MIN_DIM = 16
+# And only when its 128 x 256 output tiles fill this many waves of the persistent programs
+# (one per SM): the TF32 backward's dW GEMM, 1024 x 1024 outputs over K = 16384, is 32 tiles
+# for 132 SMs, and ran 0.68x the pointer kernel (whose smaller tiles fill the SMs) on an H100.
+TMA_MIN_WAVES = 1
 
 
 # 128 x 256 tiles (the Triton tutorials' H100 choice for 16-bit GEMMs), autotuned over the
@@ -803,6 +810,11 @@ _TMA_INTERPRET_PROGRAMS = 3
 @functools.cache
 def _tma_capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_programs(device: torch.device) -> int:
+    """The persistent TMA kernel's programs: one per SM (3 under the interpreter)."""
+    return sm_count(device) if device.type == "cuda" else _TMA_INTERPRET_PROGRAMS
 
 
 def _tma_operand(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
@@ -833,6 +845,10 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int,
     device = x.device  # not CUDA: the interpreter
     if device.type == "cuda" and not _tma_capable(device.index if device.index is not None else 0):
         return None
+    tile = _TMA_CONFIGS[2][0].kwargs if device.type == "cuda" else _TMA_INTERPRET.kwargs
+    tiles = cdiv(M, tile["BLOCK_M"]) * cdiv(N, tile["BLOCK_N"])
+    if tiles < TMA_MIN_WAVES * _tma_programs(device):
+        return None
     xa, wa = _tma_operand(x), _tma_operand(weight)
     if xa is None or wa is None or (tf32 and (xa[1] or wa[1])):
         return None
@@ -842,8 +858,7 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int,
 def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision):
     """``linear_forward`` through ``_linear_fwd_tma_kernel`` (``operands``: ``_tma_operands``)."""
     (xv, x_t), (wv, w_t) = operands
-    device = xv.device
-    programs = sm_count(device) if device.type == "cuda" else _TMA_INTERPRET_PROGRAMS
+    programs = _tma_programs(xv.device)
     grid = lambda meta: (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
     with on_device(xv):
         launch(

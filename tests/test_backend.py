@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, ON_GPU
 
 import fusedmlp
 from fusedmlp import backend
@@ -98,8 +98,6 @@ def test_auto_uses_fallback_for_cpu_and_float64():
 
 
 def test_triton_backend_on_cpu_uses_interpreter():
-    from conftest import ON_GPU
-
     with fusedmlp.use_backend("triton"):
         if ON_GPU:  # compiled kernels: CPU tensors are refused before any launch
             with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -224,12 +222,16 @@ def test_small_problems_launch_their_small_configuration_untuned(monkeypatch):
     y = torch.empty_like(x)
     # Under the interpreter: recorded with the small configuration among the GPU ones (in a
     # record of its own: the sm_90 compile test cannot import a kernel defined in a test).
+    # Compiled launches (a GPU) record nothing: the sm_90 compile test runs on CPU machines.
     monkeypatch.setattr(L, "LAUNCHED", {})
     L.launch(_double_kernel, lambda m: (triton.cdiv(40, m["BLOCK"]),), configs=configs,
              key=("n",), small_config=small, work=40, x_ptr=x, y_ptr=y, n=40)  # fmt: skip
     torch.testing.assert_close(y, x * 2)
     recs = [r for r in L.LAUNCHED if r.name.endswith("_double_kernel")]
-    assert recs and all(small in r.gpu_configs and len(r.gpu_configs) == 3 for r in recs)
+    if ON_GPU:
+        assert not recs
+    else:
+        assert recs and all(small in r.gpu_configs and len(r.gpu_configs) == 3 for r in recs)
     # As on a GPU (the interpreted kernel stands in for the compiled one): no autotuner is
     # built or run, the small configuration's tiles are launched.
     monkeypatch.setattr(

@@ -131,13 +131,14 @@ def test_linear_every_configuration(forced, monkeypatch, path, dtype, precision)
     (torch.bfloat16, "highest"), (torch.float32, "high"),
 ], ids=["bf16", "tf32"])  # fmt: skip
 def test_linear_tma_every_configuration(forced, monkeypatch, path, dtype, precision):
-    """The opt-in TMA forward (``FUSEDMLP_TMA=1``): each configuration of its 16-bit and TF32
+    """The TMA forward (``FUSEDMLP_TMA``): each configuration of its 16-bit and TF32
     lists, for the forward and (dz path) the backward's GEMMs in every operand orientation."""
     from fusedmlp.kernels import linear as KL
 
     monkeypatch.setattr(KL, "BACKWARD_PATH", path)
     monkeypatch.setattr(KL, "TMA", True)
     monkeypatch.setattr(KL, "TMA_MIN_MACS", 0)
+    monkeypatch.setattr(KL, "TMA_MIN_WAVES", 0)
     ours, ref, _, _, xa, xb, ya, yb = _linear_run(dtype, precision, "relu", True)
     # TF32 on a GPU, torch's GEMMs too: a bf16-sized tolerance (a ReLU mask may flip where the
     # two round a pre-activation differently across 0: compare the unmasked entries)
