@@ -14,8 +14,8 @@
 # is skipped: the later ones first):
 #   4. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
 #   5. tma:      benchmarks/target_grid.py --grid optim,tma: issue 7's Adam over 1,000 small
-#                tensors; issue 3's bf16 GEMMs and a TF32 layer through the default kernels,
-#                the opt-in TMA one (FUSEDMLP_TMA=1) and torch
+#                tensors; issue 3's bf16 GEMMs and a TF32 layer through the pointer kernels,
+#                the TMA one (FUSEDMLP_TMA=1) and torch
 #   6. grid:     benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16, fp32)
 #   7. targets:  benchmarks/targets.py: each open issue's speed targets, met or not, from the JSONs
 #   8. profile:  benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
@@ -178,9 +178,9 @@ if [[ -f "$DIR/bench.json" ]]; then
   step results_md 20 "$PY" benchmarks/results_md.py "$DIR/bench.json" -o "$DIR/RESULTS.md"
 fi
 
-# 5. the opt-in TMA forward kernel against the default one and torch (bf16 8192^3 and
-# 16384 x 4096 x 4096, TF32 16384 x 1024 x 1024; forward and backward): whether FUSEDMLP_TMA
-# should become the default; and issue 7's Adam over 1,000 small tensors
+# 5. the TMA forward kernel against the pointer kernel and torch (bf16 8192^3 and
+# 16384 x 4096 x 4096, TF32 16384 x 1024 x 1024; forward and backward): where FUSEDMLP_TMA
+# should be the default; and issue 7's Adam over 1,000 small tensors
 step tma_grid 70 "$PY" benchmarks/target_grid.py --grid optim,tma --json "$DIR/tma_grid.json" \
   --markdown "$DIR/tma_grid.md"
 cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null

@@ -160,8 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tma",
         action="store_true",
-        help="the step's forward GEMMs through the opt-in TMA kernel (FUSEDMLP_TMA=1, at every "
-        "size, TF32 matmuls)",
+        help="the step's forward GEMMs through the TMA kernel (FUSEDMLP_TMA=1: TF32 too, at "
+        "every size)",
     )
     parser.add_argument(
         "--peak",
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     if args.tma:
         import fusedmlp.kernels.linear as KL
 
-        KL.TMA, KL.TMA_MIN_MACS, KL.TMA_MIN_WAVES = True, 0, 0
+        KL.TMA, KL.TMA_TF32, KL.TMA_MIN_MACS, KL.TMA_MIN_WAVES = True, True, 0, 0
         torch.set_float32_matmul_precision("high")
     if args.ops:
         return per_op(torch)

@@ -11,9 +11,9 @@ dtype, tens of seconds each).
 
 ``--grid tma``: issue 3's bf16 GEMM, linear + ReLU forward and backward at 8192^3 and
 16384 x 4096 x 4096, and the bench step's TF32 layer (16384 x 1024 x 1024, fp32 with torch's
-matmul precision "high"), through the default pointer-based kernels ("fusedmlp"), the opt-in
-TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``; it also runs the backward's two GEMMs on
-the "dz" path) and torch: whether the TMA kernel should become the default.
+matmul precision "high"), through the pointer-based kernels ("fusedmlp": ``FUSEDMLP_TMA=0``), the
+TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``, TF32 included; it also runs the
+backward's two GEMMs on the "dz" path) and torch: where the TMA kernel should be the default.
 
 ``--grid optim``: issue 7's small-tensor case, Adam over 1,000 tensors of 1,000 fp32 elements
 (>= 5x ``torch.optim.Adam(foreach=True)``), beside torch's fused Adam.
@@ -82,15 +82,15 @@ def linear_settings(tma: bool, tf32: bool):
     "high" (TF32, for fusedmlp and torch alike) when ``tf32``, for the duration."""
     from fusedmlp.kernels import linear as kernels
 
-    before = kernels.TMA, torch.get_float32_matmul_precision()
-    kernels.TMA = tma
+    before = kernels.TMA, kernels.TMA_TF32, torch.get_float32_matmul_precision()
+    kernels.TMA = kernels.TMA_TF32 = tma
     if tf32:
         torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
-        kernels.TMA = before[0]
-        torch.set_float32_matmul_precision(before[1])
+        kernels.TMA, kernels.TMA_TF32 = before[:2]
+        torch.set_float32_matmul_precision(before[2])
 
 
 # (dtype, M, N, K): issue 3's bf16 shape, a wider-batch bf16 one, and the bench step's TF32 layer

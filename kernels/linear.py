@@ -37,13 +37,13 @@ operands only K-major, while X and W are stored with the reduction dimension out
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
 and dZ^T (16-bit types transpose in wgmma and use views).
 
-TMA forward (``_linear_fwd_tma_kernel``, the default on sm_90+, ``FUSEDMLP_TMA=0`` turns it
-off): for large fp16/bf16 and TF32 GEMMs (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``), the same
-epilogue behind a persistent loop over output tiles whose operands arrive by TMA (host
-descriptors). 16-bit operands may come in either orientation, so the "dz" path's dX and dW
-GEMMs take it too; TF32 takes K-major operands only (x [M, K] and W [N, K] with unit stride
-along K: the "dz" path's fp32 copies are). Operands TMA cannot read (a row stride or address
-not 16-byte aligned, no unit stride) keep the pointer kernel.
+TMA forward (``_linear_fwd_tma_kernel``; ``TMA``: fp16/bf16 by default on sm_90+, TF32 opt-in):
+for large GEMMs (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``), the same epilogue behind a persistent
+loop over output tiles whose operands arrive by TMA (host descriptors). 16-bit operands may come
+in either orientation, so the "dz" path's dX and dW GEMMs take it too; TF32 takes K-major
+operands only (x [M, K] and W [N, K] with unit stride along K: the "dz" path's fp32 copies
+are). Operands TMA cannot read (a row stride or address not 16-byte aligned, no unit stride)
+keep the pointer kernel.
 
 Activations are a ``tl.constexpr`` string: "none", "relu", "leaky_relu", "sigmoid", "tanh",
 "gelu" (erf form), "silu"; ``negative_slope`` is a runtime argument.
@@ -777,11 +777,14 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-# The TMA forward (``_linear_fwd_tma_kernel``): on by default on sm_90+ (``FUSEDMLP_TMA=0``
-# turns it off; read once, tests set the attribute). H100, triton 3.6 (benchmarks/RESULTS.md):
-# bf16 8192^3 forward 0.98x torch.mm against the pointer kernel's 0.80-0.90x, 16384x4096x4096
-# 0.96x against 0.83x, the TF32 16384x1024x1024 layer 1.03x the pointer kernel.
-TMA = os.environ.get("FUSEDMLP_TMA", "1") != "0"
+# The TMA forward (``_linear_fwd_tma_kernel``), read once (tests set the attributes): 16-bit
+# GEMMs take it by default on sm_90+ (``FUSEDMLP_TMA=0`` turns it off), TF32 ones only with
+# ``FUSEDMLP_TMA=1``. Two H100 runs, triton 3.6 (benchmarks/RESULTS.md): bf16 8192^3 forward
+# 1.22x and 1.14x the pointer kernel (0.98x and 0.91x torch.mm), 16384x4096x4096 1.15x and
+# 1.13x; the TF32 16384x1024x1024 layer 1.03x in one run and 0.80x in the other.
+_TMA_ENV = os.environ.get("FUSEDMLP_TMA", "")
+TMA = _TMA_ENV != "0"
+TMA_TF32 = _TMA_ENV == "1"
 # From this many multiply-adds up (every dimension >= TMA_MIN_DIM): building the two
 # descriptors costs ~9 us of host time a launch (CPU stand-in), hidden behind a GEMM of 2^34
 # multiply-adds (~50 us at 700 TFLOPS) but not behind a small one.
@@ -838,7 +841,7 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int,
     if not TMA:
         return None
     tf32 = x.dtype == torch.float32 and precision == "tf32"
-    if not (tf32 or x.dtype in (torch.float16, torch.bfloat16)):
+    if not ((tf32 and TMA_TF32) or x.dtype in (torch.float16, torch.bfloat16)):
         return None
     if min(M, N, K) < TMA_MIN_DIM or M * N * K < TMA_MIN_MACS:
         return None

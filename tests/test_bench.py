@@ -279,7 +279,7 @@ def test_direct_launch_calls_the_launcher_as_triton_does(triton_path):
     if triton_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
     # 1 MiB of block output: the recomputing block-then-Linear path is among them; then the
-    # same step with the forward GEMMs on the opt-in TMA kernel (descriptor arguments)
+    # same step with the forward GEMMs on the TMA kernel (descriptor arguments)
     args = ["--batch", "4096", "--width", "64", "--depth", "2", "--check-direct"]
     for extra in ([], ["--tma"]):
         out = subprocess.run(
@@ -375,7 +375,7 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
 
     assert verdict("linear fwd bf16 8192^3 (fusedmlp) ") == ("0.82x", "not met")
     assert verdict("linear fwd bf16 8192^3 (fusedmlp TMA)") == ("0.94x", "**met**")
-    assert verdict("(TMA vs default kernels) linear fwd") == ("1.06x", "**met**")
+    assert verdict("(TMA vs pointer kernels) linear fwd") == ("1.06x", "**met**")
     assert verdict("linear bwd bf16 8192^3 (fusedmlp) ") == ("0.94x", "**met**")
     assert verdict("linear + ReLU fwd") == ("-", "not measured")
     assert verdict("batch norm fwd+bwd 64K x 1024: >= 80%") == ("79.9%", "not met")

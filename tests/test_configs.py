@@ -137,6 +137,7 @@ def test_linear_tma_every_configuration(forced, monkeypatch, path, dtype, precis
 
     monkeypatch.setattr(KL, "BACKWARD_PATH", path)
     monkeypatch.setattr(KL, "TMA", True)
+    monkeypatch.setattr(KL, "TMA_TF32", True)
     monkeypatch.setattr(KL, "TMA_MIN_MACS", 0)
     monkeypatch.setattr(KL, "TMA_MIN_WAVES", 0)
     ours, ref, _, _, xa, xb, ya, yb = _linear_run(dtype, precision, "relu", True)

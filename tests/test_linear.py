@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, ON_GPU, assert_close
 
 from fusedmlp.autograd.linear import ACTIVATIONS, apply_activation_torch
 from fusedmlp.functional import linear
@@ -328,6 +328,7 @@ def tma(monkeypatch):
     from fusedmlp.kernels import linear as kernels
 
     monkeypatch.setattr(kernels, "TMA", True)
+    monkeypatch.setattr(kernels, "TMA_TF32", True)
     monkeypatch.setattr(kernels, "TMA_MIN_MACS", 0)
     monkeypatch.setattr(kernels, "TMA_MIN_WAVES", 0)
 
@@ -427,21 +428,41 @@ def test_tma_launch_configurations_share_the_block_shape():
 
 def test_tma_forward_needs_a_wave_of_output_tiles(triton_backend, launches, monkeypatch):
     # The persistent kernel runs one program per SM: fewer output tiles than programs (the
-    # TF32 dW GEMM's 1024 x 1024 outputs on an H100) keep the pointer kernel. Under the
-    # interpreter: 3 programs, 16 x 32 tiles.
+    # TF32 dW GEMM's 1024 x 1024 outputs on an H100) keep the pointer kernel. Here 3 programs,
+    # and the device's tiles (128 x 256 on a GPU, 16 x 32 under the interpreter).
     from fusedmlp.kernels import linear as kernels
 
     monkeypatch.setattr(kernels, "TMA", True)
     monkeypatch.setattr(kernels, "TMA_MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "_tma_programs", lambda device: 3)
     assert kernels.TMA_MIN_WAVES == 1
+    tile = (kernels._TMA_CONFIGS[2][0] if ON_GPU else kernels._TMA_INTERPRET).kwargs
+    bm, bn = tile["BLOCK_M"], tile["BLOCK_N"]
     g = torch.Generator().manual_seed(5)
-    w = _t(32, 24, gen=g, dtype=torch.float16)
-    for m, kernel in ((32, FWD), (48, TMA)):  # 2 tiles, then 3
+    w = _t(bn, 24, gen=g, dtype=torch.float16)
+    for m, kernel in ((2 * bm, FWD), (3 * bm, TMA)):  # 2 tiles, then 3
         x = _t(m, 24, gen=g, dtype=torch.float16)
         launches.clear()
         y = linear(x, w, None, "relu")
         assert launches[kernel] == 1 and launches.total == 1, (m, dict(launches))
         assert_close(y, torch.relu(x.float() @ w.float().t()).half(), dtype=torch.float16)
+
+
+def test_tma_forward_takes_tf32_only_when_asked(triton_backend, launches, tma, tf32, monkeypatch):
+    # FUSEDMLP_TMA unset: 16-bit GEMMs only (TF32 through TMA was 1.03x and 0.80x the pointer
+    # kernel in two H100 runs); FUSEDMLP_TMA=1 adds TF32
+    from fusedmlp.kernels import linear as kernels
+
+    g = torch.Generator().manual_seed(6)
+    x, w = _t(40, 48, gen=g), _t(56, 48, gen=g)
+    for opt_in, kernel in ((False, FWD), (True, TMA)):
+        monkeypatch.setattr(kernels, "TMA_TF32", opt_in)
+        launches.clear()
+        linear(x, w, None, "relu")
+        assert launches[kernel] == 1 and launches.total == 1, (opt_in, dict(launches))
+    launches.clear()
+    linear(x.half(), w.half(), None, "relu")
+    assert launches[TMA] == 1, dict(launches)
 
 
 @pytest.fixture
