@@ -129,6 +129,19 @@ def skip_tuning() -> None:
     Autotuner._bench = lambda self, *a, **k: [1.0, 1.0, 1.0]
 
 
+def print_profile(fn, steps: int, top: int) -> int:
+    """cProfile of ``steps`` calls of ``fn``: the ``top`` functions by own and by total time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [fn() for _ in range(steps)])
+    stats = pstats.Stats(prof).strip_dirs()
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -144,6 +157,11 @@ def main(argv=None) -> int:
         default=0,
         metavar="T",
         help="instead of the MLP step: fusedmlp.optim.Adam's step over T tensors of 1000 elements",
+    )
+    parser.add_argument(
+        "--sgd",
+        action="store_true",
+        help="with --adam-tensors: fusedmlp.optim.SGD (momentum 0.9) instead of Adam",
     )
     parser.add_argument(
         "--check-direct",
@@ -210,16 +228,22 @@ def main(argv=None) -> int:
         params = [torch.randn(1000, requires_grad=True) for _ in range(args.adam_tensors)]
         for p in params:
             p.grad = torch.randn_like(p)
-        adam = fo.Adam(params, lr=1e-3)
+        if args.sgd:
+            adam = fo.SGD(params, lr=1e-3, momentum=0.9)
+        else:
+            adam = fo.Adam(params, lr=1e-3)
         for _ in range(3):
             adam.step()
         if args.check_direct:
             return check_direct(L, adam.step, calls)
+        if args.cprofile:
+            return print_profile(adam.step, args.steps, args.cprofile)
         start = time.perf_counter()
         for _ in range(args.steps):
             adam.step()
         per_step = (time.perf_counter() - start) / args.steps
-        print(f"Adam over {args.adam_tensors} tensors: {per_step * 1e6:.0f} us/step (host)")
+        name = "SGD (momentum 0.9)" if args.sgd else "Adam"
+        print(f"{name} over {args.adam_tensors} tensors: {per_step * 1e6:.0f} us/step (host)")
         return 0
     x = torch.randn(args.batch, args.width)
     y = torch.randint(0, 10, (args.batch,))
@@ -268,14 +292,7 @@ def main(argv=None) -> int:
         L.DIRECT_LAUNCH = True
     print(f"triton {triton.__version__}, torch {torch.__version__}; compile {compile_s:.1f} s")
     if args.cprofile:
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.runcall(lambda: [step() for _ in range(args.steps)])
-        stats = pstats.Stats(prof).strip_dirs()
-        stats.sort_stats("tottime").print_stats(args.cprofile)
-        stats.sort_stats("cumulative").print_stats(args.cprofile)
+        print_profile(step, args.steps, args.cprofile)
     n = max(launches, 1)
     print(
         f"batch {args.batch} width {args.width} depth {args.depth}, {launches:.0f} launches/step: "
