@@ -360,7 +360,7 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
     ]
     ce = [
         row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "fusedmlp", 1.094,
-            pct_bw=97.9, bytes=3 * 2 * 16384 * 32768, peak_mem_mb=2048),
+            pct_bw=97.9, bytes=3 * 2 * 16384 * 32768, peak_mem_mb=2048.1875),
         row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "torch", 2.582),
     ]  # fmt: skip
     for name, rows in (("bench.json", bench), ("tma_grid.json", tma), ("target_grid.json", ce)):
@@ -381,7 +381,9 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
     assert verdict("batch norm fwd+bwd 64K x 1024: >= 80%") == ("79.9%", "not met")
     assert verdict("batch norm fwd+bwd 64K x 1024 vs") == ("1.73x", "**met**")
     assert verdict("cross-entropy M=16384 C=32768 bf16 vs") == ("2.36x", "not met")
-    assert verdict("cross-entropy M=16384 C=32768 bf16: extra") == ("1024 MB", "**met**")
+    # the peak less the logits and the 128 KiB of targets: the gradient buffer and 64 KiB of
+    # row losses, over the logits' size
+    assert verdict("cross-entropy M=16384 C=32768 bf16: extra") == ("1024.06 MB", "not met")
     assert verdict("Adam vs torch fused") == ("0.83x", "not met")
     assert verdict("Adam vs torch foreach") == ("2.11x", "not met")
     assert verdict("Adam over 1,000") == ("-", "not measured")
