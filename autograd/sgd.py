@@ -11,6 +11,9 @@ default; torch's own fused SGD leaves the buffer uninitialised in that case).
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
+
 import torch
 from torch import Tensor
 
@@ -156,8 +159,9 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
     partitions: dict = {}
     shared = one_device_and_dtype(params) if len(indices) == len(params) else None
     if shared is not None and (
-        not use_momentum or all(map(torch.is_tensor, momentum_buffer_list))
+        not use_momentum or True not in map(operator.is_, momentum_buffer_list, repeat(None))
     ):  # one partition, every buffer present (the common case): no per-tensor grouping
+        # (a C-level identity walk: torch.is_tensor is a Python call per tensor)
         partitions[(*shared, False)] = None
     else:
         for i in indices:
