@@ -229,18 +229,18 @@ def main(argv=None) -> int:
         for p in params:
             p.grad = torch.randn_like(p)
         if args.sgd:
-            adam = fo.SGD(params, lr=1e-3, momentum=0.9)
+            opt = fo.SGD(params, lr=1e-3, momentum=0.9)
         else:
-            adam = fo.Adam(params, lr=1e-3)
+            opt = fo.Adam(params, lr=1e-3)
         for _ in range(3):
-            adam.step()
+            opt.step()
         if args.check_direct:
-            return check_direct(L, adam.step, calls)
+            return check_direct(L, opt.step, calls)
         if args.cprofile:
-            return print_profile(adam.step, args.steps, args.cprofile)
+            return print_profile(opt.step, args.steps, args.cprofile)
         start = time.perf_counter()
         for _ in range(args.steps):
-            adam.step()
+            opt.step()
         per_step = (time.perf_counter() - start) / args.steps
         name = "SGD (momentum 0.9)" if args.sgd else "Adam"
         print(f"{name} over {args.adam_tensors} tensors: {per_step * 1e6:.0f} us/step (host)")
