@@ -1,11 +1,15 @@
 """Batch normalization: custom ops, the autograd Function and the backend dispatch.
 
 Custom ops (names prefixed ``batchnorm_``):
-- ``fusedmlp::batchnorm_fwd``  (functional) -> y, mean, invstd, unbiased var
+- ``fusedmlp::batchnorm_fwd`` -> y, mean, invstd, unbiased var; in eager mode it also updates
+  the running statistics it is given as ``update_mean``/``update_var`` (the statistics kernel
+  does it: one launch less per training forward), the only tensors it mutates
 - ``fusedmlp::batchnorm_bwd``  (functional) -> dx, dweight, dbias
 - ``fusedmlp::batchnorm_update_running`` mutates ``running_mean``/``running_var`` in place, no
   autograd (torch refuses autograd formulas on mutating ops); called after the differentiable
-  op with the batch statistics it returned.
+  op with the batch statistics it returned, where that op did not update them: in traced
+  graphs (``torch.compile`` keeps the differentiable op free of input mutations) and for
+  non-contiguous running statistics.
 
 ``batch_norm`` has ``torch.nn.functional.batch_norm``'s signature and semantics; the torch
 backend is ``F.batch_norm`` itself.
@@ -30,7 +34,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@custom_op("fusedmlp::batchnorm_fwd", mutates_args=())
+@custom_op("fusedmlp::batchnorm_fwd", mutates_args=("update_mean", "update_var"))
 def _batchnorm_fwd(
     x: Tensor,
     weight: Tensor | None,
@@ -39,14 +43,52 @@ def _batchnorm_fwd(
     running_var: Tensor | None,
     training: bool,
     eps: float,
+    update_mean: Tensor | None,
+    update_var: Tensor | None,
+    momentum: float,
+    num_batches_tracked: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, invstd, var)``; ``running_mean``/``running_var`` are read in eval mode.
+    ``update_mean``/``update_var`` (training, contiguous, or both None): the running statistics
+    to update in place with ``momentum`` (``num_batches_tracked``: cumulative average)."""
     from ..kernels import batchnorm as K
 
-    return K.batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+    running = running_arg(update_mean, update_var, momentum, num_batches_tracked)
+    return K.batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, running)
+
+
+def running_arg(update_mean, update_var, momentum, num_batches_tracked) -> tuple | None:
+    """The kernels' ``running`` argument from a forward op's update arguments."""
+    if update_mean is None:
+        return None
+    return update_mean, update_var, momentum, num_batches_tracked
+
+
+# The update arguments of a forward op that updates nothing.
+NO_UPDATE = (None, None, 0.0, None)
+
+
+def forward_update(training: bool, running_mean, running_var, momentum, num_batches_tracked):
+    """The forward op's update arguments ``(update_mean, update_var, momentum,
+    num_batches_tracked)``: the running statistics when the op updates them itself (training
+    with tracked, contiguous running statistics, in eager mode), else ``NO_UPDATE`` (first
+    element None: tested so, as dynamo may rebuild the tuple), and the caller runs
+    ``batchnorm_update_running``. A traced graph keeps that separate op, outside
+    the autograd Function: the differentiable op mutates none of its inputs there."""
+    if (
+        training
+        and running_mean is not None
+        and running_var is not None
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+        and not torch.compiler.is_compiling()
+    ):
+        return running_mean, running_var, float(momentum), num_batches_tracked
+    return NO_UPDATE
 
 
 @_batchnorm_fwd.register_fake
-def _(x, weight, bias, running_mean, running_var, training, eps):
+def _(x, weight, bias, running_mean, running_var, training, eps, *update):
     n = x.shape[1] if training else 0
     stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
     return (torch.empty_like(x), *stats)
@@ -126,12 +168,13 @@ batchnorm_update_running = caller(_batchnorm_update_running)
 
 class BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x); also returns the batch mean and unbiased variance (non-differentiable,
-    empty in eval mode) for the running-statistics update."""
+    empty in eval mode) for the running-statistics update. ``update``: the forward op's
+    ``(update_mean, update_var, momentum, num_batches_tracked)`` (``NO_UPDATE``: none)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, update):
         y, mean, invstd, var = _batchnorm_fwd_call(
-            x, weight, bias, running_mean, running_var, training, eps
+            x, weight, bias, running_mean, running_var, training, eps, *update
         )
         if training:
             ctx.save_for_backward(x, weight, mean, invstd)
@@ -150,7 +193,7 @@ class BatchNormFunction(torch.autograd.Function):
     @once_differentiable("batch_norm")
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:
-            return (None,) * 7
+            return (None,) * 8
         x, weight, mean, stat = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
@@ -158,7 +201,7 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dw, db = _batchnorm_bwd_call(
                 dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
             )
-        return affine_grads(ctx, dx, dw, db, 7)
+        return affine_grads(ctx, dx, dw, db, 8)
 
 
 def affine_grads(ctx, dx, dw, db, n_inputs: int) -> tuple:
@@ -305,6 +348,7 @@ def _batch_norm(
     x = input
     if x.dim() > 4:  # BatchNorm3d-like: fold the trailing spatial dims (a view when it can)
         x = x.flatten(3)
+    update = forward_update(training, running_mean, running_var, momentum, num_batches_tracked)
     y, mean, var = BatchNormFunction.apply(
         x,
         weight,
@@ -313,8 +357,9 @@ def _batch_norm(
         None if training else running_var,
         bool(training),
         float(eps),
+        update,
     )
-    if training and running_mean is not None:
+    if training and running_mean is not None and update[0] is None:
         batchnorm_update_running(
             running_mean, running_var, mean, var, float(momentum), num_batches_tracked
         )

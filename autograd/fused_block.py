@@ -4,8 +4,9 @@ Three blocks (kernels in ``fusedmlp.kernels.fused_block``):
 
 - ``bn_act_dropout``: ``dropout(act(batch_norm(x)))`` with the batch statistics (training
   mode). Triton path: the batch-norm op's statistics kernels, then ONE pass for normalise +
-  affine + activation + dropout; the running statistics are updated by the batch-norm op's own
-  mutating custom op (``fusedmlp::batchnorm_update_running``). Saved for backward: x, mean,
+  affine + activation + dropout; in eager mode the statistics kernel also updates the running
+  statistics (``fused_block_fwd`` mutates them), in traced graphs the batch-norm op's own
+  mutating custom op does (``fusedmlp::batchnorm_update_running``). Saved for backward: x, mean,
   invstd, the BN parameters and the one-element seed; the pre-activation is recomputed from x in
   the backward (which reads x anyway for the BN reductions), so no BN output, activation output
   or mask is stored. The backward never writes the BN output's gradient to memory: two passes
@@ -38,12 +39,15 @@ from ._custom_op import caller, custom_op
 from ._once import once_differentiable
 from .batchnorm import (
     _FLOATS,
+    NO_UPDATE,
     _acc_dtype,
     affine_grads,
     batchnorm_update_running,
     check_input_dtype,
     check_params,
+    forward_update,
     grads_or_empty,
+    running_arg,
     torch_batch_norm,
 )
 from .dropout import _check_p, _seed
@@ -63,7 +67,7 @@ def saves_output(activation: str, negative_slope: float) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@custom_op("fusedmlp::fused_block_fwd", mutates_args=())
+@custom_op("fusedmlp::fused_block_fwd", mutates_args=("update_mean", "update_var"))
 def _fused_block_fwd(
     x: Tensor,
     weight: Tensor | None,
@@ -74,10 +78,15 @@ def _fused_block_fwd(
     p: float,
     activation: str,
     negative_slope: float,
+    update_mean: Tensor | None,
+    update_var: Tensor | None,
+    momentum: float,
+    num_batches_tracked: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, mean, invstd, var)``: out = dropout(act(bn(x))) (``normalize``, x ``[N, C]``) or
     dropout(act(x)) (x ``[..., C]``); seed None = no dropout. Statistics empty without
-    ``normalize``."""
+    ``normalize``. ``update_mean``/``update_var`` (with ``normalize``; contiguous, or both
+    None): running statistics updated in place as ``batchnorm_fwd`` does."""
     from ..kernels import fused_block as K
 
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -93,12 +102,13 @@ def _fused_block_fwd(
         activation,
         negative_slope,
         out=out.view(-1, C),
+        running=running_arg(update_mean, update_var, momentum, num_batches_tracked),
     )
     return out, mean, invstd, var
 
 
 @_fused_block_fwd.register_fake
-def _(x, weight, bias, seed, normalize, eps, p, activation, negative_slope):
+def _(x, weight, bias, seed, normalize, eps, p, activation, negative_slope, *update):
     n = x.shape[-1] if normalize else 0
     stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device), *stats)
@@ -250,13 +260,14 @@ def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int) 
 
 class BNActDropoutFunction(torch.autograd.Function):
     """``out = dropout(act(batch_norm(x)))`` with batch statistics; also returns the batch mean
-    and unbiased variance (non-differentiable) for the running-statistics update.
+    and unbiased variance (non-differentiable) for the running-statistics update, where
+    ``update`` (``fused_block_fwd``'s update arguments) did not ask the forward for it.
     Saves x, weight, bias, mean, invstd, seed (the pre-activation is recomputed from x)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seed, eps, p, activation, negative_slope):
+    def forward(ctx, x, weight, bias, seed, eps, p, activation, negative_slope, update):
         out, mean, invstd, var = _fused_block_fwd_call(
-            x, weight, bias, seed, True, eps, p, activation, negative_slope
+            x, weight, bias, seed, True, eps, p, activation, negative_slope, *update
         )
         ctx.save_for_backward(x, weight, bias, mean, invstd, seed)
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
@@ -271,10 +282,10 @@ class BNActDropoutFunction(torch.autograd.Function):
     @once_differentiable("batch_norm + activation + dropout")
     def backward(ctx, dout, _dmean, _dvar):
         if dout is None:
-            return (None,) * 8
+            return (None,) * 9
         if not any(ctx.needs_input_grad[:3]):
-            return (None,) * 8
-        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=8)
+            return (None,) * 9
+        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=9)
 
 
 class BNActDropoutLinearFunction(torch.autograd.Function):
@@ -290,10 +301,11 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, seed, lin_weight, lin_bias, eps, p, activation, negative_slope
-    ):
+        ctx, x, weight, bias, seed, lin_weight, lin_bias, eps, p, activation, negative_slope,
+        update,
+    ):  # fmt: skip
         out, mean, invstd, var = _fused_block_fwd_call(
-            x, weight, bias, seed, True, eps, p, activation, negative_slope
+            x, weight, bias, seed, True, eps, p, activation, negative_slope, *update
         )
         y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
         del out  # freed here: the backward recomputes it
@@ -309,7 +321,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     @once_differentiable("batch_norm + activation + dropout + linear")
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:
-            return (None,) * 10
+            return (None,) * 11
         x, weight, bias, mean, invstd, seed, lin_weight = ctx.saved_tensors
         need_dx, need_dw, need_db, _, need_dlw, need_dlb = ctx.needs_input_grad[:6]
         need_dlb = need_dlb and ctx.has_lin_bias
@@ -357,6 +369,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -367,7 +380,7 @@ class ActDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, seed, p, activation, negative_slope):
         out, _, _, _ = _fused_block_fwd_call(
-            z, None, None, seed, False, 0.0, p, activation, negative_slope
+            z, None, None, seed, False, 0.0, p, activation, negative_slope, *NO_UPDATE
         )
         saved = out if saves_output(activation, negative_slope) else z
         ctx.save_for_backward(saved, seed)
@@ -455,10 +468,12 @@ def bn_act_dropout(
         return F.dropout(y, p, True) if p > 0.0 else y
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     seed = _seed(input, None) if p > 0.0 else None
+    update = forward_update(True, running_mean, running_var, momentum, num_batches_tracked)
     out, mean, var = BNActDropoutFunction.apply(
-        input, weight, bias, seed, eps, p, act, float(negative_slope)
-    )
-    if running_mean is not None:
+        input, weight, bias, seed, eps, p, act, float(negative_slope),
+        update,
+    )  # fmt: skip
+    if running_mean is not None and update[0] is None:
         batchnorm_update_running(
             running_mean, running_var, mean, var, float(momentum), num_batches_tracked
         )
@@ -493,10 +508,12 @@ def bn_act_dropout_linear(
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     _validate(input, lin_weight, lin_bias, 0.0)  # the block's output: input's shape and dtype
     seed = _seed(input, None) if p > 0.0 else None
+    update = forward_update(True, running_mean, running_var, momentum, num_batches_tracked)
     y, mean, var = BNActDropoutLinearFunction.apply(
-        input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope)
-    )
-    if running_mean is not None:
+        input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope),
+        update,
+    )  # fmt: skip
+    if running_mean is not None and update[0] is None:
         batchnorm_update_running(
             running_mean, running_var, mean, var, float(momentum), num_batches_tracked
         )

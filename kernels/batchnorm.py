@@ -10,9 +10,11 @@ Computation type ("acc"): fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (gradche
 Parameters (weight, bias) and running statistics may be fp32 with fp16/bf16 inputs.
 
 Kernels (launches per call, training, everything tracked):
-    forward   ``_bn_stats_partial_kernel`` -> ``_bn_stats_final_kernel`` -> ``_bn_forward_kernel``
-              (+ ``_bn_update_running_kernel``, a separate in-place op); with a single split
-              (small batches) the partial kernel writes the final statistics itself
+    forward   ``_bn_stats_partial_kernel`` -> ``_bn_stats_final_kernel`` -> ``_bn_forward_kernel``;
+              with a single split (small batches) the partial kernel writes the final
+              statistics itself. The kernel that writes them also updates the running
+              statistics in eager mode; traced graphs (and non-contiguous running statistics)
+              update them with ``_bn_update_running_kernel``, a separate in-place op.
     backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_final_kernel`` -> ``_bn_backward_dx_kernel``
               (with a single split, the reduction writes the merged sums and dweight/dbias)
 Eval mode (running statistics) is one forward launch; its backward is one launch for dx
@@ -61,6 +63,9 @@ def _bn_stats_partial_kernel(
     pmean_ptr,
     pm2_ptr,
     var_ptr,
+    rmean_ptr,
+    rvar_ptr,
+    nbt_ptr,
     R,
     C,
     S,
@@ -71,7 +76,11 @@ def _bn_stats_partial_kernel(
     sxW,
     rows_per_split,
     eps,
+    momentum,
+    momentum_lo,
     FINAL: tl.constexpr,
+    UPDATE: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -83,7 +92,9 @@ def _bn_stats_partial_kernel(
     ``mean = K + S1 / n``, ``M2 = S2 - S1^2 / n``. x: any strides; pmean, pm2: ``[n_split, C]``.
     ``FINAL`` (one split: these are all the rows): the final statistics instead, as
     ``_bn_stats_final_kernel`` writes them: mean to pmean, invstd to pm2, the unbiased variance
-    to var (``[C]`` each), without the merge launch.
+    to var (``[C]`` each), without the merge launch; with ``UPDATE`` (only with ``FINAL``) it
+    also updates the running statistics in place, as ``_bn_update_running_kernel`` (rmean,
+    rvar: ``[C]`` contiguous; nbt, momentum, momentum_lo, CUMULATIVE: that kernel's).
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_c = tl.program_id(0)
@@ -121,9 +132,15 @@ def _bn_stats_partial_kernel(
     # statistics (tl.maximum would return the 0)
     m2 = tl.where(m2 < 0.0, 0.0, m2)
     if FINAL:
+        var = m2 / (R * 1.0 - 1.0)
         tl.store(pmean_ptr + c, mean, mask=cmask)
         tl.store(pm2_ptr + c, _invstd(m2, R, eps, FP64, BLOCK_C), mask=cmask)
-        tl.store(var_ptr + c, m2 / (R * 1.0 - 1.0), mask=cmask)
+        tl.store(var_ptr + c, var, mask=cmask)
+        if UPDATE:
+            _update_running(
+                rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, var, momentum, momentum_lo,
+                CUMULATIVE, FP64, BLOCK_C,
+            )  # fmt: skip
     else:
         out = pid_s * C + c
         tl.store(pmean_ptr + out, mean, mask=cmask)
@@ -148,11 +165,18 @@ def _bn_stats_final_kernel(
     mean_ptr,
     invstd_ptr,
     var_ptr,
+    rmean_ptr,
+    rvar_ptr,
+    nbt_ptr,
     R,
     C,
     n_split,
     rows_per_split,
     eps,
+    momentum,
+    momentum_lo,
+    UPDATE: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -160,6 +184,7 @@ def _bn_stats_final_kernel(
     """Merge the splits in a fixed order (blocks of ``BLOCK_S`` splits, Chan et al.): the mean,
     ``invstd = 1 / sqrt(M2 / R + eps)`` and the unbiased variance ``M2 / (R - 1)`` (for the
     running estimate). pmean, pm2: ``[n_split, C]``; mean, invstd, var: ``[C]``, acc type.
+    ``UPDATE``: the running statistics too, as in ``_bn_stats_partial_kernel``.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_c = tl.program_id(0)
@@ -189,9 +214,15 @@ def _bn_stats_final_kernel(
         mean = mean + delta * frac
         m2 = m2 + m2_b + delta * delta * n_a * frac
         n_a = n_ab
+    var = m2 / (R * 1.0 - 1.0)
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(invstd_ptr + c, _invstd(m2, R, eps, FP64, BLOCK_C), mask=cmask)
-    tl.store(var_ptr + c, m2 / (R * 1.0 - 1.0), mask=cmask)
+    tl.store(var_ptr + c, var, mask=cmask)
+    if UPDATE:
+        _update_running(
+            rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, var, momentum, momentum_lo,
+            CUMULATIVE, FP64, BLOCK_C,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -286,12 +317,36 @@ def _bn_update_running_kernel(
     A float argument reaches a kernel as fp32: for float64 statistics ``momentum_lo`` carries
     the rest (``momentum + momentum_lo`` is the float64 value to ~2^-48), as torch's double.
     """
-    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
     var = tl.load(var_ptr + c, mask=cmask, other=0.0)
+    _update_running(
+        rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, var, momentum, momentum_lo, CUMULATIVE,
+        FP64, BLOCK_C,
+    )  # fmt: skip
+
+
+@triton.jit
+def _update_running(
+    rmean_ptr,
+    rvar_ptr,
+    nbt_ptr,
+    c,
+    cmask,
+    mean,
+    var,
+    momentum,
+    momentum_lo,
+    CUMULATIVE: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``running = f * batch + (1 - f) * running`` for channels ``c`` (``[BLOCK_C]``, masked by
+    ``cmask``) from the batch ``mean`` and unbiased ``var`` (acc type); see
+    ``_bn_update_running_kernel`` for f."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     if CUMULATIVE:
         if FP64:
             f = 1.0 / (tl.load(nbt_ptr).to(tl.float64) + tl.zeros([BLOCK_C], tl.float64))
@@ -615,14 +670,27 @@ def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous().view(-1)
 
 
+def _no_update(mean: torch.Tensor, var: torch.Tensor) -> dict:
+    """The running-update arguments of a statistics kernel that updates nothing (placeholder
+    pointers, never read without ``UPDATE``)."""
+    return dict(
+        rmean_ptr=mean, rvar_ptr=var, nbt_ptr=mean, momentum=0.0, momentum_lo=0.0,
+        UPDATE=False, CUMULATIVE=False,
+    )  # fmt: skip
+
+
 def batch_norm_stats(
-    x: torch.Tensor, eps: float
+    x: torch.Tensor, eps: float, running: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel batch statistics of ``x`` ([N, C], [N, C, L], [N, C, H, W]; any strides).
 
     Returns ``(mean, invstd, var)``, each ``[C]`` in the acc type: ``invstd = 1 / sqrt(biased
     var + eps)`` and ``var`` the unbiased variance (for the running estimate). Two launches:
     the split partials, then their merge; one when a single split holds every row.
+
+    ``running``: ``(running_mean, running_var, momentum, num_batches_tracked)`` to update in
+    place by the launch that writes the final statistics, as ``batch_norm_update_running``
+    (same arithmetic, same bits) without its launch; the running tensors ``[C]`` contiguous.
     """
     R, C, S, W = _geometry(x)
     acc = _acc_dtype(x)
@@ -633,6 +701,20 @@ def batch_norm_stats(
     final = n_split == 1  # one split holds every row: final statistics, no merge launch
     pmean = mean if final else torch.empty((n_split, C), device=x.device, dtype=acc)
     pm2 = invstd if final else torch.empty((n_split, C), device=x.device, dtype=acc)
+    if running is not None:
+        rm, rv, momentum, nbt = running
+        hi = _fp32(float(momentum))
+        update = dict(
+            rmean_ptr=rm,
+            rvar_ptr=rv,
+            nbt_ptr=nbt if nbt is not None else mean,
+            momentum=hi,
+            momentum_lo=float(momentum) - hi,
+            UPDATE=True,
+            CUMULATIVE=nbt is not None,
+        )
+    else:
+        update = _no_update(mean, var)
     launch(
         _bn_stats_partial_kernel,
         lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
@@ -640,6 +722,8 @@ def batch_norm_stats(
         small_config=_TILE_CONFIGS[0],
         work=R * C * S,
         key=["C", "S", "rows_per_split"],
+        # the update is in place: tuning runs every configuration on the same running stats
+        restore_value=["rmean_ptr", "rvar_ptr"],
         interpret_config=_interpret_tile(R, C),
         x_ptr=x,
         pmean_ptr=pmean,
@@ -654,6 +738,7 @@ def batch_norm_stats(
         eps=float(eps),
         FINAL=final,
         FP64=acc == torch.float64,
+        **(update if final else _no_update(mean, var)),
     )
     if final:
         return mean, invstd, var
@@ -673,6 +758,7 @@ def batch_norm_stats(
         rows_per_split=rows,
         eps=float(eps),
         FP64=acc == torch.float64,
+        **update,
     )
     return mean, invstd, var
 
@@ -685,6 +771,7 @@ def batch_norm_forward(
     running_var: torch.Tensor | None,
     training: bool,
     eps: float,
+    running: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch normalization forward.
 
@@ -694,7 +781,8 @@ def batch_norm_forward(
     Returns ``(y, mean, invstd, var)``: y like x (``empty_like``: channels_last is kept);
     in training ``mean``, ``invstd`` (saved for backward) and the unbiased ``var`` (for the
     running estimate) are [C] in the acc type (fp32, fp64 for fp64 input); in eval they are
-    empty (the backward reads the running statistics).
+    empty (the backward reads the running statistics). ``running`` (training only):
+    ``batch_norm_stats``'s in-place update of the running statistics.
     """
     R, C, S, W = _geometry(x)
     acc = _acc_dtype(x)
@@ -702,7 +790,7 @@ def batch_norm_forward(
     y = torch.empty_like(x)
     with on_device(x):
         if training:
-            mean, invstd, var = batch_norm_stats(x, eps)
+            mean, invstd, var = batch_norm_stats(x, eps, running)
             stat = invstd
         else:
             mean, stat = _vec(running_mean), _vec(running_var)

@@ -16,6 +16,7 @@ FWD = "_bn_forward_kernel"
 STATS = "_bn_stats_partial_kernel"
 DX = "_bn_backward_dx_kernel"
 UPDATE = "_bn_update_running_kernel"
+MERGE = "_bn_stats_final_kernel"
 
 
 def _expect(launches, backend, *kernels):
@@ -89,7 +90,9 @@ def test_batchnorm1d_matches_torch_over_steps(backend, launches, mode, affine, t
     if backend == "triton":
         uses_batch_stats = mode == "train" or not track
         assert (launches[STATS] > 0) == uses_batch_stats
-        assert (launches[UPDATE] > 0) == (mode == "train" and track)
+        # in eager mode the statistics kernel updates the running statistics (compared with
+        # torch's above): no launch of the separate update kernel
+        assert launches[UPDATE] == 0
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -121,7 +124,7 @@ def test_batchnorm1d_3d_input(backend, launches):
     ref.eval()
     x = torch.randn(4, 3, 9, device=DEVICE)
     _compare_modules(ours, ref, x, torch.randn_like(x))
-    _expect(launches, backend, FWD, STATS, DX, UPDATE)
+    _expect(launches, backend, FWD, STATS, DX)
 
 
 def test_non_contiguous_inputs_and_expanded_grad(backend, launches):
@@ -178,7 +181,9 @@ def test_lecture_example(backend, launches):
     # the running estimates moved 10% of the way towards the batch statistics
     assert_close(bn.running_mean, 0.1 * x.mean(0))
     assert_close(bn.running_var, 0.9 + 0.1 * x.var(0))
-    _expect(launches, backend, FWD, STATS, UPDATE)
+    # 400 rows: several splits, merged by the kernel that then updates the running statistics
+    _expect(launches, backend, FWD, STATS, MERGE)
+    assert launches[UPDATE] == 0
 
 
 def test_large_offset_is_stable(backend, launches):
@@ -420,11 +425,16 @@ def test_custom_ops_opcheck():
     x = torch.randn(6, 3, device=DEVICE)
     w, b = torch.rand(3, device=DEVICE), torch.randn(3, device=DEVICE)
     with fusedmlp.use_backend("triton"):
-        torch.library.opcheck(
-            torch.ops.fusedmlp.batchnorm_fwd.default, (x, w, b, None, None, True, 1e-5),
-            test_utils=("test_schema", "test_faketensor"),
-        )  # fmt: skip
-        y, mean, invstd, var = torch.ops.fusedmlp.batchnorm_fwd(x, w, b, None, None, True, 1e-5)
+        no_update = (None, None, 0.0, None)
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        for update in (no_update, (rm, rv, 0.1, None)):
+            torch.library.opcheck(
+                torch.ops.fusedmlp.batchnorm_fwd.default, (x, w, b, None, None, True, 1e-5, *update),
+                test_utils=("test_schema", "test_faketensor"),
+            )  # fmt: skip
+        y, mean, invstd, var = torch.ops.fusedmlp.batchnorm_fwd(
+            x, w, b, None, None, True, 1e-5, *no_update
+        )
         torch.library.opcheck(
             torch.ops.fusedmlp.batchnorm_bwd.default,
             (torch.randn_like(x), x, w, mean, invstd, True, 1e-5, True, True, True),
@@ -437,17 +447,28 @@ def test_custom_ops_opcheck():
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("rows", [16, 200])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_float64_running_statistics_to_float64_precision(triton_backend, launches, momentum):
+def test_float64_running_statistics_to_float64_precision(
+    triton_backend, launches, momentum, rows, contiguous
+):
     # A float kernel argument arrives as fp32: the update must still use momentum as a double
-    # (0.1 is not 0.100000001490116...), as torch does for float64 statistics.
+    # (0.1 is not 0.100000001490116...), as torch does for float64 statistics. Done by the
+    # statistics kernel (16 rows: one split) or by the merge of the splits (200 rows), or, for
+    # non-contiguous running statistics, by the separate update kernel.
     ours = BatchNorm1d(5, momentum=momentum, device=DEVICE, dtype=torch.float64)
     ref = torch.nn.BatchNorm1d(5, momentum=momentum, device=DEVICE, dtype=torch.float64)
+    if not contiguous:
+        for name in ("running_mean", "running_var"):
+            strided = torch.empty(10, device=DEVICE, dtype=torch.float64)[::2]
+            ours.register_buffer(name, strided.copy_(getattr(ours, name)))
     g = torch.Generator().manual_seed(7)
     for _ in range(3):
-        x = (torch.randn(16, 5, generator=g, dtype=torch.float64) * 3 + 2).to(DEVICE)
+        x = (torch.randn(rows, 5, generator=g, dtype=torch.float64) * 3 + 2).to(DEVICE)
         ours(x)
         ref(x)
     torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=1e-13)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=1e-12)
-    assert launches[UPDATE] == 3
+    assert launches[UPDATE] == (0 if contiguous else 3)
+    assert (launches[MERGE] > 0) == (rows == 200)

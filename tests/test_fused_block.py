@@ -13,6 +13,7 @@ import torch
 from conftest import DEVICE, assert_close
 
 import fusedmlp
+from fusedmlp.autograd.batchnorm import NO_UPDATE
 from fusedmlp.autograd.fused_block import (
     ActDropoutFunction,
     BNActDropoutFunction,
@@ -100,6 +101,8 @@ def test_bn_block_p0_equals_torch_chain(backend, launches, n, c, act):
         assert launched["_fused_bwd_reduce_kernel"] == 1
         assert launched["_fused_bwd_dx_kernel"] == 1
         assert "_bn_forward_kernel" not in launched and "_dropout_kernel" not in launched
+        # the running statistics (compared above) came from the statistics kernel
+        assert "_bn_update_running_kernel" not in launched
     else:
         assert launches.total == 0
 
@@ -177,6 +180,7 @@ def test_bn_block_strided_input_and_momentum_none(triton_backend, launches):
         torch.manual_seed(4)
         ref = torch.nn.Sequential(ref_bn, torch.nn.Tanh(), Dropout(0.2))(x)
     assert launches["_fused_fwd_kernel"] == 2
+    assert "_bn_update_running_kernel" not in launches  # the cumulative average in-kernel too
     assert_close(out, ref)
     assert_close(bn.running_mean, ref_bn.running_mean)
     assert_close(bn.running_var, ref_bn.running_var)
@@ -215,7 +219,7 @@ def test_bn_block_gradcheck_float64(triton_backend, p):
     seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE) if p else None
 
     def f(x, w, b):
-        return BNActDropoutFunction.apply(x, w, b, seed, 1e-5, p, "tanh", 0.01)[0]
+        return BNActDropoutFunction.apply(x, w, b, seed, 1e-5, p, "tanh", 0.01, NO_UPDATE)[0]
 
     assert (f(x, w, b) == 0).any() == (p > 0)  # the mask does drop something
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5)
@@ -268,6 +272,7 @@ def test_bn_block_then_linear_equals_the_unfused_chain(
     out_ref, grads_ref = _run(unfused, x, 5)
     # one fused pass forward, its recomputation for the second Linear's dW in backward
     assert launched["_fused_fwd_kernel"] == 2
+    assert "_bn_update_running_kernel" not in launched  # the statistics kernel updates them
     # the same kernels on the same values: equal to the bit, masks included
     assert torch.equal(out, out_ref)
     for g, g_ref in zip(grads, grads_ref):
@@ -347,7 +352,9 @@ def test_bn_block_linear_gradcheck_float64(triton_backend, p):
     seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE) if p else None
 
     def f(x, w, b, lw, lb):
-        return BNActDropoutLinearFunction.apply(x, w, b, seed, lw, lb, 1e-5, p, "tanh", 0.01)[0]
+        return BNActDropoutLinearFunction.apply(
+            x, w, b, seed, lw, lb, 1e-5, p, "tanh", 0.01, NO_UPDATE
+        )[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b, lw, lb), eps=1e-6, atol=1e-5)
 
