@@ -44,6 +44,14 @@ _increment_version = torch.autograd.graph.increment_version
 _CALLERS: dict = {}
 
 
+def plain_eager() -> bool:
+    """No compilation, torch-function or torch-dispatch mode, or functorch transform active:
+    the mode half of ``fast_eager``, for callers that checked their tensors themselves."""
+    return not (
+        _is_compiling() or _dispatch_stack_len() or _function_mode_enabled() or _functorch_active()
+    )
+
+
 def fast_eager(*args) -> bool:
     """Whether a custom op over ``args`` may run its implementation directly (plain eager mode).
 
@@ -53,7 +61,7 @@ def fast_eager(*args) -> bool:
     ``torch.Tensor`` or ``nn.Parameter`` (no other subclass: FakeTensor, FunctionalTensor, DTensor, ...), and no tensor
     requires grad while grad mode is on (the dispatcher's autograd wrapper would then differ).
     """
-    if _is_compiling() or _dispatch_stack_len() or _function_mode_enabled() or _functorch_active():
+    if not plain_eager():
         return False
     grad = _grad_enabled()
     for a in args:
@@ -120,4 +128,4 @@ def caller(op) -> Callable:
     return _CALLERS[op]
 
 
-__all__ = ["caller", "custom_op", "fast_eager"]
+__all__ = ["caller", "custom_op", "fast_eager", "plain_eager"]

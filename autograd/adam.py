@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..backend import get_backend, use_triton, use_triton_all
-from ._custom_op import caller, custom_op
+from ._custom_op import caller, custom_op, plain_eager
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_DTYPE_SET = frozenset(_KERNEL_DTYPES)
@@ -40,6 +40,8 @@ _STRIDED = {torch.strided}
 # step over hundreds of tensors).
 _GETTERS = {a: operator.attrgetter(a) for a in ("dtype", "device", "layout", "is_cpu")}
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_increment_version = torch.autograd.graph.increment_version
 
 
 def attr_set(name: str, tensors) -> set:
@@ -419,18 +421,82 @@ def _fused(lists, hp, device_step, amp, steps_buffer=None):
         for i, (p, step) in enumerate(zip(params, values)):
             groups.setdefault((p.device, p.dtype, step), []).append(i)
     scalars, flags = _hyper(hp)
-    beta1, beta2, lr = hp["beta1"], hp["beta2"], hp["lr"]
     for (_, _, step), idx in groups.items():
         if idx is None:
             tensors = (*lists[:4], lists[4] if hp["amsgrad"] else [])
         else:
             tensors = _select(idx, lists, hp["amsgrad"])[:5]
-        t = step + 1.0
-        bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
-        _adam_step(
-            *tensors, *scalars, float(lr / bias_correction1), float(bias_correction2**0.5), *flags
-        )
+        _adam_step(*tensors, *scalars, *_bias_corrections(hp, step), *flags)
+
+
+def _bias_corrections(hp, step: float) -> tuple[float, float]:
+    """``(lr / (1 - beta1^t), sqrt(1 - beta2^t))`` for the step after ``step``, in float64."""
+    t = step + 1.0
+    return float(hp["lr"] / (1 - hp["beta1"] ** t)), float((1 - hp["beta2"] ** t) ** 0.5)
+
+
+def planned_check(arrays: list, op: str):
+    """For a step plan (``fusedmlp.optim._plan``), after a full step over ``arrays`` (kernel
+    ``op``'s lists, "adam" or "sgd": params, grads, then the state): their multi-tensor check
+    when the next
+    steps may skip it (every tensor on the Triton kernel, one device and dtype, contiguous
+    params with their gradients and state in the params' strides), else None."""
+    params, grads = arrays[0], arrays[1]
+    kernel_idx, rest = kernel_partition(params, grads)
+    if rest or one_device_and_dtype(params) is None:
+        return None
+    from ..kernels import adam as KA
+    from ..kernels import sgd as KS
+    from ..kernels.multi_tensor import check
+
+    checked = check(arrays, (KA if op == "adam" else KS).ARRAY_NAMES)
+    return checked if checked is not None and checked.plain else None
+
+
+def adam_planned(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps_buffer, checked, grad_ptrs, **hp
+) -> bool:
+    """A planned group's step (``fusedmlp.optim._plan`` verified the lists against
+    ``checked``, ``planned_check``'s result; ``grad_ptrs`` the gradients' addresses):
+    ``adam``'s fused path with host step counters (``steps_buffer``'s elements), without its
+    partition tests and the kernel's check.
+    False, with nothing changed, where that path does not apply: the counters differ
+    (a partition per step), a dispatch or function mode is active, or grad mode is on."""
+    if _grad_enabled() or not plain_eager():
+        return False
+    values = steps_buffer.tolist()
+    step = values[0]
+    if values.count(step) != len(values):
+        return False
+    amsgrad = hp["amsgrad"]
+    vmax = max_exp_avg_sqs if amsgrad else []
+    for mutated in (params, exp_avgs, exp_avg_sqs, vmax):  # as the custom op's eager path
+        _increment_version(mutated)
+    steps_buffer.add_(1)
+    (lr, beta1, beta2, eps, weight_decay), (_, maximize, decoupled) = _hyper(hp)
+    step_size, bias_correction2_sqrt = _bias_corrections(hp, step)
+    from ..kernels import adam as K
+
+    K.adam_step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        vmax,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step_size=step_size,
+        bias_correction2_sqrt=bias_correction2_sqrt,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled,
+        checked=checked,
+        grad_ptrs=grad_ptrs,
+    )
+    return True
 
 
 __all__ = [
@@ -439,10 +505,12 @@ __all__ = [
     "adam",
     "adam_multi_tensor_step",
     "adam_multi_tensor_step_device",
+    "adam_planned",
     "amp_on",
     "attr_set",
     "call_torch",
     "kernel_partition",
     "one_device_and_dtype",
+    "planned_check",
     "unscale_and_check",
 ]

@@ -17,7 +17,7 @@ from itertools import repeat
 import torch
 from torch import Tensor
 
-from ._custom_op import caller, custom_op
+from ._custom_op import caller, custom_op, plain_eager
 from .adam import (
     _fused_ok,
     _no_output,
@@ -28,6 +28,8 @@ from .adam import (
     one_device_and_dtype,
     unscale_and_check,
 )
+
+_increment_version = torch.autograd.graph.increment_version
 
 
 @custom_op("fusedmlp::sgd_multi_tensor_step", mutates_args=("params", "grads", "momentum_buffers"))
@@ -214,4 +216,35 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
         )
 
 
-__all__ = ["sgd", "sgd_multi_tensor_step"]
+def sgd_planned(params, grads, momentum_buffers, checked, grad_ptrs, **hp) -> bool:
+    """A planned group's step (``fusedmlp.optim._plan`` verified the lists against
+    ``checked``, ``adam.planned_check``'s result; every momentum buffer exists; ``grad_ptrs``
+    the gradients' addresses): ``sgd``'s one-partition kernel launch without its partition
+    tests and the kernel's check. False, with nothing changed, when a dispatch or function
+    mode is active or grad mode is on."""
+    if torch.is_grad_enabled() or not plain_eager():
+        return False
+    use_momentum = hp["momentum"] != 0
+    bufs = momentum_buffers if use_momentum else []
+    for mutated in (params, grads, bufs):  # as the custom op's eager path
+        _increment_version(mutated)
+    from ..kernels import sgd as K
+
+    K.sgd_step(
+        params,
+        grads,
+        bufs,
+        lr=float(hp["lr"]),
+        momentum=float(hp["momentum"]),
+        dampening=float(hp["dampening"]),
+        weight_decay=float(hp["weight_decay"]),
+        nesterov=bool(hp["nesterov"]),
+        maximize=bool(hp["maximize"]),
+        first_step=False,
+        checked=checked,
+        grad_ptrs=grad_ptrs,
+    )
+    return True
+
+
+__all__ = ["sgd", "sgd_multi_tensor_step", "sgd_planned"]

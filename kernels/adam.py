@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    Checked,
     amp_scalar,
     block_of,
     cached,
@@ -154,6 +155,10 @@ def log_beta(beta: float) -> float:
 # ----------------------------------------------------------------------------- launcher
 
 
+# The kernel's arrays, in order (``multi_tensor.check`` names them in its errors).
+ARRAY_NAMES = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
+
+
 def adam_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -174,6 +179,8 @@ def adam_step(
     state_steps: list[torch.Tensor] | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    checked: Checked | None = None,
+    grad_ptrs: tuple | None = None,
 ) -> None:
     """One in-place Adam/AdamW step over n tensors of one device and dtype, in one launch.
 
@@ -187,7 +194,10 @@ def adam_step(
     ``state_steps`` holds n one-element float32 tensors on the params' device, already
     incremented for this step; the kernel reads them and ignores ``step_size`` and
     ``bias_correction2_sqrt``. ``grad_scale``/``found_inf``: GradScaler's one-element tensors
-    (module docstring), read in-kernel.
+    (module docstring), read in-kernel. ``checked``: what ``multi_tensor.check`` returned for
+    these very arrays at an earlier step, plain, when the caller verified since that nothing
+    it depends on changed (``fusedmlp.optim._plan``): the check is skipped; ``grad_ptrs``:
+    the gradients' addresses when the caller read them.
     """
     device_step = state_steps is not None
     if device_step and len(state_steps) != len(params):
@@ -196,8 +206,8 @@ def adam_step(
             f"expected {len(params)}"
         )
     arrays = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
-    checked = check(arrays, names)
+    if checked is None:
+        checked = check(arrays, ARRAY_NAMES)
     if checked is not None and not checked.plain and not all(map(torch.Tensor.numel, params)):
         # drop empty tensors (and their step counters)
         keep = [i for i, p in enumerate(params) if p.numel() > 0]
@@ -210,6 +220,7 @@ def adam_step(
         grad_scale,
         found_inf,
         checked=checked,
+        grad_ptrs=grad_ptrs,
         extra=lambda addrs, ref: {
             "steps": step_table(state_steps, ref.device) if device_step else addrs
         },
@@ -232,4 +243,4 @@ def adam_step(
     )
 
 
-__all__ = ["adam_step", "amp_scalar", "step_table", "tables"]
+__all__ = ["ARRAY_NAMES", "adam_step", "amp_scalar", "step_table", "tables"]

@@ -272,29 +272,38 @@ class Checked(NamedTuple):
 
 class _CheckedCall:
     """A checked call, for the next ones (``_CHECK_CACHE``, keyed by the addresses of every
-    tensor but the gradients): weak references to those tensors (the same objects, still
-    alive), the gradients' dtype, shapes and strides (fresh tensors at every step when
-    ``zero_grad`` sets them to None; their addresses may change), and the last ``tables`` of a
-    plain call by chunk size with the gradient addresses they hold."""
+    tensor but the gradients): the params' ids and weak references to the state tensors (the
+    same objects, still alive), the gradients' dtype, shapes and strides (fresh tensors at
+    every step when ``zero_grad`` sets them to None; their addresses may change), and the last
+    ``tables`` of a plain call by chunk size with the gradient addresses they hold.
+
+    Params get no weak reference: ``torch.utils.swap_tensors`` (``nn.Module.to()`` under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``) refuses a tensor that has
+    one. A param object gone and another at its id and address is not told apart; its
+    gradients' dtype, shapes and strides still are checked."""
 
     __slots__ = (
-        "lengths", "others", "refs", "dtype", "grad_shapes", "grad_strides", "plain", "tables",
+        "lengths", "others", "param_ids", "refs", "dtype", "grad_shapes", "grad_strides",
+        "plain", "tables",
     )  # fmt: skip
 
     def __init__(self, arrays, lengths: tuple, others: tuple):
         grads = arrays[1] if len(arrays) > 1 else []
         self.lengths, self.others = lengths, others
-        self.refs = list(map(_REF, _others(arrays)))
+        self.param_ids = list(map(id, arrays[0]))
+        self.refs = list(map(_REF, chain(*arrays[2:])))
         self.dtype = arrays[0][0].dtype
         self.grad_shapes = list(map(_SIZE, grads))
         self.grad_strides = list(map(_STRIDE, grads))
         self.plain = _plain(arrays)
         self.tables: dict = {}
 
-    def tables_for(self, arrays, chunk: int):
+    def tables_for(self, arrays, chunk: int, grad_ptrs: tuple | None = None):
         """``tables(arrays, chunk)`` for this call's own (plain) arrays: the last ones while the
-        gradients stay at the same addresses (no lookup keyed by every address)."""
-        grad_ptrs = tuple(map(_DATA_PTR, arrays[1])) if len(arrays) > 1 else ()
+        gradients stay at the same addresses (no lookup keyed by every address).
+        ``grad_ptrs``: the gradients' addresses, when the caller read them already."""
+        if grad_ptrs is None:
+            grad_ptrs = tuple(map(_DATA_PTR, arrays[1])) if len(arrays) > 1 else ()
         last = self.tables.get(chunk)
         if last is not None and last[0] == grad_ptrs:
             return last[1]
@@ -312,7 +321,8 @@ def _others(arrays):
 def _same_call(arrays, hit: _CheckedCall) -> bool:
     grads = arrays[1] if len(arrays) > 1 else []
     return (
-        all(map(operator.is_, map(_DEREF, hit.refs), _others(arrays)))
+        list(map(id, arrays[0])) == hit.param_ids
+        and all(map(operator.is_, map(_DEREF, hit.refs), chain(*arrays[2:])))
         and set(map(_DTYPE, grads)) <= {hit.dtype}
         and list(map(_SIZE, grads)) == hit.grad_shapes
         and list(map(_STRIDE, grads)) == hit.grad_strides
@@ -381,12 +391,20 @@ def config_for(kernel) -> triton.Config:
 
 
 def launch_step(
-    kernel, arrays, grad_scale, found_inf, extra=None, checked: Checked | None = None, **kwargs
+    kernel,
+    arrays,
+    grad_scale,
+    found_inf,
+    extra=None,
+    checked: Checked | None = None,
+    grad_ptrs: tuple | None = None,
+    **kwargs,
 ) -> None:
     """One launch of the multi-tensor optimizer ``kernel`` over ``arrays`` (K checked lists of n
     non-empty tensors, params and grads first): staged by ``prepare`` (grads mutated only with
     ``grad_scale``), walked through ``tables``, contiguous stand-ins copied back afterwards.
-    ``checked``: what ``check`` returned for exactly these ``arrays``.
+    ``checked``: what ``check`` returned for exactly these ``arrays``; ``grad_ptrs``: the
+    gradients' addresses, when the caller read them already.
 
     Fills the protocol's arguments (``addrs``, ``meta``, ``ref``, ``grad_scale``, ``found_inf``,
     ``n_tensors``, ``HAS_SCALE``, ``HAS_INF``, ``ALIGNED``); ``kwargs`` are the kernel's own and
@@ -401,7 +419,7 @@ def launch_step(
     config = config_for(kernel).kwargs
     chunk = config["BLOCK"] * config["ITERS"]
     if plain:  # the checked call's own tensors
-        addrs, meta, n_chunks, aligned = checked.call.tables_for(arrays, chunk)
+        addrs, meta, n_chunks, aligned = checked.call.tables_for(arrays, chunk, grad_ptrs)
     else:
         addrs, meta, n_chunks, aligned = tables(arrays, chunk)
     if extra is not None:

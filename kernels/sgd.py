@@ -19,7 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import block_of, check, chunk_of, launch_step, load_param_grad, runs, tensor_ptr
+from .multi_tensor import (
+    Checked,
+    block_of,
+    check,
+    chunk_of,
+    launch_step,
+    load_param_grad,
+    runs,
+    tensor_ptr,
+)
 
 
 @triton.jit(do_not_specialize=["n_tensors", "first_step"])
@@ -76,6 +85,10 @@ def _sgd_kernel(
                 tl.store(p_ptr + offs, (p - lr * g).to(dtype), mask=lmask)
 
 
+# The kernel's arrays, in order (``multi_tensor.check`` names them in its errors).
+ARRAY_NAMES = ["params", "grads", "momentum_buffers"]
+
+
 def sgd_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -90,6 +103,8 @@ def sgd_step(
     first_step: bool,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    checked: Checked | None = None,
+    grad_ptrs: tuple | None = None,
 ) -> None:
     """One in-place SGD step over n tensors of one device and dtype, in one launch.
 
@@ -97,16 +112,19 @@ def sgd_step(
     is read (and overwritten with the unscaled gradient when ``grad_scale`` is given). With
     ``first_step`` the buffers are written (not read): buf = grad, as torch. ``grad_scale`` /
     ``found_inf``: GradScaler's one-element tensors (module docstring), read in-kernel.
+    ``checked``, ``grad_ptrs``: as ``kernels.adam.adam_step``'s (a step plan's).
     """
     use_momentum = momentum != 0
     arrays = [params, grads] + ([momentum_buffers] if use_momentum else [])
-    checked = check(arrays, ["params", "grads", "momentum_buffers"])
+    if checked is None:
+        checked = check(arrays, ARRAY_NAMES)
     launch_step(
         _sgd_kernel,
         arrays,
         grad_scale,
         found_inf,
         checked=checked,
+        grad_ptrs=grad_ptrs,
         lr=float(lr),
         momentum=float(momentum),
         one_minus_dampening=float(1.0 - dampening),
@@ -119,4 +137,4 @@ def sgd_step(
     )
 
 
-__all__ = ["sgd_step"]
+__all__ = ["ARRAY_NAMES", "sgd_step"]

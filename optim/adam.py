@@ -36,6 +36,7 @@ import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..autograd import adam as A
+from . import _plan
 
 
 def _torch_group(group) -> bool:
@@ -177,22 +178,17 @@ class _FusedAdamStep:
             with torch.enable_grad():
                 loss = closure()
 
+        # A step plan (fusedmlp.optim._plan) applies in eager mode without AMP tensors. Plans
+        # are recorded once every group's state exists (a plan checks the whole state).
+        plannable = not amp and not torch.compiler.is_compiling()
+        to_plan = []
         for group in self.param_groups:
+            hp = self._hyper(group)
+            if plannable and self._planned_step(group, hp):
+                continue
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
             has_complex = self._init_group(
                 group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
-            )
-            beta1, beta2 = group["betas"]
-            hp = dict(
-                amsgrad=group["amsgrad"],
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                decoupled_weight_decay=group.get("decoupled_weight_decay", False)
-                or isinstance(self, torch.optim.AdamW),
             )
             if _torch_group(group):
                 fused = bool(group["fused"])
@@ -239,7 +235,82 @@ class _FusedAdamStep:
                 steps_buffer=buffer,
                 **hp,
             )
+            if plannable:
+                lists = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+                to_plan.append((group, buffer, params, grads, *lists))
+        for args in to_plan:
+            self._plan(*args)
         return loss
+
+    def _hyper(self, group) -> dict:
+        """The group's hyperparameters as ``A.adam`` takes them (read at every step: LR
+        schedulers and users change them between steps)."""
+        beta1, beta2 = group["betas"]
+        return dict(
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False)
+            or isinstance(self, torch.optim.AdamW),
+        )
+
+    def _planned_step(self, group, hp) -> bool:
+        """The group's step through its plan (``fusedmlp.optim._plan``): True when it ran."""
+        if group["capturable"] or _torch_group(group):
+            return False
+        found = _plan.hit(self, group, _plan_keys(group))
+        if found is None:
+            return False
+        plan, params, grads, lists, grad_ptrs = found
+        buffer, checked = plan.extra
+        vmax = lists[2] if group["amsgrad"] else []
+        return A.adam_planned(
+            params, grads, lists[0], lists[1], vmax, buffer, checked, grad_ptrs, **hp
+        )
+
+    def _plan(self, group, buffer, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        """After a full step of ``group`` (eager, no AMP): record its plan when the next steps
+        may take it (host step counters in one buffer, all equal, every param with a gradient,
+        the common kernel path), else drop any earlier one."""
+        checked = None
+        if (
+            buffer is not None
+            and _all_equal(buffer.tolist())
+            and not group["capturable"]
+            and not _torch_group(group)
+            and len(params) == len(group["params"])
+        ):
+            amsgrad = group["amsgrad"]
+            arrays = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+            checked = A.planned_check(arrays, "adam")
+        if checked is None:
+            _plan.forget(self, group)
+            return
+        # steps: the buffer's views (``_steps_buffer`` put them in the state and the list)
+        lists = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else []) + [steps]
+        _plan.record(self, group, _plan_keys(group), params, lists, (buffer, checked))
+
+    def __setstate__(self, state):
+        # load_state_dict (and unpickling) replace the state: no plan or counter buffer may
+        # keep the old state tensors alive
+        _plan.forget_all(self)
+        self.__dict__.pop("_fusedmlp_steps", None)
+        super().__setstate__(state)
+
+
+def _all_equal(values: list) -> bool:
+    return values.count(values[0]) == len(values)
+
+
+def _plan_keys(group) -> tuple:
+    """The state entries a planned step reads, in ``_plan.hit``'s ``lists`` order."""
+    if group["amsgrad"]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+    return ("exp_avg", "exp_avg_sq", "step")
 
 
 class Adam(_FusedAdamStep, torch.optim.Adam):

@@ -28,6 +28,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..autograd import adam as A
 from ..autograd import sgd as S
+from . import _plan
 from .adam import _GRAD, _IS_SPARSE, amp_tensors
 
 _MOMENTUM_BUFFER = operator.methodcaller("get", "momentum_buffer")
@@ -75,11 +76,11 @@ class SGD(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
 
+        # Step plans (fusedmlp.optim._plan), as Adam's: eager mode, no AMP tensors; recorded
+        # once every group's state exists.
+        plannable = not amp and not torch.compiler.is_compiling()
+        to_plan = []
         for group in self.param_groups:
-            params, grads, bufs = [], [], []
-            has_sparse_grad = self._init_group(group, params, grads, bufs)
-            # The step creates the buffers that do not exist yet; the state gets them after it.
-            created = True in map(operator.is_, bufs, repeat(None))
             hp = dict(
                 weight_decay=group["weight_decay"],
                 momentum=group["momentum"],
@@ -88,12 +89,13 @@ class SGD(torch.optim.SGD):
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
             )
-            if (
-                group.get("fused")
-                or group.get("differentiable")
-                or torch.is_tensor(group["lr"])
-                or torch.is_tensor(group["weight_decay"])
-            ):
+            if plannable and not _torch_group(group) and self._planned_step(group, hp):
+                continue
+            params, grads, bufs = [], [], []
+            has_sparse_grad = self._init_group(group, params, grads, bufs)
+            # The step creates the buffers that do not exist yet; the state gets them after it.
+            created = True in map(operator.is_, bufs, repeat(None))
+            if _torch_group(group):
                 fused = bool(group.get("fused"))
                 if amp and not fused and not A.unscale_and_check(grads, grad_scale, found_inf):
                     continue  # torch's non-fused algorithm: GradScaler's own skip
@@ -111,11 +113,59 @@ class SGD(torch.optim.SGD):
                 )
             else:
                 S.sgd(params, grads, bufs, grad_scale=grad_scale, found_inf=found_inf, **hp)
+                if plannable and not has_sparse_grad and len(params) == len(group["params"]):
+                    to_plan.append((group, params, grads, bufs))
+                elif plannable:
+                    _plan.forget(self, group)
 
             if group["momentum"] != 0 and (created or torch.compiler.is_compiling()):
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf
+        for group, params, grads, bufs in to_plan:
+            self._plan(group, params, grads, bufs)
         return loss
+
+    def _planned_step(self, group, hp) -> bool:
+        """The group's step through its plan (``fusedmlp.optim._plan``): True when it ran."""
+        found = _plan.hit(self, group, _plan_keys(group))
+        if found is None:
+            return False
+        plan, params, grads, lists, grad_ptrs = found
+        bufs = lists[0] if lists else []
+        return S.sgd_planned(params, grads, bufs, plan.extra, grad_ptrs, **hp)
+
+    def _plan(self, group, params, grads, bufs):
+        """After a full kernel step of ``group`` (eager, no AMP, every param with a gradient):
+        record its plan when the next steps may take it (the common kernel path), else drop
+        any earlier one."""
+        momentum = group["momentum"] != 0
+        arrays = [params, grads] + ([bufs] if momentum else [])
+        checked = A.planned_check(arrays, "sgd")
+        if checked is None:
+            _plan.forget(self, group)
+            return
+        _plan.record(self, group, _plan_keys(group), params, arrays[2:], checked)
+
+    def __setstate__(self, state):
+        # load_state_dict (and unpickling) replace the state: no plan may keep the old state
+        # tensors alive
+        _plan.forget_all(self)
+        super().__setstate__(state)
+
+
+def _torch_group(group) -> bool:
+    """Whether a group asks for something only torch's implementation provides."""
+    return bool(
+        group.get("fused")
+        or group.get("differentiable")
+        or torch.is_tensor(group["lr"])
+        or torch.is_tensor(group["weight_decay"])
+    )
+
+
+def _plan_keys(group) -> tuple:
+    """The state entries a planned step reads: the momentum buffers (none without momentum)."""
+    return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
 
 __all__ = ["SGD"]

@@ -566,3 +566,177 @@ def test_step_counters_share_one_buffer_and_stay_torchs(triton_backend, launches
     assert float(back.state[ours[0]]["step"]) == 10.0
     # two launches a step once param 1's count lags the others' (one per step value)
     assert launches["_adam_kernel"] == 3 + 2 + 2 * 3, dict(launches)
+
+
+def _count_plans(monkeypatch):
+    """Wrap ``_plan.hit``: the list of its results, True where a step took its plan."""
+    from fusedmlp.optim import _plan
+
+    taken = []
+    monkeypatch.setattr(
+        _plan, "hit", lambda *a, _f=_plan.hit: taken.append(_f(*a)) or taken[-1]
+    )  # fmt: skip
+    return taken
+
+
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs", ADAM_CASES[:4], ids=[f"{c[0].__name__}-{c[2]}" for c in ADAM_CASES[:4]]
+)
+def test_step_plans_match_torch_with_fresh_grads_and_a_scheduler(
+    triton_backend, launches, monkeypatch, cls, ref_cls, kwargs
+):
+    """After a group's first step, its steps take the plan (fusedmlp.optim._plan: no state
+    lookups by Python hash, no multi-tensor check), with fresh gradient tensors every step and
+    an LR scheduler changing lr: still torch's numbers, one launch per group and step."""
+    from fusedmlp.kernels import multi_tensor as M
+
+    taken = _count_plans(monkeypatch)
+    walks = []
+    monkeypatch.setattr(M, "_check", lambda *a, _f=M._check: walks.append(1) or _f(*a))
+    ours = _params()
+    ref = _clone(ours)
+    second = {"lr": 3e-2, "weight_decay": 0.3 if kwargs.get("weight_decay") else 0.0}
+    opt = cls(_groups(ours, **second), lr=1e-2, **kwargs)
+    ref_opt = ref_cls(_groups(ref, **second), lr=1e-2, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.5)
+    for step in range(10):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        _assert_params(ours, ref)
+        if step == 0:
+            assert len(walks) == 2  # the multi-tensor check walked each group's tensors
+    # two groups: the first step of each records its plan, the nine others take it
+    assert [t is not None for t in taken] == [False, False] + [True] * 18
+    assert len(walks) == 2  # and never again
+    assert launches["_adam_kernel"] == 20
+
+
+def _replace_state_dict(opt, p):
+    opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+
+
+def _swap_param(opt, p):
+    torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().clone()))
+
+
+PLAN_CHANGES = {
+    # each applied to ours and to torch's optimizer alike, between two steps
+    "state dict replaced": _replace_state_dict,
+    "state tensor replaced": lambda opt, p: opt.state[p].update(
+        exp_avg=opt.state[p]["exp_avg"] * 1
+    ),
+    "state tensor .data": lambda opt, p: setattr(
+        opt.state[p]["exp_avg_sq"], "data", opt.state[p]["exp_avg_sq"].data.clone()
+    ),
+    "step counter .data": lambda opt, p: setattr(
+        opt.state[p]["step"], "data", opt.state[p]["step"].data.clone()
+    ),
+    "param .data": lambda opt, p: setattr(p, "data", p.data.clone()),
+    "param swapped": _swap_param,
+    "load_state_dict": lambda opt, p: opt.load_state_dict(copy.deepcopy(opt.state_dict())),
+}
+
+
+@pytest.mark.parametrize("change", list(PLAN_CHANGES))
+def test_step_plans_see_what_they_depend_on(triton_backend, monkeypatch, change):
+    """Each change a plan depends on (fusedmlp.optim._plan's list) sends the next step through
+    the full path, which gives torch's numbers (a stale plan would update the old tensors, or
+    memory no longer theirs)."""
+    taken = _count_plans(monkeypatch)
+    ours = _params()
+    ref = _clone(ours)
+    opt, ref_opt = Adam(ours, lr=0.05), torch.optim.Adam(ref, lr=0.05)
+    _run(opt, ref_opt, ours, ref, steps=3)
+    assert taken[-1] is not None
+    PLAN_CHANGES[change](opt, ours[2])
+    PLAN_CHANGES[change](ref_opt, ref[2])
+    taken.clear()
+    _run(opt, ref_opt, ours, ref, steps=3)
+    # the step after the change checks everything again; the next ones have a plan again
+    assert [t is not None for t in taken][-2:] == [True, True]
+    if change != "load_state_dict":  # load_state_dict drops the plan: no look-up at all
+        assert taken[0] is None
+    assert float(opt.state[ours[2]]["step"]) == float(ref_opt.state[ref[2]]["step"])
+
+
+def test_step_plans_step_aside_for_a_missing_grad_and_the_torch_backend(
+    triton_backend, launches, monkeypatch
+):
+    """A step where a param has no gradient takes the full path (torch skips that param), and
+    so do the steps after it while that param's step counter lags (one launch per count);
+    the torch backend never takes a plan, and the Triton backend records one again."""
+    taken = _count_plans(monkeypatch)
+    ours = _params()
+    ref = _clone(ours)
+    opt, ref_opt = Adam(ours, lr=0.05), torch.optim.Adam(ref, lr=0.05)
+    _run(opt, ref_opt, ours, ref, steps=3)
+    with fusedmlp.use_backend("torch"):
+        launched = launches.total
+        _run(opt, ref_opt, ours, ref, steps=2)
+        assert launches.total == launched and taken[-2:] == [None, None]
+    _run(opt, ref_opt, ours, ref, steps=3)
+    assert [t is not None for t in taken[-3:]] == [False, True, True]
+    _run(opt, ref_opt, ours, ref, steps=1, skip=lambda step: (4,))
+    assert taken[-1] is None
+    launched = launches["_adam_kernel"]
+    _run(opt, ref_opt, ours, ref, steps=3)  # param 4's counter lags: two counts, two launches
+    assert taken[-3:] == [None, None, None]
+    assert launches["_adam_kernel"] == launched + 3 * 2
+
+
+SGD_PLAN_CHANGES = {
+    "state dict replaced": _replace_state_dict,
+    "buffer replaced": lambda opt, p: opt.state[p].update(
+        momentum_buffer=opt.state[p]["momentum_buffer"] * 1
+    ),
+    "buffer .data": lambda opt, p: setattr(
+        opt.state[p]["momentum_buffer"], "data", opt.state[p]["momentum_buffer"].data.clone()
+    ),
+    "param .data": PLAN_CHANGES["param .data"],
+    "param swapped": _swap_param,
+    "load_state_dict": PLAN_CHANGES["load_state_dict"],
+}
+
+
+_NESTEROV = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}
+SGD_PLAN_CASES = [(_NESTEROV, c) for c in [None, *SGD_PLAN_CHANGES]] + [
+    ({"momentum": 0.0}, c) for c in [None, *SGD_PLAN_CHANGES] if c is None or "buffer" not in c
+]  # without momentum: no buffers to change
+
+
+@pytest.mark.parametrize(
+    "kwargs,change",
+    SGD_PLAN_CASES,
+    ids=[f"momentum={k['momentum']}-{c}" for k, c in SGD_PLAN_CASES],
+)
+def test_sgd_step_plans(triton_backend, launches, monkeypatch, kwargs, change):
+    """SGD's plans as Adam's: taken from the second step on (with fresh gradients and a
+    scheduler), torch's numbers, and every change they depend on seen at the next step."""
+    taken = _count_plans(monkeypatch)
+    ours = _params()
+    ref = _clone(ours)
+    opt, ref_opt = SGD(ours, lr=0.05, **kwargs), torch.optim.SGD(ref, lr=0.05, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    for step in range(4):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+    _assert_params(ours, ref)
+    assert [t is not None for t in taken] == [False, True, True, True]
+    assert launches["_sgd_kernel"] == 4
+    if change is None:
+        return
+    SGD_PLAN_CHANGES[change](opt, ours[2])
+    SGD_PLAN_CHANGES[change](ref_opt, ref[2])
+    taken.clear()
+    _run(opt, ref_opt, ours, ref, steps=3)
+    assert [t is not None for t in taken][-2:] == [True, True]
+    if change != "load_state_dict":
+        assert taken[0] is None

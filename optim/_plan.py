@@ -1,0 +1,140 @@
+"""Step plans: the fused optimizers' host fast path for a param group that repeats its step.
+
+A step over T tensors walks them many times on the host before its one launch: the state
+lookups, torch's list building, the multi-tensor check (``kernels.multi_tensor.check``), the
+backend and partition tests. Once a group has taken the common path (eager mode, the Triton
+kernel for every param, one device and dtype, every param with a gradient, contiguous
+tensors), its ``Plan`` records what those walks established, and the next steps only verify
+that nothing they depend on changed:
+
+- the same group dict, ``optimizer.state`` object and backend;
+- the same param objects in the group, in order;
+- the same ``optimizer.state`` entries (its keys and per-param dicts, as objects:
+  ``load_state_dict`` replaces the state, ``optimizer.state[p] = {...}`` shows here);
+- every param and state tensor at its recorded address: a tensor replaced in the state (the
+  plan holds the recorded ones, so no other tensor takes their memory while it lives), or its
+  storage swapped in place (an ``nn.Module.to()``, ``.data`` assignments, ``set_``,
+  ``torch.utils.swap_tensors``), moves it;
+- a gradient for every param, a plain (``torch.Tensor``) strided tensor of the recorded dtype,
+  shape and strides (``zero_grad`` sets gradients to None: fresh tensors at every step are
+  the norm; a gradient kept from step to step may have been given other data in place).
+
+What is not seen, as ``multi_tensor.check`` does not see it: a state tensor given another
+shape or dtype at the same address (never done by torch.optim or fusedmlp).
+
+Anything else, and any failed test, takes the full path, which may record a new plan. Each
+verification is one C-level walk (``map``) over the tensors, no Python frame per tensor.
+"""
+
+from __future__ import annotations
+
+import operator
+from itertools import chain
+
+import torch
+
+from ..backend import get_backend
+
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_DATA_PTR, _SIZE, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.size, torch.Tensor.stride
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_is = operator.is_
+
+
+def _addresses(params, lists) -> tuple:
+    return tuple(chain(map(_DATA_PTR, params), *[map(_DATA_PTR, lst) for lst in lists]))
+
+
+class Plan:
+    """What a full step of one param group established (module docstring). ``lists``: the
+    state tensors under ``keys`` (one list per key, in the params' order); ``extra``: whatever
+    the optimizer keeps with the plan (e.g. its launch tables)."""
+
+    __slots__ = (
+        "group", "state", "backend", "keys", "params", "addresses", "state_keys", "state_values",
+        "states", "lists", "dtype", "sizes", "strides", "extra",
+    )  # fmt: skip
+
+    def __init__(self, optimizer, group, keys: tuple, params: list, lists, extra):
+        state = optimizer.state
+        self.group, self.state, self.backend, self.keys = group, state, get_backend(), keys
+        self.params = list(params)
+        self.addresses = _addresses(params, lists)
+        self.state_keys, self.state_values = list(state), list(state.values())
+        # .get: a defaultdict would create the entries of params without state (SGD without
+        # momentum keeps none)
+        self.states = list(map(state.get, params))
+        self.lists = [list(x) for x in lists]
+        self.dtype = params[0].dtype
+        self.sizes = list(map(_SIZE, params))
+        self.strides = list(map(_STRIDE, params))
+        self.extra = extra
+
+
+def _plans(optimizer) -> dict:
+    return optimizer.__dict__.setdefault("_fusedmlp_plans", {})
+
+
+def record(optimizer, group, keys: tuple, params: list, lists, extra=None) -> None:
+    """Keep a ``Plan`` for ``group``: its ``params`` (every param of the group, each with a
+    gradient of its dtype, shape and strides) and their state tensors ``lists`` under
+    ``keys``, as the full step just used them."""
+    _plans(optimizer)[id(group)] = Plan(optimizer, group, keys, params, lists, extra)
+
+
+def forget(optimizer, group) -> None:
+    """Drop ``group``'s plan (its step left the common path)."""
+    _plans(optimizer).pop(id(group), None)
+
+
+def forget_all(optimizer) -> None:
+    """Drop every plan (``load_state_dict``: no plan may keep the old state tensors alive)."""
+    optimizer.__dict__.pop("_fusedmlp_plans", None)
+
+
+def hit(optimizer, group, keys: tuple):
+    """``(plan, params, grads, lists, grad_ptrs)`` when ``group``'s plan still holds (module
+    docstring), else None. ``lists``: the state tensors under ``keys``; ``grad_ptrs``: the
+    gradients' addresses, in order."""
+    plan = _plans(optimizer).get(id(group))
+    state = optimizer.state
+    if (
+        plan is None
+        or plan.group is not group
+        or plan.state is not state
+        or plan.keys != keys
+        or plan.backend != get_backend()
+    ):
+        return None
+    params = group["params"]
+    if (
+        len(params) != len(plan.params)
+        or False in map(_is, params, plan.params)
+        or len(state) != len(plan.state_keys)
+        or False in map(_is, state, plan.state_keys)
+        or False in map(_is, state.values(), plan.state_values)
+    ):
+        return None
+    try:
+        lists = [list(map(operator.itemgetter(k), plan.states)) for k in keys]
+    except (KeyError, TypeError):  # an entry gone from a param's state
+        return None
+    if _addresses(params, lists) != plan.addresses:
+        return None
+    grads = list(map(_GRAD, params))
+    try:
+        grad_ptrs = tuple(map(_DATA_PTR, grads))  # raises for None, or a tensor without storage
+    except (TypeError, RuntimeError):
+        return None
+    if (
+        not _PLAIN.issuperset(map(type, grads))
+        or set(map(_DTYPE, grads)) != {plan.dtype}
+        or list(map(_SIZE, grads)) != plan.sizes
+        or list(map(_STRIDE, grads)) != plan.strides
+    ):
+        return None
+    return plan, params, grads, lists, grad_ptrs
+
+
+__all__ = ["Plan", "forget", "forget_all", "hit", "record"]
