@@ -1,15 +1,17 @@
 """Batch normalization: custom ops, the autograd Function and the backend dispatch.
 
 Custom ops (names prefixed ``batchnorm_``):
-- ``fusedmlp::batchnorm_fwd`` -> y, mean, invstd, unbiased var; in eager mode it also updates
-  the running statistics it is given as ``update_mean``/``update_var`` (the statistics kernel
-  does it: one launch less per training forward), the only tensors it mutates
+- ``fusedmlp::batchnorm_fwd``  (functional) -> y, mean, invstd, unbiased var (or y alone, with
+  the batch statistics given)
 - ``fusedmlp::batchnorm_bwd``  (functional) -> dx, dweight, dbias
 - ``fusedmlp::batchnorm_update_running`` mutates ``running_mean``/``running_var`` in place, no
   autograd (torch refuses autograd formulas on mutating ops); called after the differentiable
-  op with the batch statistics it returned, where that op did not update them: in traced
-  graphs (``torch.compile`` keeps the differentiable op free of input mutations) and for
-  non-contiguous running statistics.
+  op with the batch statistics it returned.
+- ``fusedmlp::batchnorm_stats`` -> mean, invstd, unbiased var, and mutates ``running_mean``/
+  ``running_var`` (the statistics kernel updates them): in eager mode, before the
+  differentiable op, which then takes the statistics as given: one launch less per training
+  forward than statistics inside the op plus ``batchnorm_update_running``. Traced graphs keep
+  that pair (the differentiable op stays free of mutation either way).
 
 ``batch_norm`` has ``torch.nn.functional.batch_norm``'s signature and semantics; the torch
 backend is ``F.batch_norm`` itself.
@@ -34,7 +36,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@custom_op("fusedmlp::batchnorm_fwd", mutates_args=("update_mean", "update_var"))
+@custom_op("fusedmlp::batchnorm_fwd", mutates_args=())
 def _batchnorm_fwd(
     x: Tensor,
     weight: Tensor | None,
@@ -43,55 +45,74 @@ def _batchnorm_fwd(
     running_var: Tensor | None,
     training: bool,
     eps: float,
-    update_mean: Tensor | None,
-    update_var: Tensor | None,
-    momentum: float,
-    num_batches_tracked: Tensor | None,
+    mean: Tensor | None,
+    invstd: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, invstd, var)``; ``running_mean``/``running_var`` are read in eval mode.
-    ``update_mean``/``update_var`` (training, contiguous, or both None): the running statistics
-    to update in place with ``momentum`` (``num_batches_tracked``: cumulative average)."""
+    """``(y, mean, invstd, var)``; ``running_mean``/``running_var`` are read in eval mode. In
+    training, ``mean``/``invstd`` (both or neither): the batch statistics of this x, already
+    computed (``batchnorm_stats``): no statistics kernels, and the three statistics outputs
+    are empty."""
     from ..kernels import batchnorm as K
 
-    running = running_arg(update_mean, update_var, momentum, num_batches_tracked)
-    return K.batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, running)
-
-
-def running_arg(update_mean, update_var, momentum, num_batches_tracked) -> tuple | None:
-    """The kernels' ``running`` argument from a forward op's update arguments."""
-    if update_mean is None:
-        return None
-    return update_mean, update_var, momentum, num_batches_tracked
-
-
-# The update arguments of a forward op that updates nothing.
-NO_UPDATE = (None, None, 0.0, None)
-
-
-def forward_update(training: bool, running_mean, running_var, momentum, num_batches_tracked):
-    """The forward op's update arguments ``(update_mean, update_var, momentum,
-    num_batches_tracked)``: the running statistics when the op updates them itself (training
-    with tracked, contiguous running statistics, in eager mode), else ``NO_UPDATE`` (first
-    element None: tested so, as dynamo may rebuild the tuple), and the caller runs
-    ``batchnorm_update_running``. A traced graph keeps that separate op, outside
-    the autograd Function: the differentiable op mutates none of its inputs there."""
-    if (
-        training
-        and running_mean is not None
-        and running_var is not None
-        and running_mean.is_contiguous()
-        and running_var.is_contiguous()
-        and not torch.compiler.is_compiling()
-    ):
-        return running_mean, running_var, float(momentum), num_batches_tracked
-    return NO_UPDATE
+    given = None if mean is None else (mean, invstd)
+    y, *stats = K.batch_norm_forward(
+        x, weight, bias, running_mean, running_var, training, eps, given
+    )
+    if given is not None:
+        stats = [x.new_empty(0, dtype=_acc_dtype(x)) for _ in range(3)]  # distinct tensors
+    return y, *stats
 
 
 @_batchnorm_fwd.register_fake
-def _(x, weight, bias, running_mean, running_var, training, eps, *update):
-    n = x.shape[1] if training else 0
+def _(x, weight, bias, running_mean, running_var, training, eps, mean, invstd):
+    n = x.shape[1] if training and mean is None else 0
     stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
     return (torch.empty_like(x), *stats)
+
+
+@custom_op("fusedmlp::batchnorm_stats", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats(
+    x: Tensor,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    num_batches_tracked: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, invstd, var)``: the batch statistics of ``x`` (no autograd: the forward op
+    takes them as given), and ``running_mean``/``running_var`` (contiguous) updated in place
+    with ``momentum`` (``num_batches_tracked``: the cumulative average) by the kernel that
+    writes the statistics, as ``batchnorm_update_running`` would."""
+    from ..kernels import batchnorm as K
+
+    running = (running_mean, running_var, momentum, num_batches_tracked)
+    return K.batch_norm_stats(x, eps, running)
+
+
+@_batchnorm_stats.register_fake
+def _(x, eps, running_mean, running_var, momentum, num_batches_tracked):
+    return tuple(x.new_empty(x.shape[1], dtype=_acc_dtype(x)) for _ in range(3))
+
+
+def eager_stats(input: Tensor, training: bool, running_mean, running_var, momentum, eps, nbt):
+    """``(mean, invstd)`` of ``input``'s batch, with the running statistics updated in place
+    on the way (``batchnorm_stats``: one launch less than the forward op's statistics and a
+    separate update), or ``(None, None)``: then the forward op computes the statistics and the
+    caller runs ``batchnorm_update_running``. In eager mode only, for training with tracked,
+    contiguous running statistics: a traced graph keeps the update after the differentiable
+    op. ``nbt``: ``num_batches_tracked`` (already incremented) for the cumulative average."""
+    if (
+        not training
+        or running_mean is None
+        or running_var is None
+        or not running_mean.is_contiguous()
+        or not running_var.is_contiguous()
+        or torch.compiler.is_compiling()
+    ):
+        return None, None
+    x = input.detach() if input.requires_grad else input  # the op has no autograd
+    mean, invstd, _ = batchnorm_stats(x, float(eps), running_mean, running_var, momentum, nbt)
+    return mean, invstd
 
 
 @custom_op("fusedmlp::batchnorm_bwd", mutates_args=())
@@ -159,6 +180,7 @@ def _(running_mean, running_var, mean, var, momentum, num_batches_tracked):
 _batchnorm_fwd_call = caller(_batchnorm_fwd)
 _batchnorm_bwd_call = caller(_batchnorm_bwd)
 batchnorm_update_running = caller(_batchnorm_update_running)
+batchnorm_stats = caller(_batchnorm_stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,14 +190,18 @@ batchnorm_update_running = caller(_batchnorm_update_running)
 
 class BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x); also returns the batch mean and unbiased variance (non-differentiable,
-    empty in eval mode) for the running-statistics update. ``update``: the forward op's
-    ``(update_mean, update_var, momentum, num_batches_tracked)`` (``NO_UPDATE``: none)."""
+    empty in eval mode and when given) for the running-statistics update. ``mean``/``invstd``:
+    the batch statistics of x when ``eager_stats`` computed them (training), else None. The
+    backward is the same either way: they are functions of x, and it differentiates them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, update):
-        y, mean, invstd, var = _batchnorm_fwd_call(
-            x, weight, bias, running_mean, running_var, training, eps, *update
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, mean, invstd):
+        given = mean is not None
+        y, mean_out, invstd_out, var = _batchnorm_fwd_call(
+            x, weight, bias, running_mean, running_var, training, eps, mean, invstd
         )
+        if not given:
+            mean, invstd = mean_out, invstd_out
         if training:
             ctx.save_for_backward(x, weight, mean, invstd)
         else:
@@ -183,17 +209,17 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.training = training
         ctx.eps = eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(mean, var)
+        ctx.mark_non_differentiable(mean_out, var)
         # No zero tensors for the gradients of mean and var (never read): two fewer allocations
         # and fill launches per backward. The output's own gradient is None only when it got none.
         ctx.set_materialize_grads(False)
-        return y, mean, var
+        return y, mean_out, var
 
     @staticmethod
     @once_differentiable("batch_norm")
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:
-            return (None,) * 8
+            return (None,) * 9
         x, weight, mean, stat = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
@@ -201,7 +227,7 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dw, db = _batchnorm_bwd_call(
                 dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
             )
-        return affine_grads(ctx, dx, dw, db, 8)
+        return affine_grads(ctx, dx, dw, db, 9)
 
 
 def affine_grads(ctx, dx, dw, db, n_inputs: int) -> tuple:
@@ -348,8 +374,10 @@ def _batch_norm(
     x = input
     if x.dim() > 4:  # BatchNorm3d-like: fold the trailing spatial dims (a view when it can)
         x = x.flatten(3)
-    update = forward_update(training, running_mean, running_var, momentum, num_batches_tracked)
-    y, mean, var = BatchNormFunction.apply(
+    mean, invstd = eager_stats(
+        x, training, running_mean, running_var, float(momentum), eps, num_batches_tracked
+    )
+    y, batch_mean, var = BatchNormFunction.apply(
         x,
         weight,
         bias,
@@ -357,11 +385,12 @@ def _batch_norm(
         None if training else running_var,
         bool(training),
         float(eps),
-        update,
+        mean,
+        invstd,
     )
-    if training and running_mean is not None and update[0] is None:
+    if training and running_mean is not None and mean is None:  # not updated by eager_stats
         batchnorm_update_running(
-            running_mean, running_var, mean, var, float(momentum), num_batches_tracked
+            running_mean, running_var, batch_mean, var, float(momentum), num_batches_tracked
         )
     return y if y.shape == input.shape else y.reshape(input.shape)
 

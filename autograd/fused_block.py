@@ -4,9 +4,10 @@ Three blocks (kernels in ``fusedmlp.kernels.fused_block``):
 
 - ``bn_act_dropout``: ``dropout(act(batch_norm(x)))`` with the batch statistics (training
   mode). Triton path: the batch-norm op's statistics kernels, then ONE pass for normalise +
-  affine + activation + dropout; in eager mode the statistics kernel also updates the running
-  statistics (``fused_block_fwd`` mutates them), in traced graphs the batch-norm op's own
-  mutating custom op does (``fusedmlp::batchnorm_update_running``). Saved for backward: x, mean,
+  affine + activation + dropout; the running statistics are updated by the batch-norm op's own
+  mutating custom ops: in eager mode ``fusedmlp::batchnorm_stats`` computes the statistics and
+  updates them before the Function, which takes the statistics as given (one launch less),
+  in traced graphs ``fusedmlp::batchnorm_update_running`` after it. Saved for backward: x, mean,
   invstd, the BN parameters and the one-element seed; the pre-activation is recomputed from x in
   the backward (which reads x anyway for the BN reductions), so no BN output, activation output
   or mask is stored. The backward never writes the BN output's gradient to memory: two passes
@@ -39,15 +40,13 @@ from ._custom_op import caller, custom_op
 from ._once import once_differentiable
 from .batchnorm import (
     _FLOATS,
-    NO_UPDATE,
     _acc_dtype,
     affine_grads,
     batchnorm_update_running,
     check_input_dtype,
     check_params,
-    forward_update,
+    eager_stats,
     grads_or_empty,
-    running_arg,
     torch_batch_norm,
 )
 from .dropout import _check_p, _seed
@@ -67,7 +66,7 @@ def saves_output(activation: str, negative_slope: float) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@custom_op("fusedmlp::fused_block_fwd", mutates_args=("update_mean", "update_var"))
+@custom_op("fusedmlp::fused_block_fwd", mutates_args=())
 def _fused_block_fwd(
     x: Tensor,
     weight: Tensor | None,
@@ -78,15 +77,10 @@ def _fused_block_fwd(
     p: float,
     activation: str,
     negative_slope: float,
-    update_mean: Tensor | None,
-    update_var: Tensor | None,
-    momentum: float,
-    num_batches_tracked: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, mean, invstd, var)``: out = dropout(act(bn(x))) (``normalize``, x ``[N, C]``) or
     dropout(act(x)) (x ``[..., C]``); seed None = no dropout. Statistics empty without
-    ``normalize``. ``update_mean``/``update_var`` (with ``normalize``; contiguous, or both
-    None): running statistics updated in place as ``batchnorm_fwd`` does."""
+    ``normalize``."""
     from ..kernels import fused_block as K
 
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -102,13 +96,12 @@ def _fused_block_fwd(
         activation,
         negative_slope,
         out=out.view(-1, C),
-        running=running_arg(update_mean, update_var, momentum, num_batches_tracked),
     )
     return out, mean, invstd, var
 
 
 @_fused_block_fwd.register_fake
-def _(x, weight, bias, seed, normalize, eps, p, activation, negative_slope, *update):
+def _(x, weight, bias, seed, normalize, eps, p, activation, negative_slope):
     n = x.shape[-1] if normalize else 0
     stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device), *stats)
@@ -258,40 +251,58 @@ def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int) 
     return affine_grads(ctx, dx, dw, db, n_inputs)
 
 
+def _block_forward(x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd):
+    """``(out, mean, invstd, var)`` of the block: its statistics computed here, or given
+    (``mean``/``invstd`` from ``eager_stats``: then ``var`` is None)."""
+    if mean is None:
+        return _fused_block_fwd_call(
+            x, weight, bias, seed, True, eps, p, activation, negative_slope
+        )
+    out = _fused_block_apply_call(
+        x, weight, bias, mean, invstd, seed, p, activation, negative_slope, False
+    )
+    return out, mean, invstd, None
+
+
 class BNActDropoutFunction(torch.autograd.Function):
     """``out = dropout(act(batch_norm(x)))`` with batch statistics; also returns the batch mean
-    and unbiased variance (non-differentiable) for the running-statistics update, where
-    ``update`` (``fused_block_fwd``'s update arguments) did not ask the forward for it.
-    Saves x, weight, bias, mean, invstd, seed (the pre-activation is recomputed from x)."""
+    and unbiased variance (non-differentiable; None when given) for the running-statistics
+    update. ``mean``/``invstd``: this x's batch statistics when ``eager_stats`` computed them,
+    else None (computed here). Saves x, weight, bias, mean, invstd, seed (the pre-activation
+    is recomputed from x)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seed, eps, p, activation, negative_slope, update):
-        out, mean, invstd, var = _fused_block_fwd_call(
-            x, weight, bias, seed, True, eps, p, activation, negative_slope, *update
+    def forward(ctx, x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd):
+        given = mean is not None
+        out, mean, invstd, var = _block_forward(
+            x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd
         )
         ctx.save_for_backward(x, weight, bias, mean, invstd, seed)
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(mean, var)
         # No zero tensors for the gradients of mean and var (never read): two fewer allocations
         # and fill launches per backward. The output's own gradient is None only when it got none.
         ctx.set_materialize_grads(False)
+        if given:
+            return out, None, None
+        ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     @once_differentiable("batch_norm + activation + dropout")
     def backward(ctx, dout, _dmean, _dvar):
         if dout is None:
-            return (None,) * 9
+            return (None,) * 10
         if not any(ctx.needs_input_grad[:3]):
-            return (None,) * 9
-        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=9)
+            return (None,) * 10
+        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=10)
 
 
 class BNActDropoutLinearFunction(torch.autograd.Function):
     """``linear(dropout(act(batch_norm(x))), lin_weight, lin_bias)`` with batch statistics, the
     Linear without activation (an MLP's next layer, or its head). Also returns the batch mean and
-    unbiased variance (non-differentiable) for the running-statistics update.
+    unbiased variance (non-differentiable; None when given) for the running-statistics update;
+    ``mean``/``invstd`` as ``BNActDropoutFunction``'s.
 
     The block's output, the Linear's input, is not saved: the backward recomputes it from x, the
     statistics and the seed (one elementwise pass, ``fused_block_apply``) for the Linear's dW,
@@ -302,10 +313,11 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, seed, lin_weight, lin_bias, eps, p, activation, negative_slope,
-        update,
+        mean, invstd,
     ):  # fmt: skip
-        out, mean, invstd, var = _fused_block_fwd_call(
-            x, weight, bias, seed, True, eps, p, activation, negative_slope, *update
+        given = mean is not None
+        out, mean, invstd, var = _block_forward(
+            x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd
         )
         y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
         del out  # freed here: the backward recomputes it
@@ -313,15 +325,17 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.has_lin_bias = lin_bias is not None
-        ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
+        if given:
+            return y, None, None
+        ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     @once_differentiable("batch_norm + activation + dropout + linear")
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:
-            return (None,) * 11
+            return (None,) * 12
         x, weight, bias, mean, invstd, seed, lin_weight = ctx.saved_tensors
         need_dx, need_dw, need_db, _, need_dlw, need_dlb = ctx.needs_input_grad[:6]
         need_dlb = need_dlb and ctx.has_lin_bias
@@ -365,11 +379,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
             None,
             dlw if need_dlw else None,
             dlb if need_dlb else None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *(None,) * 6,
         )
 
 
@@ -380,7 +390,7 @@ class ActDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, seed, p, activation, negative_slope):
         out, _, _, _ = _fused_block_fwd_call(
-            z, None, None, seed, False, 0.0, p, activation, negative_slope, *NO_UPDATE
+            z, None, None, seed, False, 0.0, p, activation, negative_slope
         )
         saved = out if saves_output(activation, negative_slope) else z
         ctx.save_for_backward(saved, seed)
@@ -468,14 +478,15 @@ def bn_act_dropout(
         return F.dropout(y, p, True) if p > 0.0 else y
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     seed = _seed(input, None) if p > 0.0 else None
-    update = forward_update(True, running_mean, running_var, momentum, num_batches_tracked)
-    out, mean, var = BNActDropoutFunction.apply(
-        input, weight, bias, seed, eps, p, act, float(negative_slope),
-        update,
-    )  # fmt: skip
-    if running_mean is not None and update[0] is None:
+    mean, invstd = eager_stats(
+        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked
+    )
+    out, batch_mean, var = BNActDropoutFunction.apply(
+        input, weight, bias, seed, eps, p, act, float(negative_slope), mean, invstd
+    )
+    if running_mean is not None and mean is None:  # not updated by eager_stats
         batchnorm_update_running(
-            running_mean, running_var, mean, var, float(momentum), num_batches_tracked
+            running_mean, running_var, batch_mean, var, float(momentum), num_batches_tracked
         )
     return out
 
@@ -508,14 +519,16 @@ def bn_act_dropout_linear(
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     _validate(input, lin_weight, lin_bias, 0.0)  # the block's output: input's shape and dtype
     seed = _seed(input, None) if p > 0.0 else None
-    update = forward_update(True, running_mean, running_var, momentum, num_batches_tracked)
-    y, mean, var = BNActDropoutLinearFunction.apply(
+    mean, invstd = eager_stats(
+        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked
+    )
+    y, batch_mean, var = BNActDropoutLinearFunction.apply(
         input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope),
-        update,
+        mean, invstd,
     )  # fmt: skip
-    if running_mean is not None and update[0] is None:
+    if running_mean is not None and mean is None:  # not updated by eager_stats
         batchnorm_update_running(
-            running_mean, running_var, mean, var, float(momentum), num_batches_tracked
+            running_mean, running_var, batch_mean, var, float(momentum), num_batches_tracked
         )
     return y
 

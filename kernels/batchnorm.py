@@ -12,9 +12,10 @@ Parameters (weight, bias) and running statistics may be fp32 with fp16/bf16 inpu
 Kernels (launches per call, training, everything tracked):
     forward   ``_bn_stats_partial_kernel`` -> ``_bn_stats_final_kernel`` -> ``_bn_forward_kernel``;
               with a single split (small batches) the partial kernel writes the final
-              statistics itself. The kernel that writes them also updates the running
-              statistics in eager mode; traced graphs (and non-contiguous running statistics)
-              update them with ``_bn_update_running_kernel``, a separate in-place op.
+              statistics itself. The kernel that writes them can also update the running
+              statistics (``batch_norm_stats(..., running)``: the eager path, with the forward
+              then given the statistics); else ``_bn_update_running_kernel`` does, a separate
+              in-place op.
     backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_final_kernel`` -> ``_bn_backward_dx_kernel``
               (with a single split, the reduction writes the merged sums and dweight/dbias)
 Eval mode (running statistics) is one forward launch; its backward is one launch for dx
@@ -771,8 +772,8 @@ def batch_norm_forward(
     running_var: torch.Tensor | None,
     training: bool,
     eps: float,
-    running: tuple | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Batch normalization forward.
 
     x: [N, C], [N, C, L] or [N, C, H, W], any strides, fp32/fp16/bf16 (fp64 for gradcheck).
@@ -781,16 +782,20 @@ def batch_norm_forward(
     Returns ``(y, mean, invstd, var)``: y like x (``empty_like``: channels_last is kept);
     in training ``mean``, ``invstd`` (saved for backward) and the unbiased ``var`` (for the
     running estimate) are [C] in the acc type (fp32, fp64 for fp64 input); in eval they are
-    empty (the backward reads the running statistics). ``running`` (training only):
-    ``batch_norm_stats``'s in-place update of the running statistics.
+    empty (the backward reads the running statistics). ``stats`` (training only): the batch
+    ``(mean, invstd)`` of this x from ``batch_norm_stats``: no statistics kernels; they are
+    returned with None for var.
     """
     R, C, S, W = _geometry(x)
     acc = _acc_dtype(x)
     weight, bias = _vec(weight), _vec(bias)
     y = torch.empty_like(x)
     with on_device(x):
-        if training:
-            mean, invstd, var = batch_norm_stats(x, eps, running)
+        if training and stats is not None:
+            (mean, invstd), var = map(_vec, stats), None
+            stat = invstd
+        elif training:
+            mean, invstd, var = batch_norm_stats(x, eps)
             stat = invstd
         else:
             mean, stat = _vec(running_mean), _vec(running_var)

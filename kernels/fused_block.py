@@ -7,8 +7,8 @@ column / channel ``c``, logical row-major element index ``i = r * C + c`` in int
     forward   ``batch_norm_stats`` (two launches of fusedmlp.kernels.batchnorm: split partials
               and their merge) -> ``_fused_fwd_kernel``: ``z = (x - mean) * invstd * w + b``,
               ``a = act(z)``, ``out = a * keep * 1/(1-p)``, one read of x, one write of out.
-              The statistics kernel also updates the running statistics in eager mode (else a
-              separate in-place op of the batchnorm module does).
+              (The running statistics: updated by the batchnorm module's ops, ``batch_norm_stats``
+              in eager mode, with the statistics then given to this forward.)
     saved     x, mean, invstd (and the seed): the pre-activation is *recomputed from x* in the
               backward, which reads x anyway for the BN reductions, so neither the BN output, nor
               the activation output, nor a mask is ever stored.
@@ -472,7 +472,6 @@ def fused_forward(
     negative_slope: float,
     out: torch.Tensor | None = None,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-    running: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out = act(bn(x)) * keep * 1/(1-p)`` (``normalize``) or ``act(x) * keep * 1/(1-p)``.
 
@@ -489,9 +488,6 @@ def fused_forward(
         stats: ``(mean, invstd)`` of an earlier call on the same x (``normalize``): the
             statistics kernels are skipped and the output is that call's, bit for bit (the
             backward's recomputation of a block output it did not save).
-        running: ``(running_mean, running_var, momentum, num_batches_tracked)``, updated in
-            place by the statistics kernel (``batch_norm_stats``); only with ``normalize``
-            and without ``stats``.
 
     Returns:
         ``(out, mean, invstd, var)``: out ``[R, C]`` contiguous in x's dtype; with
@@ -513,7 +509,7 @@ def fused_forward(
         return out, mean, invstd, var
     with on_device(x):
         if normalize and stats is None:
-            mean, invstd, var = BN.batch_norm_stats(x, eps, running)
+            mean, invstd, var = BN.batch_norm_stats(x, eps)
         launch(
             _fused_fwd_kernel,
             _grid(R, C),

@@ -425,15 +425,19 @@ def test_custom_ops_opcheck():
     x = torch.randn(6, 3, device=DEVICE)
     w, b = torch.rand(3, device=DEVICE), torch.randn(3, device=DEVICE)
     with fusedmlp.use_backend("triton"):
-        no_update = (None, None, 0.0, None)
         rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
-        for update in (no_update, (rm, rv, 0.1, None)):
+        torch.library.opcheck(
+            torch.ops.fusedmlp.batchnorm_stats.default, (x, 1e-5, rm, rv, 0.1, None),
+            test_utils=("test_schema", "test_faketensor"),
+        )  # fmt: skip
+        given = torch.ops.fusedmlp.batchnorm_stats(x, 1e-5, rm, rv, 0.1, None)[:2]
+        for stats in ((None, None), given):
             torch.library.opcheck(
-                torch.ops.fusedmlp.batchnorm_fwd.default, (x, w, b, None, None, True, 1e-5, *update),
+                torch.ops.fusedmlp.batchnorm_fwd.default, (x, w, b, None, None, True, 1e-5, *stats),
                 test_utils=("test_schema", "test_faketensor"),
             )  # fmt: skip
         y, mean, invstd, var = torch.ops.fusedmlp.batchnorm_fwd(
-            x, w, b, None, None, True, 1e-5, *no_update
+            x, w, b, None, None, True, 1e-5, None, None
         )
         torch.library.opcheck(
             torch.ops.fusedmlp.batchnorm_bwd.default,
