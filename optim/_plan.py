@@ -120,7 +120,10 @@ def hit(optimizer, group, keys: tuple):
         lists = [list(map(operator.itemgetter(k), plan.states)) for k in keys]
     except (KeyError, TypeError):  # an entry gone from a param's state
         return None
-    if _addresses(params, lists) != plan.addresses:
+    try:
+        if _addresses(params, lists) != plan.addresses:
+            return None
+    except (TypeError, RuntimeError):  # a state entry that is no tensor with storage now
         return None
     grads = list(map(_GRAD, params))
     try:

@@ -690,6 +690,7 @@ def test_step_plans_step_aside_for_a_missing_grad_and_the_torch_backend(
 
 SGD_PLAN_CHANGES = {
     "state dict replaced": _replace_state_dict,
+    "buffer dropped": lambda opt, p: opt.state[p].update(momentum_buffer=None),
     "buffer replaced": lambda opt, p: opt.state[p].update(
         momentum_buffer=opt.state[p]["momentum_buffer"] * 1
     ),
