@@ -14,6 +14,8 @@ dtype, tens of seconds each).
 matmul precision "high"), through the pointer-based kernels ("fusedmlp": ``FUSEDMLP_TMA=0``), the
 TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``, TF32 included; it also runs the
 backward's two GEMMs on the "dz" path) and torch: where the TMA kernel should be the default.
+Also issue 3's small width, 16384 x 256 x 256 bf16, with the TMA kernel forced below its size
+rules (the forward is kernel-bound there: 16 us, 1.23x torch against the 1.3x target).
 
 ``--grid optim``: issue 7's small-tensor case, Adam over 1,000 tensors of 1,000 fp32 elements
 (>= 5x ``torch.optim.Adam(foreach=True)``), beside torch's fused Adam.
@@ -77,27 +79,36 @@ def cases(device: torch.device, compile_: bool) -> list[Case]:
 
 
 @contextlib.contextmanager
-def linear_settings(tma: bool, tf32: bool):
+def linear_settings(tma: bool, tf32: bool, force: bool = False):
     """The TMA forward kernel on or off (``FUSEDMLP_TMA``), and torch's fp32 matmul precision
-    "high" (TF32, for fusedmlp and torch alike) when ``tf32``, for the duration."""
+    "high" (TF32, for fusedmlp and torch alike) when ``tf32``, for the duration. ``force``
+    (with ``tma``): also below the kernel's size rules (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``)."""
     from fusedmlp.kernels import linear as kernels
 
-    before = kernels.TMA, kernels.TMA_TF32, torch.get_float32_matmul_precision()
+    names = ("TMA", "TMA_TF32", "TMA_MIN_MACS", "TMA_MIN_WAVES")
+    before = [getattr(kernels, n) for n in names], torch.get_float32_matmul_precision()
     kernels.TMA = kernels.TMA_TF32 = tma
+    if tma and force:
+        kernels.TMA_MIN_MACS = kernels.TMA_MIN_WAVES = 0
     if tf32:
         torch.set_float32_matmul_precision("high")
     try:
         yield
     finally:
-        kernels.TMA, kernels.TMA_TF32 = before[:2]
-        torch.set_float32_matmul_precision(before[2])
+        for n, v in zip(names, before[0]):
+            setattr(kernels, n, v)
+        torch.set_float32_matmul_precision(before[1])
 
 
-# (dtype, M, N, K): issue 3's bf16 shape, a wider-batch bf16 one, and the bench step's TF32 layer
+# (dtype, M, N, K, force): issue 3's bf16 shape, a wider-batch bf16 one, the bench step's TF32
+# layer, and issue 3's small width (below the TMA kernel's size rules: forced there, to see
+# whether its pipelined loads and stores beat the pointer kernel's 16 us on a kernel-bound
+# forward; its descriptors cost host time that a host-bound call pays)
 TMA_SHAPES = (
-    (torch.bfloat16, 8192, 8192, 8192),
-    (torch.bfloat16, 16384, 4096, 4096),
-    (torch.float32, 16384, 1024, 1024),
+    (torch.bfloat16, 8192, 8192, 8192, False),
+    (torch.bfloat16, 16384, 4096, 4096, False),
+    (torch.float32, 16384, 1024, 1024, False),
+    (torch.bfloat16, 16384, 256, 256, True),
 )
 
 
@@ -107,7 +118,7 @@ def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
         [("torch.compile", "torch.compile", False)] if compile_ else []
     )
     out = []
-    for dtype, M, N, K in TMA_SHAPES:
+    for dtype, M, N, K, force in TMA_SHAPES:
         tf32 = dtype == torch.float32
         for bwd in (False, True):
             for name, impl, tma in impls:
@@ -122,7 +133,7 @@ def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
                         build_linear(impl, device, dtype, M, N, K, bwd),
                         count(M, N, K, dtype.itemsize),
                         (linear_bwd_flops if bwd else linear_fwd_flops)(M, N, K),
-                        context=functools.partial(linear_settings, tma, tf32),
+                        context=functools.partial(linear_settings, tma, tf32, force),
                         order=(OPS.index("linear"), len(out)),
                     )
                 )

@@ -358,6 +358,10 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
         row("linear", "fwd", big, "bf16", "fusedmlp", 1.70),
         row("linear", "fwd", big, "bf16", "fusedmlp TMA", 1.60),
         row("linear", "fwd", big, "bf16", "torch", 1.50),
+        # the small width, the TMA kernel forced there by target_grid.py
+        row("linear", "fwd", "M=16384 N=256 K=256", "bf16", "fusedmlp TMA", 0.0140),
+        row("linear", "fwd", "M=16384 N=256 K=256", "bf16", "fusedmlp", 0.0160),
+        row("linear", "fwd", "M=16384 N=256 K=256", "bf16", "torch", 0.0200),
     ]
     ce = [
         row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "fusedmlp", 1.094,
@@ -376,9 +380,16 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
 
     assert verdict("linear fwd bf16 8192^3 (fusedmlp) ") == ("0.82x", "not met")
     assert verdict("linear fwd bf16 8192^3 (fusedmlp TMA)") == ("0.94x", "**met**")
-    assert verdict("(TMA vs pointer kernels) linear fwd") == ("1.06x", "**met**")
+    assert verdict("(TMA vs pointer kernels) linear fwd M=8192") == ("1.06x", "**met**")
+    assert verdict("(TMA vs pointer kernels) linear fwd M=16384") == ("1.14x", "**met**")
+    assert verdict("linear + ReLU fwd bf16 16384 x 256 x 256 (fusedmlp TMA)") == (
+        "1.43x",
+        "**met**",
+    )
     assert verdict("linear bwd bf16 8192^3 (fusedmlp) ") == ("0.94x", "**met**")
-    assert verdict("linear + ReLU fwd") == ("-", "not measured")
+    # the pointer kernel's row of the TMA grid's own run
+    assert verdict("linear + ReLU fwd bf16 16384 x 256 x 256 vs") == ("1.25x", "not met")
+    assert verdict("linear + ReLU bwd") == ("-", "not measured")
     assert verdict("batch norm fwd+bwd 64K x 1024: >= 80%") == ("79.9%", "not met")
     assert verdict("batch norm fwd+bwd 64K x 1024 vs") == ("1.73x", "**met**")
     assert verdict("cross-entropy M=16384 C=32768 bf16 vs") == ("2.36x", "not met")
