@@ -184,36 +184,27 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
                     momentum_buffer_list[i] = new(grads[i])
                 bufs.append(momentum_buffer_list[i])
         scale, inf = amp_on(device, amp, per_device)
+        scalars = _scalars(hp)
         if not kernel:
             torch._fused_sgd_(
-                ps,
-                gs,
-                bufs,
-                weight_decay=float(hp["weight_decay"]),
-                momentum=float(hp["momentum"]),
-                lr=float(hp["lr"]),
-                dampening=float(hp["dampening"]),
-                nesterov=bool(hp["nesterov"]),
-                maximize=bool(hp["maximize"]),
-                is_first_step=bool(fresh),
-                grad_scale=scale,
+                ps, gs, bufs, **scalars, is_first_step=bool(fresh), grad_scale=scale,
                 found_inf=inf,
-            )
+            )  # fmt: skip
             continue
-        _sgd_step(
-            ps,
-            gs,
-            bufs,
-            float(hp["lr"]),
-            float(hp["momentum"]),
-            float(hp["dampening"]),
-            float(hp["weight_decay"]),
-            bool(hp["nesterov"]),
-            bool(hp["maximize"]),
-            bool(fresh),
-            scale,
-            inf,
-        )
+        _sgd_step(ps, gs, bufs, *scalars.values(), bool(fresh), scale, inf)
+
+
+def _scalars(hp) -> dict:
+    """The step's hyperparameters as floats and bools, in the custom op's schema order (lr,
+    momentum, dampening, weight_decay, nesterov, maximize)."""
+    return dict(
+        lr=float(hp["lr"]),
+        momentum=float(hp["momentum"]),
+        dampening=float(hp["dampening"]),
+        weight_decay=float(hp["weight_decay"]),
+        nesterov=bool(hp["nesterov"]),
+        maximize=bool(hp["maximize"]),
+    )
 
 
 def sgd_planned(params, grads, momentum_buffers, checked, grad_ptrs, **hp) -> bool:
@@ -231,19 +222,9 @@ def sgd_planned(params, grads, momentum_buffers, checked, grad_ptrs, **hp) -> bo
     from ..kernels import sgd as K
 
     K.sgd_step(
-        params,
-        grads,
-        bufs,
-        lr=float(hp["lr"]),
-        momentum=float(hp["momentum"]),
-        dampening=float(hp["dampening"]),
-        weight_decay=float(hp["weight_decay"]),
-        nesterov=bool(hp["nesterov"]),
-        maximize=bool(hp["maximize"]),
-        first_step=False,
-        checked=checked,
+        params, grads, bufs, **_scalars(hp), first_step=False, checked=checked,
         grad_ptrs=grad_ptrs,
-    )
+    )  # fmt: skip
     return True
 
 

@@ -133,15 +133,10 @@ def _bn_stats_partial_kernel(
     # statistics (tl.maximum would return the 0)
     m2 = tl.where(m2 < 0.0, 0.0, m2)
     if FINAL:
-        var = m2 / (R * 1.0 - 1.0)
-        tl.store(pmean_ptr + c, mean, mask=cmask)
-        tl.store(pm2_ptr + c, _invstd(m2, R, eps, FP64, BLOCK_C), mask=cmask)
-        tl.store(var_ptr + c, var, mask=cmask)
-        if UPDATE:
-            _update_running(
-                rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, var, momentum, momentum_lo,
-                CUMULATIVE, FP64, BLOCK_C,
-            )  # fmt: skip
+        _store_final(
+            pmean_ptr, pm2_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, m2, R,
+            eps, momentum, momentum_lo, UPDATE, CUMULATIVE, FP64, BLOCK_C,
+        )  # fmt: skip
     else:
         out = pid_s * C + c
         tl.store(pmean_ptr + out, mean, mask=cmask)
@@ -157,6 +152,41 @@ def _invstd(m2, R, eps, FP64: tl.constexpr, BLOCK_C: tl.constexpr):
     else:
         invstd = tl.math.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), tl.sqrt_rn(v))
     return invstd
+
+
+@triton.jit
+def _store_final(
+    mean_ptr,
+    invstd_ptr,
+    var_ptr,
+    rmean_ptr,
+    rvar_ptr,
+    nbt_ptr,
+    c,
+    cmask,
+    mean,
+    m2,
+    R,
+    eps,
+    momentum,
+    momentum_lo,
+    UPDATE: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The final statistics of channels ``c`` from their ``mean`` and ``M2`` over all R rows:
+    mean, invstd and the unbiased variance stored (``[C]``), and with ``UPDATE`` the running
+    statistics updated (``_update_running``)."""
+    var = m2 / (R * 1.0 - 1.0)
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(invstd_ptr + c, _invstd(m2, R, eps, FP64, BLOCK_C), mask=cmask)
+    tl.store(var_ptr + c, var, mask=cmask)
+    if UPDATE:
+        _update_running(
+            rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, var, momentum, momentum_lo,
+            CUMULATIVE, FP64, BLOCK_C,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -215,15 +245,10 @@ def _bn_stats_final_kernel(
         mean = mean + delta * frac
         m2 = m2 + m2_b + delta * delta * n_a * frac
         n_a = n_ab
-    var = m2 / (R * 1.0 - 1.0)
-    tl.store(mean_ptr + c, mean, mask=cmask)
-    tl.store(invstd_ptr + c, _invstd(m2, R, eps, FP64, BLOCK_C), mask=cmask)
-    tl.store(var_ptr + c, var, mask=cmask)
-    if UPDATE:
-        _update_running(
-            rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, var, momentum, momentum_lo,
-            CUMULATIVE, FP64, BLOCK_C,
-        )  # fmt: skip
+    _store_final(
+        mean_ptr, invstd_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, m2, R, eps,
+        momentum, momentum_lo, UPDATE, CUMULATIVE, FP64, BLOCK_C,
+    )  # fmt: skip
 
 
 @triton.jit

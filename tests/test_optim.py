@@ -568,6 +568,20 @@ def test_step_counters_share_one_buffer_and_stay_torchs(triton_backend, launches
     assert launches["_adam_kernel"] == 3 + 2 + 2 * 3, dict(launches)
 
 
+def _run_scheduled(opt, ref_opt, ours, ref, steps, step_size):
+    """``steps`` steps of both optimizers with fresh gradients, each under a StepLR that halves
+    lr every ``step_size`` steps (schedulers made here: their counts start at this call), the
+    params compared after each."""
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size, gamma=0.5) for o in (opt, ref_opt)]
+    for step in range(steps):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+        for sched in scheds:
+            sched.step()
+        _assert_params(ours, ref)
+
+
 def _count_plans(monkeypatch):
     """Wrap ``_plan.hit``: the list of its results, True where a step took its plan."""
     from fusedmlp.optim import _plan
@@ -598,17 +612,9 @@ def test_step_plans_match_torch_with_fresh_grads_and_a_scheduler(
     second = {"lr": 3e-2, "weight_decay": 0.3 if kwargs.get("weight_decay") else 0.0}
     opt = cls(_groups(ours, **second), lr=1e-2, **kwargs)
     ref_opt = ref_cls(_groups(ref, **second), lr=1e-2, **kwargs)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.5)
-    for step in range(10):
-        _feed(ours, ref, step)
-        opt.step()
-        ref_opt.step()
-        sched.step()
-        ref_sched.step()
-        _assert_params(ours, ref)
-        if step == 0:
-            assert len(walks) == 2  # the multi-tensor check walked each group's tensors
+    _run_scheduled(opt, ref_opt, ours, ref, steps=1, step_size=3)
+    assert len(walks) == 2  # the multi-tensor check walked each group's tensors
+    _run_scheduled(opt, ref_opt, ours, ref, steps=9, step_size=3)
     # two groups: the first step of each records its plan, the nine others take it
     assert [t is not None for t in taken] == [False, False] + [True] * 18
     assert len(walks) == 2  # and never again
@@ -721,15 +727,7 @@ def test_sgd_step_plans(triton_backend, launches, monkeypatch, kwargs, change):
     ours = _params()
     ref = _clone(ours)
     opt, ref_opt = SGD(ours, lr=0.05, **kwargs), torch.optim.SGD(ref, lr=0.05, **kwargs)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
-    for step in range(4):
-        _feed(ours, ref, step)
-        opt.step()
-        ref_opt.step()
-        sched.step()
-        ref_sched.step()
-    _assert_params(ours, ref)
+    _run_scheduled(opt, ref_opt, ours, ref, steps=4, step_size=2)
     assert [t is not None for t in taken] == [False, True, True, True]
     assert launches["_sgd_kernel"] == 4
     if change is None:
