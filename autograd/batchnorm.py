@@ -84,9 +84,11 @@ def _batchnorm_stats(
     with ``momentum`` (``num_batches_tracked``: the cumulative average) by the kernel that
     writes the statistics, as ``batchnorm_update_running`` would."""
     from ..kernels import batchnorm as K
+    from ..kernels.launch import on_device
 
     running = (running_mean, running_var, momentum, num_batches_tracked)
-    return K.batch_norm_stats(x, eps, running)
+    with on_device(x):  # x's GPU on a multi-GPU machine, as the forward op's launches
+        return K.batch_norm_stats(x, eps, running)
 
 
 @_batchnorm_stats.register_fake
