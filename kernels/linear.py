@@ -59,7 +59,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Tma, cdiv, dot_precision, launch, on_device, row_splits, sm_count
+from .launch import (
+    Tma,
+    cdiv,
+    dot_precision,
+    launch,
+    on_device,
+    row_splits,
+    sm_count,
+    worth_tuning,
+)
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
@@ -364,9 +373,25 @@ def _linear_dx_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dx[M, K] = (dy * act'(t))[M, N] @ w[N, K]; the reduction runs over N."""
-    pid = tl.program_id(0)
-    pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    """dx[M, K] = (dy * act'(t))[M, N] @ w[N, K]; the reduction runs over N. One program per
+    ``[BLOCK_M, BLOCK_K]`` tile of dx."""
+    _dx_tile(
+        dy_ptr, t_ptr, w_ptr, dx_ptr, M, N, K, stride_dym, stride_dyn, stride_tm, stride_tn,
+        stride_wn, stride_wk, negative_slope, tl.program_id(0),
+        ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )  # fmt: skip
+
+
+@triton.jit
+def _dx_tile(
+    dy_ptr, t_ptr, w_ptr, dx_ptr, M, N, K, stride_dym, stride_dyn, stride_tm, stride_tn,
+    stride_wn, stride_wk, negative_slope, tile,
+    ACTIVATION: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Tile ``tile`` ([BLOCK_M, BLOCK_K], grouped order) of dx = (dy * act'(t)) @ w."""
+    pid_m, pid_k = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     am = (rm % M).to(tl.int64)
@@ -415,6 +440,8 @@ def _linear_dw_kernel(
     x_ptr,
     dw_ptr,
     db_ptr,
+    w_ptr,
+    dx_ptr,
     M,
     N,
     K,
@@ -424,10 +451,13 @@ def _linear_dw_kernel(
     stride_tn,
     stride_xm,
     stride_xk,
+    stride_wn,
+    stride_wk,
     split_stride,
     negative_slope,
     SPLIT,
     COMPUTE_DB: tl.constexpr,
+    DX: tl.constexpr,
     ACTIVATION: tl.constexpr,
     FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -439,13 +469,52 @@ def _linear_dw_kernel(
 ):
     """dw[N, K] = (dy * act'(t))^T @ x and db[N] = column sums of dy * act'(t).
 
-    Grid ``(num_db + num_dw_tiles, SPLIT)``: the first ``num_db = cdiv(N, BLOCK_N)`` programs
-    (when COMPUTE_DB) sum dZ over M for one block of columns, the others compute one
-    ``[BLOCK_N, BLOCK_K]`` tile of dW. Slice ``s`` of axis 1 handles the s-th contiguous chunk of
-    M-blocks and stores at ``+ s * split_stride`` (SPLIT > 1: fp32 partials in a workspace,
-    summed by ``_sum_splits_kernel``; SPLIT == 1: the final dw/db, split_stride 0).
+    Grid ``(num_dx + num_db + num_dw_tiles, SPLIT)``: with ``DX`` (SPLIT == 1 only) the first
+    ``num_dx`` programs compute dx's ``[BLOCK_M, BLOCK_K]`` tiles as ``_linear_dx_kernel`` (a
+    small backward's two GEMMs in one launch: the launch, not the GPU, sets its time); then
+    ``num_db = cdiv(N, BLOCK_N)`` programs (when COMPUTE_DB) sum dZ over M for one block of
+    columns; the others compute one ``[BLOCK_N, BLOCK_K]`` tile of dW. Slice ``s`` of axis 1
+    handles the s-th contiguous chunk of M-blocks and stores at ``+ s * split_stride`` (SPLIT >
+    1: fp32 partials in a workspace, summed by ``_sum_splits_kernel``; SPLIT == 1: the final
+    dw/db, split_stride 0).
     """
     pid = tl.program_id(0)
+    # A constexpr branch: without DX the dX code is not compiled at all (its tiles, in the dW
+    # configurations' shapes, would claim shared memory of their own)
+    if DX:
+        num_dx = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
+        if pid < num_dx:
+            _dx_tile(
+                dy_ptr, t_ptr, w_ptr, dx_ptr, M, N, K, stride_dym, stride_dyn, stride_tm,
+                stride_tn, stride_wn, stride_wk, negative_slope, pid,
+                ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            )  # fmt: skip
+        else:
+            _dw_db_program(
+                dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, stride_dym, stride_dyn,
+                stride_tm, stride_tn, stride_xm, stride_xk, split_stride, negative_slope, SPLIT,
+                pid - num_dx,
+                COMPUTE_DB, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N,
+                BLOCK_K, GROUP_M,
+            )  # fmt: skip
+    else:
+        _dw_db_program(
+            dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, stride_dym, stride_dyn, stride_tm,
+            stride_tn, stride_xm, stride_xk, split_stride, negative_slope, SPLIT, pid,
+            COMPUTE_DB, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+            GROUP_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _dw_db_program(
+    dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, stride_dym, stride_dyn, stride_tm,
+    stride_tn, stride_xm, stride_xk, split_stride, negative_slope, SPLIT, pid,
+    COMPUTE_DB: tl.constexpr, ACTIVATION: tl.constexpr, FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Program ``pid`` of ``_linear_dw_kernel``'s db and dW programs (split ``program_id(1)``)."""
     pid_s = tl.program_id(1)
     num_mb = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(num_mb, SPLIT)
@@ -756,6 +825,17 @@ def _launch_configs(kind: str, dtype: torch.dtype, precision: str, M: int, N: in
     )
 
 
+@functools.cache
+def _combined_config(dtype: torch.dtype, precision: str) -> triton.Config:
+    """The configuration of a combined small backward (``_linear_dw_kernel`` with ``DX``): the
+    dW kernel's small tile, with 8 warps and 2 stages. With 4 warps the dX branch beside dW's
+    spills on sm_90 (bf16 64 x 64 x 64: 472-688 bytes of stack for relu, gelu and silu, with 2
+    or 4 stages); with 8 warps and 2 stages no activation, dtype or precision spills (120-255
+    registers; triton 3.9)."""
+    small = _configs("dw", dtype, precision)[3]
+    return triton.Config(dict(small.kwargs), num_warps=8, num_stages=2)
+
+
 def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
     """How many M-slices the dW/db reduction is split into (1 = no workspace).
 
@@ -968,6 +1048,9 @@ def _sum_splits(ws, dw, db, nk: int, nb: int, split: int) -> None:
 _DZ_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 _DZ_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
+# Whether a small backward (below ``worth_tuning``'s size, no dW split) launches its dX tiles
+# with the dW/db kernel (``_linear_dw_kernel``'s ``DX``). Tests set the attribute.
+COMBINED_BACKWARD = True
 # "auto" | "fused" | "dz": the backward path (module doc). Read once; tests set the attribute.
 BACKWARD_PATH = os.environ.get("FUSEDMLP_LINEAR_BWD", "auto")
 # "auto" takes the dz path from these sizes (M * N * K multiply-adds) up; below them the fused
@@ -1108,9 +1191,20 @@ def linear_backward(
             grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db,
             dx_shape,
         )  # fmt: skip
+    split = dw_split(M, N, K, x.device)
+    # A small backward's dX tiles ride in the dW/db launch (one launch less: the launches, not
+    # the GPU, set a small backward's time); a tuned one keeps each GEMM's own configuration.
+    combined = (
+        COMBINED_BACKWARD
+        and need_dx
+        and (need_dw or need_db)
+        and M * N * K > 0
+        and split == 1
+        and not worth_tuning(M * N * K, gemm=True)
+    )
     if need_dx:
         dx = torch.empty(dx_shape or (M, K), device=x.device, dtype=dtype)
-        if M and K:
+        if M and K and not combined:
             if N == 0:
                 dx.zero_()
             else:
@@ -1155,7 +1249,6 @@ def linear_backward(
     compute_dw = need_dw and K > 0
     if not (compute_dw or need_db):
         return dx, dw, db
-    split = dw_split(M, N, K, x.device)
     nk, nb = (N * K if compute_dw else 0), (N if need_db else 0)
     if split > 1:
         ws = torch.empty(
@@ -1169,21 +1262,28 @@ def linear_backward(
 
     def grid(meta):
         tiles = cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"])
+        dx_tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]) if combined else 0
         return (
-            (tiles if compute_dw else 0) + (cdiv(N, meta["BLOCK_N"]) if need_db else 0),
+            dx_tiles + (tiles if compute_dw else 0) + (cdiv(N, meta["BLOCK_N"]) if need_db else 0),
             split,
         )
 
+    configs = _launch_configs("dw", dtype, prec, M, N, K)
+    if combined:  # small: one configuration, nothing to tune (nor to compile for sm_90)
+        configs["configs"] = [_combined_config(dtype, prec)]
+        configs["small_config"] = configs["configs"][0]
     with on_device(x):
         launch(
             _linear_dw_kernel,
             grid,
-            **_launch_configs("dw", dtype, prec, M, N, K),
+            **configs,
             dy_ptr=grad_y,
             t_ptr=saved,
             x_ptr=x,
             dw_ptr=dw_out,
             db_ptr=db_out,
+            w_ptr=weight,
+            dx_ptr=dx if combined else dw_out,  # never written without DX
             M=M,
             N=N,
             K=K,
@@ -1193,10 +1293,13 @@ def linear_backward(
             stride_tn=saved.stride(1),
             stride_xm=x.stride(0),
             stride_xk=x.stride(1),
+            stride_wn=weight.stride(0),
+            stride_wk=weight.stride(1),
             split_stride=split_stride,
             negative_slope=float(negative_slope),
             SPLIT=split,
             COMPUTE_DB=need_db,
+            DX=combined,
             ACTIVATION=activation,
             FP64=fp64,
             DOT_PRECISION=prec,

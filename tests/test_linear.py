@@ -82,11 +82,26 @@ def _check(ours, ref, dtype, scale=1.0):
         assert_close(a, e, dtype=dtype, scale=scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.fixture(params=[True, False], ids=["combined", "separate"])
+def combined(request, monkeypatch):
+    """A small backward's dX tiles launched with its dW/db kernel (the default), or by the dX
+    kernel of the big ones (``kernels.linear.COMBINED_BACKWARD``)."""
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "COMBINED_BACKWARD", request.param)
+    return request.param
+
+
 def _expect(launches, backend, dw_split=1):
+    """The launches of one forward and backward of a small (untuned) linear with every
+    gradient: the dX tiles ride in the dW kernel's launch unless the dW reduction is split."""
+    from fusedmlp.kernels import linear as KL
+
     if backend == "torch":
         assert launches.total == 0, dict(launches)
     else:
-        assert launches[FWD] == 1 and launches[DX] == 1 and launches[DW] == 1, dict(launches)
+        dx = 0 if KL.COMBINED_BACKWARD and dw_split == 1 else 1
+        assert launches[FWD] == 1 and launches[DX] == dx and launches[DW] == 1, dict(launches)
         assert launches[SUM] == (1 if dw_split > 1 else 0), dict(launches)
 
 
@@ -94,7 +109,7 @@ def _expect(launches, backend, dw_split=1):
 
 
 @pytest.mark.parametrize("act,slope", ACT_CASES, ids=ACT_IDS)
-def test_every_activation_matches_torch(backend, launches, act, slope):
+def test_every_activation_matches_torch(backend, launches, combined, act, slope):
     g = torch.Generator().manual_seed(0)
     x = _t(3, 11, 33, gen=g)  # M = 33, K = 33: three row tiles, three K steps
     w = _t(17, 33, gen=g, scale=0.2)
@@ -132,7 +147,7 @@ def test_activation_names_and_torch_fallback_helper():
     ids=["1x1x1", "7x1x7", "1x7x1", "65x7x5-split", "4d", "1d"],
 )
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_shapes_and_bias(triton_backend, launches, lead, k, n, bias):
+def test_shapes_and_bias(triton_backend, launches, combined, lead, k, n, bias):
     from fusedmlp.kernels.linear import dw_split
 
     g = torch.Generator().manual_seed(1)
@@ -232,7 +247,7 @@ def test_3d_input_permuted_batch_dims(triton_backend):
     ],
     ids=["fp16-relu", "fp16-gelu", "bf16-tanh", "bf16-silu"],
 )
-def test_half_precision_triton_path(triton_backend, launches, dtype, act):
+def test_half_precision_triton_path(triton_backend, launches, combined, dtype, act):
     g = torch.Generator().manual_seed(5)
     x = _t(2, 20, 40, gen=g, dtype=dtype)
     w = _t(24, 40, gen=g, dtype=dtype, scale=0.15)
@@ -503,7 +518,7 @@ def test_tma_forward_tf32_takes_k_major_operands(triton_backend, launches, tma, 
 
 
 @pytest.mark.parametrize("act,slope", ACT_CASES, ids=ACT_IDS)
-def test_gradcheck_float64_triton_path(triton_backend, act, slope):
+def test_gradcheck_float64_triton_path(triton_backend, combined, act, slope):
     g = torch.Generator().manual_seed(6)
     x = _t(2, 9, 5, dtype=torch.float64, gen=g).requires_grad_()
     w = _t(18, 5, dtype=torch.float64, gen=g).requires_grad_()
@@ -535,11 +550,18 @@ def test_only_requested_gradients_are_computed(triton_backend, launches):
     g = torch.Generator().manual_seed(8)
     x, w, b, gy = _t(9, 6, gen=g), _t(5, 6, gen=g), _t(5, gen=g), _t(9, 5, gen=g)
     ref = _reference(x, w, b, "relu", 0.01, gy)
-    # frozen layer, input needs grad: no dW launch
+    # frozen layer, input needs grad: no dW launch (nor dW programs)
     xl = _leaf(x)
     linear(xl, w, b, "relu").backward(gy)
     assert_close(xl.grad, ref[1])
     assert launches[DX] == 1 and launches[DW] == 0, dict(launches)
+    # every gradient: one launch for all (a small backward's dX rides with dW and db)
+    launches.clear()
+    xl, wl, bl = _leaf(x), _leaf(w), _leaf(b)
+    linear(xl, wl, bl, "relu").backward(gy)
+    for got, want in zip((xl.grad, wl.grad, bl.grad), ref[1:]):
+        assert_close(got, want)
+    assert launches[DX] == 0 and launches[DW] == 1, dict(launches)
     # first layer: no dX launch; bias only -> db programs only
     launches.clear()
     wl, bl = _leaf(w), _leaf(b)
