@@ -438,9 +438,8 @@ def _bias_corrections(hp, step: float) -> tuple[float, float]:
 def planned_check(arrays: list, op: str):
     """For a step plan (``fusedmlp.optim._plan``), after a full step over ``arrays`` (kernel
     ``op``'s lists, "adam" or "sgd": params, grads, then the state): their multi-tensor check
-    when the next
-    steps may skip it (every tensor on the Triton kernel, one device and dtype, contiguous
-    params with their gradients and state in the params' strides), else None."""
+    when the next steps may skip it (every tensor on the Triton kernel, one device and dtype,
+    contiguous params with their gradients and state in the params' strides), else None."""
     params, grads = arrays[0], arrays[1]
     kernel_idx, rest = kernel_partition(params, grads)
     if rest or one_device_and_dtype(params) is None:
@@ -473,26 +472,12 @@ def adam_planned(
     for mutated in (params, exp_avgs, exp_avg_sqs, vmax):  # as the custom op's eager path
         _increment_version(mutated)
     steps_buffer.add_(1)
-    (lr, beta1, beta2, eps, weight_decay), (_, maximize, decoupled) = _hyper(hp)
     step_size, bias_correction2_sqrt = _bias_corrections(hp, step)
-    from ..kernels import adam as K
-
-    K.adam_step(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        vmax,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
+    _kernel_step(
+        (params, grads, exp_avgs, exp_avg_sqs, vmax),
+        *_hyper(hp),
         step_size=step_size,
         bias_correction2_sqrt=bias_correction2_sqrt,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled,
         checked=checked,
         grad_ptrs=grad_ptrs,
     )

@@ -117,6 +117,14 @@ def eager_stats(input: Tensor, training: bool, running_mean, running_var, moment
     return mean, invstd
 
 
+def update_running_after(running_mean, running_var, mean, batch_mean, var, momentum, nbt):
+    """After a training forward's differentiable op: the running-statistics update that
+    ``eager_stats`` did not do (``mean``: its result, None when it did not), from the
+    ``batch_mean`` and ``var`` the op returned; nothing without running statistics."""
+    if running_mean is not None and mean is None:
+        batchnorm_update_running(running_mean, running_var, batch_mean, var, float(momentum), nbt)
+
+
 @custom_op("fusedmlp::batchnorm_bwd", mutates_args=())
 def _batchnorm_bwd(
     dy: Tensor,
@@ -390,9 +398,9 @@ def _batch_norm(
         mean,
         invstd,
     )
-    if training and running_mean is not None and mean is None:  # not updated by eager_stats
-        batchnorm_update_running(
-            running_mean, running_var, batch_mean, var, float(momentum), num_batches_tracked
+    if training:
+        update_running_after(
+            running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
         )
     return y if y.shape == input.shape else y.reshape(input.shape)
 

@@ -42,12 +42,12 @@ from .batchnorm import (
     _FLOATS,
     _acc_dtype,
     affine_grads,
-    batchnorm_update_running,
     check_input_dtype,
     check_params,
     eager_stats,
     grads_or_empty,
     torch_batch_norm,
+    update_running_after,
 )
 from .dropout import _check_p, _seed
 from .linear import _linear_bwd, _linear_fwd, _validate, apply_activation_torch, check_activation
@@ -484,10 +484,9 @@ def bn_act_dropout(
     out, batch_mean, var = BNActDropoutFunction.apply(
         input, weight, bias, seed, eps, p, act, float(negative_slope), mean, invstd
     )
-    if running_mean is not None and mean is None:  # not updated by eager_stats
-        batchnorm_update_running(
-            running_mean, running_var, batch_mean, var, float(momentum), num_batches_tracked
-        )
+    update_running_after(
+        running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
+    )
     return out
 
 
@@ -526,10 +525,9 @@ def bn_act_dropout_linear(
         input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope),
         mean, invstd,
     )  # fmt: skip
-    if running_mean is not None and mean is None:  # not updated by eager_stats
-        batchnorm_update_running(
-            running_mean, running_var, batch_mean, var, float(momentum), num_batches_tracked
-        )
+    update_running_after(
+        running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
+    )
     return y
 
 

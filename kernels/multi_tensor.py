@@ -155,16 +155,18 @@ def _host_table(values) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=torch.int64)
 
 
-def to_device(values, device: torch.device, host: torch.Tensor | None = None) -> torch.Tensor:
-    """An int64 table of ``values`` on ``device`` (``host``: the same as a CPU tensor, when
-    built already); CUDA: through pinned memory, non-blocking.
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """An int64 table of ``values`` on ``device`` (``_device_table``)."""
+    return _device_table(_host_table(values), device)
+
+
+def _device_table(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The int64 CPU table ``host`` on ``device``; CUDA: through pinned memory, non-blocking.
 
     The pinned host buffer stays referenced by the device table: a copy recorded inside a CUDA
     graph capture re-reads it at every replay, so it must outlive the table (and never return
     to the pinned-memory pool for reuse).
     """
-    if host is None:
-        host = _host_table(values)
     if device.type == "cuda":
         pinned = torch.empty(host.shape, dtype=torch.int64, pin_memory=True).copy_(host)
         table = pinned.to(device, non_blocking=True)
@@ -178,7 +180,7 @@ def _address_table(ptrs: tuple, device: torch.device) -> tuple[torch.Tensor, boo
     alignment read off the host table with one tensor op (a Python test per address costs
     about as much as building the table)."""
     host = _host_table(ptrs)
-    return to_device(None, device, host), not bool(host.bitwise_and(15).any())
+    return _device_table(host, device), not bool(host.bitwise_and(15).any())
 
 
 def amp_scalar(t: torch.Tensor | None, name: str, device: torch.device, ref: torch.Tensor):

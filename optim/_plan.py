@@ -65,6 +65,7 @@ class Plan:
         # .get: a defaultdict would create the entries of params without state (SGD without
         # momentum keeps none)
         self.states = list(map(state.get, params))
+        # held, not read: while the plan lives no other tensor can take these addresses
         self.lists = [list(x) for x in lists]
         self.dtype = params[0].dtype
         self.sizes = list(map(_SIZE, params))
