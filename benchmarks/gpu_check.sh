@@ -17,6 +17,7 @@
 #                tensors; issue 3's bf16 GEMMs and a TF32 layer through the pointer kernels,
 #                the TMA one (FUSEDMLP_TMA=1) and torch
 #   6. grid:     benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16, fp32)
+#   6b. small:   benchmarks/target_grid.py --grid small: issue 3's widths 64, 128, 256 at batch 16K
 #   7. targets:  benchmarks/targets.py: each open issue's speed targets, met or not, from the JSONs
 #   8. profile:  benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
 #                times of the MLP training step, and the host cost of one launch, under profile/
@@ -73,7 +74,7 @@ if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; f
 # kernel_times.py appends to its JSONL, and a skipped step would leave the last run's files:
 # start from none of this script's outputs (a rerun into the same folder on a warm machine).
 rm -rf "$DIR/profile" "$DIR"/*.log "$DIR"/kernel_times.jsonl "$DIR"/bench.{json,md,png} \
-  "$DIR"/tma_grid.{json,md} "$DIR"/targets.md \
+  "$DIR"/tma_grid.{json,md} "$DIR"/small_grid.{json,md} "$DIR"/targets.md \
   "$DIR"/RESULTS.md "$DIR"/verify.json "$DIR"/gpu_check.tgz
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$DIR/summary.txt"; }
 
@@ -188,6 +189,11 @@ cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null
 # 6. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100)
 step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.json" \
   --markdown "$DIR/target_grid.md"
+
+# 6b. issue 3's small widths (64, 128, 256 at batch 16K; bf16 and fp32; forward and backward)
+step small_grid 40 "$PY" benchmarks/target_grid.py --grid small --json "$DIR/small_grid.json" \
+  --markdown "$DIR/small_grid.md"
+cat "$DIR/small_grid.md" >>"$DIR/summary.txt" 2>/dev/null
 
 # 7. the open issues' speed targets from this run's JSON files (met / not met / not measured)
 step targets 10 "$PY" benchmarks/targets.py "$DIR" -o "$DIR/targets.md"

@@ -1,6 +1,6 @@
 """The issues' speed-target grids that ``fusedmlp bench --quick`` leaves out, in one run.
 
-    python benchmarks/target_grid.py [--grid cross_entropy|tma|optim[,...]] [--json PATH]
+    python benchmarks/target_grid.py [--grid cross_entropy|tma|small|optim[,...]] [--json PATH]
                                      [--markdown PATH] [--compile]
 
 ``--grid cross_entropy`` (default): cross-entropy forward+backward at M = 16K rows and C = 32K,
@@ -16,6 +16,11 @@ TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``, TF32 included; it also r
 backward's two GEMMs on the "dz" path) and torch: where the TMA kernel should be the default.
 Also issue 3's small width, 16384 x 256 x 256 bf16, with the TMA kernel forced below its size
 rules (the forward is kernel-bound there: 16 us, 1.23x torch against the 1.3x target).
+
+``--grid small``: issue 3's small widths, linear + ReLU forward and backward at batch 16K and
+widths 64, 128 and 256 (``16384 x w x w``), bf16 and fp32, beside torch (>= 1.3x: the
+issue names ``relu(linear(x))``, judged here for the backward too). The quick bench has only
+width 256 in bf16.
 
 ``--grid optim``: issue 7's small-tensor case, Adam over 1,000 tensors of 1,000 fp32 elements
 (>= 5x ``torch.optim.Adam(foreach=True)``), beside torch's fused Adam.
@@ -140,6 +145,34 @@ def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
     return out
 
 
+# issue 3's "widths up to 256 at batch 16K"
+SMALL_WIDTHS = (64, 128, 256)
+
+
+def small_cases(device: torch.device, compile_: bool) -> list[Case]:
+    impls = ["fusedmlp", "torch"] + (["torch.compile"] if compile_ else [])
+    M, out = 16384, []
+    for dtype in (torch.bfloat16, torch.float32):
+        for width in SMALL_WIDTHS:
+            for bwd in (False, True):
+                for impl in impls:
+                    count = linear_bwd_bytes if bwd else linear_fwd_bytes
+                    out.append(
+                        Case(
+                            "linear",
+                            "bwd" if bwd else "fwd",
+                            f"M={M} N={width} K={width}",
+                            DTYPE_NAMES[dtype],
+                            impl,
+                            build_linear(impl, device, dtype, M, width, width, bwd),
+                            count(M, width, width, dtype.itemsize),
+                            (linear_bwd_flops if bwd else linear_fwd_flops)(M, width, width),
+                            order=(OPS.index("linear"), len(out)),
+                        )
+                    )
+    return out
+
+
 def optim_cases(device: torch.device, compile_: bool) -> list[Case]:
     impls = ["fusedmlp", "torch", "torch.fused"] + (["torch.compile"] if compile_ else [])
     P, T = 1_000_000, 1000
@@ -158,7 +191,7 @@ def optim_cases(device: torch.device, compile_: bool) -> list[Case]:
     ]
 
 
-GRIDS = {"cross_entropy": cases, "tma": tma_cases, "optim": optim_cases}
+GRIDS = {"cross_entropy": cases, "tma": tma_cases, "small": small_cases, "optim": optim_cases}
 
 
 def main(argv=None) -> int:
@@ -188,7 +221,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": True,
         "compile": args.compile,
-        "ops": [{"tma": "linear", "optim": "adam"}.get(g, g) for g in args.grid],
+        "ops": list(dict.fromkeys({"tma": "linear", "small": "linear", "optim": "adam"}.get(g, g) for g in args.grid)),
         "timing": "CUDA events, L2 flushed, median (the triton.testing.do_bench method)",
         **_versions(device),
     }

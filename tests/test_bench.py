@@ -368,7 +368,16 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
             pct_bw=97.9, bytes=3 * 2 * 16384 * 32768, peak_mem_mb=2048.1875),
         row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "torch", 2.582),
     ]  # fmt: skip
-    for name, rows in (("bench.json", bench), ("tma_grid.json", tma), ("target_grid.json", ce)):
+    small = [  # target_grid.py --grid small: every width up to 256, judged within this file
+        row("linear", "fwd", "M=16384 N=64 K=64", "bf16", "fusedmlp", 0.0050),
+        row("linear", "fwd", "M=16384 N=64 K=64", "bf16", "torch", 0.0080),
+        row("linear", "bwd", "M=16384 N=128 K=128", "fp32", "fusedmlp", 0.0300),
+        row("linear", "bwd", "M=16384 N=128 K=128", "fp32", "torch", 0.0240),
+        row("linear", "fwd", "M=16384 N=256 K=256", "bf16", "torch", 0.0100),  # no fusedmlp row
+    ]
+    files = (("bench.json", bench), ("tma_grid.json", tma), ("target_grid.json", ce),
+             ("small_grid.json", small))  # fmt: skip
+    for name, rows in files:
         doc = {"meta": {}, "ceilings": {"copy_gbps": 3008.0}, "rows": rows}
         (tmp_path / name).write_text(json.dumps(doc))
     rows, ceilings = T.load_rows(str(tmp_path))
@@ -389,7 +398,10 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
     assert verdict("linear bwd bf16 8192^3 (fusedmlp) ") == ("0.94x", "**met**")
     # the pointer kernel's row of the TMA grid's own run
     assert verdict("linear + ReLU fwd bf16 16384 x 256 x 256 vs") == ("1.25x", "not met")
-    assert verdict("linear + ReLU bwd") == ("-", "not measured")
+    assert verdict("linear + ReLU bwd bf16 16384") == ("-", "not measured")
+    assert verdict("linear + ReLU fwd bf16 M=16384 N=64 K=64") == ("1.60x", "**met**")
+    assert verdict("linear + ReLU bwd fp32 M=16384 N=128 K=128") == ("0.80x", "not met")
+    assert not [k for k in got if "N=256" in k and k.startswith("linear + ReLU")]
     assert verdict("batch norm fwd+bwd 64K x 1024: >= 80%") == ("79.9%", "not met")
     assert verdict("batch norm fwd+bwd 64K x 1024 vs") == ("1.73x", "**met**")
     assert verdict("cross-entropy M=16384 C=32768 bf16 vs") == ("2.36x", "not met")
