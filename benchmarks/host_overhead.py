@@ -4,6 +4,7 @@
     python benchmarks/host_overhead.py --autotune     (multi-config kernels as a GPU launches them)
     python benchmarks/host_overhead.py --peak --batch 16384 --width 1024   (memory, not time)
     python benchmarks/host_overhead.py --ops          (host time per op, beside torch's CPU op)
+    python benchmarks/host_overhead.py --big-path     (the bench's w1024 B16K step's code paths)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
     python benchmarks/host_overhead.py --check-direct [--tma]   (direct launches = triton's)
 
@@ -189,6 +190,14 @@ def main(argv=None) -> int:
         "every size)",
     )
     parser.add_argument(
+        "--big-path",
+        action="store_true",
+        help="the code paths a GPU takes for the bench's step at width 1024, batch 16K (issue "
+        "8), at this batch: TF32 matmuls, every linear backward on the 'dz' path (two GEMM "
+        "launches and the transposed copies), and the block output recomputed for the next "
+        "Linear's dW instead of kept",
+    )
+    parser.add_argument(
         "--peak",
         action="store_true",
         help="instead of timing: the bytes in use at each launch of one step (glibc's mallinfo2, "
@@ -229,6 +238,13 @@ def main(argv=None) -> int:
 
         KL.TMA, KL.TMA_TF32, KL.TMA_MIN_MACS, KL.TMA_MIN_WAVES = True, True, 0, 0
         torch.set_float32_matmul_precision("high")
+    if args.big_path:
+        import fusedmlp.autograd.fused_block as AFB
+        import fusedmlp.kernels.linear as KL
+
+        torch.set_float32_matmul_precision("high")
+        KL.BACKWARD_PATH = "dz"
+        AFB.RECOMPUTE_MIN_BYTES = 0
     if args.ops:
         return per_op(torch)
     if args.adam_tensors:

@@ -117,7 +117,8 @@ def criteria(rows: list[dict], ceilings: dict) -> list[tuple[str, str, str, str]
             kernel = "" if impl == "fusedmlp" else f" ({impl})"
             what = f"linear + ReLU {pass_} bf16 16384 x 256 x 256{kernel} vs torch: >= 1.3x"
             add("3", what, speedup(R, row, "torch"), 1.3)
-    for r in rows:  # every width up to 256 at batch 16K, bf16 and fp32 (target_grid.py --grid small)
+    # every width up to 256 at batch 16K, bf16 and fp32 (target_grid.py --grid small)
+    for r in rows:
         if r["file"] == "small_grid.json" and r["op"] == "linear" and r["impl"] == "fusedmlp":
             what = f"linear + ReLU {r['pass']} {r['dtype']} {r['shape']} vs torch: >= 1.3x"
             add("3", what, speedup(R, r, "torch"), 1.3)
