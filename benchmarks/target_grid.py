@@ -11,9 +11,11 @@ dtype, tens of seconds each).
 
 ``--grid tma``: issue 3's bf16 GEMM, linear + ReLU forward and backward at 8192^3 and
 16384 x 4096 x 4096, and the bench step's TF32 layer (16384 x 1024 x 1024, fp32 with torch's
-matmul precision "high"), through the pointer-based kernels ("fusedmlp": ``FUSEDMLP_TMA=0``), the
-TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``, TF32 included; it also runs the
+matmul precision "high"), through the pointer-based kernels ("fusedmlp": ``FUSEDMLP_TMA=0``),
+the TMA forward kernel ("fusedmlp TMA": ``FUSEDMLP_TMA=1``, TF32 included; it also runs the
 backward's two GEMMs on the "dz" path) and torch: where the TMA kernel should be the default.
+The TF32 backward also runs without the dz path's dW split ("fusedmlp no dW split":
+``FUSEDMLP_DZ_DW_SPLIT=0``, the GEMM as before the twelfth session).
 Also issue 3's small width, 16384 x 256 x 256 bf16, with the TMA kernel forced below its size
 rules (the forward is kernel-bound there: 16 us, 1.23x torch against the 1.3x target).
 
@@ -84,15 +86,17 @@ def cases(device: torch.device, compile_: bool) -> list[Case]:
 
 
 @contextlib.contextmanager
-def linear_settings(tma: bool, tf32: bool, force: bool = False):
+def linear_settings(tma: bool, tf32: bool, force: bool = False, dw_split: bool = True):
     """The TMA forward kernel on or off (``FUSEDMLP_TMA``), and torch's fp32 matmul precision
     "high" (TF32, for fusedmlp and torch alike) when ``tf32``, for the duration. ``force``
-    (with ``tma``): also below the kernel's size rules (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``)."""
+    (with ``tma``): also below the kernel's size rules (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``).
+    ``dw_split``: the dz backward's dW GEMM split over the batch (``FUSEDMLP_DZ_DW_SPLIT``)."""
     from fusedmlp.kernels import linear as kernels
 
-    names = ("TMA", "TMA_TF32", "TMA_MIN_MACS", "TMA_MIN_WAVES")
+    names = ("TMA", "TMA_TF32", "TMA_MIN_MACS", "TMA_MIN_WAVES", "DZ_DW_SPLIT")
     before = [getattr(kernels, n) for n in names], torch.get_float32_matmul_precision()
     kernels.TMA = kernels.TMA_TF32 = tma
+    kernels.DZ_DW_SPLIT = dw_split
     if tma and force:
         kernels.TMA_MIN_MACS = kernels.TMA_MIN_WAVES = 0
     if tf32:
@@ -126,7 +130,10 @@ def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
     for dtype, M, N, K, force in TMA_SHAPES:
         tf32 = dtype == torch.float32
         for bwd in (False, True):
-            for name, impl, tma in impls:
+            # the TF32 layer's backward without the dW GEMM's split too (an A/B in one run)
+            extra = [("fusedmlp no dW split", "fusedmlp", False)] if tf32 and bwd else []
+            for name, impl, tma in impls + extra:
+                split = name != "fusedmlp no dW split"
                 count = linear_bwd_bytes if bwd else linear_fwd_bytes
                 out.append(
                     Case(
@@ -138,7 +145,7 @@ def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
                         build_linear(impl, device, dtype, M, N, K, bwd),
                         count(M, N, K, dtype.itemsize),
                         (linear_bwd_flops if bwd else linear_fwd_flops)(M, N, K),
-                        context=functools.partial(linear_settings, tma, tf32, force),
+                        context=functools.partial(linear_settings, tma, tf32, force, split),
                         order=(OPS.index("linear"), len(out)),
                     )
                 )

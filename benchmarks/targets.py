@@ -109,6 +109,12 @@ def criteria(rows: list[dict], ceilings: dict) -> list[tuple[str, str, str, str]
         if r["op"] == "linear" and r["impl"] == "fusedmlp TMA":
             what = f"(TMA vs pointer kernels) linear {r['pass']} {r['shape']} {r['dtype']}: > 1x"
             add("3", what, speedup(R, r, "fusedmlp"), 1.0 + 1e-9)
+    # Not a target either: whether the dz backward's dW split beats the unsplit GEMM (TF32)
+    for r in rows:
+        if r["op"] == "linear" and r["impl"] == "fusedmlp no dW split":
+            base = R.beside(r, "fusedmlp")
+            what = f"(dW split vs unsplit) linear {r['pass']} {r['shape']} {r['dtype']}: > 1x"
+            add("3", what, _ratio(r["ms"], base["ms"] if base else None), 1.0 + 1e-9)
     for impl in ("fusedmlp", "fusedmlp TMA"):  # TMA: target_grid.py forces it at this size
         for pass_ in ("fwd", "bwd"):
             row = R.get("linear", pass_, impl, small, "bf16")

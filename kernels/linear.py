@@ -35,7 +35,10 @@ both GEMMs run through the forward kernel with no bias and no activation, ``dX =
 splits each K-step into k8 slices with waits between them, and TF32 wgmma reads shared-memory
 operands only K-major, while X and W are stored with the reduction dimension outer. The
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
-and dZ^T (16-bit types transpose in wgmma and use views).
+and dZ^T (16-bit types transpose in wgmma and use views). Where dW's [N, K] tiles leave SMs
+idle and the pointer kernel runs it, its M-deep reduction is split (``dz_dw_split``,
+``SPLIT_K``): fp32 partials, summed by ``_sum_splits_kernel`` with the dZ pass's column sums
+(db) in one launch.
 
 TMA forward (``_linear_fwd_tma_kernel``; ``TMA``: fp16/bf16 by default on sm_90+, TF32 opt-in):
 for large GEMMs (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``), the same epilogue behind a persistent
@@ -203,18 +206,27 @@ def _linear_fwd_kernel(
     stride_wk,
     stride_b,
     negative_slope,
+    k_split,
+    split_stride,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     SAVE_Z: tl.constexpr,
     FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[M, N] = act(x[M, K] @ w[N, K]^T + b[N]); z (pre-activation) stored when SAVE_Z."""
+    """y[M, N] = act(x[M, K] @ w[N, K]^T + b[N]); z (pre-activation) stored when SAVE_Z.
+
+    ``SPLIT_K`` (the dz backward's dW GEMM, ``_gemm_split_k``): program (i, s) reduces only
+    ``K`` from ``s * k_split`` to ``(s + 1) * k_split`` (a multiple of BLOCK_K) and stores its
+    raw fp32 partial tile at ``y + s * split_stride`` (no bias, no activation); the launcher
+    sums the splits. Otherwise grid axis 1 has one program and ``k_split``, ``split_stride``
+    are unused."""
     pid = tl.program_id(0)
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,12 +241,18 @@ def _linear_fwd_kernel(
     w_ptrs = w_ptr + rk64[:, None] * stride_wk + bn[None, :] * stride_wn
     x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
     w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
+    depth = K
+    if SPLIT_K:
+        k_lo = tl.program_id(1).to(tl.int64) * k_split
+        x_ptrs += k_lo * stride_xk
+        w_ptrs += k_lo * stride_wk
+        depth = tl.minimum(K - k_lo, k_split).to(tl.int32)
     if FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
+    for k in range(0, tl.cdiv(depth, BLOCK_K)):
+        k_left = depth - k * BLOCK_K
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
         b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
         acc = tl.dot(
@@ -246,8 +264,13 @@ def _linear_fwd_kernel(
         )
         x_ptrs += x_step
         w_ptrs += w_step
-    _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
-                  HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
+    if SPLIT_K:
+        offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        part = y_ptr + tl.program_id(1).to(tl.int64) * split_stride
+        tl.store(part + offs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    else:
+        _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
+                      HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
 
 
 @triton.jit
@@ -695,21 +718,33 @@ def _linear_dz_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(ws_ptr, dw_ptr, db_ptr, NK, NB, SPLIT, BLOCK: tl.constexpr):
-    """dw.flat[i] = sum_s ws[s, i] (i < NK); db[i - NK] = sum_s ws[s, i] (NK <= i < NK + NB).
+def _sum_splits_kernel(ws_ptr, wsb_ptr, dw_ptr, db_ptr, NK, NB, SPLIT, SPLIT_B, stride_w, stride_b,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """dw.flat[i] = sum_s ws[s, i] (i < NK, s < SPLIT); db[j] = sum_p wsb[p, j] (j < NB,
+    p < SPLIT_B): one launch over the NK + NB outputs.
 
-    ``ws`` is contiguous ``[SPLIT, NK + NB]`` fp32 (fp64 for fp64 gradients); the sum runs over
-    s in order (deterministic). NK = 0 when only db is wanted, NB = 0 when only dw.
+    ``ws`` fp32 (fp64 for fp64 gradients) rows of ``stride_w`` elements, ``wsb`` rows of
+    ``stride_b`` (the fused backward's workspace: ``[SPLIT, NK + NB]`` with wsb its column NK
+    on; the dz path's: the dW GEMM's ``[SPLIT, NK]`` partials, then the dZ pass's
+    ``[SPLIT_B, NB]`` column sums). Each sum runs over the splits in order (deterministic).
+    NK = 0 when only db is wanted, NB = 0 when only dw.
     """
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    row = tl.cast(NK, tl.int64) + NB
-    mask = offs < row
-    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    for s in range(1, SPLIT):
-        acc += tl.load(ws_ptr + s * row + offs, mask=mask, other=0.0)
-    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=offs < NK)
-    tl.store(db_ptr + (offs - NK), acc.to(db_ptr.dtype.element_ty), mask=mask & (offs >= NK))
+    lo = pid.to(tl.int64) * BLOCK
+    offs = lo + tl.arange(0, BLOCK)
+    if lo < NK:
+        mask = offs < NK
+        acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+        for s in range(1, SPLIT):
+            acc += tl.load(ws_ptr + s * tl.cast(stride_w, tl.int64) + offs, mask=mask, other=0.0)
+        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if lo + BLOCK > NK:
+        j = offs - NK
+        mask = (j >= 0) & (j < NB)
+        acc = tl.load(wsb_ptr + j, mask=mask, other=0.0)
+        for p in range(1, SPLIT_B):
+            acc += tl.load(wsb_ptr + p * tl.cast(stride_b, tl.int64) + j, mask=mask, other=0.0)
+        tl.store(db_ptr + j, acc.to(db_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1020,28 +1055,40 @@ def linear_forward(
             stride_wk=weight.stride(1),
             stride_b=bias.stride(0) if bias is not None else 0,
             negative_slope=float(negative_slope),
+            k_split=0,
+            split_stride=0,
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
             SAVE_Z=save_z,
             FP64=x.dtype == torch.float64,
             DOT_PRECISION=precision,
+            SPLIT_K=False,
         )
     return y, z
 
 
-def _sum_splits(ws, dw, db, nk: int, nb: int, split: int) -> None:
-    """dw.flat = ws[:, :nk] summed over the split, db = ws[:, nk:] summed (``_sum_splits_kernel``)."""
+def _sum_splits(ws, dw, db, nk: int, nb: int, split: int, wsb=None, split_b: int = 0) -> None:
+    """dw.flat = ws[:, :nk] summed over the split, db = ws[:, nk:] summed (``_sum_splits_kernel``);
+    with ``wsb`` (``[split_b, nb]``), db sums that instead and ``ws`` is ``[split, nk]``."""
+    if wsb is None:
+        wsb, split_b, stride_b = ws[:, nk:], split, nk + nb
+    else:
+        stride_b = nb
     launch(
         _sum_splits_kernel,
         lambda meta: (cdiv(nk + nb, meta["BLOCK"]),),
         configs=_SUM_CONFIGS,
         interpret_config=_SUM_INTERPRET,
         ws_ptr=ws,
+        wsb_ptr=wsb,
         dw_ptr=dw if dw is not None else ws,
         db_ptr=db if db is not None else ws,
         NK=nk,
         NB=nb,
         SPLIT=split,
+        SPLIT_B=split_b,
+        stride_w=ws.stride(0),
+        stride_b=stride_b,
     )
 
 
@@ -1058,9 +1105,10 @@ BACKWARD_PATH = os.environ.get("FUSEDMLP_LINEAR_BWD", "auto")
 # relu 0.49 ms dz vs 1.06 ms fused; bf16 8192^3 3.40 vs 4.61 ms; bf16 16384x1024x1024 0.173
 # vs 0.167 ms) and the dz path's extra launches cost host time.
 DZ_PATH_MIN_MACS = {"tf32": 2**30, "16bit": 2**36}
-# The dz path's dW GEMM is the forward kernel, which has no split-K: its [N, K] output must give
-# the GPU enough tiles (1024 x 1024: 256 tiles of 64 x 64). Narrow layers over long batches keep
-# the fused kernels, whose dW reduction splits over M.
+# The dz path's dW GEMM is the forward kernel, chosen (third session) when it had no split-K: its
+# [N, K] output had to give the GPU enough tiles (1024 x 1024: 256 tiles of 64 x 64). Narrow
+# layers over long batches keep the fused kernels, whose dW reduction splits over M. The GEMM's
+# own split (``dz_dw_split``, twelfth session) has not run on a GPU: the rule stays until it has.
 DZ_PATH_MIN_DW_ELEMENTS = 2**20
 
 
@@ -1094,6 +1142,101 @@ def dw_copies_input_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
         _dz_copies_transposes(x.dtype)
         and backward_path(x.dtype, dot_precision(x.dtype), M, N, K, x.device) == "dz"
     )
+
+
+# Whether the dz path's dW GEMM splits its depth (the batch) over several programs per output
+# tile where its [N, K] tiles leave SMs idle (``dz_dw_split``). Read once; tests set it.
+DZ_DW_SPLIT = os.environ.get("FUSEDMLP_DZ_DW_SPLIT", "1") != "0"
+
+
+def dz_dw_split(M: int, N: int, K: int, device: torch.device) -> int:
+    """Depth slices of the dz path's dW GEMM: ``[N, K]`` outputs, each over the M rows (1 = no
+    split).
+
+    Without a split the forward kernel has one program per output tile: at width 1024 that is
+    64 tiles of 128 x 128 for 132 SMs, or small tiles (TF32 16384 x 1024 x 1024 on an H100,
+    tenth session: the dz backward 0.545 ms against torch's 0.400, its dW GEMM about twice
+    the dX GEMM's time for the same FLOPs). Slices make about two programs per SM at the
+    nominal 128 x 128 tile, each over at least 1024 rows. Under the interpreter a nominal 16 x
+    16 tile, 4 "SMs" and 32 rows exercise the split in tests.
+    """
+    if device.type == "cuda":
+        sms, tile, per_sm, rows = sm_count(device), 128, 2, 1024
+    else:
+        sms, tile, per_sm, rows = 4, 16, 1, 32
+    tiles = cdiv(N, tile) * cdiv(K, tile)
+    if tiles >= sms:
+        return 1
+    return max(1, min(round(per_sm * sms / tiles), cdiv(M, rows), 16))
+
+
+@functools.cache
+def _split_k_configs(dtype: torch.dtype, precision: str) -> list:
+    """The forward GEMM's configurations for its K-split launch: the same list as another
+    object, so that it gets an autotuner (and tuned choices) of its own."""
+    return list(_configs("fwd", dtype, precision)[0])
+
+
+def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
+    """dW = a @ b^T for the dz path (``a`` [N, M], ``b`` [K, M]: dZ^T and X^T, as views or
+    copies), over its M-deep reduction in ``dz_dw_split`` slices where the pointer kernel runs
+    it. ``sums``: the dZ pass's db column sums ``(ws [n_split, N], db, n_split)``, or None;
+    they are summed here too (with the slices' partials in one launch when split)."""
+    N, M = a.shape
+    K = b.shape[0]
+    dtype, device = a.dtype, a.device
+    precision = dot_precision(dtype)
+    split = dz_dw_split(M, N, K, device) if DZ_DW_SPLIT else 1
+    if split > 1 and _tma_operands(a, b, N, K, M, precision) is None:
+        # slices of a multiple of every configuration's BLOCK_K (16 to 64; 16 interpreted)
+        grain = 64 if device.type == "cuda" else _INTERPRET_TILE[2]
+        depth = cdiv(cdiv(M, split), grain) * grain
+        split = cdiv(M, depth)
+    else:
+        split = 1
+    if split == 1:
+        dw = linear_forward(a, b, None, "none", 0.0)[0]
+        if sums is not None:
+            with on_device(a):
+                _sum_splits(sums[0], None, sums[1], 0, N, sums[2])
+        return dw
+    ws = torch.empty((split, N * K), device=device, dtype=torch.float32)
+    dw = torch.empty((N, K), device=device, dtype=dtype)
+    configs = _launch_configs("fwd", dtype, precision, N, K, M)
+    configs["configs"] = _split_k_configs(dtype, precision)
+    with on_device(a):
+        launch(
+            _linear_fwd_kernel,
+            lambda meta: (cdiv(N, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]), split),
+            **configs,
+            x_ptr=a,
+            w_ptr=b,
+            b_ptr=ws,  # no bias, no pre-activation: placeholders
+            y_ptr=ws,
+            z_ptr=ws,
+            M=N,
+            N=K,
+            K=M,
+            stride_xm=a.stride(0),
+            stride_xk=a.stride(1),
+            stride_wn=b.stride(0),
+            stride_wk=b.stride(1),
+            stride_b=0,
+            negative_slope=0.0,
+            k_split=depth,
+            split_stride=N * K,
+            HAS_BIAS=False,
+            ACTIVATION="none",
+            SAVE_Z=False,
+            FP64=False,
+            DOT_PRECISION=precision,
+            SPLIT_K=True,
+        )
+        if sums is None:
+            _sum_splits(ws, dw, None, N * K, 0, split)
+        else:
+            _sum_splits(ws, dw, sums[1], N * K, N, split, wsb=sums[0], split_b=sums[2])
+    return dw
 
 
 def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db,
@@ -1141,8 +1284,8 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
                 WRITE_DZT=write_dzt,
                 WRITE_SUMS=need_db,
             )
-        if need_db:
-            _sum_splits(ws, None, db, 0, N, n_split)
+    # db's column sums, summed by the launch that sums dW's K-split partials when it splits
+    sums = (ws, db, n_split) if need_db else None
     dz_rows = dz if write_dz else grad_y
     dx = dw = None
     # dW first, and its [M, *] transposes freed before dX is allocated: TF32 holds dZ^T and X^T
@@ -1151,8 +1294,12 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
     # at width 1024, batch 16K, fp32.
     if need_dw:  # dW = dZ^T @ X = dZ^T @ (X^T)^T (no copy when x is already such a view)
         x_t = x.t().contiguous() if kmajor else x.t()
-        dw = linear_forward(dzt if write_dzt else dz_rows.t(), x_t, None, "none", 0.0)[0]
+        dw = _dz_dw_gemm(dzt if write_dzt else dz_rows.t(), x_t, sums)
+        sums = None
         del x_t, dzt
+    if sums is not None:
+        with on_device(x):
+            _sum_splits(ws, None, db, 0, N, n_split)
     if need_dx:  # dX = dZ @ W = dZ @ (W^T)^T
         w_t = weight.t().contiguous() if kmajor else weight.t()
         dx = linear_forward(dz_rows, w_t, None, "none", 0.0, out_shape=dx_shape)[0]

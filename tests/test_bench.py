@@ -358,6 +358,9 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
         row("linear", "fwd", big, "bf16", "fusedmlp", 1.70),
         row("linear", "fwd", big, "bf16", "fusedmlp TMA", 1.60),
         row("linear", "fwd", big, "bf16", "torch", 1.50),
+        # the TF32 layer's backward with and without the dW split
+        row("linear", "bwd", "M=16384 N=1024 K=1024", "tf32", "fusedmlp", 0.45),
+        row("linear", "bwd", "M=16384 N=1024 K=1024", "tf32", "fusedmlp no dW split", 0.54),
         # the small width, the TMA kernel forced there by target_grid.py
         row("linear", "fwd", "M=16384 N=256 K=256", "bf16", "fusedmlp TMA", 0.0140),
         row("linear", "fwd", "M=16384 N=256 K=256", "bf16", "fusedmlp", 0.0160),
@@ -396,6 +399,7 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
         "**met**",
     )
     assert verdict("linear bwd bf16 8192^3 (fusedmlp) ") == ("0.94x", "**met**")
+    assert verdict("(dW split vs unsplit) linear bwd M=16384 N=1024") == ("1.20x", "**met**")
     # the pointer kernel's row of the TMA grid's own run
     assert verdict("linear + ReLU fwd bf16 16384 x 256 x 256 vs") == ("1.25x", "not met")
     assert verdict("linear + ReLU bwd bf16 16384") == ("-", "not measured")

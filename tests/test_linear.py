@@ -317,6 +317,56 @@ def test_dz_backward_path_only_requested_gradients(triton_backend, launches, dz_
     assert_close(b.grad, ref[3], dtype=torch.float32)
 
 
+@pytest.mark.parametrize(
+    "dtype,act,bias",
+    [(torch.float32, "relu", True), (torch.float32, None, False), (torch.bfloat16, "gelu", True)],
+    ids=["fp32-relu-bias", "fp32-none-nobias", "bf16-gelu-bias"],
+)
+def test_dz_backward_splits_a_narrow_dw_over_the_batch(
+    triton_backend, launches, dz_path, dtype, act, bias
+):
+    # A [12, 10] dW (one nominal tile of 16 x 16 under the interpreter, for 4 "SMs") over 100
+    # rows: its GEMM runs in 32-row slices (4 programs per tile; the last one 4 rows deep),
+    # whose fp32 partials one launch sums with the dZ pass's db column sums.
+    from fusedmlp.kernels.linear import dz_dw_split
+
+    assert dz_dw_split(100, 12, 10, torch.device("cpu")) == 4
+    g = torch.Generator().manual_seed(13)
+    x = _t(100, 10, gen=g, dtype=dtype)
+    w = _t(12, 10, gen=g, dtype=dtype, scale=0.3)
+    b = _t(12, gen=g, dtype=dtype) if bias else None
+    gy = _t(100, 12, gen=g, dtype=dtype)
+    ours = _ours(x, w, b, act, 0.01, gy)
+    # forward, dX, and dW's split launch; one merge of the partials (and the column sums)
+    assert launches["_linear_fwd_kernel"] == 3 and launches[SUM] == 1, dict(launches)
+    ref = _reference(x, w, b, act, 0.01, gy)
+    _check(ours, ref, dtype, scale=2.0)
+
+
+def test_dz_backward_dw_split_can_be_turned_off(triton_backend, launches, dz_path, monkeypatch):
+    from fusedmlp.kernels import linear as kernels
+
+    g = torch.Generator().manual_seed(14)
+    x, w, gy = _t(100, 10, gen=g), _t(12, 10, gen=g, scale=0.3), _t(100, 12, gen=g)
+    monkeypatch.setattr(kernels, "DZ_DW_SPLIT", False)
+    ours = _ours(x, w, None, "relu", 0.01, gy)
+    assert launches["_linear_fwd_kernel"] == 3 and launches[SUM] == 0, dict(launches)
+    _check(ours, _reference(x, w, None, "relu", 0.01, gy), torch.float32)
+
+
+def test_dz_dw_split_policy():
+    from fusedmlp.kernels import linear as kernels
+
+    cuda, h100 = torch.device("cuda"), 132
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "sm_count", lambda device: h100)
+        # the bench step's layer: 64 tiles of 128 x 128, about two programs per SM
+        assert kernels.dz_dw_split(16384, 1024, 1024, cuda) == 4
+        assert kernels.dz_dw_split(16384, 2048, 2048, cuda) == 1  # 256 tiles: no split
+        assert kernels.dz_dw_split(2048, 1024, 1024, cuda) == 2  # at least 1024 rows a slice
+        assert kernels.dz_dw_split(1 << 20, 128, 128, cuda) == 16  # at most 16 slices
+
+
 def test_backward_path_policy():
     from fusedmlp.kernels.linear import backward_path
 
