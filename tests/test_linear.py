@@ -354,6 +354,41 @@ def test_dz_backward_dw_split_can_be_turned_off(triton_backend, launches, dz_pat
     _check(ours, _reference(x, w, None, "relu", 0.01, gy), torch.float32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's own split sizes")
+def test_dz_backward_dw_split_on_a_gpu(triton_backend, launches):
+    # The bench step's TF32 layer at a quarter of its batch, on the path a GPU chooses: dz,
+    # with dW's 4096-deep reduction in slices (4 on 132 SMs), checked against float64 within
+    # TF32's rounding bound (as tests/test_configs.py).
+    from fusedmlp.kernels import linear as kernels
+
+    M, N, K = 4096, 1024, 1024
+    device = torch.device("cuda")
+    split = kernels.dz_dw_split(M, N, K, device)
+    g = torch.Generator().manual_seed(15)
+    x = _leaf(torch.randn(M, K, generator=g).to(device))
+    w = _leaf((torch.randn(N, K, generator=g) / K**0.5).to(device))
+    b = _leaf(torch.randn(N, generator=g).to(device))
+    gy = torch.randn(M, N, generator=g).to(device)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert kernels.backward_path(torch.float32, "tf32", M, N, K, device) == "dz"
+        linear(x, w, b).backward(gy)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert launches["_linear_fwd_kernel"] == 3, dict(launches)
+    assert launches[SUM] == 1, dict(launches)  # the slices (split > 1) and db in one launch
+    assert split > 1, split
+    x64, w64, g64 = x.detach().double(), w.detach().double(), gy.double()
+    for actual, expected, magnitude in (
+        (x.grad, g64 @ w64, g64.abs() @ w64.abs()),
+        (w.grad, g64.T @ x64, g64.T.abs() @ x64.abs()),
+        (b.grad, g64.sum(0), g64.abs().sum(0)),
+    ):
+        err = (actual.double() - expected).abs()
+        assert (err <= 2**-8 * magnitude + 1e-6).all(), err.max().item()
+
+
 def test_dz_dw_split_policy():
     from fusedmlp.kernels import linear as kernels
 
