@@ -16,11 +16,14 @@ Three blocks (kernels in ``fusedmlp.kernels.fused_block``):
   without activation that follows it in an MLP: the block's output is not saved but recomputed
   in the backward (``fused_block_apply``: the forward pass again with the saved statistics, the
   same bits) for the Linear's dW, then freed before the block's backward runs.
-- ``act_dropout``: ``dropout(act(z))``, the tail of ``Linear -> act -> Dropout`` when the Linear
-  runs without activation. Saved: the OUTPUT where it determines the derivative (none, relu,
-  leaky_relu with ``negative_slope >= 0``, sigmoid, tanh; the next layer keeps it as its input
-  anyway), else the pre-activation z (leaky_relu with ``negative_slope < 0``, gelu, silu),
-  plus the seed.
+- ``linear_act_dropout``: ``dropout(act(linear(x, W, b)))``, ``Linear -> act -> Dropout``: the
+  dropout in the Linear's epilogue (``fusedmlp.kernels.linear``), one launch and no
+  pre-activation pass. Saved: x and W for the Linear, the OUTPUT where it determines the
+  derivative (none, relu, leaky_relu with ``negative_slope >= 0``, sigmoid, tanh; the next
+  layer keeps it as its input anyway), else the pre-activation z (leaky_relu with
+  ``negative_slope < 0``, gelu, silu, stored by the same epilogue), plus the seed. The
+  backward is ``act_dropout``'s, then the Linear's without activation.
+- ``act_dropout``: ``dropout(act(z))`` alone, one elementwise pass, saved as above.
 
 The dropout seed is drawn exactly as ``fusedmlp.functional.dropout`` draws it (same generator
 call at the same point of the chain) and the kernels use its Philox stream, so a fused block
@@ -51,6 +54,7 @@ from .batchnorm import (
 )
 from .dropout import _check_p, _seed
 from .linear import _linear_bwd, _linear_fwd, _validate, apply_activation_torch, check_activation
+from .linear import linear as _linear
 
 
 def saves_output(activation: str, negative_slope: float) -> bool:
@@ -216,7 +220,37 @@ def _(x, weight, bias, mean, invstd, seed, p, activation, negative_slope, transp
     return torch.empty((c, n) if transposed else (n, c), dtype=x.dtype, device=x.device)
 
 
+@custom_op("fusedmlp::fused_block_linear_act_dropout_fwd", mutates_args=())
+def _fused_block_linear_act_dropout_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    seed: Tensor,
+    p: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor]:
+    """``(y, z)``: y = dropout(act(x @ weight.T + bias), p) of shape ``[..., out]`` (the mask
+    of ``seed``), z the pre-activation when the backward needs it (``saves_output`` False),
+    else empty."""
+    from ..kernels import linear as K
+
+    in_features = weight.shape[1]
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, in_features)
+    y, z = K.linear_forward(x2, weight, bias, activation, negative_slope, out_shape, seed, p)
+    return y, (z if z is not None else x.new_empty(0))
+
+
+@_fused_block_linear_act_dropout_fwd.register_fake
+def _(x, weight, bias, seed, p, activation, negative_slope):
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    z = x.new_empty(out_shape) if not saves_output(activation, negative_slope) else x.new_empty(0)
+    return x.new_empty(out_shape), z
+
+
 _fused_block_fwd_call = caller(_fused_block_fwd)
+_fused_block_linear_act_dropout_fwd_call = caller(_fused_block_linear_act_dropout_fwd)
 _fused_block_apply_call = caller(_fused_block_apply)
 _fused_block_act_dropout_bwd_call = caller(_fused_block_act_dropout_bwd)
 _fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
@@ -380,6 +414,44 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
             dlw if need_dlw else None,
             dlb if need_dlb else None,
             *(None,) * 6,
+        )
+
+
+class LinearActDropoutFunction(torch.autograd.Function):
+    """``dropout(act(x @ weight.T + bias))`` with the dropout in the Linear's epilogue. Saves x,
+    weight, the output (or z, ``saves_output``) and the seed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seed, p, activation, negative_slope):
+        y, z = _fused_block_linear_act_dropout_fwd_call(
+            x, weight, bias, seed, p, activation, negative_slope
+        )
+        saved = y if saves_output(activation, negative_slope) else z
+        ctx.save_for_backward(x, weight, saved, seed)
+        ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable(
+        "linear + activation + dropout",
+        through_saved=lambda ctx: ctx.activation not in _PIECEWISE_LINEAR,
+    )
+    def backward(ctx, dy):
+        x, weight, saved, seed = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and ctx.has_bias
+        if not (need_dx or need_dw or need_db):
+            return (None,) * 7
+        dz = _fused_block_act_dropout_bwd_call(
+            dy, saved, seed, ctx.p, ctx.activation, ctx.negative_slope
+        )
+        dx, dw, db = _linear_bwd(dz, x, weight, dz, "none", 0.0, need_dx, need_dw, need_db)
+        return (
+            dx if need_dx else None,
+            dw if need_dw else None,
+            db if need_db else None,
+            *(None,) * 4,
         )
 
 
@@ -579,12 +651,58 @@ def act_dropout(
     return ActDropoutFunction.apply(input, seed, p, act, float(negative_slope))
 
 
+def linear_act_dropout(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    p: float = 0.5,
+) -> Tensor:
+    """``dropout(act(linear(input, weight, bias)), p)`` in training mode: ``Linear -> act ->
+    Dropout`` with the dropout in the Linear's epilogue on the Triton path (one launch).
+
+    The same values, mask and gradients as ``act_dropout(linear(input, weight, bias), ...)``
+    (the unfused chain, which runs instead under autocast, for a bias that ``F.linear``
+    broadcasts, ``p = 0``, empty inputs, on the torch path, and in eager mode where the GEMM
+    takes the TMA kernel: ``fusedmlp.kernels.linear.dropout_epilogue_applies``).
+    """
+    act = _kernel_activation(activation)
+    p = _check_p(p)
+    fused = (
+        p > 0.0
+        and isinstance(input, Tensor)
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and (bias is None or (isinstance(bias, Tensor) and bias.shape == (weight.shape[0],)))
+        and not torch.is_autocast_enabled(input.device.type)
+        and use_triton(input, weight, bias)
+    )
+    if fused:
+        _validate(input, weight, bias, negative_slope)  # linear's checks, before any launch
+        # rows of a multiple of 16 outputs (kernels.linear.DROPOUT_EPILOGUE_N: else it spills)
+        N = weight.shape[0]
+        fused = input.numel() > 0 and N > 0 and N % 16 == 0 and input.dtype in _FLOATS
+    if fused and not torch.compiler.is_compiling():
+        from ..kernels.linear import dropout_epilogue_applies
+
+        # not where the TMA GEMM would run: it and a separate pass beat the pointer kernel
+        # (traced graphs fuse: no data pointers to test)
+        fused = dropout_epilogue_applies(input.reshape(-1, input.shape[-1]), weight)
+    if not fused:
+        return act_dropout(_linear(input, weight, bias, None), activation, negative_slope, p)
+    seed = _seed(input, None)
+    return LinearActDropoutFunction.apply(input, weight, bias, seed, p, act, float(negative_slope))
+
+
 __all__ = [
     "ActDropoutFunction",
+    "LinearActDropoutFunction",
     "BNActDropoutFunction",
     "BNActDropoutLinearFunction",
     "act_dropout",
     "bn_act_dropout",
     "bn_act_dropout_linear",
     "block_linear_applies",
+    "linear_act_dropout",
 ]

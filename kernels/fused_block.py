@@ -53,7 +53,7 @@ import triton.language as tl
 
 from . import batchnorm as BN
 from .batchnorm import _store_grad_sums
-from .dropout import philox_keep
+from .dropout import tile_keep as _tile_keep
 from .launch import cdiv, launch, on_device, row_splits
 from .linear import _activation, _activation_grad
 
@@ -72,23 +72,6 @@ def saves_output(activation: str, negative_slope: float) -> bool:
 # ----------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Keep mask of the ``[BLOCK_R, 4 * BLOCK_Q]`` tile of rows ``r`` (``[BR, 1]`` int64) and
-    columns ``pid_c * 4 * BLOCK_Q + [0, 4 * BLOCK_Q)``: element index ``i = r * C + c``."""
-    seed = tl.load(seed_ptr)
-    if ALIGNED:  # C % 4 == 0: one Philox call per quad, i // 4 = r * C / 4 + q
-        q = pid_c.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        quad = r[:, :, None] * (C // 4) + q[None, :, None]  # [BR, BQ, 1]
-        keep = philox_keep(seed, quad, tl.arange(0, 4)[None, None, :], p)  # [BR, BQ, 4]
-        keep = tl.reshape(keep, [quad.shape[0], 4 * BLOCK_Q])
-    else:
-        c = pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
-        i = r * C + c[None, :]
-        keep = philox_keep(seed, i >> 2, i & 3, p)
-    return keep
 
 
 @triton.jit

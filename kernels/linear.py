@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout import tile_keep
 from .launch import (
     Tma,
     cdiv,
@@ -197,6 +198,7 @@ def _linear_fwd_kernel(
     b_ptr,
     y_ptr,
     z_ptr,
+    seed_ptr,
     M,
     N,
     K,
@@ -206,11 +208,14 @@ def _linear_fwd_kernel(
     stride_wk,
     stride_b,
     negative_slope,
+    p,
+    scale,
     k_split,
     split_stride,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     SAVE_Z: tl.constexpr,
+    DROPOUT: tl.constexpr,
     FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -220,7 +225,8 @@ def _linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[M, N] = act(x[M, K] @ w[N, K]^T + b[N]); z (pre-activation) stored when SAVE_Z.
+    """y[M, N] = act(x[M, K] @ w[N, K]^T + b[N]); z (pre-activation) stored when SAVE_Z;
+    with ``DROPOUT`` y = dropout(act(...)) (``_fwd_epilogue``).
 
     ``SPLIT_K`` (the dz backward's dW GEMM, ``_gemm_split_k``): program (i, s) reduces only
     ``K`` from ``s * k_split`` to ``(s + 1) * k_split`` (a multiple of BLOCK_K) and stores its
@@ -269,16 +275,24 @@ def _linear_fwd_kernel(
         part = y_ptr + tl.program_id(1).to(tl.int64) * split_stride
         tl.store(part + offs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
     else:
-        _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
-                      HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
+        _fwd_epilogue(acc, rm, rn, bn, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, M, N, stride_b,
+                      negative_slope, p, scale, HAS_BIAS, ACTIVATION, SAVE_Z, DROPOUT,
+                      BLOCK_N)  # fmt: skip
 
 
 @triton.jit
-def _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative_slope,
-                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_Z: tl.constexpr):  # fmt: skip
+def _fwd_epilogue(acc, rm, rn, bn, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, M, N, stride_b,
+                  negative_slope, p, scale, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                  SAVE_Z: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """The forward kernels' epilogue on the accumulator tile of rows ``rm`` and columns ``rn``
-    (``bn``: the columns wrapped into [0, N), int64): bias, rounding to the output dtype,
-    activation, and the masked stores of ``z`` (SAVE_Z) and ``y`` (contiguous [M, N])."""
+    (``bn``: the columns wrapped into [0, N), int64; tile column ``pid_n``): bias, rounding to
+    the output dtype, activation, with ``DROPOUT`` the dropout mask of the seed at ``seed_ptr``
+    (``p``, ``scale = 1/(1-p)``; N % 16 == 0: ``dropout_epilogue_applies``), and the masked stores
+    of ``z`` (SAVE_Z) and ``y`` (contiguous [M, N]).
+
+    The dropout is ``fused_block``'s ``act_dropout`` on this output, to the bit: the activation
+    rounded to the output dtype, times ``keep ? scale : 0`` (fp32; fp64 for fp64), rounded
+    again, with the mask of element ``m * N + n`` (``dropout.tile_keep``)."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + bn * stride_b)
         acc += bias.to(acc.dtype)[None, :]
@@ -291,6 +305,9 @@ def _fwd_epilogue(acc, rm, rn, bn, b_ptr, y_ptr, z_ptr, M, N, stride_b, negative
         y = z
     else:
         y = _activation(z.to(acc.dtype), negative_slope, ACTIVATION).to(y_ptr.dtype.element_ty)
+    if DROPOUT:
+        keep = tile_keep(seed_ptr, rm.to(tl.int64)[:, None], pid_n, N, p, True, BLOCK_N // 4)
+        y = (y.to(acc.dtype) * tl.where(keep, scale, 0.0)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_offs, y, mask=out_mask)
 
 
@@ -367,8 +384,10 @@ def _linear_fwd_tma_kernel(
         pid_m, pid_n = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), b_ptr, y_ptr, z_ptr, M, N, stride_b,
-                      negative_slope, HAS_BIAS, ACTIVATION, SAVE_Z)  # fmt: skip
+        # No dropout here: with its mask, the 128 x 256 tiles spill (``linear_forward``)
+        _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), pid_n, b_ptr, y_ptr, z_ptr, y_ptr, M,
+                      N, stride_b, negative_slope, 0.0, 1.0, HAS_BIAS, ACTIVATION, SAVE_Z, False,
+                      BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -973,6 +992,16 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int,
     return xa, wa
 
 
+def _dropout_args(seed: torch.Tensor | None, p: float, y: torch.Tensor) -> dict:
+    """The pointer kernel's dropout arguments: ``seed`` (one-element int64 tensor) or None."""
+    return dict(
+        seed_ptr=seed if seed is not None else y,
+        p=float(p),
+        scale=1.0 / (1.0 - p) if seed is not None else 1.0,
+        DROPOUT=seed is not None,
+    )
+
+
 def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision):
     """``linear_forward`` through ``_linear_fwd_tma_kernel`` (``operands``: ``_tma_operands``)."""
     (xv, x_t), (wv, w_t) = operands
@@ -1015,12 +1044,16 @@ def linear_forward(
     activation: str,
     negative_slope: float,
     out_shape: tuple[int, ...] | None = None,
+    seed: torch.Tensor | None = None,
+    p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``y = act(x @ weight^T + bias)`` for a 2-D ``x [M, K]`` (any strides).
+    """``y = act(x @ weight^T + bias)`` for a 2-D ``x [M, K]`` (any strides); with ``seed`` (a
+    one-element int64 tensor) ``y = dropout(act(...), p)`` in the epilogue, the mask of
+    ``fusedmlp.kernels.dropout``'s stream over y's row-major elements (``_fwd_epilogue``).
 
     Returns ``(y, z)``: ``y [M, N]`` contiguous in x's dtype (allocated directly with shape
     ``out_shape`` when given, e.g. ``[..., N]``, so that it is not a view); ``z`` the
-    pre-activation (same shape and dtype) when ``saves_preactivation(activation,
+    pre-activation (same shape and dtype, before dropout) when ``saves_preactivation(activation,
     negative_slope)``, else None.
     """
     M, K = x.shape
@@ -1031,16 +1064,27 @@ def linear_forward(
     if M == 0 or N == 0:
         return y, z
     precision = dot_precision(x.dtype)
-    operands = _tma_operands(x, weight, M, N, K, precision)
-    if operands is not None:
-        _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision)
-        return y, z
+    configs = _launch_configs("fwd", x.dtype, precision, M, N, K)
+    if seed is None:
+        operands = _tma_operands(x, weight, M, N, K, precision)
+        if operands is not None:
+            _linear_forward_tma(
+                operands, bias, y, z, activation, negative_slope, M, N, K, precision
+            )
+            return y, z
+    else:
+        if N % DROPOUT_EPILOGUE_N:
+            raise ValueError(
+                f"linear_forward: the dropout epilogue takes N % {DROPOUT_EPILOGUE_N} == 0, "
+                f"got N = {N}"
+            )
+        configs["configs"] = _dropout_configs(x.dtype, precision)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x):
         launch(
             _linear_fwd_kernel,
             grid,
-            **_launch_configs("fwd", x.dtype, precision, M, N, K),
+            **configs,
             x_ptr=x,
             w_ptr=weight,
             b_ptr=bias if bias is not None else y,
@@ -1060,6 +1104,7 @@ def linear_forward(
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
             SAVE_Z=save_z,
+            **_dropout_args(seed, p, y),
             FP64=x.dtype == torch.float64,
             DOT_PRECISION=precision,
             SPLIT_K=False,
@@ -1170,6 +1215,42 @@ def dz_dw_split(M: int, N: int, K: int, device: torch.device) -> int:
     return max(1, min(round(per_sm * sms / tiles), cdiv(M, rows), 16))
 
 
+# The dropout epilogue's output rows: a multiple of this many elements. With N % 16 != 0 the
+# mask beside the tile spills on sm_90 (triton 3.9: 0.8-2.5 KiB of stack in most
+# configurations and activations at N = 1020 or 1022, where N = 1024 spills none; a Philox
+# call per element where N % 4 != 0). Mirrored by fusedmlp.autograd.fused_block.
+DROPOUT_EPILOGUE_N = 16
+
+
+@functools.cache
+def _dropout_configs(dtype: torch.dtype, precision: str) -> list:
+    """The forward GEMM's configurations with the dropout epilogue: those with at most 64
+    accumulator elements a thread. The Philox mask beside a larger tile spills on sm_90
+    (triton 3.9, TF32 and bf16: 0.9-1.7 KiB of stack for 128 x 256, 256 x 128 and 4-warp
+    128 x 128 tiles); the others compile without spills. Their own list object: their own
+    autotuner."""
+    configs = _configs("fwd", dtype, precision)[0]
+    return [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
+    ]  # fmt: skip
+
+
+def dropout_epilogue_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear_forward`` of the 2-D ``x`` takes the dropout in its epilogue (``seed``):
+    rows of a multiple of 16 outputs (``DROPOUT_EPILOGUE_N``), and the GEMM run the way it runs
+    without: the pointer kernel. Where the TMA kernel would run (large
+    16-bit GEMMs, whose 128 x 256 tiles spill with the mask), a separate dropout pass costs
+    less than giving it up (bf16 8192^3 on an H100: TMA 1.5 ms against the pointer kernel's
+    1.8 ms; the pass, about 2 x 128 MB, about 0.09 ms)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    return (
+        N % DROPOUT_EPILOGUE_N == 0
+        and _tma_operands(x, weight, M, N, K, dot_precision(x.dtype)) is None
+    )
+
+
 @functools.cache
 def _split_k_configs(dtype: torch.dtype, precision: str) -> list:
     """The forward GEMM's configurations for its K-split launch: the same list as another
@@ -1228,6 +1309,7 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
             HAS_BIAS=False,
             ACTIVATION="none",
             SAVE_Z=False,
+            **_dropout_args(None, 0.0, ws),
             FP64=False,
             DOT_PRECISION=precision,
             SPLIT_K=True,
@@ -1459,6 +1541,7 @@ def linear_backward(
 __all__ = [
     "KERNEL_ACTIVATIONS",
     "backward_path",
+    "dropout_epilogue_applies",
     "dw_split",
     "linear_backward",
     "linear_forward",

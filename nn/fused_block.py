@@ -17,8 +17,8 @@ the children's own parameters and buffers:
            instead of two.
     Linear(activation=A), Identity..., Dropout      (or Linear(activation=None), <act module>,
     Dropout)
-        -> the Linear without activation, then ``act_dropout``: activation + dropout in one
-           pass whose backward keeps the output instead of the pre-activation.
+        -> ``linear_act_dropout``: the activation and the dropout in the Linear's epilogue (one
+           launch), whose backward keeps the output instead of the pre-activation.
 
 The fused path is taken only when it cannot change what anyone observes: the Triton path is
 active for the tensors involved (``fusedmlp.backend.use_triton``), the modules are in training
@@ -37,12 +37,11 @@ from torch import Tensor
 from torch.nn.modules import module as _module
 
 from ..autograd.fused_block import (
-    act_dropout,
     block_linear_applies,
     bn_act_dropout,
     bn_act_dropout_linear,
+    linear_act_dropout,
 )
-from ..autograd.linear import linear as _linear
 from ..backend import use_triton
 from .batchnorm import BatchNorm1d
 from .dropout import Dropout
@@ -186,8 +185,7 @@ def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None) ->
 def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | None:
     if not isinstance(input, Tensor) or not use_triton(input, lin.weight, lin.bias):
         return None
-    z = _linear(input, lin.weight, lin.bias, None)
-    return act_dropout(z, act, slope, drop.p)
+    return linear_act_dropout(input, lin.weight, lin.bias, act, slope, drop.p)
 
 
 def fusable(seq: torch.nn.Module) -> bool:

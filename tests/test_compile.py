@@ -47,7 +47,17 @@ def _converted():
     return fusedmlp.nn.convert(torch_model), fusedmlp.nn.NLLLoss()
 
 
-MODELS = {"sequential": _sequential, "mlp": _mlp, "converted": _converted}
+def _mlp_no_batchnorm():
+    # Linear(relu) -> Identity -> Dropout blocks: the dropout in the Linear's epilogue
+    return fusedmlp.nn.MLP(5, [8, 6], 3, dropout=0.25), fusedmlp.nn.CrossEntropyLoss()
+
+
+MODELS = {
+    "sequential": _sequential,
+    "mlp": _mlp,
+    "mlp_no_bn": _mlp_no_batchnorm,
+    "converted": _converted,
+}
 
 
 def _fresh(make):

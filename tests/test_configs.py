@@ -236,3 +236,28 @@ def test_fused_block_and_dropout_every_configuration(forced):
     y.backward(torch.ones_like(y))
     assert torch.equal(d.grad != 0, kept)
     _check_forced(forced, ["_dropout_kernel", "_fused_fwd_kernel"])
+
+
+@pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
+def test_linear_dropout_epilogue_every_configuration(forced):
+    # Linear -> tanh -> Dropout with the dropout in the GEMM's epilogue (its own list), against
+    # torch's chain with the mask read off the output (tanh is 0 only at 0)
+    from fusedmlp.autograd.fused_block import linear_act_dropout
+
+    x = torch.randn(200, 72, device=DEVICE)
+    w = (torch.randn(144, 72, device=DEVICE) * 0.1).requires_grad_()
+    b = torch.randn(144, device=DEVICE).requires_grad_()
+    xa = x.clone().requires_grad_()
+    y = linear_act_dropout(xa, w, b, "tanh", p=0.3)
+    kept = y != 0
+    assert 0.6 < kept.float().mean().item() < 0.8
+    ref_w, ref_b, xb = (t.detach().clone().requires_grad_() for t in (w, b, x))
+    ref = torch.tanh(F.linear(xb, ref_w, ref_b)) * kept / 0.7
+    assert_close(y, ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    for got, want in ((xa.grad, xb.grad), (w.grad, ref_w.grad), (b.grad, ref_b.grad)):
+        assert_close(got, want, scale=4.0)
+    cfg = forced["_linear_fwd_kernel"][1]  # a configuration of the epilogue's own list
+    assert cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 64 * 32 * cfg.num_warps
