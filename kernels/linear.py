@@ -228,7 +228,7 @@ def _linear_fwd_kernel(
     """y[M, N] = act(x[M, K] @ w[N, K]^T + b[N]); z (pre-activation) stored when SAVE_Z;
     with ``DROPOUT`` y = dropout(act(...)) (``_fwd_epilogue``).
 
-    ``SPLIT_K`` (the dz backward's dW GEMM, ``_gemm_split_k``): program (i, s) reduces only
+    ``SPLIT_K`` (the dz backward's dW GEMM, ``_dz_dw_gemm``): program (i, s) reduces only
     ``K`` from ``s * k_split`` to ``(s + 1) * k_split`` (a multiple of BLOCK_K) and stores its
     raw fp32 partial tile at ``y + s * split_stride`` (no bias, no activation); the launcher
     sums the splits. Otherwise grid axis 1 has one program and ``k_split``, ``split_stride``
@@ -1239,10 +1239,10 @@ def _dropout_configs(dtype: torch.dtype, precision: str) -> list:
 def dropout_epilogue_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear_forward`` of the 2-D ``x`` takes the dropout in its epilogue (``seed``):
     rows of a multiple of 16 outputs (``DROPOUT_EPILOGUE_N``), and the GEMM run the way it runs
-    without: the pointer kernel. Where the TMA kernel would run (large
-    16-bit GEMMs, whose 128 x 256 tiles spill with the mask), a separate dropout pass costs
-    less than giving it up (bf16 8192^3 on an H100: TMA 1.5 ms against the pointer kernel's
-    1.8 ms; the pass, about 2 x 128 MB, about 0.09 ms)."""
+    without: the pointer kernel. Where the TMA kernel would run (large 16-bit GEMMs, whose
+    128 x 256 tiles spill with the mask), a separate dropout pass costs less than giving it up
+    (bf16 8192^3 on an H100: TMA 1.5 ms against the pointer kernel's 1.8 ms; the pass, about
+    2 x 128 MB, about 0.09 ms)."""
     M, K = x.shape
     N = weight.shape[0]
     return (
