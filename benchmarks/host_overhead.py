@@ -5,6 +5,7 @@
     python benchmarks/host_overhead.py --peak --batch 16384 --width 1024   (memory, not time)
     python benchmarks/host_overhead.py --ops          (host time per op, beside torch's CPU op)
     python benchmarks/host_overhead.py --big-path     (the bench's w1024 B16K step's code paths)
+    python benchmarks/host_overhead.py --no-batchnorm (Linear(relu) -> Dropout blocks)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
     python benchmarks/host_overhead.py --check-direct [--tma]   (direct launches = triton's)
 
@@ -190,6 +191,12 @@ def main(argv=None) -> int:
         "every size)",
     )
     parser.add_argument(
+        "--no-batchnorm",
+        action="store_true",
+        help="the MLP without BatchNorm: Linear(relu) -> Dropout blocks (the dropout in the "
+        "Linear's epilogue)",
+    )
+    parser.add_argument(
         "--big-path",
         action="store_true",
         help="the code paths a GPU takes for the bench's step at width 1024, batch 16K (issue "
@@ -285,7 +292,12 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, args.width)
     y = torch.randint(0, 10, (args.batch,))
     model = fnn.MLP(
-        args.width, [args.width] * args.depth, 10, activation="relu", batchnorm=True, dropout=0.1
+        args.width,
+        [args.width] * args.depth,
+        10,
+        activation="relu",
+        batchnorm=not args.no_batchnorm,
+        dropout=0.1,
     )
     loss_fn = fnn.CrossEntropyLoss()
     opt = fo.Adam(model.parameters(), lr=1e-3)
