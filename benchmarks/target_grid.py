@@ -134,22 +134,29 @@ def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
             extra = [("fusedmlp no dW split", "fusedmlp", False)] if tf32 and bwd else []
             for name, impl, tma in impls + extra:
                 split = name != "fusedmlp no dW split"
-                count = linear_bwd_bytes if bwd else linear_fwd_bytes
+                context = functools.partial(linear_settings, tma, tf32, force, split)
                 out.append(
-                    Case(
-                        "linear",
-                        "bwd" if bwd else "fwd",
-                        f"M={M} N={N} K={K}",
-                        "tf32" if tf32 else DTYPE_NAMES[dtype],
-                        name,
-                        build_linear(impl, device, dtype, M, N, K, bwd),
-                        count(M, N, K, dtype.itemsize),
-                        (linear_bwd_flops if bwd else linear_fwd_flops)(M, N, K),
-                        context=functools.partial(linear_settings, tma, tf32, force, split),
-                        order=(OPS.index("linear"), len(out)),
-                    )
+                    _linear_case(device, dtype, M, N, K, bwd, name, impl, len(out), tf32, context)
                 )
     return out
+
+
+def _linear_case(device, dtype, M, N, K, bwd, name, impl, index, tf32=False,
+                 context=contextlib.nullcontext):  # fmt: skip
+    """A linear + ReLU case of ``M x N x K``, forward or (``bwd``) backward, by ``impl``
+    (shown as ``name``), in ``context``; ``tf32``: fp32 labelled TF32 (``context`` sets it)."""
+    return Case(
+        "linear",
+        "bwd" if bwd else "fwd",
+        f"M={M} N={N} K={K}",
+        "tf32" if tf32 else DTYPE_NAMES[dtype],
+        name,
+        build_linear(impl, device, dtype, M, N, K, bwd),
+        (linear_bwd_bytes if bwd else linear_fwd_bytes)(M, N, K, dtype.itemsize),
+        (linear_bwd_flops if bwd else linear_fwd_flops)(M, N, K),
+        context=context,
+        order=(OPS.index("linear"), index),
+    )
 
 
 # issue 3's "widths up to 256 at batch 16K"
@@ -163,19 +170,8 @@ def small_cases(device: torch.device, compile_: bool) -> list[Case]:
         for width in SMALL_WIDTHS:
             for bwd in (False, True):
                 for impl in impls:
-                    count = linear_bwd_bytes if bwd else linear_fwd_bytes
                     out.append(
-                        Case(
-                            "linear",
-                            "bwd" if bwd else "fwd",
-                            f"M={M} N={width} K={width}",
-                            DTYPE_NAMES[dtype],
-                            impl,
-                            build_linear(impl, device, dtype, M, width, width, bwd),
-                            count(M, width, width, dtype.itemsize),
-                            (linear_bwd_flops if bwd else linear_fwd_flops)(M, width, width),
-                            order=(OPS.index("linear"), len(out)),
-                        )
+                        _linear_case(device, dtype, M, width, width, bwd, impl, impl, len(out))
                     )
     return out
 
