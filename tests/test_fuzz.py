@@ -534,3 +534,59 @@ def test_optimizer_fuzz(launches, backend_name, config, shapes, dtype, steps, se
                 _check(s[key], value, dtype)
             elif key == "step":
                 assert float(s[key]) == float(value)
+
+
+@settings(FUZZ)
+@given(
+    lead=st.sampled_from([(1,), (6,), (2, 3)]),
+    in_features=st.sampled_from([1, 3, 17]),
+    out_features=st.sampled_from([16, 32, 48, 7, 20]),
+    act=st.sampled_from(
+        [
+            (None, 0.01),
+            ("relu", 0.01),
+            ("leaky_relu", 0.2),
+            ("leaky_relu", -0.3),
+            ("sigmoid", 0.01),
+            ("tanh", 0.01),
+            ("gelu", 0.01),
+            ("silu", 0.01),
+        ]
+    ),  # fmt: skip
+    bias=st.booleans(),
+    p=st.sampled_from([0.1, 0.5, 0.9]),
+    dtype=DTYPES,
+    layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_act_dropout_fuzz(
+    launches, lead, in_features, out_features, act, bias, p, dtype, layout, seed
+):
+    # Linear -> act -> Dropout with the dropout in the GEMM's epilogue (rows of a multiple of
+    # 16 outputs; else the pair) against the unfused pair: the same output to the bit, the
+    # gradients to the dtype's tolerance.
+    from fusedmlp.autograd.fused_block import act_dropout, linear_act_dropout
+
+    activation, slope = act
+    gen = torch.Generator().manual_seed(seed)
+    x = _make((*lead, in_features), dtype, layout, gen)
+    w = _make((out_features, in_features), dtype, "contiguous", gen, scale=0.5)
+    b = _make((out_features,), dtype, "contiguous", gen) if bias else None
+    gy = _make((*lead, out_features), dtype, "contiguous", gen)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
+        torch.manual_seed(seed)
+        out = fn(*leaves)
+        return out, torch.autograd.grad(out, leaves, gy)
+
+    with fusedmlp.use_backend("triton"):
+        launches.clear()
+        out, grads = run(lambda *t: linear_act_dropout(*t[:2], t[2] if bias else None,
+                                                       activation, slope, p))  # fmt: skip
+        assert launches["_linear_fwd_kernel"] >= 1
+        ref, ref_grads = run(lambda *t: act_dropout(FF.linear(*t[:2], t[2] if bias else None),
+                                                    activation, slope, p))  # fmt: skip
+    assert torch.equal(out, ref)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, scale=4)
