@@ -1258,6 +1258,13 @@ def _split_k_configs(dtype: torch.dtype, precision: str) -> list:
     return list(_configs("fwd", dtype, precision)[0])
 
 
+def _sum_column_sums(sums) -> None:
+    """db from the dZ pass's column sums ``(ws [n_split, N], db, n_split)``, on its own launch."""
+    ws, db, n_split = sums
+    with on_device(ws):
+        _sum_splits(ws, None, db, 0, db.shape[0], n_split)
+
+
 def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
     """dW = a @ b^T for the dz path (``a`` [N, M], ``b`` [K, M]: dZ^T and X^T, as views or
     copies), over its M-deep reduction in ``dz_dw_split`` slices where the pointer kernel runs
@@ -1278,8 +1285,7 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
     if split == 1:
         dw = linear_forward(a, b, None, "none", 0.0)[0]
         if sums is not None:
-            with on_device(a):
-                _sum_splits(sums[0], None, sums[1], 0, N, sums[2])
+            _sum_column_sums(sums)
         return dw
     ws = torch.empty((split, N * K), device=device, dtype=torch.float32)
     dw = torch.empty((N, K), device=device, dtype=dtype)
@@ -1380,8 +1386,7 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
         sums = None
         del x_t, dzt
     if sums is not None:
-        with on_device(x):
-            _sum_splits(ws, None, db, 0, N, n_split)
+        _sum_column_sums(sums)
     if need_dx:  # dX = dZ @ W = dZ @ (W^T)^T
         w_t = weight.t().contiguous() if kmajor else weight.t()
         dx = linear_forward(dz_rows, w_t, None, "none", 0.0, out_shape=dx_shape)[0]
