@@ -112,8 +112,9 @@ def gpu_geometry(sms: int = 132) -> None:
         module.row_splits = functools.wraps(splits)(
             lambda R, C, device, _f=splits, **kw: _f(R, C, _H100, **kw)
         )
-    dw_split = linear.dw_split
+    dw_split, dz_dw_split = linear.dw_split, linear.dz_dw_split
     linear.dw_split = lambda M, N, K, device: dw_split(M, N, K, _H100)
+    linear.dz_dw_split = lambda M, N, K, device: dz_dw_split(M, N, K, _H100)
     cross_entropy.check_on_one_program = lambda target: (
         target.numel() <= cross_entropy._CHECK_ONE_PROGRAM
     )

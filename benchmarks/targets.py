@@ -115,19 +115,25 @@ def criteria(rows: list[dict], ceilings: dict) -> list[tuple[str, str, str, str]
             base = R.beside(r, "fusedmlp")
             what = f"(dW split vs unsplit) linear {r['pass']} {r['shape']} {r['dtype']}: > 1x"
             add("3", what, _ratio(r["ms"], base["ms"] if base else None), 1.0 + 1e-9)
+    # Issue 3's small widths: the forward at >= 1.3x torch's relu(linear(x)); the backward at
+    # the issue's backward target, >= 0.9x torch autograd ("Forward at least 0.9x ...; at least
+    # 1.3x relu(linear(x)) ... for widths up to 256 at batch 16K; backward at least 0.9x").
+    small_target = {"fwd": 1.3, "bwd": 0.9}
     for impl in ("fusedmlp", "fusedmlp TMA"):  # TMA: target_grid.py forces it at this size
         for pass_ in ("fwd", "bwd"):
             row = R.get("linear", pass_, impl, small, "bf16")
             if row is None and impl != "fusedmlp":
                 continue
             kernel = "" if impl == "fusedmlp" else f" ({impl})"
-            what = f"linear + ReLU {pass_} bf16 16384 x 256 x 256{kernel} vs torch: >= 1.3x"
-            add("3", what, speedup(R, row, "torch"), 1.3)
+            t = small_target[pass_]
+            what = f"linear + ReLU {pass_} bf16 16384 x 256 x 256{kernel} vs torch: >= {t}x"
+            add("3", what, speedup(R, row, "torch"), t)
     # every width up to 256 at batch 16K, bf16 and fp32 (target_grid.py --grid small)
     for r in rows:
         if r["file"] == "small_grid.json" and r["op"] == "linear" and r["impl"] == "fusedmlp":
-            what = f"linear + ReLU {r['pass']} {r['dtype']} {r['shape']} vs torch: >= 1.3x"
-            add("3", what, speedup(R, r, "torch"), 1.3)
+            t = small_target[r["pass"]]
+            what = f"linear + ReLU {r['pass']} {r['dtype']} {r['shape']} vs torch: >= {t}x"
+            add("3", what, speedup(R, r, "torch"), t)
 
     # issue 4: cross-entropy grid (target_grid.json's when it ran; bench.json has one case)
     grid = any(r["file"] == "target_grid.json" for r in rows)
