@@ -183,6 +183,13 @@ def cross_entropy_fwd(
     loss_rows, grad = K.cross_entropy_fwd(
         logits, target, w, ignore_index, label_smoothing, scale, compute_grad
     )
+    if reduction != "none" and acc == torch.float32 and K.loss_on_one_program(n, logits.device):
+        # One launch: the sum, the division (by N, or by the device normaliser) and the factor.
+        divisor = None if reduction == "sum" else (float(n) if counted else wsum)
+        loss, factor_t = K.reduce_loss(
+            loss_rows, logits.dtype, divisor, factor if isinstance(factor, float) else None
+        )
+        return loss, grad, factor_t if factor_t is not None else factor
     factor = (
         torch.full((), factor, device=logits.device, dtype=acc)
         if isinstance(factor, float)

@@ -21,6 +21,11 @@ Target check (``count_bad_targets``): one launch over the targets counts the out
 device-to-host copy: one program up to 65,536 targets, else one per block adding with integer
 atomics (the same counts in any order).
 
+Reduction (``reduce_loss``): 'mean' and 'sum' of fp32 row losses, for up to 65,536 rows: one
+program sums them in a fixed order, divides (correctly rounded) by N or by the device
+normaliser, and writes the loss in the logits' dtype and the backward's fp32 factor: one launch
+where torch's sum, its division and two scalar fills were four.
+
 Backward (``cross_entropy_scale``): multiplies the saved gradient by ``grad_output`` (a scalar or
 one value per row, any stride) times a device scalar ``factor``, except on ignored rows, which
 stay 0 whatever the multiplier (as torch's). In place it skips, on the device, every row whose
@@ -292,6 +297,91 @@ def count_bad_targets(target: torch.Tensor, num_classes: int, ignore_index: int)
             ATOMIC=atomic,
         )
     return counts
+
+
+@triton.jit
+def _ce_loss_kernel(
+    ROWS,
+    N,
+    LOSS,
+    WSUM,
+    divisor,
+    FACTOR,
+    factor,
+    MEAN: tl.constexpr,
+    DEVICE_DIVISOR: tl.constexpr,
+    WRITE_FACTOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The reduced loss: the sum of the ``N`` fp32 row losses ``ROWS`` (contiguous), in a fixed
+    order (deterministic); with ``MEAN`` divided, correctly rounded, by ``divisor`` (a host
+    number: N) or with ``DEVICE_DIVISOR`` by ``*WSUM`` (fp32 0-d: the summed w[y] of the
+    non-ignored rows; NaN where it is 0, as torch's 0/0); stored to the 0-d ``LOSS`` in its
+    dtype. With ``WRITE_FACTOR`` also ``*FACTOR = factor`` (fp32 0-d, the backward's
+    multiplier). One program: the caller keeps N small (``loss_on_one_program``)."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(ROWS + offs, mask=offs < N, other=0.0)
+    total = tl.sum(acc, 0)
+    if MEAN:
+        if DEVICE_DIVISOR:
+            w = tl.load(WSUM)
+            total = tl.where(w == 0.0, float("nan"), tl.div_rn(total, w))
+        else:
+            total = tl.div_rn(total, divisor)
+    tl.store(LOSS, total.to(LOSS.dtype.element_ty))
+    if WRITE_FACTOR:
+        tl.store(FACTOR, factor)
+
+
+# Up to this many rows one program sums the row losses (a few microseconds: 64K fp32 values),
+# and that one launch replaces torch's sum, the division and two scalar fills.
+_LOSS_ONE_PROGRAM = 1 << 16
+_LOSS_CONFIGS = [triton.Config({"BLOCK": 2048}, num_warps=8)]
+_LOSS_INTERPRET = triton.Config({"BLOCK": 16}, num_warps=4)
+
+
+def loss_on_one_program(n: int, device: torch.device) -> bool:
+    """Whether ``reduce_loss`` takes ``n`` fp32 row losses: up to ``_LOSS_ONE_PROGRAM`` on a
+    GPU, 256 on CPU, so that small tests take both paths."""
+    return n <= (_LOSS_ONE_PROGRAM if device.type == "cuda" else 256)
+
+
+def reduce_loss(
+    loss_rows: torch.Tensor,
+    dtype: torch.dtype,
+    divisor: float | torch.Tensor | None,
+    factor: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(loss, factor)``: the 0-d ``dtype`` loss ``sum(loss_rows) / divisor`` (``divisor``: a
+    host number, a 0-d fp32 device tensor, or None for the plain sum) and, for a float
+    ``factor``, a 0-d fp32 tensor holding it (else None). loss_rows: [N] fp32 contiguous,
+    ``loss_on_one_program(N)``. One launch."""
+    n = loss_rows.shape[0]
+    loss = torch.empty((), device=loss_rows.device, dtype=dtype)
+    factor_t = None
+    if factor is not None:
+        factor_t = torch.empty((), device=loss_rows.device, dtype=torch.float32)
+    device_divisor = isinstance(divisor, torch.Tensor)
+    with on_device(loss_rows):
+        launch(
+            _ce_loss_kernel,
+            (1,),
+            configs=_LOSS_CONFIGS,
+            interpret_config=_LOSS_INTERPRET,
+            ROWS=loss_rows,
+            N=n,
+            LOSS=loss,
+            WSUM=divisor if device_divisor else loss_rows,
+            divisor=float(divisor) if divisor is not None and not device_divisor else 1.0,
+            FACTOR=factor_t if factor_t is not None else loss_rows,
+            factor=float(factor) if factor is not None else 1.0,
+            MEAN=divisor is not None,
+            DEVICE_DIVISOR=device_divisor,
+            WRITE_FACTOR=factor_t is not None,
+        )
+    return loss, factor_t
 
 
 @triton.jit

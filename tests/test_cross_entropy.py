@@ -11,6 +11,7 @@ from fusedmlp.functional import cross_entropy, nll_loss
 
 KERNEL = "_ce_fwd_kernel"
 SCALE = "_ce_scale_kernel"
+LOSS = "_ce_loss_kernel"
 
 
 def _data(n, c, dtype=torch.float32, ignore_index=None, seed=0):
@@ -60,10 +61,35 @@ def test_grid_matches_torch(backend, launches, reduction, ignore_index, label_sm
     go = _grad_output(reduction, n)
     loss, grad = _run(cross_entropy, x, t, go, **kw)
     _expect_launches(launches, backend)
+    if backend == "triton":  # 'mean' and 'sum': the sum and division in one launch
+        assert launches[LOSS] == (reduction != "none"), dict(launches)
     ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, **kw)
     assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
     assert_close(loss, ref_loss)
     assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("n", [256, 257])
+def test_loss_reduction_on_one_program_or_torch(triton_backend, launches, dtype, reduction, n):
+    # Up to loss_on_one_program's size (256 rows on CPU, 65,536 on a GPU) one launch sums the
+    # row losses and divides; beyond it torch's sum and division. Both are torch's loss, and
+    # the gradient's factor (fp16 'mean': 1/N, applied in the backward) is the same.
+    from fusedmlp.kernels.cross_entropy import loss_on_one_program
+
+    x, t, w = _data(n, 5, dtype=dtype, ignore_index=3)
+    for kw in (dict(), dict(ignore_index=3, weight=w)):  # N on the host / on the device
+        launches.clear()
+        go = torch.tensor(0.5, device=DEVICE, dtype=dtype)
+        loss, grad = _run(cross_entropy, x, t, go, reduction=reduction, **kw)
+        assert launches[LOSS] == loss_on_one_program(n, x.device), dict(launches)
+        ref_kw = {**kw, "weight": w.float()} if "weight" in kw else kw
+        ref_loss, ref_grad = _run(F.cross_entropy, x.float(), t, go.float(), reduction=reduction,
+                                  **ref_kw)  # fmt: skip
+        assert loss.dtype == dtype and loss.shape == ()
+        assert_close(loss, ref_loss.to(dtype), dtype=dtype)
+        assert_close(grad, ref_grad.to(dtype), dtype=dtype)
 
 
 @pytest.mark.parametrize("c", [1, 2, 7, 64, 65, 200])
