@@ -96,13 +96,52 @@ def _(x, eps, running_mean, running_var, momentum, num_batches_tracked):
     return tuple(x.new_empty(x.shape[1], dtype=_acc_dtype(x)) for _ in range(3))
 
 
-def eager_stats(input: Tensor, training: bool, running_mean, running_var, momentum, eps, nbt):
+@custom_op("fusedmlp::batchnorm_stats_merge", mutates_args=("running_mean", "running_var"))
+def _batchnorm_stats_merge(
+    pmean: Tensor,
+    pm2: Tensor,
+    rows: int,
+    n: int,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    num_batches_tracked: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``batchnorm_stats``'s result for an input of ``n`` rows whose partial statistics were
+    made already (``pmean``, ``pm2`` ``[cdiv(n, rows), C]``: each split's mean and M2, from the
+    Linear that produced the input, ``fusedmlp::linear_stats_fwd``): their merge, with the
+    running statistics updated, one launch and no pass over the input."""
+    from ..kernels import batchnorm as K
+
+    running = (running_mean, running_var, momentum, num_batches_tracked)
+    return K.batch_norm_stats_merge(pmean, pm2, rows, n, eps, running)
+
+
+@_batchnorm_stats_merge.register_fake
+def _(pmean, pm2, rows, n, eps, running_mean, running_var, momentum, num_batches_tracked):
+    return tuple(pmean.new_empty(pmean.shape[1]) for _ in range(3))
+
+
+def eager_stats(
+    input: Tensor,
+    training: bool,
+    running_mean,
+    running_var,
+    momentum,
+    eps,
+    nbt,
+    partials: tuple | None = None,
+):
     """``(mean, invstd)`` of ``input``'s batch, with the running statistics updated in place
     on the way (``batchnorm_stats``: one launch less than the forward op's statistics and a
     separate update), or ``(None, None)``: then the forward op computes the statistics and the
     caller runs ``batchnorm_update_running``. In eager mode only, for training with tracked,
     contiguous running statistics: a traced graph keeps the update after the differentiable
-    op. ``nbt``: ``num_batches_tracked`` (already incremented) for the cumulative average."""
+    op. ``nbt``: ``num_batches_tracked`` (already incremented) for the cumulative average.
+    ``partials``: ``(pmean, pm2, rows)`` of ``input`` from the Linear that produced it
+    (``fusedmlp.autograd.linear.linear_stats``): merged (``batchnorm_stats_merge``) instead of
+    a statistics pass over ``input``."""
     if (
         not training
         or running_mean is None
@@ -112,6 +151,12 @@ def eager_stats(input: Tensor, training: bool, running_mean, running_var, moment
         or torch.compiler.is_compiling()
     ):
         return None, None
+    if partials is not None:
+        pmean, pm2, rows = partials
+        mean, invstd, _ = batchnorm_stats_merge(
+            pmean, pm2, rows, input.shape[0], float(eps), running_mean, running_var, momentum, nbt
+        )
+        return mean, invstd
     x = input.detach() if input.requires_grad else input  # the op has no autograd
     mean, invstd, _ = batchnorm_stats(x, float(eps), running_mean, running_var, momentum, nbt)
     return mean, invstd
@@ -191,6 +236,7 @@ _batchnorm_fwd_call = caller(_batchnorm_fwd)
 _batchnorm_bwd_call = caller(_batchnorm_bwd)
 batchnorm_update_running = caller(_batchnorm_update_running)
 batchnorm_stats = caller(_batchnorm_stats)
+batchnorm_stats_merge = caller(_batchnorm_stats_merge)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,7 +53,14 @@ from .batchnorm import (
     update_running_after,
 )
 from .dropout import _check_p, _seed
-from .linear import _linear_bwd, _linear_fwd, _validate, apply_activation_torch, check_activation
+from .linear import (
+    _linear_bwd,
+    _linear_fwd,
+    _linear_stats_fwd,
+    _validate,
+    apply_activation_torch,
+    check_activation,
+)
 from .linear import linear as _linear
 
 
@@ -347,13 +354,18 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, seed, lin_weight, lin_bias, eps, p, activation, negative_slope,
-        mean, invstd,
+        mean, invstd, lin_stats,
     ):  # fmt: skip
         given = mean is not None
         out, mean, invstd, var = _block_forward(
             x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd
         )
-        y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
+        pmean = pm2 = None
+        if lin_stats:  # the Linear's output's batch-norm partial statistics, from its epilogue
+            y, pmean, pm2 = _linear_stats_fwd(out, lin_weight, lin_bias)
+            ctx.mark_non_differentiable(pmean, pm2)
+        else:
+            y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
         del out  # freed here: the backward recomputes it
         ctx.save_for_backward(x, weight, bias, mean, invstd, seed, lin_weight)
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
@@ -361,15 +373,15 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
         ctx.has_lin_bias = lin_bias is not None
         ctx.set_materialize_grads(False)
         if given:
-            return y, None, None
+            return y, None, None, pmean, pm2
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y, mean, var, pmean, pm2
 
     @staticmethod
     @once_differentiable("batch_norm + activation + dropout + linear")
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy, _dmean, _dvar, _dpmean, _dpm2):
         if dy is None:
-            return (None,) * 12
+            return (None,) * 13
         x, weight, bias, mean, invstd, seed, lin_weight = ctx.saved_tensors
         need_dx, need_dw, need_db, _, need_dlw, need_dlb = ctx.needs_input_grad[:6]
         need_dlb = need_dlb and ctx.has_lin_bias
@@ -413,7 +425,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
             None,
             dlw if need_dlw else None,
             dlb if need_dlb else None,
-            *(None,) * 6,
+            *(None,) * 7,
         )
 
 
@@ -524,9 +536,13 @@ def bn_act_dropout(
     negative_slope: float = 0.01,
     p: float = 0.0,
     num_batches_tracked: Tensor | None = None,
+    *,
+    partials: tuple | None = None,
 ) -> Tensor:
     """``dropout(act(batch_norm(input, training=True)), p)``: BatchNorm1d in training mode, an
-    activation and inverted dropout as one block.
+    activation and inverted dropout as one block. ``partials``: input's batch-norm partial
+    statistics from the Linear that produced it (``linear_stats``), merged instead of a
+    statistics pass over input.
 
     ``input`` ``[N, C]``; ``running_mean``/``running_var`` ``[C]`` (updated in place with
     ``momentum`` and the unbiased batch variance) or both None; ``weight``/``bias`` ``[C]`` or
@@ -551,8 +567,9 @@ def bn_act_dropout(
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     seed = _seed(input, None) if p > 0.0 else None
     mean, invstd = eager_stats(
-        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked
-    )
+        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked,
+        partials,
+    )  # fmt: skip
     out, batch_mean, var = BNActDropoutFunction.apply(
         input, weight, bias, seed, eps, p, act, float(negative_slope), mean, invstd
     )
@@ -576,11 +593,17 @@ def bn_act_dropout_linear(
     num_batches_tracked: Tensor | None,
     lin_weight: Tensor,
     lin_bias: Tensor | None,
-) -> Tensor | None:
+    *,
+    partials: tuple | None = None,
+    stats: bool = False,
+):
     """``linear(bn_act_dropout(input, ...), lin_weight, lin_bias)`` (no activation on the
     Linear) as one autograd Function that does not save the block's output
     (``BNActDropoutLinearFunction``); same arguments as ``bn_act_dropout``, and the same
     results, masks and running statistics as the two ops run one after the other.
+    ``partials``: as ``bn_act_dropout``'s. With ``stats`` returns ``(y, y_partials)``: also the
+    batch-norm partial statistics of y from the Linear's epilogue (``linear_stats``), for a
+    batch norm that reads y next, or None where the GEMM made none.
 
     Only where ``block_linear_applies`` (the caller asks first, and otherwise runs the two ops).
     """
@@ -591,16 +614,23 @@ def bn_act_dropout_linear(
     _validate(input, lin_weight, lin_bias, 0.0)  # the block's output: input's shape and dtype
     seed = _seed(input, None) if p > 0.0 else None
     mean, invstd = eager_stats(
-        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked
-    )
-    y, batch_mean, var = BNActDropoutLinearFunction.apply(
+        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked,
+        partials,
+    )  # fmt: skip
+    y, batch_mean, var, pmean, pm2 = BNActDropoutLinearFunction.apply(
         input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope),
-        mean, invstd,
+        mean, invstd, stats,
     )  # fmt: skip
     update_running_after(
         running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
     )
-    return y
+    if not stats:
+        return y
+    if pmean.numel() == 0:  # the TMA kernel ran the Linear: no statistics
+        return y, None
+    from ..kernels.linear import stats_rows
+
+    return y, (pmean, pm2, stats_rows(y))
 
 
 # Below this many bytes of block output, keeping it costs less than recomputing it: the

@@ -148,8 +148,37 @@ def _(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, ne
     return dx, dw, db
 
 
+@custom_op("fusedmlp::linear_stats_fwd", mutates_args=())
+def linear_stats_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, pmean, pm2)``: ``y = x @ weight.T + bias`` for a 2-D x and, from the same launch,
+    the batch-norm partial statistics of y's columns (``kernels.linear.linear_forward_stats``:
+    ``[cdiv(M, stats_rows(x)), N]`` each, the accumulation dtype); pmean and pm2 empty where
+    the GEMM makes none (the TMA kernel)."""
+    from ..kernels import linear as K
+
+    y, stats = K.linear_forward_stats(x, weight, bias)
+    if stats is None:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return y, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    return y, stats[0], stats[1]
+
+
+@linear_stats_fwd.register_fake
+def _(x, weight, bias):
+    from ..kernels.linear import stats_rows
+
+    m, n = x.shape[0], weight.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    parts = -(-m // stats_rows(x))
+    return (x.new_empty((m, n)), x.new_empty((parts, n), dtype=acc),
+            x.new_empty((parts, n), dtype=acc))  # fmt: skip
+
+
 _linear_fwd = caller(linear_fwd)
 _linear_bwd = caller(linear_bwd)
+_linear_stats_fwd = caller(linear_stats_fwd)
 
 
 class LinearFunction(torch.autograd.Function):
@@ -174,6 +203,30 @@ class LinearFunction(torch.autograd.Function):
     @once_differentiable("linear")
     def backward(ctx, grad_y):
         return _linear_backward(ctx, grad_y, *ctx.saved_tensors)
+
+
+class LinearStatsFunction(torch.autograd.Function):
+    """``x @ weight.T + bias`` (no activation) on the Triton kernels, returning also the
+    batch-norm partial statistics of its output (non-differentiable; ``linear_stats``). The
+    backward is ``LinearFunction``'s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y, pmean, pm2 = _linear_stats_fwd(x, weight, bias)
+        ctx.save_for_backward(x, weight, None)
+        ctx.has_bias = bias is not None
+        ctx.activation, ctx.negative_slope = "none", 0.0
+        ctx.mark_non_differentiable(pmean, pm2)
+        # No zero tensors for the statistics' gradients (never read)
+        ctx.set_materialize_grads(False)
+        return y, pmean, pm2
+
+    @staticmethod
+    @once_differentiable("linear")
+    def backward(ctx, grad_y, _dpmean, _dpm2):
+        if grad_y is None:
+            return None, None, None
+        return _linear_backward(ctx, grad_y, *ctx.saved_tensors)[:3]
 
 
 def _linear_backward(ctx, grad_y, x, weight, saved):
@@ -301,10 +354,27 @@ def linear(
     return apply_activation_torch(F.linear(input, weight, bias), activation, negative_slope)
 
 
+def linear_stats(input: Tensor, weight: Tensor, bias: Tensor | None):
+    """``(y, partials)``: ``y = F.linear(input, weight, bias)`` on the Triton path for a 2-D
+    ``input``, and ``partials = (pmean, pm2, rows)``, the batch-norm partial statistics of y's
+    columns that the same launch made (for a batch norm that reads y next:
+    ``fusedmlp.autograd.batchnorm.eager_stats``), or None where it made none. The caller has
+    checked the Triton path applies (``use_triton``, no autocast)."""
+    _validate(input, weight, bias, 0.0)
+    y, pmean, pm2 = LinearStatsFunction.apply(input, weight, bias)
+    if pmean.numel() == 0:
+        return y, None
+    from ..kernels.linear import stats_rows
+
+    return y, (pmean, pm2, stats_rows(input))
+
+
 __all__ = [
     "ACTIVATIONS",
     "LinearFunction",
+    "LinearStatsFunction",
     "apply_activation_torch",
     "check_activation",
     "linear",
+    "linear_stats",
 ]

@@ -118,6 +118,7 @@ def gpu_geometry(sms: int = 132) -> None:
     cross_entropy.check_on_one_program = lambda target: (
         target.numel() <= cross_entropy._CHECK_ONE_PROGRAM
     )
+    cross_entropy.loss_on_one_program = lambda n, device: n <= cross_entropy._LOSS_ONE_PROGRAM
     count = cross_entropy.count_bad_targets
     # No kernel computes: the counts the loss reads back would be garbage (out-of-range targets).
     cross_entropy.count_bad_targets = lambda *args: count(*args).zero_()

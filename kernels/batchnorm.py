@@ -727,20 +727,7 @@ def batch_norm_stats(
     final = n_split == 1  # one split holds every row: final statistics, no merge launch
     pmean = mean if final else torch.empty((n_split, C), device=x.device, dtype=acc)
     pm2 = invstd if final else torch.empty((n_split, C), device=x.device, dtype=acc)
-    if running is not None:
-        rm, rv, momentum, nbt = running
-        hi = _fp32(float(momentum))
-        update = dict(
-            rmean_ptr=rm,
-            rvar_ptr=rv,
-            nbt_ptr=nbt if nbt is not None else mean,
-            momentum=hi,
-            momentum_lo=float(momentum) - hi,
-            UPDATE=True,
-            CUMULATIVE=nbt is not None,
-        )
-    else:
-        update = _no_update(mean, var)
+    update = _update_args(running, mean, var)
     launch(
         _bn_stats_partial_kernel,
         lambda meta: (cdiv(C, meta["BLOCK_C"]), n_split),
@@ -768,6 +755,32 @@ def batch_norm_stats(
     )
     if final:
         return mean, invstd, var
+    _merge(pmean, pm2, mean, invstd, var, R, rows, eps, update)
+    return mean, invstd, var
+
+
+def _update_args(running: tuple | None, mean: torch.Tensor, var: torch.Tensor) -> dict:
+    """The running-update arguments of the kernel that writes the final statistics:
+    ``running`` = ``(running_mean, running_var, momentum, num_batches_tracked)`` or None."""
+    if running is None:
+        return _no_update(mean, var)
+    rm, rv, momentum, nbt = running
+    hi = _fp32(float(momentum))
+    return dict(
+        rmean_ptr=rm,
+        rvar_ptr=rv,
+        nbt_ptr=nbt if nbt is not None else mean,
+        momentum=hi,
+        momentum_lo=float(momentum) - hi,
+        UPDATE=True,
+        CUMULATIVE=nbt is not None,
+    )
+
+
+def _merge(pmean, pm2, mean, invstd, var, R: int, rows: int, eps: float, update: dict) -> None:
+    """``_bn_stats_final_kernel``: the splits' (mean, M2) ``[n_split, C]`` of ``rows`` rows each
+    (the last one the rest of R) into mean, invstd and var ``[C]``."""
+    n_split, C = pmean.shape
     launch(
         _bn_stats_final_kernel,
         lambda meta: (cdiv(C, meta["BLOCK_C"]),),
@@ -783,9 +796,24 @@ def batch_norm_stats(
         n_split=n_split,
         rows_per_split=rows,
         eps=float(eps),
-        FP64=acc == torch.float64,
+        FP64=pmean.dtype == torch.float64,
         **update,
     )
+
+
+def batch_norm_stats_merge(
+    pmean: torch.Tensor, pm2: torch.Tensor, rows: int, R: int, eps: float, running: tuple | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch_norm_stats``'s result for an [R, C] input from partial statistics already made
+    (``linear.linear_forward_stats``: the preceding Linear's epilogue): ``pmean``, ``pm2``
+    ``[cdiv(R, rows), C]`` contiguous, the mean and M2 of each split of ``rows`` rows. One
+    launch (the merge, with the running-statistics update), no pass over the input."""
+    C = pmean.shape[1]
+    mean = torch.empty(C, device=pmean.device, dtype=pmean.dtype)
+    invstd = torch.empty_like(mean)
+    var = torch.empty_like(mean)
+    with on_device(pmean):
+        _merge(pmean, pm2, mean, invstd, var, R, rows, eps, _update_args(running, mean, var))
     return mean, invstd, var
 
 
@@ -1028,5 +1056,6 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_norm_stats",
+    "batch_norm_stats_merge",
     "batch_norm_update_running",
 ]

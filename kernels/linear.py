@@ -67,6 +67,7 @@ from .launch import (
     Tma,
     cdiv,
     dot_precision,
+    is_interpreted,
     launch,
     on_device,
     row_splits,
@@ -199,6 +200,8 @@ def _linear_fwd_kernel(
     y_ptr,
     z_ptr,
     seed_ptr,
+    pmean_ptr,
+    pm2_ptr,
     M,
     N,
     K,
@@ -216,6 +219,7 @@ def _linear_fwd_kernel(
     ACTIVATION: tl.constexpr,
     SAVE_Z: tl.constexpr,
     DROPOUT: tl.constexpr,
+    STATS: tl.constexpr,
     FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -226,7 +230,9 @@ def _linear_fwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     """y[M, N] = act(x[M, K] @ w[N, K]^T + b[N]); z (pre-activation) stored when SAVE_Z;
-    with ``DROPOUT`` y = dropout(act(...)) (``_fwd_epilogue``).
+    with ``DROPOUT`` y = dropout(act(...)) (``_fwd_epilogue``). With ``STATS`` (no activation,
+    no dropout) also the batch-norm partial statistics of y's columns over this tile's rows
+    (``_fwd_epilogue``): pmean, pm2 ``[cdiv(M, BLOCK_M), N]`` in the accumulator dtype.
 
     ``SPLIT_K`` (the dz backward's dW GEMM, ``_dz_dw_gemm``): program (i, s) reduces only
     ``K`` from ``s * k_split`` to ``(s + 1) * k_split`` (a multiple of BLOCK_K) and stores its
@@ -275,15 +281,16 @@ def _linear_fwd_kernel(
         part = y_ptr + tl.program_id(1).to(tl.int64) * split_stride
         tl.store(part + offs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
     else:
-        _fwd_epilogue(acc, rm, rn, bn, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, M, N, stride_b,
-                      negative_slope, p, scale, HAS_BIAS, ACTIVATION, SAVE_Z, DROPOUT,
-                      BLOCK_N)  # fmt: skip
+        _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, pmean_ptr,
+                      pm2_ptr, M, N, stride_b, negative_slope, p, scale, HAS_BIAS, ACTIVATION,
+                      SAVE_Z, DROPOUT, STATS, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
-def _fwd_epilogue(acc, rm, rn, bn, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, M, N, stride_b,
-                  negative_slope, p, scale, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                  SAVE_Z: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, pmean_ptr,
+                  pm2_ptr, M, N, stride_b, negative_slope, p, scale, HAS_BIAS: tl.constexpr,
+                  ACTIVATION: tl.constexpr, SAVE_Z: tl.constexpr, DROPOUT: tl.constexpr,
+                  STATS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """The forward kernels' epilogue on the accumulator tile of rows ``rm`` and columns ``rn``
     (``bn``: the columns wrapped into [0, N), int64; tile column ``pid_n``): bias, rounding to
     the output dtype, activation, with ``DROPOUT`` the dropout mask of the seed at ``seed_ptr``
@@ -292,7 +299,13 @@ def _fwd_epilogue(acc, rm, rn, bn, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, M, N, s
 
     The dropout is ``fused_block``'s ``act_dropout`` on this output, to the bit: the activation
     rounded to the output dtype, times ``keep ? scale : 0`` (fp32; fp64 for fp64), rounded
-    again, with the mask of element ``m * N + n`` (``dropout.tile_keep``)."""
+    again, with the mask of element ``m * N + n`` (``dropout.tile_keep``).
+
+    ``STATS``: the output as a batch norm that follows reads it (rounded to its dtype) gives
+    each column's mean and M2 (sum of squared deviations from that mean, two passes over the
+    registers) over the tile's rows below M, stored at row ``pid_m`` of pmean and pm2 [*, N]:
+    the splits ``batchnorm._bn_stats_final_kernel`` merges, ``BLOCK_M`` rows each. The batch
+    norm's own statistics pass over y (a read of [M, N]) and its launch are not needed."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + bn * stride_b)
         acc += bias.to(acc.dtype)[None, :]
@@ -309,6 +322,16 @@ def _fwd_epilogue(acc, rm, rn, bn, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, M, N, s
         keep = tile_keep(seed_ptr, rm.to(tl.int64)[:, None], pid_n, N, p, True, BLOCK_N // 4)
         y = (y.to(acc.dtype) * tl.where(keep, scale, 0.0)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_offs, y, mask=out_mask)
+    if STATS:
+        row_mask = (rm < M)[:, None]
+        rows = tl.minimum(M - pid_m * rm.shape[0], rm.shape[0]).to(acc.dtype)
+        yf = tl.where(row_mask, y.to(acc.dtype), 0.0)
+        mean = tl.sum(yf, 0) / rows
+        d = tl.where(row_mask, yf - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, 0)
+        stat_offs = pid_m.to(tl.int64) * N + rn
+        tl.store(pmean_ptr + stat_offs, mean.to(pmean_ptr.dtype.element_ty), mask=rn < N)
+        tl.store(pm2_ptr + stat_offs, m2.to(pm2_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -384,10 +407,11 @@ def _linear_fwd_tma_kernel(
         pid_m, pid_n = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # No dropout here: with its mask, the 128 x 256 tiles spill (``linear_forward``)
-        _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), pid_n, b_ptr, y_ptr, z_ptr, y_ptr, M,
-                      N, stride_b, negative_slope, 0.0, 1.0, HAS_BIAS, ACTIVATION, SAVE_Z, False,
-                      BLOCK_N)  # fmt: skip
+        # No dropout here: with its mask, the 128 x 256 tiles spill (``linear_forward``); no
+        # statistics either (``linear_forward_stats`` takes the pointer kernel)
+        _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), pid_m, pid_n, b_ptr, y_ptr, z_ptr,
+                      y_ptr, y_ptr, y_ptr, M, N, stride_b, negative_slope, 0.0, 1.0, HAS_BIAS,
+                      ACTIVATION, SAVE_Z, False, False, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -1079,6 +1103,70 @@ def linear_forward(
                 f"got N = {N}"
             )
         configs["configs"] = _dropout_configs(x.dtype, precision)
+    _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision, configs,
+                    _dropout_args(seed, p, y))  # fmt: skip
+    return y, z
+
+
+@functools.cache
+def _stats_configs(dtype: torch.dtype, precision: str) -> tuple[list, triton.Config, int]:
+    """(configurations, small configuration, BLOCK_M) of the forward GEMM with the statistics
+    epilogue: the forward list's configurations of one row count (``BLOCK_M`` = 128 on a GPU:
+    the rows of one statistics split, which the merge must know; the fp64 list's one
+    configuration: 32); the small one (below tuning size) is the list's 128 x 64 tile.
+
+    16-bit: only 128 x 128 x 64 with 8 warps. The column reductions beside the accumulator
+    spill the others on sm_90 (triton 3.9): 128 x 256 x 64 (8 warps) 624 bytes of stack,
+    128 x 128 x 64 (4 warps) 1152, 128 x 64 x 64 (4 warps) 376, 128 x 128 x 32 (4 warps) 16.
+    fp32 (IEEE and TF32): every 128-row tile compiles without spills (128-255 registers)."""
+    configs = _configs("fwd", dtype, precision)[0]
+    rows = 32 if dtype == torch.float64 else 128
+    same = [c for c in configs if c.kwargs["BLOCK_M"] == rows]
+    if dtype.itemsize == 2:
+        same = [c for c in same if c.num_warps == 8 and c.kwargs["BLOCK_N"] <= 128]
+    small = next((c for c in same if c.kwargs["BLOCK_N"] == 64), same[0])
+    return same, small, rows
+
+
+def stats_rows(x: torch.Tensor) -> int:
+    """The rows of one statistics split that ``linear_forward_stats`` writes for input ``x``
+    (its configurations' BLOCK_M; the interpreter's tile under the interpreter)."""
+    if is_interpreted(_linear_fwd_kernel):
+        return _INTERPRET_TILE[0]
+    return _stats_configs(x.dtype, dot_precision(x.dtype))[2]
+
+
+def linear_forward_stats(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+    """``(y, stats)``: ``y = x @ weight^T + bias`` as ``linear_forward(x, weight, bias, "none",
+    0.0)``, and ``stats = (pmean, pm2, rows)`` from the same launch's epilogue: the batch-norm
+    partial statistics of y's columns (``_fwd_epilogue``), each ``[cdiv(M, rows), N]`` in the
+    accumulation dtype (fp32; fp64 for fp64), for ``batchnorm.batch_norm_stats_merge``. None
+    (y alone) where the TMA kernel runs the GEMM or y is empty.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    precision = dot_precision(x.dtype)
+    if M == 0 or N == 0 or _tma_operands(x, weight, M, N, K, precision) is not None:
+        return linear_forward(x, weight, bias, "none", 0.0)[0], None
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    rows = stats_rows(x)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pmean = torch.empty((cdiv(M, rows), N), device=x.device, dtype=acc)
+    pm2 = torch.empty_like(pmean)
+    configs = _launch_configs("fwd", x.dtype, precision, M, N, K)
+    configs["configs"], configs["small_config"], _ = _stats_configs(x.dtype, precision)
+    _launch_forward(x, weight, bias, y, None, "none", 0.0, precision, configs,
+                    _dropout_args(None, 0.0, y), (pmean, pm2))  # fmt: skip
+    return y, (pmean, pm2, rows)
+
+
+def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision, configs,
+                    dropout: dict, stats=None) -> None:  # fmt: skip
+    """``_linear_fwd_kernel`` over y's tiles (``linear_forward``, ``linear_forward_stats``)."""
+    M, K = x.shape
+    N = weight.shape[0]
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     with on_device(x):
         launch(
@@ -1089,7 +1177,9 @@ def linear_forward(
             w_ptr=weight,
             b_ptr=bias if bias is not None else y,
             y_ptr=y,
-            z_ptr=z if save_z else y,
+            z_ptr=z if z is not None else y,
+            pmean_ptr=stats[0] if stats is not None else y,
+            pm2_ptr=stats[1] if stats is not None else y,
             M=M,
             N=N,
             K=K,
@@ -1103,13 +1193,13 @@ def linear_forward(
             split_stride=0,
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
-            SAVE_Z=save_z,
-            **_dropout_args(seed, p, y),
+            SAVE_Z=z is not None,
+            **dropout,
+            STATS=stats is not None,
             FP64=x.dtype == torch.float64,
             DOT_PRECISION=precision,
             SPLIT_K=False,
         )
-    return y, z
 
 
 def _sum_splits(ws, dw, db, nk: int, nb: int, split: int, wsb=None, split_b: int = 0) -> None:
@@ -1298,9 +1388,11 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
             **configs,
             x_ptr=a,
             w_ptr=b,
-            b_ptr=ws,  # no bias, no pre-activation: placeholders
+            b_ptr=ws,  # no bias, no pre-activation, no statistics: placeholders
             y_ptr=ws,
             z_ptr=ws,
+            pmean_ptr=ws,
+            pm2_ptr=ws,
             M=N,
             N=K,
             K=M,
@@ -1316,6 +1408,7 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
             ACTIVATION="none",
             SAVE_Z=False,
             **_dropout_args(None, 0.0, ws),
+            STATS=False,
             FP64=False,
             DOT_PRECISION=precision,
             SPLIT_K=True,
@@ -1550,6 +1643,8 @@ __all__ = [
     "dw_split",
     "linear_backward",
     "linear_forward",
+    "linear_forward_stats",
     "saves_output",
+    "stats_rows",
     "saves_preactivation",
 ]

@@ -42,6 +42,7 @@ from ..autograd.fused_block import (
     bn_act_dropout_linear,
     linear_act_dropout,
 )
+from ..autograd.linear import linear_stats
 from ..backend import use_triton
 from .batchnorm import BatchNorm1d
 from .dropout import Dropout
@@ -144,9 +145,13 @@ def _match_linear(mods: list, i: int):
     return j + 1, lin, act, slope, drop
 
 
-def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None) -> Tensor | None:
+def _run_bn_block(
+    input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=False
+):
     """The block's output, or with ``lin`` (a Linear without activation that follows it) the
-    Linear's, from one Function that does not keep the block's output for backward."""
+    Linear's, from one Function that does not keep the block's output for backward; None when
+    the block does not run fused. ``partials``: input's batch-norm partial statistics from the
+    Linear that made it. ``stats`` (with ``lin``): ``(y, y's partials or None)`` instead."""
     if input.dim() != 2 or input.numel() == 0:
         return None
     params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -178,8 +183,46 @@ def _run_bn_block(input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None) ->
         cumulative,
     )
     if lin is not None:
-        return bn_act_dropout_linear(*args, lin.weight, lin.bias)
-    return bn_act_dropout(*args)
+        return bn_act_dropout_linear(*args, lin.weight, lin.bias, partials=partials, stats=stats)
+    return bn_act_dropout(*args, partials=partials)
+
+
+def _takes_partials(mods: list, j: int) -> bool:
+    """Whether ``mods[j:]`` starts a BatchNorm block that runs fused and merges its input's
+    statistics from the partial statistics of the Linear before it (``eager_stats``'s
+    conditions: eager mode, tracked contiguous running statistics). Asked before that Linear
+    runs, so that it makes them only when they will be read."""
+    if j >= len(mods) or type(mods[j]) is not BatchNorm1d or torch.compiler.is_compiling():
+        return False
+    match = _match_bn(mods, j)
+    if match is None:
+        return False
+    bn = match[1]
+    rm, rv = bn.running_mean, bn.running_var
+    return (
+        bn.track_running_stats
+        and rm is not None
+        and rv is not None
+        and rm.is_contiguous()
+        and rv.is_contiguous()
+        and not _hooked(mods[j : match[0]])
+    )
+
+
+def _run_linear_stats(input: Tensor, lin: Linear):
+    """``(y, partials)`` of a Linear without activation whose output a fused BatchNorm block
+    reads next (``linear_stats``), or None where the module runs as usual."""
+    if (
+        lin.activation is not None
+        or not isinstance(input, Tensor)
+        or input.dim() != 2
+        or input.numel() == 0
+        or _hooked((lin,))
+        or torch.is_autocast_enabled(input.device.type)
+        or not use_triton(input, lin.weight, lin.bias)
+    ):
+        return None
+    return linear_stats(input, lin.weight, lin.bias)
 
 
 def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | None:
@@ -232,9 +275,14 @@ class FusedSequential(torch.nn.Sequential):
         mods = list(self._modules.values())
         n = len(mods)
         i = 0
+        # The batch-norm partial statistics of ``made`` (the output of the Linear just run),
+        # from that Linear's epilogue, for the BatchNorm block that reads it next.
+        made = partials = None
         while i < n:
             m = mods[i]
             out = None
+            given = partials if input is made else None
+            made = partials = None
             if type(m) is BatchNorm1d or type(m) is Linear:
                 match = _match_bn(mods, i) if type(m) is BatchNorm1d else _match_linear(mods, i)
                 if match is not None and isinstance(input, Tensor):
@@ -248,8 +296,12 @@ class FusedSequential(torch.nn.Sequential):
                             and nxt.activation is None
                             and not _hooked(mods[i : end + 1])
                         ):
-                            out = _run_bn_block(input, first, act, slope, drop, nxt)
+                            stats = _takes_partials(mods, end + 1)
+                            out = _run_bn_block(input, first, act, slope, drop, nxt, given, stats)
                             if out is not None:
+                                if stats:
+                                    out, partials = out
+                                    made = out
                                 input = out
                                 i = end + 1
                                 continue
@@ -259,12 +311,21 @@ class FusedSequential(torch.nn.Sequential):
                     else:
                         hooked = _hooked(mods[i:end])
                     if not hooked:
-                        run = _run_bn_block if type(m) is BatchNorm1d else _run_linear_block
-                        out = run(input, first, act, slope, drop)
+                        if type(m) is BatchNorm1d:
+                            out = _run_bn_block(input, first, act, slope, drop, partials=given)
+                        else:
+                            out = _run_linear_block(input, first, act, slope, drop)
                         if out is not None:
                             input = out
                             i = end
                             continue
+                elif type(m) is Linear and _takes_partials(mods, i + 1):
+                    out = _run_linear_stats(input, m)
+                    if out is not None:
+                        input, partials = out
+                        made = input
+                        i += 1
+                        continue
             input = m(input)
             i += 1
         return input

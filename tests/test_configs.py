@@ -261,3 +261,49 @@ def test_linear_dropout_epilogue_every_configuration(forced):
         assert_close(got, want, scale=4.0)
     cfg = forced["_linear_fwd_kernel"][1]  # a configuration of the epilogue's own list
     assert cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 64 * 32 * cfg.num_warps
+
+
+@pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
+@pytest.mark.parametrize(
+    "dtype, precision",
+    [
+        (torch.float32, "high"),
+        (torch.float32, "highest"),
+        (torch.bfloat16, "highest"),
+        (torch.float16, "highest"),
+    ],
+)
+def test_linear_statistics_epilogue_every_configuration(
+    forced, monkeypatch, request, dtype, precision
+):
+    # The forward GEMM with the batch-norm statistics epilogue (its own list: one BLOCK_M, the
+    # rows of a split), every configuration: y as without the epilogue, the merged statistics
+    # as the batch norm's own pass over y.
+    from fusedmlp.kernels import batchnorm as KB
+    from fusedmlp.kernels import linear as KL
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        prec = KL.dot_precision(dtype)
+        configs = KL._stats_configs(dtype, prec)[0]
+        cfg = configs[request.node.callspec.params["forced"] % len(configs)]
+        rows = cfg.kwargs["BLOCK_M"]
+        if not ON_GPU:  # the interpreter runs the forced configuration, not its own tile
+            monkeypatch.setattr(KL, "stats_rows", lambda x: rows)
+        x = torch.randn(300, 72, device=DEVICE, dtype=dtype)
+        w = torch.randn(144, 72, device=DEVICE, dtype=dtype) * 0.1
+        b = torch.randn(144, device=DEVICE, dtype=dtype)
+        y, (pmean, pm2, got_rows) = KL.linear_forward_stats(x, w, b)
+        assert got_rows == rows and pmean.shape == (-(-300 // rows), 144)
+        assert_close(y, F.linear(x.float(), w.float(), b.float()).to(dtype), scale=4.0)
+        mean, invstd, var = KB.batch_norm_stats_merge(pmean, pm2, rows, 300, 1e-5, None)
+        yf = y.float()
+        assert_close(mean, yf.mean(0), dtype=torch.float32, scale=4.0)
+        assert_close(var, yf.var(0), dtype=torch.float32, scale=4.0)
+        assert_close(invstd, (yf.var(0, unbiased=False) + 1e-5).rsqrt(), dtype=torch.float32,
+                     scale=4.0)  # fmt: skip
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    _check_forced(forced, ["_linear_fwd_kernel"])
+    assert forced["_linear_fwd_kernel"][1] is cfg

@@ -342,7 +342,8 @@ def test_mlp_keeps_one_activation_per_hidden_layer(triton_backend, launches, mon
 
 
 @pytest.mark.parametrize("p", [0.0, 0.4])
-def test_bn_block_linear_gradcheck_float64(triton_backend, p):
+@pytest.mark.parametrize("lin_stats", [False, True])
+def test_bn_block_linear_gradcheck_float64(triton_backend, p, lin_stats):
     x = torch.randn(5, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64, device=DEVICE).add_(0.5).requires_grad_(True)
     b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -352,7 +353,7 @@ def test_bn_block_linear_gradcheck_float64(triton_backend, p):
 
     def f(x, w, b, lw, lb):
         return BNActDropoutLinearFunction.apply(
-            x, w, b, seed, lw, lb, 1e-5, p, "tanh", 0.01, None, None
+            x, w, b, seed, lw, lb, 1e-5, p, "tanh", 0.01, None, None, lin_stats
         )[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b, lw, lb), eps=1e-6, atol=1e-5)
@@ -735,3 +736,96 @@ def test_relu_dropout_backward_at_nan_outputs_like_torch(triton_backend):
     zt = z.clone().requires_grad_()
     (torch.relu(zt) * keep * 2.0).backward(dy)
     torch.testing.assert_close(zz.grad, zt.grad, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear -> BatchNorm1d: the batch statistics from the Linear's epilogue
+# ----------------------------------------------------------------------------------------------
+
+
+def _mlp_pair(dtype, bias=True):
+    model = MLP(6, [24, 40, 16], 5, batchnorm=True, dropout=0.0, bias=bias).to(DEVICE, dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model, model.to_torch()
+
+
+@pytest.mark.parametrize("keep", ["recompute", "keep"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [37, 16, 2])
+def test_linear_epilogue_statistics_feed_the_batch_norm(
+    triton_backend, launches, monkeypatch, keep, dtype, n
+):
+    # Every Linear before a BatchNorm1d (the first one as a module, the others inside the
+    # block + Linear Function when its output is recomputed, as modules otherwise) writes the
+    # batch norm's partial statistics from its epilogue: the batch norm merges them (one launch)
+    # and never reads its input for them. Against torch's own modules: outputs, gradients and
+    # running statistics over two training steps (37 rows: a last split of 5 rows). bf16
+    # gradients through three batch norms differ from torch's by 5-13% of their norm with or
+    # without this path (roundings amplified): compared in fp32 only.
+    from fusedmlp.autograd import fused_block
+
+    if keep == "recompute":
+        monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
+    model, ref = _mlp_pair(dtype)
+    for step in range(2):
+        x = torch.randn(n, 6, device=DEVICE, dtype=dtype)
+        launches.clear()
+        out, grads = _run(model.layers, x, step)
+        assert launches["_bn_stats_partial_kernel"] == 0, dict(launches)
+        assert launches["_bn_stats_final_kernel"] == 3, dict(launches)
+        out_ref, grads_ref = _run(ref.layers, x, step)
+        assert_close(out, out_ref, dtype=dtype, scale=4)
+        if dtype == torch.float32:
+            for g, g_ref in zip(grads, grads_ref):
+                assert_close(g, g_ref, scale=8)
+    for m, m_ref in zip(model.modules(), ref.modules()):
+        if isinstance(m, BatchNorm1d):
+            assert_close(m.running_mean, m_ref.running_mean, dtype=dtype)
+            assert_close(m.running_var, m_ref.running_var, dtype=dtype)
+            assert torch.equal(m.num_batches_tracked, m_ref.num_batches_tracked)
+
+
+def test_linear_epilogue_statistics_equal_the_statistics_pass(triton_backend):
+    # The merged partials are the batch norm's own statistics (its partial + merge kernels
+    # over the same output) within rounding, for every dtype; bias or not.
+    from fusedmlp.kernels import batchnorm as KB
+    from fusedmlp.kernels import linear as KL
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for bias in (True, False):
+            x = torch.randn(45, 20, device=DEVICE, dtype=dtype) + 2
+            w = torch.randn(33, 20, device=DEVICE, dtype=dtype) * 0.3
+            b = torch.randn(33, device=DEVICE, dtype=dtype) if bias else None
+            y, (pmean, pm2, rows) = KL.linear_forward_stats(x, w, b)
+            assert torch.equal(y, KL.linear_forward(x, w, b, "none", 0.0)[0])
+            assert pmean.shape == (-(-45 // rows), 33)
+            got = KB.batch_norm_stats_merge(pmean, pm2, rows, 45, 1e-5, None)
+            want = KB.batch_norm_stats(y, 1e-5)
+            for a, e in zip(got, want):
+                assert_close(a, e, dtype=torch.float64 if dtype == torch.float64 else None)
+
+
+def test_no_epilogue_statistics_where_the_batch_norm_cannot_take_them(triton_backend, launches):
+    # Untracked running statistics (the batch norm's Function computes its own), a hook on the
+    # batch norm (it runs as a module): the Linear makes no statistics, the results are torch's.
+    model, ref = _mlp_pair(torch.float32)
+    bn1 = model.layers[1]
+    bn1.track_running_stats = False
+    bn1.running_mean = bn1.running_var = None
+    ref.layers[1].track_running_stats = False
+    ref.layers[1].running_mean = ref.layers[1].running_var = None
+    seen = []
+    model.layers[5].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(12, 6, device=DEVICE)
+    out, grads = _run(model.layers, x, 0)
+    assert seen == [(12, 40)]
+    # the third batch norm alone merges epilogue statistics
+    assert launches["_bn_stats_final_kernel"] == 1, dict(launches)
+    out_ref, grads_ref = _run(ref.layers, x, 0)
+    assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, scale=4)
