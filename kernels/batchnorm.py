@@ -15,7 +15,9 @@ Kernels (launches per call, training, everything tracked):
               statistics itself. The kernel that writes them can also update the running
               statistics (``batch_norm_stats(..., running)``: the eager path, with the forward
               then given the statistics); else ``_bn_update_running_kernel`` does, a separate
-              in-place op.
+              in-place op. When the preceding Linear made the partial statistics in its
+              epilogue (``linear.linear_forward_stats``), ``batch_norm_stats_merge`` runs the
+              final kernel alone on them: no pass over the input.
     backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_final_kernel`` -> ``_bn_backward_dx_kernel``
               (with a single split, the reduction writes the merged sums and dweight/dbias)
 Eval mode (running statistics) is one forward launch; its backward is one launch for dx

@@ -1128,11 +1128,16 @@ def _stats_configs(dtype: torch.dtype, precision: str) -> tuple[list, triton.Con
     return same, small, rows
 
 
+# Under the interpreter the statistics epilogue runs 128-row tiles too: the rows of a split are
+# then the same as a GPU's, whichever configuration of the list a test forces.
+_STATS_INTERPRET = _cfg("fwd", (128, 16, 16, 4, 2), group=2)
+
+
 def stats_rows(x: torch.Tensor) -> int:
     """The rows of one statistics split that ``linear_forward_stats`` writes for input ``x``
-    (its configurations' BLOCK_M; the interpreter's tile under the interpreter)."""
+    (its configurations' BLOCK_M: 128, 32 for fp64 on a GPU)."""
     if is_interpreted(_linear_fwd_kernel):
-        return _INTERPRET_TILE[0]
+        return _STATS_INTERPRET.kwargs["BLOCK_M"]
     return _stats_configs(x.dtype, dot_precision(x.dtype))[2]
 
 
@@ -1157,6 +1162,7 @@ def linear_forward_stats(
     pm2 = torch.empty_like(pmean)
     configs = _launch_configs("fwd", x.dtype, precision, M, N, K)
     configs["configs"], configs["small_config"], _ = _stats_configs(x.dtype, precision)
+    configs["interpret_config"] = _STATS_INTERPRET
     _launch_forward(x, weight, bias, y, None, "none", 0.0, precision, configs,
                     _dropout_args(None, 0.0, y), (pmean, pm2))  # fmt: skip
     return y, (pmean, pm2, rows)

@@ -20,6 +20,14 @@ the children's own parameters and buffers:
         -> ``linear_act_dropout``: the activation and the dropout in the Linear's epilogue (one
            launch), whose backward keeps the output instead of the pre-activation.
 
+A Linear without activation whose output a fused BatchNorm block reads next (the first
+Linear of an MLP as a module; the others inside ``bn_act_dropout_linear``, or as modules when
+the block output is kept) also writes the batch norm's partial statistics from its GEMM
+epilogue (``fusedmlp.autograd.linear.linear_stats``): the block merges them (one launch) and
+makes no pass over its input for its statistics. Eager mode only, where the block would
+compute its statistics in eager mode anyway (tracked, contiguous running statistics); a
+traced graph keeps the statistics pass.
+
 The fused path is taken only when it cannot change what anyone observes: the Triton path is
 active for the tensors involved (``fusedmlp.backend.use_triton``), the modules are in training
 mode (a Dropout in eval mode simply drops out of the block), no module of the pattern has hooks

@@ -273,9 +273,7 @@ def test_linear_dropout_epilogue_every_configuration(forced):
         (torch.float16, "highest"),
     ],
 )
-def test_linear_statistics_epilogue_every_configuration(
-    forced, monkeypatch, request, dtype, precision
-):
+def test_linear_statistics_epilogue_every_configuration(forced, request, dtype, precision):
     # The forward GEMM with the batch-norm statistics epilogue (its own list: one BLOCK_M, the
     # rows of a split), every configuration: y as without the epilogue, the merged statistics
     # as the batch norm's own pass over y.
@@ -289,8 +287,6 @@ def test_linear_statistics_epilogue_every_configuration(
         configs = KL._stats_configs(dtype, prec)[0]
         cfg = configs[request.node.callspec.params["forced"] % len(configs)]
         rows = cfg.kwargs["BLOCK_M"]
-        if not ON_GPU:  # the interpreter runs the forced configuration, not its own tile
-            monkeypatch.setattr(KL, "stats_rows", lambda x: rows)
         x = torch.randn(300, 72, device=DEVICE, dtype=dtype)
         w = torch.randn(144, 72, device=DEVICE, dtype=dtype) * 0.1
         b = torch.randn(144, device=DEVICE, dtype=dtype)

@@ -801,7 +801,7 @@ def test_linear_epilogue_statistics_equal_the_statistics_pass(triton_backend):
             w = torch.randn(33, 20, device=DEVICE, dtype=dtype) * 0.3
             b = torch.randn(33, device=DEVICE, dtype=dtype) if bias else None
             y, (pmean, pm2, rows) = KL.linear_forward_stats(x, w, b)
-            assert torch.equal(y, KL.linear_forward(x, w, b, "none", 0.0)[0])
+            assert_close(y, KL.linear_forward(x, w, b, "none", 0.0)[0])  # other tiles
             assert pmean.shape == (-(-45 // rows), 33)
             got = KB.batch_norm_stats_merge(pmean, pm2, rows, 45, 1e-5, None)
             want = KB.batch_norm_stats(y, 1e-5)
