@@ -590,3 +590,49 @@ def test_linear_act_dropout_fuzz(
     assert torch.equal(out, ref)
     for got, want in zip(grads, ref_grads):
         assert_close(got, want, scale=4)
+
+
+@settings(FUZZ)
+@given(
+    rows=st.sampled_from([2, 3, 17, 127, 128, 129, 300]),
+    in_features=st.sampled_from([1, 3, 17]),
+    out_features=st.sampled_from([1, 7, 16, 20]),
+    bias=st.booleans(),
+    dtype=DTYPES,
+    layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    offset=st.sampled_from([0.0, 100.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_statistics_epilogue_fuzz(
+    launches, rows, in_features, out_features, bias, dtype, layout, offset, seed
+):
+    # The batch-norm statistics from the Linear's epilogue, merged, against the mean and the
+    # variances of the Linear's own output computed in float64 (a large offset: a mean far
+    # from the spread, where one-pass sums would cancel).
+    from fusedmlp.kernels import batchnorm as KB
+    from fusedmlp.kernels import linear as KL
+
+    gen = torch.Generator().manual_seed(seed)
+    x = _make((rows, in_features), dtype, layout, gen)
+    w = _make((out_features, in_features), dtype, "contiguous", gen, scale=0.5)
+    b = _make((out_features,), dtype, "contiguous", gen) + offset if bias else None
+    launches.clear()
+    y, (pmean, pm2, split_rows) = KL.linear_forward_stats(x, w, b)
+    assert launches["_linear_fwd_kernel"] == 1
+    assert pmean.shape == (-(-rows // split_rows), out_features)
+    mean, invstd, var = KB.batch_norm_stats_merge(pmean, pm2, split_rows, rows, 1e-5, None)
+    yd = y.double()
+    biased = yd.var(0, unbiased=False)
+    # fp32 arithmetic on values up to |y|: errors of a few ulp of |y| in the mean, of |y| times
+    # the spread in the variance (deviations from each tile's own mean: no cancellation)
+    big = yd.abs().amax(0)
+    torch.testing.assert_close(mean.double(), yd.mean(0), rtol=0, atol=(4e-7 * big).max().item())
+    torch.testing.assert_close(
+        var.double(), yd.var(0), rtol=1e-5, atol=(4e-6 * big * biased.sqrt()).max().item() + 1e-12
+    )
+    torch.testing.assert_close(
+        invstd.double(),
+        (biased + 1e-5).rsqrt(),
+        rtol=1e-5 + (4e-6 * big / (biased + 1e-5).sqrt()).max().item(),
+        atol=0,
+    )
