@@ -16,6 +16,10 @@ Three blocks (kernels in ``fusedmlp.kernels.fused_block``):
   without activation that follows it in an MLP: the block's output is not saved but recomputed
   in the backward (``fused_block_apply``: the forward pass again with the saved statistics, the
   same bits) for the Linear's dW, then freed before the block's backward runs.
+- Cross-Function, set up by ``FusedSequential`` in eager mode: a Linear (without activation)
+  whose output a block reads makes the block's batch-norm partial statistics in its epilogue
+  (``linear_stats``, ``lin_stats``; the block merges them), and in the backward the block's dx
+  pass makes dZ^T and dZ's column sums for that Linear's "dz" backward (``_handover``).
 - ``linear_act_dropout``: ``dropout(act(linear(x, W, b)))``, ``Linear -> act -> Dropout``: the
   dropout in the Linear's epilogue (``fusedmlp.kernels.linear``), one launch and no
   pre-activation pass. Saved: x and W for the Linear, the OUTPUT where it determines the
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from ..backend import use_triton
 from ._custom_op import caller, custom_op
+from ._handover import take
 from ._once import once_differentiable
 from .batchnorm import (
     _FLOATS,
@@ -60,6 +65,7 @@ from .linear import (
     _validate,
     apply_activation_torch,
     check_activation,
+    want_made,
 )
 from .linear import linear as _linear
 
@@ -144,7 +150,7 @@ def _(dy, saved, seed, p, activation, negative_slope):
     return torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
 
 
-@custom_op("fusedmlp::fused_block_bn_bwd", mutates_args=())
+@custom_op("fusedmlp::fused_block_bn_bwd", mutates_args=("dxt", "ws"))
 def _fused_block_bn_bwd(
     dy: Tensor,
     x: Tensor,
@@ -159,8 +165,13 @@ def _fused_block_bn_bwd(
     need_dx: bool,
     need_dweight: bool,
     need_dbias: bool,
+    dxt: Tensor | None = None,
+    ws: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dbias)`` of ``dropout(act(bn(x)))``; a gradient not asked for is empty."""
+    """``(dx, dweight, dbias)`` of ``dropout(act(bn(x)))``; a gradient not asked for is empty.
+    With ``dxt`` ``[C, R]`` and ``ws`` ``[cdiv(R, TRANSPOSED_ROWS), C]`` (acc dtype; need_dx) the
+    dx pass also fills them with dx^T and dx's column sums per ``TRANSPOSED_ROWS`` rows
+    (``_handover``)."""
     from ..kernels import fused_block as K
 
     dx, dw, db = K.bn_act_dropout_backward(
@@ -177,12 +188,14 @@ def _fused_block_bn_bwd(
         need_dx,
         need_dweight,
         need_dbias,
+        (dxt, ws) if dxt is not None and ws is not None else None,
     )
     return grads_or_empty(x, dx, dw, db)
 
 
 @_fused_block_bn_bwd.register_fake
-def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx, nw, nb):
+def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx, nw, nb,
+      dxt=None, ws=None):  # fmt: skip
     C = x.shape[1]
     ref = weight if weight is not None else bias
     pdtype = ref.dtype if ref is not None else _acc_dtype(x)
@@ -275,7 +288,19 @@ _PIECEWISE_LINEAR = frozenset(("none", "relu", "leaky_relu"))
 
 def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int) -> tuple:
     """The block's (dx, dweight, dbias) as ``affine_grads`` returns them for a Function of
-    ``n_inputs`` inputs (x, weight and bias first), from the gradient of its output."""
+    ``n_inputs`` inputs (x, weight and bias first), from the gradient of its output. With a
+    ``ctx.handover`` that the Linear before the block wants filled (``_handover``), the dx
+    pass also makes dx^T and dx's column sums, handed over with dx."""
+    handover = ctx.handover
+    extra = (None, None)
+    if handover is not None and handover.want and ctx.needs_input_grad[0]:
+        from ..kernels.fused_block import TRANSPOSED_ROWS
+
+        R, C = x.shape
+        extra = (
+            torch.empty((C, R), dtype=x.dtype, device=x.device),
+            torch.empty((-(-R // TRANSPOSED_ROWS), C), dtype=_acc_dtype(x), device=x.device),
+        )
     dx, dw, db = _fused_block_bn_bwd_call(
         dout,
         x,
@@ -288,8 +313,12 @@ def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int) 
         ctx.activation,
         ctx.negative_slope,
         *ctx.needs_input_grad[:3],
+        *extra,
     )
-    return affine_grads(ctx, dx, dw, db, n_inputs)
+    grads = affine_grads(ctx, dx, dw, db, n_inputs)
+    if extra[0] is not None:
+        handover.give(grads[0], extra)
+    return grads
 
 
 def _block_forward(x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd):
@@ -313,13 +342,16 @@ class BNActDropoutFunction(torch.autograd.Function):
     is recomputed from x)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd):
+    def forward(
+        ctx, x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd, handover
+    ):
         given = mean is not None
         out, mean, invstd, var = _block_forward(
             x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd
         )
         ctx.save_for_backward(x, weight, bias, mean, invstd, seed)
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
+        ctx.handover = handover
         ctx.bias_dtype = bias.dtype if bias is not None else None
         # No zero tensors for the gradients of mean and var (never read): two fewer allocations
         # and fill launches per backward. The output's own gradient is None only when it got none.
@@ -333,10 +365,10 @@ class BNActDropoutFunction(torch.autograd.Function):
     @once_differentiable("batch_norm + activation + dropout")
     def backward(ctx, dout, _dmean, _dvar):
         if dout is None:
-            return (None,) * 10
+            return (None,) * 11
         if not any(ctx.needs_input_grad[:3]):
-            return (None,) * 10
-        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=10)
+            return (None,) * 11
+        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=11)
 
 
 class BNActDropoutLinearFunction(torch.autograd.Function):
@@ -354,7 +386,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, seed, lin_weight, lin_bias, eps, p, activation, negative_slope,
-        mean, invstd, lin_stats,
+        mean, invstd, lin_stats, handover, lin_handover,
     ):  # fmt: skip
         given = mean is not None
         out, mean, invstd, var = _block_forward(
@@ -366,8 +398,10 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(pmean, pm2)
         else:
             y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
+        want_made(lin_handover, out, lin_weight, ctx.needs_input_grad[4])
         del out  # freed here: the backward recomputes it
         ctx.save_for_backward(x, weight, bias, mean, invstd, seed, lin_weight)
+        ctx.handover, ctx.lin_handover = handover, lin_handover
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.has_lin_bias = lin_bias is not None
@@ -381,7 +415,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     @once_differentiable("batch_norm + activation + dropout + linear")
     def backward(ctx, dy, _dmean, _dvar, _dpmean, _dpm2):
         if dy is None:
-            return (None,) * 13
+            return (None,) * 15
         x, weight, bias, mean, invstd, seed, lin_weight = ctx.saved_tensors
         need_dx, need_dw, need_db, _, need_dlw, need_dlb = ctx.needs_input_grad[:6]
         need_dlb = need_dlb and ctx.has_lin_bias
@@ -411,9 +445,10 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
                 out = out.t()  # [N, C] again, a view of the contiguous [C, N]
         else:
             out = x  # shape and dtype only: not read without dW
+        made = take(ctx.lin_handover, dy)  # dy^T and its column sums, from the next block
         dout, dlw, dlb = _linear_bwd(
-            dy, out, lin_weight, dy, "none", 0.0, need_block, need_dlw, need_dlb
-        )
+            dy, out, lin_weight, dy, "none", 0.0, need_block, need_dlw, need_dlb, made or []
+        )  # fmt: skip
         del out
         dx = dw = db = None
         if need_block:
@@ -425,7 +460,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
             None,
             dlw if need_dlw else None,
             dlb if need_dlb else None,
-            *(None,) * 7,
+            *(None,) * 9,
         )
 
 
@@ -458,7 +493,7 @@ class LinearActDropoutFunction(torch.autograd.Function):
         dz = _fused_block_act_dropout_bwd_call(
             dy, saved, seed, ctx.p, ctx.activation, ctx.negative_slope
         )
-        dx, dw, db = _linear_bwd(dz, x, weight, dz, "none", 0.0, need_dx, need_dw, need_db)
+        dx, dw, db = _linear_bwd(dz, x, weight, dz, "none", 0.0, need_dx, need_dw, need_db, [])
         return (
             dx if need_dx else None,
             dw if need_dw else None,
@@ -538,11 +573,13 @@ def bn_act_dropout(
     num_batches_tracked: Tensor | None = None,
     *,
     partials: tuple | None = None,
+    handover=None,
 ) -> Tensor:
     """``dropout(act(batch_norm(input, training=True)), p)``: BatchNorm1d in training mode, an
     activation and inverted dropout as one block. ``partials``: input's batch-norm partial
     statistics from the Linear that produced it (``linear_stats``), merged instead of a
-    statistics pass over input.
+    statistics pass over input; ``handover``: the ``_handover.Handover`` shared with that
+    Linear.
 
     ``input`` ``[N, C]``; ``running_mean``/``running_var`` ``[C]`` (updated in place with
     ``momentum`` and the unbiased batch variance) or both None; ``weight``/``bias`` ``[C]`` or
@@ -571,7 +608,7 @@ def bn_act_dropout(
         partials,
     )  # fmt: skip
     out, batch_mean, var = BNActDropoutFunction.apply(
-        input, weight, bias, seed, eps, p, act, float(negative_slope), mean, invstd
+        input, weight, bias, seed, eps, p, act, float(negative_slope), mean, invstd, handover
     )
     update_running_after(
         running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
@@ -596,6 +633,8 @@ def bn_act_dropout_linear(
     *,
     partials: tuple | None = None,
     stats: bool = False,
+    handover=None,
+    lin_handover=None,
 ):
     """``linear(bn_act_dropout(input, ...), lin_weight, lin_bias)`` (no activation on the
     Linear) as one autograd Function that does not save the block's output
@@ -603,7 +642,8 @@ def bn_act_dropout_linear(
     results, masks and running statistics as the two ops run one after the other.
     ``partials``: as ``bn_act_dropout``'s. With ``stats`` returns ``(y, y_partials)``: also the
     batch-norm partial statistics of y from the Linear's epilogue (``linear_stats``), for a
-    batch norm that reads y next, or None where the GEMM made none.
+    batch norm that reads y next, or None where the GEMM made none. ``handover``: as
+    ``bn_act_dropout``'s; ``lin_handover``: the one the Linear shares with that next batch norm.
 
     Only where ``block_linear_applies`` (the caller asks first, and otherwise runs the two ops).
     """
@@ -619,7 +659,7 @@ def bn_act_dropout_linear(
     )  # fmt: skip
     y, batch_mean, var, pmean, pm2 = BNActDropoutLinearFunction.apply(
         input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope),
-        mean, invstd, stats,
+        mean, invstd, stats, handover, lin_handover,
     )  # fmt: skip
     update_running_after(
         running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked

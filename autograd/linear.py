@@ -25,6 +25,7 @@ from torch import Tensor
 from ..backend import use_triton
 from ._amp import lower_precision
 from ._custom_op import caller, custom_op
+from ._handover import take
 from ._once import once_differentiable
 
 # Supported activations (None = identity). "gelu" is the exact (erf) form, as torch's default.
@@ -116,16 +117,20 @@ def linear_bwd(
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
+    made: list[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dw, db)`` for ``linear_fwd``; ``saved`` is y or z (see ``linear_fwd``), unused
-    (any tensor) without activation. A gradient not asked for comes back empty."""
+    (any tensor) without activation. A gradient not asked for comes back empty. ``made``: empty,
+    or the list [grad_y's transpose, its column sums] made with it (``_handover``; 2-D
+    grad_y), emptied here (its tensors die once used)."""
     from ..kernels import linear as K
 
     if x.dim() == 2 and grad_y.dim() == 2:  # the common case: no views, no shape arithmetic
         s2 = saved if activation != "none" else None
         dx, dw, db = K.linear_backward(
-            grad_y, x, weight, s2, activation, negative_slope, need_dx, need_dw, need_db
-        )
+            grad_y, x, weight, s2, activation, negative_slope, need_dx, need_dw, need_db,
+            None, made,
+        )  # fmt: skip
     else:
         out_features, in_features = weight.shape
         rows = math.prod(x.shape[:-1])
@@ -141,7 +146,7 @@ def linear_bwd(
 
 
 @linear_bwd.register_fake
-def _(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db):
+def _(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db, made):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dw = x.new_empty(weight.shape) if need_dw else x.new_empty(0)
     db = x.new_empty(weight.shape[0]) if need_db else x.new_empty(0)
@@ -211,11 +216,13 @@ class LinearStatsFunction(torch.autograd.Function):
     backward is ``LinearFunction``'s."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, handover):
         y, pmean, pm2 = _linear_stats_fwd(x, weight, bias)
         ctx.save_for_backward(x, weight, None)
         ctx.has_bias = bias is not None
         ctx.activation, ctx.negative_slope = "none", 0.0
+        want_made(handover, x, weight, ctx.needs_input_grad[1])
+        ctx.handover = handover
         ctx.mark_non_differentiable(pmean, pm2)
         # No zero tensors for the statistics' gradients (never read)
         ctx.set_materialize_grads(False)
@@ -225,8 +232,18 @@ class LinearStatsFunction(torch.autograd.Function):
     @once_differentiable("linear")
     def backward(ctx, grad_y, _dpmean, _dpm2):
         if grad_y is None:
-            return None, None, None
-        return _linear_backward(ctx, grad_y, *ctx.saved_tensors)[:3]
+            return None, None, None, None
+        return (*_linear_backward(ctx, grad_y, *ctx.saved_tensors)[:3], None)
+
+
+def want_made(handover, x: Tensor, weight: Tensor, need_dw: bool) -> None:
+    """Set ``handover.want`` for the Linear ``x [M, K] -> [M, N]`` (``_handover``): its
+    backward computes dW on the "dz" path with a transposed dZ."""
+    if handover is not None:
+        from ..kernels.linear import takes_made_dz
+
+        M, K = x.shape
+        handover.want = need_dw and takes_made_dz(x.dtype, M, weight.shape[0], K, x.device)
 
 
 def _linear_backward(ctx, grad_y, x, weight, saved):
@@ -236,6 +253,7 @@ def _linear_backward(ctx, grad_y, x, weight, saved):
         return None, None, None, None, None
     if saved is None:
         saved = grad_y  # placeholder: not read without an activation
+    made = take(getattr(ctx, "handover", None), grad_y)
     dx, dw, db = _linear_bwd(
         grad_y,
         x,
@@ -246,6 +264,7 @@ def _linear_backward(ctx, grad_y, x, weight, saved):
         need_dx,
         need_dw,
         need_db,
+        made or [],
     )
     return (
         dx if need_dx else None,
@@ -354,14 +373,15 @@ def linear(
     return apply_activation_torch(F.linear(input, weight, bias), activation, negative_slope)
 
 
-def linear_stats(input: Tensor, weight: Tensor, bias: Tensor | None):
+def linear_stats(input: Tensor, weight: Tensor, bias: Tensor | None, handover=None):
     """``(y, partials)``: ``y = F.linear(input, weight, bias)`` on the Triton path for a 2-D
     ``input``, and ``partials = (pmean, pm2, rows)``, the batch-norm partial statistics of y's
     columns that the same launch made (for a batch norm that reads y next:
     ``fusedmlp.autograd.batchnorm.eager_stats``), or None where it made none. The caller has
-    checked the Triton path applies (``use_triton``, no autocast)."""
+    checked the Triton path applies (``use_triton``, no autocast). ``handover``: a
+    ``_handover.Handover`` shared with that batch norm's Function."""
     _validate(input, weight, bias, 0.0)
-    y, pmean, pm2 = LinearStatsFunction.apply(input, weight, bias)
+    y, pmean, pm2 = LinearStatsFunction.apply(input, weight, bias, handover)
     if pmean.numel() == 0:
         return y, None
     from ..kernels.linear import stats_rows

@@ -5,7 +5,8 @@ column / channel ``c``, logical row-major element index ``i = r * C + c`` in int
 
 * ``Linear -> BatchNorm1d -> act -> Dropout`` (``NORM=True``, x = the Linear's output ``[N, C]``):
     forward   ``batch_norm_stats`` (two launches of fusedmlp.kernels.batchnorm: split partials
-              and their merge) -> ``_fused_fwd_kernel``: ``z = (x - mean) * invstd * w + b``,
+              and their merge; the merge alone on partials from the Linear's epilogue,
+              ``batch_norm_stats_merge``) -> ``_fused_fwd_kernel``: ``z = (x - mean) * invstd * w + b``,
               ``a = act(z)``, ``out = a * keep * 1/(1-p)``, one read of x, one write of out.
               (The running statistics: updated by the batchnorm module's ops, ``batch_norm_stats``
               in eager mode, with the statistics then given to this forward.)
@@ -17,6 +18,9 @@ column / channel ``c``, logical row-major element index ``i = r * C + c`` in int
               ``batchnorm._bn_backward_final_kernel`` (merges the splits in a fixed order, dweight, dbias) ->
               ``_fused_bwd_dx_kernel`` (recomputes ``g`` again, BN's dx formula). ``g`` (the
               gradient of the BN output) is never written to memory. Deterministic, no atomics.
+              With ``TRANSPOSED`` the dx pass also writes dx^T and dx's column sums per 64
+              rows: the "dz" backward of the Linear before the block (fp32) reads them instead
+              of making them in a pass over dx (``fusedmlp.autograd._handover``).
 
 * ``Linear -> act -> Dropout`` (``NORM=False``, x = the pre-activation ``z``, i.e. the output
   of a Linear run without activation, any shape ``[..., C]``):
@@ -325,6 +329,8 @@ def _fused_bwd_dx_kernel(
     seed_ptr,
     sum_g_ptr,
     sum_gxmu_ptr,
+    dxt_ptr,
+    ws_ptr,
     R,
     C,
     sxR,
@@ -341,12 +347,18 @@ def _fused_bwd_dx_kernel(
     ACTIVATION: tl.constexpr,
     DROPOUT: tl.constexpr,
     ALIGNED: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     """Pass 2 of the BN block's backward, one tile of dx (``g`` recomputed as in pass 1):
-    ``dx = w * invstd * (g - sum_g / R - (x - mean) * invstd^2 * sum_gxmu / R)``."""
+    ``dx = w * invstd * (g - sum_g / R - (x - mean) * invstd^2 * sum_gxmu / R)``.
+
+    ``TRANSPOSED`` (for the Linear before the block, whose dW on the "dz" path reads dZ^T,
+    and whose db is dZ's column sums: ``_TRANSPOSED_CONFIGS``): also dx^T to dxt ``[C, R]``
+    contiguous, and the column sums of the rounded dx of this tile's rows to row ``pid_r``
+    of ws ``[cdiv(R, BLOCK_R), C]`` (acc dtype): what that Linear's dZ pass would make."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
@@ -375,8 +387,13 @@ def _fused_bwd_dx_kernel(
     n = R * 1.0
     b = tl.load(sum_g_ptr + cb, mask=mask, other=0.0) / n
     k = invstd * invstd * tl.load(sum_gxmu_ptr + cb, mask=mask, other=0.0) / n
-    dx = (g - b - (x - mean) * k) * sc
-    tl.store(dx_ptr + r * sgR + c * sgC, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    dx = ((g - b - (x - mean) * k) * sc).to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + r * sgR + c * sgC, dx, mask=mask)
+    if TRANSPOSED:
+        tl.store(dxt_ptr + c * R + r, dx, mask=mask)
+        c1 = pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+        colsum = tl.sum(tl.where(mask, dx.to(ACC), 0.0), 0)
+        tl.store(ws_ptr + pid_r.to(tl.int64) * C + c1, colsum, mask=c1 < C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +417,16 @@ _REDUCE_CONFIGS = [
 ]
 # Interpreter: small tiles, so tiny tests still see several row/column blocks and splits.
 _INTERPRET_TILE = triton.Config({"BLOCK_R": 8, "BLOCK_Q": 4}, num_warps=4)
+# The dx pass that also writes dx^T and column sums (``TRANSPOSED``): one row count, the rows of
+# a column-sum split, on a GPU and under the interpreter alike (whatever a test forces); 64 rows
+# make the transposed stores 256-byte runs (fp32). sm_90, triton 3.9: 193 and 190 registers, no
+# spills; 64 x 128 tiles spill (8 warps: 192 bytes of stack; 16 warps: 112).
+TRANSPOSED_ROWS = 64
+_TRANSPOSED_CONFIGS = [
+    triton.Config({"BLOCK_R": 64, "BLOCK_Q": 16}, num_warps=8),
+    triton.Config({"BLOCK_R": 64, "BLOCK_Q": 8}, num_warps=4),
+]
+_TRANSPOSED_INTERPRET = triton.Config({"BLOCK_R": 64, "BLOCK_Q": 4}, num_warps=4)
 
 
 def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
@@ -595,8 +622,12 @@ def bn_act_dropout_backward(
     need_dx: bool = True,
     need_dweight: bool = True,
     need_dbias: bool = True,
+    transposed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward of ``out = act(bn(x)) * keep * scale`` (BN with batch statistics).
+
+    ``transposed``: ``(dxt [C, R], ws [cdiv(R, TRANSPOSED_ROWS), C])`` the dx pass also fills
+    (``_fused_bwd_dx_kernel``'s ``TRANSPOSED``), with need_dx.
 
     dy, x: ``[R, C]``, any strides; weight/bias: the BN parameters or None; mean/invstd: the
     forward's ``[C]`` statistics; seed: the forward's dropout seed or None. The gradient of the
@@ -690,19 +721,23 @@ def bn_act_dropout_backward(
         dx = None
         if need_dx:
             dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+            tr = transposed is not None
             launch(
                 _fused_bwd_dx_kernel,
                 _grid(R, C),
-                configs=_TILE_CONFIGS,
-                small_config=_TILE_CONFIGS[0],
+                configs=_TRANSPOSED_CONFIGS if tr else _TILE_CONFIGS,
+                small_config=_TRANSPOSED_CONFIGS[0] if tr else _TILE_CONFIGS[0],
                 work=R * C,
                 key=["R", "C"],
-                interpret_config=_INTERPRET_TILE,
+                interpret_config=_TRANSPOSED_INTERPRET if tr else _INTERPRET_TILE,
                 x_ptr=x,
                 dy_ptr=dy,
                 dx_ptr=dx,
                 sum_g_ptr=sum_g,
                 sum_gxmu_ptr=sum_gxmu,
+                dxt_ptr=transposed[0] if tr else dx,
+                ws_ptr=transposed[1] if tr else sum_g,
+                TRANSPOSED=tr,
                 R=R,
                 C=C,
                 sxR=x.stride(0),

@@ -1135,10 +1135,12 @@ _STATS_INTERPRET = _cfg("fwd", (128, 16, 16, 4, 2), group=2)
 
 def stats_rows(x: torch.Tensor) -> int:
     """The rows of one statistics split that ``linear_forward_stats`` writes for input ``x``
-    (its configurations' BLOCK_M: 128, 32 for fp64 on a GPU)."""
-    if is_interpreted(_linear_fwd_kernel):
-        return _STATS_INTERPRET.kwargs["BLOCK_M"]
-    return _stats_configs(x.dtype, dot_precision(x.dtype))[2]
+    (its configurations' BLOCK_M: 128, 32 for fp64 on a GPU; 128 under the interpreter)."""
+    return 32 if x.dtype == torch.float64 and not _INTERPRETED[0] else 128
+
+
+# Whether the kernels run under the interpreter (fixed at import, as the kernels' own type).
+_INTERPRETED = (is_interpreted(_linear_fwd_kernel),)
 
 
 def linear_forward_stats(
@@ -1157,6 +1159,7 @@ def linear_forward_stats(
         return linear_forward(x, weight, bias, "none", 0.0)[0], None
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     rows = stats_rows(x)
+    assert rows == _stats_configs(x.dtype, precision)[2] or _INTERPRETED[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     pmean = torch.empty((cdiv(M, rows), N), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
@@ -1271,6 +1274,16 @@ def _dz_copies_transposes(dtype: torch.dtype) -> bool:
     """Whether the dz path makes physical transposes of its operands: TF32 wgmma reads fp32
     operands only K-major; 16-bit types take transposed views."""
     return dtype == torch.float32
+
+
+def takes_made_dz(dtype: torch.dtype, M: int, N: int, K: int, device: torch.device) -> bool:
+    """Whether the backward of a Linear without activation, ``[M, K] -> [M, N]``, on the
+    "dz" path would make dZ^T (fp32: TF32 wgmma reads K-major operands only) and so can take it
+    (with the column sums) from the kernel that makes its output's gradient (``made``)."""
+    return (
+        _dz_copies_transposes(dtype)
+        and backward_path(dtype, dot_precision(dtype), M, N, K, device) == "dz"
+    )
 
 
 def dw_copies_input_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1427,8 +1440,10 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
 
 
 def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db,
-                 dx_shape):  # fmt: skip
-    """The "dz" path of ``linear_backward`` (M, N, K > 0, not fp64)."""
+                 dx_shape, made=None):  # fmt: skip
+    """The "dz" path of ``linear_backward`` (M, N, K > 0, not fp64). ``made``: the dZ pass's
+    results already made by whoever made grad_y (``linear_backward``), taken out of the list so
+    that dZ^T dies once dW is made."""
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
@@ -1443,11 +1458,16 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
         M, N, x.device, block_c=cfg.kwargs["BLOCK_N"], align=cfg.kwargs["BLOCK_M"],
         cpu_splits=3, cpu_min_rows=8,
     )  # fmt: skip
+    given = bool(made)
+    if given:  # dZ^T and the column sums are there: no dZ pass
+        ws, dzt = made.pop(), made.pop()
+        n_split, write_dz, write_dzt = ws.shape[0], False, False
     if need_db:
         db = torch.empty((N,), device=x.device, dtype=dtype)
-        ws = torch.empty((n_split, N), device=x.device, dtype=torch.float32)
+        if ws is None:
+            ws = torch.empty((n_split, N), device=x.device, dtype=torch.float32)
     with on_device(x):
-        if write_dz or write_dzt or need_db:
+        if write_dz or write_dzt or (need_db and not given):
             launch(
                 _linear_dz_kernel,
                 lambda meta: (n_split, cdiv(N, meta["BLOCK_N"])),
@@ -1481,7 +1501,7 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
     # at width 1024, batch 16K, fp32.
     if need_dw:  # dW = dZ^T @ X = dZ^T @ (X^T)^T (no copy when x is already such a view)
         x_t = x.t().contiguous() if kmajor else x.t()
-        dw = _dz_dw_gemm(dzt if write_dzt else dz_rows.t(), x_t, sums)
+        dw = _dz_dw_gemm(dzt if dzt is not None else dz_rows.t(), x_t, sums)
         sums = None
         del x_t, dzt
     if sums is not None:
@@ -1503,8 +1523,14 @@ def linear_backward(
     need_dw: bool,
     need_db: bool,
     dx_shape: tuple[int, ...] | None = None,
+    made: list | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``y = act(x @ weight^T + b)`` for 2-D ``grad_y [M, N]`` and ``x [M, K]``.
+
+    ``made`` (no activation, ``takes_made_dz(...)``): the list ``[dzt [N, M] contiguous,
+    ws [S, N]]``, grad_y's transpose and S row slices' column sums (acc dtype), made by the
+    kernel that made grad_y: the "dz" path's dZ pass is skipped. Emptied here: the list is the
+    only holder, so that dZ^T is freed once dW is made (before dX is allocated).
 
     ``saved``: the output y or the pre-activation z (see ``saves_output`` /
     ``saves_preactivation``), ``[M, N]`` any strides, None for no activation.
@@ -1522,7 +1548,7 @@ def linear_backward(
     if backward_path(dtype, prec, M, N, K, x.device) == "dz":
         return _backward_dz(
             grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, need_db,
-            dx_shape,
+            dx_shape, made if activation == "none" and need_dw else None,
         )  # fmt: skip
     split = dw_split(M, N, K, x.device)
     # A small backward's dX tiles ride in the dW/db launch (one launch less: the launches, not
@@ -1652,5 +1678,6 @@ __all__ = [
     "linear_forward_stats",
     "saves_output",
     "stats_rows",
+    "takes_made_dz",
     "saves_preactivation",
 ]

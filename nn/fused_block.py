@@ -26,7 +26,9 @@ the block output is kept) also writes the batch norm's partial statistics from i
 epilogue (``fusedmlp.autograd.linear.linear_stats``): the block merges them (one launch) and
 makes no pass over its input for its statistics. Eager mode only, where the block would
 compute its statistics in eager mode anyway (tracked, contiguous running statistics); a
-traced graph keeps the statistics pass.
+traced graph keeps the statistics pass. The same pair shares a ``Handover``
+(``fusedmlp.autograd._handover``): in the backward the block's dx pass also writes dx^T and its
+column sums, which that Linear's "dz" backward (fp32) would otherwise make in a pass over dx.
 
 The fused path is taken only when it cannot change what anyone observes: the Triton path is
 active for the tensors involved (``fusedmlp.backend.use_triton``), the modules are in training
@@ -44,6 +46,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules import module as _module
 
+from ..autograd._handover import Handover
 from ..autograd.fused_block import (
     block_linear_applies,
     bn_act_dropout,
@@ -154,12 +157,15 @@ def _match_linear(mods: list, i: int):
 
 
 def _run_bn_block(
-    input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=False
-):
+    input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=False,
+    handovers=(None, None),
+):  # fmt: skip
     """The block's output, or with ``lin`` (a Linear without activation that follows it) the
     Linear's, from one Function that does not keep the block's output for backward; None when
     the block does not run fused. ``partials``: input's batch-norm partial statistics from the
-    Linear that made it. ``stats`` (with ``lin``): ``(y, y's partials or None)`` instead."""
+    Linear that made it. ``stats`` (with ``lin``): ``(y, y's partials or None)`` instead.
+    ``handovers``: (the one shared with the Linear before, the one ``lin`` shares with the
+    block after)."""
     if input.dim() != 2 or input.numel() == 0:
         return None
     params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -191,16 +197,33 @@ def _run_bn_block(
         cumulative,
     )
     if lin is not None:
-        return bn_act_dropout_linear(*args, lin.weight, lin.bias, partials=partials, stats=stats)
-    return bn_act_dropout(*args, partials=partials)
+        return bn_act_dropout_linear(
+            *args, lin.weight, lin.bias, partials=partials, stats=stats,
+            handover=handovers[0], lin_handover=handovers[1],
+        )  # fmt: skip
+    return bn_act_dropout(*args, partials=partials, handover=handovers[0])
 
 
-def _takes_partials(mods: list, j: int) -> bool:
+# From this many rows up a Linear makes the next block's statistics in its epilogue: below, one
+# split of the block's own statistics pass holds every row (one launch either way: the pass or
+# the merge), and the handover's Python costs host time (about 40 us a step of the CPU
+# stand-in's B=64 MLP) for no launch or pass fewer. Tests lower it.
+STATS_MIN_ROWS = 129
+
+
+def _takes_partials(mods: list, j: int, rows: int) -> bool:
     """Whether ``mods[j:]`` starts a BatchNorm block that runs fused and merges its input's
-    statistics from the partial statistics of the Linear before it (``eager_stats``'s
-    conditions: eager mode, tracked contiguous running statistics). Asked before that Linear
-    runs, so that it makes them only when they will be read."""
-    if j >= len(mods) or type(mods[j]) is not BatchNorm1d or torch.compiler.is_compiling():
+    statistics from the partial statistics of the Linear before it: ``rows`` (the input's) at
+    least ``STATS_MIN_ROWS``, and ``eager_stats``'s conditions (eager mode, tracked contiguous
+    running statistics). Asked before that Linear
+    runs, so that it makes them only when they will be read. Hooks are not looked at here (a
+    hooked block runs as its modules and ignores the statistics: work lost, nothing wrong)."""
+    if (
+        rows < STATS_MIN_ROWS
+        or j >= len(mods)
+        or type(mods[j]) is not BatchNorm1d
+        or torch.compiler.is_compiling()
+    ):
         return False
     match = _match_bn(mods, j)
     if match is None:
@@ -213,11 +236,10 @@ def _takes_partials(mods: list, j: int) -> bool:
         and rv is not None
         and rm.is_contiguous()
         and rv.is_contiguous()
-        and not _hooked(mods[j : match[0]])
     )
 
 
-def _run_linear_stats(input: Tensor, lin: Linear):
+def _run_linear_stats(input: Tensor, lin: Linear, handover):
     """``(y, partials)`` of a Linear without activation whose output a fused BatchNorm block
     reads next (``linear_stats``), or None where the module runs as usual."""
     if (
@@ -230,7 +252,7 @@ def _run_linear_stats(input: Tensor, lin: Linear):
         or not use_triton(input, lin.weight, lin.bias)
     ):
         return None
-    return linear_stats(input, lin.weight, lin.bias)
+    return linear_stats(input, lin.weight, lin.bias, handover)
 
 
 def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | None:
@@ -285,12 +307,15 @@ class FusedSequential(torch.nn.Sequential):
         i = 0
         # The batch-norm partial statistics of ``made`` (the output of the Linear just run),
         # from that Linear's epilogue, for the BatchNorm block that reads it next.
-        made = partials = None
+        made = partials = handover = None
         while i < n:
             m = mods[i]
             out = None
             given = partials if input is made else None
-            made = partials = None
+            # The Linear that made ``input`` and the block that reads it share a handover slot
+            # for the block's backward (dZ^T and dZ's column sums for that Linear: _handover).
+            given_handover = handover if given is not None else None
+            made = partials = handover = None
             if type(m) is BatchNorm1d or type(m) is Linear:
                 match = _match_bn(mods, i) if type(m) is BatchNorm1d else _match_linear(mods, i)
                 if match is not None and isinstance(input, Tensor):
@@ -304,12 +329,16 @@ class FusedSequential(torch.nn.Sequential):
                             and nxt.activation is None
                             and not _hooked(mods[i : end + 1])
                         ):
-                            stats = _takes_partials(mods, end + 1)
-                            out = _run_bn_block(input, first, act, slope, drop, nxt, given, stats)
+                            stats = _takes_partials(mods, end + 1, input.shape[0])
+                            lin_handover = Handover() if stats else None
+                            out = _run_bn_block(
+                                input, first, act, slope, drop, nxt, given, stats,
+                                (given_handover, lin_handover),
+                            )  # fmt: skip
                             if out is not None:
                                 if stats:
                                     out, partials = out
-                                    made = out
+                                    made, handover = out, lin_handover
                                 input = out
                                 i = end + 1
                                 continue
@@ -320,18 +349,27 @@ class FusedSequential(torch.nn.Sequential):
                         hooked = _hooked(mods[i:end])
                     if not hooked:
                         if type(m) is BatchNorm1d:
-                            out = _run_bn_block(input, first, act, slope, drop, partials=given)
+                            out = _run_bn_block(
+                                input, first, act, slope, drop, partials=given,
+                                handovers=(given_handover, None),
+                            )  # fmt: skip
                         else:
                             out = _run_linear_block(input, first, act, slope, drop)
                         if out is not None:
                             input = out
                             i = end
                             continue
-                elif type(m) is Linear and _takes_partials(mods, i + 1):
-                    out = _run_linear_stats(input, m)
+                elif (
+                    type(m) is Linear
+                    and isinstance(input, Tensor)
+                    and input.dim() == 2
+                    and _takes_partials(mods, i + 1, input.shape[0])
+                ):
+                    lin_handover = Handover()
+                    out = _run_linear_stats(input, m, lin_handover)
                     if out is not None:
                         input, partials = out
-                        made = input
+                        made, handover = input, lin_handover
                         i += 1
                         continue
             input = m(input)

@@ -303,3 +303,29 @@ def test_linear_statistics_epilogue_every_configuration(forced, request, dtype, 
         torch.set_float32_matmul_precision(previous)
     _check_forced(forced, ["_linear_fwd_kernel"])
     assert forced["_linear_fwd_kernel"][1] is cfg
+
+
+@pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
+def test_block_dx_transposed_every_configuration(forced):
+    # The BN block's dx pass that also writes dx^T and dx's column sums (its own list: one row
+    # count, the rows of a sum): both equal dx's own, for every configuration.
+    from fusedmlp.kernels import fused_block as K
+
+    R, C = 150, 72
+    x = torch.randn(R, C, device=DEVICE)
+    dy = torch.randn(R, C, device=DEVICE)
+    mean, invstd = x.mean(0), x.var(0, unbiased=False).add(1e-5).rsqrt()
+    w, b = torch.rand(C, device=DEVICE) + 0.5, torch.randn(C, device=DEVICE)
+    seed = torch.tensor([77], device=DEVICE)
+    rows = K.TRANSPOSED_ROWS
+    dxt = torch.empty(C, R, device=DEVICE)
+    ws = torch.empty(-(-R // rows), C, device=DEVICE)
+    args = (dy, x, w, b, mean, invstd, seed, 0.2, "relu", 0.01)
+    dx_plain = K.bn_act_dropout_backward(*args)[0]
+    dx = K.bn_act_dropout_backward(*args, transposed=(dxt, ws))[0]  # launched last: recorded
+    assert torch.equal(dxt, dx.t())
+    assert_close(dx, dx_plain)
+    want = torch.stack([dx[i : i + rows].sum(0) for i in range(0, R, rows)])
+    assert_close(ws, want)
+    _check_forced(forced, ["_fused_bwd_dx_kernel"])
+    assert forced["_fused_bwd_dx_kernel"][1] in K._TRANSPOSED_CONFIGS

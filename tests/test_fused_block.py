@@ -218,7 +218,7 @@ def test_bn_block_gradcheck_float64(triton_backend, p):
     seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE) if p else None
 
     def f(x, w, b):
-        return BNActDropoutFunction.apply(x, w, b, seed, 1e-5, p, "tanh", 0.01, None, None)[0]
+        return BNActDropoutFunction.apply(x, w, b, seed, 1e-5, p, "tanh", 0.01, None, None, None)[0]
 
     assert (f(x, w, b) == 0).any() == (p > 0)  # the mask does drop something
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-5)
@@ -353,7 +353,7 @@ def test_bn_block_linear_gradcheck_float64(triton_backend, p, lin_stats):
 
     def f(x, w, b, lw, lb):
         return BNActDropoutLinearFunction.apply(
-            x, w, b, seed, lw, lb, 1e-5, p, "tanh", 0.01, None, None, lin_stats
+            x, w, b, seed, lw, lb, 1e-5, p, "tanh", 0.01, None, None, lin_stats, None, None
         )[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b, lw, lb), eps=1e-6, atol=1e-5)
@@ -743,6 +743,15 @@ def test_relu_dropout_backward_at_nan_outputs_like_torch(triton_backend):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _statistics_at_every_size(monkeypatch):
+    """The Linear-epilogue statistics (and the backward handover) at the tests' small batches
+    (they start at STATS_MIN_ROWS rows, more than one split)."""
+    from fusedmlp.nn import fused_block
+
+    monkeypatch.setattr(fused_block, "STATS_MIN_ROWS", 2)
+
+
 def _mlp_pair(dtype, bias=True):
     model = MLP(6, [24, 40, 16], 5, batchnorm=True, dropout=0.0, bias=bias).to(DEVICE, dtype)
     with torch.no_grad():
@@ -829,3 +838,75 @@ def test_no_epilogue_statistics_where_the_batch_norm_cannot_take_them(triton_bac
     assert_close(out, out_ref)
     for g, g_ref in zip(grads, grads_ref):
         assert_close(g, g_ref, scale=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block's dx pass makes dZ^T and dZ's column sums for the Linear before it (_handover)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", ["recompute", "keep"])
+def test_block_dx_pass_hands_dz_transposed_to_the_linear(
+    triton_backend, launches, monkeypatch, keep
+):
+    # On the "dz" backward path (fp32: dZ^T for dW) every Linear fed by a BatchNorm block's
+    # gradient takes dZ^T and db's column sums from the block's dx pass: no dZ pass of its own
+    # (only the head's, whose gradient comes from the loss). Against torch's modules.
+    from fusedmlp.autograd import fused_block
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
+    if keep == "recompute":
+        monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
+    model, ref = _mlp_pair(torch.float32)
+    for step in range(2):
+        x = torch.randn(70, 6, device=DEVICE)
+        launches.clear()
+        out, grads = _run(model.layers, x, step)
+        assert launches["_linear_dz_kernel"] == 1, dict(launches)  # the head's
+        out_ref, grads_ref = _run(ref.layers, x, step)
+        assert_close(out, out_ref, scale=4)
+        for g, g_ref in zip(grads, grads_ref):
+            assert_close(g, g_ref, scale=8)
+
+
+@pytest.mark.parametrize("case", ["plain", "in-place hook", "read twice", "frozen weight"])
+def test_handover_only_for_the_gradient_the_block_made(triton_backend, launches, monkeypatch, case):
+    # The Linear takes what the block made only with the very gradient tensor the block
+    # returned, unmodified: a hook that changes it in place, or a second reader of the
+    # Linear's output (autograd sums the two gradients), make the Linear run its own dZ pass;
+    # a frozen weight (no dW) asks for nothing. The gradients are torch's in every case.
+    from fusedmlp.autograd._handover import Handover
+    from fusedmlp.autograd.linear import linear_stats
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
+    x = torch.randn(40, 6, device=DEVICE)
+    w = (torch.randn(12, 6, device=DEVICE) * 0.5).requires_grad_(case != "frozen weight")
+    b = torch.randn(12, device=DEVICE).requires_grad_()
+    bw = torch.rand(12, device=DEVICE).add_(0.5).requires_grad_()
+    bb = torch.randn(12, device=DEVICE).requires_grad_()
+    g = torch.randn(40, 12, device=DEVICE)
+
+    def run(fused: bool):
+        leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, b, bw, bb)]
+        rm, rv = torch.zeros(12, device=DEVICE), torch.ones(12, device=DEVICE)
+        if fused:
+            h = Handover()
+            y, partials = linear_stats(*leaves[:3], h)
+            out = bn_act_dropout(y, rm, rv, *leaves[3:], 0.1, 1e-5, "relu", partials=partials,
+                                 handover=h)  # fmt: skip
+        else:
+            y = torch.nn.functional.linear(*leaves[:3])
+            out = torch.relu(torch.nn.functional.batch_norm(y, rm, rv, *leaves[3:], True))
+        if case == "in-place hook":
+            y.register_hook(lambda grad: grad.mul_(2.0))
+        loss = (out * g).sum() + (y.square().sum() if case == "read twice" else 0.0)
+        wanted = [t for t in leaves if t.requires_grad]
+        return torch.autograd.grad(loss, wanted)
+
+    launches.clear()
+    got = run(True)
+    assert launches["_linear_dz_kernel"] == (0 if case == "plain" else 1), dict(launches)
+    for a, e in zip(got, run(False)):
+        assert_close(a, e, scale=8)

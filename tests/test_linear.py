@@ -824,6 +824,6 @@ def test_custom_ops_pass_opcheck(triton_backend):
     gy = _t(5, 3, gen=g)
     torch.library.opcheck(
         torch.ops.fusedmlp.linear_bwd,
-        (gy, x, w, z, "gelu", 0.01, True, True, True),
+        (gy, x, w, z, "gelu", 0.01, True, True, True, []),
         test_utils=("test_schema", "test_faketensor"),
     )

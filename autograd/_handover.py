@@ -1,0 +1,50 @@
+"""A one-shot handover between two autograd Functions of one fused forward.
+
+On the "dz" backward path a Linear without activation transposes the gradient of its output
+(dZ^T, for its dW GEMM, whose fp32 operands TF32 reads K-major only) and sums its columns (db):
+one pass over dZ. When a fused BatchNorm block reads that Linear's output, the block's backward
+makes that gradient, in a pass of its own; that pass can write dZ^T and the column sums beside
+it (``fusedmlp.kernels.fused_block``'s ``TRANSPOSED``), and the Linear's pass is not needed.
+
+``FusedSequential`` gives the two Functions one ``Handover`` in the forward: the Linear's sets
+``want`` (its backward takes the "dz" path with a transposed dZ and it computes dW), the
+block's backward ``give``s what it made with the gradient it returns, and the Linear's backward
+``take``s it only for the very tensor the block returned, unmodified since (object identity
+and version counter). A gradient that autograd summed with another (the Linear's output read
+elsewhere too), or that a hook replaced or changed in place, is another object or version:
+the Linear then makes its own, as without the handover.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+class Handover:
+    """The slot (module docstring)."""
+
+    __slots__ = ("want", "_grad", "_version", "_made")
+
+    def __init__(self) -> None:
+        self.want = False
+        self._grad = self._version = self._made = None
+
+    def give(self, grad: Tensor, made: tuple) -> None:
+        """The block's backward: ``made`` belongs to ``grad``, the gradient it returns."""
+        self._grad, self._version, self._made = grad, grad._version, made
+
+    def take(self, grad: Tensor) -> list | None:
+        """The Linear's backward: what was given with ``grad`` itself, unmodified, as a list
+        (its only holder: ``kernels.linear.linear_backward`` empties it, so that each tensor
+        dies once used), else None. Empties the slot either way."""
+        made = self._made if self._grad is grad and grad._version == self._version else None
+        self._grad = self._version = self._made = None
+        return list(made) if made is not None else None
+
+
+def take(handover: Handover | None, grad: Tensor):
+    """``handover.take(grad)``, or None without a handover."""
+    return handover.take(grad) if handover is not None else None
+
+
+__all__ = ["Handover", "take"]
