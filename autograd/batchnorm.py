@@ -78,49 +78,32 @@ def _batchnorm_stats(
     running_var: Tensor,
     momentum: float,
     num_batches_tracked: Tensor | None,
+    pmean: Tensor | None = None,
+    pm2: Tensor | None = None,
+    rows: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, invstd, var)``: the batch statistics of ``x`` (no autograd: the forward op
     takes them as given), and ``running_mean``/``running_var`` (contiguous) updated in place
     with ``momentum`` (``num_batches_tracked``: the cumulative average) by the kernel that
-    writes the statistics, as ``batchnorm_update_running`` would."""
+    writes the statistics, as ``batchnorm_update_running`` would.
+
+    With ``pmean``/``pm2`` (``[cdiv(N, rows), C]``: each split's mean and M2, made by the
+    Linear that produced x, ``fusedmlp::linear_stats_fwd``) they are merged instead: one
+    launch, no pass over x."""
     from ..kernels import batchnorm as K
     from ..kernels.launch import on_device
 
     running = (running_mean, running_var, momentum, num_batches_tracked)
+    if pmean is not None and pm2 is not None:
+        return K.batch_norm_stats_merge(pmean, pm2, rows, x.shape[0], eps, running)
     with on_device(x):  # x's GPU on a multi-GPU machine, as the forward op's launches
         return K.batch_norm_stats(x, eps, running)
 
 
 @_batchnorm_stats.register_fake
-def _(x, eps, running_mean, running_var, momentum, num_batches_tracked):
+def _(x, eps, running_mean, running_var, momentum, num_batches_tracked, pmean=None, pm2=None,
+      rows=0):  # fmt: skip
     return tuple(x.new_empty(x.shape[1], dtype=_acc_dtype(x)) for _ in range(3))
-
-
-@custom_op("fusedmlp::batchnorm_stats_merge", mutates_args=("running_mean", "running_var"))
-def _batchnorm_stats_merge(
-    pmean: Tensor,
-    pm2: Tensor,
-    rows: int,
-    n: int,
-    eps: float,
-    running_mean: Tensor,
-    running_var: Tensor,
-    momentum: float,
-    num_batches_tracked: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``batchnorm_stats``'s result for an input of ``n`` rows whose partial statistics were
-    made already (``pmean``, ``pm2`` ``[cdiv(n, rows), C]``: each split's mean and M2, from the
-    Linear that produced the input, ``fusedmlp::linear_stats_fwd``): their merge, with the
-    running statistics updated, one launch and no pass over the input."""
-    from ..kernels import batchnorm as K
-
-    running = (running_mean, running_var, momentum, num_batches_tracked)
-    return K.batch_norm_stats_merge(pmean, pm2, rows, n, eps, running)
-
-
-@_batchnorm_stats_merge.register_fake
-def _(pmean, pm2, rows, n, eps, running_mean, running_var, momentum, num_batches_tracked):
-    return tuple(pmean.new_empty(pmean.shape[1]) for _ in range(3))
 
 
 def eager_stats(
@@ -140,8 +123,8 @@ def eager_stats(
     contiguous running statistics: a traced graph keeps the update after the differentiable
     op. ``nbt``: ``num_batches_tracked`` (already incremented) for the cumulative average.
     ``partials``: ``(pmean, pm2, rows)`` of ``input`` from the Linear that produced it
-    (``fusedmlp.autograd.linear.linear_stats``): merged (``batchnorm_stats_merge``) instead of
-    a statistics pass over ``input``."""
+    (``fusedmlp.autograd.linear.linear_stats``): merged instead of a statistics pass over
+    ``input``."""
     if (
         not training
         or running_mean is None
@@ -151,14 +134,10 @@ def eager_stats(
         or torch.compiler.is_compiling()
     ):
         return None, None
-    if partials is not None:
-        pmean, pm2, rows = partials
-        mean, invstd, _ = batchnorm_stats_merge(
-            pmean, pm2, rows, input.shape[0], float(eps), running_mean, running_var, momentum, nbt
-        )
-        return mean, invstd
     x = input.detach() if input.requires_grad else input  # the op has no autograd
-    mean, invstd, _ = batchnorm_stats(x, float(eps), running_mean, running_var, momentum, nbt)
+    mean, invstd, _ = batchnorm_stats(
+        x, float(eps), running_mean, running_var, momentum, nbt, *(partials or ())
+    )
     return mean, invstd
 
 
@@ -236,7 +215,6 @@ _batchnorm_fwd_call = caller(_batchnorm_fwd)
 _batchnorm_bwd_call = caller(_batchnorm_bwd)
 batchnorm_update_running = caller(_batchnorm_update_running)
 batchnorm_stats = caller(_batchnorm_stats)
-batchnorm_stats_merge = caller(_batchnorm_stats_merge)
 
 
 # ----------------------------------------------------------------------------------------------
