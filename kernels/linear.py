@@ -1120,7 +1120,7 @@ def _stats_configs(dtype: torch.dtype, precision: str) -> tuple[list, triton.Con
     128 x 128 x 64 (4 warps) 1152, 128 x 64 x 64 (4 warps) 376, 128 x 128 x 32 (4 warps) 16.
     fp32 (IEEE and TF32): every 128-row tile compiles without spills (128-255 registers)."""
     configs = _configs("fwd", dtype, precision)[0]
-    rows = 32 if dtype == torch.float64 else 128
+    rows = _stats_gpu_rows(dtype)
     same = [c for c in configs if c.kwargs["BLOCK_M"] == rows]
     if dtype.itemsize == 2:
         same = [c for c in same if c.num_warps == 8 and c.kwargs["BLOCK_N"] <= 128]
@@ -1133,10 +1133,16 @@ def _stats_configs(dtype: torch.dtype, precision: str) -> tuple[list, triton.Con
 _STATS_INTERPRET = _cfg("fwd", (128, 16, 16, 4, 2), group=2)
 
 
+def _stats_gpu_rows(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float64 else 128  # the fp64 list's one tile has 32 rows
+
+
 def stats_rows(x: torch.Tensor) -> int:
     """The rows of one statistics split that ``linear_forward_stats`` writes for input ``x``
-    (its configurations' BLOCK_M: 128, 32 for fp64 on a GPU; 128 under the interpreter)."""
-    return 32 if x.dtype == torch.float64 and not _INTERPRETED[0] else 128
+    (its configurations' BLOCK_M; the interpreter's tile, 128, under the interpreter)."""
+    if _INTERPRETED[0]:
+        return _STATS_INTERPRET.kwargs["BLOCK_M"]
+    return _stats_gpu_rows(x.dtype)
 
 
 # Whether the kernels run under the interpreter (fixed at import, as the kernels' own type).
@@ -1159,7 +1165,6 @@ def linear_forward_stats(
         return linear_forward(x, weight, bias, "none", 0.0)[0], None
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     rows = stats_rows(x)
-    assert rows == _stats_configs(x.dtype, precision)[2] or _INTERPRETED[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     pmean = torch.empty((cdiv(M, rows), N), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
