@@ -240,10 +240,9 @@ def want_made(handover, x: Tensor, weight: Tensor, need_dw: bool) -> None:
     """Set ``handover.want`` for the Linear ``x [M, K] -> [M, N]`` (``_handover``): its
     backward computes dW on the "dz" path with a transposed dZ."""
     if handover is not None:
-        from ..kernels.linear import takes_made_dz
+        from ..kernels.linear import dw_copies_input_transposed
 
-        M, K = x.shape
-        handover.want = need_dw and takes_made_dz(x.dtype, M, weight.shape[0], K, x.device)
+        handover.want = need_dw and dw_copies_input_transposed(x, weight)
 
 
 def _linear_backward(ctx, grad_y, x, weight, saved):

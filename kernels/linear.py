@@ -1281,20 +1281,12 @@ def _dz_copies_transposes(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def takes_made_dz(dtype: torch.dtype, M: int, N: int, K: int, device: torch.device) -> bool:
-    """Whether the backward of a Linear without activation, ``[M, K] -> [M, N]``, on the
-    "dz" path would make dZ^T (fp32: TF32 wgmma reads K-major operands only) and so can take it
-    (with the column sums) from the kernel that makes its output's gradient (``made``)."""
-    return (
-        _dz_copies_transposes(dtype)
-        and backward_path(dtype, dot_precision(dtype), M, N, K, device) == "dz"
-    )
-
-
 def dw_copies_input_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear_backward`` of a 2-D ``x`` copies x transposed for its dW (the dz path in
-    fp32). A caller that makes the input anyway can hand over ``x_t.t()`` (a view of a
-    contiguous [K, M] tensor) instead: the copy is skipped."""
+    """Whether ``linear_backward`` of a 2-D ``x`` works on transposed copies for its dW (the dz
+    path in fp32: TF32 wgmma reads K-major operands only): of x, and of dZ. A caller that makes
+    the input anyway can hand over ``x_t.t()`` (a view of a contiguous [K, M] tensor) instead:
+    the copy is skipped; a kernel that makes the output's gradient can make dZ^T and its column
+    sums beside it (``made``): the dZ pass is skipped."""
     M, K = x.shape
     N = weight.shape[0]
     return (
@@ -1453,20 +1445,21 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
     N = weight.shape[0]
     dtype = x.dtype
     kmajor = _dz_copies_transposes(dtype)
-    write_dz = activation != "none" and (need_dx or (need_dw and not kmajor))
-    write_dzt = need_dw and kmajor
-    dz = torch.empty((M, N), device=x.device, dtype=dtype) if write_dz else None
-    dzt = torch.empty((N, M), device=x.device, dtype=dtype) if write_dzt else None
-    db = ws = None
-    cfg = _DZ_INTERPRET if x.device.type != "cuda" else _DZ_CONFIG
-    n_split, rows = row_splits(
-        M, N, x.device, block_c=cfg.kwargs["BLOCK_N"], align=cfg.kwargs["BLOCK_M"],
-        cpu_splits=3, cpu_min_rows=8,
-    )  # fmt: skip
+    db = ws = dz = dzt = None
     given = bool(made)
-    if given:  # dZ^T and the column sums are there: no dZ pass
+    if given:  # dZ^T and the column sums are there: no dZ pass, nothing to allocate for it
         ws, dzt = made.pop(), made.pop()
-        n_split, write_dz, write_dzt = ws.shape[0], False, False
+        n_split, rows, write_dz, write_dzt = ws.shape[0], 0, False, False
+    else:
+        write_dz = activation != "none" and (need_dx or (need_dw and not kmajor))
+        write_dzt = need_dw and kmajor
+        dz = torch.empty((M, N), device=x.device, dtype=dtype) if write_dz else None
+        dzt = torch.empty((N, M), device=x.device, dtype=dtype) if write_dzt else None
+        cfg = _DZ_INTERPRET if x.device.type != "cuda" else _DZ_CONFIG
+        n_split, rows = row_splits(
+            M, N, x.device, block_c=cfg.kwargs["BLOCK_N"], align=cfg.kwargs["BLOCK_M"],
+            cpu_splits=3, cpu_min_rows=8,
+        )  # fmt: skip
     if need_db:
         db = torch.empty((N,), device=x.device, dtype=dtype)
         if ws is None:
@@ -1532,7 +1525,7 @@ def linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``y = act(x @ weight^T + b)`` for 2-D ``grad_y [M, N]`` and ``x [M, K]``.
 
-    ``made`` (no activation, ``takes_made_dz(...)``): the list ``[dzt [N, M] contiguous,
+    ``made`` (no activation, ``dw_copies_input_transposed``): the list ``[dzt [N, M] contiguous,
     ws [S, N]]``, grad_y's transpose and S row slices' column sums (acc dtype), made by the
     kernel that made grad_y: the "dz" path's dZ pass is skipped. Emptied here: the list is the
     only holder, so that dZ^T is freed once dW is made (before dX is allocated).
@@ -1683,6 +1676,5 @@ __all__ = [
     "linear_forward_stats",
     "saves_output",
     "stats_rows",
-    "takes_made_dz",
     "saves_preactivation",
 ]
