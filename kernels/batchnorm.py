@@ -18,14 +18,17 @@ Kernels (launches per call, training, everything tracked):
               in-place op. When the preceding Linear made the partial statistics in its
               epilogue (``linear.linear_forward_stats``), ``batch_norm_stats_merge`` runs the
               final kernel alone on them: no pass over the input.
-    backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_final_kernel`` -> ``_bn_backward_dx_kernel``
-              (with a single split, the reduction writes the merged sums and dweight/dbias)
+    backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_dx_kernel``: the reduction's
+              last split of each channel block to arrive merges the splits' sums and writes
+              dweight/dbias (``arrival``; with a single split it writes them directly)
 Eval mode (running statistics) is one forward launch; its backward is one launch for dx
-(plus the two reduction launches only when weight/bias need gradients).
+(plus the reduction launch only when weight/bias need gradients).
 
 Reductions are deterministic: each program of a "partial" kernel owns a contiguous slice of
 rows (a split) and a block of channels and writes its result to a ``[n_split, C]`` buffer;
-a "final" kernel combines the splits in a fixed order. No atomics.
+a "final" kernel (the forward's statistics) or the last split to arrive (the backward's sums,
+``arrival``) combines the splits in a fixed order. No float atomics (integer ones count the
+arrivals).
 
 Numerical stability of the statistics: within a split the sums are *shifted* by the split's
 first row (``K``): ``S1 = sum(x - K)``, ``S2 = sum((x - K)^2)``, accumulated element-wise in
@@ -46,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival import arrival_counters, last_arrival
 from .launch import cdiv, launch, next_power_of_2, on_device, row_splits
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +409,7 @@ def _bn_backward_reduce_kernel(
     stat_ptr,
     dw_ptr,
     db_ptr,
+    cnt_ptr,
     R,
     C,
     S,
@@ -428,9 +433,11 @@ def _bn_backward_reduce_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """Pass 1 of the backward: per split, ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel,
-    accumulated element-wise and reduced once. psum_*: ``[n_split, C]``, acc type.
-    ``FINAL`` (one split): the merged sums ``[C]`` into psum_* and dweight/dbias, as
-    ``_bn_backward_final_kernel`` writes them, without its launch.
+    accumulated element-wise and reduced once. psum_*: ``[n_split + 1, C]``, acc type: split
+    ``s`` stores at row s; the last split of a channel block to arrive merges rows 0..n_split-1
+    into row n_split (the sums the dx pass reads) and dweight/dbias (``_merge_grad_sums``;
+    counter ``cnt_ptr[pid_c]``). ``FINAL`` (one split): psum_* are the sums ``[C]``, stored
+    directly.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_c = tl.program_id(0)
@@ -469,45 +476,40 @@ def _bn_backward_reduce_kernel(
         out = pid_s * C + c
         tl.store(psum_dy_ptr + out, tl.sum(a1, 1), mask=cmask)
         tl.store(psum_dyxmu_ptr + out, tl.sum(a2, 1), mask=cmask)
+        _merge_grad_sums(
+            psum_dy_ptr, psum_dyxmu_ptr, cnt_ptr + pid_c, c, cmask, C, stat_ptr,
+            psum_dy_ptr + tl.num_programs(1) * C, psum_dyxmu_ptr + tl.num_programs(1) * C,
+            dw_ptr, db_ptr, eps, STAT_IS_VAR, HAS_DW, HAS_DB, FP64,
+        )  # fmt: skip
 
 
 @triton.jit
-def _bn_backward_final_kernel(
-    psum_dy_ptr,
-    psum_dyxmu_ptr,
-    stat_ptr,
-    sum_dy_ptr,
-    sum_dyxmu_ptr,
-    dw_ptr,
-    db_ptr,
-    C,
-    n_split,
-    eps,
-    STAT_IS_VAR: tl.constexpr,
-    HAS_DW: tl.constexpr,
-    HAS_DB: tl.constexpr,
+def _merge_grad_sums(
+    psum_dy_ptr, psum_dyxmu_ptr, counter_ptr, c, cmask, C, stat_ptr, sum_dy_ptr, sum_dyxmu_ptr,
+    dw_ptr, db_ptr, eps, STAT_IS_VAR: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
     FP64: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """Sum the splits in a fixed order: ``sum_dy``, ``sum_dyxmu`` (acc type, for dx) and
-    ``dweight = sum_dyxmu * invstd``, ``dbias = sum_dy`` in the parameters' dtype."""
+):  # fmt: skip
+    """After this split stored its sums of channels ``c`` (1-D) at row ``program_id(1)`` of
+    psum_* ``[n_split, C]`` (n_split = the grid's axis 1): the last split of the channel block
+    to arrive (``arrival``) merges every split's, in a fixed order (blocks of 8 splits, then
+    a sum over the block), into the sums and dweight/dbias (``_store_grad_sums``). The merge
+    launch this replaces read the same partials from every channel block's one program."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid_c = tl.program_id(0)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    a1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
-    a2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC)
-    for s0 in range(0, n_split, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < n_split)[:, None] & cmask[None, :]
-        off = s[:, None] * C + c[None, :]
-        a1 += tl.load(psum_dy_ptr + off, mask=mask, other=0.0)
-        a2 += tl.load(psum_dyxmu_ptr + off, mask=mask, other=0.0)
-    _store_grad_sums(
-        tl.sum(a1, 0), tl.sum(a2, 0), c, cmask, stat_ptr, sum_dy_ptr, sum_dyxmu_ptr, dw_ptr,
-        db_ptr, eps, STAT_IS_VAR, HAS_DW, HAS_DB, FP64,
-    )  # fmt: skip
+    BLOCK_S: tl.constexpr = 8
+    n_split = tl.num_programs(1)
+    if last_arrival(counter_ptr, n_split):
+        a1 = tl.zeros([BLOCK_S, c.shape[0]], dtype=ACC)
+        a2 = tl.zeros([BLOCK_S, c.shape[0]], dtype=ACC)
+        for s0 in range(0, n_split, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < n_split)[:, None] & cmask[None, :]
+            off = s.to(tl.int64)[:, None] * C + c[None, :]
+            a1 += tl.load(psum_dy_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+            a2 += tl.load(psum_dyxmu_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+        _store_grad_sums(
+            tl.sum(a1, 0), tl.sum(a2, 0), c, cmask, stat_ptr, sum_dy_ptr, sum_dyxmu_ptr,
+            dw_ptr, db_ptr, eps, STAT_IS_VAR, HAS_DW, HAS_DB, FP64,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -965,15 +967,14 @@ def batch_norm_backward(
         if training or need_dweight or need_dbias:
             n_split, rows = _splits(R, C, x.device)
             final = n_split == 1  # one split: the reduction writes the merged sums itself
-            sum_dy = torch.empty(C, device=x.device, dtype=acc)
-            sum_dyxmu = torch.empty(C, device=x.device, dtype=acc)
             pdtype = weight.dtype if weight is not None else acc
             dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
             db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
-            psum_dy = sum_dy if final else torch.empty((n_split, C), device=x.device, dtype=acc)
-            psum_dyxmu = (
-                sum_dyxmu if final else torch.empty((n_split, C), device=x.device, dtype=acc)
-            )
+            # the splits' rows, then the merged sums' (``_bn_backward_reduce_kernel``)
+            rows_out = 1 if final else n_split + 1
+            psum_dy = torch.empty((rows_out, C), device=x.device, dtype=acc)
+            psum_dyxmu = torch.empty((rows_out, C), device=x.device, dtype=acc)
+            sum_dy, sum_dyxmu = psum_dy[-1], psum_dyxmu[-1]
             grads = dict(
                 stat_ptr=stat,
                 dw_ptr=dw if dw is not None else sum_dy,
@@ -997,6 +998,8 @@ def batch_norm_backward(
                 mean_ptr=mean,
                 psum_dy_ptr=psum_dy,
                 psum_dyxmu_ptr=psum_dyxmu,
+                # one counter per channel block, at most this many (the smallest BLOCK_C)
+                cnt_ptr=psum_dy if final else arrival_counters(x.device, cdiv(C, 4)),
                 R=R,
                 C=C,
                 S=S,
@@ -1007,20 +1010,6 @@ def batch_norm_backward(
                 FINAL=final,
                 **grads,
             )
-            if not final:
-                launch(
-                    _bn_backward_final_kernel,
-                    lambda meta: (cdiv(C, meta["BLOCK_C"]),),
-                    configs=_FINAL_CONFIGS,
-                    interpret_config=_INTERPRET_FINAL,
-                    psum_dy_ptr=psum_dy,
-                    psum_dyxmu_ptr=psum_dyxmu,
-                    sum_dy_ptr=sum_dy,
-                    sum_dyxmu_ptr=sum_dyxmu,
-                    C=C,
-                    n_split=n_split,
-                    **grads,
-                )
         if need_dx:
             dx = torch.empty_like(x)
             launch(

@@ -15,7 +15,8 @@ column / channel ``c``, logical row-major element index ``i = r * C + c`` in int
               the activation output, nor a mask is ever stored.
     backward  ``_fused_bwd_reduce_kernel`` (per split: ``sum(g)``, ``sum(g * (x - mean))`` with
               ``g = dout * keep * scale * act'(z)`` recomputed on the fly) ->
-              ``batchnorm._bn_backward_final_kernel`` (merges the splits in a fixed order, dweight, dbias) ->
+              (its last split per column block to arrive merges the splits in a fixed order and
+              writes dweight, dbias: ``batchnorm._merge_grad_sums``) ->
               ``_fused_bwd_dx_kernel`` (recomputes ``g`` again, BN's dx formula). ``g`` (the
               gradient of the BN output) is never written to memory. Deterministic, no atomics.
               With ``TRANSPOSED`` the dx pass also writes dx^T and dx's column sums per 64
@@ -56,7 +57,8 @@ import triton
 import triton.language as tl
 
 from . import batchnorm as BN
-from .batchnorm import _store_grad_sums
+from .arrival import arrival_counters
+from .batchnorm import _merge_grad_sums, _store_grad_sums
 from .dropout import tile_keep as _tile_keep
 from .launch import cdiv, launch, on_device, row_splits
 from .linear import _activation, _activation_grad
@@ -242,6 +244,7 @@ def _fused_bwd_reduce_kernel(
     psum_gxmu_ptr,
     dw_ptr,
     db_ptr,
+    cnt_ptr,
     R,
     C,
     sxR,
@@ -266,10 +269,12 @@ def _fused_bwd_reduce_kernel(
 ):
     """Pass 1 of the BN block's backward, per split (axis 1) and column block (axis 0):
     ``sum(g)`` and ``sum(g * (x - mean))`` over the split's rows, where
-    ``g = dout * keep * scale * act'(z)`` and ``z`` is recomputed from x. psum_*: ``[n_split, C]``
-    in the acc type; accumulated element-wise in registers, reduced once at the end.
-    ``FINAL`` (one split): the merged sums ``[C]`` into psum_* and dweight/dbias, as batch
-    norm's final kernel writes them, without its launch.
+    ``g = dout * keep * scale * act'(z)`` and ``z`` is recomputed from x. psum_*: ``[n_split +
+    1, C]`` in the acc type, accumulated element-wise in registers, reduced once at the end:
+    split ``s`` stores at row s, and the last split of the column block to arrive merges rows
+    0..n_split-1 into row n_split and dweight/dbias, as batch norm's backward does
+    (``batchnorm._merge_grad_sums``; counter ``cnt_ptr[pid_c]``). ``FINAL`` (one split):
+    psum_* are the sums ``[C]``, stored directly.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -315,6 +320,13 @@ def _fused_bwd_reduce_kernel(
         out = pid_s * C + c
         tl.store(psum_g_ptr + out, tl.sum(a1, 0)[None, :], mask=cmask)
         tl.store(psum_gxmu_ptr + out, tl.sum(a2, 0)[None, :], mask=cmask)
+        c1 = pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+        sums = tl.num_programs(1).to(tl.int64) * C
+        _merge_grad_sums(
+            psum_g_ptr, psum_gxmu_ptr, cnt_ptr + pid_c, c1, c1 < C, C, invstd_ptr,
+            psum_g_ptr + sums, psum_gxmu_ptr + sums, dw_ptr, db_ptr, 0.0, False, HAS_DW, HAS_DB,
+            FP64,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -632,8 +644,9 @@ def bn_act_dropout_backward(
     dy, x: ``[R, C]``, any strides; weight/bias: the BN parameters or None; mean/invstd: the
     forward's ``[C]`` statistics; seed: the forward's dropout seed or None. The gradient of the
     BN output, ``g = dy * keep * scale * act'(z)``, is recomputed from x in both passes (never
-    stored). Launches: split reduction, its merge (not with a single split), then dx. Returns ``(dx, dweight, dbias)``
-    (None where not asked for): dx contiguous in x's dtype, dweight/dbias in weight's dtype.
+    stored). Launches: the split reduction (its last split per column block merges), then dx.
+    Returns ``(dx, dweight, dbias)`` (None where not asked for): dx contiguous in x's dtype,
+    dweight/dbias in weight's dtype.
     """
     _check(x, seed, activation)
     R, C = x.shape
@@ -663,12 +676,13 @@ def bn_act_dropout_backward(
     with on_device(x):
         n_split, rows = _splits(R, C, x.device)
         final = n_split == 1  # one split: the reduction writes the merged sums itself
-        sum_g = torch.empty(C, device=x.device, dtype=acc)
-        sum_gxmu = torch.empty(C, device=x.device, dtype=acc)
         dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
         db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
-        psum_g = sum_g if final else torch.empty((n_split, C), device=x.device, dtype=acc)
-        psum_gxmu = sum_gxmu if final else torch.empty((n_split, C), device=x.device, dtype=acc)
+        # the splits' rows, then the merged sums' (``_fused_bwd_reduce_kernel``)
+        rows_out = 1 if final else n_split + 1
+        psum_g = torch.empty((rows_out, C), device=x.device, dtype=acc)
+        psum_gxmu = torch.empty((rows_out, C), device=x.device, dtype=acc)
+        sum_g, sum_gxmu = psum_g[-1], psum_gxmu[-1]
         grads = dict(
             dw_ptr=dw if dw is not None else sum_g,
             db_ptr=db if db is not None else sum_g,
@@ -687,6 +701,8 @@ def bn_act_dropout_backward(
             dy_ptr=dy,
             psum_g_ptr=psum_g,
             psum_gxmu_ptr=psum_gxmu,
+            # one counter per column block: at most this many (the interpreter's 16 columns)
+            cnt_ptr=psum_g if final else arrival_counters(x.device, cdiv(C, 16)),
             R=R,
             C=C,
             sxR=x.stride(0),
@@ -699,25 +715,6 @@ def bn_act_dropout_backward(
             **ptrs,
             **common,
         )
-        if not final:
-            # The splits merge exactly as batch norm's backward merges its own (fixed order).
-            launch(
-                BN._bn_backward_final_kernel,
-                lambda meta: (cdiv(C, meta["BLOCK_C"]),),
-                configs=BN._FINAL_CONFIGS,
-                interpret_config=BN._INTERPRET_FINAL,
-                psum_dy_ptr=psum_g,
-                psum_dyxmu_ptr=psum_gxmu,
-                stat_ptr=invstd,
-                sum_dy_ptr=sum_g,
-                sum_dyxmu_ptr=sum_gxmu,
-                C=C,
-                n_split=n_split,
-                eps=0.0,
-                STAT_IS_VAR=False,
-                FP64=acc == torch.float64,
-                **grads,
-            )
         dx = None
         if need_dx:
             dx = torch.empty((R, C), dtype=x.dtype, device=x.device)

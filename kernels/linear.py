@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival import arrival_counters, last_arrival
 from .dropout import tile_keep
 from .launch import (
     Tma,
@@ -234,11 +235,17 @@ def _linear_fwd_kernel(
     no dropout) also the batch-norm partial statistics of y's columns over this tile's rows
     (``_fwd_epilogue``): pmean, pm2 ``[cdiv(M, BLOCK_M), N]`` in the accumulator dtype.
 
-    ``SPLIT_K`` (the dz backward's dW GEMM, ``_dz_dw_gemm``): program (i, s) reduces only
-    ``K`` from ``s * k_split`` to ``(s + 1) * k_split`` (a multiple of BLOCK_K) and stores its
-    raw fp32 partial tile at ``y + s * split_stride`` (no bias, no activation); the launcher
-    sums the splits. Otherwise grid axis 1 has one program and ``k_split``, ``split_stride``
-    are unused."""
+    ``SPLIT_K`` (the dz backward's dW GEMM, ``_dz_dw_gemm``; 0 = no split): program (i, s)
+    reduces only ``K`` from ``s * k_split`` to ``(s + 1) * k_split`` (a multiple of BLOCK_K)
+    and stores its raw fp32 partial tile at ``y + s * split_stride`` (no bias, no activation).
+    With ``SPLIT_K == 2`` (``merges_in_kernel``) the last of a tile's programs to arrive
+    (``arrival``) sums the tile's partials in split order into the final dW at ``z_ptr`` ([M,
+    N], its dtype), as ``_sum_splits_kernel`` does in a launch of its own (``SPLIT_K == 1``);
+    the tiles of column block 0 also sum db's ``stride_b`` rows of column sums at ``pm2_ptr``
+    ([stride_b, M] fp32, the dZ pass's) into db at ``pmean_ptr`` ([M]). The arrival counters
+    are at ``b_ptr`` (int32, one per tile). These roles take the pointers and the integer that
+    the split's GEMM leaves unused: no bias, no pre-activation, no statistics. Without a split
+    grid axis 1 has one program and ``k_split``, ``split_stride`` are unused."""
     pid = tl.program_id(0)
     pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -278,8 +285,17 @@ def _linear_fwd_kernel(
         w_ptrs += w_step
     if SPLIT_K:
         offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
         part = y_ptr + tl.program_id(1).to(tl.int64) * split_stride
-        tl.store(part + offs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+        tl.store(part + offs, acc, mask=mask)
+        if SPLIT_K == 2 and last_arrival(b_ptr + pid, tl.num_programs(1)):
+            _merge_tile(y_ptr, z_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, split_stride,
+                        tl.num_programs(1), BLOCK_M, BLOCK_N)  # fmt: skip
+            if (stride_b > 0) & (pid_n == 0):  # db: made before this launch, plain loads
+                db = tl.load(pm2_ptr + rm, mask=rm < M, other=0.0)
+                for r in range(1, stride_b):
+                    db += tl.load(pm2_ptr + r * tl.cast(M, tl.int64) + rm, mask=rm < M, other=0.0)
+                tl.store(pmean_ptr + rm, db.to(pmean_ptr.dtype.element_ty), mask=rm < M)
     else:
         _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, pmean_ptr,
                       pm2_ptr, M, N, stride_b, negative_slope, p, scale, HAS_BIAS, ACTIVATION,
@@ -508,6 +524,9 @@ def _linear_dw_kernel(
     db_ptr,
     w_ptr,
     dx_ptr,
+    out_w_ptr,
+    out_b_ptr,
+    cnt_ptr,
     M,
     N,
     K,
@@ -524,6 +543,7 @@ def _linear_dw_kernel(
     SPLIT,
     COMPUTE_DB: tl.constexpr,
     DX: tl.constexpr,
+    MERGE: tl.constexpr,
     ACTIVATION: tl.constexpr,
     FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -541,8 +561,11 @@ def _linear_dw_kernel(
     ``num_db = cdiv(N, BLOCK_N)`` programs (when COMPUTE_DB) sum dZ over M for one block of
     columns; the others compute one ``[BLOCK_N, BLOCK_K]`` tile of dW. Slice ``s`` of axis 1
     handles the s-th contiguous chunk of M-blocks and stores at ``+ s * split_stride`` (SPLIT >
-    1: fp32 partials in a workspace, summed by ``_sum_splits_kernel``; SPLIT == 1: the final
-    dw/db, split_stride 0).
+    1: fp32 partials in a workspace; SPLIT == 1: the final dw/db, split_stride 0).
+
+    ``MERGE`` (SPLIT > 1): the last of a block's SPLIT programs to arrive (``arrival``, counter
+    ``cnt_ptr[pid]`` of the db/dW numbering) sums the block's partials in split order, as
+    ``_sum_splits_kernel`` did in a launch of its own, into out_w ``[N, K]`` / out_b ``[N]``.
     """
     pid = tl.program_id(0)
     # A constexpr branch: without DX the dX code is not compiled at all (its tiles, in the dW
@@ -557,26 +580,28 @@ def _linear_dw_kernel(
             )  # fmt: skip
         else:
             _dw_db_program(
-                dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, stride_dym, stride_dyn,
-                stride_tm, stride_tn, stride_xm, stride_xk, split_stride, negative_slope, SPLIT,
-                pid - num_dx,
-                COMPUTE_DB, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N,
-                BLOCK_K, GROUP_M,
+                dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, out_w_ptr, out_b_ptr, cnt_ptr, M, N, K,
+                stride_dym, stride_dyn, stride_tm, stride_tn, stride_xm, stride_xk,
+                split_stride, negative_slope, SPLIT, pid - num_dx,
+                COMPUTE_DB, MERGE, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M,
+                BLOCK_N, BLOCK_K, GROUP_M,
             )  # fmt: skip
     else:
         _dw_db_program(
-            dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, stride_dym, stride_dyn, stride_tm,
-            stride_tn, stride_xm, stride_xk, split_stride, negative_slope, SPLIT, pid,
-            COMPUTE_DB, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
-            GROUP_M,
+            dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, out_w_ptr, out_b_ptr, cnt_ptr, M, N, K,
+            stride_dym, stride_dyn, stride_tm, stride_tn, stride_xm, stride_xk, split_stride,
+            negative_slope, SPLIT, pid,
+            COMPUTE_DB, MERGE, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N,
+            BLOCK_K, GROUP_M,
         )  # fmt: skip
 
 
 @triton.jit
 def _dw_db_program(
-    dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, M, N, K, stride_dym, stride_dyn, stride_tm,
-    stride_tn, stride_xm, stride_xk, split_stride, negative_slope, SPLIT, pid,
-    COMPUTE_DB: tl.constexpr, ACTIVATION: tl.constexpr, FP64: tl.constexpr,
+    dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, out_w_ptr, out_b_ptr, cnt_ptr, M, N, K, stride_dym,
+    stride_dyn, stride_tm, stride_tn, stride_xm, stride_xk, split_stride, negative_slope, SPLIT,
+    pid, COMPUTE_DB: tl.constexpr, MERGE: tl.constexpr, ACTIVATION: tl.constexpr,
+    FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -597,12 +622,56 @@ def _dw_db_program(
             negative_slope, pid, mb_start, mb_end, split_off,
             ACTIVATION, FP64, BLOCK_M, BLOCK_N,
         )  # fmt: skip
+        if MERGE:
+            rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            _merge_splits(db_ptr, out_b_ptr, cnt_ptr + pid, rn, rn < N, split_stride, SPLIT)
     else:
+        tile = pid - num_db
         _dw_kernel_gemm_part(
             dy_ptr, t_ptr, x_ptr, dw_ptr, M, N, K, stride_dym, stride_dyn, stride_tm, stride_tn,
-            stride_xm, stride_xk, negative_slope, pid - num_db, mb_start, mb_end, split_off,
+            stride_xm, stride_xk, negative_slope, tile, mb_start, mb_end, split_off,
             ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
+        if MERGE:
+            if last_arrival(cnt_ptr + pid, SPLIT):
+                pid_n, pid_k = _grouped_tile(
+                    tile, tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M
+                )
+                _merge_tile(dw_ptr, out_w_ptr, pid_n * BLOCK_N, pid_k * BLOCK_K, N, K,
+                            split_stride, SPLIT, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(ws_ptr, out_ptr, counter_ptr, offs, mask, split_stride, SPLIT):
+    """After this program stored its partial at ``ws + s * split_stride + offs``: when it is
+    the block's last to arrive, ``out[offs] = sum over s of ws[s * split_stride + offs]`` in
+    split order (``_sum_splits_kernel``'s sum), rounded to out's dtype."""
+    if last_arrival(counter_ptr, SPLIT):
+        total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(1, SPLIT):
+            part = ws_ptr + s * tl.cast(split_stride, tl.int64)
+            total += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_tile(ws_ptr, out_ptr, row0, col0, R, C, split_stride, SPLIT,
+                ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
+    """The last program's merge of a ``[ROWS, COLS]`` tile at ``(row0, col0)`` of a row-major
+    ``[R, C]`` output: ``out = sum over s of ws[s * split_stride + ...]`` in split order,
+    rounded to out's dtype. In slices of 32 rows: a whole fp32 tile beside the loads took 128
+    registers a thread more and spilled (sm_90, 128 x 128 tiles: 300-1400 bytes of stack)."""
+    SUB: tl.constexpr = ROWS if ROWS < 32 else 32
+    cols = col0 + tl.arange(0, COLS)
+    for i in range(0, ROWS, SUB):
+        rows = row0 + i + tl.arange(0, SUB)
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        mask = (rows < R)[:, None] & (cols < C)[None, :]
+        total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(1, SPLIT):
+            part = ws_ptr + s * tl.cast(split_stride, tl.int64)
+            total += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -930,6 +999,23 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
     return max(1, min(cdiv(sms, tiles), cdiv(M, rows), 32))
 
 
+# A split dW's partials are merged by each tile's last program (``arrival``) when a tile's
+# partials take at most this many bytes; else by ``_sum_splits_kernel``, a launch of its own.
+# The last program reads them all on one SM (on the order of 100 GB/s: 512 KiB in ~5 us,
+# while the other tiles' merges run on other SMs); the merge launch spreads its read over the
+# whole GPU but costs a launch's host time (~20 us on the GPU machines' hosts) and its own
+# kernel. The bench's w1024 TF32 dW (4 slices of 64 KiB tiles, 256 KiB) merges in the kernel;
+# a 256-wide bf16 dW at batch 16K (32 slices, 2 MiB) keeps the launch. Not yet timed on a GPU.
+MERGE_MAX_BYTES = 512 * 1024
+
+
+def merges_in_kernel(split: int, N: int, K: int, device: torch.device) -> bool:
+    """Whether a dW split in ``split`` slices over ``[N, K]`` is merged by its tiles' last
+    programs (at the nominal tile: 128 x 128 fp32, 16 x 16 under the interpreter)."""
+    tile = 128 if device.type == "cuda" else 16
+    return split > 1 and split * min(N, tile) * min(K, tile) * 4 <= MERGE_MAX_BYTES
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -1212,7 +1298,7 @@ def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision
             STATS=stats is not None,
             FP64=x.dtype == torch.float64,
             DOT_PRECISION=precision,
-            SPLIT_K=False,
+            SPLIT_K=0,
         )
 
 
@@ -1397,6 +1483,7 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
     dw = torch.empty((N, K), device=device, dtype=dtype)
     configs = _launch_configs("fwd", dtype, precision, N, K, M)
     configs["configs"] = _split_k_configs(dtype, precision)
+    merge = merges_in_kernel(split, N, K, device)
     with on_device(a):
         launch(
             _linear_fwd_kernel,
@@ -1404,11 +1491,12 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
             **configs,
             x_ptr=a,
             w_ptr=b,
-            b_ptr=ws,  # no bias, no pre-activation, no statistics: placeholders
+            # the merge's roles of the unused pointers (the kernel's docstring)
+            b_ptr=arrival_counters(device, cdiv(N, 16) * cdiv(K, 16)) if merge else ws,
             y_ptr=ws,
-            z_ptr=ws,
-            pmean_ptr=ws,
-            pm2_ptr=ws,
+            z_ptr=dw,
+            pmean_ptr=sums[1] if merge and sums is not None else ws,
+            pm2_ptr=sums[0] if merge and sums is not None else ws,
             M=N,
             N=K,
             K=M,
@@ -1416,7 +1504,7 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
             stride_xk=a.stride(1),
             stride_wn=b.stride(0),
             stride_wk=b.stride(1),
-            stride_b=0,
+            stride_b=sums[2] if merge and sums is not None else 0,
             negative_slope=0.0,
             k_split=depth,
             split_stride=N * K,
@@ -1427,11 +1515,11 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
             STATS=False,
             FP64=False,
             DOT_PRECISION=precision,
-            SPLIT_K=True,
+            SPLIT_K=2 if merge else 1,
         )
-        if sums is None:
+        if not merge and sums is None:
             _sum_splits(ws, dw, None, N * K, 0, split)
-        else:
+        elif not merge:
             _sum_splits(ws, dw, sums[1], N * K, N, split, wsb=sums[0], split_b=sums[2])
     return dw
 
@@ -1607,12 +1695,15 @@ def linear_backward(
     if not (compute_dw or need_db):
         return dx, dw, db
     nk, nb = (N * K if compute_dw else 0), (N if need_db else 0)
-    if split > 1:
+    if split > 1:  # partials: merged by each block's last program, or by a launch of their own
         ws = torch.empty(
             (split, nk + nb), device=x.device, dtype=torch.float64 if fp64 else torch.float32
         )
         dw_out, db_out, split_stride = ws, ws[:, nk:], nk + nb
-    else:
+    merge = merges_in_kernel(split, N, K, x.device)
+    # one counter per db/dW program of axis 0: at most this many at the smallest tiles
+    counters = arrival_counters(x.device, cdiv(N, 16) * (cdiv(K, 16) + 1)) if merge else None
+    if split == 1:
         dw_out = dw if dw is not None else dx if dx is not None else x
         db_out = db if db is not None else dw_out
         split_stride = 0
@@ -1641,6 +1732,9 @@ def linear_backward(
             db_ptr=db_out,
             w_ptr=weight,
             dx_ptr=dx if combined else dw_out,  # never written without DX
+            out_w_ptr=dw if dw is not None else dw_out,
+            out_b_ptr=db if db is not None else dw_out,
+            cnt_ptr=counters if counters is not None else dw_out,
             M=M,
             N=N,
             K=K,
@@ -1657,11 +1751,12 @@ def linear_backward(
             SPLIT=split,
             COMPUTE_DB=need_db,
             DX=combined,
+            MERGE=merge,
             ACTIVATION=activation,
             FP64=fp64,
             DOT_PRECISION=prec,
         )
-        if split > 1:
+        if split > 1 and not merge:
             _sum_splits(ws, dw, db, nk, nb, split)
     return dx, dw, db
 

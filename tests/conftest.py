@@ -128,6 +128,32 @@ def launches(monkeypatch):
             triton.knobs.runtime.launch_enter_hook = previous
 
 
+@pytest.fixture
+def arrivals(monkeypatch):
+    """The counters every split reduction merged by its last program took
+    (``fusedmlp.kernels.arrival``), in launch order: proves that path ran. Each launch leaves
+    its counters at zero (``all_reset``): every block's last program merged it once."""
+    from fusedmlp.kernels import arrival
+
+    taken = Arrivals()
+    original = arrival.arrival_counters
+
+    def counting(device, n):
+        counters = original(device, n)
+        taken.append(counters)
+        return counters
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fusedmlp.kernels.") and hasattr(module, "arrival_counters"):
+            monkeypatch.setattr(module, "arrival_counters", counting)
+    return taken
+
+
+class Arrivals(list):
+    def all_reset(self) -> bool:
+        return all(int(c.count_nonzero()) == 0 for c in self)
+
+
 def pytest_configure(config):
     # The repository root is the package (its __init__.py is there), so pytest would import it a
     # second time under the checkout folder's name, registering every custom op and launch record

@@ -73,7 +73,9 @@ def _compare_modules(ours, ref, x, dy, dtype=torch.float32, scale=1.0):
 @pytest.mark.parametrize("track", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_batchnorm1d_matches_torch_over_steps(backend, launches, mode, affine, track, momentum):
+def test_batchnorm1d_matches_torch_over_steps(
+    backend, launches, arrivals, mode, affine, track, momentum
+):
     ours, ref = _pair(
         BatchNorm1d, torch.nn.BatchNorm1d, 5, momentum=momentum, affine=affine,
         track_running_stats=track,
@@ -93,6 +95,9 @@ def test_batchnorm1d_matches_torch_over_steps(backend, launches, mode, affine, t
         # in eager mode the statistics kernel updates the running statistics (compared with
         # torch's above): no launch of the separate update kernel
         assert launches[UPDATE] == 0
+        # the backward's split sums (37 rows: several splits; for the batch statistics or for
+        # the weight and bias gradients) merged by their last split
+        assert (len(arrivals) > 0) == (uses_batch_stats or affine) and arrivals.all_reset()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -293,7 +298,8 @@ def test_double_backward_is_a_clear_error(triton_backend):
         g.sum().backward()
 
 
-def test_deterministic(triton_backend):
+def test_deterministic(triton_backend, arrivals):
+    # the backward's split sums are merged by whichever split arrives last, in a fixed order
     torch.manual_seed(12)
     x = torch.randn(40, 20, device=DEVICE)
     dy = torch.randn_like(x)
@@ -305,6 +311,7 @@ def test_deterministic(triton_backend):
         runs.append((xi.grad, m.weight.grad, m.bias.grad, m.running_var))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+    assert len(arrivals) == 2 and arrivals.all_reset()
 
 
 # -------------------------------------------------------------------------- errors

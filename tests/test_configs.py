@@ -329,3 +329,43 @@ def test_block_dx_transposed_every_configuration(forced):
     assert_close(ws, want)
     _check_forced(forced, ["_fused_bwd_dx_kernel"])
     assert forced["_fused_bwd_dx_kernel"][1] in K._TRANSPOSED_CONFIGS
+
+
+@pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
+@pytest.mark.parametrize("path", ["fused", "dz"])
+@pytest.mark.parametrize("dtype, precision", [
+    (torch.bfloat16, "highest"), (torch.float32, "highest"), (torch.float32, "high"),
+], ids=["bf16", "fp32", "tf32"])  # fmt: skip
+def test_linear_split_merge_every_configuration(
+    forced, arrivals, monkeypatch, path, dtype, precision
+):
+    # A narrow layer over a long batch: dW is one tile whose reduction over the batch splits,
+    # and the tile's last program merges the splits (and db's sums), for every configuration.
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", path)
+    monkeypatch.setattr(KL, "COMBINED_BACKWARD", False)
+    M, K, N = (4096 if ON_GPU else 300), 10, 12
+    device = torch.device(DEVICE)
+    split = (KL.dw_split if path == "fused" else KL.dz_dw_split)(M, N, K, device)
+    assert split > 1, split
+    ref = torch.nn.Linear(K, N, device=DEVICE, dtype=dtype)
+    ours = fnn.Linear(K, N, device=DEVICE, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    g = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ours(xa).backward(g)
+        ref(xb).backward(g)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    # TF32 on a GPU (10-bit mantissas, torch's GEMMs too): a bf16-sized tolerance
+    like = torch.bfloat16 if precision == "high" and ON_GPU else dtype
+    assert_close(xa.grad, xb.grad, dtype=like)
+    assert_close(ours.weight.grad, ref.weight.grad, dtype=like, scale=2.0)
+    assert_close(ours.bias.grad, ref.bias.grad, dtype=like, scale=2.0)
+    assert len(arrivals) == 1 and arrivals.all_reset()
+    _check_forced(forced, ["_linear_dw_kernel" if path == "fused" else "_linear_fwd_kernel"])

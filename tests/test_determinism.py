@@ -196,3 +196,33 @@ def test_mlp_training_is_deterministic(triton_backend, launches):
 
     _assert_identical(*_twice(run, seed=5))
     assert launches.total > 0
+
+
+@pytest.mark.parametrize("path", ["fused", "dz"])
+def test_split_merges_by_the_last_program_are_repeatable(
+    triton_backend, launches, arrivals, monkeypatch, path
+):
+    # The splits of a narrow dW and of batch norm's gradient sums are merged by whichever
+    # program of a tile arrives last (``fusedmlp.kernels.arrival``). On a GPU that program
+    # varies from run to run; a partial read before its writer's stores were visible would
+    # vary the result too. Ten runs, bit-identical, each leaving its counters at zero.
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", path)
+    M = 4096 if DEVICE == "cuda" else 200
+    x, w, b, g = _inputs((M, 10), (12, 10), (12,), (M, 12))
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    bn = fusedmlp.nn.BatchNorm1d(12).to(DEVICE)
+
+    def run():
+        for t in (x, w, b, *bn.parameters()):
+            t.grad = None
+        bn(FF.linear(x, w, b)).backward(g)
+        return [x.grad, w.grad, b.grad, bn.weight.grad, bn.bias.grad]
+
+    first = [t.clone() for t in run()]
+    for _ in range(9):
+        _assert_identical(first, run())
+    # the linear's dW split and the batch norm's sums, each merged in its kernel, every run
+    assert len(arrivals) == 20 and arrivals.all_reset()
+    assert launches["_sum_splits_kernel"] == 0, dict(launches)

@@ -102,7 +102,7 @@ def _expect(launches, backend, dw_split=1):
     else:
         dx = 0 if KL.COMBINED_BACKWARD and dw_split == 1 else 1
         assert launches[FWD] == 1 and launches[DX] == dx and launches[DW] == 1, dict(launches)
-        assert launches[SUM] == (1 if dw_split > 1 else 0), dict(launches)
+        assert launches[SUM] == 0, dict(launches)  # a split's last programs merge it
 
 
 # ----------------------------------------------------------------------------- every activation
@@ -162,7 +162,7 @@ def test_shapes_and_bias(triton_backend, launches, combined, lead, k, n, bias):
 
 
 def test_split_reduction_is_deterministic_and_matches_unsplit(
-    triton_backend, launches, monkeypatch
+    triton_backend, launches, arrivals, monkeypatch
 ):
     from fusedmlp.kernels import linear as K
 
@@ -173,11 +173,36 @@ def test_split_reduction_is_deterministic_and_matches_unsplit(
     for split in (1, 3, 3, 7):
         monkeypatch.setattr(K, "dw_split", lambda M, N, K_, device, s=split: s)
         launches.clear()
+        arrivals.clear()
         results.append(_ours(x, w, b, "silu", 0.01, gy))
-        assert launches[SUM] == (split > 1), (split, dict(launches))  # the split was taken
+        # the split was taken, in one launch: its last programs merged it
+        assert launches[DW] == 1 and launches[SUM] == 0, (split, dict(launches))
+        assert len(arrivals) == (split > 1) and arrivals.all_reset(), split
         _check(results[-1], ref, torch.float32)
     for a, e in zip(results[1], results[2]):  # same split twice: bitwise equal
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("path", ["fused", "dz"])
+def test_split_merge_launch_where_a_tile_has_too_many_partials(
+    triton_backend, launches, arrivals, monkeypatch, path
+):
+    # Past MERGE_MAX_BYTES of partials a tile, a launch of their own merges the slices (and
+    # db's column sums): the same gradients, to the bit, as the tiles' last programs' merge.
+    from fusedmlp.kernels import linear as K
+
+    monkeypatch.setattr(K, "BACKWARD_PATH", path)
+    g = torch.Generator().manual_seed(3)
+    x, w, b, gy = _t(100, 10, gen=g), _t(12, 10, gen=g), _t(12, gen=g), _t(100, 12, gen=g)
+    merged = _ours(x, w, b, "relu", 0.01, gy)
+    assert launches[SUM] == 0 and len(arrivals) == 1 and arrivals.all_reset(), dict(launches)
+    monkeypatch.setattr(K, "MERGE_MAX_BYTES", 0)
+    launches.clear()
+    launched = _ours(x, w, b, "relu", 0.01, gy)
+    assert launches[SUM] == 1 and len(arrivals) == 1, dict(launches)
+    for a, e in zip(merged, launched):
+        assert torch.equal(a, e)
+    _check(launched, _reference(x, w, b, "relu", 0.01, gy), torch.float32)
 
 
 @pytest.mark.parametrize("m,k,n", [(0, 5, 3), (5, 0, 3), (40, 0, 3), (5, 3, 0)])
@@ -323,11 +348,11 @@ def test_dz_backward_path_only_requested_gradients(triton_backend, launches, dz_
     ids=["fp32-relu-bias", "fp32-none-nobias", "bf16-gelu-bias"],
 )
 def test_dz_backward_splits_a_narrow_dw_over_the_batch(
-    triton_backend, launches, dz_path, dtype, act, bias
+    triton_backend, launches, arrivals, dz_path, dtype, act, bias
 ):
     # A [12, 10] dW (one nominal tile of 16 x 16 under the interpreter, for 4 "SMs") over 100
     # rows: its GEMM runs in 32-row slices (4 programs per tile; the last one 4 rows deep),
-    # whose fp32 partials one launch sums with the dZ pass's db column sums.
+    # whose fp32 partials the tile's last program sums, with the dZ pass's db column sums.
     from fusedmlp.kernels.linear import dz_dw_split
 
     assert dz_dw_split(100, 12, 10, torch.device("cpu")) == 4
@@ -337,8 +362,9 @@ def test_dz_backward_splits_a_narrow_dw_over_the_batch(
     b = _t(12, gen=g, dtype=dtype) if bias else None
     gy = _t(100, 12, gen=g, dtype=dtype)
     ours = _ours(x, w, b, act, 0.01, gy)
-    # forward, dX, and dW's split launch; one merge of the partials (and the column sums)
-    assert launches["_linear_fwd_kernel"] == 3 and launches[SUM] == 1, dict(launches)
+    # forward, dX, and dW's split launch, which merges its partials (and the column sums)
+    assert launches["_linear_fwd_kernel"] == 3 and launches[SUM] == 0, dict(launches)
+    assert len(arrivals) == 1 and arrivals.all_reset()
     ref = _reference(x, w, b, act, 0.01, gy)
     _check(ours, ref, dtype, scale=2.0)
 
@@ -355,7 +381,7 @@ def test_dz_backward_dw_split_can_be_turned_off(triton_backend, launches, dz_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's own split sizes")
-def test_dz_backward_dw_split_on_a_gpu(triton_backend, launches):
+def test_dz_backward_dw_split_on_a_gpu(triton_backend, launches, arrivals):
     # The bench step's TF32 layer at a quarter of its batch, on the path a GPU chooses: dz,
     # with dW's 4096-deep reduction in slices (4 on 132 SMs), checked against float64 within
     # TF32's rounding bound (as tests/test_configs.py).
@@ -377,7 +403,8 @@ def test_dz_backward_dw_split_on_a_gpu(triton_backend, launches):
     finally:
         torch.set_float32_matmul_precision(previous)
     assert launches["_linear_fwd_kernel"] == 3, dict(launches)
-    assert launches[SUM] == 1, dict(launches)  # the slices (split > 1) and db in one launch
+    # the slices (split > 1) and db merged by the tiles' last programs: no launch of their own
+    assert launches[SUM] == 0 and len(arrivals) == 1 and arrivals.all_reset(), dict(launches)
     assert split > 1, split
     x64, w64, g64 = x.detach().double(), w.detach().double(), gy.double()
     for actual, expected, magnitude in (
@@ -612,7 +639,7 @@ def test_gradcheck_float64_triton_path(triton_backend, combined, act, slope):
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
 
 
-def test_gradcheck_float64_split_path_and_full_jacobian(triton_backend, launches):
+def test_gradcheck_float64_split_path_and_full_jacobian(triton_backend, launches, arrivals):
     g = torch.Generator().manual_seed(7)
     # split-M dW: 1 tile of dW, M long enough to split (dw_split: 32 rows a slice under the
     # interpreter, 512 on a GPU)
@@ -622,7 +649,7 @@ def test_gradcheck_float64_split_path_and_full_jacobian(triton_backend, launches
     b = _t(2, dtype=torch.float64, gen=g).requires_grad_()
     f = lambda x, w, b: linear(x, w, b, "leaky_relu", -0.5)
     assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
-    assert launches[FWD] > 0 and launches[SUM] > 0, dict(launches)
+    assert launches[FWD] > 0 and len(arrivals) > 0 and arrivals.all_reset(), dict(launches)
     # the full Jacobian (slow mode) on a tiny problem
     xs, ws, bs = (t[:3].detach().requires_grad_() for t in (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w, b: linear(x, w, b, "gelu"), (xs, ws[:2], bs))
