@@ -971,10 +971,10 @@ def batch_norm_backward(
             dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
             db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
             # the splits' rows, then the merged sums' (``_bn_backward_reduce_kernel``)
-            rows_out = 1 if final else n_split + 1
-            psum_dy = torch.empty((rows_out, C), device=x.device, dtype=acc)
-            psum_dyxmu = torch.empty((rows_out, C), device=x.device, dtype=acc)
-            sum_dy, sum_dyxmu = psum_dy[-1], psum_dyxmu[-1]
+            shape = (C,) if final else (n_split + 1, C)
+            psum_dy = torch.empty(shape, device=x.device, dtype=acc)
+            psum_dyxmu = torch.empty(shape, device=x.device, dtype=acc)
+            sum_dy, sum_dyxmu = (psum_dy, psum_dyxmu) if final else (psum_dy[-1], psum_dyxmu[-1])
             grads = dict(
                 stat_ptr=stat,
                 dw_ptr=dw if dw is not None else sum_dy,

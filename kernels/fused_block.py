@@ -679,10 +679,10 @@ def bn_act_dropout_backward(
         dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
         db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
         # the splits' rows, then the merged sums' (``_fused_bwd_reduce_kernel``)
-        rows_out = 1 if final else n_split + 1
-        psum_g = torch.empty((rows_out, C), device=x.device, dtype=acc)
-        psum_gxmu = torch.empty((rows_out, C), device=x.device, dtype=acc)
-        sum_g, sum_gxmu = psum_g[-1], psum_gxmu[-1]
+        shape = (C,) if final else (n_split + 1, C)
+        psum_g = torch.empty(shape, device=x.device, dtype=acc)
+        psum_gxmu = torch.empty(shape, device=x.device, dtype=acc)
+        sum_g, sum_gxmu = (psum_g, psum_gxmu) if final else (psum_g[-1], psum_gxmu[-1])
         grads = dict(
             dw_ptr=dw if dw is not None else sum_g,
             db_ptr=db if db is not None else sum_g,

@@ -524,8 +524,6 @@ def _linear_dw_kernel(
     db_ptr,
     w_ptr,
     dx_ptr,
-    out_w_ptr,
-    out_b_ptr,
     cnt_ptr,
     M,
     N,
@@ -563,9 +561,11 @@ def _linear_dw_kernel(
     handles the s-th contiguous chunk of M-blocks and stores at ``+ s * split_stride`` (SPLIT >
     1: fp32 partials in a workspace; SPLIT == 1: the final dw/db, split_stride 0).
 
-    ``MERGE`` (SPLIT > 1): the last of a block's SPLIT programs to arrive (``arrival``, counter
-    ``cnt_ptr[pid]`` of the db/dW numbering) sums the block's partials in split order, as
-    ``_sum_splits_kernel`` did in a launch of its own, into out_w ``[N, K]`` / out_b ``[N]``.
+    ``MERGE`` (SPLIT > 1, so never with DX): the last of a block's SPLIT programs to arrive
+    (``arrival``, counter ``cnt_ptr[pid]`` of the db/dW numbering) sums the block's partials in
+    split order, as ``_sum_splits_kernel`` does in a launch of its own, into the final dW
+    ``[N, K]`` at ``dx_ptr`` and db ``[N]`` at ``w_ptr``: the pointers only DX reads (one
+    kernel argument less at every launch: host time).
     """
     pid = tl.program_id(0)
     # A constexpr branch: without DX the dX code is not compiled at all (its tiles, in the dW
@@ -580,7 +580,7 @@ def _linear_dw_kernel(
             )  # fmt: skip
         else:
             _dw_db_program(
-                dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, out_w_ptr, out_b_ptr, cnt_ptr, M, N, K,
+                dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, dx_ptr, w_ptr, cnt_ptr, M, N, K,
                 stride_dym, stride_dyn, stride_tm, stride_tn, stride_xm, stride_xk,
                 split_stride, negative_slope, SPLIT, pid - num_dx,
                 COMPUTE_DB, MERGE, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M,
@@ -588,7 +588,7 @@ def _linear_dw_kernel(
             )  # fmt: skip
     else:
         _dw_db_program(
-            dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, out_w_ptr, out_b_ptr, cnt_ptr, M, N, K,
+            dy_ptr, t_ptr, x_ptr, dw_ptr, db_ptr, dx_ptr, w_ptr, cnt_ptr, M, N, K,
             stride_dym, stride_dyn, stride_tm, stride_tn, stride_xm, stride_xk, split_stride,
             negative_slope, SPLIT, pid,
             COMPUTE_DB, MERGE, ACTIVATION, FP64, DOT_PRECISION, INTERPRET, BLOCK_M, BLOCK_N,
@@ -1005,8 +1005,9 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # while the other tiles' merges run on other SMs); the merge launch spreads its read over the
 # whole GPU but costs a launch's host time (~20 us on the GPU machines' hosts) and its own
 # kernel. The bench's w1024 TF32 dW (4 slices of 64 KiB tiles, 256 KiB) merges in the kernel;
-# a 256-wide bf16 dW at batch 16K (32 slices, 2 MiB) keeps the launch. Not yet timed on a GPU.
-MERGE_MAX_BYTES = 512 * 1024
+# a 256-wide bf16 dW at batch 16K (32 slices, 2 MiB) keeps the launch. Not yet timed on a GPU:
+# ``FUSEDMLP_MERGE_MAX_BYTES`` (read once; tests set the attribute) moves the line.
+MERGE_MAX_BYTES = int(os.environ.get("FUSEDMLP_MERGE_MAX_BYTES", 512 * 1024))
 
 
 def merges_in_kernel(split: int, N: int, K: int, device: torch.device) -> bool:
@@ -1730,10 +1731,9 @@ def linear_backward(
             x_ptr=x,
             dw_ptr=dw_out,
             db_ptr=db_out,
-            w_ptr=weight,
-            dx_ptr=dx if combined else dw_out,  # never written without DX
-            out_w_ptr=dw if dw is not None else dw_out,
-            out_b_ptr=db if db is not None else dw_out,
+            # with MERGE: the final dW and db (the kernel's docstring)
+            w_ptr=db if merge and db is not None else weight,
+            dx_ptr=dx if combined else dw if merge and dw is not None else dw_out,
             cnt_ptr=counters if counters is not None else dw_out,
             M=M,
             N=N,
