@@ -13,7 +13,8 @@ Sections (run in the order ``--sections`` gives; rows are skipped once the budge
           ``kernels/linear.py``), TF32 and bf16, against torch autograd;
   step:   the small MLP training step (width 256, batch 64) whose time is the host's, with the
           direct launch on and off (``kernels/launch.py``), then the bench's step (width 1024,
-          batch 16K, TF32) per backward path;
+          batch 16K, TF32) per backward path, and with its dW split merges launched apart
+          (``FUSEDMLP_MERGE_MAX_BYTES=0``), as issue 3's 16K x 256 x 256 bf16 backward;
   ops:    dropout, batch norm, cross-entropy, Adam, SGD as in the bench, fusedmlp and torch.
 Two passes: every row's event time first, then every row's kernel time. torch.profiler's CUDA
 activity leaves CUPTI's callbacks on in the process, which slows every later launch: measured
@@ -131,6 +132,16 @@ def main() -> None:
         finally:
             KLaunch.DIRECT_LAUNCH = previous
 
+    @contextlib.contextmanager
+    def _merges_launched(inner=None):
+        previous = KL.MERGE_MAX_BYTES
+        KL.MERGE_MAX_BYTES = 0
+        try:
+            with inner() if inner else contextlib.nullcontext():
+                yield
+        finally:
+            KL.MERGE_MAX_BYTES = previous
+
     def linear():
         for dtype, (M, N, K), ctx in [
             (torch.float32, (16384, 1024, 1024), tf32),
@@ -161,6 +172,17 @@ def main() -> None:
                 context=tf32, path=path)  # fmt: skip
         row("step", "mlp step w1024 B16K tf32 torch", O.build_mlp_step("torch", dev, 16384 // S, 1024 // S),
             wall=True, context=tf32)  # fmt: skip
+        # A/B of the split merges by the tiles' last programs (kernels/arrival.py): the same
+        # step, and issue 3's small-width backward, with every dW split merged by a launch
+        # of its own (FUSEDMLP_MERGE_MAX_BYTES=0; batch norm's merges stay in the kernel)
+        build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, dW merges launched", build,
+            wall=True, context=lambda: _merges_launched(tf32), path="dz")  # fmt: skip
+        M, N = 16384 // S, 256 // S
+        for impl, ctx in (("fusedmlp", None), ("fusedmlp, dW merge launched", _merges_launched),
+                          ("torch", None)):  # fmt: skip
+            build = O.build_linear(impl.split(",")[0], dev, torch.bfloat16, M, N, N, True)
+            row("step", f"linear+relu bwd bf16 M={M} N={N} K={N} {impl}", build, context=ctx)
 
     def ops():
         bf16, rows, cols, big = torch.bfloat16, 65536 // S, 1024 // S, 50_000_000 // S**3

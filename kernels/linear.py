@@ -1017,6 +1017,21 @@ def merges_in_kernel(split: int, N: int, K: int, device: torch.device) -> bool:
     return split > 1 and split * min(N, tile) * min(K, tile) * 4 <= MERGE_MAX_BYTES
 
 
+# Up to this many multiply-adds a split dW keeps to the slices its tiles' last programs merge
+# (``merged_split_cap``): on a GPU such a backward is host-bound (issue 3's 16384 x 256 x 256
+# bf16: 0.149 ms of events against tens of microseconds of kernels, H100), so one launch
+# less outweighs longer slices (256 x 256 over 16K rows: 8 slices of 2048 rows, not 32 of 512).
+SMALL_MERGE_MACS = 2**31
+
+
+def merged_split_cap(N: int, K: int, device: torch.device) -> int:
+    """The most slices of an ``[N, K]`` dW that ``merges_in_kernel`` merges in the kernel (no
+    cap, a large number, where it merges none)."""
+    tile = 128 if device.type == "cuda" else 16
+    cap = MERGE_MAX_BYTES // max(1, min(N, tile) * min(K, tile) * 4)
+    return cap if cap >= 2 else 1 << 30
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -1638,6 +1653,8 @@ def linear_backward(
             dx_shape, made if activation == "none" and need_dw else None,
         )  # fmt: skip
     split = dw_split(M, N, K, x.device)
+    if split > 1 and M * N * K <= SMALL_MERGE_MACS:
+        split = min(split, merged_split_cap(N, K, x.device))
     # A small backward's dX tiles ride in the dW/db launch (one launch less: the launches, not
     # the GPU, set a small backward's time); a tuned one keeps each GEMM's own configuration.
     combined = (
@@ -1650,51 +1667,67 @@ def linear_backward(
     )
     if need_dx:
         dx = torch.empty(dx_shape or (M, K), device=x.device, dtype=dtype)
-        if M and K and not combined:
-            if N == 0:
-                dx.zero_()
-            else:
-                grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
-                with on_device(x):
-                    launch(
-                        _linear_dx_kernel,
-                        grid,
-                        **_launch_configs("dx", dtype, prec, M, N, K),
-                        dy_ptr=grad_y,
-                        t_ptr=saved,
-                        w_ptr=weight,
-                        dx_ptr=dx,
-                        M=M,
-                        N=N,
-                        K=K,
-                        stride_dym=grad_y.stride(0),
-                        stride_dyn=grad_y.stride(1),
-                        stride_tm=saved.stride(0),
-                        stride_tn=saved.stride(1),
-                        stride_wn=weight.stride(0),
-                        stride_wk=weight.stride(1),
-                        negative_slope=float(negative_slope),
-                        ACTIVATION=activation,
-                        FP64=fp64,
-                        DOT_PRECISION=prec,
-                    )
+    dw, db = _dw_db(grad_y, x, weight, saved, dx, activation, negative_slope, need_dw, need_db,
+                    split, combined)  # fmt: skip
+    # dX after dW: on a host-bound GPU the longer dW kernel runs while the host launches dX
+    if need_dx and M and K and not combined:
+        if N == 0:
+            dx.zero_()
+        else:
+            grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
+            with on_device(x):
+                launch(
+                    _linear_dx_kernel,
+                    grid,
+                    **_launch_configs("dx", dtype, prec, M, N, K),
+                    dy_ptr=grad_y,
+                    t_ptr=saved,
+                    w_ptr=weight,
+                    dx_ptr=dx,
+                    M=M,
+                    N=N,
+                    K=K,
+                    stride_dym=grad_y.stride(0),
+                    stride_dyn=grad_y.stride(1),
+                    stride_tm=saved.stride(0),
+                    stride_tn=saved.stride(1),
+                    stride_wn=weight.stride(0),
+                    stride_wk=weight.stride(1),
+                    negative_slope=float(negative_slope),
+                    ACTIVATION=activation,
+                    FP64=fp64,
+                    DOT_PRECISION=prec,
+                )
+    return dx, dw, db
+
+
+def _dw_db(grad_y, x, weight, saved, dx, activation, negative_slope, need_dw, need_db, split,
+           combined):  # fmt: skip
+    """``(dw, db)`` of ``linear_backward``'s fused path (one launch, with dX's tiles when
+    ``combined``; split: partials merged in the kernel or by a launch of their own)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    dtype = x.dtype
+    dw = db = None
+    prec = dot_precision(dtype)
+    fp64 = dtype == torch.float64
     if not (need_dw or need_db):
-        return dx, dw, db
+        return dw, db
     if need_dw:
         dw = torch.empty((N, K), device=x.device, dtype=dtype)
     if need_db:
         db = torch.empty((N,), device=x.device, dtype=dtype)
     if N == 0:
-        return dx, dw, db
+        return dw, db
     if M == 0:  # nothing to reduce: zero gradients, as torch
         if dw is not None:
             dw.zero_()
         if db is not None:
             db.zero_()
-        return dx, dw, db
+        return dw, db
     compute_dw = need_dw and K > 0
     if not (compute_dw or need_db):
-        return dx, dw, db
+        return dw, db
     nk, nb = (N * K if compute_dw else 0), (N if need_db else 0)
     if split > 1:  # partials: merged by each block's last program, or by a launch of their own
         ws = torch.empty(
@@ -1758,7 +1791,7 @@ def linear_backward(
         )
         if split > 1 and not merge:
             _sum_splits(ws, dw, db, nk, nb, split)
-    return dx, dw, db
+    return dw, db
 
 
 __all__ = [

@@ -205,6 +205,34 @@ def test_split_merge_launch_where_a_tile_has_too_many_partials(
     _check(launched, _reference(x, w, b, "relu", 0.01, gy), torch.float32)
 
 
+def test_small_backward_keeps_its_split_to_what_its_tiles_merge(
+    triton_backend, launches, arrivals, monkeypatch
+):
+    # A small problem (SMALL_MERGE_MACS) caps its dW split at the slices its tiles' last
+    # programs merge (MERGE_MAX_BYTES a tile: 2 slices of a 12 x 10 fp32 tile here), for one
+    # launch less; a larger one keeps its split (4) and the merge launch.
+    from fusedmlp.kernels import linear as K
+
+    monkeypatch.setattr(K, "BACKWARD_PATH", "fused")
+    monkeypatch.setattr(K, "MERGE_MAX_BYTES", 2 * 12 * 10 * 4)
+    splits = []
+    merges = K.merges_in_kernel
+    monkeypatch.setattr(
+        K, "merges_in_kernel", lambda split, *a: splits.append(split) or merges(split, *a)
+    )
+    g = torch.Generator().manual_seed(4)
+    x, w, b, gy = _t(100, 10, gen=g), _t(12, 10, gen=g), _t(12, gen=g), _t(100, 12, gen=g)
+    ref = _reference(x, w, b, "relu", 0.01, gy)
+    _check(_ours(x, w, b, "relu", 0.01, gy), ref, torch.float32)
+    assert splits == [2] and launches[SUM] == 0 and len(arrivals) == 1, (splits, dict(launches))
+    assert arrivals.all_reset()
+    monkeypatch.setattr(K, "SMALL_MERGE_MACS", 0)
+    splits.clear()
+    launches.clear()
+    _check(_ours(x, w, b, "relu", 0.01, gy), ref, torch.float32)
+    assert splits == [4] and launches[SUM] == 1, (splits, dict(launches))
+
+
 @pytest.mark.parametrize("m,k,n", [(0, 5, 3), (5, 0, 3), (40, 0, 3), (5, 3, 0)])
 def test_empty_dimensions(triton_backend, m, k, n):
     # empty batch, in_features = 0 (y = act(bias), split db), out_features = 0: as torch
