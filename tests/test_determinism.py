@@ -226,3 +226,25 @@ def test_split_merges_by_the_last_program_are_repeatable(
     # the linear's dW split and the batch norm's sums, each merged in its kernel, every run
     assert len(arrivals) == 20 and arrivals.all_reset()
     assert launches["_sum_splits_kernel"] == 0, dict(launches)
+
+
+def test_arrival_counters_one_zeroed_buffer_per_stream():
+    # fusedmlp.kernels.arrival: the counters are reused launch after launch (each launch leaves
+    # them at zero); the interpreter's, left counting by a kernel that raised part-way, are
+    # zeroed again; a larger request gets a larger buffer; on a GPU each stream has its own.
+    from fusedmlp.kernels.arrival import arrival_counters
+
+    device = torch.device(DEVICE)
+    first = arrival_counters(device, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and not bool(first.any())
+    assert arrival_counters(device, 10) is first
+    if device.type == "cpu":
+        first[3] = 5
+        assert arrival_counters(device, 10) is first and not bool(first.any())
+    bigger = arrival_counters(device, 5000)
+    assert bigger.numel() >= 5000 and not bool(bigger.any())
+    if device.type == "cuda":
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            other = arrival_counters(device, 10)
+        assert other.data_ptr() != bigger.data_ptr() and not bool(other.any())
