@@ -647,11 +647,18 @@ def _merge_splits(ws_ptr, out_ptr, counter_ptr, offs, mask, split_stride, SPLIT)
     the block's last to arrive, ``out[offs] = sum over s of ws[s * split_stride + offs]`` in
     split order (``_sum_splits_kernel``'s sum), rounded to out's dtype."""
     if last_arrival(counter_ptr, SPLIT):
-        total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        for s in range(1, SPLIT):
-            part = ws_ptr + s * tl.cast(split_stride, tl.int64)
-            total += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        _sum_partials(ws_ptr, out_ptr, offs, mask, split_stride, SPLIT)
+
+
+@triton.jit
+def _sum_partials(ws_ptr, out_ptr, offs, mask, split_stride, SPLIT):
+    """``out[offs] = sum over s < SPLIT of ws[s * split_stride + offs]``, in split order, read
+    past L1 (``.cg``: other SMs wrote them), rounded to out's dtype."""
+    total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, SPLIT):
+        part = ws_ptr + s * tl.cast(split_stride, tl.int64)
+        total += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -667,11 +674,7 @@ def _merge_tile(ws_ptr, out_ptr, row0, col0, R, C, split_stride, SPLIT,
         rows = row0 + i + tl.arange(0, SUB)
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         mask = (rows < R)[:, None] & (cols < C)[None, :]
-        total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        for s in range(1, SPLIT):
-            part = ws_ptr + s * tl.cast(split_stride, tl.int64)
-            total += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        _sum_partials(ws_ptr, out_ptr, offs, mask, split_stride, SPLIT)
 
 
 @triton.jit
