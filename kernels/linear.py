@@ -1671,7 +1671,7 @@ def linear_backward(
     if need_dx:
         dx = torch.empty(dx_shape or (M, K), device=x.device, dtype=dtype)
     dw, db = _dw_db(grad_y, x, weight, saved, dx, activation, negative_slope, need_dw, need_db,
-                    split, combined)  # fmt: skip
+                    split, combined, prec)  # fmt: skip
     # dX after dW: on a host-bound GPU the longer dW kernel runs while the host launches dX
     if need_dx and M and K and not combined:
         if N == 0:
@@ -1705,17 +1705,16 @@ def linear_backward(
 
 
 def _dw_db(grad_y, x, weight, saved, dx, activation, negative_slope, need_dw, need_db, split,
-           combined):  # fmt: skip
+           combined, prec):  # fmt: skip
     """``(dw, db)`` of ``linear_backward``'s fused path (one launch, with dX's tiles when
     ``combined``; split: partials merged in the kernel or by a launch of their own)."""
+    dw = db = None
+    if not (need_dw or need_db):
+        return dw, db
     M, K = x.shape
     N = weight.shape[0]
     dtype = x.dtype
-    dw = db = None
-    prec = dot_precision(dtype)
     fp64 = dtype == torch.float64
-    if not (need_dw or need_db):
-        return dw, db
     if need_dw:
         dw = torch.empty((N, K), device=x.device, dtype=dtype)
     if need_db:
