@@ -16,8 +16,9 @@ GPU scope, which a scalar ``tl.atomic_add`` issues from one thread and broadcast
 memory behind another barrier (triton 3.6 and 3.9 alike: sm_90 PTX ``bar.sync;
 atom.global.gpu.acq_rel.add.u32; st.shared; bar.sync``). The last program's acquire therefore
 sees every other program's partials; it reads them with ``.cg`` loads (L2, never a stale L1
-line). The sum runs over the partials in split order whichever program arrives last, so the
-result is deterministic, and equal to the bit to what the separate merge launch computed.
+line). The sum runs over the partials in a fixed order whichever program arrives last, so the
+result is deterministic (a split dW's equals, to the bit, what ``_sum_splits_kernel``'s launch
+computes from the same partials).
 
 Each counter must see exactly ``arrivals`` updates per launch: every program of a block calls
 ``last_arrival`` once, also when its slice is empty. Two launches sharing counters at once would
