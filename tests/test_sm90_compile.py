@@ -94,3 +94,65 @@ def test_every_launched_configuration_compiles_for_sm90(capsys):
                 for r in results:
                     print(f"  {r['label']}: {r.get('resources', r.get('error'))}")
     assert not failures, "kernels that do not compile for sm_90:\n" + "\n".join(failures)
+
+
+_ARRIVAL_PTX = """
+import json
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedmlp.kernels.arrival import last_arrival
+
+
+@triton.jit
+def merge(part_ptr, out_ptr, cnt_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    split = tl.program_id(1)
+    tl.store(part_ptr + split * N + offs, offs.to(tl.float32), mask=offs < N)
+    if last_arrival(cnt_ptr + tl.program_id(0), tl.num_programs(1)):
+        total = tl.load(part_ptr + offs, mask=offs < N, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offs, total, mask=offs < N)
+
+
+signature = {"part_ptr": "*fp32", "out_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32",
+             "BLOCK": "constexpr"}
+src = ASTSource(fn=merge, signature=signature, constexprs={"BLOCK": 256})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4}).asm["ptx"]
+print(json.dumps({"triton": triton.__version__, "path": triton.__file__, "ptx": ptx}))
+"""
+
+
+def test_last_arrival_orders_the_partials_before_the_counter_in_sm90_code(tmp_path):
+    # fusedmlp.kernels.arrival's correctness on a GPU rests on the code triton emits for
+    # ``last_arrival``: every thread's partial stores, then a CTA barrier, then one GPU-scope
+    # acquire-release atomic on the counter (its result broadcast behind another barrier), then
+    # the partials read past L1. Checked in the sm_90 PTX of each triton CI compiles with.
+    script = tmp_path / "arrival_ptx.py"
+    script.write_text(_ARRIVAL_PTX)
+    for site in _tritons():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if site:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+        out = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if site:
+            assert result["path"].startswith(os.path.abspath(site)), (site, result["path"])
+        lines = [line.strip() for line in result["ptx"].splitlines()]
+        atom = [i for i, line in enumerate(lines) if line.startswith("@") and "atom." in line]
+        assert atom, result["triton"]
+        first = atom[0]
+        assert "atom.global.gpu.acq_rel.add" in lines[first], (result["triton"], lines[first])
+        stores = [i for i in range(first) if "st.global" in lines[i]]
+        barriers = [i for i in range(first) if lines[i].startswith("bar.sync")]
+        assert stores and barriers and barriers[-1] > stores[-1], result["triton"]
+        loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+        assert loads and all(".cg" in lines[i] for i in loads), result["triton"]
+        assert min(loads) > first, result["triton"]
+        # the atomic's result reaches the other threads through shared memory and a barrier
+        after = lines[first + 1 : min(loads)]
+        assert any("st.shared" in line for line in after), result["triton"]
+        assert any(line.startswith("bar.sync") for line in after), result["triton"]
