@@ -1013,11 +1013,17 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 MERGE_MAX_BYTES = int(os.environ.get("FUSEDMLP_MERGE_MAX_BYTES", 512 * 1024))
 
 
+def _partials_per_tile(N: int, K: int, device: torch.device) -> int:
+    """Bytes of one slice's fp32 partial of an ``[N, K]`` dW tile, at the nominal tile: 128 x
+    128 (16 x 16 under the interpreter)."""
+    tile = 128 if device.type == "cuda" else 16
+    return min(N, tile) * min(K, tile) * 4
+
+
 def merges_in_kernel(split: int, N: int, K: int, device: torch.device) -> bool:
     """Whether a dW split in ``split`` slices over ``[N, K]`` is merged by its tiles' last
-    programs (at the nominal tile: 128 x 128 fp32, 16 x 16 under the interpreter)."""
-    tile = 128 if device.type == "cuda" else 16
-    return split > 1 and split * min(N, tile) * min(K, tile) * 4 <= MERGE_MAX_BYTES
+    programs."""
+    return split > 1 and split * _partials_per_tile(N, K, device) <= MERGE_MAX_BYTES
 
 
 # Up to this many multiply-adds a split dW keeps to the slices its tiles' last programs merge
@@ -1030,8 +1036,7 @@ SMALL_MERGE_MACS = 2**31
 def merged_split_cap(N: int, K: int, device: torch.device) -> int:
     """The most slices of an ``[N, K]`` dW that ``merges_in_kernel`` merges in the kernel (no
     cap, a large number, where it merges none)."""
-    tile = 128 if device.type == "cuda" else 16
-    cap = MERGE_MAX_BYTES // max(1, min(N, tile) * min(K, tile) * 4)
+    cap = MERGE_MAX_BYTES // max(1, _partials_per_tile(N, K, device))
     return cap if cap >= 2 else 1 << 30
 
 
