@@ -952,7 +952,8 @@ def batch_norm_backward(
 
     dy, x: same shape, any strides. training=True: ``mean``/``stat`` are the saved batch mean
     and invstd; training=False: the running mean and variance. Two passes over (x, dy): a
-    split reduction (+ its final kernel) for sum(dy), sum(dy * (x - mean)), then dx.
+    split reduction for sum(dy), sum(dy * (x - mean)) (its last split per channel block to
+    arrive merges the splits), then dx.
     In eval mode without weight/bias gradients only the dx pass runs. dx like x (its dtype);
     dweight/dbias in weight's dtype.
     """

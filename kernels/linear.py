@@ -25,8 +25,10 @@ Backward, two paths (``backward_path``):
 to the dY tile right after loading it. ``_linear_dw_kernel`` also runs the bias-gradient
 programs (a deterministic column sum of dZ over M-chunks, no atomics). When the dW grid has
 fewer tiles than the GPU has SMs, the M reduction is split over ``SPLIT`` program slices that
-write fp32 partials to a workspace, summed in a fixed order by ``_sum_splits_kernel``
-(deterministic split-K).
+write fp32 partials to a workspace, summed in a fixed order (deterministic split-K) by each
+tile's last program to arrive (``arrival``, ``merges_in_kernel``), or, where a tile has more
+than ``MERGE_MAX_BYTES`` of partials, by ``_sum_splits_kernel``. A small backward
+(``SMALL_MERGE_MACS``) keeps its split to what its tiles merge.
 
 "dz" (on a GPU for large TF32 and 16-bit problems, ``FUSEDMLP_LINEAR_BWD`` overrides): one pass,
 ``_linear_dz_kernel``, writes dZ (and, for fp32, dZ^T) and per-slice column sums of dZ; then
@@ -37,8 +39,8 @@ operands only K-major, while X and W are stored with the reduction dimension out
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
 and dZ^T (16-bit types transpose in wgmma and use views). Where dW's [N, K] tiles leave SMs
 idle and the pointer kernel runs it, its M-deep reduction is split (``dz_dw_split``,
-``SPLIT_K``): fp32 partials, summed by ``_sum_splits_kernel`` with the dZ pass's column sums
-(db) in one launch.
+``SPLIT_K``): fp32 partials, summed with the dZ pass's column sums (db) by each tile's last
+program (``merges_in_kernel``), else by ``_sum_splits_kernel`` in one launch.
 
 TMA forward (``_linear_fwd_tma_kernel``; ``TMA``: fp16/bf16 by default on sm_90+, TF32 opt-in):
 for large GEMMs (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``), the same epilogue behind a persistent
