@@ -293,11 +293,8 @@ def _linear_fwd_kernel(
         if SPLIT_K == 2 and last_arrival(b_ptr + pid, tl.num_programs(1)):
             _merge_tile(y_ptr, z_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, split_stride,
                         tl.num_programs(1), BLOCK_M, BLOCK_N)  # fmt: skip
-            if (stride_b > 0) & (pid_n == 0):  # db: made before this launch, plain loads
-                db = tl.load(pm2_ptr + rm, mask=rm < M, other=0.0)
-                for r in range(1, stride_b):
-                    db += tl.load(pm2_ptr + r * tl.cast(M, tl.int64) + rm, mask=rm < M, other=0.0)
-                tl.store(pmean_ptr + rm, db.to(pmean_ptr.dtype.element_ty), mask=rm < M)
+            if (stride_b > 0) & (pid_n == 0):  # db: the column sums' rows, [stride_b, M]
+                _sum_partials(pm2_ptr, pmean_ptr, rm, rm < M, M, stride_b)
     else:
         _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, pmean_ptr,
                       pm2_ptr, M, N, stride_b, negative_slope, p, scale, HAS_BIAS, ACTIVATION,
@@ -625,8 +622,9 @@ def _dw_db_program(
             ACTIVATION, FP64, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         if MERGE:
-            rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            _merge_splits(db_ptr, out_b_ptr, cnt_ptr + pid, rn, rn < N, split_stride, SPLIT)
+            if last_arrival(cnt_ptr + pid, SPLIT):
+                rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+                _sum_partials(db_ptr, out_b_ptr, rn, rn < N, split_stride, SPLIT)
     else:
         tile = pid - num_db
         _dw_kernel_gemm_part(
@@ -644,18 +642,11 @@ def _dw_db_program(
 
 
 @triton.jit
-def _merge_splits(ws_ptr, out_ptr, counter_ptr, offs, mask, split_stride, SPLIT):
-    """After this program stored its partial at ``ws + s * split_stride + offs``: when it is
-    the block's last to arrive, ``out[offs] = sum over s of ws[s * split_stride + offs]`` in
-    split order (``_sum_splits_kernel``'s sum), rounded to out's dtype."""
-    if last_arrival(counter_ptr, SPLIT):
-        _sum_partials(ws_ptr, out_ptr, offs, mask, split_stride, SPLIT)
-
-
-@triton.jit
 def _sum_partials(ws_ptr, out_ptr, offs, mask, split_stride, SPLIT):
     """``out[offs] = sum over s < SPLIT of ws[s * split_stride + offs]``, in split order, read
-    past L1 (``.cg``: other SMs wrote them), rounded to out's dtype."""
+    past L1 (``.cg``: in a merge by the last program, other SMs wrote them), rounded to out's
+    dtype. Every merge of split partials sums with it, in the kernel or in a launch of its
+    own (``_sum_splits_kernel``): the same order, the same bits."""
     total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
     for s in range(1, SPLIT):
         part = ws_ptr + s * tl.cast(split_stride, tl.int64)
@@ -850,18 +841,10 @@ def _sum_splits_kernel(ws_ptr, wsb_ptr, dw_ptr, db_ptr, NK, NB, SPLIT, SPLIT_B, 
     lo = pid.to(tl.int64) * BLOCK
     offs = lo + tl.arange(0, BLOCK)
     if lo < NK:
-        mask = offs < NK
-        acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        for s in range(1, SPLIT):
-            acc += tl.load(ws_ptr + s * tl.cast(stride_w, tl.int64) + offs, mask=mask, other=0.0)
-        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+        _sum_partials(ws_ptr, dw_ptr, offs, offs < NK, stride_w, SPLIT)
     if lo + BLOCK > NK:
         j = offs - NK
-        mask = (j >= 0) & (j < NB)
-        acc = tl.load(wsb_ptr + j, mask=mask, other=0.0)
-        for p in range(1, SPLIT_B):
-            acc += tl.load(wsb_ptr + p * tl.cast(stride_b, tl.int64) + j, mask=mask, other=0.0)
-        tl.store(db_ptr + j, acc.to(db_ptr.dtype.element_ty), mask=mask)
+        _sum_partials(wsb_ptr, db_ptr, j, (j >= 0) & (j < NB), stride_b, SPLIT_B)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1010,7 +993,8 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # while the other tiles' merges run on other SMs); the merge launch spreads its read over the
 # whole GPU but costs a launch's host time (~20 us on the GPU machines' hosts) and its own
 # kernel. The bench's w1024 TF32 dW (4 slices of 64 KiB tiles, 256 KiB) merges in the kernel;
-# a 256-wide bf16 dW at batch 16K (32 slices, 2 MiB) keeps the launch. Not yet timed on a GPU:
+# a 256-wide bf16 dW at batch 64K (32 slices, 2 MiB; above ``SMALL_MERGE_MACS``, which caps
+# a smaller one's split) keeps the launch. Not yet timed on a GPU:
 # ``FUSEDMLP_MERGE_MAX_BYTES`` (read once; tests set the attribute) moves the line.
 MERGE_MAX_BYTES = int(os.environ.get("FUSEDMLP_MERGE_MAX_BYTES", 512 * 1024))
 
