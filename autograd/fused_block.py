@@ -165,13 +165,15 @@ def _fused_block_bn_bwd(
     need_dx: bool,
     need_dweight: bool,
     need_dbias: bool,
-    dxt: Tensor | None = None,
-    ws: Tensor | None = None,
+    dxt: Tensor | None,
+    ws: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)`` of ``dropout(act(bn(x)))``; a gradient not asked for is empty.
     With ``dxt`` ``[C, R]`` and ``ws`` ``[cdiv(R, TRANSPOSED_ROWS), C]`` (acc dtype; need_dx) the
     dx pass also fills them with dx^T and dx's column sums per ``TRANSPOSED_ROWS`` rows
-    (``_handover``)."""
+    (``_handover``). (No defaults for the two: torch 2.11's in-place bookkeeping of mutated
+    arguments indexes the call's arguments without the trailing defaulted ones, and raised
+    IndexError under ``torch.compile`` when they were left at None.)"""
     from ..kernels import fused_block as K
 
     dx, dw, db = K.bn_act_dropout_backward(
@@ -195,7 +197,7 @@ def _fused_block_bn_bwd(
 
 @_fused_block_bn_bwd.register_fake
 def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx, nw, nb,
-      dxt=None, ws=None):  # fmt: skip
+      dxt, ws):  # fmt: skip
     C = x.shape[1]
     ref = weight if weight is not None else bias
     pdtype = ref.dtype if ref is not None else _acc_dtype(x)

@@ -31,7 +31,8 @@
 # only summary.txt, bench.json, RESULTS.md and gpu_check.tgz into $OUT, e.g.
 #   bash benchmarks/gpu_check.sh /tmp/gc; rc=$?; cp /tmp/gc/{summary.txt,bench.json,RESULTS.md,gpu_check.tgz} $OUT/; exit $rc
 # Overrides (for a dry run elsewhere): PYTHON, GPU_CHECK_TESTS (space-separated test files),
-# GPU_CHECK_NO_INSTALL=1.
+# GPU_CHECK_NO_INSTALL=1, GPU_CHECK_SKIP (space-separated step names not to run, e.g.
+# "profile int64 verify" to leave their seconds to kernel_times).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -85,6 +86,10 @@ left() { echo $((BUDGET - (SECONDS - START))); }
 step() {
   local name=$1 max=$2
   shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    log "SKIP $name: named in GPU_CHECK_SKIP"
+    return 0
+  fi
   local t
   t=$(left)
   ((t > max)) && t=$max
@@ -144,9 +149,12 @@ if ((${#SELECTED[@]})); then
   # pytest-xdist (in the GPU image) spreads the kernel compiles over the CPU cores.
   XDIST=()
   "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-  step tests 180 env FUSEDMLP_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 \
+  # -v: one line per test as it ends, so a run cut off by the timeout still names its failures
+  step tests 200 env FUSEDMLP_AUTOTUNE=0 "$PY" -m pytest -v -p no:cacheprovider --maxfail=10 \
     ${XDIST[@]+"${XDIST[@]}"} \
     -k 'not fuzz and not hypothesis' --durations=15 -rfEs "${SELECTED[@]}"
+  grep -E "(FAILED|ERROR) tests/" "$DIR/tests.log" 2>/dev/null | sort -u | head -n 40 |
+    tee -a "$DIR/summary.txt"
   tail -n 3 "$DIR/tests.log" 2>/dev/null | tee -a "$DIR/summary.txt"
 else
   log "FAIL tests: none of the curated test files exists"

@@ -53,11 +53,11 @@ def last_arrival(counter_ptr, arrivals):
 _COUNTERS: dict = {}
 
 
-def _stream(device: torch.device) -> int:
+def _stream(index: int) -> int:
     getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if getter is not None:
-        return getter(device.index)
-    return torch.cuda.current_stream(device).cuda_stream
+        return getter(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
@@ -66,7 +66,8 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
-        key = (device.index, _stream(device))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, _stream(index))
     else:
         key = (device.type, device.index)
     counters = _COUNTERS.get(key)

@@ -782,6 +782,7 @@ def test_linear_epilogue_statistics_feed_the_batch_norm(
     if keep == "recompute":
         monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
     model, ref = _mlp_pair(dtype)
+    ref64 = copy.deepcopy(ref).double()
     for step in range(2):
         x = torch.randn(n, 6, device=DEVICE, dtype=dtype)
         launches.clear()
@@ -789,10 +790,20 @@ def test_linear_epilogue_statistics_feed_the_batch_norm(
         assert launches["_bn_stats_partial_kernel"] == 0, dict(launches)
         assert launches["_bn_stats_final_kernel"] == 3, dict(launches)
         out_ref, grads_ref = _run(ref.layers, x, step)
+        _, grads64 = _run(ref64.layers, x.double(), step)
         assert_close(out, out_ref, dtype=dtype, scale=4)
-        if dtype == torch.float32:
+        if dtype == torch.float32 and n > 2:
             for g, g_ref in zip(grads, grads_ref):
                 assert_close(g, g_ref, scale=8)
+        elif dtype == torch.float32:
+            # Two rows: each batch norm's variance is one squared difference, and the gradients
+            # through three of them are ill-conditioned: torch's own fp32 gradients were off its
+            # fp64 ones by 1e-4 to 0.8 (absolute) over a few random models on a CPU, and ours
+            # and torch's differed by 0.5% on an H200, whose GEMMs sum in other orders. Ours
+            # must be within 8 times torch's own fp32 error.
+            for g, g_ref, g64 in zip(grads, grads_ref, grads64):
+                err, err_ref = (g.double() - g64).abs().max(), (g_ref.double() - g64).abs().max()
+                assert err <= 8 * err_ref + 1e-4, (err.item(), err_ref.item())
     for m, m_ref in zip(model.modules(), ref.modules()):
         if isinstance(m, BatchNorm1d):
             assert_close(m.running_mean, m_ref.running_mean, dtype=dtype)
