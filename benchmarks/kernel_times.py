@@ -14,7 +14,8 @@ Sections (run in the order ``--sections`` gives; rows are skipped once the budge
   step:   the small MLP training step (width 256, batch 64) whose time is the host's, with the
           direct launch on and off (``kernels/launch.py``), then the bench's step (width 1024,
           batch 16K, TF32) per backward path, and with its dW split merges launched apart
-          (``FUSEDMLP_MERGE_MAX_BYTES=0``), as issue 3's 16K x 256 x 256 bf16 backward;
+          (``FUSEDMLP_MERGE_MAX_BYTES=0``), as issue 3's 16K x 256 x 256 bf16 backward, and
+          that layer's forward;
   ops:    dropout, batch norm, cross-entropy, Adam, SGD as in the bench, fusedmlp and torch.
 Two passes: every row's event time first, then every row's kernel time. torch.profiler's CUDA
 activity leaves CUPTI's callbacks on in the process, which slows every later launch: measured
@@ -183,6 +184,10 @@ def main() -> None:
                           ("torch", None)):  # fmt: skip
             build = O.build_linear(impl.split(",")[0], dev, torch.bfloat16, M, N, N, True)
             row("step", f"linear+relu bwd bf16 M={M} N={N} K={N} {impl}", build, context=ctx)
+        # and its forward (issue 3's 1.3x target), whose kernel time no run had measured
+        for impl in ("fusedmlp", "torch"):
+            build = O.build_linear(impl, dev, torch.bfloat16, M, N, N, False)
+            row("step", f"linear+relu fwd bf16 M={M} N={N} K={N} {impl}", build)
 
     def ops():
         bf16, rows, cols, big = torch.bfloat16, 65536 // S, 1024 // S, 50_000_000 // S**3

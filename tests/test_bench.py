@@ -314,8 +314,8 @@ def test_kernel_times_script_dry_run(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "kernel_times.jsonl").read_text().splitlines()]
-    # linear 9, step 6 + the merge A/B's 4, ops 16
-    assert len(rows) == 9 + 10 + 16 and all("error" not in r for r in rows), rows
+    # linear 9, step 6 + the merge A/B's 4 + the small forward's 2, ops 16
+    assert len(rows) == 9 + 12 + 16 and all("error" not in r for r in rows), rows
     assert all(r["event_ms"] > 0 for r in rows)
 
 
