@@ -22,7 +22,8 @@ activity leaves CUPTI's callbacks on in the process, which slows every later lau
 after a profiled row, host-bound rows read up to 2x slower (the H100 run of the seventh
 session: the small step 14.4 ms against 6.9 ms in ``fusedmlp bench``). A row's setup runs once
 per pass. One JSON line per row goes to ``DIR/kernel_times.jsonl`` after both passes, and the
-lines of each pass to stdout as they are measured.
+lines of each pass to stdout as they are measured, then, for each row of 8 kernels or more,
+its costliest kernels (the JSON line's ``per_kernel``: ms and launches per call by name).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from fusedmlp.kernels import launch as KLaunch  # noqa: E402
 from fusedmlp.kernels import linear as KL  # noqa: E402
 
 
-def kernel_ms(fn, grads, calls: int = 10) -> tuple[float, int]:
-    """(GPU ms per call summed over the kernels, memsets and copies it ran; kernels per call)."""
+def kernel_ms(fn, grads, calls: int = 10) -> tuple[float, int, dict]:
+    """(GPU ms per call summed over the kernels, memsets and copies it ran; kernels per call;
+    per kernel name, its ms and launches per call, the costliest first)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -55,11 +57,16 @@ def kernel_ms(fn, grads, calls: int = 10) -> tuple[float, int]:
             fn()
         torch.cuda.synchronize()
     total_us, count = 0.0, 0
+    by_name: dict = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             total_us += evt.device_time
             count += 1
-    return total_us / calls / 1e3, round(count / calls)
+            us, n = by_name.get(evt.name, (0.0, 0))
+            by_name[evt.name] = (us + evt.device_time, n + 1)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    per_kernel = {name[:80]: [round(us / calls / 1e3, 5), n / calls] for name, (us, n) in ranked}
+    return total_us / calls / 1e3, round(count / calls), per_kernel
 
 
 def main() -> None:
@@ -103,8 +110,10 @@ def main() -> None:
                 E._sync(dev)
                 setup = time.perf_counter() - t0
                 if kernels:
-                    km, nk = (0.0, 0) if dry else kernel_ms(prep.fn, prep.grad_to_none)
-                    rec.update(kernel_ms=km, kernels=nk)
+                    km, nk, per_kernel = (
+                        (0.0, 0, {}) if dry else kernel_ms(prep.fn, prep.grad_to_none)
+                    )
+                    rec.update(kernel_ms=km, kernels=nk, per_kernel=per_kernel)
                     print(f"{name:64s} {km:10.4f} {nk:8d} {setup:8.1f}", flush=True)
                 else:
                     if dry:
@@ -228,6 +237,12 @@ def main() -> None:
             f"{rec['case']:64s} {'-' if ev is None else f'{ev:.4f}':>10s} "
             f"{'-' if km is None else f'{km:.4f}':>10s} {rec.get('kernels', '-'):>8}"
         )
+    # Where the kernel time of the multi-kernel rows goes (the costliest kernels of each)
+    for rec in recs.values():
+        if rec.get("kernels", 0) >= 8 and rec.get("per_kernel"):
+            print(f"{rec['case']}: ms and launches per call, by kernel")
+            for name, (ms, n) in list(rec["per_kernel"].items())[:10]:
+                print(f"    {ms:9.4f} {n:6.1f}  {name}")
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 
