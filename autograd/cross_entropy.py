@@ -27,10 +27,10 @@ under the 'triton' backend):
   host waits for that copy only after it has queued the loss kernels behind it: a
   synchronisation with the work queued before the check (e.g. the model's forward), during
   which the GPU goes on from the check to the loss kernels instead of waiting for the host to
-  launch them. (Waiting before launching left the GPU idle for the host's launch latency, 0.07-0.1
-  ms of the 0.8-0.9 ms of a 16K x 32K bf16 forward and backward on the H100 and H200.) An
-  out-of-range target then raises and the queued results, which such rows leave NaN, are
-  dropped. The same counts tell whether any row is ignored: a 'mean' without class weights
+  launch them. (Waiting before launching left the GPU idle while the host launched them: the
+  likely cause of the 0.07-0.1 ms between the event and kernel times of a 16K x 32K bf16
+  forward and backward, 0.8-0.9 ms, on the H100 and H200.) An out-of-range target then
+  raises, and the queued results, which such rows leave NaN, are dropped. The same counts tell whether any row is ignored: a 'mean' without class weights
   and no ignored row takes 1/N, known on the host, as the gradient's scale (no launch) and N as
   the loss's divisor (the same bits as the device normaliser). Its kernels are queued before
   the counts arrive, so that choice is made ahead: the host's 1/N when the last such forward
