@@ -30,13 +30,13 @@ under the 'triton' backend):
   launch them. (Waiting before launching left the GPU idle while the host launched them: the
   likely cause of the 0.07-0.1 ms between the event and kernel times of a 16K x 32K bf16
   forward and backward, 0.8-0.9 ms, on the H100 and H200.) An out-of-range target then
-  raises, and the queued results, which such rows leave NaN, are dropped. The same counts tell whether any row is ignored: a 'mean' without class weights
-  and no ignored row takes 1/N, known on the host, as the gradient's scale (no launch) and N as
-  the loss's divisor (the same bits as the device normaliser). Its kernels are queued before
-  the counts arrive, so that choice is made ahead: the host's 1/N when the last such forward
-  had no ignored row (``_NO_IGNORED_LAST``), else the device normaliser. A wrong guess (an
-  ignored row after forwards without) launches the loss kernels again, with the device
-  normaliser.
+  raises, and the queued results, which such rows leave NaN, are dropped. The same counts
+  tell whether any row is ignored: a 'mean' without class weights and no ignored row takes
+  1/N, known on the host, as the gradient's scale (no launch) and N as the loss's divisor (the
+  same bits as the device normaliser). Its kernels are queued before the counts arrive, so
+  that choice is made ahead: the host's 1/N when the last such forward had no ignored row
+  (``_NO_IGNORED_LAST``), else the device normaliser. A wrong guess (an ignored row after
+  forwards without) launches the loss kernels again, with the device normaliser.
   The check is skipped during CUDA-graph capture (a sync is illegal there: the kernel then
   writes a NaN loss and a zero gradient row for such a row) and when ``CHECK_TARGETS`` is set
   to False; the normaliser is then computed on the device.
