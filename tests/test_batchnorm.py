@@ -66,17 +66,6 @@ def _compare_modules(ours, ref, x, dy, dtype=torch.float32, scale=1.0):
     return yo
 
 
-@pytest.fixture
-def interpreter_splits(monkeypatch):
-    """The interpreter's split rule for the statistics and gradient sums on any device: a GPU
-    splits only past 256 rows, so the small batches below take the splits and their merges
-    there too."""
-    from fusedmlp.kernels import batchnorm as K
-
-    rule, cpu = K._splits, torch.device("cpu")
-    monkeypatch.setattr(K, "_splits", lambda R, C, device: rule(R, C, cpu))
-
-
 # ------------------------------------------------------------------------------------- grid
 
 

@@ -161,18 +161,6 @@ def test_shapes_and_bias(triton_backend, launches, combined, lead, k, n, bias):
     _check(ours, _reference(x, w, b, "tanh", 0.01, gy), torch.float32)
 
 
-def _interpreter_splits(monkeypatch):
-    """The interpreter's dW split rules on any device: a GPU splits only from 512 (fused path)
-    or 1024 (dz path) rows, so the small problems below take the split and its merge there
-    too."""
-    from fusedmlp.kernels import linear as K
-
-    cpu = torch.device("cpu")
-    for name in ("dw_split", "dz_dw_split"):
-        rule = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda M, N, K_, device, rule=rule: rule(M, N, K_, cpu))
-
-
 def test_split_reduction_is_deterministic_and_matches_unsplit(
     triton_backend, launches, arrivals, monkeypatch
 ):
@@ -197,14 +185,13 @@ def test_split_reduction_is_deterministic_and_matches_unsplit(
 
 @pytest.mark.parametrize("path", ["fused", "dz"])
 def test_split_merge_launch_where_a_tile_has_too_many_partials(
-    triton_backend, launches, arrivals, monkeypatch, path
+    triton_backend, launches, arrivals, interpreter_splits, monkeypatch, path
 ):
     # Past MERGE_MAX_BYTES of partials a tile, a launch of their own merges the slices (and
     # db's column sums): the same gradients, to the bit, as the tiles' last programs' merge.
     from fusedmlp.kernels import linear as K
 
     monkeypatch.setattr(K, "BACKWARD_PATH", path)
-    _interpreter_splits(monkeypatch)
     g = torch.Generator().manual_seed(3)
     x, w, b, gy = _t(100, 10, gen=g), _t(12, 10, gen=g), _t(12, gen=g), _t(100, 12, gen=g)
     merged = _ours(x, w, b, "relu", 0.01, gy)
@@ -219,7 +206,7 @@ def test_split_merge_launch_where_a_tile_has_too_many_partials(
 
 
 def test_small_backward_keeps_its_split_to_what_its_tiles_merge(
-    triton_backend, launches, arrivals, monkeypatch
+    triton_backend, launches, arrivals, interpreter_splits, monkeypatch
 ):
     # A small problem (SMALL_MERGE_MACS) caps its dW split at the slices its tiles' last
     # programs merge (MERGE_MAX_BYTES a tile: 2 slices of a 12 x 10 fp32 tile here), for one
@@ -227,7 +214,6 @@ def test_small_backward_keeps_its_split_to_what_its_tiles_merge(
     from fusedmlp.kernels import linear as K
 
     monkeypatch.setattr(K, "BACKWARD_PATH", "fused")
-    _interpreter_splits(monkeypatch)
     monkeypatch.setattr(K, "MERGE_MAX_BYTES", 2 * 12 * 10 * 4)
     splits = []
     merges = K.merges_in_kernel
@@ -390,7 +376,7 @@ def test_dz_backward_path_only_requested_gradients(triton_backend, launches, dz_
     ids=["fp32-relu-bias", "fp32-none-nobias", "bf16-gelu-bias"],
 )
 def test_dz_backward_splits_a_narrow_dw_over_the_batch(
-    triton_backend, launches, arrivals, dz_path, monkeypatch, dtype, act, bias
+    triton_backend, launches, arrivals, dz_path, interpreter_splits, dtype, act, bias
 ):
     # A [12, 10] dW (one nominal tile of 16 x 16 under the interpreter, for 4 "SMs") over 100
     # rows: its GEMM runs in 32-row slices (4 programs per tile; the last one 4 rows deep),
@@ -398,7 +384,6 @@ def test_dz_backward_splits_a_narrow_dw_over_the_batch(
     from fusedmlp.kernels.linear import dz_dw_split
 
     assert dz_dw_split(100, 12, 10, torch.device("cpu")) == 4
-    _interpreter_splits(monkeypatch)
     g = torch.Generator().manual_seed(13)
     x = _t(100, 10, gen=g, dtype=dtype)
     w = _t(12, 10, gen=g, dtype=dtype, scale=0.3)
