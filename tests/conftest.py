@@ -53,6 +53,14 @@ def assert_close(actual, expected, dtype=None, scale=1.0, **kw):
     torch.testing.assert_close(actual, expected, **kw)
 
 
+def assert_within_magnitude(actual, expected, magnitude, unit):
+    """Each element of ``actual`` (a sum of products: a GEMM's output, a column sum) within
+    ``unit`` times ``magnitude`` (the sum of the products' magnitudes, which bounds the
+    summation's rounding) of ``expected`` (its float64 value), plus 1e-6."""
+    err = (actual.double() - expected).abs()
+    assert (err <= unit * magnitude + 1e-6).all(), (err / magnitude).max().item()
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     """Seed torch per test from its id: a test draws the same inputs whatever ran before it (a

@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_GPU, assert_close
+from conftest import DEVICE, ON_GPU, assert_close, assert_within_magnitude
 
 import fusedmlp
 from fusedmlp import functional as FF
@@ -108,15 +108,11 @@ def test_linear_every_configuration(forced, monkeypatch, path, dtype, precision)
         # to the tensor cores as is): each operand within 2^-10, each product within about
         # 2^-9 of its value, a sum within 2^-8 of its products' magnitudes with fp32 adds
         x64, w64, g64 = x.double(), ref.weight.detach().double(), g.double()
-
-        def within(actual, expected, magnitude):
-            err = (actual.double() - expected).abs()
-            assert (err <= 2**-8 * magnitude + 1e-6).all(), err.max().item()
-
-        within(ya, x64 @ w64.T + ref.bias.detach().double(), x64.abs() @ w64.T.abs())
-        within(xa.grad, g64 @ w64, g64.abs() @ w64.abs())
-        within(ours.weight.grad, g64.T @ x64, g64.T.abs() @ x64.abs())
-        within(ours.bias.grad, g64.sum(0), g64.abs().sum(0))
+        bias64 = ref.bias.detach().double()
+        assert_within_magnitude(ya, x64 @ w64.T + bias64, x64.abs() @ w64.T.abs(), 2**-8)
+        assert_within_magnitude(xa.grad, g64 @ w64, g64.abs() @ w64.abs(), 2**-8)
+        assert_within_magnitude(ours.weight.grad, g64.T @ x64, g64.T.abs() @ x64.abs(), 2**-8)
+        assert_within_magnitude(ours.bias.grad, g64.sum(0), g64.abs().sum(0), 2**-8)
     else:
         assert_close(ya, yb)
         assert_close(xa.grad, xb.grad)
@@ -373,11 +369,7 @@ def test_linear_split_merge_every_configuration(
     # reduction rounds its partials to bf16.)
     x64, g64 = x.double(), g.double()
     unit = 2**-16 if dtype == torch.float32 and like == dtype else 2**-8
-    for actual, expected, magnitude in (
-        (ours.weight.grad, g64.T @ x64, g64.T.abs() @ x64.abs()),
-        (ours.bias.grad, g64.sum(0), g64.abs().sum(0)),
-    ):
-        err = (actual.double() - expected).abs()
-        assert (err <= unit * magnitude + 1e-6).all(), (err / magnitude).max().item()
+    assert_within_magnitude(ours.weight.grad, g64.T @ x64, g64.T.abs() @ x64.abs(), unit)
+    assert_within_magnitude(ours.bias.grad, g64.sum(0), g64.abs().sum(0), unit)
     assert len(arrivals) == 1 and arrivals.all_reset()
     _check_forced(forced, ["_linear_dw_kernel" if path == "fused" else "_linear_fwd_kernel"])

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_GPU, assert_close
+from conftest import DEVICE, ON_GPU, assert_close, assert_within_magnitude
 
 from fusedmlp.autograd.linear import ACTIVATIONS, apply_activation_torch
 from fusedmlp.functional import linear
@@ -440,8 +440,7 @@ def test_dz_backward_dw_split_on_a_gpu(triton_backend, launches, arrivals):
         (w.grad, g64.T @ x64, g64.T.abs() @ x64.abs()),
         (b.grad, g64.sum(0), g64.abs().sum(0)),
     ):
-        err = (actual.double() - expected).abs()
-        assert (err <= 2**-8 * magnitude + 1e-6).all(), err.max().item()
+        assert_within_magnitude(actual, expected, magnitude, 2**-8)
 
 
 def test_dz_dw_split_policy():
