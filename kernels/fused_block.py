@@ -413,30 +413,49 @@ def _fused_bwd_dx_kernel(
 # ----------------------------------------------------------------------------------------------
 
 # [BLOCK_R, 4 * BLOCK_Q] tiles over a row-major [R, C]: wide along the contiguous C.
+# The first five hold 16 elements a thread. The step's kernels (fp32, dropout, C % 4 == 0) then
+# compile for sm_90 to 66 registers (forward) and 101-128 (dx), so 3 and 2 programs of 8 warps
+# fit an SM: 24 and 16 warps to keep loads in flight, while one program of a memory-bound pass
+# computes (Philox, the BN algebra) with none of its own. The last two hold 8 and 4: forward
+# 40-43 and 32 registers, dx 58-60 and 39-40 (triton 3.6 and 3.9), 5-8 and 4-6 programs of 8
+# warps an SM. The autotuner picks by timing.
 _TILE_CONFIGS = [
     triton.Config({"BLOCK_R": 16, "BLOCK_Q": 64}, num_warps=8),
     triton.Config({"BLOCK_R": 32, "BLOCK_Q": 32}, num_warps=8),
     triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=4),
     triton.Config({"BLOCK_R": 64, "BLOCK_Q": 16}, num_warps=8),
     triton.Config({"BLOCK_R": 16, "BLOCK_Q": 32}, num_warps=4),
+    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=8),
+    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 32}, num_warps=8),
 ]
-# The reduction keeps two [BLOCK_R, BLOCK_Q, 4] fp32 accumulators per program.
+# The reduction keeps two [BLOCK_R, BLOCK_Q, 4] fp32 accumulators per program. The first four
+# compile to 79-80 registers for sm_90 (the step's signature): 3 programs of 8 warps an SM, one
+# fewer than ``launch.PROGRAMS_PER_SM`` sizes the splits for, so a grid of 128-column blocks
+# runs in 1.33 waves. The last two, 46-50 registers: 8 x 256 with 16 warps (2 programs an SM,
+# the splits' grid of 256-column blocks in one wave) and 8 x 128 with 8 warps (5 an SM).
 _REDUCE_CONFIGS = [
     triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=8),
     triton.Config({"BLOCK_R": 16, "BLOCK_Q": 32}, num_warps=8),
     triton.Config({"BLOCK_R": 16, "BLOCK_Q": 16}, num_warps=4),
     triton.Config({"BLOCK_R": 32, "BLOCK_Q": 16}, num_warps=8),
+    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=16),
+    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 32}, num_warps=8),
 ]
 # Interpreter: small tiles, so tiny tests still see several row/column blocks and splits.
 _INTERPRET_TILE = triton.Config({"BLOCK_R": 8, "BLOCK_Q": 4}, num_warps=4)
 # The dx pass that also writes dx^T and column sums (``TRANSPOSED``): one row count, the rows of
 # a column-sum split, on a GPU and under the interpreter alike (whatever a test forces); 64 rows
-# make the transposed stores 256-byte runs (fp32). sm_90, triton 3.9: 193 and 190 registers, no
-# spills; 64 x 128 tiles spill (8 warps: 192 bytes of stack; 16 warps: 112).
+# make the transposed stores 256-byte runs (fp32). The step's signature (fp32, dropout) for
+# sm_90, triton 3.6 / 3.9: 64 x 64 with 8 warps 140 / 144 registers (one program an SM: 8 warps
+# to hide the loads and the transposing stores), 64 x 32 with 4 warps 136 / 150; with twice the
+# warps the same tiles take 64 / 74 and 80 / 75 registers: 2 programs of 16 warps and 3 of 8 an
+# SM. No spills; 64 x 128 tiles spill (8 warps: 192 bytes of stack; 16 warps: 112).
 TRANSPOSED_ROWS = 64
 _TRANSPOSED_CONFIGS = [
     triton.Config({"BLOCK_R": 64, "BLOCK_Q": 16}, num_warps=8),
     triton.Config({"BLOCK_R": 64, "BLOCK_Q": 8}, num_warps=4),
+    triton.Config({"BLOCK_R": 64, "BLOCK_Q": 16}, num_warps=16),
+    triton.Config({"BLOCK_R": 64, "BLOCK_Q": 8}, num_warps=8),
 ]
 _TRANSPOSED_INTERPRET = triton.Config({"BLOCK_R": 64, "BLOCK_Q": 4}, num_warps=4)
 
