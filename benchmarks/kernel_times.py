@@ -24,6 +24,8 @@ session: the small step 14.4 ms against 6.9 ms in ``fusedmlp bench``). A row's s
 per pass. One JSON line per row goes to ``DIR/kernel_times.jsonl`` after both passes, and the
 lines of each pass to stdout as they are measured, then, for each row of 8 kernels or more,
 its costliest kernels (the JSON line's ``per_kernel``: ms and launches per call by name).
+A last JSON line, ``{"tuned": [...]}``, lists the configuration the autotuner chose for each
+kernel and key (printed too): which configurations of a list ever win.
 """
 
 from __future__ import annotations
@@ -243,7 +245,31 @@ def main() -> None:
             print(f"{rec['case']}: ms and launches per call, by kernel")
             for name, (ms, n) in list(rec["per_kernel"].items())[:10]:
                 print(f"    {ms:9.4f} {n:6.1f}  {name}")
+    # What the autotuner chose, by kernel and key: which configurations earn their tuning time
+    tuned = tuned_configs()
+    log.write(json.dumps({"tuned": tuned}) + "\n")
+    log.flush()
+    print("tuned configurations: kernel, key values, configuration")
+    for t in tuned:
+        print(f"    {t['kernel']:32s} {','.join(t['key']):24s} {t['config']} {t['options']}")
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+def tuned_configs() -> list:
+    """Every configuration ``fusedmlp.kernels.launch`` tuned in this process: kernel name, the
+    autotune key's values, the chosen block sizes and launch options."""
+    out = []
+    for (tuner, values, _dtypes), (kwargs, options) in KLaunch._BEST.items():
+        fn = getattr(tuner, "base_fn", None) or getattr(tuner, "fn", None)
+        out.append(
+            dict(
+                kernel=getattr(fn, "__name__", "?"),
+                key=[str(v) for v in values],
+                config=dict(kwargs),
+                options=dict(options),
+            )
+        )
+    return sorted(out, key=lambda t: (t["kernel"], t["key"]))
 
 
 if __name__ == "__main__":
