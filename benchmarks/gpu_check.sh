@@ -9,7 +9,8 @@
 #   2. env:      GPU (nvidia-smi), driver, torch / triton / CUDA versions
 #   3. tests:    a curated subset of the test suite, compiled on the GPU (fixed configurations,
 #                no hypothesis: every new specialisation costs a compile)
-#   3b. train:   `fusedmlp train --epochs 5` (the README's main job) on the GPU
+#   3b. train:   `fusedmlp train --epochs 5` (the README's main job) on the GPU, then the same
+#                with `--cuda-graph` (train_graph)
 # Then, in the order of what the issues' targets need most (a step the 500-s budget cannot fit
 # is skipped: the later ones first):
 #   4. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
@@ -170,6 +171,9 @@ DATASET=(--dataset disc)
 "$PY" -c "import sklearn" 2>/dev/null && DATASET=(--dataset digits)
 step train 60 "$PY" -m fusedmlp train "${DATASET[@]}" --epochs 5 --no-progress
 tail -n 6 "$DIR/train.log" 2>/dev/null | tee -a "$DIR/summary.txt"
+# the same with each model's step captured in a CUDA graph (no host launch time in either)
+step train_graph 60 "$PY" -m fusedmlp train "${DATASET[@]}" --epochs 5 --no-progress --cuda-graph
+tail -n 6 "$DIR/train_graph.log" 2>/dev/null | tee -a "$DIR/summary.txt"
 
 # 4. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
 # keep 25 s for results_md (RESULTS.md is made even when the bench times out) and 135 s for

@@ -118,6 +118,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "threads to pay off, and they stall badly on a busy machine)",
     )
     opt.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA only: capture each model's training step (forward, loss, backward, "
+        "optimizer step) in a CUDA graph after 3 eager warm-up steps, then replay it for every "
+        "batch, so the host's launch time leaves the step. Both models alike (Adam with "
+        "capturable=True); each epoch's last partial batch is left out (a graph has one shape)",
+    )
+    opt.add_argument(
         "--backend",
         choices=["auto", "triton", "torch"],
         default=None,
@@ -230,6 +238,59 @@ def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
         plt.close(fig)
 
 
+class _GraphedStep:
+    """One run's training step as a CUDA graph (``--cuda-graph``), the pattern of torch's CUDA
+    graphs notes ("whole network capture"): the batch goes into static input tensors; the first
+    ``WARMUP`` calls are eager steps on a side stream (the lazy state, compiled kernels and
+    autotuning all made before the capture); the next call captures one step (nothing runs
+    while capturing) and replays it, as does every call after it. Gradients stay in the graph's
+    memory: no ``zero_grad`` between replays (the backward of the captured step writes them,
+    it does not accumulate). Returns the step's loss (a copy: the next replay overwrites it)."""
+
+    WARMUP = 3
+
+    def __init__(self, net, loss_fn, opt, x, y, batch_size: int):
+        import torch
+
+        self.net, self.loss_fn, self.opt = net, loss_fn, opt
+        self.src_x, self.src_y = x, y
+        self.x = torch.empty((batch_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.y = torch.empty((batch_size,), dtype=y.dtype, device=y.device)
+        self.stream = torch.cuda.Stream(x.device)
+        self.warm, self.graph, self.loss = 0, None, None
+
+    def _eager(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.net(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def __call__(self, idx):
+        import torch
+
+        torch.index_select(self.src_x, 0, idx, out=self.x)
+        torch.index_select(self.src_y, 0, idx, out=self.y)
+        if self.graph is None:
+            current = torch.cuda.current_stream(self.x.device)
+            if self.warm < self.WARMUP:
+                self.warm += 1
+                self.stream.wait_stream(current)
+                with torch.cuda.stream(self.stream):
+                    loss = self._eager().detach()
+                current.wait_stream(self.stream)
+                return loss
+            self.opt.zero_grad(set_to_none=True)  # the captured backward makes the gradients
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.loss = self.loss_fn(self.net(self.x), self.y)
+                self.loss.backward()
+                self.opt.step()
+            self.graph = graph
+        self.graph.replay()
+        return self.loss.detach().clone()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -246,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
             _fail(f"bad --device {args.device!r}: {e}")
         if device.type == "cuda" and not torch.cuda.is_available():
             _fail(f"--device {args.device} asked for, but CUDA is not available here")
+    if args.cuda_graph and device.type != "cuda":
+        _fail(f"--cuda-graph needs a CUDA device; this run's device is {device}")
     if args.plot:
         _check_plot_path(args.plot)
     try:
@@ -299,7 +362,9 @@ def _train(args, ds, device, backend_name: str) -> int:
         fused = name == "fusedmlp"
         params = r["net"].parameters()
         if args.optimizer == "adam":
-            r["opt"] = (foptim.Adam if fused else torch.optim.Adam)(params, lr=lr)
+            # capturable: the step counters on the device, read there by the captured step
+            extra = {"capturable": True} if args.cuda_graph else {}
+            r["opt"] = (foptim.Adam if fused else torch.optim.Adam)(params, lr=lr, **extra)
         else:
             r["opt"] = (foptim.SGD if fused else torch.optim.SGD)(
                 params, lr=lr, momentum=args.momentum
@@ -308,6 +373,11 @@ def _train(args, ds, device, backend_name: str) -> int:
 
     batch_size = min(args.batch_size, n)
     steps = n // batch_size + (1 if n % batch_size > 1 else 0)  # a batch of 1 breaks BatchNorm
+    if args.cuda_graph:  # one captured shape: full batches only
+        steps = n // batch_size
+        for r in runs.values():
+            r["graphed"] = _GraphedStep(r["net"], r["loss_fn"], r["opt"], x_train, y_train,
+                                        batch_size)  # fmt: skip
     if args.batchnorm and steps == 0:
         _fail("BatchNorm needs batches of at least 2 samples")
     n_params = sum(p.numel() for p in model.parameters())
@@ -322,9 +392,14 @@ def _train(args, ds, device, backend_name: str) -> int:
         f"{ds.num_classes}, {args.activation}, batchnorm={'on' if args.batchnorm else 'off'}, "
         f"dropout={args.dropout}, {n_params:,} parameters"
     )
+    graphed = (
+        ", each step a CUDA graph replay (the last partial batch of an epoch left out)"
+        if args.cuda_graph
+        else ""
+    )
     print(
         f"training {args.optimizer} lr={lr:g}, {args.epochs} epochs x {steps} steps of "
-        f"{batch_size}, seed {args.seed}"
+        f"{batch_size}, seed {args.seed}{graphed}"
     )
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
     print(f"device   {device} (fusedmlp backend {backend_name}: {where}{threads})", flush=True)
@@ -343,10 +418,13 @@ def _train(args, ds, device, backend_name: str) -> int:
                 _sync(device)
                 t0 = time.perf_counter()
                 for idx in batches:
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(net(x_train[idx]), y_train[idx])
-                    loss.backward()
-                    opt.step()
+                    if args.cuda_graph:
+                        loss = r["graphed"](idx)
+                    else:
+                        opt.zero_grad(set_to_none=True)
+                        loss = loss_fn(net(x_train[idx]), y_train[idx])
+                        loss.backward()
+                        opt.step()
                     losses.append(loss.detach())
                     bar.update()
                 _sync(device)

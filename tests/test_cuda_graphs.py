@@ -50,17 +50,9 @@ def _train_step(model, loss_fn, opt, x, y):
     return loss
 
 
-@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
-def test_captured_training_step_equals_eager_loop(opt_name):
-    xs, ys = _batches()
-    # Reference: the plain loop.
-    model, loss_fn, opt = _setup(opt_name)
-    ref_losses = [_train_step(model, loss_fn, opt, xs[i], ys[i]).item() for i in range(len(xs))]
-    ref_params = [p.detach().clone() for p in model.parameters()]
-    ref_buffers = [b.clone() for b in model.buffers()]
-
-    # Captured: warm-up on a side stream, capture one step, replay it on new data.
-    model, loss_fn, opt = _setup(opt_name)
+def _captured_losses(model, loss_fn, opt, xs, ys):
+    """Warm-up steps on a side stream, one step captured, replayed on the remaining batches
+    (torch's "whole network capture"); the losses of every step."""
     static_x, static_y = xs[0].clone(), ys[0].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -83,6 +75,21 @@ def test_captured_training_step_equals_eager_loop(opt_name):
         graph.replay()
         losses.append(static_loss.item())
     torch.cuda.synchronize()
+    return losses
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_captured_training_step_equals_eager_loop(opt_name):
+    xs, ys = _batches()
+    # Reference: the plain loop.
+    model, loss_fn, opt = _setup(opt_name)
+    ref_losses = [_train_step(model, loss_fn, opt, xs[i], ys[i]).item() for i in range(len(xs))]
+    ref_params = [p.detach().clone() for p in model.parameters()]
+    ref_buffers = [b.clone() for b in model.buffers()]
+
+    # Captured: warm-up on a side stream, capture one step, replay it on new data.
+    model, loss_fn, opt = _setup(opt_name)
+    losses = _captured_losses(model, loss_fn, opt, xs, ys)
     assert_close(torch.tensor(losses), torch.tensor(ref_losses), dtype=torch.float32)
     for a, e in zip(list(model.parameters()) + list(model.buffers()), ref_params + ref_buffers):
         assert_close(a.detach().float(), e.float(), dtype=torch.float32, scale=10)
@@ -126,3 +133,65 @@ def test_grad_scaler_step_has_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("path, precision", [("fused", "highest"), ("dz", "high")])
+def test_mlp_fused_blocks_captured_step_equals_eager_loop(
+    interpreter_splits, monkeypatch, path, precision
+):
+    # fusedmlp.nn.MLP's fused Linear -> BatchNorm -> ReLU blocks (statistics from the Linear's
+    # epilogue; on the TF32 "dz" path the block's dx pass hands dZ^T to the Linear before it;
+    # split reductions merged by their last program, the interpreter's split rules forcing
+    # them at this size) under capture and replay, against the same steps run eagerly
+    from fusedmlp.kernels import fused_block as KFB
+    from fusedmlp.kernels import linear as KL
+
+    rule = KFB._splits
+    monkeypatch.setattr(KFB, "_splits", lambda R, C, device: rule(R, C, torch.device("cpu")))
+    monkeypatch.setattr(KL, "BACKWARD_PATH", path)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        _check_mlp_capture()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _check_mlp_capture():
+    xs, ys = _batches()
+
+    def setup():
+        torch.manual_seed(0)
+        model = fusedmlp.nn.MLP(12, [64, 32], 5, batchnorm=True).cuda()
+        opt = fusedmlp.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+        return model, fusedmlp.nn.CrossEntropyLoss(), opt
+
+    model, loss_fn, opt = setup()
+    ref_losses = [_train_step(model, loss_fn, opt, xs[i], ys[i]).item() for i in range(len(xs))]
+    ref = [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+    model, loss_fn, opt = setup()
+    losses = _captured_losses(model, loss_fn, opt, xs, ys)
+    assert_close(torch.tensor(losses), torch.tensor(ref_losses), dtype=torch.float32)
+    for a, e in zip([*model.parameters(), *model.buffers()], ref):
+        assert_close(a.detach().float(), e.float(), dtype=torch.float32, scale=10)
+
+
+def test_train_cli_cuda_graph_runs_match_and_learn(capsys):
+    # ``fusedmlp train --cuda-graph``: both models' steps replayed from CUDA graphs (after 3
+    # eager warm-up steps). Without dropout the columns agree as in the eager runs (the same
+    # batches); with Adam (capturable) and dropout the digits are learnt as eagerly.
+    from fusedmlp.cli.main import main
+
+    args = ["train", "--epochs", "5", "--no-progress", "--cuda-graph"]
+    assert main([*args, "--optimizer", "sgd", "--lr", "0.1", "--dropout", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA graph replay" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch")]
+    assert len(lines) == 5
+    for line in lines:
+        fused, torch_part = line.split("fusedmlp:")[1].split("torch:")
+        assert float(fused.split()[1]) == pytest.approx(float(torch_part.split()[1]), abs=2e-3)
+    assert main([*args, "--no-compare"]) == 0
+    last = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")][-1]
+    assert float(last.split("acc")[1].split("%")[0]) > 93.0

@@ -144,3 +144,9 @@ def test_bad_options_exit_nonzero(capsys):
         main(["train", "--dropout", "1.5"])
     assert info.value.code == 2
     assert "--dropout" in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    # refused before any data is read or any step runs
+    msg = _error(["train", "--cuda-graph", "--device", "cpu", *TINY])
+    assert "--cuda-graph needs a CUDA device" in msg and "cpu" in msg
