@@ -259,8 +259,7 @@ class _GraphedStep:
         self.stream = torch.cuda.Stream(x.device)
         self.warm, self.graph, self.loss = 0, None, None
 
-    def _eager(self):
-        self.opt.zero_grad(set_to_none=True)
+    def _step(self):
         loss = self.loss_fn(self.net(self.x), self.y)
         loss.backward()
         self.opt.step()
@@ -277,18 +276,24 @@ class _GraphedStep:
                 self.warm += 1
                 self.stream.wait_stream(current)
                 with torch.cuda.stream(self.stream):
-                    loss = self._eager().detach()
+                    self.opt.zero_grad(set_to_none=True)
+                    loss = self._step().detach()
                 current.wait_stream(self.stream)
                 return loss
             self.opt.zero_grad(set_to_none=True)  # the captured backward makes the gradients
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.loss = self.loss_fn(self.net(self.x), self.y)
-                self.loss.backward()
-                self.opt.step()
-            self.graph = graph
+            self.graph, self.loss = _capture(self._step)
         self.graph.replay()
         return self.loss.detach().clone()
+
+
+def _capture(fn):
+    """``(graph, fn's result)``: ``fn`` captured in a new CUDA graph (nothing runs yet)."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def run(args: argparse.Namespace) -> int:
