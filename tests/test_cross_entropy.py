@@ -69,6 +69,33 @@ def test_grid_matches_torch(backend, launches, reduction, ignore_index, label_sm
     assert_close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_both_first_passes_match_torch(triton_backend, monkeypatch, pipeline, label_smoothing,
+                                       weighted):  # fmt: skip
+    # The first pass's two forms (PIPELINE: the next chunk loaded ahead, sums per lane; the
+    # plain loop), each of which a GPU's autotuner may pick: rows of 1, 5 and 6 chunks of 64,
+    # ignored rows, logits rising (odd rows: falling) by 3 over the row, so that the running
+    # max moves between chunks while every chunk still weighs in the sums
+    from fusedmlp.kernels import cross_entropy as K
+
+    monkeypatch.setattr(
+        K, "_FWD_INTERPRET", triton.Config({"BLOCK_C": 64, "PIPELINE": pipeline}, num_warps=4)
+    )
+    for c in (50, 300, 384):
+        x, t, w = _data(6, c, ignore_index=3)
+        ramp = torch.linspace(0, 3, c, device=DEVICE)
+        x[0::2] += ramp
+        x[1::2] += ramp.flip(0)
+        kw = dict(weight=w if weighted else None, ignore_index=3, label_smoothing=label_smoothing)
+        go = _grad_output("none", 6)
+        loss, grad = _run(cross_entropy, x, t, go, reduction="none", **kw)
+        ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, reduction="none", **kw)
+        assert_close(loss, ref_loss)
+        assert_close(grad, ref_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("n", [256, 257])
@@ -108,7 +135,9 @@ def test_262144_classes(triton_backend, monkeypatch):
     from fusedmlp.kernels import cross_entropy as K
 
     # a realistic chunk (4096 classes, 64 chunks per row) keeps the interpreter fast
-    monkeypatch.setattr(K, "_FWD_INTERPRET", triton.Config({"BLOCK_C": 4096}, num_warps=8))
+    monkeypatch.setattr(
+        K, "_FWD_INTERPRET", triton.Config({"BLOCK_C": 4096, "PIPELINE": True}, num_warps=8)
+    )
     monkeypatch.setattr(K, "_SCALE_INTERPRET", triton.Config({"BLOCK": 4096}, num_warps=8))
     x, t, w = _data(2, 262_144, ignore_index=None)
     t[1] = 262_143
