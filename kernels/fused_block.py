@@ -266,6 +266,7 @@ def _fused_bwd_reduce_kernel(
     FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_Q: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     """Pass 1 of the BN block's backward, per split (axis 1) and column block (axis 0):
     ``sum(g)`` and ``sum(g * (x - mean))`` over the split's rows, where
@@ -274,7 +275,9 @@ def _fused_bwd_reduce_kernel(
     split ``s`` stores at row s, and the last split of the column block to arrive merges rows
     0..n_split-1 into row n_split and dweight/dbias, as batch norm's backward does
     (``batchnorm._merge_grad_sums``; counter ``cnt_ptr[pid_c]``). ``FINAL`` (one split):
-    psum_* are the sums ``[C]``, stored directly.
+    psum_* are the sums ``[C]``, stored directly. ``PIPELINE``: the next row block's x and dout
+    are loaded before this one's arithmetic (two blocks of loads in flight per warp, where the
+    plain loop issues a block's loads only after the previous block's arithmetic).
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -298,11 +301,24 @@ def _fused_bwd_reduce_kernel(
     end = tl.minimum(start + rows_per_split, R)
     a1 = tl.zeros([BLOCK_R, 4 * BLOCK_Q], dtype=ACC)
     a2 = tl.zeros([BLOCK_R, 4 * BLOCK_Q], dtype=ACC)
+    if PIPELINE:
+        rn = (start + tl.arange(0, BLOCK_R))[:, None]
+        mn = (rn < end) & cmask
+        x_next = tl.load(x_ptr + rn * sxR + c * sxC, mask=mn, other=0.0)
+        g_next = tl.load(dy_ptr + rn * sdR + c * sdC, mask=mn, other=0.0)
     for r0 in range(start, end, BLOCK_R):
         r = (r0 + tl.arange(0, BLOCK_R))[:, None]
         mask = (r < end) & cmask
-        x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
-        g = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
+        if PIPELINE:
+            x = x_next.to(ACC)
+            g = g_next.to(ACC)
+            rn = r + BLOCK_R
+            mn = (rn < end) & cmask
+            x_next = tl.load(x_ptr + rn * sxR + c * sxC, mask=mn, other=0.0)
+            g_next = tl.load(dy_ptr + rn * sdR + c * sdC, mask=mn, other=0.0)
+        else:
+            x = tl.load(x_ptr + r * sxR + c * sxC, mask=mask, other=0.0).to(ACC)
+            g = tl.load(dy_ptr + r * sdR + c * sdC, mask=mask, other=0.0).to(ACC)
         if DROPOUT:
             keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
             g = g * tl.where(keep, scale, 0.0)
@@ -431,18 +447,28 @@ _TILE_CONFIGS = [
 # The reduction keeps two [BLOCK_R, BLOCK_Q, 4] fp32 accumulators per program. The first four
 # compile to 79-80 registers for sm_90 (the step's signature): 3 programs of 8 warps an SM, one
 # fewer than ``launch.PROGRAMS_PER_SM`` sizes the splits for, so a grid of 128-column blocks
-# runs in 1.33 waves. The last two, 46-50 registers: 8 x 256 with 16 warps (2 programs an SM,
-# the splits' grid of 256-column blocks in one wave) and 8 x 128 with 8 warps (5 an SM).
+# runs in 1.33 waves. The next two, 46-50 registers: 8 x 256 with 16 warps (2 programs an SM,
+# the splits' grid of 256-column blocks in one wave) and 8 x 128 with 8 warps (5 an SM). The
+# last four load the next row block ahead (``PIPELINE``). Added untimed (sixteenth session, no
+# GPU): the autotuner picks.
 _REDUCE_CONFIGS = [
-    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=8),
-    triton.Config({"BLOCK_R": 16, "BLOCK_Q": 32}, num_warps=8),
-    triton.Config({"BLOCK_R": 16, "BLOCK_Q": 16}, num_warps=4),
-    triton.Config({"BLOCK_R": 32, "BLOCK_Q": 16}, num_warps=8),
-    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=16),
-    triton.Config({"BLOCK_R": 8, "BLOCK_Q": 32}, num_warps=8),
+    triton.Config({"BLOCK_R": r, "BLOCK_Q": q, "PIPELINE": pipe}, num_warps=w)
+    for r, q, w, pipe in [
+        (8, 64, 8, False),
+        (16, 32, 8, False),
+        (16, 16, 4, False),
+        (32, 16, 8, False),
+        (8, 64, 16, False),
+        (8, 32, 8, False),
+        (8, 64, 8, True),
+        (8, 64, 16, True),
+        (8, 32, 8, True),
+        (16, 32, 8, True),
+    ]
 ]
 # Interpreter: small tiles, so tiny tests still see several row/column blocks and splits.
 _INTERPRET_TILE = triton.Config({"BLOCK_R": 8, "BLOCK_Q": 4}, num_warps=4)
+_REDUCE_INTERPRET = triton.Config({"BLOCK_R": 8, "BLOCK_Q": 4, "PIPELINE": True}, num_warps=4)
 # The dx pass that also writes dx^T and column sums (``TRANSPOSED``): one row count, the rows of
 # a column-sum split, on a GPU and under the interpreter alike (whatever a test forces); 64 rows
 # make the transposed stores 256-byte runs (fp32). The step's signature (fp32, dropout) for
@@ -715,7 +741,7 @@ def bn_act_dropout_backward(
             small_config=_REDUCE_CONFIGS[0],
             work=R * C,
             key=["C", "rows_per_split"],
-            interpret_config=_INTERPRET_TILE,
+            interpret_config=_REDUCE_INTERPRET,
             x_ptr=x,
             dy_ptr=dy,
             psum_g_ptr=psum_g,
