@@ -38,10 +38,10 @@ L2 hints (as torch inductor's looped reductions): with ``COMPUTE_GRAD`` the firs
 the row ``evict_last`` and the gradient pass ``evict_first``, so that the rows in flight can be
 re-read from L2 rather than HBM while the gradient stores stream through it.
 
-``PIPELINE`` (a configuration's constexpr; the autotuner picks): the first pass loads chunk
-i + 1 before it reduces chunk i, and keeps the running sums per lane (rescaled by the scalar
-running max, reduced once after the loop), so each chunk costs one block reduction (the max)
-instead of two, and the loads of the next chunk are in flight during it.
+``PIPELINE`` (a configuration's constexpr; the autotuner picks): both passes load chunk i + 1
+before they compute on chunk i, and the first keeps the running sums per lane (rescaled by the
+scalar running max, reduced once after the loop), so each chunk costs it one block reduction
+(the max) instead of two, with the loads of the next chunk in flight during it.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ from .launch import cdiv, launch, next_power_of_2, on_device
 # and per-lane sums (``_ce_fwd_kernel``). Added untimed (sixteenth session, no GPU): with the
 # plain pass, bf16 16K x 32K took 0.899 ms on the H100 and 0.797 ms on the H200, 13% less time
 # for 41% more copy bandwidth, so the pass waits on more than the bandwidth. The autotuner
-# times both.
+# times both. sm_90: 36-64 registers without label smoothing; with it (three per-lane sums)
+# 78-190, and fp32 8192 with 16 warps spills 8 bytes (triton 3.9).
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_C": 2048, "PIPELINE": False}, num_warps=8),
     triton.Config({"BLOCK_C": 4096, "PIPELINE": False}, num_warps=8),
@@ -123,6 +124,17 @@ def _row_chunk(x_row, offs, C, stride_xc, KEEP: tl.constexpr):
     else:
         x = tl.load(ptrs, mask=mask, other=float("-inf"))
     return x
+
+
+@triton.jit
+def _grad_chunk(x_row, offs, C, stride_xc):
+    """One chunk of a row of logits for the gradient pass: its last read (``evict_first``)."""
+    return tl.load(
+        x_row + offs.to(tl.int64) * stride_xc,
+        mask=offs < C,
+        other=0.0,
+        eviction_policy="evict_first",
+    )
 
 
 @triton.jit
@@ -247,15 +259,16 @@ def _ce_fwd_kernel(
             # mul.f32 feeding an add.f32 to ptxas, which fused ``e_c * scale`` into the
             # subtraction in one specialisation (HAS_SCALE) and not the other, and the device
             # and host normalisers must give the same bits (seen on an H100)
+            if PIPELINE:
+                x_next = _grad_chunk(x_row, cols, C, stride_xc)
             for c0 in range(0, C, BLOCK_C):
                 offs = c0 + cols
                 mask = offs < C
-                x = tl.load(
-                    x_row + offs.to(tl.int64) * stride_xc,
-                    mask=mask,
-                    other=0.0,
-                    eviction_policy="evict_first",  # its last read
-                )
+                if PIPELINE:  # the next chunk's loads in flight during this chunk's arithmetic
+                    x = x_next
+                    x_next = _grad_chunk(x_row, offs + BLOCK_C, C, stride_xc)
+                else:
+                    x = _grad_chunk(x_row, offs, C, stride_xc)
                 p = tl.exp((x.to(ACC) - m) - log_s)
                 g = p * coef_p - tl.where(offs == t, coef_t, 0.0)
                 if HAS_SMOOTHING:
