@@ -583,7 +583,9 @@ def fused_forward(
             configs=_TILE_CONFIGS,
             small_config=_TILE_CONFIGS[0],
             work=R * C,
-            key=["R", "C"],
+            # soR: a transposed output (the backward's recomputation for TF32's dW: soR == 1)
+            # is tuned apart from a row-major one (soR == C): its stores run along the rows
+            key=["R", "C", "soR"],
             interpret_config=_INTERPRET_TILE,
             x_ptr=x,
             out_ptr=out,
