@@ -189,48 +189,41 @@ def _ce_fwd_kernel(
             wx_lane = tl.zeros([BLOCK_C], ACC)
             w_lane = tl.zeros([BLOCK_C], ACC)
             x_next = _row_chunk(x_row, cols, C, stride_xc, COMPUTE_GRAD)
-            for c0 in range(0, C, BLOCK_C):
-                offs = c0 + cols
-                mask = offs < C
+        for c0 in range(0, C, BLOCK_C):
+            offs = c0 + cols
+            mask = offs < C
+            if PIPELINE:
                 x = x_next.to(ACC)
                 x_next = _row_chunk(x_row, offs + BLOCK_C, C, stride_xc, COMPUTE_GRAD)
-                m_new = tl.maximum(m, tl.max(x, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                x = _row_chunk(x_row, offs, C, stride_xc, COMPUTE_GRAD).to(ACC)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            # while every logit so far is -inf keep s = 0 (avoid exp(-inf + inf) = nan)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if PIPELINE:
                 s_lane = s_lane * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-                m = m_new
-                if HAS_SMOOTHING:
-                    xz = tl.where(mask, x - m_safe, 0.0)
-                    if HAS_WEIGHT:
-                        w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
-                    else:
-                        w = mask.to(ACC)
+            else:
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+            m = m_new
+            if HAS_SMOOTHING:
+                # rebase the sum on the new max: sum w (x - new) = sum w (x - old) - W (new - old)
+                xz = tl.where(mask, x - m_safe, 0.0)
+                if HAS_WEIGHT:
+                    w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
+                else:
+                    w = mask.to(ACC)
+                if PIPELINE:
                     wx_lane += w_lane * (ref - m_safe) + w * xz
                     w_lane += w
-                    ref = m_safe
+                else:
+                    sum_wx += sum_w * (ref - m_safe) + tl.sum(w * xz, 0)
+                    sum_w += tl.sum(w, 0)
+                ref = m_safe
+        if PIPELINE:
             s = tl.sum(s_lane, 0)
             if HAS_SMOOTHING:
                 sum_wx = tl.sum(wx_lane, 0)
                 sum_w = tl.sum(w_lane, 0)
-        else:
-            for c0 in range(0, C, BLOCK_C):
-                offs = c0 + cols
-                mask = offs < C
-                x = _row_chunk(x_row, offs, C, stride_xc, COMPUTE_GRAD).to(ACC)
-                m_new = tl.maximum(m, tl.max(x, 0))
-                # while every logit so far is -inf keep s = 0 (avoid exp(-inf + inf) = nan)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
-                m = m_new
-                if HAS_SMOOTHING:
-                    # rebase the sum on the new max: sum w (x - new) = sum w (x - old) - W (new - old)
-                    xz = tl.where(mask, x - m_safe, 0.0)
-                    if HAS_WEIGHT:
-                        w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
-                    else:
-                        w = mask.to(ACC)
-                    sum_wx += sum_w * (ref - m_safe) + tl.sum(w * xz, 0)
-                    sum_w += tl.sum(w, 0)
-                    ref = m_safe
         log_s = tl.log(s)
         x_t = tl.load(x_row + t * stride_xc).to(ACC)
         if HAS_WEIGHT:
