@@ -180,10 +180,14 @@ def _check_mlp_capture():
 def test_train_cli_cuda_graph_runs_match_and_learn(capsys):
     # ``fusedmlp train --cuda-graph``: both models' steps replayed from CUDA graphs (after 3
     # eager warm-up steps). Without dropout the columns agree as in the eager runs (the same
-    # batches); with Adam (capturable) and dropout the digits are learnt as eagerly.
+    # batches); with Adam (capturable) and dropout the data are learnt as eagerly.
+    import importlib.util
+
     from fusedmlp.cli.main import main
 
-    args = ["train", "--epochs", "5", "--no-progress", "--cuda-graph"]
+    # the digits come with scikit-learn (an optional extra); else the generated disc problem
+    dataset, floor = ("digits", 93.0) if importlib.util.find_spec("sklearn") else ("disc", 85.0)
+    args = ["train", "--dataset", dataset, "--epochs", "5", "--no-progress", "--cuda-graph"]
     assert main([*args, "--optimizer", "sgd", "--lr", "0.1", "--dropout", "0"]) == 0
     out = capsys.readouterr().out
     assert "CUDA graph replay" in out
@@ -194,4 +198,4 @@ def test_train_cli_cuda_graph_runs_match_and_learn(capsys):
         assert float(fused.split()[1]) == pytest.approx(float(torch_part.split()[1]), abs=2e-3)
     assert main([*args, "--no-compare"]) == 0
     last = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")][-1]
-    assert float(last.split("acc")[1].split("%")[0]) > 93.0
+    assert float(last.split("acc")[1].split("%")[0]) > floor
