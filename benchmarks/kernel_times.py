@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusedmlp.cli import _bench_engine as E  # noqa: E402
 from fusedmlp.cli import _bench_ops as O  # noqa: E402
+from fusedmlp.cli import _bench_report as R  # noqa: E402
 from fusedmlp.kernels import launch as KLaunch  # noqa: E402
 from fusedmlp.kernels import linear as KL  # noqa: E402
 
@@ -154,6 +155,16 @@ def main() -> None:
         finally:
             KL.MERGE_MAX_BYTES = previous
 
+    @contextlib.contextmanager
+    def _tma_tf32(inner):
+        previous = KL.TMA_TF32
+        KL.TMA_TF32 = True
+        try:
+            with inner():
+                yield
+        finally:
+            KL.TMA_TF32 = previous
+
     def linear():
         for dtype, (M, N, K), ctx in [
             (torch.float32, (16384, 1024, 1024), tf32),
@@ -190,6 +201,11 @@ def main() -> None:
         build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
         row("step", "mlp step w1024 B16K tf32 fusedmlp dz, dW merges launched", build,
             wall=True, context=lambda: _merges_launched(tf32), path="dz")  # fmt: skip
+        # A/B of the TMA forward kernel for TF32 GEMMs in the step (off by default:
+        # FUSEDMLP_TMA=1 turns it on; the tma grid's single layer is not the whole answer)
+        build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, TMA TF32", build, wall=True,
+            context=lambda: _tma_tf32(tf32), path="dz")  # fmt: skip
         M, N = 16384 // S, 256 // S
         for impl, ctx in (("fusedmlp", None), ("fusedmlp, dW merge launched", _merges_launched),
                           ("torch", None)):  # fmt: skip
@@ -246,30 +262,13 @@ def main() -> None:
             for name, (ms, n) in list(rec["per_kernel"].items())[:10]:
                 print(f"    {ms:9.4f} {n:6.1f}  {name}")
     # What the autotuner chose, by kernel and key: which configurations earn their tuning time
-    tuned = tuned_configs()
+    tuned = R.tuned_configs()
     log.write(json.dumps({"tuned": tuned}) + "\n")
     log.flush()
     print("tuned configurations: kernel, key values, configuration")
     for t in tuned:
         print(f"    {t['kernel']:32s} {','.join(t['key']):24s} {t['config']} {t['options']}")
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
-
-
-def tuned_configs() -> list:
-    """Every configuration ``fusedmlp.kernels.launch`` tuned in this process: kernel name, the
-    autotune key's values, the chosen block sizes and launch options."""
-    out = []
-    for (tuner, values, _dtypes), (kwargs, options) in KLaunch._BEST.items():
-        fn = getattr(tuner, "base_fn", None) or getattr(tuner, "fn", None)
-        out.append(
-            dict(
-                kernel=getattr(fn, "__name__", "?"),
-                key=[str(v) for v in values],
-                config=dict(kwargs),
-                options=dict(options),
-            )
-        )
-    return sorted(out, key=lambda t: (t["kernel"], t["key"]))
 
 
 if __name__ == "__main__":

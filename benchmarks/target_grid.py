@@ -29,6 +29,12 @@ backward target, >= 0.9x). The quick bench has only width 256 in bf16.
 
 Several grids, comma-separated, run into one JSON file.
 
+``--graph``: every case timed as replays of a CUDA graph of 20 back-to-back calls
+(``_bench_engine.time_graph``), fusedmlp and torch alike: the GPU's time per call with no host
+launch cost in it (what a training loop under CUDA graphs sees), L2 warm. Issue 3's small
+widths are host-bound on the GPU machines when launched from Python (``--grid small``): this
+is their time on the GPU.
+
 Same cases, timing and columns as ``fusedmlp bench`` (``cli/_bench_ops.py``); needs a GPU
 (about 2 minutes on an H100, 40 GB of GPU memory for the largest fp32 case).
 """
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import sys
@@ -210,6 +217,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="target_grid.json")
     ap.add_argument("--markdown", default="target_grid.md")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile baselines")
+    ap.add_argument(
+        "--graph",
+        action="store_true",
+        help="time each case as CUDA graph replays of 20 back-to-back calls (no host time)",
+    )
     args = ap.parse_args(argv)
     unknown = sorted(set(args.grid) - set(GRIDS))
     if unknown:
@@ -227,7 +239,12 @@ def main(argv=None) -> int:
         "quick": True,
         "compile": args.compile,
         "ops": list(dict.fromkeys(OP_OF_GRID.get(g, g) for g in args.grid)),
-        "timing": "CUDA events, L2 flushed, median (the triton.testing.do_bench method)",
+        "timing": (
+            f"CUDA graph of {E.GRAPH_CALLS} back-to-back calls, replayed between CUDA events, "
+            "time per call, median over replays, L2 warm"
+            if args.graph
+            else "CUDA events, L2 flushed, median (the triton.testing.do_bench method)"
+        ),
         **_versions(device),
     }
     ceilings = E.measure_ceilings(device, True, cfg)
@@ -239,6 +256,8 @@ def main(argv=None) -> int:
         return doc
 
     grid = [case for name in args.grid for case in GRIDS[name](device, args.compile)]
+    if args.graph:
+        grid = [dataclasses.replace(case, graph=True) for case in grid]
     rows = E.run_cases(grid, device, cfg, ceilings, dname, on_row=save)
     save(rows, complete=True)
     errors = [r for r in rows if r["error"]]

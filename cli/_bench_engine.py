@@ -8,6 +8,10 @@
 - Wall mode (small shapes, launch overhead): a block of calls between two synchronisations,
   the wall time divided by the number of calls, median over blocks; this is what a Python
   training loop sees when the GPU waits on the CPU.
+- Graph mode (CUDA; ``target_grid.py --graph``): ``GRAPH_CALLS`` back-to-back calls captured
+  in one CUDA graph (each after its ``.grad`` reset, as above) and replayed between two events,
+  the time per call, median over replays: the GPU's time with no host launch cost in it, for
+  fusedmlp and torch alike (what a training loop under CUDA graphs sees), with the L2 warm.
 - Ceilings, measured at the start of the run: a device-to-device copy (GB/s counting the read
   and the write) and a large matmul (bf16 on CUDA; a small fp32 matmul on CPU, labelled CPU).
 - Peak memory (CUDA): ``torch.cuda.max_memory_allocated`` over one steady-state call, with the
@@ -18,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import platform
 import statistics
@@ -129,8 +134,53 @@ def time_wall(fn, grad_to_none, device, cfg: Settings, blocks: int = 5) -> float
     return statistics.median(samples)
 
 
-def time_fn(fn, grad_to_none, device, cfg: Settings, wall=False, stat=statistics.median):
+GRAPH_CALLS = 20
+
+
+def time_graph(fn, grad_to_none, device, cfg: Settings, stat=statistics.median) -> float:
+    """Median ms per call of ``fn`` replayed from a CUDA graph of ``GRAPH_CALLS`` calls.
+
+    Captured on the current stream, which must not be the default one (a capture cannot run
+    there): ``run_case`` builds a graph case on a side stream of its own, so that a backward
+    case's autograd graph, recorded there, also runs its backward there."""
+    stream = torch.cuda.current_stream(device)
+    if stream == torch.cuda.default_stream(device):
+        raise RuntimeError("time_graph: run on a side stream (torch.cuda.stream), not the default")
+    for _ in range(3):  # compiled and autotuned before: nothing may synchronise in the capture
+        _reset(grad_to_none)
+        fn()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(GRAPH_CALLS):
+            _reset(grad_to_none)
+            fn()
+    _reset(grad_to_none)
+    graph.replay()
+    stream.synchronize()
+    t0 = time.perf_counter()
+    graph.replay()
+    stream.synchronize()
+    estimate = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    n_repeat = min(cfg.max_reps, max(cfg.min_reps, int(cfg.rep_ms / estimate)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
+    for i in range(n_repeat):
+        starts[i].record(stream)
+        graph.replay()
+        ends[i].record(stream)
+    stream.synchronize()
+    per_replay = stat([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    del graph
+    return per_replay / GRAPH_CALLS
+
+
+def time_fn(
+    fn, grad_to_none, device, cfg: Settings, wall=False, stat=statistics.median, graph=False
+):
     """(ms, timing method name): the median by default; ``stat=min`` for the ceilings."""
+    if graph and device.type == "cuda":
+        return time_graph(fn, grad_to_none, device, cfg, stat), "cuda graph replay, L2 warm"
     if wall:
         return time_wall(fn, grad_to_none, device, cfg), "wall per call"
     if device.type == "cuda":
@@ -203,8 +253,10 @@ def run_case(case: Case, device: torch.device, cfg: Settings, ceilings: dict, dn
     prepared = None
     t0 = time.perf_counter()
     base = torch.cuda.memory_allocated(device) if cuda else 0
+    # a graph case, built and run on a side stream (``time_graph``)
+    on_stream = torch.cuda.stream(torch.cuda.Stream(device)) if cuda and case.graph else None
     try:
-        with case.context():
+        with case.context(), on_stream or contextlib.nullcontext():
             prepared = case.build()
             row["backend"] = prepared.backend
             prepared.fn()  # compiles / autotunes / initialises optimizer state
@@ -219,7 +271,9 @@ def run_case(case: Case, device: torch.device, cfg: Settings, ceilings: dict, dn
                 torch.cuda.synchronize(device)
                 peak = torch.cuda.max_memory_allocated(device) - base
                 row["peak_mem_mb"] = round(peak / 2**20, 1)
-            ms, how = time_fn(prepared.fn, prepared.grad_to_none, device, cfg, case.wall)
+            ms, how = time_fn(
+                prepared.fn, prepared.grad_to_none, device, cfg, case.wall, graph=case.graph
+            )
         row["ms"], row["timing"] = ms, how
         fill_rates(row, ceilings)
     except Exception as exc:  # noqa: BLE001 - one failing case must not end the run

@@ -152,6 +152,7 @@ class Case:
     flops: float | None = None
     tier: float = 1  # run order under a time budget, lowest first
     wall: bool = False  # time as wall clock per call, synchronised only around a block of calls
+    graph: bool = False  # time as replays of a CUDA graph of back-to-back calls (no host time)
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     note: str = ""
     order: tuple = ()

@@ -29,7 +29,33 @@ ROW_KEYS = (
 
 
 def document(meta: dict, ceilings: dict, rows: list[dict], complete: bool) -> dict:
-    return {"meta": {**meta, "complete": complete}, "ceilings": ceilings, "rows": rows}
+    """The JSON document of a run, with the configurations the autotuner chose in it (a row
+    slower than its neighbours' runs is read beside the configuration that timed it)."""
+    return {
+        "meta": {**meta, "complete": complete},
+        "ceilings": ceilings,
+        "rows": rows,
+        "tuned": tuned_configs(),
+    }
+
+
+def tuned_configs() -> list:
+    """Every configuration ``fusedmlp.kernels.launch`` tuned in this process: kernel name, the
+    autotune key's values, the chosen block sizes and launch options (none on CPU)."""
+    from ..kernels import launch
+
+    out = []
+    for (tuner, values, _dtypes), (kwargs, options) in launch._BEST.items():
+        fn = getattr(tuner, "base_fn", None) or getattr(tuner, "fn", None)
+        out.append(
+            dict(
+                kernel=getattr(fn, "__name__", "?"),
+                key=[str(v) for v in values],
+                config=dict(kwargs),
+                options=dict(options),
+            )
+        )
+    return sorted(out, key=lambda t: (t["kernel"], t["key"]))
 
 
 def write_json(path: str, doc: dict) -> None:

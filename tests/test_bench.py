@@ -119,6 +119,7 @@ def test_bench_quick_cpu_writes_valid_rows(tmp_path, capsys):
     assert not errors, errors
     assert rc == 0
     assert doc["meta"]["complete"] and doc["meta"]["device_type"] == "cpu"
+    assert doc["tuned"] == []  # what the autotuner chose: nothing under the interpreter
     assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["matmul_tflops"] > 0
     assert "CPU" in doc["ceilings"]["matmul_what"]
     seen = {(r["op"], r["impl"]) for r in rows}
@@ -318,8 +319,8 @@ def test_kernel_times_script_dry_run(tmp_path):
     ]
     rows, tuned = lines[:-1], lines[-1]
     assert tuned == {"tuned": []}  # the interpreter tunes nothing: a GPU lists its choices
-    # linear 9, step 6 + the merge A/B's 4 + the small forward's 2, ops 16
-    assert len(rows) == 9 + 12 + 16 and all("error" not in r for r in rows), rows
+    # linear 9, step 6 + the merge A/B's 4 + the TMA TF32 A/B's 1 + the small forward's 2, ops 16
+    assert len(rows) == 9 + 13 + 16 and all("error" not in r for r in rows), rows
     assert all(r["event_ms"] > 0 for r in rows)
 
 
@@ -375,6 +376,10 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
         row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "fusedmlp", 1.094,
             pct_bw=97.9, bytes=3 * 2 * 16384 * 32768, peak_mem_mb=2048.1875),
         row("cross_entropy", "fwd+bwd", "M=16384 C=32768", "bf16", "torch", 2.582),
+        # a pass that held a logits-sized softmax beside the gradient: twice the logits
+        row("cross_entropy", "fwd+bwd", "M=16384 C=65536", "bf16", "fusedmlp", 2.0,
+            pct_bw=90.0, bytes=3 * 2 * 16384 * 65536, peak_mem_mb=3 * 2048 + 0.2),
+        row("cross_entropy", "fwd+bwd", "M=16384 C=65536", "bf16", "torch", 6.2),
     ]  # fmt: skip
     small = [  # target_grid.py --grid small: every width up to 256, judged within this file
         row("linear", "fwd", "M=16384 N=64 K=64", "bf16", "fusedmlp", 0.0050),
@@ -386,8 +391,12 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
         row("linear", "bwd", "M=16384 N=64 K=64", "bf16", "torch", 0.0092),
         row("linear", "fwd", "M=16384 N=256 K=256", "bf16", "torch", 0.0100),  # no fusedmlp row
     ]
+    graphed = [  # target_grid.py --grid small --graph: the same cases as CUDA graph replays
+        row("linear", "fwd", "M=16384 N=64 K=64", "bf16", "fusedmlp", 0.0040),
+        row("linear", "fwd", "M=16384 N=64 K=64", "bf16", "torch", 0.0050),
+    ]
     files = (("bench.json", bench), ("tma_grid.json", tma), ("target_grid.json", ce),
-             ("small_grid.json", small))  # fmt: skip
+             ("small_grid.json", small), ("small_graph.json", graphed))  # fmt: skip
     for name, rows in files:
         doc = {"meta": {}, "ceilings": {"copy_gbps": 3008.0}, "rows": rows}
         (tmp_path / name).write_text(json.dumps(doc))
@@ -411,7 +420,7 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
     # the pointer kernel's row of the TMA grid's own run
     assert verdict("linear + ReLU fwd bf16 16384 x 256 x 256 vs") == ("1.25x", "not met")
     assert verdict("linear + ReLU bwd bf16 16384") == ("-", "not measured")
-    assert verdict("linear + ReLU fwd bf16 M=16384 N=64 K=64") == ("1.60x", "**met**")
+    assert verdict("linear + ReLU fwd bf16 M=16384 N=64 K=64 vs") == ("1.60x", "**met**")
     assert verdict("linear + ReLU bwd fp32 M=16384 N=128 K=128") == ("0.80x", "not met")
     assert verdict("linear + ReLU bwd bf16 M=16384 N=64 K=64 vs torch: >= 0.9x") == (
         "0.92x",
@@ -423,8 +432,14 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
     assert verdict("batch norm fwd+bwd 64K x 1024 vs") == ("1.73x", "**met**")
     assert verdict("cross-entropy M=16384 C=32768 bf16 vs") == ("2.36x", "not met")
     # the peak less the logits and the 128 KiB of targets: the gradient buffer and 64 KiB of
-    # row losses, over the logits' size
-    assert verdict("cross-entropy M=16384 C=32768 bf16: extra") == ("1024.06 MB", "not met")
+    # row losses, within the logits' size, the row losses and 4 KiB of 0-d outputs
+    assert verdict("cross-entropy M=16384 C=32768 bf16: extra") == ("1024.06 MB", "**met**")
+    assert verdict("cross-entropy M=16384 C=65536 bf16: extra") == ("4096.07 MB", "not met")
+    # the graphed rows judged on their own, beside the launched ones of the same case
+    assert verdict("linear + ReLU fwd bf16 M=16384 N=64 K=64, CUDA graph replay") == (
+        "1.25x",
+        "not met",
+    )
     assert verdict("Adam vs torch fused") == ("0.83x", "not met")
     assert verdict("Adam vs torch foreach") == ("2.11x", "not met")
     assert verdict("Adam over 1,000") == ("-", "not measured")

@@ -199,3 +199,31 @@ def test_train_cli_cuda_graph_runs_match_and_learn(capsys):
     assert main([*args, "--no-compare"]) == 0
     last = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")][-1]
     assert float(last.split("acc")[1].split("%")[0]) > floor
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("impl", ["fusedmlp", "torch"])
+def test_bench_graph_timing_runs_both_impls(impl, backward, launches):
+    # target_grid.py --graph: a linear + ReLU case built on a side stream, timed as replays
+    # of a captured graph of back-to-back calls (its backward on that stream too), for fusedmlp
+    # (whose kernels the capture records: launches counted) and torch alike
+    import dataclasses
+
+    from fusedmlp.cli import _bench_engine as E
+    from fusedmlp.cli._bench_ops import OPS, Case, build_linear
+
+    device = torch.device("cuda")
+    case = Case("linear", "bwd" if backward else "fwd", "M=512 N=64 K=64", "bf16", impl,
+                build_linear(impl, device, torch.bfloat16, 512, 64, 64, backward),
+                order=(OPS.index("linear"), 0))  # fmt: skip
+    cfg = E.settings(True, True)
+    ceilings = {"copy_gbps": None, "matmul_tflops": None}
+    launches.clear()
+    row = E.run_case(dataclasses.replace(case, graph=True), device, cfg, ceilings, "gpu")
+    assert row["error"] is None and row["timing"] == "cuda graph replay, L2 warm", row
+    assert 0 < row["ms"] < 1.0
+    if impl == "fusedmlp":
+        assert launches.total > 0
+    # on the default stream there is no capture: a clear error, not a hang
+    with pytest.raises(RuntimeError, match="side stream"):
+        E.time_graph(lambda: None, [], device, cfg)
