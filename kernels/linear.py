@@ -1035,7 +1035,9 @@ def merged_split_cap(N: int, K: int, device: torch.device) -> int:
 # GEMMs take it by default on sm_90+ (``FUSEDMLP_TMA=0`` turns it off), TF32 ones only with
 # ``FUSEDMLP_TMA=1``. Two H100 runs, triton 3.6 (benchmarks/RESULTS.md): bf16 8192^3 forward
 # 1.22x and 1.14x the pointer kernel (0.98x and 0.91x torch.mm), 16384x4096x4096 1.15x and
-# 1.13x; the TF32 16384x1024x1024 layer 1.03x in one run and 0.80x in the other.
+# 1.13x; the TF32 16384x1024x1024 layer 1.03x in one run and 0.80x in the other. A third
+# H100 run (seventeenth session): the TF32 layer's forward 1.03x, its backward 1.17x; the
+# whole step's A/B (``kernel_times.py``, "TMA TF32") has not run yet: TF32 stays opt-in.
 _TMA_ENV = os.environ.get("FUSEDMLP_TMA", "")
 TMA = _TMA_ENV != "0"
 TMA_TF32 = _TMA_ENV == "1"
