@@ -37,7 +37,7 @@ both GEMMs run through the forward kernel with no bias and no activation, ``dX =
 splits each K-step into k8 slices with waits between them, and TF32 wgmma reads shared-memory
 operands only K-major, while X and W are stored with the reduction dimension outer. The
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
-and dZ^T (16-bit types transpose in wgmma and use views). Where dW's [N, K] tiles leave SMs
+(``_transpose_kernel``) and dZ^T (16-bit types transpose in wgmma and use views). Where dW's [N, K] tiles leave SMs
 idle and the pointer kernel runs it, its M-deep reduction is split (``dz_dw_split``,
 ``SPLIT_K``): fp32 partials, summed with the dZ pass's column sums (db) by each tile's last
 program (``merges_in_kernel``), else by ``_sum_splits_kernel`` in one launch.
@@ -847,6 +847,30 @@ def _sum_splits_kernel(ws_ptr, wsb_ptr, dw_ptr, db_ptr, NK, NB, SPLIT, SPLIT_B, 
         _sum_partials(wsb_ptr, db_ptr, j, (j >= 0) & (j < NB), stride_b, SPLIT_B)
 
 
+@triton.jit
+def _transpose_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):  # fmt: skip
+    """y = x^T, contiguous: x ``[M, K]`` (any strides, any dtype), y ``[K, M]`` contiguous in
+    x's dtype. Nothing is saved: the "dz" backward's K-major copies of X and W for TF32 wgmma.
+
+    One program per BLOCK_M x BLOCK_K tile: loaded along x's rows and stored along y's, the
+    tile's layout converted between the two in shared memory, so that a row-major x is read
+    and y written in full runs (torch's ``x.t().contiguous()`` walks one of the two with a
+    stride of a whole row). int64 offsets.
+    """
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = tl.load(
+        x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+        mask=(rm[:, None] < M) & (rk[None, :] < K),
+    )
+    tl.store(
+        y_ptr + rk[:, None] * M + rm[None, :],
+        tl.trans(tile),
+        mask=(rk[:, None] < K) & (rm[None, :] < M),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # configurations
 # --------------------------------------------------------------------------------------------
@@ -1339,6 +1363,49 @@ def _sum_splits(ws, dw, db, nk: int, nb: int, split: int, wsb=None, split_b: int
     )
 
 
+# Tiles of 16-32 KiB (fp32), 128 columns of x first: a warp reads a 512-byte run of a row,
+# four elements a thread, and the tile compiles to few registers (sm_90, triton 3.9, fp32:
+# 66 for 64 x 128 with 8 warps, 48 for 32 x 128 with 4; 64-column tiles, 122-154), so many
+# warps an SM keep loads in flight. The first is also the launch below ``worth_tuning``.
+_TRANSPOSE_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=1),
+]
+_TRANSPOSE_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+
+
+def transpose_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x.t().contiguous()`` of a 2-D ``x`` (``_transpose_kernel``): ``x.t()`` itself when that
+    is contiguous already (a view of a contiguous [K, M], as a fused block's recomputed
+    output), else a new [K, M] tensor, one launch."""
+    xt = x.t()
+    if xt.is_contiguous():
+        return xt
+    M, K = x.shape
+    y = torch.empty((K, M), device=x.device, dtype=x.dtype)
+    if M == 0 or K == 0:
+        return y
+    with on_device(x):
+        launch(
+            _transpose_kernel,
+            lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_K"])),
+            configs=_TRANSPOSE_CONFIGS,
+            key=["M", "K"],
+            interpret_config=_TRANSPOSE_INTERPRET,
+            small_config=_TRANSPOSE_CONFIGS[0],
+            work=M * K,
+            x_ptr=x,
+            y_ptr=y,
+            M=M,
+            K=K,
+            stride_xm=x.stride(0),
+            stride_xk=x.stride(1),
+        )
+    return y
+
+
 _DZ_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
 _DZ_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
@@ -1598,14 +1665,14 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
     # step's peak (the last hidden layer's backward, every activation still saved): 64 MiB less
     # at width 1024, batch 16K, fp32.
     if need_dw:  # dW = dZ^T @ X = dZ^T @ (X^T)^T (no copy when x is already such a view)
-        x_t = x.t().contiguous() if kmajor else x.t()
+        x_t = transpose_contiguous(x) if kmajor else x.t()
         dw = _dz_dw_gemm(dzt if dzt is not None else dz_rows.t(), x_t, sums)
         sums = None
         del x_t, dzt
     if sums is not None:
         _sum_column_sums(sums)
     if need_dx:  # dX = dZ @ W = dZ @ (W^T)^T
-        w_t = weight.t().contiguous() if kmajor else weight.t()
+        w_t = transpose_contiguous(weight) if kmajor else weight.t()
         dx = linear_forward(dz_rows, w_t, None, "none", 0.0, out_shape=dx_shape)[0]
     return dx, dw, db
 

@@ -108,7 +108,11 @@ def test_failing_case_becomes_an_error_row():
 # --- the command -------------------------------------------------------------------------------
 
 
-def test_bench_quick_cpu_writes_valid_rows(tmp_path, capsys):
+def test_bench_quick_cpu_writes_valid_rows(tmp_path, capsys, monkeypatch):
+    from fusedmlp.kernels import launch
+
+    # the autotuner's choices this run makes (test_backend's fake autotuner leaves its own)
+    monkeypatch.setattr(launch, "_BEST", {})
     out_json, out_md, out_png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     argv = ["bench", "--quick", "--device", "cpu", "--json", str(out_json)]
     argv += ["--markdown", str(out_md), "--plot", str(out_png)]

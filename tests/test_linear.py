@@ -317,6 +317,7 @@ def test_half_precision_triton_path(triton_backend, launches, combined, dtype, a
 # --------------------------------------------------------------------------- "dz" backward path
 
 DZ = "_linear_dz_kernel"
+TRANSPOSE = "_transpose_kernel"
 
 
 @pytest.fixture
@@ -354,8 +355,32 @@ def test_dz_backward_path_matches_torch(triton_backend, launches, dz_path, dtype
     assert launches[DX] == 0 and launches[DW] == 0, dict(launches)
     assert launches[DZ] == (1 if (act or dtype == torch.float32 or bias) else 0), dict(launches)
     assert launches[SUM] == (1 if bias else 0), dict(launches)
+    # fp32's K-major copies of X (for dW) and W (for dX): TF32 wgmma reads no other operand
+    assert launches[TRANSPOSE] == (2 if dtype == torch.float32 else 0), dict(launches)
     ref = _reference(x, w, b, act, slope, gy)
     _check(ours, ref, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["row-major", "sliced", "column-view", "empty"])
+def test_transpose_contiguous_equals_torch(launches, dtype, layout):
+    # the dz path's copies: bit-equal to x.t().contiguous(), tiles at partial edges in both
+    # dimensions (37 x 45 against 16 x 32 interpreter tiles), any strides; no launch where
+    # x.t() is contiguous already (a fused block's recomputed output)
+    from fusedmlp.kernels.linear import transpose_contiguous
+
+    g = torch.Generator().manual_seed(5)
+    x = {
+        "row-major": lambda: _t(37, 45, gen=g),
+        "sliced": lambda: _t(40, 91, gen=g)[2:39, 1::2],
+        "column-view": lambda: _t(45, 37, gen=g).t(),
+        "empty": lambda: _t(0, 45, gen=g),
+    }[layout]().to(dtype)
+    y = transpose_contiguous(x)
+    assert y.is_contiguous() and y.dtype == dtype and y.shape == (x.shape[1], x.shape[0])
+    assert torch.equal(y, x.t().contiguous())
+    launched = layout in ("row-major", "sliced")
+    assert launches[TRANSPOSE] == (1 if launched else 0), dict(launches)
 
 
 def test_dz_backward_path_only_requested_gradients(triton_backend, launches, dz_path):
