@@ -14,18 +14,21 @@
 # Then, in the order of what the issues' targets need most (a step the 500-s budget cannot fit
 # is skipped: the later ones first):
 #   4. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
-#   5. tma:      benchmarks/target_grid.py --grid optim,tma: issue 7's Adam over 1,000 small
-#                tensors; issue 3's bf16 GEMMs and a TF32 layer through the pointer kernels,
-#                the TMA one (FUSEDMLP_TMA=1) and torch
-#   6. grid:     benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16, fp32)
-#   6b. small:   benchmarks/target_grid.py --grid small: issue 3's widths 64, 128, 256 at batch 16K
-#   6c. small_graph: the same, each case timed as CUDA graph replays (no host launch time)
-#   7. targets:  benchmarks/targets.py: each open issue's speed targets, met or not, from the JSONs
-#   8. profile:  benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
+#   5. target_grid: benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16,
+#                fp32)
+#   6. small_graph: target_grid.py --grid small --graph: issue 3's widths 64, 128, 256 at batch
+#                16K, each case timed as CUDA graph replays (no host launch time)
+#   7. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time, and
+#                the step's A/Bs (backward paths, dW merges, TMA for TF32)
+#   8. small_grid: the same widths as 6, launched from Python (the bench's timing)
+#   9. tma_grid: target_grid.py --grid optim,tma: issue 7's Adam over 1,000 small tensors;
+#                issue 3's bf16 GEMMs and a TF32 layer through the pointer kernels, the TMA one
+#                (FUSEDMLP_TMA=1) and torch
+#   10. targets: benchmarks/targets.py: each open issue's speed targets, met or not, from the JSONs
+#   11. profile: benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
 #                times of the MLP training step, and the host cost of one launch, under profile/
-#   9. kernel_times: benchmarks/kernel_times.py (ops, then step): kernel-only vs event time
-#   10. int64:   dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
-#   11. verify:  fusedmlp verify, no new case 20 s before its timeout (tolerated missing)
+#   12. int64:   dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
+#   13. verify:  fusedmlp verify, no new case 20 s before its timeout (tolerated missing)
 # Everything is logged under OUTDIR (<step>.log, summary.txt), and at the end packed into
 # OUTDIR/gpu_check.tgz. The script goes on past a failing step and exits non-zero if any step
 # failed. Copy OUTDIR/RESULTS.md to benchmarks/RESULTS.md to publish the figures.
@@ -34,11 +37,13 @@
 #   bash benchmarks/gpu_check.sh /tmp/gc; rc=$?; cp /tmp/gc/{summary.txt,bench.json,RESULTS.md,gpu_check.tgz} $OUT/; exit $rc
 # Overrides (for a dry run elsewhere): PYTHON, GPU_CHECK_TESTS (space-separated test files),
 # GPU_CHECK_NO_INSTALL=1, GPU_CHECK_SKIP (space-separated step names not to run, e.g.
-# "profile int64 verify" to leave their seconds to kernel_times).
+# "profile int64 verify" to leave their seconds to the grids).
 # The fifteenth session (H200): GPU_CHECK_BUDGET=480 GPU_CHECK_SKIP="profile int64 verify" ran in
 # 365 s (394 s of device time with the machine's start), which left time for a second call of
 # about 4 minutes (the whole curated test set took 140 s of it). The seventeenth (H100): the
-# same in 474 s, tests 164 s; the bench, on the cold machine, ran past its step's timeout.
+# same in 474 s, tests 164 s; the bench, on the cold machine, ran past its step's timeout. With
+# the small_graph step added since, GPU_CHECK_BUDGET=540 (a device timeout of about 590 s) fits
+# every step but the skipped ones and leaves about 4 minutes for a second call on the warm machine.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -199,41 +204,46 @@ if [[ -f "$DIR/bench.json" ]]; then
   step results_md 20 "$PY" benchmarks/results_md.py "$DIR/bench.json" -o "$DIR/RESULTS.md"
 fi
 
-# 5. the TMA forward kernel against the pointer kernel and torch (bf16 8192^3 and
-# 16384 x 4096 x 4096, TF32 16384 x 1024 x 1024; forward and backward): where FUSEDMLP_TMA
-# should be the default; and issue 7's Adam over 1,000 small tensors
-step tma_grid 70 "$PY" benchmarks/target_grid.py --grid optim,tma --json "$DIR/tma_grid.json" \
-  --markdown "$DIR/tma_grid.md"
-cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null
-
-# 6. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100)
+# 5. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100)
 step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.json" \
   --markdown "$DIR/target_grid.md"
 
-# 6b. issue 3's small widths (64, 128, 256 at batch 16K; bf16 and fp32; forward and backward)
-step small_grid 40 "$PY" benchmarks/target_grid.py --grid small --json "$DIR/small_grid.json" \
-  --markdown "$DIR/small_grid.md"
-cat "$DIR/small_grid.md" >>"$DIR/summary.txt" 2>/dev/null
-# 6c. the same timed as CUDA graph replays, fusedmlp and torch alike: their GPU time, without
-# the host's launch cost that sets the rows above on the GPU machines
+# 6. issue 3's small widths (64, 128, 256 at batch 16K; bf16 and fp32; forward and backward),
+# each case timed as CUDA graph replays, fusedmlp and torch alike: their GPU time, without the
+# host's launch cost that sets them when launched from Python on the GPU machines (step 8)
 step small_graph 40 "$PY" benchmarks/target_grid.py --grid small --graph \
   --json "$DIR/small_graph.json" --markdown "$DIR/small_graph.md"
 cat "$DIR/small_graph.md" >>"$DIR/summary.txt" 2>/dev/null
 
-# 7. the open issues' speed targets from this run's JSON files (met / not met / not measured)
+# 7. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show)
+step kernel_times 95 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 60 --sections ops,step
+
+# 8. the same small widths, each call launched from Python (the bench's timing)
+step small_grid 40 "$PY" benchmarks/target_grid.py --grid small --json "$DIR/small_grid.json" \
+  --markdown "$DIR/small_grid.md"
+cat "$DIR/small_grid.md" >>"$DIR/summary.txt" 2>/dev/null
+
+# 9. the TMA forward kernel against the pointer kernel and torch (bf16 8192^3 and
+# 16384 x 4096 x 4096, TF32 16384 x 1024 x 1024; forward and backward): where FUSEDMLP_TMA
+# should be the default; and issue 7's Adam over 1,000 small tensors. What the budget leaves,
+# less 15 s for the targets after it.
+tma_max=$(($(left) - 15))
+((tma_max > 70)) && tma_max=70
+step tma_grid "$tma_max" "$PY" benchmarks/target_grid.py --grid optim,tma --json "$DIR/tma_grid.json" \
+  --markdown "$DIR/tma_grid.md"
+cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null
+
+# 10. the open issues' speed targets from this run's JSON files (met / not met / not measured)
 step targets 10 "$PY" benchmarks/targets.py "$DIR" -o "$DIR/targets.md"
 cat "$DIR/targets.md" >>"$DIR/summary.txt" 2>/dev/null
 
-# 8. where a training step's time goes (fixed configurations: no autotuning inside the profile);
+# 11. where a training step's time goes (fixed configurations: no autotuning inside the profile);
 # 65536x64: the bench's narrow step, 2.9x slower than eager in the seventh session's run 1
 step profile 75 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
   --shapes 64x256,16384x1024,65536x64 --steps 10
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
-# 9. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show)
-step kernel_times 95 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 60 --sections ops,step
-
-# 10. int64 indexing: one tensor beyond 2^31 elements
+# 12. int64 indexing: one tensor beyond 2^31 elements
 step int64 60 "$PY" - <<'EOF'
 import torch
 
@@ -266,7 +276,7 @@ with fusedmlp.use_backend("triton"):
 print("int64 dropout OK")
 EOF
 
-# 11. fusedmlp verify (written by another issue: tolerate it missing)
+# 13. fusedmlp verify (written by another issue: tolerate it missing)
 if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then
   # --time-budget: no new case 20 s before the step's timeout (what is left of the budget, at
   # most 80 s), so a verify that cannot finish here reports the checks it ran (INCOMPLETE)
