@@ -265,9 +265,10 @@ def main() -> None:
     tuned = R.tuned_configs()
     log.write(json.dumps({"tuned": tuned}) + "\n")
     log.flush()
-    print("tuned configurations: kernel, key values, configuration")
+    print("tuned configurations: kernel, key values and dtypes, configuration")
     for t in tuned:
-        print(f"    {t['kernel']:32s} {','.join(t['key']):24s} {t['config']} {t['options']}")
+        key = f"{','.join(t['key'])} {'/'.join(t['dtypes'])}"
+        print(f"    {t['kernel']:32s} {key:32s} {t['config']} {t['options']}")
     print(f"done in {time.perf_counter() - t_start:.0f} s", flush=True)
 
 

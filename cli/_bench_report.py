@@ -41,21 +41,24 @@ def document(meta: dict, ceilings: dict, rows: list[dict], complete: bool) -> di
 
 def tuned_configs() -> list:
     """Every configuration ``fusedmlp.kernels.launch`` tuned in this process: kernel name, the
-    autotune key's values, the chosen block sizes and launch options (none on CPU)."""
+    autotune key's values, the dtypes of the tensor arguments (also part of the key: bf16 and
+    fp32 launches of one shape are tuned apart), the chosen block sizes and launch options
+    (none on CPU)."""
     from ..kernels import launch
 
     out = []
-    for (tuner, values, _dtypes), (kwargs, options) in launch._BEST.items():
+    for (tuner, values, dtypes), (kwargs, options) in launch._BEST.items():
         fn = getattr(tuner, "base_fn", None) or getattr(tuner, "fn", None)
         out.append(
             dict(
                 kernel=getattr(fn, "__name__", "?"),
                 key=[str(v) for v in values],
+                dtypes=sorted({str(d).removeprefix("torch.") for d in dtypes}),
                 config=dict(kwargs),
                 options=dict(options),
             )
         )
-    return sorted(out, key=lambda t: (t["kernel"], t["key"]))
+    return sorted(out, key=lambda t: (t["kernel"], t["key"], t["dtypes"]))
 
 
 def write_json(path: str, doc: dict) -> None:

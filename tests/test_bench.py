@@ -108,6 +108,30 @@ def test_failing_case_becomes_an_error_row():
 # --- the command -------------------------------------------------------------------------------
 
 
+def test_tuned_configs_lists_each_choice_with_its_dtypes(monkeypatch):
+    # what the bench and grid JSONs record (a GPU fills launch._BEST; the interpreter tunes
+    # nothing): one entry per tuned key, bf16 and fp32 launches of one shape apart
+    from fusedmlp.cli import _bench_report as R
+    from fusedmlp.kernels import launch
+
+    def _k():
+        pass
+
+    tuner = type("Autotuner", (), {"base_fn": staticmethod(_k)})()
+    best = {
+        (tuner, (64, 8), (torch.float32, torch.float32)): ({"BLOCK": 32}, (("num_warps", 4),)),
+        (tuner, (64, 8), (torch.bfloat16, torch.float32)): ({"BLOCK": 64}, (("num_warps", 8),)),
+    }
+    monkeypatch.setattr(launch, "_BEST", best)
+    assert R.tuned_configs() == [
+        {"kernel": "_k", "key": ["64", "8"], "dtypes": ["bfloat16", "float32"],
+         "config": {"BLOCK": 64}, "options": {"num_warps": 8}},
+        {"kernel": "_k", "key": ["64", "8"], "dtypes": ["float32"], "config": {"BLOCK": 32},
+         "options": {"num_warps": 4}},
+    ]  # fmt: skip
+    assert R.document({}, {}, [], True)["tuned"] == R.tuned_configs()
+
+
 def test_bench_quick_cpu_writes_valid_rows(tmp_path, capsys, monkeypatch):
     from fusedmlp.kernels import launch
 
