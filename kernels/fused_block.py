@@ -449,8 +449,10 @@ _TILE_CONFIGS = [
 # fewer than ``launch.PROGRAMS_PER_SM`` sizes the splits for, so a grid of 128-column blocks
 # runs in 1.33 waves. The next two, 46-50 registers: 8 x 256 with 16 warps (2 programs an SM,
 # the splits' grid of 256-column blocks in one wave) and 8 x 128 with 8 warps (5 an SM). The
-# last four load the next row block ahead (``PIPELINE``). Added untimed (sixteenth session, no
-# GPU): the autotuner picks.
+# last four load the next row block ahead (``PIPELINE``). The autotuner picks: on an H100
+# (seventeenth session, the step's w1024 B16K TF32 blocks) 8 x 64 with 8 warps and PIPELINE;
+# from the lists above, 8 x 32 with 8 warps (the forward, row-major and transposed), 8 x 64
+# with 8 warps (dx) and 64 x 8 with 8 warps (dx, transposed): each a sixteenth-session addition.
 _REDUCE_CONFIGS = [
     triton.Config({"BLOCK_R": r, "BLOCK_Q": q, "PIPELINE": pipe}, num_warps=w)
     for r, q, w, pipe in [
