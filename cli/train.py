@@ -238,6 +238,15 @@ def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
         plt.close(fig)
 
 
+def _train_step(net, loss_fn, opt, x, y):
+    """One training step on the batch ``(x, y)`` after the gradients were reset: forward,
+    loss, backward, optimizer step; returns the loss."""
+    loss = loss_fn(net(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 class _GraphedStep:
     """One run's training step as a CUDA graph (``--cuda-graph``), the pattern of torch's CUDA
     graphs notes ("whole network capture"): the batch goes into static input tensors; the first
@@ -260,10 +269,7 @@ class _GraphedStep:
         self.warm, self.graph, self.loss = 0, None, None
 
     def _step(self):
-        loss = self.loss_fn(self.net(self.x), self.y)
-        loss.backward()
-        self.opt.step()
-        return loss
+        return _train_step(self.net, self.loss_fn, self.opt, self.x, self.y)
 
     def __call__(self, idx):
         import torch
@@ -427,9 +433,7 @@ def _train(args, ds, device, backend_name: str) -> int:
                         loss = r["graphed"](idx)
                     else:
                         opt.zero_grad(set_to_none=True)
-                        loss = loss_fn(net(x_train[idx]), y_train[idx])
-                        loss.backward()
-                        opt.step()
+                        loss = _train_step(net, loss_fn, opt, x_train[idx], y_train[idx])
                     losses.append(loss.detach())
                     bar.update()
                 _sync(device)
