@@ -14,8 +14,10 @@ Three blocks (kernels in ``fusedmlp.kernels.fused_block``):
   over (x, dout) recompute it (split reduction + merge, then dx).
 - ``bn_act_dropout_linear``: ``linear(bn_act_dropout(x), W, b)``, the block and the Linear
   without activation that follows it in an MLP: the block's output is not saved but recomputed
-  in the backward (``fused_block_apply``: the forward pass again with the saved statistics, the
-  same bits) for the Linear's dW, then freed before the block's backward runs.
+  in the backward for the Linear's dW (the same bits), then freed. In eager mode, when the
+  block's gradients are needed too, the Linear's dX runs first and the block's backward
+  reduction writes the recomputed output (``fused_block_bn_bwd_sums``, ``APPLY_IN_REDUCTION``);
+  otherwise a forward pass with the saved statistics does (``fused_block_apply``).
 - Cross-Function, set up by ``FusedSequential`` in eager mode: a Linear (without activation)
   whose output a block reads makes the block's batch-norm partial statistics in its epilogue
   (``linear_stats``, ``lin_stats``; the block merges them), and in the backward the block's dx
@@ -37,6 +39,8 @@ Torch path: torch's own ``F.batch_norm``, activation and ``F.dropout``, differen
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +212,95 @@ def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx
     )
 
 
+@custom_op("fusedmlp::fused_block_bn_bwd_sums", mutates_args=())
+def _fused_block_bn_bwd_sums(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    seed: Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    need_dweight: bool,
+    need_dbias: bool,
+    apply: bool,
+    transposed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(psum_g, psum_gxmu, dweight, dbias, out)``: the first pass of ``fused_block_bn_bwd``
+    (``kernels.fused_block.bn_act_dropout_backward_sums``; a gradient not asked for is empty)
+    and, with ``apply``, the block's output from the same pass, ``fused_block_apply``'s bit for
+    bit: ``[N, C]``, or with ``transposed`` its transpose ``[C, N]``, contiguous (else
+    empty)."""
+    from ..kernels import fused_block as K
+
+    n, c = x.shape
+    out = dest = None
+    if apply:
+        out = torch.empty((c, n) if transposed else (n, c), dtype=x.dtype, device=x.device)
+        dest = out.t() if transposed else out
+    psum_g, psum_gxmu, dw, db = K.bn_act_dropout_backward_sums(
+        dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope,
+        need_dweight, need_dbias, dest,
+    )  # fmt: skip
+    dw, db = grads_or_empty(x, None, dw, db)[1:]
+    return psum_g, psum_gxmu, dw, db, out if out is not None else x.new_empty(0)
+
+
+@_fused_block_bn_bwd_sums.register_fake
+def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nw, nb, apply,
+      transposed):  # fmt: skip
+    from ..kernels.fused_block import backward_sums_shape
+
+    n, c = x.shape
+    ref = weight if weight is not None else bias
+    pdtype = ref.dtype if ref is not None else _acc_dtype(x)
+    shape = backward_sums_shape(n, c, x.device)
+    out = ((c, n) if transposed else (n, c)) if apply else (0,)
+    return (
+        x.new_empty(shape, dtype=_acc_dtype(x)),
+        x.new_empty(shape, dtype=_acc_dtype(x)),
+        x.new_empty(c, dtype=pdtype) if nw and weight is not None else x.new_empty(0),
+        x.new_empty(c, dtype=pdtype) if nb else x.new_empty(0),
+        x.new_empty(out),
+    )
+
+
+@custom_op("fusedmlp::fused_block_bn_bwd_dx", mutates_args=("dxt", "ws"))
+def _fused_block_bn_bwd_dx(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    seed: Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    psum_g: Tensor,
+    psum_gxmu: Tensor,
+    dxt: Tensor | None,
+    ws: Tensor | None,
+) -> Tensor:
+    """dx of ``dropout(act(bn(x)))`` from ``fused_block_bn_bwd_sums``'s sums: the second pass
+    of ``fused_block_bn_bwd``, which also fills ``dxt`` and ``ws`` as that op does."""
+    from ..kernels import fused_block as K
+
+    return K.bn_act_dropout_backward_dx(
+        dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, psum_g,
+        psum_gxmu, (dxt, ws) if dxt is not None and ws is not None else None,
+    )  # fmt: skip
+
+
+@_fused_block_bn_bwd_dx.register_fake
+def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, psum_g, psum_gxmu,
+      dxt, ws):  # fmt: skip
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @custom_op("fusedmlp::fused_block_apply", mutates_args=())
 def _fused_block_apply(
     x: Tensor,
@@ -276,6 +369,8 @@ _fused_block_linear_act_dropout_fwd_call = caller(_fused_block_linear_act_dropou
 _fused_block_apply_call = caller(_fused_block_apply)
 _fused_block_act_dropout_bwd_call = caller(_fused_block_act_dropout_bwd)
 _fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
+_fused_block_bn_bwd_sums_call = caller(_fused_block_bn_bwd_sums)
+_fused_block_bn_bwd_dx_call = caller(_fused_block_bn_bwd_dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,11 +383,14 @@ _fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
 _PIECEWISE_LINEAR = frozenset(("none", "relu", "leaky_relu"))
 
 
-def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int) -> tuple:
+def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int,
+                 sums=None) -> tuple:  # fmt: skip
     """The block's (dx, dweight, dbias) as ``affine_grads`` returns them for a Function of
     ``n_inputs`` inputs (x, weight and bias first), from the gradient of its output. With a
     ``ctx.handover`` that the Linear before the block wants filled (``_handover``), the dx
-    pass also makes dx^T and dx's column sums, handed over with dx."""
+    pass also makes dx^T and dx's column sums, handed over with dx. ``sums``: ``(psum_g,
+    psum_gxmu, dweight, dbias)`` of ``fused_block_bn_bwd_sums`` (its pass ran already): the dx
+    pass alone runs."""
     handover = ctx.handover
     extra = (None, None)
     if handover is not None and handover.want and ctx.needs_input_grad[0]:
@@ -303,20 +401,14 @@ def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int) 
             torch.empty((C, R), dtype=x.dtype, device=x.device),
             torch.empty((-(-R // TRANSPOSED_ROWS), C), dtype=_acc_dtype(x), device=x.device),
         )
-    dx, dw, db = _fused_block_bn_bwd_call(
-        dout,
-        x,
-        weight,
-        bias,
-        mean,
-        invstd,
-        seed,
-        ctx.p,
-        ctx.activation,
-        ctx.negative_slope,
-        *ctx.needs_input_grad[:3],
-        *extra,
-    )
+    args = (dout, x, weight, bias, mean, invstd, seed, ctx.p, ctx.activation, ctx.negative_slope)
+    if sums is None:
+        dx, dw, db = _fused_block_bn_bwd_call(*args, *ctx.needs_input_grad[:3], *extra)
+    else:
+        psum_g, psum_gxmu, dw, db = sums
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _fused_block_bn_bwd_dx_call(*args, psum_g, psum_gxmu, *extra)
     grads = affine_grads(ctx, dx, dw, db, n_inputs)
     if extra[0] is not None:
         handover.give(grads[0], extra)
@@ -373,6 +465,40 @@ class BNActDropoutFunction(torch.autograd.Function):
         return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=11)
 
 
+# The block + Linear backward computes the Linear's dX first, and the block's reduction, which
+# reads the block's input x anyway, also recomputes the block's output for the Linear's dW: one
+# launch and one read of x per hidden layer fewer than a recomputation pass of its own (64 MiB
+# at w1024 B16K fp32). Read once; ``FUSEDMLP_APPLY_IN_REDUCTION=0`` runs the separate pass
+# (``benchmarks/kernel_times.py`` times both).
+APPLY_IN_REDUCTION = os.environ.get("FUSEDMLP_APPLY_IN_REDUCTION", "1") != "0"
+
+
+def _grads_apply_in_reduction(
+    ctx, dy, x, weight, bias, mean, invstd, seed, lin_weight, need_dlb, transposed
+) -> tuple:
+    """``BNActDropoutLinearFunction.backward``'s return when both the Linear's dW and the
+    block's gradients are needed (``APPLY_IN_REDUCTION``): the Linear's dX (the block output's
+    gradient); the block's reduction, which also writes the block's output (transposed where
+    the Linear's dW reads it so: ``dw_copies_input_transposed``); the Linear's dW and db from
+    it, after which it is freed; the block's dx pass."""
+    need_dw, need_db = ctx.needs_input_grad[1:3]
+    dout = _linear_bwd(dy, x, lin_weight, dy, "none", 0.0, True, False, False, [])[0]
+    psum_g, psum_gxmu, dw, db, out = _fused_block_bn_bwd_sums_call(
+        dout, x, weight, bias, mean, invstd, seed, ctx.p, ctx.activation, ctx.negative_slope,
+        need_dw, need_db, True, transposed,
+    )  # fmt: skip
+    made = take(ctx.lin_handover, dy)  # dy^T and its column sums, from the next block
+    _, dlw, dlb = _linear_bwd(
+        dy, out.t() if transposed else out, lin_weight, dy, "none", 0.0, False, True, need_dlb,
+        made or [],
+    )  # fmt: skip
+    del out
+    dx, dw, db = _block_grads(
+        ctx, dout, x, weight, bias, mean, invstd, seed, 3, (psum_g, psum_gxmu, dw, db)
+    )
+    return dx, dw, db, None, dlw, dlb if need_dlb else None, *(None,) * 9
+
+
 class BNActDropoutLinearFunction(torch.autograd.Function):
     """``linear(dropout(act(batch_norm(x))), lin_weight, lin_bias)`` with batch statistics, the
     Linear without activation (an MLP's next layer, or its head). Also returns the batch mean and
@@ -380,9 +506,10 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     ``mean``/``invstd`` as ``BNActDropoutFunction``'s.
 
     The block's output, the Linear's input, is not saved: the backward recomputes it from x, the
-    statistics and the seed (one elementwise pass, ``fused_block_apply``) for the Linear's dW,
-    then frees it before the block's own backward. A hidden layer so keeps one [N, C] activation
-    for backward (x) instead of two (x and the block output), as a compiled torch model does.
+    statistics and the seed for the Linear's dW (in the block's backward reduction,
+    ``_grads_apply_in_reduction``, or in an elementwise pass of its own, ``fused_block_apply``),
+    then frees it before the block's dx pass. A hidden layer so keeps one [N, C] activation for
+    backward (x) instead of two (x and the block output), as a compiled torch model does.
     Saves x, weight, bias, mean, invstd, seed, lin_weight."""
 
     @staticmethod
@@ -422,15 +549,22 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
         need_dx, need_dw, need_db, _, need_dlw, need_dlb = ctx.needs_input_grad[:6]
         need_dlb = need_dlb and ctx.has_lin_bias
         need_block = need_dx or need_dw or need_db
-        if need_dlw:  # the Linear's input again, for its dW only
+        transposed = False
+        if need_dlw:
             from ..kernels.linear import dw_copies_input_transposed
 
-            # Where TF32's dW would copy it transposed, the recomputation writes it transposed
-            # at once: no row-major copy beside dZ^T (64 MiB less at w1024 B16K fp32), no
-            # transpose pass. Eager only: the precision setting read there cannot be traced.
+            # Where TF32's dW would copy the Linear's input transposed, its recomputation
+            # writes it transposed at once: no row-major copy beside dZ^T (64 MiB less at w1024
+            # B16K fp32), no transpose pass. Eager only: the precision setting read there
+            # cannot be traced.
             transposed = not torch.compiler.is_compiling() and dw_copies_input_transposed(
                 x, lin_weight
             )
+        if need_dlw and need_block and APPLY_IN_REDUCTION and not torch.compiler.is_compiling():
+            return _grads_apply_in_reduction(
+                ctx, dy, x, weight, bias, mean, invstd, seed, lin_weight, need_dlb, transposed
+            )
+        if need_dlw:  # the Linear's input again, for its dW only
             out = _fused_block_apply_call(
                 x,
                 weight,

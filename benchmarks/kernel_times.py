@@ -11,9 +11,11 @@ time of the kernels the call launched (torch.profiler, CUDA activity), so each r
 Sections (run in the order ``--sections`` gives; rows are skipped once the budget is spent):
   linear: the linear + ReLU backward through each backward path (``FUSEDMLP_LINEAR_BWD``,
           ``kernels/linear.py``), TF32 and bf16, against torch autograd;
-  step:   the small MLP training step (width 256, batch 64) whose time is the host's, with the
-          direct launch on and off (``kernels/launch.py``), then the bench's step (width 1024,
-          batch 16K, TF32) per backward path, and with its dW split merges launched apart
+  step:   the bench's step (width 1024, batch 16K, TF32) beside torch's, then with the block
+          output recomputed by a pass of its own (``FUSEDMLP_APPLY_IN_REDUCTION=0``) and with
+          TMA for TF32; the small MLP training step (width 256, batch 64) whose time is the
+          host's, with the direct launch on and off (``kernels/launch.py``); the bench's step
+          on the other backward path, and with its dW split merges launched apart
           (``FUSEDMLP_MERGE_MAX_BYTES=0``), as issue 3's 16K x 256 x 256 bf16 backward, and
           that layer's forward;
   ops:    dropout, batch norm, cross-entropy, Adam, SGD as in the bench, fusedmlp and torch.
@@ -42,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fusedmlp.autograd import fused_block as AFB  # noqa: E402
 from fusedmlp.cli import _bench_engine as E  # noqa: E402
 from fusedmlp.cli import _bench_ops as O  # noqa: E402
 from fusedmlp.cli import _bench_report as R  # noqa: E402
@@ -179,33 +182,49 @@ def main() -> None:
             row("linear", f"{tag} torch", O.build_linear("torch", dev, dtype, M, N, K, True),
                 context=ctx)  # fmt: skip
 
+    @contextlib.contextmanager
+    def _apply_pass(inner):
+        previous = AFB.APPLY_IN_REDUCTION
+        AFB.APPLY_IN_REDUCTION = False
+        try:
+            with inner():
+                yield
+        finally:
+            AFB.APPLY_IN_REDUCTION = previous
+
     def step():
-        # The host-bound small step first (short set-up), with every launch once through
-        # fusedmlp's direct launch and once through triton's JITFunction.run (kernels/launch.py):
-        # an A/B in one process; then the GPU-bound large step with both linear backward paths.
+        # The bench's step (width 1024, batch 16K, TF32: issue 8's target) first, beside torch's,
+        # then its A/B rows, then the host-bound small step and the other backward path: a
+        # budget spent on the large step's autotuning leaves the later rows out.
+        big = lambda: O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)  # noqa: E731
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz", big(), wall=True, context=tf32,
+            path="dz")  # fmt: skip
+        row("step", "mlp step w1024 B16K tf32 torch", O.build_mlp_step("torch", dev, 16384 // S, 1024 // S),
+            wall=True, context=tf32)  # fmt: skip
+        # A/B: the block's output recomputed for the next Linear's dW by a forward pass of its
+        # own, as before the eighteenth session (FUSEDMLP_APPLY_IN_REDUCTION=0), against the
+        # default, where the block's backward reduction writes it
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, apply pass of its own", big(),
+            wall=True, context=lambda: _apply_pass(tf32), path="dz")  # fmt: skip
+        # A/B of the TMA forward kernel for TF32 GEMMs in the step (off by default:
+        # FUSEDMLP_TMA=1 turns it on; the tma grid's single layer is not the whole answer)
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, TMA TF32", big(), wall=True,
+            context=lambda: _tma_tf32(tf32), path="dz")  # fmt: skip
+        # The host-bound small step, with every launch once through fusedmlp's direct launch
+        # and once through triton's JITFunction.run (kernels/launch.py): an A/B in one process
         for impl in ("fusedmlp", "torch"):  # host-bound: the wall time is the host's
             build = O.build_mlp_step(impl, dev, 64, 256 // S)
             row("step", f"mlp step w256 B64 tf32 {impl}", build, wall=True, context=tf32)
         build = O.build_mlp_step("fusedmlp", dev, 64, 256 // S)
         row("step", "mlp step w256 B64 tf32 fusedmlp, JITFunction.run launches", build,
             wall=True, context=lambda: _direct_launch(False, tf32))  # fmt: skip
-        for path in ("dz", "fused"):
-            build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
-            row("step", f"mlp step w1024 B16K tf32 fusedmlp {path}", build, wall=True,
-                context=tf32, path=path)  # fmt: skip
-        row("step", "mlp step w1024 B16K tf32 torch", O.build_mlp_step("torch", dev, 16384 // S, 1024 // S),
-            wall=True, context=tf32)  # fmt: skip
+        row("step", "mlp step w1024 B16K tf32 fusedmlp fused", big(), wall=True, context=tf32,
+            path="fused")  # fmt: skip
         # A/B of the split merges by the tiles' last programs (kernels/arrival.py): the same
         # step, and issue 3's small-width backward, with every dW split merged by a launch
         # of its own (FUSEDMLP_MERGE_MAX_BYTES=0; batch norm's merges stay in the kernel)
-        build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
-        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, dW merges launched", build,
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, dW merges launched", big(),
             wall=True, context=lambda: _merges_launched(tf32), path="dz")  # fmt: skip
-        # A/B of the TMA forward kernel for TF32 GEMMs in the step (off by default:
-        # FUSEDMLP_TMA=1 turns it on; the tma grid's single layer is not the whole answer)
-        build = O.build_mlp_step("fusedmlp", dev, 16384 // S, 1024 // S)
-        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, TMA TF32", build, wall=True,
-            context=lambda: _tma_tf32(tf32), path="dz")  # fmt: skip
         M, N = 16384 // S, 256 // S
         for impl, ctx in (("fusedmlp", None), ("fusedmlp, dW merge launched", _merges_launched),
                           ("torch", None)):  # fmt: skip

@@ -19,6 +19,9 @@ column / channel ``c``, logical row-major element index ``i = r * C + c`` in int
               writes dweight, dbias: ``batchnorm._merge_grad_sums``) ->
               ``_fused_bwd_dx_kernel`` (recomputes ``g`` again, BN's dx formula). ``g`` (the
               gradient of the BN output) is never written to memory. Deterministic, no atomics.
+              With ``APPLY`` the reduction also writes the block's output (recomputed, the
+              forward's bits; row-major or transposed) for the Linear after the block, whose
+              dW reads it and which does not save it.
               With ``TRANSPOSED`` the dx pass also writes dx^T and dx's column sums per 64
               rows: the "dz" backward of the Linear before the block (fp32) reads them instead
               of making them in a pass over dx (``fusedmlp.autograd._handover``).
@@ -245,12 +248,15 @@ def _fused_bwd_reduce_kernel(
     dw_ptr,
     db_ptr,
     cnt_ptr,
+    out_ptr,
     R,
     C,
     sxR,
     sxC,
     sdR,
     sdC,
+    soR,
+    soC,
     rows_per_split,
     p,
     scale,
@@ -264,6 +270,7 @@ def _fused_bwd_reduce_kernel(
     DROPOUT: tl.constexpr,
     ALIGNED: tl.constexpr,
     FP64: tl.constexpr,
+    APPLY: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     PIPELINE: tl.constexpr,
@@ -278,6 +285,11 @@ def _fused_bwd_reduce_kernel(
     psum_* are the sums ``[C]``, stored directly. ``PIPELINE``: the next row block's x and dout
     are loaded before this one's arithmetic (two blocks of loads in flight per warp, where the
     plain loop issues a block's loads only after the previous block's arithmetic).
+
+    ``APPLY``: also the block's output ``dropout(act(z))`` to ``out`` (strides soR, soC; a
+    transposed ``[C, R]`` buffer has soR == 1), bit for bit ``_fused_fwd_kernel``'s: the output
+    that the Linear after the block reads for its dW, recomputed from the x this pass reads
+    anyway, so that no pass of its own reads x once more (``bn_act_dropout_backward_sums``).
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -323,6 +335,11 @@ def _fused_bwd_reduce_kernel(
             keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
             g = g * tl.where(keep, scale, 0.0)
         z = _preact(x, mean, sc, sh, DTYPE)
+        if APPLY:  # as _fused_fwd_kernel, operation for operation (the same bits)
+            a = _activation(z, negative_slope, ACTIVATION)
+            if DROPOUT:
+                a = a.to(DTYPE).to(ACC) * tl.where(keep, scale, 0.0)
+            tl.store(out_ptr + r * soR + c * soC, a.to(out_ptr.dtype.element_ty), mask=mask)
         g = tl.where(mask, _act_grad_z(g, z, negative_slope, ACTIVATION), 0.0)
         a1 += g
         a2 += g * (x - mean)
@@ -491,6 +508,12 @@ _TRANSPOSED_INTERPRET = triton.Config({"BLOCK_R": 64, "BLOCK_Q": 4}, num_warps=4
 def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
     """(n_split, rows_per_split) of the backward reduction (``launch.row_splits``)."""
     return row_splits(R, C, device, block_c=128, align=64, cpu_splits=3, cpu_min_rows=8)
+
+
+def backward_sums_shape(R: int, C: int, device: torch.device) -> tuple[int, ...]:
+    """The shape of ``bn_act_dropout_backward_sums``'s ``psum_g`` and ``psum_gxmu``."""
+    n_split = _splits(R, C, device)[0]
+    return (C,) if n_split == 1 else (n_split + 1, C)
 
 
 def _grid(R: int, C: int):
@@ -669,6 +692,177 @@ def act_dropout_backward(
     return dx
 
 
+def _backward_args(x, weight, bias, mean, invstd, seed, p, activation, negative_slope):
+    """The two backward passes' shared launch arguments: ``(ptrs, common)``."""
+    weight, bias = BN._vec(weight), BN._vec(bias)
+    mean = BN._vec(mean)
+    common = dict(
+        p=float(p),
+        scale=float(_scale(p)),
+        negative_slope=float(negative_slope),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        ACTIVATION=activation,
+        DROPOUT=seed is not None,
+        ALIGNED=x.shape[1] % 4 == 0,
+        FP64=x.dtype == torch.float64,
+    )
+    ptrs = dict(
+        mean_ptr=mean,
+        invstd_ptr=BN._vec(invstd),
+        w_ptr=weight if weight is not None else mean,
+        b_ptr=bias if bias is not None else mean,
+        seed_ptr=seed if seed is not None else mean,
+    )
+    return ptrs, common
+
+
+def bn_act_dropout_backward_sums(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    seed: torch.Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    need_dweight: bool = True,
+    need_dbias: bool = True,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Pass 1 of ``bn_act_dropout_backward`` (``_fused_bwd_reduce_kernel``): the column sums
+    ``sum(g)`` and ``sum(g * (x - mean))`` and, from them, dweight and dbias.
+
+    ``out``: an ``[R, C]`` destination (any strides; ``buf.t()`` of a contiguous ``[C, R]``
+    buffer for a transposed one) that the same pass fills with the block's output
+    ``dropout(act(bn(x)))``, bit for bit ``fused_forward``'s with these statistics (``APPLY``).
+
+    Returns ``(psum_g, psum_gxmu, dweight, dbias)``: the sums as ``[C]`` (one split) or
+    ``[n_split + 1, C]`` with the merged sums in the last row (``bn_act_dropout_backward_dx``
+    reads them there), acc dtype; dweight/dbias in weight's dtype, None where not asked for.
+    """
+    _check(x, seed, activation)
+    bound = _backward_args(x, weight, bias, mean, invstd, seed, p, activation, negative_slope)
+    return _sums(dy, x, weight, bias, need_dweight, need_dbias, out, *bound)
+
+
+def _sums(dy, x, weight, bias, need_dweight, need_dbias, out, ptrs, common):
+    """``bn_act_dropout_backward_sums`` after its checks (``_backward_args``'s ptrs, common)."""
+    R, C = x.shape
+    acc = _acc_dtype(x)
+    need_dweight = need_dweight and weight is not None
+    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
+    with on_device(x):
+        n_split, rows = _splits(R, C, x.device)
+        final = n_split == 1  # one split: the reduction writes the merged sums itself
+        dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
+        db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
+        # the splits' rows, then the merged sums' (``_fused_bwd_reduce_kernel``)
+        shape = (C,) if final else (n_split + 1, C)
+        psum_g = torch.empty(shape, device=x.device, dtype=acc)
+        psum_gxmu = torch.empty(shape, device=x.device, dtype=acc)
+        sum_g = psum_g if final else psum_g[-1]
+        apply = out is not None
+        launch(
+            _fused_bwd_reduce_kernel,
+            lambda meta: (cdiv(C, 4 * meta["BLOCK_Q"]), n_split),
+            configs=_REDUCE_CONFIGS,
+            small_config=_REDUCE_CONFIGS[0],
+            work=R * C,
+            # APPLY's stores (transposed: soR == 1) tune apart from the plain reduction
+            key=["C", "rows_per_split", "soR"],
+            interpret_config=_REDUCE_INTERPRET,
+            x_ptr=x,
+            dy_ptr=dy,
+            psum_g_ptr=psum_g,
+            psum_gxmu_ptr=psum_gxmu,
+            dw_ptr=dw if dw is not None else sum_g,
+            db_ptr=db if db is not None else sum_g,
+            # one counter per column block: at most this many (the interpreter's 16 columns)
+            cnt_ptr=psum_g if final else arrival_counters(x.device, cdiv(C, 16)),
+            out_ptr=out if apply else x,
+            R=R,
+            C=C,
+            sxR=x.stride(0),
+            sxC=x.stride(1),
+            sdR=dy.stride(0),
+            sdC=dy.stride(1),
+            soR=out.stride(0) if apply else 0,
+            soC=out.stride(1) if apply else 0,
+            rows_per_split=rows,
+            FINAL=final,
+            HAS_DW=dw is not None,
+            HAS_DB=db is not None,
+            APPLY=apply,
+            **ptrs,
+            **common,
+        )
+    return psum_g, psum_gxmu, dw, db
+
+
+def bn_act_dropout_backward_dx(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    seed: torch.Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    psum_g: torch.Tensor,
+    psum_gxmu: torch.Tensor,
+    transposed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Pass 2 of ``bn_act_dropout_backward`` (``_fused_bwd_dx_kernel``): dx ``[R, C]``
+    contiguous in x's dtype, from ``bn_act_dropout_backward_sums``'s ``psum_g`` and
+    ``psum_gxmu``. ``transposed``: ``(dxt [C, R], ws [cdiv(R, TRANSPOSED_ROWS), C])`` that the
+    pass also fills with dx^T and dx's column sums (``TRANSPOSED``)."""
+    _check(x, seed, activation)
+    bound = _backward_args(x, weight, bias, mean, invstd, seed, p, activation, negative_slope)
+    return _dx(dy, x, psum_g, psum_gxmu, transposed, *bound)
+
+
+def _dx(dy, x, psum_g, psum_gxmu, transposed, ptrs, common):
+    """``bn_act_dropout_backward_dx`` after its checks (``_backward_args``'s ptrs, common)."""
+    R, C = x.shape
+    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    tr = transposed is not None
+    sum_g = psum_g if psum_g.dim() == 1 else psum_g[-1]
+    with on_device(x):
+        launch(
+            _fused_bwd_dx_kernel,
+            _grid(R, C),
+            configs=_TRANSPOSED_CONFIGS if tr else _TILE_CONFIGS,
+            small_config=_TRANSPOSED_CONFIGS[0] if tr else _TILE_CONFIGS[0],
+            work=R * C,
+            key=["R", "C"],
+            interpret_config=_TRANSPOSED_INTERPRET if tr else _INTERPRET_TILE,
+            x_ptr=x,
+            dy_ptr=dy,
+            dx_ptr=dx,
+            sum_g_ptr=sum_g,
+            sum_gxmu_ptr=psum_gxmu if psum_gxmu.dim() == 1 else psum_gxmu[-1],
+            dxt_ptr=transposed[0] if tr else dx,
+            ws_ptr=transposed[1] if tr else sum_g,
+            TRANSPOSED=tr,
+            R=R,
+            C=C,
+            sxR=x.stride(0),
+            sxC=x.stride(1),
+            sdR=dy.stride(0),
+            sdC=dy.stride(1),
+            sgR=dx.stride(0),
+            sgC=dx.stride(1),
+            **ptrs,
+            **common,
+        )
+    return dx
+
+
 def bn_act_dropout_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -687,114 +881,20 @@ def bn_act_dropout_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward of ``out = act(bn(x)) * keep * scale`` (BN with batch statistics).
 
-    ``transposed``: ``(dxt [C, R], ws [cdiv(R, TRANSPOSED_ROWS), C])`` the dx pass also fills
-    (``_fused_bwd_dx_kernel``'s ``TRANSPOSED``), with need_dx.
-
     dy, x: ``[R, C]``, any strides; weight/bias: the BN parameters or None; mean/invstd: the
     forward's ``[C]`` statistics; seed: the forward's dropout seed or None. The gradient of the
     BN output, ``g = dy * keep * scale * act'(z)``, is recomputed from x in both passes (never
-    stored). Launches: the split reduction (its last split per column block merges), then dx.
+    stored). Launches: the split reduction (its last split per column block merges:
+    ``bn_act_dropout_backward_sums``), then dx (``bn_act_dropout_backward_dx``, which also
+    fills ``transposed``, with need_dx).
     Returns ``(dx, dweight, dbias)`` (None where not asked for): dx contiguous in x's dtype,
     dweight/dbias in weight's dtype.
     """
     _check(x, seed, activation)
-    R, C = x.shape
-    acc = _acc_dtype(x)
-    weight, bias = BN._vec(weight), BN._vec(bias)
-    mean, invstd = BN._vec(mean), BN._vec(invstd)
-    need_dweight = need_dweight and weight is not None
-    pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
-    common = dict(
-        p=float(p),
-        scale=float(_scale(p)),
-        negative_slope=float(negative_slope),
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        ACTIVATION=activation,
-        DROPOUT=seed is not None,
-        ALIGNED=C % 4 == 0,
-        FP64=acc == torch.float64,
-    )
-    ptrs = dict(
-        mean_ptr=mean,
-        invstd_ptr=invstd,
-        w_ptr=weight if weight is not None else mean,
-        b_ptr=bias if bias is not None else mean,
-        seed_ptr=seed if seed is not None else mean,
-    )
-    with on_device(x):
-        n_split, rows = _splits(R, C, x.device)
-        final = n_split == 1  # one split: the reduction writes the merged sums itself
-        dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
-        db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
-        # the splits' rows, then the merged sums' (``_fused_bwd_reduce_kernel``)
-        shape = (C,) if final else (n_split + 1, C)
-        psum_g = torch.empty(shape, device=x.device, dtype=acc)
-        psum_gxmu = torch.empty(shape, device=x.device, dtype=acc)
-        sum_g, sum_gxmu = (psum_g, psum_gxmu) if final else (psum_g[-1], psum_gxmu[-1])
-        grads = dict(
-            dw_ptr=dw if dw is not None else sum_g,
-            db_ptr=db if db is not None else sum_g,
-            HAS_DW=dw is not None,
-            HAS_DB=db is not None,
-        )
-        launch(
-            _fused_bwd_reduce_kernel,
-            lambda meta: (cdiv(C, 4 * meta["BLOCK_Q"]), n_split),
-            configs=_REDUCE_CONFIGS,
-            small_config=_REDUCE_CONFIGS[0],
-            work=R * C,
-            key=["C", "rows_per_split"],
-            interpret_config=_REDUCE_INTERPRET,
-            x_ptr=x,
-            dy_ptr=dy,
-            psum_g_ptr=psum_g,
-            psum_gxmu_ptr=psum_gxmu,
-            # one counter per column block: at most this many (the interpreter's 16 columns)
-            cnt_ptr=psum_g if final else arrival_counters(x.device, cdiv(C, 16)),
-            R=R,
-            C=C,
-            sxR=x.stride(0),
-            sxC=x.stride(1),
-            sdR=dy.stride(0),
-            sdC=dy.stride(1),
-            rows_per_split=rows,
-            FINAL=final,
-            **grads,
-            **ptrs,
-            **common,
-        )
-        dx = None
-        if need_dx:
-            dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
-            tr = transposed is not None
-            launch(
-                _fused_bwd_dx_kernel,
-                _grid(R, C),
-                configs=_TRANSPOSED_CONFIGS if tr else _TILE_CONFIGS,
-                small_config=_TRANSPOSED_CONFIGS[0] if tr else _TILE_CONFIGS[0],
-                work=R * C,
-                key=["R", "C"],
-                interpret_config=_TRANSPOSED_INTERPRET if tr else _INTERPRET_TILE,
-                x_ptr=x,
-                dy_ptr=dy,
-                dx_ptr=dx,
-                sum_g_ptr=sum_g,
-                sum_gxmu_ptr=sum_gxmu,
-                dxt_ptr=transposed[0] if tr else dx,
-                ws_ptr=transposed[1] if tr else sum_g,
-                TRANSPOSED=tr,
-                R=R,
-                C=C,
-                sxR=x.stride(0),
-                sxC=x.stride(1),
-                sdR=dy.stride(0),
-                sdC=dy.stride(1),
-                sgR=dx.stride(0),
-                sgC=dx.stride(1),
-                **ptrs,
-                **common,
-            )
+    bound = _backward_args(x, weight, bias, mean, invstd, seed, p, activation, negative_slope)
+    psum_g, psum_gxmu, dw, db = _sums(dy, x, weight, bias, need_dweight, need_dbias, None,
+                                      *bound)  # fmt: skip
+    dx = _dx(dy, x, psum_g, psum_gxmu, transposed, *bound) if need_dx else None
     return dx, dw, db
 
 
@@ -803,6 +903,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "act_dropout_backward",
     "bn_act_dropout_backward",
+    "bn_act_dropout_backward_dx",
+    "bn_act_dropout_backward_sums",
     "fused_forward",
     "saves_output",
 ]

@@ -12,9 +12,9 @@ the children's own parameters and buffers:
         followed by Linear(activation=None) (an MLP's next layer or head), with at least
         ``RECOMPUTE_MIN_BYTES`` (1 MiB) of block output and no autocast
         -> ``bn_act_dropout_linear``: the block and that Linear in one autograd Function that
-           does not keep the block's output for backward but recomputes it there (one
-           elementwise pass) for the Linear's dW: one [N, C] activation kept per hidden layer
-           instead of two.
+           does not keep the block's output for backward but recomputes it there for the
+           Linear's dW (in eager mode in the block's backward reduction, no pass of its own):
+           one [N, C] activation kept per hidden layer instead of two.
     Linear(activation=A), Identity..., Dropout      (or Linear(activation=None), <act module>,
     Dropout)
         -> ``linear_act_dropout``: the activation and the dropout in the Linear's epilogue (one

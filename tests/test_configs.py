@@ -211,19 +211,32 @@ def test_norm_loss_softmax_every_configuration(forced, dtype):
 
 
 @pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
-def test_fused_block_and_dropout_every_configuration(forced):
-    # [Linear, BatchNorm1d, ReLU, Linear] through convert: the fused BN-activation kernels
+def test_fused_block_and_dropout_every_configuration(forced, monkeypatch):
+    # [Linear, BatchNorm1d, ReLU, Linear] through convert: the fused BN-activation kernels.
+    # Twice: as the small model runs, and as a big fp32 one (the block's output recomputed in
+    # its backward reduction, written transposed for the last Linear's dW on the dz path).
+    from fusedmlp.autograd import fused_block
+    from fusedmlp.kernels import linear as KL
+
     torch_model = torch.nn.Sequential(
         torch.nn.Linear(24, 48), torch.nn.BatchNorm1d(48), torch.nn.ReLU(), torch.nn.Linear(48, 5)
     ).to(DEVICE)
     ours = fnn.convert(copy.deepcopy(torch_model))
     x = torch.randn(260, 24, device=DEVICE)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours(xa).square().sum().backward()
-    torch_model(xb).square().sum().backward()
-    assert_close(xa.grad, xb.grad, scale=10.0)
-    for (name, pa), pb in zip(ours.named_parameters(), torch_model.parameters()):
-        assert_close(pa.grad, pb.grad, scale=10.0, msg=name)
+    for big in (False, True):
+        if big:
+            monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
+            monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
+            forced.clear()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours.zero_grad()
+        torch_model.zero_grad()
+        ours(xa).square().sum().backward()
+        torch_model(xb).square().sum().backward()
+        assert_close(xa.grad, xb.grad, scale=10.0)
+        for (name, pa), pb in zip(ours.named_parameters(), torch_model.parameters()):
+            assert_close(pa.grad, pb.grad, scale=10.0, msg=name)
+    _check_forced(forced, ["_fused_bwd_reduce_kernel", "_fused_bwd_dx_kernel"])
     # dropout: every element kept as x / (1 - p) or dropped, and the backward's mask the same
     d = torch.randn(257, 33, device=DEVICE).requires_grad_()
     y = FF.dropout(d, 0.3, True)

@@ -250,18 +250,23 @@ def _block_then_linear(seq):
     return torch.nn.Sequential(FusedSequential(*mods[:4]), mods[4])
 
 
+@pytest.mark.parametrize("apply", ["in reduction", "own pass"])
 @pytest.mark.parametrize("path", ["auto", "dz"])
 @pytest.mark.parametrize(
     "n, c, act, p", [(9, 13, "relu", 0.4), (16, 8, "tanh", 0.0), (7, 37, None, 0.3)]
 )
 def test_bn_block_then_linear_equals_the_unfused_chain(
-    triton_backend, recompute, launches, monkeypatch, n, c, act, p, path
+    triton_backend, recompute, launches, monkeypatch, n, c, act, p, path, apply
 ):
     # path "dz": the Linear's backward as a GPU runs it for big fp32 GEMMs, whose dW reads
-    # its input transposed: the recomputed block output is then handed over transposed
+    # its input transposed: the recomputed block output is then handed over transposed.
+    # apply "in reduction" (the default): the block's backward reduction recomputes it, after
+    # the Linear's dX; "own pass": a forward pass again, before the Linear's backward.
+    from fusedmlp.autograd import fused_block
     from fusedmlp.kernels import linear as KL
 
     monkeypatch.setattr(KL, "BACKWARD_PATH", path)
+    monkeypatch.setattr(fused_block, "APPLY_IN_REDUCTION", apply == "in reduction")
     fused = _bn_block_linear(c, act, p)
     unfused = _block_then_linear(fused)
     x = torch.randn(n, 6, device=DEVICE)
@@ -269,8 +274,10 @@ def test_bn_block_then_linear_equals_the_unfused_chain(
     launched = dict(launches)
     launches.clear()
     out_ref, grads_ref = _run(unfused, x, 5)
-    # one fused pass forward, its recomputation for the second Linear's dW in backward
-    assert launched["_fused_fwd_kernel"] == 2
+    # one fused pass forward, and the recomputation for the second Linear's dW in backward:
+    # in the reduction's launch, or in a pass of its own
+    assert launched["_fused_fwd_kernel"] == (1 if apply == "in reduction" else 2)
+    assert launched["_fused_bwd_reduce_kernel"] == 1
     assert "_bn_update_running_kernel" not in launched  # the statistics kernel updates them
     # the same kernels on the same values: equal to the bit, masks included
     assert torch.equal(out, out_ref)
@@ -280,6 +287,42 @@ def test_bn_block_then_linear_equals_the_unfused_chain(
     assert torch.equal(fused[1].running_var, unfused[0][1].running_var)
     # the second Linear does not keep its [n, c] input
     assert _saved_bytes(fused, x) <= _saved_bytes(unfused, x) - n * c * 4
+
+
+@pytest.mark.parametrize(
+    "dtype, act",
+    [(torch.float32, a) for a in ("relu", "leaky_relu", "gelu", "silu", "sigmoid", "none")]
+    + [(torch.bfloat16, "relu"), (torch.bfloat16, "gelu"), (torch.float16, "tanh")],
+)
+def test_backward_reduction_recomputes_the_forward_output_bit_for_bit(
+    triton_backend, launches, dtype, act
+):
+    # The block's backward reduction writes the block's output (APPLY), row-major or
+    # transposed, as the forward pass wrote it: the same bits (the Linear after the block
+    # takes its dW from it). Its sums and the gradients from them: those of the reduction
+    # without it. 37 rows: several splits, the last one short; dropout on and off.
+    from fusedmlp.kernels import fused_block as K
+
+    for p, transposed in ((0.3, False), (0.3, True), (0.0, True)):
+        x = (torch.randn(37, 12, device=DEVICE) * 2 + 0.5).to(dtype)
+        w = torch.rand(12, device=DEVICE) + 0.5
+        b = torch.randn(12, device=DEVICE)
+        dy = torch.randn(37, 12, device=DEVICE).to(dtype)
+        seed = torch.tensor([1234], device=DEVICE) if p else None
+        out, mean, invstd, _ = K.fused_forward(x, w, b, seed, True, 1e-5, p, act, 0.1)
+        buf = torch.full((12, 37) if transposed else (37, 12), float("nan"), dtype=dtype)
+        launches.clear()
+        got = K.bn_act_dropout_backward_sums(
+            dy, x, w, b, mean, invstd, seed, p, act, 0.1, out=buf.t() if transposed else buf
+        )
+        assert dict(launches) == {"_fused_bwd_reduce_kernel": 1}
+        assert torch.equal(buf.t() if transposed else buf, out)
+        want = K.bn_act_dropout_backward_sums(dy, x, w, b, mean, invstd, seed, p, act, 0.1)
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
+        dx = K.bn_act_dropout_backward_dx(dy, x, w, b, mean, invstd, seed, p, act, 0.1, *got[:2])
+        assert torch.equal(dx, K.bn_act_dropout_backward(dy, x, w, b, mean, invstd, seed, p, act,
+                                                         0.1)[0])  # fmt: skip
 
 
 def test_bn_block_then_linear_without_dw_skips_the_recomputation(
@@ -334,8 +377,14 @@ def test_mlp_keeps_one_activation_per_hidden_layer(triton_backend, launches, mon
     assert launches["_fused_fwd_kernel"] == 3
     launches.clear()
     monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 32 * 16 * 4)
-    # three hidden [32, 16] block outputs not kept, each recomputed once in backward
+    # three hidden [32, 16] block outputs not kept, each recomputed once in backward: by the
+    # block's backward reduction (no launch of its own), or by a forward pass again
     assert _saved_bytes(model, x) <= kept - 3 * 32 * 16 * 4
+    launches.clear()
+    model(x).sum().backward()
+    assert launches["_fused_fwd_kernel"] == 3
+    assert launches["_fused_bwd_reduce_kernel"] == 3
+    monkeypatch.setattr(fused_block, "APPLY_IN_REDUCTION", False)
     launches.clear()
     model(x).sum().backward()
     assert launches["_fused_fwd_kernel"] == 6
