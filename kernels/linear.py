@@ -927,7 +927,16 @@ _TILES_32_TF32 = _TILES_32 + [(128, 256, 16, 8, 4)]
 # The forward kernel (also both GEMMs of the "dz" backward) with 32-deep TF32 tiles: half the
 # barriers and wgmma issue rounds per FLOP of the 16-deep one; 182-188 registers, no spills
 # (sm_90, triton 3.9). The fused dX/dW kernels spill with them (72-96 bytes of stack).
-_TILES_32_TF32_FWD = _TILES_32_TF32 + [(128, 256, 32, 8, 3), (256, 128, 32, 8, 3)]
+# 128 x 256 x 32 with 3 stages won every GEMM of issue 8's step on the H100 (seventeenth
+# session), at about 80% of cuBLAS's backward GEMMs' speed; the same tile with 4 stages (192 KiB
+# of shared memory, one more K-step of loads in flight, as the 16-bit list has) is the
+# autotuner's to try: 250-254 registers and no spills at the step's signatures (sm_90, triton
+# 3.6 and 3.9), not yet timed.
+_TILES_32_TF32_FWD = _TILES_32_TF32 + [
+    (128, 256, 32, 8, 3),
+    (256, 128, 32, 8, 3),
+    (128, 256, 32, 8, 4),
+]
 # fp64 (only under backend "triton", e.g. gradcheck): one small config, no autotuning.
 _TILES_64 = [(32, 32, 16, 4, 2)]
 _INTERPRET_TILE = (16, 16, 16, 4, 2)
