@@ -19,6 +19,8 @@
 #   6. kernel_times: benchmarks/kernel_times.py (step, then ops): kernel-only vs event time, and
 #                the step's A/Bs (the block output's recomputation, TMA for TF32, backward
 #                paths, dW merges)
+#   6b. step_graph: target_grid.py --grid step --graph: issue 8's step at w1024 B16K, fusedmlp's
+#                and torch's each captured in a CUDA graph (no host time in either)
 #   7. target_grid: benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16,
 #                fp32; resolved: a check that its figures hold)
 #   8. small_grid: the same widths as 5, launched from Python (the bench's timing)
@@ -88,7 +90,7 @@ if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; f
 # start from none of this script's outputs (a rerun into the same folder on a warm machine).
 rm -rf "$DIR/profile" "$DIR"/*.log "$DIR"/kernel_times.jsonl "$DIR"/bench.{json,md,png} \
   "$DIR"/tma_grid.{json,md} "$DIR"/small_grid.{json,md} "$DIR"/small_graph.{json,md} \
-  "$DIR"/targets.md \
+  "$DIR"/step_graph.{json,md} "$DIR"/target_grid.{json,md} "$DIR"/targets.md \
   "$DIR"/RESULTS.md "$DIR"/verify.json "$DIR"/gpu_check.tgz
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$DIR/summary.txt"; }
 
@@ -215,6 +217,12 @@ cat "$DIR/small_graph.md" >>"$DIR/summary.txt" 2>/dev/null
 # 6. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show):
 # issue 8's step and its A/Bs first, then the ops of the closed issues, which the budget may cut
 step kernel_times 95 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 60 --sections step,ops
+
+# 6b. issue 8's step with each impl's whole step captured in a CUDA graph: the GPU's time of
+# both steps, without the host's (fusedmlp's Python sets its event time on these machines)
+step step_graph 45 "$PY" benchmarks/target_grid.py --grid step --graph \
+  --json "$DIR/step_graph.json" --markdown "$DIR/step_graph.md"
+cat "$DIR/step_graph.md" >>"$DIR/summary.txt" 2>/dev/null
 
 # 7. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100; issue 4 is
 # resolved: this checks its figures still hold)

@@ -1,6 +1,6 @@
 """The issues' speed-target grids that ``fusedmlp bench --quick`` leaves out, in one run.
 
-    python benchmarks/target_grid.py [--grid cross_entropy|tma|small|optim[,...]] [--json PATH]
+    python benchmarks/target_grid.py [--grid cross_entropy|tma|small|optim|step[,...]] [--json PATH]
                                      [--markdown PATH] [--compile]
 
 ``--grid cross_entropy`` (default): cross-entropy forward+backward at M = 16K rows and C = 32K,
@@ -26,6 +26,12 @@ backward target, >= 0.9x). The quick bench has only width 256 in bf16.
 
 ``--grid optim``: issue 7's small-tensor case, Adam over 1,000 tensors of 1,000 fp32 elements
 (>= 5x ``torch.optim.Adam(foreach=True)``), beside torch's fused Adam.
+
+``--grid step``: issue 8's training step at width 1024, batch 16K, TF32 (the bench's), beside
+torch eager. With ``--graph``: each impl's whole step (zero_grad, forward, loss, backward,
+Adam with ``capturable=True``) captured and replayed, fusedmlp and torch alike: the steps'
+GPU time without the host's (on the GPU machines fusedmlp's Python sets its step's event
+time; ``fusedmlp train --cuda-graph`` trains so).
 
 Several grids, comma-separated, run into one JSON file.
 
@@ -54,18 +60,23 @@ from fusedmlp.cli import _bench_engine as E
 from fusedmlp.cli import _bench_report as R
 from fusedmlp.cli._bench_ops import (
     DTYPE_NAMES,
+    MLP_CLASSES,
+    MLP_DEPTH,
     OPS,
     Case,
     _si,
+    _tf32,
     adam_bytes,
     build_cross_entropy,
     build_linear,
+    build_mlp_step,
     build_optimizer,
     cross_entropy_bytes,
     linear_bwd_bytes,
     linear_bwd_flops,
     linear_fwd_bytes,
     linear_fwd_flops,
+    mlp_step_counts,
 )
 from fusedmlp.cli.bench import _versions
 
@@ -201,9 +212,39 @@ def optim_cases(device: torch.device, compile_: bool) -> list[Case]:
     ]
 
 
+def step_cases(device: torch.device, compile_: bool, graph: bool = False) -> list[Case]:
+    """Issue 8's training step (``fusedmlp bench``'s: 4 x [Linear-BN-ReLU-Dropout] + Linear,
+    cross-entropy, Adam) at width 1024, batch 16K, TF32; with ``graph`` its optimizers are
+    built capturable (a step captured in a CUDA graph)."""
+    impls = ["fusedmlp", "torch"] + (["torch.compile"] if compile_ else [])
+    batch, width = 16384, 1024
+    nbytes, flops = mlp_step_counts(batch, width, width, MLP_DEPTH, MLP_CLASSES, 4)
+    return [
+        Case(
+            "mlp_step",
+            "step",
+            f"width={width} B={batch}",
+            "fp32 (tf32)",
+            impl,
+            build_mlp_step(impl, device, batch, width, capturable=graph),
+            nbytes,
+            flops,
+            context=_tf32,
+            order=(OPS.index("mlp_step"), i),
+        )
+        for i, impl in enumerate(impls)
+    ]
+
+
 # the bench op each grid measures (a grid's own name where it is the op's)
-OP_OF_GRID = {"tma": "linear", "small": "linear", "optim": "adam"}
-GRIDS = {"cross_entropy": cases, "tma": tma_cases, "small": small_cases, "optim": optim_cases}
+OP_OF_GRID = {"tma": "linear", "small": "linear", "optim": "adam", "step": "mlp_step"}
+GRIDS = {
+    "cross_entropy": cases,
+    "tma": tma_cases,
+    "small": small_cases,
+    "optim": optim_cases,
+    "step": step_cases,
+}
 
 
 def main(argv=None) -> int:
@@ -255,7 +296,16 @@ def main(argv=None) -> int:
         R.write_markdown(args.markdown, doc)
         return doc
 
-    grid = [case for name in args.grid for case in GRIDS[name](device, args.compile)]
+    # the step's optimizers must be built capturable for a graph (the other grids need nothing)
+    grid = [
+        case
+        for name in args.grid
+        for case in (
+            GRIDS[name](device, args.compile, args.graph)
+            if name == "step"
+            else GRIDS[name](device, args.compile)
+        )
+    ]
     if args.graph:
         grid = [dataclasses.replace(case, graph=True) for case in grid]
     rows = E.run_cases(grid, device, cfg, ceilings, dname, on_row=save)

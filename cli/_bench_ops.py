@@ -342,7 +342,12 @@ def _torch_mlp(in_features, width, depth, classes, dropout):
     return torch.nn.Sequential(*layers)
 
 
-def build_mlp_step(impl, device, batch, width, depth=MLP_DEPTH, classes=MLP_CLASSES):
+def build_mlp_step(impl, device, batch, width, depth=MLP_DEPTH, classes=MLP_CLASSES,
+                   capturable=False):  # fmt: skip
+    """``capturable``: the optimizers built for CUDA-graph capture (``capturable=True``, fusedmlp
+    and torch alike; torch.compile's fused Adam too): a graph case (``Case.graph``)."""
+    extra = {"capturable": True} if capturable else {}
+
     def build():
         x = torch.randn(batch, width, device=device)
         y = torch.randint(0, classes, (batch,), device=device)
@@ -359,13 +364,13 @@ def build_mlp_step(impl, device, batch, width, depth=MLP_DEPTH, classes=MLP_CLAS
                 dropout=MLP_DROPOUT,
             ).to(device)
             loss_fn = fnn.CrossEntropyLoss()
-            opt = fo.Adam(model.parameters(), lr=1e-3)
+            opt = fo.Adam(model.parameters(), lr=1e-3, **extra)
             backend = _fused_backend(x)
         else:
             model = _torch_mlp(width, width, depth, classes, MLP_DROPOUT).to(device)
             loss_fn = torch.nn.CrossEntropyLoss()
             fused = impl == "torch.compile" and x.is_cuda
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None, **extra)
             backend = _impl_backend(impl)
         model.train()
 

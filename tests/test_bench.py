@@ -426,8 +426,13 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
         row("linear", "fwd", "M=16384 N=64 K=64", "bf16", "fusedmlp", 0.0040),
         row("linear", "fwd", "M=16384 N=64 K=64", "bf16", "torch", 0.0050),
     ]
+    step_graph = [  # target_grid.py --grid step --graph: each impl's step captured
+        row("mlp_step", "step", "width=1024 B=16384", "fp32 (tf32)", "fusedmlp", 2.40),
+        row("mlp_step", "step", "width=1024 B=16384", "fp32 (tf32)", "torch", 3.70),
+    ]
     files = (("bench.json", bench), ("tma_grid.json", tma), ("target_grid.json", ce),
-             ("small_grid.json", small), ("small_graph.json", graphed))  # fmt: skip
+             ("small_grid.json", small), ("small_graph.json", graphed),
+             ("step_graph.json", step_graph))  # fmt: skip
     for name, rows in files:
         doc = {"meta": {}, "ceilings": {"copy_gbps": 3008.0}, "rows": rows}
         (tmp_path / name).write_text(json.dumps(doc))
@@ -475,8 +480,12 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
     assert verdict("Adam vs torch foreach") == ("2.11x", "not met")
     assert verdict("Adam over 1,000") == ("-", "not measured")
     assert verdict("SGD") == ("-", "not measured")
-    assert verdict("training step w1024") == ("0.61x", "not met")
+    # the bench's events (host launches included), not the graphed file's rows
+    assert verdict("training step w1024 B16K vs eager") == ("0.61x", "not met")
     assert verdict("training step vs torch.compile") == ("0.92x", "not met")
+    # both steps captured: judged within that file; no compile row there, no criterion
+    assert verdict("training step w1024 B16K, both CUDA graph") == ("1.54x", "**met**")
+    assert not [k for k in got if k.startswith("training step, both CUDA graph")]
     assert verdict("training step peak") == ("-184 MB against the lower", "**met**")
     md = T.markdown(T.criteria(rows, ceilings))
     assert md.startswith("| issue | criterion |") and "| #5 |" in md
