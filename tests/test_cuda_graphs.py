@@ -135,16 +135,25 @@ def test_grad_scaler_step_has_no_host_sync():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("path, precision", [("fused", "highest"), ("dz", "high")])
+@pytest.mark.parametrize(
+    "path, precision, recompute",
+    [("fused", "highest", False), ("dz", "high", False), ("dz", "high", True)],
+)
 def test_mlp_fused_blocks_captured_step_equals_eager_loop(
-    interpreter_splits, monkeypatch, path, precision
+    interpreter_splits, monkeypatch, path, precision, recompute
 ):
     # fusedmlp.nn.MLP's fused Linear -> BatchNorm -> ReLU blocks (statistics from the Linear's
     # epilogue; on the TF32 "dz" path the block's dx pass hands dZ^T to the Linear before it;
     # split reductions merged by their last program, the interpreter's split rules forcing
-    # them at this size) under capture and replay, against the same steps run eagerly
+    # them at this size) under capture and replay, against the same steps run eagerly.
+    # ``recompute``: each block and the Linear after it as one Function, whose backward
+    # reduction recomputes the block's output (transposed on the dz path), as at the bench's size
+    from fusedmlp.autograd import fused_block as AFB
     from fusedmlp.kernels import fused_block as KFB
     from fusedmlp.kernels import linear as KL
+
+    if recompute:
+        monkeypatch.setattr(AFB, "RECOMPUTE_MIN_BYTES", 0)
 
     rule = KFB._splits
     monkeypatch.setattr(KFB, "_splits", lambda R, C, device: rule(R, C, torch.device("cpu")))
