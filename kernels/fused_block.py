@@ -470,6 +470,13 @@ _TILE_CONFIGS = [
 # (seventeenth session, the step's w1024 B16K TF32 blocks) 8 x 64 with 8 warps and PIPELINE;
 # from the lists above, 8 x 32 with 8 warps (the forward, row-major and transposed), 8 x 64
 # with 8 warps (dx) and 64 x 8 with 8 warps (dx, transposed): each a sixteenth-session addition.
+# With APPLY (the block's output recomputed and stored transposed, fp32, dropout) the same list
+# compiles to about twice the registers (sm_90, triton 3.9 / 3.6; no spills): 150-175 for the
+# 8 x 64 and 16 x 32 tiles with 8 warps (one program an SM), 80-98 for 8 x 32 with 8 warps and
+# 92-98 for 8 x 64 with 16 warps. The stores go through one layout conversion in shared memory
+# (a warp then writes 4 whole 32-byte sectors per instruction, one element a thread) and hold a
+# 64-bit address per element. Not yet timed: ``kernel_times.py``'s step A/B says whether the
+# reduction with APPLY beats the reduction plus a pass of its own.
 _REDUCE_CONFIGS = [
     triton.Config({"BLOCK_R": r, "BLOCK_Q": q, "PIPELINE": pipe}, num_warps=w)
     for r, q, w, pipe in [
