@@ -139,34 +139,16 @@ def main() -> None:
     tf32 = O._tf32
 
     @contextlib.contextmanager
-    def _direct_launch(on, inner):
-        previous = KLaunch.DIRECT_LAUNCH
-        KLaunch.DIRECT_LAUNCH = on
-        try:
-            with inner():
-                yield
-        finally:
-            KLaunch.DIRECT_LAUNCH = previous
-
-    @contextlib.contextmanager
-    def _merges_launched(inner=None):
-        previous = KL.MERGE_MAX_BYTES
-        KL.MERGE_MAX_BYTES = 0
+    def _set(module, name, value, inner=None):
+        """``module.name = value`` for the duration, inside ``inner``'s context when given (an
+        A/B row's switch, e.g. ``FUSEDMLP_TMA``'s module global, read at every call)."""
+        previous = getattr(module, name)
+        setattr(module, name, value)
         try:
             with inner() if inner else contextlib.nullcontext():
                 yield
         finally:
-            KL.MERGE_MAX_BYTES = previous
-
-    @contextlib.contextmanager
-    def _tma_tf32(inner):
-        previous = KL.TMA_TF32
-        KL.TMA_TF32 = True
-        try:
-            with inner():
-                yield
-        finally:
-            KL.TMA_TF32 = previous
+            setattr(module, name, previous)
 
     def linear():
         for dtype, (M, N, K), ctx in [
@@ -182,16 +164,6 @@ def main() -> None:
             row("linear", f"{tag} torch", O.build_linear("torch", dev, dtype, M, N, K, True),
                 context=ctx)  # fmt: skip
 
-    @contextlib.contextmanager
-    def _apply_pass(inner):
-        previous = AFB.APPLY_IN_REDUCTION
-        AFB.APPLY_IN_REDUCTION = False
-        try:
-            with inner():
-                yield
-        finally:
-            AFB.APPLY_IN_REDUCTION = previous
-
     def step():
         # The bench's step (width 1024, batch 16K, TF32: issue 8's target) first, beside torch's,
         # then its A/B rows, then the host-bound small step and the other backward path: a
@@ -204,12 +176,13 @@ def main() -> None:
         # A/B: the block's output recomputed for the next Linear's dW by a forward pass of its
         # own, as before the eighteenth session (FUSEDMLP_APPLY_IN_REDUCTION=0), against the
         # default, where the block's backward reduction writes it
+        apply_pass = lambda: _set(AFB, "APPLY_IN_REDUCTION", False, tf32)  # noqa: E731
         row("step", "mlp step w1024 B16K tf32 fusedmlp dz, apply pass of its own", big(),
-            wall=True, context=lambda: _apply_pass(tf32), path="dz")  # fmt: skip
+            wall=True, context=apply_pass, path="dz")  # fmt: skip
         # A/B of the TMA forward kernel for TF32 GEMMs in the step (off by default:
         # FUSEDMLP_TMA=1 turns it on; the tma grid's single layer is not the whole answer)
         row("step", "mlp step w1024 B16K tf32 fusedmlp dz, TMA TF32", big(), wall=True,
-            context=lambda: _tma_tf32(tf32), path="dz")  # fmt: skip
+            context=lambda: _set(KL, "TMA_TF32", True, tf32), path="dz")  # fmt: skip
         # The host-bound small step, with every launch once through fusedmlp's direct launch
         # and once through triton's JITFunction.run (kernels/launch.py): an A/B in one process
         for impl in ("fusedmlp", "torch"):  # host-bound: the wall time is the host's
@@ -217,16 +190,17 @@ def main() -> None:
             row("step", f"mlp step w256 B64 tf32 {impl}", build, wall=True, context=tf32)
         build = O.build_mlp_step("fusedmlp", dev, 64, 256 // S)
         row("step", "mlp step w256 B64 tf32 fusedmlp, JITFunction.run launches", build,
-            wall=True, context=lambda: _direct_launch(False, tf32))  # fmt: skip
+            wall=True, context=lambda: _set(KLaunch, "DIRECT_LAUNCH", False, tf32))  # fmt: skip
         row("step", "mlp step w1024 B16K tf32 fusedmlp fused", big(), wall=True, context=tf32,
             path="fused")  # fmt: skip
         # A/B of the split merges by the tiles' last programs (kernels/arrival.py): the same
         # step, and issue 3's small-width backward, with every dW split merged by a launch
         # of its own (FUSEDMLP_MERGE_MAX_BYTES=0; batch norm's merges stay in the kernel)
+        merges = lambda inner=None: _set(KL, "MERGE_MAX_BYTES", 0, inner)  # noqa: E731
         row("step", "mlp step w1024 B16K tf32 fusedmlp dz, dW merges launched", big(),
-            wall=True, context=lambda: _merges_launched(tf32), path="dz")  # fmt: skip
+            wall=True, context=lambda: merges(tf32), path="dz")  # fmt: skip
         M, N = 16384 // S, 256 // S
-        for impl, ctx in (("fusedmlp", None), ("fusedmlp, dW merge launched", _merges_launched),
+        for impl, ctx in (("fusedmlp", None), ("fusedmlp, dW merge launched", merges),
                           ("torch", None)):  # fmt: skip
             build = O.build_linear(impl.split(",")[0], dev, torch.bfloat16, M, N, N, True)
             row("step", f"linear+relu bwd bf16 M={M} N={N} K={N} {impl}", build, context=ctx)
