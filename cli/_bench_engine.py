@@ -14,6 +14,8 @@
   fusedmlp and torch alike (what a training loop under CUDA graphs sees), with the L2 warm.
 - Ceilings, measured at the start of the run: a device-to-device copy (GB/s counting the read
   and the write) and a large matmul (bf16 on CUDA; a small fp32 matmul on CPU, labelled CPU).
+- Host time (CUDA events): each timed call's ``perf_counter`` time on the host (what queuing
+  it took), median, as ``host_ms``: an event time near it and above the kernels' is the host's.
 - Peak memory (CUDA): ``torch.cuda.max_memory_allocated`` over one steady-state call, with the
   case's inputs, parameters and optimizer state live and the listed ``.grad`` reset to None
   before it (as before each timed call), minus what was allocated before the case was built
@@ -67,8 +69,11 @@ def _flush_buffer(device):
     return buf
 
 
-def time_cuda(fn, grad_to_none, device, cfg: Settings, stat=statistics.median) -> float:
-    """Median ms of ``fn`` the ``triton.testing.do_bench`` way (warm-up, L2 flush, events)."""
+def time_cuda(fn, grad_to_none, device, cfg: Settings, stat=statistics.median,
+              host: list | None = None) -> float:  # fmt: skip
+    """Median ms of ``fn`` the ``triton.testing.do_bench`` way (warm-up, L2 flush, events).
+    ``host``: gets each timed call's host ms (``perf_counter`` around the call: what the host
+    spends to queue it; an event time near it, above the kernels', is the host's)."""
     cache = _flush_buffer(device)
     fn()
     torch.cuda.synchronize(device)
@@ -86,12 +91,17 @@ def time_cuda(fn, grad_to_none, device, cfg: Settings, stat=statistics.median) -
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
     for _ in range(n_warmup):
         fn()
+    clock = time.perf_counter
     for i in range(n_repeat):
         _reset(grad_to_none)
         cache.zero_()
         starts[i].record()
+        t0 = clock()
         fn()
+        t1 = clock()
         ends[i].record()
+        if host is not None:
+            host.append((t1 - t0) * 1e3)
     torch.cuda.synchronize(device)
     return stat([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
@@ -176,15 +186,17 @@ def time_graph(fn, grad_to_none, device, cfg: Settings, stat=statistics.median) 
 
 
 def time_fn(
-    fn, grad_to_none, device, cfg: Settings, wall=False, stat=statistics.median, graph=False
-):
-    """(ms, timing method name): the median by default; ``stat=min`` for the ceilings."""
+    fn, grad_to_none, device, cfg: Settings, wall=False, stat=statistics.median, graph=False,
+    host: list | None = None,
+):  # fmt: skip
+    """(ms, timing method name): the median by default; ``stat=min`` for the ceilings.
+    ``host``: with CUDA events, gets the host ms of each timed call (``time_cuda``)."""
     if graph and device.type == "cuda":
         return time_graph(fn, grad_to_none, device, cfg, stat), "cuda graph replay, L2 warm"
     if wall:
         return time_wall(fn, grad_to_none, device, cfg), "wall per call"
     if device.type == "cuda":
-        return time_cuda(fn, grad_to_none, device, cfg, stat), "cuda events, L2 flushed"
+        return time_cuda(fn, grad_to_none, device, cfg, stat, host), "cuda events, L2 flushed"
     return time_cpu(fn, grad_to_none, cfg, stat), "cpu perf_counter"
 
 
@@ -271,10 +283,14 @@ def run_case(case: Case, device: torch.device, cfg: Settings, ceilings: dict, dn
                 torch.cuda.synchronize(device)
                 peak = torch.cuda.max_memory_allocated(device) - base
                 row["peak_mem_mb"] = round(peak / 2**20, 1)
+            host: list = []
             ms, how = time_fn(
-                prepared.fn, prepared.grad_to_none, device, cfg, case.wall, graph=case.graph
-            )
+                prepared.fn, prepared.grad_to_none, device, cfg, case.wall, graph=case.graph,
+                host=host,
+            )  # fmt: skip
         row["ms"], row["timing"] = ms, how
+        if host:  # the host's ms per call beside the event time (CUDA events only)
+            row["host_ms"] = statistics.median(host)
         fill_rates(row, ceilings)
     except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
         row["error"] = _error_text(exc)
@@ -374,6 +390,7 @@ def blank_row(case: Case, dname: str) -> dict:
         "device": dname,
         "timing": None,
         "setup_s": None,
+        "host_ms": None,
         "bytes": case.nbytes,
         "flops": case.flops,
         "note": case.note,

@@ -233,6 +233,11 @@ def test_bench_graph_timing_runs_both_impls(impl, backward, launches):
     assert 0 < row["ms"] < 1.0
     if impl == "fusedmlp":
         assert launches.total > 0
+    assert row["host_ms"] is None  # graph replays: no host time per call
+    # the same case launched (events, L2 flushed) records the host's time per call beside it
+    row = E.run_case(case, device, cfg, ceilings, "gpu")
+    assert row["error"] is None and row["timing"] == "cuda events, L2 flushed", row
+    assert 0 < row["host_ms"] < 100.0
     # on the default stream there is no capture: a clear error, not a hang
     with pytest.raises(RuntimeError, match="side stream"):
         E.time_graph(lambda: None, [], device, cfg)
