@@ -81,7 +81,7 @@ from fusedmlp.cli._bench_ops import (
 from fusedmlp.cli.bench import _versions
 
 
-def cases(device: torch.device, compile_: bool) -> list[Case]:
+def cases(device: torch.device, compile_: bool, graph: bool = False) -> list[Case]:
     impls = ["fusedmlp", "torch"] + (["torch.compile"] if compile_ else [])
     out = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -139,7 +139,7 @@ TMA_SHAPES = (
 )
 
 
-def tma_cases(device: torch.device, compile_: bool) -> list[Case]:
+def tma_cases(device: torch.device, compile_: bool, graph: bool = False) -> list[Case]:
     impls = [("fusedmlp", "fusedmlp", False), ("fusedmlp TMA", "fusedmlp", True)]
     impls += [("torch", "torch", False)] + (
         [("torch.compile", "torch.compile", False)] if compile_ else []
@@ -181,7 +181,7 @@ def _linear_case(device, dtype, M, N, K, bwd, name, impl, index, tf32=False,
 SMALL_WIDTHS = (64, 128, 256)
 
 
-def small_cases(device: torch.device, compile_: bool) -> list[Case]:
+def small_cases(device: torch.device, compile_: bool, graph: bool = False) -> list[Case]:
     impls = ["fusedmlp", "torch"] + (["torch.compile"] if compile_ else [])
     M, out = 16384, []
     for dtype in (torch.bfloat16, torch.float32):
@@ -194,7 +194,7 @@ def small_cases(device: torch.device, compile_: bool) -> list[Case]:
     return out
 
 
-def optim_cases(device: torch.device, compile_: bool) -> list[Case]:
+def optim_cases(device: torch.device, compile_: bool, graph: bool = False) -> list[Case]:
     impls = ["fusedmlp", "torch", "torch.fused"] + (["torch.compile"] if compile_ else [])
     P, T = 1_000_000, 1000
     return [
@@ -296,16 +296,9 @@ def main(argv=None) -> int:
         R.write_markdown(args.markdown, doc)
         return doc
 
-    # the step's optimizers must be built capturable for a graph (the other grids need nothing)
-    grid = [
-        case
-        for name in args.grid
-        for case in (
-            GRIDS[name](device, args.compile, args.graph)
-            if name == "step"
-            else GRIDS[name](device, args.compile)
-        )
-    ]
+    # each grid's cases for --graph: the step's optimizers are built capturable, the other
+    # grids' cases need nothing different (``graph`` is set on every case below)
+    grid = [case for name in args.grid for case in GRIDS[name](device, args.compile, args.graph)]
     if args.graph:
         grid = [dataclasses.replace(case, graph=True) for case in grid]
     rows = E.run_cases(grid, device, cfg, ceilings, dname, on_row=save)

@@ -57,8 +57,9 @@ from .launch import cdiv, launch, next_power_of_2, on_device
 # the plain pass, bf16 16K x 32K took 0.899 ms on the H100 and 0.797 ms on the H200, 13% less
 # time for 41% more copy bandwidth, so the pass waits on more than the bandwidth. The autotuner
 # times both: on an H100 (seventeenth session) it picked PIPELINE for fp32 32K and for both
-# dtypes at 64K and 128K, the plain 8192 x 16 warps for bf16 32K. sm_90: 36-64 registers without label smoothing; with it (three per-lane sums)
-# 78-190, and fp32 8192 with 16 warps spills 8 bytes (triton 3.9).
+# dtypes at 64K and 128K, the plain 8192 x 16 warps for bf16 32K. sm_90: 36-64 registers
+# without label smoothing; with it (three per-lane sums) 78-190, and fp32 8192 with 16 warps
+# spills 8 bytes (triton 3.9).
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_C": 2048, "PIPELINE": False}, num_warps=8),
     triton.Config({"BLOCK_C": 4096, "PIPELINE": False}, num_warps=8),

@@ -517,10 +517,15 @@ def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
     return row_splits(R, C, device, block_c=128, align=64, cpu_splits=3, cpu_min_rows=8)
 
 
+def _sums_shape(n_split: int, C: int) -> tuple[int, ...]:
+    """The reduction's sums buffers over ``n_split`` splits: the sums ``[C]`` (one split), else
+    one row per split and the merged sums' row (``_fused_bwd_reduce_kernel``)."""
+    return (C,) if n_split == 1 else (n_split + 1, C)
+
+
 def backward_sums_shape(R: int, C: int, device: torch.device) -> tuple[int, ...]:
     """The shape of ``bn_act_dropout_backward_sums``'s ``psum_g`` and ``psum_gxmu``."""
-    n_split = _splits(R, C, device)[0]
-    return (C,) if n_split == 1 else (n_split + 1, C)
+    return _sums_shape(_splits(R, C, device)[0], C)
 
 
 def _grid(R: int, C: int):
@@ -766,10 +771,8 @@ def _sums(dy, x, weight, bias, need_dweight, need_dbias, out, ptrs, common):
         final = n_split == 1  # one split: the reduction writes the merged sums itself
         dw = torch.empty(C, device=x.device, dtype=pdtype) if need_dweight else None
         db = torch.empty(C, device=x.device, dtype=pdtype) if need_dbias else None
-        # the splits' rows, then the merged sums' (``_fused_bwd_reduce_kernel``)
-        shape = (C,) if final else (n_split + 1, C)
-        psum_g = torch.empty(shape, device=x.device, dtype=acc)
-        psum_gxmu = torch.empty(shape, device=x.device, dtype=acc)
+        psum_g = torch.empty(_sums_shape(n_split, C), device=x.device, dtype=acc)
+        psum_gxmu = torch.empty_like(psum_g)
         sum_g = psum_g if final else psum_g[-1]
         apply = out is not None
         launch(

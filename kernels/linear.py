@@ -37,9 +37,9 @@ both GEMMs run through the forward kernel with no bias and no activation, ``dX =
 splits each K-step into k8 slices with waits between them, and TF32 wgmma reads shared-memory
 operands only K-major, while X and W are stored with the reduction dimension outer. The
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
-(``_transpose_kernel``) and dZ^T (16-bit types transpose in wgmma and use views). Where dW's [N, K] tiles leave SMs
-idle and the pointer kernel runs it, its M-deep reduction is split (``dz_dw_split``,
-``SPLIT_K``): fp32 partials, summed with the dZ pass's column sums (db) by each tile's last
+(``_transpose_kernel``) and dZ^T (16-bit types transpose in wgmma and use views). Where dW's
+[N, K] tiles leave SMs idle and the pointer kernel runs it, its M-deep reduction is split
+(``dz_dw_split``, ``SPLIT_K``): fp32 partials, summed with the dZ pass's column sums (db) by each tile's last
 program (``merges_in_kernel``), else by ``_sum_splits_kernel`` in one launch.
 
 TMA forward (``_linear_fwd_tma_kernel``; ``TMA``: fp16/bf16 by default on sm_90+, TF32 opt-in):
