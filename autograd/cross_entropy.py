@@ -21,13 +21,14 @@ under the 'triton' backend):
   a new tensor instead, so a second backward sees the untouched buffer.
 - Out-of-range targets raise ``IndexError`` (as torch on the CPU) from inside
   ``cross_entropy_fwd``'s implementation, not from a Python branch in the traced path. Cost on
-  a GPU: one small launch over the N targets (``count_bad_targets``: it counts the
-  out-of-range and the ignored targets; beyond 65,536 targets a second one zeroes its
-  counters) and ONE device-to-host copy of the two counts per forward, into pinned memory. The
-  host waits for that copy only after it has queued the loss kernels behind it: a
-  synchronisation with the work queued before the check (e.g. the model's forward), during
-  which the GPU goes on from the check to the loss kernels instead of waiting for the host to
-  launch them. (Waiting before launching left the GPU idle while the host launched them: the
+  a GPU: a count of the out-of-range and the ignored targets, made by the one-program 'mean'
+  or 'sum' reduction of up to 65,536 fp32 row losses in its loop over the rows (no launch of
+  its own), else by one small launch over the N targets (``count_bad_targets``; beyond 65,536
+  targets a second one zeroes its counters), and ONE device-to-host copy of the two counts per
+  forward, into pinned memory. The host waits for that copy only after it has queued the loss
+  kernels (before it, or with it): a synchronisation with the work queued before the check
+  (e.g. the model's forward), during which the GPU goes on to the loss kernels instead of
+  waiting for the host to launch them. (Waiting before launching left the GPU idle while the host launched them: the
   likely cause of the 0.07-0.1 ms between the event and kernel times of a 16K x 32K bf16
   forward and backward, 0.8-0.9 ms, on the H100 and H200.) An out-of-range target then
   raises, and the queued results, which such rows leave NaN, are dropped. The same counts
@@ -109,17 +110,25 @@ def _forward_ad_active() -> bool:
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
-def _start_target_check(target: Tensor, num_classes: int, ignore_index: int):
-    """Launch the count of the out-of-range and the ignored targets and start its copy to the
-    host (pinned memory, no wait): what ``_finish_target_check`` takes. None when not checked:
-    empty, ``CHECK_TARGETS`` off, or during a CUDA-graph capture (no synchronisation there)."""
+def _checks_targets(target: Tensor) -> bool:
+    """Whether the targets are checked: not when empty, with ``CHECK_TARGETS`` off, or during a
+    CUDA-graph capture (no synchronisation there)."""
     if not CHECK_TARGETS or target.numel() == 0:
-        return None
-    if target.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
+        return False
+    return not (target.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _start_target_check(target: Tensor, num_classes: int, ignore_index: int):
+    """Launch the count of the out-of-range and the ignored targets (``_checks_targets``) and
+    start its copy to the host: ``_copy_counts``."""
     from ..kernels.cross_entropy import count_bad_targets
 
-    counts = count_bad_targets(target, num_classes, ignore_index)
+    return _copy_counts(count_bad_targets(target, num_classes, ignore_index))
+
+
+def _copy_counts(counts: Tensor):
+    """Start the copy of the target check's two counts to the host (pinned memory, no wait):
+    what ``_finish_target_check`` takes."""
     if not counts.is_cuda:
         return counts, None
     host = torch.empty(2, dtype=torch.int64, pin_memory=True)
@@ -173,29 +182,44 @@ def cross_entropy_fwd(
     acc = _acc_dtype(logits.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
     # The check's counts are copied to the host while the loss kernels are queued (module doc).
-    # A 'mean' without class weights and no ignored row has N for its normaliser, known on the
-    # host: no launch makes it. The same bits: N < 2^24 is exact in fp32, and 1/N rounded to
-    # fp32 on the host is the correctly rounded quotient the device's reciprocal gives (fp64
-    # logits keep the device normaliser: the kernel's float argument is fp32).
-    pending = _start_target_check(target, c, ignore_index)
+    # Where one program reduces the loss, it counts the targets too (no launch of the check's
+    # own); its counts are then copied after it. A 'mean' without class weights and no ignored
+    # row has N for its normaliser, known on the host: no launch makes it. The same bits:
+    # N < 2^24 is exact in fp32, and 1/N rounded to fp32 on the host is the correctly rounded
+    # quotient the device's reciprocal gives (fp64 logits keep the device normaliser: the
+    # kernel's float argument is fp32).
+    check = _checks_targets(target)
+    in_loss = check and _reduced_on_one_program(reduction, acc, n, logits.device)
+    pending = _start_target_check(target, c, ignore_index) if check and not in_loss else None
     host_n = reduction == "mean" and w is None and n < 1 << 24 and acc == torch.float32
-    guess = host_n and pending is not None and _NO_IGNORED_LAST[0]
-    result = _loss_and_grad(logits, target, w, ignore_index, label_smoothing, reduction,
-                            compute_grad, guess)  # fmt: skip
+    guess = host_n and check and _NO_IGNORED_LAST[0]
+    result, counts = _loss_and_grad(logits, target, w, ignore_index, label_smoothing,
+                                    reduction, compute_grad, guess, in_loss)  # fmt: skip
+    if in_loss:
+        pending = _copy_counts(counts)
     no_ignored = _finish_target_check(pending, target, c, ignore_index)
     if host_n and no_ignored is not None:
         _NO_IGNORED_LAST[0] = no_ignored
         if guess and not no_ignored:  # rows are ignored: again, with the device normaliser
             result = None  # its buffers back to the allocator first (the same stream)
-            result = _loss_and_grad(logits, target, w, ignore_index, label_smoothing,
-                                    reduction, compute_grad, False)  # fmt: skip
+            result, _ = _loss_and_grad(logits, target, w, ignore_index, label_smoothing,
+                                       reduction, compute_grad, False, False)  # fmt: skip
     return result
 
 
+def _reduced_on_one_program(reduction: str, acc: torch.dtype, n: int, device) -> bool:
+    """Whether ``_loss_and_grad`` reduces the row losses in one program (``reduce_loss``)."""
+    from ..kernels import cross_entropy as K
+
+    return reduction != "none" and acc == torch.float32 and K.loss_on_one_program(n, device)
+
+
 def _loss_and_grad(logits, target, w, ignore_index, label_smoothing, reduction, compute_grad,
-                   host_n: bool):  # fmt: skip
-    """``cross_entropy_fwd``'s launches: with ``host_n``, a 'mean' normalised by N (no row
-    ignored), else by the device normaliser (or none: 'sum', 'none')."""
+                   host_n: bool, count: bool):  # fmt: skip
+    """``(cross_entropy_fwd``'s result, the target check's counts or None)``: its launches.
+    With ``host_n``, a 'mean' normalised by N (no row ignored), else by the device normaliser
+    (or none: 'sum', 'none'). With ``count`` (only where ``_reduced_on_one_program``) the loss's
+    reduction also counts the targets (``_checks_targets``'s counts)."""
     from ..kernels import cross_entropy as K
 
     n = logits.shape[0]
@@ -223,13 +247,18 @@ def _loss_and_grad(logits, target, w, ignore_index, label_smoothing, reduction, 
     loss_rows, grad = K.cross_entropy_fwd(
         logits, target, w, ignore_index, label_smoothing, scale, compute_grad
     )
-    if reduction != "none" and acc == torch.float32 and K.loss_on_one_program(n, logits.device):
-        # One launch: the sum, the division (by N, or by the device normaliser) and the factor.
+    if _reduced_on_one_program(reduction, acc, n, logits.device):
+        # One launch: the sum, the division (by N, or by the device normaliser), the factor and
+        # with ``count`` the target check's counts.
         divisor = None if reduction == "sum" else (float(n) if host_n else wsum)
-        loss, factor_t = K.reduce_loss(
-            loss_rows, logits.dtype, divisor, factor if isinstance(factor, float) else None
+        loss, factor_t, counts = K.reduce_loss(
+            loss_rows,
+            logits.dtype,
+            divisor,
+            factor if isinstance(factor, float) else None,
+            (target, logits.shape[1], ignore_index) if count else None,
         )
-        return loss, grad, factor_t if factor_t is not None else factor
+        return (loss, grad, factor_t if factor_t is not None else factor), counts
     factor = (
         torch.full((), factor, device=logits.device, dtype=acc)
         if isinstance(factor, float)
@@ -245,7 +274,7 @@ def _loss_and_grad(logits, target, w, ignore_index, label_smoothing, reduction, 
         loss = loss_rows.sum()
     else:
         loss = loss_rows
-    return loss.to(logits.dtype), grad, factor
+    return (loss.to(logits.dtype), grad, factor), None
 
 
 @cross_entropy_fwd.register_fake

@@ -24,7 +24,8 @@ atomics (the same counts in any order).
 Reduction (``reduce_loss``): 'mean' and 'sum' of fp32 row losses, for up to 65,536 rows: one
 program sums them in a fixed order, divides (correctly rounded) by N or by the device
 normaliser, and writes the loss in the logits' dtype and the backward's fp32 factor: one launch
-where torch's sum, its division and two scalar fills were four.
+where torch's sum, its division and two scalar fills were four. It also counts the targets as
+the check does (``check``), in the same loop over the rows: then the check takes no launch.
 
 Backward (``cross_entropy_scale``): multiplies the saved gradient by ``grad_output`` (a scalar or
 one value per row, any stride) times a device scalar ``factor``, except on ignored rows, which
@@ -287,6 +288,16 @@ def _ce_fwd_kernel(
 
 
 @triton.jit
+def _target_counts(T, stride_t, offs, mask, C, ignore_index):
+    """Per lane, 1 where target ``offs`` (``mask``ed) is out of [0, C) and not
+    ``ignore_index``, and 1 where it is ``ignore_index`` (int32 each)."""
+    t = tl.load(T + offs.to(tl.int64) * stride_t, mask=mask, other=0)
+    ignored = (t == ignore_index) & mask
+    bad = ((t < 0) | (t >= C)) & mask & (t != ignore_index)
+    return bad.to(tl.int32), ignored.to(tl.int32)
+
+
+@triton.jit
 def _ce_check_kernel(
     T, stride_t, N, C, ignore_index, COUNTS, ATOMIC: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -305,12 +316,9 @@ def _ce_check_kernel(
     stop = tl.minimum(start + BLOCK, N) if ATOMIC else N
     for b in range(start, stop, BLOCK):
         offs = b + tl.arange(0, BLOCK)
-        mask = offs < stop
-        t = tl.load(T + offs * stride_t, mask=mask, other=0)
-        ignored = (t == ignore_index) & mask
-        bad = ((t < 0) | (t >= C)) & mask & (t != ignore_index)
-        lane_bad += bad.to(tl.int32)
-        lane_ignored += ignored.to(tl.int32)
+        bad, ignored = _target_counts(T, stride_t, offs, offs < stop, C, ignore_index)
+        lane_bad += bad
+        lane_ignored += ignored
     n_bad = tl.sum(lane_bad.to(tl.int64), 0)
     n_ignored = tl.sum(lane_ignored.to(tl.int64), 0)
     if ATOMIC:
@@ -369,9 +377,15 @@ def _ce_loss_kernel(
     divisor,
     FACTOR,
     factor,
+    T,
+    stride_t,
+    C,
+    ignore_index,
+    COUNTS,
     MEAN: tl.constexpr,
     DEVICE_DIVISOR: tl.constexpr,
     WRITE_FACTOR: tl.constexpr,
+    CHECK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The reduced loss: the sum of the ``N`` fp32 row losses ``ROWS`` (contiguous), in a fixed
@@ -379,11 +393,23 @@ def _ce_loss_kernel(
     number: N) or with ``DEVICE_DIVISOR`` by ``*WSUM`` (fp32 0-d: the summed w[y] of the
     non-ignored rows; NaN where it is 0, as torch's 0/0); stored to the 0-d ``LOSS`` in its
     dtype. With ``WRITE_FACTOR`` also ``*FACTOR = factor`` (fp32 0-d, the backward's
-    multiplier). One program: the caller keeps N small (``loss_on_one_program``)."""
+    multiplier). With ``CHECK`` also ``_ce_check_kernel``'s counts of the N targets ``T`` (int64,
+    any stride) against ``C`` classes into ``COUNTS`` (int64 [2]): the target check rides in
+    this launch instead of one of its own. One program: the caller keeps N small
+    (``loss_on_one_program``)."""
     acc = tl.zeros((BLOCK,), tl.float32)
+    lane_bad = tl.zeros((BLOCK,), tl.int32)
+    lane_ignored = tl.zeros((BLOCK,), tl.int32)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(ROWS + offs, mask=offs < N, other=0.0)
+        if CHECK:
+            bad, ignored = _target_counts(T, stride_t, offs, offs < N, C, ignore_index)
+            lane_bad += bad
+            lane_ignored += ignored
+    if CHECK:
+        tl.store(COUNTS, tl.sum(lane_bad.to(tl.int64), 0))
+        tl.store(COUNTS + 1, tl.sum(lane_ignored.to(tl.int64), 0))
     total = tl.sum(acc, 0)
     if MEAN:
         if DEVICE_DIVISOR:
@@ -414,16 +440,23 @@ def reduce_loss(
     dtype: torch.dtype,
     divisor: float | torch.Tensor | None,
     factor: float | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(loss, factor)``: the 0-d ``dtype`` loss ``sum(loss_rows) / divisor`` (``divisor``: a
-    host number, a 0-d fp32 device tensor, or None for the plain sum) and, for a float
-    ``factor``, a 0-d fp32 tensor holding it (else None). loss_rows: [N] fp32 contiguous,
-    ``loss_on_one_program(N)``. One launch."""
+    check: tuple[torch.Tensor, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(loss, factor, counts)``: the 0-d ``dtype`` loss ``sum(loss_rows) / divisor``
+    (``divisor``: a host number, a 0-d fp32 device tensor, or None for the plain sum); for a
+    float ``factor``, a 0-d fp32 tensor holding it (else None); with ``check = (target,
+    num_classes, ignore_index)`` (target int64 [N], any stride) ``count_bad_targets``'s counts
+    of those targets (else None). loss_rows: [N] fp32 contiguous, ``loss_on_one_program(N)``.
+    One launch."""
     n = loss_rows.shape[0]
     loss = torch.empty((), device=loss_rows.device, dtype=dtype)
     factor_t = None
     if factor is not None:
         factor_t = torch.empty((), device=loss_rows.device, dtype=torch.float32)
+    counts = None
+    if check is not None:
+        target, num_classes, ignore_index = check
+        counts = torch.empty(2, device=loss_rows.device, dtype=torch.int64)
     device_divisor = isinstance(divisor, torch.Tensor)
     with on_device(loss_rows):
         launch(
@@ -438,11 +471,17 @@ def reduce_loss(
             divisor=float(divisor) if divisor is not None and not device_divisor else 1.0,
             FACTOR=factor_t if factor_t is not None else loss_rows,
             factor=float(factor) if factor is not None else 1.0,
+            T=target if counts is not None else loss_rows,
+            stride_t=target.stride(0) if counts is not None else 0,
+            C=int(num_classes) if counts is not None else 0,
+            ignore_index=int(ignore_index) if counts is not None else 0,
+            COUNTS=counts if counts is not None else loss_rows,
             MEAN=divisor is not None,
             DEVICE_DIVISOR=device_divisor,
             WRITE_FACTOR=factor_t is not None,
+            CHECK=counts is not None,
         )
-    return loss, factor_t
+    return loss, factor_t, counts
 
 
 @triton.jit

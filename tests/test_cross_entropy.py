@@ -210,22 +210,27 @@ def test_logits_feed_a_second_loss_term(backend, launches):
     assert_close(g2, r2)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("ignore_index", [-100, 4], ids=["ignore-outside", "ignore-inside"])
 @pytest.mark.parametrize("bad", [9, -1, 100])
-def test_out_of_range_targets_raise(backend, launches, bad, ignore_index):
+def test_out_of_range_targets_raise(backend, launches, bad, ignore_index, reduction):
     x, t, _ = _data(5, 9)
     t[3] = bad
     t[1] = ignore_index  # an ignored row beside the bad one
     with pytest.raises(IndexError):  # torch's own error (on CUDA torch device-asserts instead)
-        F.cross_entropy(x.cpu(), t.cpu(), ignore_index=ignore_index)
+        F.cross_entropy(x.cpu(), t.cpu(), ignore_index=ignore_index, reduction=reduction)
     if backend == "torch" and x.is_cuda:
         # The fallback is torch's cross_entropy, whose CUDA kernel device-asserts (and poisons
         # the CUDA context): the torch backend's IndexError is checked on CPU tensors.
         x, t = x.cpu(), t.cpu()
     with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
-        cross_entropy(x, t, ignore_index=ignore_index)
-    # from the target check's count (the loss kernels queued behind it are dropped)
-    assert launches["_ce_check_kernel"] == (1 if backend == "triton" else 0)
+        cross_entropy(x, t, ignore_index=ignore_index, reduction=reduction)
+    # from the target check's counts (the results queued with them are dropped): made by the
+    # loss's one-program reduction where there is one, else by a launch of the check's own
+    triton = backend == "triton"
+    reduced = reduction != "none"
+    assert launches[LOSS] == (triton and reduced), dict(launches)
+    assert launches["_ce_check_kernel"] == (triton and not reduced), dict(launches)
     t[1] = 0
     # the same value as ignore_index is fine
     torch.testing.assert_close(
@@ -255,12 +260,13 @@ def test_mean_normaliser_read_off_the_target_check(
 
     loss, grad = run()
     n_fast = launches.total
-    assert launches["_ce_check_kernel"] == 1
+    # the targets counted by the loss's reduction: no launch of the check's own
+    assert launches["_ce_check_kernel"] == 0 and launches[LOSS] == 1
     monkeypatch.setattr(A, "CHECK_TARGETS", False)  # the normaliser computed on the device
     slow_loss, slow_grad = run()
     assert torch.equal(loss, slow_loss) and torch.equal(grad, slow_grad)
-    # the same kernels but the check's (the normaliser's small ops are torch's)
-    assert launches["_ce_check_kernel"] == 1 and n_fast - 1 == launches.total - n_fast
+    # the same kernels (the normaliser's small ops are torch's)
+    assert launches["_ce_check_kernel"] == 0 and n_fast == launches.total - n_fast
     ref = x.float().detach().requires_grad_(True)
     F.cross_entropy(ref, t, label_smoothing=smoothing).backward()
     assert_close(
@@ -299,7 +305,8 @@ def test_mean_normaliser_guessed_before_the_counts_arrive(triton_backend, launch
         logits = x.detach().clone().requires_grad_(True)
         loss = cross_entropy(logits, target)
         loss.backward()
-        assert launches[KERNEL] == kernels and launches["_ce_check_kernel"] == 1
+        assert launches[KERNEL] == kernels and launches[LOSS] == kernels
+        assert launches["_ce_check_kernel"] == 0  # the loss's reduction counts the targets
         assert A._NO_IGNORED_LAST[0] is guess_after
         ref = x.detach().clone().requires_grad_(True)
         ref_loss = F.cross_entropy(ref, target)
@@ -574,3 +581,27 @@ def test_target_check_counts(triton_backend, launches, n, ignore_index):
     assert expected[0] > 0 and expected[1] > 0
     assert count_bad_targets(t, C, ignore_index).tolist() == expected
     assert launches["_ce_check_kernel"] == 1
+
+
+@pytest.mark.parametrize("n", [7, 100])  # one block of the loop / several (CPU: 16 a block)
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_loss_reduction_counts_the_targets(triton_backend, launches, n, ignore_index):
+    """The loss's one-program reduction with the target check's counts: the counts equal
+    torch's over strided targets, and the loss is the same with or without them."""
+    from fusedmlp.kernels.cross_entropy import reduce_loss
+
+    C = 10
+    gen = torch.Generator().manual_seed(n)
+    t = torch.randint(-3, C + 3, (2 * n,), generator=gen).to(DEVICE)
+    t[::7] = ignore_index
+    t = t[::2]  # stride 2
+    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
+    expected = [int(bad.sum()), int((t == ignore_index).sum())]
+    assert expected[0] > 0 and expected[1] > 0
+    rows = torch.rand(n, generator=gen).to(DEVICE)
+    loss, _, counts = reduce_loss(rows, torch.float32, float(n), None, (t, C, ignore_index))
+    assert counts.tolist() == expected
+    plain, _, none = reduce_loss(rows, torch.float32, float(n), None)
+    assert none is None and torch.equal(loss, plain)
+    torch.testing.assert_close(loss, rows.sum() / n)
+    assert launches[LOSS] == 2 and launches["_ce_check_kernel"] == 0
