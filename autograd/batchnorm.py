@@ -331,7 +331,9 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
 
 def check_input_dtype(op: str, input: Tensor) -> None:
     if input.dtype not in _FLOATS:
-        raise RuntimeError(
+        # torch's batch norm raises NotImplementedError for every other dtype (its dispatch
+        # has no kernel for it)
+        raise NotImplementedError(
             f"{op}: expected input of a floating dtype (float32, float16, bfloat16, "
             f"float64), got {input.dtype}"
         )

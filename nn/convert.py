@@ -141,10 +141,11 @@ def _convertible(m: torch.nn.Module, table: dict) -> bool:
 
 
 def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module | None:
-    """Move ``old``'s Parameter and buffer objects, mode and hooks into ``new``; None (``old``
-    stays) when their parameter or buffer names differ: a module that something else reshaped,
-    e.g. ``torch.nn.utils.weight_norm``/``spectral_norm`` (``weight_g``, ``weight_orig``, ...)
-    or a user's extra buffer, whose forward fusedmlp's module would not reproduce."""
+    """Move ``old``'s Parameter and buffer objects, mode, hooks and the attributes a user set
+    on it into ``new``; None (``old`` stays) when their parameter or buffer names differ: a
+    module that something else reshaped, e.g. ``torch.nn.utils.weight_norm``/``spectral_norm``
+    (``weight_g``, ``weight_orig``, ...) or a user's extra buffer, whose forward fusedmlp's
+    module would not reproduce."""
     if set(new._parameters) != set(old._parameters) or set(new._buffers) != set(old._buffers):
         return None
     for name, value in old._parameters.items():
@@ -157,6 +158,14 @@ def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module |
         if hasattr(old, name) and hasattr(new, name):
             # the very dicts (as the Parameters): the handles a user holds keep working
             setattr(new, name, getattr(old, name))
+    # Which kind of backward hook ``_backward_hooks`` holds (full or legacy): without it torch
+    # runs neither kind.
+    new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
+    # What else ``old`` holds that ``new`` does not, e.g. a user's ``m.tag = ...``, as
+    # ``copy.deepcopy`` keeps it (never over what ``new`` defines itself)
+    for name, value in old.__dict__.items():
+        if name not in new.__dict__ and not hasattr(type(new), name):
+            new.__dict__[name] = value
     return new
 
 

@@ -254,8 +254,10 @@ class _FusedAdamStep:
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", False)
-            or isinstance(self, torch.optim.AdamW),
+            # torch's AdamW is Adam with this default True: a group may still set it False
+            decoupled_weight_decay=group.get(
+                "decoupled_weight_decay", isinstance(self, torch.optim.AdamW)
+            ),
         )
 
     def _planned_step(self, group, hp) -> bool:

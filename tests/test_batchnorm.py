@@ -371,6 +371,17 @@ def test_errors_match_torch(backend, launches):
     assert launches.total == 0, dict(launches)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_floating_input_raises_torchs_error(backend, launches, dtype):
+    x = torch.ones(4, 3, device=DEVICE, dtype=dtype)
+    for bn in (BatchNorm1d(3).to(DEVICE), torch.nn.BatchNorm1d(3).to(DEVICE)):
+        with pytest.raises(NotImplementedError):
+            bn(x)
+    with pytest.raises(NotImplementedError):
+        batch_norm(x, None, None, training=True)
+    assert launches.total == 0
+
+
 def test_dtype_mismatch_raises_before_launch(triton_backend, launches):
     x = torch.randn(4, 3, device=DEVICE)
     with pytest.raises(RuntimeError, match="weight"):

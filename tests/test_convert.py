@@ -1,6 +1,7 @@
 """fusedmlp.nn.convert: module swapping, activation absorption, inplace semantics, equality."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -278,6 +279,41 @@ def test_hook_handles_still_remove_hooks_after_convert():
     handle.remove()
     model(torch.randn(2, 4))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("kind", ["full", "legacy"])
+@pytest.mark.parametrize("module", ["linear", "batchnorm"])
+def test_backward_hooks_still_fire_after_convert(inplace, kind, module):
+    # torch runs a module's backward hooks only with the flag saying which kind they are
+    mod = torch.nn.Linear(3, 3) if module == "linear" else torch.nn.BatchNorm1d(3)
+    calls = []
+    register = mod.register_full_backward_hook if kind == "full" else mod.register_backward_hook
+    register(lambda m, grad_in, grad_out: calls.append(type(m)))
+    model = torch.nn.Sequential(mod, torch.nn.Linear(3, 2))
+    model(torch.randn(4, 3, requires_grad=True)).sum().backward()
+    assert calls == [type(mod)]
+    conv = convert(model, inplace=inplace)
+    assert type(conv[0]) is not type(mod)
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy hook's own deprecation warning
+        conv(torch.randn(4, 3, requires_grad=True)).sum().backward()
+    assert calls == [type(conv[0])]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_user_attributes_survive_convert(inplace):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1))
+    model[0].tag = "encoder"
+    model[1].note = {"kept": True}
+    reference = copy.deepcopy(model)
+    conv = convert(model, inplace=inplace)
+    assert type(conv[0]) is F.Linear and type(conv[1]) is F.Dropout
+    assert conv[0].tag == reference[0].tag == "encoder"
+    assert conv[1].note == {"kept": True}
+    # what fusedmlp's module defines itself is its own
+    assert conv[0].activation is None and conv[0].in_features == 3
 
 
 def test_absorbed_activation_keeps_eval_mode():

@@ -84,6 +84,22 @@ def test_adam_matches_torch(backend, launches, cls, ref_cls, kwargs):
     assert launches.total == expected
 
 
+@pytest.mark.parametrize(
+    "cls,ref_cls,decoupled",
+    [(AdamW, torch.optim.AdamW, False), (Adam, torch.optim.Adam, True)],
+    ids=["adamw-coupled-group", "adam-decoupled-group"],
+)
+def test_weight_decay_kind_per_group(backend, launches, cls, ref_cls, decoupled):
+    # torch's AdamW is Adam with decoupled_weight_decay=True by default: a group may override it
+    ours = _params()
+    ref = _clone(ours)
+    second = {"weight_decay": 0.3, "decoupled_weight_decay": decoupled}
+    opt = cls(_groups(ours, **second), lr=1e-2, weight_decay=0.1)
+    ref_opt = ref_cls(_groups(ref, **second), lr=1e-2, weight_decay=0.1)
+    _run(opt, ref_opt, ours, ref)
+    assert launches["_adam_kernel"] == (2 * STEPS if backend == "triton" else 0)
+
+
 SGD_CASES = [
     {},
     {"momentum": 0.9},
