@@ -19,6 +19,9 @@ backend is ``F.batch_norm`` itself.
 
 from __future__ import annotations
 
+import numbers
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -104,6 +107,19 @@ def _batchnorm_stats(
 def _(x, eps, running_mean, running_var, momentum, num_batches_tracked, pmean=None, pm2=None,
       rows=0):  # fmt: skip
     return tuple(x.new_empty(x.shape[1], dtype=_acc_dtype(x)) for _ in range(3))
+
+
+class BatchStats(NamedTuple):
+    """A batch's final statistics per channel (``[C]`` each, the accumulation dtype), made by
+    the Linear that produced the batch norm's input, in its GEMM's epilogue
+    (``fusedmlp.autograd.linear.linear_stats`` with ``eps``): the mean, ``invstd = 1 /
+    sqrt(biased var + eps)`` and the unbiased variance. The running statistics are not yet
+    updated: the batch norm's forward pass does that (``fusedmlp.kernels.fused_block``'s
+    ``update``)."""
+
+    mean: Tensor
+    invstd: Tensor
+    var: Tensor
 
 
 def eager_stats(
@@ -295,6 +311,10 @@ def _verify_batch_size(size) -> None:
         )
 
 
+def _zero_dim_real(value) -> bool:
+    return isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex()
+
+
 def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
@@ -304,7 +324,9 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+    # torch's argument parser takes any real number (bool and numpy scalars too) and a 0-d
+    # tensor for its double ``momentum``
+    if not (isinstance(momentum, numbers.Real) or _zero_dim_real(momentum)):
         raise TypeError(
             f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
         )

@@ -6,7 +6,7 @@ reduction="mean", label_smoothing=0.0)`` and ``nll_loss(...)`` have torch.nn.fun
 signatures and semantics.
 
 Triton path (class-index targets, ``input`` [N, C] or [C], fp32/fp16/bf16 logits; fp64 only
-under the 'triton' backend):
+under the 'triton' backend and without label smoothing):
 
 - ``torch.ops.fusedmlp.cross_entropy_fwd`` streams every row of logits once for the loss and,
   when the logits require grad, a second time for the gradient of the loss, written into its
@@ -50,7 +50,8 @@ Under ``torch.autocast`` fp16/bf16 logits are cast to fp32 first, as autocast do
 cross_entropy (the loss is then fp32).
 
 Torch path (and every input the kernel does not cover: probability targets, [N, C, d1, ...]
-inputs, weights that require grad or differ in dtype, empty batches): ``F.cross_entropy`` /
+inputs, weights that require grad or differ in dtype, empty batches, fp64 logits with label
+smoothing, an ``ignore_index`` that is not an integer, for torch's TypeError): ``F.cross_entropy`` /
 ``F.nll_loss`` themselves. ``nll_loss`` always runs torch's implementation (a gather of N
 values; there is nothing to fuse).
 """
@@ -356,10 +357,16 @@ class CrossEntropyFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _triton_covers(input, target, weight, reduction, label_smoothing) -> bool:
-    """Whether the kernel covers this call (otherwise torch's own implementation runs)."""
+def _triton_covers(input, target, weight, reduction, label_smoothing, ignore_index) -> bool:
+    """Whether the kernel covers this call (otherwise torch's own implementation runs, and
+    raises torch's errors for bad arguments)."""
     if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
         return False
+    if isinstance(ignore_index, Tensor):
+        if ignore_index.dim() != 0 or ignore_index.is_floating_point():
+            return False
+    elif not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        return False  # torch: "must be int, not float"
     if input.dtype not in _TRITON_DTYPES or target.dtype != torch.int64:
         return False
     if input.dim() not in (1, 2) or target.dim() != input.dim() - 1:
@@ -379,7 +386,9 @@ def _triton_covers(input, target, weight, reduction, label_smoothing) -> bool:
         return False
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
         return False
-    return True
+    # The kernel takes the smoothing as an fp32 argument: fp64 logits would get an fp32-exact
+    # loss and gradient where torch's are fp64-exact.
+    return not (input.dtype == torch.float64 and label_smoothing > 0.0)
 
 
 def cross_entropy(
@@ -396,9 +405,8 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     input, weight = fp32(input, weight)  # autocast: torch's fp32 list
-    if _triton_covers(input, target, weight, reduction, label_smoothing) and use_triton(
-        input, target, weight
-    ):
+    covered = _triton_covers(input, target, weight, reduction, label_smoothing, ignore_index)
+    if covered and use_triton(input, target, weight):
         unbatched = input.dim() == 1
         logits = input.unsqueeze(0) if unbatched else input
         tgt = target.unsqueeze(0) if unbatched else target

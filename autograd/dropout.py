@@ -108,10 +108,10 @@ def _check_p(p) -> float:
         p = p.item()  # torch's dropout takes a one-element tensor p as its number
     if not isinstance(p, numbers.Real):
         raise TypeError(f"dropout probability must be a real number, got {type(p).__name__}")
-    if p < 0.0 or p > 1.0:  # NaN passes torch's check too, and is refused below
+    if p < 0.0 or p > 1.0:  # NaN passes this check, and is refused below
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if math.isnan(p):
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if math.isnan(p):  # torch's functional dropout refuses it in C++: a RuntimeError
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     return float(p)
 
 

@@ -16,8 +16,9 @@ wide so tensors beyond 2^31 (or 2^34) elements neither overflow nor repeat, and 
 depend on the block size, the launch configuration or the strides. A group is kept when the top
 24 bits ``r >> 8`` of its random word satisfy ``r >> 8 >= p * 2^24`` (P(keep) = 1 - p to 2^-24).
 
-The multiply form ``x * (keep ? scale : 0)`` (computed in fp32, fp64 for fp64 inputs) makes NaN and
-Inf propagate as torch's dropout does: a dropped NaN or Inf gives NaN.
+The multiply form ``x * (keep ? scale : 0)`` (computed in fp32, fp64 for fp64 inputs, whose
+``scale = 1 / (1 - p)`` arrives as its double's bit pattern: a float argument is fp32) makes NaN
+and Inf propagate as torch's dropout does: a dropped NaN or Inf gives NaN.
 
 Strides: any. Offsets are logical indices; the addresses come from the (jointly coalesced, up to
 4-D) sizes and strides of the input and of the output; row-major contiguous tensors take a
@@ -25,6 +26,8 @@ constexpr fast path with no index arithmetic.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -106,7 +109,7 @@ def tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED: tl.constexpr, BLOCK_Q: tl.const
     return keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits"])
 def _dropout_kernel(
     x_ptr,
     out_ptr,
@@ -114,6 +117,7 @@ def _dropout_kernel(
     numel,
     p,
     scale,
+    scale_bits,
     inner,
     size1,
     size2,
@@ -160,7 +164,12 @@ def _dropout_kernel(
         quad = (octs[:, None] * 2 + tl.arange(0, 2)[None, :])[:, :, None]
         lane = tl.arange(0, 4)[None, None, :]
         keep = tl.reshape(philox_keep(seed, quad, lane, p), [BLOCK // 8, 8])
-    y = x * tl.where(keep, scale, 0.0)
+    if x_ptr.dtype.element_ty == tl.float64:
+        # a float argument is fp32: the fp64 scale comes as its bit pattern (int64), exact
+        s = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    else:
+        s = scale
+    y = x * tl.where(keep, s, 0.0)
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
@@ -184,6 +193,11 @@ def _coalesce(shape, *strides):
 # A contiguous x and out as the kernel's CONTIGUOUS branch takes them (it reads only numel).
 _FLAT_SIZES = (1,) * MAX_DIMS
 _FLAT_STRIDES = (0,) * MAX_DIMS
+
+
+def _f64_bits(value: float) -> int:
+    """``value``'s IEEE double bit pattern as a signed 64-bit integer (a kernel argument)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
 def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, inner: int) -> None:
@@ -213,6 +227,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, in
             numel=numel,
             p=float(p),
             scale=float(scale),
+            scale_bits=_f64_bits(scale) if x.dtype == torch.float64 else 0,
             inner=int(inner),
             size1=sizes[1],
             size2=sizes[2],

@@ -3,6 +3,7 @@ BatchNorm1d/BatchNorm2d/F.batch_norm, step by step (outputs, every gradient, run
 num_batches_tracked), on both backends; stability, mixed precision, gradcheck, errors, state_dict.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,6 +370,23 @@ def test_errors_match_torch(backend, launches):
         # training" / "must be non-negative"): the type and the subject must agree.
         assert ours_msg.split(" must ")[0] == torch_msg.split(" must ")[0]
     assert launches.total == 0, dict(launches)
+
+
+def test_momentum_as_torch_takes_it(backend, launches):
+    # torch's batch_norm takes any real number (numpy scalars, bool) and a 0-d tensor for its
+    # momentum, and refuses a 1-D tensor
+    x = torch.randn(6, 3, device=DEVICE)
+    for momentum in (torch.tensor(0.2), np.float32(0.2), np.float64(0.3), True, 1):
+        stats = []
+        for fn in (batch_norm, F.batch_norm):
+            rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+            y = fn(x, rm, rv, training=True, momentum=momentum)
+            stats.append((y, rm, rv))
+        for ours, theirs in zip(*stats):
+            assert_close(ours, theirs)
+    for fn in (batch_norm, F.batch_norm):
+        with pytest.raises(TypeError, match="momentum"):
+            fn(x, torch.zeros(3), torch.ones(3), training=True, momentum=torch.tensor([0.2]))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])

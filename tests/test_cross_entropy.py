@@ -1,5 +1,6 @@
 """fusedmlp cross_entropy / nll_loss / CrossEntropyLoss / NLLLoss against torch's own."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,35 @@ def test_logits_feed_a_second_loss_term(backend, launches):
     assert_close(loss, ref_loss)
     assert_close(g1, r1)
     assert_close(g2, r2)
+
+
+def test_ignore_index_types_as_torch(backend, launches):
+    # torch takes any integer (numpy's, a 0-d integer tensor) and refuses a float or a bool
+    x, t, _ = _data(6, 5)
+    t[2] = 3
+    for ignore_index in (np.int64(3), torch.tensor(3)):
+        got = cross_entropy(x, t, ignore_index=ignore_index)
+        assert_close(got, F.cross_entropy(x, t, ignore_index=ignore_index))
+    for bad in (2.7, 3.0, True):
+        with pytest.raises(TypeError, match="ignore_index"):
+            F.cross_entropy(x, t, ignore_index=bad)
+        with pytest.raises(TypeError, match="ignore_index"):
+            cross_entropy(x, t, ignore_index=bad)
+
+
+@pytest.mark.parametrize("smoothing", [0.25, 0.3])
+def test_float64_label_smoothing_is_fp64_exact(triton_backend, smoothing):
+    # The kernel's smoothing argument is fp32: fp64 logits with smoothing take torch's path,
+    # whose loss and gradient are fp64-exact
+    x, t, _ = _data(4, 11)
+    x = x.double()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = cross_entropy(a, t, label_smoothing=smoothing, reduction="sum")
+    lb = F.cross_entropy(b, t, label_smoothing=smoothing, reduction="sum")
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

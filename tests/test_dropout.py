@@ -268,8 +268,38 @@ def test_bad_p_raises_at_construction_and_call(backend, launches, p):
         dropout(x, p)
     with pytest.raises(ValueError, match="between 0 and 1"):
         dropout2d(x, p)
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        dropout(x, float("nan"))
+    assert launches.total == 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.7])
+def test_float64_scale_is_fp64_exact(triton_backend, launches, p):
+    # the kept elements are x / (1 - p) as torch's fp64 dropout makes them, forward and backward
+    x = torch.randn(200, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = dropout(x, p)
+    assert launches["_dropout_kernel"] == 1
+    kept = y != 0
+    scale = 1.0 / (1.0 - p)
+    assert torch.equal(y[kept], x.detach()[kept] * scale)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad[kept], torch.full_like(x.grad[kept], scale))
+    assert not x.grad[~kept].any()
+
+
+def test_nan_p_raises_torchs_error(backend, launches):
+    # NaN passes the range checks in Python (torch's too); torch's C++ dropout refuses it with a
+    # RuntimeError, at the call: the modules take it at construction, as torch's
+    x = torch.ones(2, 3, 4, 5, device=DEVICE)
+    nan = float("nan")
+    for ours, theirs in [(dropout, F.dropout), (dropout2d, F.dropout2d)]:
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            theirs(x, nan)
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            ours(x, nan)
+    for cls, torch_cls in [(Dropout, torch.nn.Dropout), (Dropout2d, torch.nn.Dropout2d)]:
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            torch_cls(nan)(x)
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            cls(nan)(x)
     assert launches.total == 0
 
 
