@@ -19,9 +19,11 @@ Three blocks (kernels in ``fusedmlp.kernels.fused_block``):
   reduction writes the recomputed output (``fused_block_bn_bwd_sums``, ``APPLY_IN_REDUCTION``);
   otherwise a forward pass with the saved statistics does (``fused_block_apply``).
 - Cross-Function, set up by ``FusedSequential`` in eager mode: a Linear (without activation)
-  whose output a block reads makes the block's batch-norm partial statistics in its epilogue
-  (``linear_stats``, ``lin_stats``; the block merges them), and in the backward the block's dx
-  pass makes dZ^T and dZ's column sums for that Linear's "dz" backward (``_handover``).
+  whose output a block reads makes the block's batch statistics in its epilogue
+  (``linear_stats`` with the block's eps, ``lin_stats``: a ``BatchStats``; no statistics
+  launch), and the block's forward pass updates the running statistics from them
+  (``fused_block_apply_update``); in the backward the block's dx pass makes dZ^T and dZ's
+  column sums for that Linear's "dz" backward (``_handover``).
 - ``linear_act_dropout``: ``dropout(act(linear(x, W, b)))``, ``Linear -> act -> Dropout``: the
   dropout in the Linear's epilogue (``fusedmlp.kernels.linear``), one launch and no
   pre-activation pass. Saved: x and W for the Linear, the OUTPUT where it determines the
@@ -52,6 +54,7 @@ from ._handover import take
 from ._once import once_differentiable
 from .batchnorm import (
     _FLOATS,
+    BatchStats,
     _acc_dtype,
     affine_grads,
     check_input_dtype,
@@ -69,6 +72,7 @@ from .linear import (
     _validate,
     apply_activation_torch,
     check_activation,
+    stats_of,
     want_made,
 )
 from .linear import linear as _linear
@@ -335,6 +339,45 @@ def _(x, weight, bias, mean, invstd, seed, p, activation, negative_slope, transp
     return torch.empty((c, n) if transposed else (n, c), dtype=x.dtype, device=x.device)
 
 
+@custom_op("fusedmlp::fused_block_apply_update", mutates_args=["running_mean", "running_var"])
+def _fused_block_apply_update(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    seed: Tensor | None,
+    p: float,
+    activation: str,
+    negative_slope: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    var: Tensor,
+    momentum: float,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """``fused_block_apply`` (row-major) with x's batch statistics made by the Linear before
+    the block (``BatchStats``), whose launch does not touch the running statistics: the same
+    launch updates ``running_mean``/``running_var`` in place from ``mean`` and the unbiased
+    ``var``, with ``momentum`` (``num_batches_tracked``: the cumulative average), as the
+    statistics kernels would have."""
+    from ..kernels import fused_block as K
+
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    update = (running_mean, running_var, var, momentum, num_batches_tracked)
+    K.fused_forward(
+        x, weight, bias, seed, True, 0.0, p, activation, negative_slope, out=out,
+        stats=(mean, invstd), update=update,
+    )  # fmt: skip
+    return out
+
+
+@_fused_block_apply_update.register_fake
+def _(x, weight, bias, mean, invstd, seed, p, activation, negative_slope, running_mean,
+      running_var, var, momentum, num_batches_tracked):  # fmt: skip
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @custom_op("fusedmlp::fused_block_linear_act_dropout_fwd", mutates_args=())
 def _fused_block_linear_act_dropout_fwd(
     x: Tensor,
@@ -367,6 +410,7 @@ def _(x, weight, bias, seed, p, activation, negative_slope):
 _fused_block_fwd_call = caller(_fused_block_fwd)
 _fused_block_linear_act_dropout_fwd_call = caller(_fused_block_linear_act_dropout_fwd)
 _fused_block_apply_call = caller(_fused_block_apply)
+_fused_block_apply_update_call = caller(_fused_block_apply_update)
 _fused_block_act_dropout_bwd_call = caller(_fused_block_act_dropout_bwd)
 _fused_block_bn_bwd_call = caller(_fused_block_bn_bwd)
 _fused_block_bn_bwd_sums_call = caller(_fused_block_bn_bwd_sums)
@@ -415,16 +459,25 @@ def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int,
     return grads
 
 
-def _block_forward(x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd):
+def _block_forward(x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd,
+                   update=None):  # fmt: skip
     """``(out, mean, invstd, var)`` of the block: its statistics computed here, or given
-    (``mean``/``invstd`` from ``eager_stats``: then ``var`` is None)."""
+    (``mean``/``invstd`` from ``eager_stats`` or a ``BatchStats``: then ``var`` is None).
+    ``update``: ``(running_mean, running_var, var, momentum, num_batches_tracked)`` for given
+    statistics that the running ones still await (``BatchStats``): updated by the same
+    launch."""
     if mean is None:
         return _fused_block_fwd_call(
             x, weight, bias, seed, True, eps, p, activation, negative_slope
         )
-    out = _fused_block_apply_call(
-        x, weight, bias, mean, invstd, seed, p, activation, negative_slope, False
-    )
+    if update is not None:
+        out = _fused_block_apply_update_call(
+            x, weight, bias, mean, invstd, seed, p, activation, negative_slope, *update
+        )
+    else:
+        out = _fused_block_apply_call(
+            x, weight, bias, mean, invstd, seed, p, activation, negative_slope, False
+        )
     return out, mean, invstd, None
 
 
@@ -437,11 +490,12 @@ class BNActDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd, handover
-    ):
+        ctx, x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd, handover,
+        update,
+    ):  # fmt: skip
         given = mean is not None
         out, mean, invstd, var = _block_forward(
-            x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd
+            x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd, update
         )
         ctx.save_for_backward(x, weight, bias, mean, invstd, seed)
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
@@ -459,10 +513,10 @@ class BNActDropoutFunction(torch.autograd.Function):
     @once_differentiable("batch_norm + activation + dropout")
     def backward(ctx, dout, _dmean, _dvar):
         if dout is None:
-            return (None,) * 11
+            return (None,) * 12
         if not any(ctx.needs_input_grad[:3]):
-            return (None,) * 11
-        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=11)
+            return (None,) * 12
+        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=12)
 
 
 # The block + Linear backward computes the Linear's dX first, and the block's reduction, which
@@ -496,7 +550,7 @@ def _grads_apply_in_reduction(
     dx, dw, db = _block_grads(
         ctx, dout, x, weight, bias, mean, invstd, seed, 3, (psum_g, psum_gxmu, dw, db)
     )
-    return dx, dw, db, None, dlw, dlb if need_dlb else None, *(None,) * 9
+    return dx, dw, db, None, dlw, dlb if need_dlb else None, *(None,) * 11
 
 
 class BNActDropoutLinearFunction(torch.autograd.Function):
@@ -515,15 +569,16 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x, weight, bias, seed, lin_weight, lin_bias, eps, p, activation, negative_slope,
-        mean, invstd, lin_stats, handover, lin_handover,
+        mean, invstd, lin_stats, handover, lin_handover, lin_eps, update,
     ):  # fmt: skip
         given = mean is not None
         out, mean, invstd, var = _block_forward(
-            x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd
+            x, weight, bias, seed, eps, p, activation, negative_slope, mean, invstd, update
         )
         pmean = pm2 = None
-        if lin_stats:  # the Linear's output's batch-norm partial statistics, from its epilogue
-            y, pmean, pm2 = _linear_stats_fwd(out, lin_weight, lin_bias)
+        if lin_stats:  # the Linear's output's batch-norm statistics, from its epilogue: final
+            # ones with ``lin_eps`` (the next batch norm's), else partials (``linear_stats``)
+            y, pmean, pm2 = _linear_stats_fwd(out, lin_weight, lin_bias, lin_eps)
             ctx.mark_non_differentiable(pmean, pm2)
         else:
             y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
@@ -544,7 +599,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
     @once_differentiable("batch_norm + activation + dropout + linear")
     def backward(ctx, dy, _dmean, _dvar, _dpmean, _dpm2):
         if dy is None:
-            return (None,) * 15
+            return (None,) * 17
         x, weight, bias, mean, invstd, seed, lin_weight = ctx.saved_tensors
         need_dx, need_dw, need_db, _, need_dlw, need_dlb = ctx.needs_input_grad[:6]
         need_dlb = need_dlb and ctx.has_lin_bias
@@ -596,7 +651,7 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
             None,
             dlw if need_dlw else None,
             dlb if need_dlb else None,
-            *(None,) * 9,
+            *(None,) * 11,
         )
 
 
@@ -739,13 +794,13 @@ def bn_act_dropout(
         return F.dropout(y, p, True) if p > 0.0 else y
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     seed = _seed(input, None) if p > 0.0 else None
-    mean, invstd = eager_stats(
-        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked,
-        partials,
-    )  # fmt: skip
-    out, batch_mean, var = BNActDropoutFunction.apply(
-        input, weight, bias, seed, eps, p, act, float(negative_slope), mean, invstd, handover
+    mean, invstd, update = _given_stats(
+        input, running_mean, running_var, momentum, eps, num_batches_tracked, partials
     )
+    out, batch_mean, var = BNActDropoutFunction.apply(
+        input, weight, bias, seed, eps, p, act, float(negative_slope), mean, invstd, handover,
+        update,
+    )  # fmt: skip
     update_running_after(
         running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
     )
@@ -771,6 +826,7 @@ def bn_act_dropout_linear(
     stats: bool = False,
     handover=None,
     lin_handover=None,
+    stats_eps: float | None = None,
 ):
     """``linear(bn_act_dropout(input, ...), lin_weight, lin_bias)`` (no activation on the
     Linear) as one autograd Function that does not save the block's output
@@ -778,7 +834,8 @@ def bn_act_dropout_linear(
     results, masks and running statistics as the two ops run one after the other.
     ``partials``: as ``bn_act_dropout``'s. With ``stats`` returns ``(y, y_partials)``: also the
     batch-norm partial statistics of y from the Linear's epilogue (``linear_stats``), for a
-    batch norm that reads y next, or None where the GEMM made none. ``handover``: as
+    batch norm that reads y next, or None where the GEMM made none; with ``stats_eps`` (that
+    batch norm's eps) y's final statistics instead (a ``BatchStats``). ``handover``: as
     ``bn_act_dropout``'s; ``lin_handover``: the one the Linear shares with that next batch norm.
 
     Only where ``block_linear_applies`` (the caller asks first, and otherwise runs the two ops).
@@ -789,24 +846,37 @@ def bn_act_dropout_linear(
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     _validate(input, lin_weight, lin_bias, 0.0)  # the block's output: input's shape and dtype
     seed = _seed(input, None) if p > 0.0 else None
-    mean, invstd = eager_stats(
-        input, True, running_mean, running_var, float(momentum), eps, num_batches_tracked,
-        partials,
-    )  # fmt: skip
+    mean, invstd, update = _given_stats(
+        input, running_mean, running_var, momentum, eps, num_batches_tracked, partials
+    )
+    lin_eps = float(stats_eps) if stats and stats_eps is not None else None
     y, batch_mean, var, pmean, pm2 = BNActDropoutLinearFunction.apply(
         input, weight, bias, seed, lin_weight, lin_bias, eps, p, act, float(negative_slope),
-        mean, invstd, stats, handover, lin_handover,
+        mean, invstd, stats, handover, lin_handover, lin_eps, update,
     )  # fmt: skip
     update_running_after(
         running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
     )
     if not stats:
         return y
-    if pmean.numel() == 0:  # the TMA kernel ran the Linear: no statistics
-        return y, None
-    from ..kernels.linear import stats_rows
+    return y, stats_of(y, pmean, pm2, lin_eps)  # None: the TMA kernel ran the Linear
 
-    return y, (pmean, pm2, stats_rows(y))
+
+def _given_stats(input, running_mean, running_var, momentum, eps, nbt, partials):
+    """``(mean, invstd, update)`` for a block's Function: statistics it takes as given, or
+    None (computed there). ``partials``: a ``BatchStats`` (the Linear before made them; the
+    running statistics, if tracked, await ``update`` = ``(running_mean, running_var, var,
+    momentum, nbt)`` in the Function's forward launch), partial statistics to merge, or None
+    (``eager_stats``; the running statistics updated on the way: ``update`` None)."""
+    if isinstance(partials, BatchStats):
+        update = None
+        if running_mean is not None:
+            update = (running_mean, running_var, partials.var, float(momentum), nbt)
+        return partials.mean, partials.invstd, update
+    mean, invstd = eager_stats(
+        input, True, running_mean, running_var, float(momentum), eps, nbt, partials
+    )
+    return mean, invstd, None
 
 
 # Below this many bytes of block output, keeping it costs less than recomputing it: the

@@ -155,27 +155,32 @@ def _(grad_y, x, weight, saved, activation, negative_slope, need_dx, need_dw, ne
 
 @custom_op("fusedmlp::linear_stats_fwd", mutates_args=())
 def linear_stats_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor | None
+    x: Tensor, weight: Tensor, bias: Tensor | None, eps: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, pmean, pm2)``: ``y = x @ weight.T + bias`` for a 2-D x and, from the same launch,
     the batch-norm partial statistics of y's columns (``kernels.linear.linear_forward_stats``:
     ``[cdiv(M, stats_rows(x)), N]`` each, the accumulation dtype); pmean and pm2 empty where
-    the GEMM makes none (the TMA kernel)."""
+    the GEMM makes none (the TMA kernel). With ``eps``: ``(y, final, empty)``, ``final`` the
+    final statistics ``[3, N]`` (mean, invstd with ``eps``, unbiased variance) instead."""
     from ..kernels import linear as K
 
-    y, stats = K.linear_forward_stats(x, weight, bias)
+    y, stats = K.linear_forward_stats(x, weight, bias, eps)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if stats is None:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return y, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    if eps is not None:
+        return y, stats, x.new_empty(0, dtype=acc)
     return y, stats[0], stats[1]
 
 
 @linear_stats_fwd.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, eps=None):
     from ..kernels.linear import stats_rows
 
     m, n = x.shape[0], weight.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if eps is not None:
+        return x.new_empty((m, n)), x.new_empty((3, n), dtype=acc), x.new_empty(0, dtype=acc)
     parts = -(-m // stats_rows(x))
     return (x.new_empty((m, n)), x.new_empty((parts, n), dtype=acc),
             x.new_empty((parts, n), dtype=acc))  # fmt: skip
@@ -216,8 +221,8 @@ class LinearStatsFunction(torch.autograd.Function):
     backward is ``LinearFunction``'s."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, handover):
-        y, pmean, pm2 = _linear_stats_fwd(x, weight, bias)
+    def forward(ctx, x, weight, bias, handover, eps):
+        y, pmean, pm2 = _linear_stats_fwd(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, None)
         ctx.has_bias = bias is not None
         ctx.activation, ctx.negative_slope = "none", 0.0
@@ -232,8 +237,8 @@ class LinearStatsFunction(torch.autograd.Function):
     @once_differentiable("linear")
     def backward(ctx, grad_y, _dpmean, _dpm2):
         if grad_y is None:
-            return None, None, None, None
-        return (*_linear_backward(ctx, grad_y, *ctx.saved_tensors)[:3], None)
+            return None, None, None, None, None
+        return (*_linear_backward(ctx, grad_y, *ctx.saved_tensors)[:3], None, None)
 
 
 def want_made(handover, x: Tensor, weight: Tensor, need_dw: bool) -> None:
@@ -372,20 +377,35 @@ def linear(
     return apply_activation_torch(F.linear(input, weight, bias), activation, negative_slope)
 
 
-def linear_stats(input: Tensor, weight: Tensor, bias: Tensor | None, handover=None):
+def linear_stats(
+    input: Tensor, weight: Tensor, bias: Tensor | None, handover=None, eps: float | None = None
+):
     """``(y, partials)``: ``y = F.linear(input, weight, bias)`` on the Triton path for a 2-D
     ``input``, and ``partials = (pmean, pm2, rows)``, the batch-norm partial statistics of y's
     columns that the same launch made (for a batch norm that reads y next:
-    ``fusedmlp.autograd.batchnorm.eager_stats``), or None where it made none. The caller has
-    checked the Triton path applies (``use_triton``, no autocast). ``handover``: a
-    ``_handover.Handover`` shared with that batch norm's Function."""
+    ``fusedmlp.autograd.batchnorm.eager_stats``), or None where it made none. With ``eps``
+    (that batch norm's) ``partials`` is y's final statistics instead
+    (``fusedmlp.autograd.batchnorm.BatchStats``): no merge launch. The caller has checked the
+    Triton path applies (``use_triton``, no autocast). ``handover``: a ``_handover.Handover``
+    shared with that batch norm's Function."""
     _validate(input, weight, bias, 0.0)
-    y, pmean, pm2 = LinearStatsFunction.apply(input, weight, bias, handover)
+    y, pmean, pm2 = LinearStatsFunction.apply(input, weight, bias, handover, eps)
+    return y, stats_of(input, pmean, pm2, eps)
+
+
+def stats_of(input: Tensor, pmean: Tensor, pm2: Tensor, eps: float | None):
+    """What ``linear_stats_fwd`` made for a batch norm of its output, as ``linear_stats``
+    returns it: None (nothing), the partials ``(pmean, pm2, rows)`` or, with ``eps``, a
+    ``BatchStats``."""
     if pmean.numel() == 0:
-        return y, None
+        return None
+    if eps is not None:
+        from .batchnorm import BatchStats
+
+        return BatchStats(*pmean.unbind(0))
     from ..kernels.linear import stats_rows
 
-    return y, (pmean, pm2, stats_rows(input))
+    return pmean, pm2, stats_rows(input)
 
 
 __all__ = [

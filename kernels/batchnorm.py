@@ -196,6 +196,52 @@ def _store_final(
 
 
 @triton.jit
+def _merge_splits(
+    pmean_ptr,
+    pm2_ptr,
+    c,
+    cmask,
+    R,
+    C,
+    n_split,
+    rows_per_split,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """``(mean, M2)`` of channels ``c`` (``[BLOCK_C]``, masked by ``cmask``) over all R rows,
+    from the splits' ``[n_split, C]`` partial means and M2s (``rows_per_split`` rows each, the
+    last one the rest of R): merged in a fixed order, blocks of ``BLOCK_S`` splits (Chan et
+    al.). The partials are read from L2 (``.cg``): a GEMM's last program to arrive
+    (``arrival``) merges what the other programs stored."""
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    n_a = tl.zeros([BLOCK_C], dtype=ACC)  # count merged so far
+    for s0 in range(0, n_split, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < n_split
+        lo = s.to(tl.int64) * rows_per_split
+        cnt = tl.where(smask, tl.minimum(lo + rows_per_split, R) - lo, 0).to(ACC)
+        mask = smask[:, None] & cmask[None, :]
+        off = s.to(tl.int64)[:, None] * C + c[None, :]
+        pm = tl.load(pmean_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+        pq = tl.load(pm2_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+        # this block of splits: count, mean, M2
+        n_b = tl.sum(cnt, 0)
+        mean_b = tl.sum(cnt[:, None] * pm, 0) / n_b
+        d = tl.where(mask, pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(pq + cnt[:, None] * d * d, 0)
+        # merged with the previous blocks
+        n_ab = n_a + n_b
+        delta = mean_b - mean
+        frac = n_b / n_ab
+        mean = mean + delta * frac
+        m2 = m2 + m2_b + delta * delta * n_a * frac
+        n_a = n_ab
+    return mean, m2
+
+
+@triton.jit
 def _bn_stats_final_kernel(
     pmean_ptr,
     pm2_ptr,
@@ -227,30 +273,9 @@ def _bn_stats_final_kernel(
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    n_a = tl.zeros([BLOCK_C], dtype=ACC)  # count merged so far
-    for s0 in range(0, n_split, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        smask = s < n_split
-        lo = s.to(tl.int64) * rows_per_split
-        cnt = tl.where(smask, tl.minimum(lo + rows_per_split, R) - lo, 0).to(ACC)
-        mask = smask[:, None] & cmask[None, :]
-        off = s[:, None] * C + c[None, :]
-        pm = tl.load(pmean_ptr + off, mask=mask, other=0.0)
-        pq = tl.load(pm2_ptr + off, mask=mask, other=0.0)
-        # this block of splits: count, mean, M2
-        n_b = tl.sum(cnt, 0)
-        mean_b = tl.sum(cnt[:, None] * pm, 0) / n_b
-        d = tl.where(mask, pm - mean_b[None, :], 0.0)
-        m2_b = tl.sum(pq + cnt[:, None] * d * d, 0)
-        # merged with the previous blocks
-        n_ab = n_a + n_b
-        delta = mean_b - mean
-        frac = n_b / n_ab
-        mean = mean + delta * frac
-        m2 = m2 + m2_b + delta * delta * n_a * frac
-        n_a = n_ab
+    mean, m2 = _merge_splits(
+        pmean_ptr, pm2_ptr, c, cmask, R, C, n_split, rows_per_split, ACC, BLOCK_C, BLOCK_S
+    )
     _store_final(
         mean_ptr, invstd_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_ptr, c, cmask, mean, m2, R, eps,
         momentum, momentum_lo, UPDATE, CUMULATIVE, FP64, BLOCK_C,

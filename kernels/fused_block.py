@@ -127,12 +127,20 @@ def _fused_fwd_kernel(
     p,
     scale,
     negative_slope,
+    rmean_ptr,
+    rvar_ptr,
+    nbt_ptr,
+    var_ptr,
+    momentum,
+    momentum_lo,
     NORM: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     ACTIVATION: tl.constexpr,
     DROPOUT: tl.constexpr,
     ALIGNED: tl.constexpr,
+    UPDATE: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -141,6 +149,12 @@ def _fused_fwd_kernel(
 
     Grid: (row blocks, column blocks). ``NORM``: per column ``(x - mean) * invstd * w + b``;
     ``DROPOUT``: the Philox mask (``p``, ``scale`` runtime). out: x's dtype.
+    ``UPDATE`` (with ``NORM``): the programs of row block 0 also update the running statistics
+    of their columns from the batch mean and the unbiased variance at ``var_ptr`` (``[C]``, acc
+    type), as ``batchnorm._update_running`` (rmean, rvar ``[C]`` contiguous; nbt, momentum,
+    momentum_lo, CUMULATIVE: that function's): for statistics that the Linear before the block
+    made in its epilogue (``linear.linear_forward_stats``), whose launch does not touch the
+    batch norm's buffers.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -174,6 +188,14 @@ def _fused_fwd_kernel(
         keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
         a = a * tl.where(keep, scale, 0.0)
     tl.store(out_ptr + r * soR + c * soC, a.to(out_ptr.dtype.element_ty), mask=mask)
+    if UPDATE:
+        if pid_r == 0:
+            cv = pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q)
+            cvmask = cv < C
+            mean_v = tl.load(mean_ptr + cv, mask=cvmask, other=0.0).to(ACC)
+            var_v = tl.load(var_ptr + cv, mask=cvmask, other=0.0).to(ACC)
+            BN._update_running(rmean_ptr, rvar_ptr, nbt_ptr, cv, cvmask, mean_v, var_v,
+                               momentum, momentum_lo, CUMULATIVE, FP64, 4 * BLOCK_Q)  # fmt: skip
 
 
 @triton.jit
@@ -576,6 +598,7 @@ def fused_forward(
     negative_slope: float,
     out: torch.Tensor | None = None,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    update: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``out = act(bn(x)) * keep * 1/(1-p)`` (``normalize``) or ``act(x) * keep * 1/(1-p)``.
 
@@ -591,7 +614,13 @@ def fused_forward(
         out: optional ``[R, C]`` destination (e.g. a view of a tensor of the caller's shape).
         stats: ``(mean, invstd)`` of an earlier call on the same x (``normalize``): the
             statistics kernels are skipped and the output is that call's, bit for bit (the
-            backward's recomputation of a block output it did not save).
+            backward's recomputation of a block output it did not save); or x's statistics
+            from the Linear that made x (its epilogue's, ``linear.linear_forward_stats``).
+        update: with ``stats``, ``(running_mean, running_var, var, momentum,
+            num_batches_tracked or None)``: the same launch also updates the running
+            statistics (``[C]`` contiguous, in place) from the given mean and the unbiased
+            batch variance ``var`` (``[C]``), as the statistics kernels would have; the
+            cumulative average (``momentum`` ignored) with ``num_batches_tracked``.
 
     Returns:
         ``(out, mean, invstd, var)``: out ``[R, C]`` contiguous in x's dtype; with
@@ -611,6 +640,11 @@ def fused_forward(
         mean, invstd, var = (x.new_empty(0, dtype=acc) for _ in range(3))  # distinct (custom op)
     if x.numel() == 0:
         return out, mean, invstd, var
+    running = {**BN._no_update(out, out), "var_ptr": out}
+    if update is not None:
+        rm, rv, batch_var, momentum, nbt = update
+        running = BN._update_args((rm, rv, momentum, nbt), mean, batch_var)
+        running["var_ptr"] = batch_var
     with on_device(x):
         if normalize and stats is None:
             mean, invstd, var = BN.batch_norm_stats(x, eps)
@@ -647,6 +681,7 @@ def fused_forward(
             DROPOUT=seed is not None,
             ALIGNED=C % 4 == 0,
             FP64=acc == torch.float64,
+            **running,
         )
     return out, mean, invstd, var
 

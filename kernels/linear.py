@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from .arrival import arrival_counters, last_arrival
+from .batchnorm import _merge_splits, _store_final
 from .dropout import tile_keep
 from .launch import (
     Tma,
@@ -298,14 +299,14 @@ def _linear_fwd_kernel(
     else:
         _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, pmean_ptr,
                       pm2_ptr, M, N, stride_b, negative_slope, p, scale, HAS_BIAS, ACTIVATION,
-                      SAVE_Z, DROPOUT, STATS, BLOCK_N)  # fmt: skip
+                      SAVE_Z, DROPOUT, STATS, FP64, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
 def _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, pmean_ptr,
                   pm2_ptr, M, N, stride_b, negative_slope, p, scale, HAS_BIAS: tl.constexpr,
                   ACTIVATION: tl.constexpr, SAVE_Z: tl.constexpr, DROPOUT: tl.constexpr,
-                  STATS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                  STATS: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """The forward kernels' epilogue on the accumulator tile of rows ``rm`` and columns ``rn``
     (``bn``: the columns wrapped into [0, N), int64; tile column ``pid_n``): bias, rounding to
     the output dtype, activation, with ``DROPOUT`` the dropout mask of the seed at ``seed_ptr``
@@ -320,7 +321,15 @@ def _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, 
     each column's mean and M2 (sum of squared deviations from that mean, two passes over the
     registers) over the tile's rows below M, stored at row ``pid_m`` of pmean and pm2 [*, N]:
     the splits ``batchnorm._bn_stats_final_kernel`` merges, ``BLOCK_M`` rows each. The batch
-    norm's own statistics pass over y (a read of [M, N]) and its launch are not needed."""
+    norm's own statistics pass over y (a read of [M, N]) and its launch are not needed.
+    ``STATS == 2``: the final statistics too, with no merge launch: the last of a column
+    block's programs to arrive (``arrival``; counters at ``seed_ptr``, int32, one per column
+    block) merges every split's partials of its columns in a fixed order
+    (``batchnorm._merge_splits``) and stores the mean, invstd (``negative_slope`` is eps) and
+    unbiased variance at rows 0, 1, 2 of ``z_ptr`` ([3, N] in the accumulator dtype), as the
+    merge kernel does (the running statistics stay the batch norm's own: its forward pass
+    updates them). The statistics roles take the pointers and the float that an epilogue
+    without activation, dropout or pre-activation leaves unused."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + bn * stride_b)
         acc += bias.to(acc.dtype)[None, :]
@@ -347,6 +356,15 @@ def _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, 
         stat_offs = pid_m.to(tl.int64) * N + rn
         tl.store(pmean_ptr + stat_offs, mean.to(pmean_ptr.dtype.element_ty), mask=rn < N)
         tl.store(pm2_ptr + stat_offs, m2.to(pm2_ptr.dtype.element_ty), mask=rn < N)
+        if STATS == 2:
+            n_split = tl.cdiv(M, rm.shape[0])
+            if last_arrival(seed_ptr + pid_n, n_split):
+                cmask = rn < N
+                mean, m2 = _merge_splits(pmean_ptr, pm2_ptr, rn, cmask, M, N, n_split,
+                                         rm.shape[0], acc.dtype, BLOCK_N, 16)  # fmt: skip
+                _store_final(z_ptr, z_ptr + N, z_ptr + 2 * N, z_ptr, z_ptr, z_ptr, rn, cmask,
+                             mean, m2, M, negative_slope, 0.0, 0.0, False, False, FP64,
+                             BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -426,7 +444,7 @@ def _linear_fwd_tma_kernel(
         # statistics either (``linear_forward_stats`` takes the pointer kernel)
         _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), pid_m, pid_n, b_ptr, y_ptr, z_ptr,
                       y_ptr, y_ptr, y_ptr, M, N, stride_b, negative_slope, 0.0, 1.0, HAS_BIAS,
-                      ACTIVATION, SAVE_Z, False, False, BLOCK_N)  # fmt: skip
+                      ACTIVATION, SAVE_Z, False, 0, False, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -1281,13 +1299,16 @@ _INTERPRETED = (is_interpreted(_linear_fwd_kernel),)
 
 
 def linear_forward_stats(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float | None = None
+) -> tuple[torch.Tensor, tuple | None]:
     """``(y, stats)``: ``y = x @ weight^T + bias`` as ``linear_forward(x, weight, bias, "none",
     0.0)``, and ``stats = (pmean, pm2, rows)`` from the same launch's epilogue: the batch-norm
     partial statistics of y's columns (``_fwd_epilogue``), each ``[cdiv(M, rows), N]`` in the
-    accumulation dtype (fp32; fp64 for fp64), for ``batchnorm.batch_norm_stats_merge``. None
-    (y alone) where the TMA kernel runs the GEMM or y is empty.
+    accumulation dtype (fp32; fp64 for fp64), for ``batchnorm.batch_norm_stats_merge``. With
+    ``eps``, ``stats = final``: ``[3, N]`` in that dtype, y's batch mean, invstd (``1 /
+    sqrt(biased var + eps)``) and unbiased variance per column, merged in the same launch by
+    each column block's last program (no merge launch; the running statistics are not
+    touched). None (y alone) where the TMA kernel runs the GEMM or y is empty.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -1302,9 +1323,16 @@ def linear_forward_stats(
     configs = _launch_configs("fwd", x.dtype, precision, M, N, K)
     configs["configs"], configs["small_config"], _ = _stats_configs(x.dtype, precision)
     configs["interpret_config"] = _STATS_INTERPRET
+    final = None
+    if eps is not None:
+        final = torch.empty((3, N), device=x.device, dtype=acc)
+        # one counter per column block of the smallest tile's 16 columns
+        stats = (pmean, pm2, final, arrival_counters(x.device, cdiv(N, 16)), float(eps))
+    else:
+        stats = (pmean, pm2)
     _launch_forward(x, weight, bias, y, None, "none", 0.0, precision, configs,
-                    _dropout_args(None, 0.0, y), (pmean, pm2))  # fmt: skip
-    return y, (pmean, pm2, rows)
+                    _dropout_args(None, 0.0, y), stats)  # fmt: skip
+    return y, (final if final is not None else (pmean, pm2, rows))
 
 
 def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision, configs,
@@ -1313,6 +1341,10 @@ def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision
     M, K = x.shape
     N = weight.shape[0]
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    final = stats is not None and len(stats) > 2
+    if final:  # the final statistics' roles (``_fwd_epilogue``, STATS == 2)
+        z, dropout = stats[2], {**dropout, "seed_ptr": stats[3]}
+        negative_slope = stats[4]
     with on_device(x):
         launch(
             _linear_fwd_kernel,
@@ -1338,9 +1370,9 @@ def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision
             split_stride=0,
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
-            SAVE_Z=z is not None,
+            SAVE_Z=z is not None and not final,
             **dropout,
-            STATS=stats is not None,
+            STATS=2 if final else int(stats is not None),
             FP64=x.dtype == torch.float64,
             DOT_PRECISION=precision,
             SPLIT_K=0,

@@ -22,11 +22,12 @@ the children's own parameters and buffers:
 
 A Linear without activation whose output a fused BatchNorm block reads next (the first
 Linear of an MLP as a module; the others inside ``bn_act_dropout_linear``, or as modules when
-the block output is kept) also writes the batch norm's partial statistics from its GEMM
-epilogue (``fusedmlp.autograd.linear.linear_stats``): the block merges them (one launch) and
-makes no pass over its input for its statistics. Eager mode only, where the block would
-compute its statistics in eager mode anyway (tracked, contiguous running statistics); a
-traced graph keeps the statistics pass. The same pair shares a ``Handover``
+the block output is kept) also makes the batch norm's statistics in its GEMM's epilogue
+(``fusedmlp.autograd.linear.linear_stats`` with the batch norm's eps: each column block's
+last program merges the tiles' partial statistics), and the block's forward pass updates the
+running statistics from them: no statistics launch, no pass over the block's input for them.
+Eager mode only, where the block would compute its statistics in eager mode anyway (tracked,
+contiguous running statistics); a traced graph keeps the statistics pass. The same pair shares a ``Handover``
 (``fusedmlp.autograd._handover``): in the backward the block's dx pass also writes dx^T and its
 column sums, which that Linear's "dz" backward (fp32) would otherwise make in a pass over dx.
 
@@ -157,15 +158,15 @@ def _match_linear(mods: list, i: int):
 
 
 def _run_bn_block(
-    input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=False,
+    input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=None,
     handovers=(None, None),
 ):  # fmt: skip
     """The block's output, or with ``lin`` (a Linear without activation that follows it) the
     Linear's, from one Function that does not keep the block's output for backward; None when
-    the block does not run fused. ``partials``: input's batch-norm partial statistics from the
-    Linear that made it. ``stats`` (with ``lin``): ``(y, y's partials or None)`` instead.
-    ``handovers``: (the one shared with the Linear before, the one ``lin`` shares with the
-    block after)."""
+    the block does not run fused. ``partials``: input's batch statistics from the Linear that
+    made it (``linear_stats``). ``stats`` (with ``lin``): the eps of the batch norm that reads
+    ``lin``'s output next: ``(y, y's statistics or None)`` instead. ``handovers``: (the one
+    shared with the Linear before, the one ``lin`` shares with the block after)."""
     if input.dim() != 2 or input.numel() == 0:
         return None
     params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -198,8 +199,8 @@ def _run_bn_block(
     )
     if lin is not None:
         return bn_act_dropout_linear(
-            *args, lin.weight, lin.bias, partials=partials, stats=stats,
-            handover=handovers[0], lin_handover=handovers[1],
+            *args, lin.weight, lin.bias, partials=partials, stats=stats is not None,
+            handover=handovers[0], lin_handover=handovers[1], stats_eps=stats,
         )  # fmt: skip
     return bn_act_dropout(*args, partials=partials, handover=handovers[0])
 
@@ -239,9 +240,9 @@ def _takes_partials(mods: list, j: int, rows: int) -> bool:
     )
 
 
-def _run_linear_stats(input: Tensor, lin: Linear, handover):
-    """``(y, partials)`` of a Linear without activation whose output a fused BatchNorm block
-    reads next (``linear_stats``), or None where the module runs as usual."""
+def _run_linear_stats(input: Tensor, lin: Linear, handover, eps: float):
+    """``(y, statistics)`` of a Linear without activation whose output a fused BatchNorm block
+    (of ``eps``) reads next (``linear_stats``), or None where the module runs as usual."""
     if (
         lin.activation is not None
         or not isinstance(input, Tensor)
@@ -252,7 +253,7 @@ def _run_linear_stats(input: Tensor, lin: Linear, handover):
         or not use_triton(input, lin.weight, lin.bias)
     ):
         return None
-    return linear_stats(input, lin.weight, lin.bias, handover)
+    return linear_stats(input, lin.weight, lin.bias, handover, eps)
 
 
 def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | None:
@@ -329,14 +330,16 @@ class FusedSequential(torch.nn.Sequential):
                             and nxt.activation is None
                             and not _hooked(mods[i : end + 1])
                         ):
-                            stats = _takes_partials(mods, end + 1, input.shape[0])
-                            lin_handover = Handover() if stats else None
+                            stats = None  # the eps of the block that reads nxt's output
+                            if _takes_partials(mods, end + 1, input.shape[0]):
+                                stats = mods[end + 1].eps
+                            lin_handover = Handover() if stats is not None else None
                             out = _run_bn_block(
                                 input, first, act, slope, drop, nxt, given, stats,
                                 (given_handover, lin_handover),
                             )  # fmt: skip
                             if out is not None:
-                                if stats:
+                                if stats is not None:
                                     out, partials = out
                                     made, handover = out, lin_handover
                                 input = out
@@ -366,7 +369,7 @@ class FusedSequential(torch.nn.Sequential):
                     and _takes_partials(mods, i + 1, input.shape[0])
                 ):
                     lin_handover = Handover()
-                    out = _run_linear_stats(input, m, lin_handover)
+                    out = _run_linear_stats(input, m, lin_handover, mods[i + 1].eps)
                     if out is not None:
                         input, partials = out
                         made, handover = input, lin_handover
