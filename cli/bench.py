@@ -145,7 +145,14 @@ def run(args) -> int:
     import torch
 
     ops = parse_ops(args.ops)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise SystemExit(f"fusedmlp bench: bad --device {args.device!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"fusedmlp bench: unsupported device {args.device!r} (cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fusedmlp bench: --device cuda asked for, but no CUDA device is available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     cuda = device.type == "cuda"

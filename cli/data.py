@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,13 @@ def _finish(name, x_train, y_train, x_test, y_test) -> Dataset:
             raise DataError(
                 f"{name}: {what} must have a sample axis and features, got shape {a.shape}"
             )
-        return np.ascontiguousarray(a.reshape(len(a), -1), dtype=np.float32)
+        d = math.prod(a.shape[1:])  # not reshape's -1, which fails on 0 samples
+        if d == 0:
+            raise DataError(f"{name}: {what} has no features, got shape {a.shape}")
+        try:
+            return np.ascontiguousarray(a.reshape(len(a), d), dtype=np.float32)
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{name}: {what} must hold numbers, got dtype {a.dtype}: {e}") from e
 
     def labels(a, what):
         a = np.asarray(a)
@@ -68,10 +75,20 @@ def _finish(name, x_train, y_train, x_test, y_test) -> Dataset:
             or (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))
         ):
             raise DataError(f"{name}: {what} must be a 1-D array of integer class labels")
-        a = a.astype(np.int64)
         if a.size and a.min() < 0:
             raise DataError(f"{name}: {what} has negative class labels")
-        return a
+        # Checked before the cast to int64, where uint64 labels >= 2**63 wrap negative; the
+        # largest label sizes the output layer, and one far beyond the data (a sample id, a
+        # hash) would ask for more memory than any machine has.
+        if a.size and a.max() >= max_classes:
+            raise DataError(
+                f"{name}: {what} has class label {a.max()}, but {n_samples} samples allow at most "
+                f"{max_classes} classes (10 per sample): labels must be 0 .. classes - 1"
+            )
+        return a.astype(np.int64)
+
+    n_samples = sum(np.size(a) for a in (y_train, y_test))
+    max_classes = 10 * n_samples
 
     ds = Dataset(
         name,
@@ -137,6 +154,10 @@ def load_npz(path: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
             f"found {sorted(arrays) or 'none'}"
         )
     x, y = np.asarray(arrays["X"]), np.asarray(arrays["y"])
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(
+            f"{path}: X and y must be arrays of samples, got shapes {x.shape}, {y.shape}"
+        )
     if len(x) != len(y):
         raise DataError(f"{path}: X has {len(x)} samples but y has {len(y)}")
     if len(x) < 2:
@@ -163,7 +184,7 @@ def read_idx(path: str) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except OSError as e:
+    except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a broken .gz
         raise DataError(f"cannot read {path}: {e}") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")

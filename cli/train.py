@@ -12,6 +12,7 @@ them.
 from __future__ import annotations
 
 import argparse
+import math
 
 DEFAULT_HIDDEN = [256, 128]
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
@@ -44,6 +45,28 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0.0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [0, 2**32), got {text!r}"
+        ) from None
+    if not 0 <= value < 2**32:  # numpy's generators refuse negative seeds
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
     return value
 
 
@@ -101,14 +124,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"learning rate (default: {DEFAULT_LR['adam']} for adam, {DEFAULT_LR['sgd']} for sgd)",
     )
-    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    opt.add_argument(
+        "--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default: 0.9)"
+    )
     opt.add_argument("--epochs", type=_positive_int, default=20, help="(default: 20)")
     opt.add_argument("--batch-size", type=_positive_int, default=64, help="(default: 64)")
     opt.add_argument(
         "--device", default=None, help="torch device (default: cuda when present, else cpu)"
     )
     opt.add_argument(
-        "--seed", type=int, default=0, help="weights, split, batch order, dropout (default: 0)"
+        "--seed", type=_seed, default=0, help="weights, split, batch order, dropout (default: 0)"
     )
     opt.add_argument(
         "--threads",
@@ -205,6 +230,15 @@ def _check_plot_path(path: str) -> None:
         _fail(f"cannot write the plot {path}: no folder {folder}")
     if not os.access(folder, os.W_OK):
         _fail(f"cannot write the plot {path}: folder {folder} is not writable")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    # savefig picks the format from the extension (none: PNG)
+    ext = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in formats:
+        _fail(
+            f"cannot write the plot {path}: unknown format {ext!r} ({', '.join(sorted(formats))})"
+        )
 
 
 def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
@@ -316,17 +350,24 @@ def run(args: argparse.Namespace) -> int:
             device = torch.device(args.device)
         except RuntimeError as e:
             _fail(f"bad --device {args.device!r}: {e}")
+        if device.type not in ("cpu", "cuda"):
+            _fail(f"unsupported --device {args.device!r} (cpu or cuda)")
         if device.type == "cuda" and not torch.cuda.is_available():
             _fail(f"--device {args.device} asked for, but CUDA is not available here")
     if args.cuda_graph and device.type != "cuda":
         _fail(f"--cuda-graph needs a CUDA device; this run's device is {device}")
+    backend_name = args.backend or _backend.get_backend()
+    if backend_name == "triton" and device.type == "cpu" and _backend.triton_available():
+        try:  # else the first op raises it, after the data is loaded and the models built
+            _backend._require_interpreter()
+        except RuntimeError as e:
+            _fail(str(e))
     if args.plot:
         _check_plot_path(args.plot)
     try:
         ds = load(args.dataset, data=args.data, data_dir=args.data_dir, seed=args.seed)
     except DataError as e:
         _fail(str(e))
-    backend_name = args.backend or _backend.get_backend()
     previous_backend = _backend.get_backend()
     previous_threads = torch.get_num_threads()
     try:
@@ -389,8 +430,11 @@ def _train(args, ds, device, backend_name: str) -> int:
         for r in runs.values():
             r["graphed"] = _GraphedStep(r["net"], r["loss_fn"], r["opt"], x_train, y_train,
                                         batch_size)  # fmt: skip
-    if args.batchnorm and steps == 0:
-        _fail("BatchNorm needs batches of at least 2 samples")
+    if args.batchnorm and batch_size < 2:  # the step count above drops only a last batch of 1
+        _fail(
+            f"BatchNorm needs batches of at least 2 samples, got {batch_size} ({n} train "
+            f"samples, --batch-size {args.batch_size}): more of either, or --no-batchnorm"
+        )
     n_params = sum(p.numel() for p in model.parameters())
     where = (
         "Triton kernels"

@@ -891,7 +891,11 @@ def run(args) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = torch.device(device).type
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError as e:
+        print(f"fusedmlp verify: bad --device {device!r}: {e}")
+        return 2
     if device_type == "cuda" and not torch.cuda.is_available():
         print("fusedmlp verify: --device cuda asked for, but no CUDA device is available")
         return 2
@@ -920,6 +924,11 @@ def run(args) -> int:
             f"dtypes among {', '.join(DTYPE_NAMES)}; ops among {', '.join(OPS)}"
         )
         return 2
+    if args.json:  # checked before the cases run, not after them
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            print(f"fusedmlp verify: cannot write {args.json}: no folder {folder}")
+            return 2
 
     import triton
 

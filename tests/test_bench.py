@@ -88,6 +88,16 @@ def test_parse_ops():
         parse_ops(["nope"])
 
 
+def test_bench_refuses_a_bad_or_missing_device(monkeypatch):
+    with pytest.raises(SystemExit, match="bad --device 'foo'"):
+        main(["bench", "--quick", "--ops", "sgd", "--device", "foo"])
+    with pytest.raises(SystemExit, match="unsupported device 'meta'"):
+        main(["bench", "--quick", "--ops", "sgd", "--device", "meta"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device is available"):
+        main(["bench", "--quick", "--ops", "sgd", "--device", "cuda"])
+
+
 def test_failing_case_becomes_an_error_row():
     def broken():
         raise NotImplementedError("not yet")

@@ -240,3 +240,80 @@ def test_cuda_graph_steps_replay_what_the_eager_loop_computes(fake_cuda_graphs, 
     for line in [ln for ln in out.splitlines() if ln.startswith("epoch")]:
         fused, torch_part = line.split("fusedmlp:")[1].split("torch:")
         assert float(fused.split()[1]) == pytest.approx(float(torch_part.split()[1]), abs=2e-4)
+
+
+def test_batchnorm_refuses_batches_of_one(tmp_path):
+    msg = _error(["train", "--dataset", "disc", *TINY, "--no-compare", "--batch-size", "1"])
+    assert "BatchNorm needs batches of at least 2 samples" in msg
+    two = tmp_path / "two.npz"  # 1 train sample after the split
+    np.savez(two, X=np.zeros((2, 3)), y=np.array([0, 1]))
+    msg = _error(["train", "--data", str(two), *TINY, "--no-compare"])
+    assert "BatchNorm needs batches of at least 2 samples" in msg
+
+
+@pytest.mark.parametrize(
+    "x, y, expected",
+    [
+        (np.array([["a", "b"]] * 10), np.zeros(10, int), "must hold numbers"),
+        (np.float32(3), np.zeros(10, int), "arrays of samples"),
+        (np.zeros((10, 0)), np.zeros(10, int), "no features"),
+        # 2**63 wraps negative in int64; 10**12 classes would be a 512 TB output layer
+        (
+            np.zeros((10, 2)),
+            np.array([2**63] + [0] * 9, np.uint64),
+            "class label 9223372036854775808",
+        ),
+        (np.zeros((10, 2)), np.array([0] * 9 + [10**12]), "allow at most 100 classes"),
+    ],
+)
+def test_malformed_npz_gives_a_data_error(tmp_path, x, y, expected):
+    path = tmp_path / "bad.npz"
+    np.savez(path, X=x, y=y)
+    msg = _error(["train", "--data", str(path), *TINY, "--no-compare"])
+    assert expected in msg and "bad.npz" in msg
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_gzipped_idx_gives_a_data_error(tmp_path, damage):
+    _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((40, 28, 28), np.uint8), False)
+    raw = bytearray(gzip.compress((tmp_path / "train-images-idx3-ubyte").read_bytes()))
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]  # EOFError from gzip
+    else:
+        raw[10] = 0xFF  # past the 10-byte header: an invalid deflate block type, zlib.error
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bytes(raw))
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
+    assert "cannot read" in msg and "train-images-idx3-ubyte.gz" in msg
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_fails_up_front(monkeypatch):
+    pytest.importorskip("triton")
+    from fusedmlp.kernels import launch
+
+    monkeypatch.setattr(launch, "interpreter_active", lambda: False)
+    argv = ["train", "--dataset", "disc", *TINY, "--no-compare", "--device", "cpu"]
+    msg = _error([*argv, "--backend", "triton"])
+    assert "interpreter is off" in msg
+
+
+def test_a_device_other_than_cpu_or_cuda_is_refused():
+    msg = _error(["train", "--dataset", "disc", *TINY, "--device", "mps"])
+    assert "unsupported --device 'mps'" in msg
+
+
+def test_unknown_plot_format_is_refused_before_training(tmp_path):
+    pytest.importorskip("matplotlib")
+    msg = _error(["train", "--dataset", "disc", *TINY, "--plot", str(tmp_path / "loss.xyz")])
+    assert "cannot write the plot" in msg and "'xyz'" in msg and "png" in msg
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--seed", "-5"), ("--seed", str(10**15)), ("--momentum", "-1"),
+                      ("--momentum", "nan")]
+)  # fmt: skip
+def test_bad_seed_and_momentum_are_argparse_errors(option, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dataset", "disc", *TINY, "--optimizer", "sgd", option, value])
+    assert info.value.code == 2
+    assert option in capsys.readouterr().err

@@ -166,3 +166,12 @@ def test_verify_with_a_spent_time_budget_fails_and_says_so(capsys, tmp_path):
 def test_verify_rejects_a_time_budget_that_is_not_a_number_of_seconds(budget, capsys):
     assert verify.run(_args(time_budget=budget)) == 2
     assert "--time-budget" in capsys.readouterr().out
+
+
+def test_verify_rejects_a_bad_device_and_a_json_path_without_folder(tmp_path, capsys):
+    assert verify.run(_args(device="foo")) == 2
+    assert "bad --device 'foo'" in capsys.readouterr().out
+    report = tmp_path / "no" / "such" / "verify.json"
+    assert verify.run(_args(json=str(report))) == 2  # before any case runs
+    out = capsys.readouterr().out
+    assert "no folder" in out and str(report.parent) in out and "PASS" not in out
