@@ -799,8 +799,8 @@ def test_relu_dropout_backward_at_nan_outputs_like_torch(triton_backend):
 
 @pytest.fixture(autouse=True)
 def _statistics_at_every_size(monkeypatch):
-    """The Linear-epilogue statistics (and the backward handover) at the tests' small batches
-    (they start at STATS_MIN_ROWS rows, more than one split)."""
+    """The Linear-epilogue statistics (and the backward handover) at every batch of these
+    tests (from STATS_MIN_ROWS rows)."""
     from fusedmlp.nn import fused_block
 
     monkeypatch.setattr(fused_block, "STATS_MIN_ROWS", 2)
