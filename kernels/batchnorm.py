@@ -17,7 +17,8 @@ Kernels (launches per call, training, everything tracked):
               then given the statistics); else ``_bn_update_running_kernel`` does, a separate
               in-place op. When the preceding Linear made the partial statistics in its
               epilogue (``linear.linear_forward_stats``), ``batch_norm_stats_merge`` runs the
-              final kernel alone on them: no pass over the input.
+              final kernel alone on them: no pass over the input; with ``eps`` that GEMM's
+              last programs merge them too (``_merge_splits``): no launch at all.
     backward  ``_bn_backward_reduce_kernel`` -> ``_bn_backward_dx_kernel``: the reduction's
               last split of each channel block to arrive merges the splits' sums and writes
               dweight/dbias (``arrival``; with a single split it writes them directly)

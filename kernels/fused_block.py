@@ -5,11 +5,13 @@ column / channel ``c``, logical row-major element index ``i = r * C + c`` in int
 
 * ``Linear -> BatchNorm1d -> act -> Dropout`` (``NORM=True``, x = the Linear's output ``[N, C]``):
     forward   ``batch_norm_stats`` (two launches of fusedmlp.kernels.batchnorm: split partials
-              and their merge; the merge alone on partials from the Linear's epilogue,
-              ``batch_norm_stats_merge``) -> ``_fused_fwd_kernel``: ``z = (x - mean) * invstd * w + b``,
-              ``a = act(z)``, ``out = a * keep * 1/(1-p)``, one read of x, one write of out.
-              (The running statistics: updated by the batchnorm module's ops, ``batch_norm_stats``
-              in eager mode, with the statistics then given to this forward.)
+              and their merge; none where the Linear's GEMM made the final statistics in its
+              epilogue, ``linear.linear_forward_stats`` with eps) -> ``_fused_fwd_kernel``:
+              ``z = (x - mean) * invstd * w + b``, ``a = act(z)``, ``out = a * keep * 1/(1-p)``,
+              one read of x, one write of out. (The running statistics: updated by the
+              batchnorm module's ops, ``batch_norm_stats`` in eager mode, with the statistics
+              then given to this forward; or, for the Linear's statistics, by this forward's
+              row block 0, ``UPDATE``.)
     saved     x, mean, invstd (and the seed): the pre-activation is *recomputed from x* in the
               backward, which reads x anyway for the BN reductions, so neither the BN output, nor
               the activation output, nor a mask is ever stored.
