@@ -595,21 +595,27 @@ def test_autocast_computes_in_fp32_as_torch(backend, launches):
     assert launches[KERNEL] == (1 if backend == "triton" else 0)
 
 
+def _strided_targets(n: int, C: int, ignore_index: int):
+    """``(targets, [out of range, ignored], generator)``: n int64 targets of stride 2 around
+    [0, C), every seventh of the storage ``ignore_index``, both counts nonzero."""
+    gen = torch.Generator().manual_seed(n)
+    t = torch.randint(-3, C + 3, (2 * n,), generator=gen).to(DEVICE)
+    t[::7] = ignore_index
+    t = t[::2]
+    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
+    expected = [int(bad.sum()), int((t == ignore_index).sum())]
+    assert expected[0] > 0 and expected[1] > 0
+    return t, expected, gen
+
+
 @pytest.mark.parametrize("n", [7, 100])  # one program / one per block with atomics (CPU: > 32)
 @pytest.mark.parametrize("ignore_index", [-100, 3])
 def test_target_check_counts(triton_backend, launches, n, ignore_index):
     """The target check's kernel against the same counts in torch, over strided targets."""
     from fusedmlp.kernels.cross_entropy import count_bad_targets
 
-    C = 10
-    gen = torch.Generator().manual_seed(n)
-    t = torch.randint(-3, C + 3, (2 * n,), generator=gen).to(DEVICE)
-    t[::7] = ignore_index
-    t = t[::2]  # stride 2
-    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
-    expected = [int(bad.sum()), int((t == ignore_index).sum())]
-    assert expected[0] > 0 and expected[1] > 0
-    assert count_bad_targets(t, C, ignore_index).tolist() == expected
+    t, expected, _ = _strided_targets(n, 10, ignore_index)
+    assert count_bad_targets(t, 10, ignore_index).tolist() == expected
     assert launches["_ce_check_kernel"] == 1
 
 
@@ -620,16 +626,9 @@ def test_loss_reduction_counts_the_targets(triton_backend, launches, n, ignore_i
     torch's over strided targets, and the loss is the same with or without them."""
     from fusedmlp.kernels.cross_entropy import reduce_loss
 
-    C = 10
-    gen = torch.Generator().manual_seed(n)
-    t = torch.randint(-3, C + 3, (2 * n,), generator=gen).to(DEVICE)
-    t[::7] = ignore_index
-    t = t[::2]  # stride 2
-    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
-    expected = [int(bad.sum()), int((t == ignore_index).sum())]
-    assert expected[0] > 0 and expected[1] > 0
+    t, expected, gen = _strided_targets(n, 10, ignore_index)
     rows = torch.rand(n, generator=gen).to(DEVICE)
-    loss, _, counts = reduce_loss(rows, torch.float32, float(n), None, (t, C, ignore_index))
+    loss, _, counts = reduce_loss(rows, torch.float32, float(n), None, (t, 10, ignore_index))
     assert counts.tolist() == expected
     plain, _, none = reduce_loss(rows, torch.float32, float(n), None)
     assert none is None and torch.equal(loss, plain)
