@@ -17,8 +17,8 @@ depend on the block size, the launch configuration or the strides. A group is ke
 24 bits ``r >> 8`` of its random word satisfy ``r >> 8 >= p * 2^24`` (P(keep) = 1 - p to 2^-24).
 
 The multiply form ``x * (keep ? scale : 0)`` (computed in fp32, fp64 for fp64 inputs, whose
-``scale = 1 / (1 - p)`` arrives as its double's bit pattern: a float argument is fp32) makes NaN
-and Inf propagate as torch's dropout does: a dropped NaN or Inf gives NaN.
+``scale = 1 / (1 - p)`` arrives as its double's bit pattern: ``dropout_scale``, also the fused
+kernels') makes NaN and Inf propagate as torch's dropout does: a dropped NaN or Inf gives NaN.
 
 Strides: any. Offsets are logical indices; the addresses come from the (jointly coalesced, up to
 4-D) sizes and strides of the input and of the output; row-major contiguous tensors take a
@@ -109,7 +109,27 @@ def tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED: tl.constexpr, BLOCK_Q: tl.const
     return keep
 
 
-@triton.jit(do_not_specialize=["scale_bits"])
+@triton.jit
+def dropout_scale(scale, FP64: tl.constexpr):
+    """The dropout scale ``1 / (1 - p)`` from its kernel argument (``scale_arg``): for fp64
+    data the bit pattern of its double, an int64, since a float argument is fp32 (an
+    fp32-rounded scale is 2e-8 off torch's fp64 one). Kernels taking it list ``scale`` in
+    ``do_not_specialize``: triton would specialise that integer on divisibility by 16."""
+    if FP64:
+        return scale.to(tl.int64).to(tl.float64, bitcast=True)
+    return scale
+
+
+def scale_arg(p: float, dtype: torch.dtype) -> float | int:
+    """``dropout_scale``'s argument for drop probability ``p`` (0 for ``p >= 1``: nothing is
+    kept) and data of ``dtype``."""
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    if dtype == torch.float64:
+        return struct.unpack("<q", struct.pack("<d", scale))[0]
+    return scale
+
+
+@triton.jit(do_not_specialize=["scale"])
 def _dropout_kernel(
     x_ptr,
     out_ptr,
@@ -117,7 +137,6 @@ def _dropout_kernel(
     numel,
     p,
     scale,
-    scale_bits,
     inner,
     size1,
     size2,
@@ -164,12 +183,7 @@ def _dropout_kernel(
         quad = (octs[:, None] * 2 + tl.arange(0, 2)[None, :])[:, :, None]
         lane = tl.arange(0, 4)[None, None, :]
         keep = tl.reshape(philox_keep(seed, quad, lane, p), [BLOCK // 8, 8])
-    if x_ptr.dtype.element_ty == tl.float64:
-        # a float argument is fp32: the fp64 scale comes as its bit pattern (int64), exact
-        s = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    else:
-        s = scale
-    y = x * tl.where(keep, s, 0.0)
+    y = x * tl.where(keep, dropout_scale(scale, x_ptr.dtype.element_ty == tl.float64), 0.0)
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
@@ -195,11 +209,6 @@ _FLAT_SIZES = (1,) * MAX_DIMS
 _FLAT_STRIDES = (0,) * MAX_DIMS
 
 
-def _f64_bits(value: float) -> int:
-    """``value``'s IEEE double bit pattern as a signed 64-bit integer (a kernel argument)."""
-    return struct.unpack("<q", struct.pack("<d", value))[0]
-
-
 def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, inner: int) -> None:
     numel = x.numel()
     if x.is_contiguous() and out.is_contiguous():  # the common case, without the coalescing
@@ -211,7 +220,6 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, in
         sizes = [d[0] for d in dims]
         x_strides = [d[1][0] for d in dims]
         out_strides = [d[1][1] for d in dims]
-    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
     with on_device(x):
         launch(
             _dropout_kernel,
@@ -226,8 +234,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, in
             seed_ptr=seed,
             numel=numel,
             p=float(p),
-            scale=float(scale),
-            scale_bits=_f64_bits(scale) if x.dtype == torch.float64 else 0,
+            scale=scale_arg(p, x.dtype),
             inner=int(inner),
             size1=sizes[1],
             size2=sizes[2],

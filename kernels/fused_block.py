@@ -64,6 +64,7 @@ import triton.language as tl
 from . import batchnorm as BN
 from .arrival import arrival_counters
 from .batchnorm import _merge_grad_sums, _store_grad_sums
+from .dropout import dropout_scale, scale_arg
 from .dropout import tile_keep as _tile_keep
 from .launch import cdiv, launch, on_device, row_splits
 from .linear import _activation, _activation_grad
@@ -111,7 +112,7 @@ def _preact(x, mean, scale, shift, DTYPE: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale"])
 def _fused_fwd_kernel(
     x_ptr,
     out_ptr,
@@ -159,6 +160,7 @@ def _fused_fwd_kernel(
     batch norm's buffers.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    scale = dropout_scale(scale, FP64)  # fp64: its bits (dropout.scale_arg)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -200,7 +202,7 @@ def _fused_fwd_kernel(
                                momentum, momentum_lo, CUMULATIVE, FP64, 4 * BLOCK_Q)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale"])
 def _fused_bwd_elementwise_kernel(
     dy_ptr,
     t_ptr,
@@ -231,6 +233,7 @@ def _fused_bwd_elementwise_kernel(
     output: ``out > 0`` exactly where kept and ``z > 0``).
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    scale = dropout_scale(scale, FP64)  # fp64: its bits (dropout.scale_arg)
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
@@ -258,7 +261,7 @@ def _fused_bwd_elementwise_kernel(
     tl.store(dx_ptr + r * sgR + c * sgC, dz.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale"])
 def _fused_bwd_reduce_kernel(
     x_ptr,
     dy_ptr,
@@ -316,6 +319,7 @@ def _fused_bwd_reduce_kernel(
     anyway, so that no pass of its own reads x once more (``bn_act_dropout_backward_sums``).
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    scale = dropout_scale(scale, FP64)  # fp64: its bits (dropout.scale_arg)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -386,7 +390,7 @@ def _fused_bwd_reduce_kernel(
         )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale"])
 def _fused_bwd_dx_kernel(
     x_ptr,
     dy_ptr,
@@ -429,6 +433,7 @@ def _fused_bwd_dx_kernel(
     contiguous, and the column sums of the rounded dx of this tile's rows to row ``pid_r``
     of ws ``[cdiv(R, BLOCK_R), C]`` (acc dtype): what that Linear's dZ pass would make."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    scale = dropout_scale(scale, FP64)  # fp64: its bits (dropout.scale_arg)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -560,10 +565,6 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _scale(p: float) -> float:
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-
-
 def _check(x: torch.Tensor, seed: torch.Tensor | None, activation: str) -> None:
     if x.dim() != 2:
         raise RuntimeError(f"fused block kernel: expected a 2-D [R, C] input, got {x.dim()}-D")
@@ -674,7 +675,7 @@ def fused_forward(
             soR=out.stride(0),
             soC=out.stride(1),
             p=float(p),
-            scale=float(_scale(p)),
+            scale=scale_arg(p, x.dtype),
             negative_slope=float(negative_slope),
             NORM=bool(normalize),
             HAS_W=normalize and weight is not None,
@@ -731,7 +732,7 @@ def act_dropout_backward(
             sgR=dx.stride(0),
             sgC=dx.stride(1),
             p=float(p),
-            scale=float(_scale(p)),
+            scale=scale_arg(p, dy.dtype),
             negative_slope=float(negative_slope),
             FROM_OUT=saves_output(activation, negative_slope),
             ACTIVATION=activation,
@@ -747,7 +748,7 @@ def _backward_args(x, weight, bias, mean, invstd, seed, p, activation, negative_
     mean = BN._vec(mean)
     common = dict(
         p=float(p),
-        scale=float(_scale(p)),
+        scale=scale_arg(p, x.dtype),
         negative_slope=float(negative_slope),
         HAS_W=weight is not None,
         HAS_B=bias is not None,

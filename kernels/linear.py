@@ -66,7 +66,7 @@ import triton.language as tl
 
 from .arrival import arrival_counters, last_arrival
 from .batchnorm import _merge_splits, _store_final
-from .dropout import tile_keep
+from .dropout import dropout_scale, scale_arg, tile_keep
 from .launch import (
     Tma,
     cdiv,
@@ -196,7 +196,7 @@ def _dot_operand(t, INTERPRET: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale"])
 def _linear_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -344,7 +344,8 @@ def _fwd_epilogue(acc, rm, rn, bn, pid_m, pid_n, b_ptr, y_ptr, z_ptr, seed_ptr, 
         y = _activation(z.to(acc.dtype), negative_slope, ACTIVATION).to(y_ptr.dtype.element_ty)
     if DROPOUT:
         keep = tile_keep(seed_ptr, rm.to(tl.int64)[:, None], pid_n, N, p, True, BLOCK_N // 4)
-        y = (y.to(acc.dtype) * tl.where(keep, scale, 0.0)).to(y_ptr.dtype.element_ty)
+        y = y.to(acc.dtype) * tl.where(keep, dropout_scale(scale, FP64), 0.0)
+        y = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_offs, y, mask=out_mask)
     if STATS:
         row_mask = (rm < M)[:, None]
@@ -1170,7 +1171,7 @@ def _dropout_args(seed: torch.Tensor | None, p: float, y: torch.Tensor) -> dict:
     return dict(
         seed_ptr=seed if seed is not None else y,
         p=float(p),
-        scale=1.0 / (1.0 - p) if seed is not None else 1.0,
+        scale=scale_arg(p, y.dtype) if seed is not None else 1.0,
         DROPOUT=seed is not None,
     )
 

@@ -519,6 +519,44 @@ def test_linear_act_dropout_equals_act_dropout_of_linear(triton_backend, launche
         assert_close(got, want, scale=4)
 
 
+def test_linear_act_dropout_with_p_one_zeroes_as_torch(triton_backend, launches):
+    # Dropout(1.0) in the Linear's epilogue keeps nothing (the scale is 0, not 1 / 0): the next
+    # Linear's output is its bias, as torch's
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(1.0), torch.nn.Linear(16, 3)
+    ).to(DEVICE)
+    model = convert(ref)
+    x = torch.randn(8, 4, device=DEVICE)
+    out = model(x)
+    assert launches["_linear_fwd_kernel"] == 2 and launches["_dropout_kernel"] == 0
+    assert_close(out, ref(x))
+    assert torch.equal(out, ref[3].bias.detach().expand(8, 3))
+
+
+@pytest.mark.parametrize("block", ["bn_relu_dropout", "linear_relu_dropout"])
+def test_fused_dropout_float64_is_the_unfused_chains(triton_backend, monkeypatch, block):
+    # fp64 blocks scale by the double 1 / (1 - p) (its bits: dropout.scale_arg), as the
+    # standalone dropout does: the fused block equals the unfused fusedmlp chain to fp64's
+    # rounding, forward and backward (an fp32-rounded scale was 2e-8 off)
+    from fusedmlp.nn import fused_block
+
+    monkeypatch.setattr(fused_block, "STATS_MIN_ROWS", 1 << 30)  # the chain's statistics pass
+    torch.manual_seed(0)
+    if block == "bn_relu_dropout":
+        mods = [BatchNorm1d(16), torch.nn.ReLU(), Dropout(0.3)]
+    else:
+        mods = [Linear(16, 16, activation="relu"), Dropout(0.3)]
+    fused = FusedSequential(*mods).to(DEVICE, torch.float64)
+    plain = _unfused(fused)
+    x = torch.randn(37, 16, device=DEVICE, dtype=torch.float64)
+    (out, grads), (ref, ref_grads) = _run(fused, x, 1), _run(plain, x, 1)
+    assert torch.equal(out != 0, ref != 0)  # the same mask
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
 def test_linear_act_dropout_saves_z_only_where_needed(triton_backend):
     from fusedmlp.autograd.fused_block import linear_act_dropout
 
