@@ -50,6 +50,7 @@ from fusedmlp.cli import _bench_ops as O  # noqa: E402
 from fusedmlp.cli import _bench_report as R  # noqa: E402
 from fusedmlp.kernels import launch as KLaunch  # noqa: E402
 from fusedmlp.kernels import linear as KL  # noqa: E402
+from fusedmlp.nn import fused_block as NFB  # noqa: E402
 
 
 def kernel_ms(fn, grads, calls: int = 10) -> tuple[float, int, dict]:
@@ -179,6 +180,11 @@ def main() -> None:
         apply_pass = lambda: _set(AFB, "APPLY_IN_REDUCTION", False, tf32)  # noqa: E731
         row("step", "mlp step w1024 B16K tf32 fusedmlp dz, apply pass of its own", big(),
             wall=True, context=apply_pass, path="dz")  # fmt: skip
+        # A/B: the batch statistics merged (with the running update) by a launch of the block's
+        # own, as before the nineteenth session (FUSEDMLP_FINAL_STATS=0), against the default,
+        # where the Linear's GEMM merges them in its last programs
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, statistics merge launched", big(),
+            wall=True, context=lambda: _set(NFB, "FINAL_STATS", False, tf32), path="dz")  # fmt: skip
         # A/B of the TMA forward kernel for TF32 GEMMs in the step (off by default:
         # FUSEDMLP_TMA=1 turns it on; the tma grid's single layer is not the whole answer)
         row("step", "mlp step w1024 B16K tf32 fusedmlp dz, TMA TF32", big(), wall=True,

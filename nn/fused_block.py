@@ -42,6 +42,7 @@ the same ``torch.manual_seed``) to floating-point tolerance.
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 from torch import Tensor
@@ -158,15 +159,16 @@ def _match_linear(mods: list, i: int):
 
 
 def _run_bn_block(
-    input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=None,
-    handovers=(None, None),
+    input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=False,
+    handovers=(None, None), stats_eps=None,
 ):  # fmt: skip
     """The block's output, or with ``lin`` (a Linear without activation that follows it) the
     Linear's, from one Function that does not keep the block's output for backward; None when
     the block does not run fused. ``partials``: input's batch statistics from the Linear that
-    made it (``linear_stats``). ``stats`` (with ``lin``): the eps of the batch norm that reads
-    ``lin``'s output next: ``(y, y's statistics or None)`` instead. ``handovers``: (the one
-    shared with the Linear before, the one ``lin`` shares with the block after)."""
+    made it (``linear_stats``). ``stats`` (with ``lin``): ``(y, y's statistics or None)``
+    instead, final ones with ``stats_eps`` (the eps of the batch norm that reads y next).
+    ``handovers``: (the one shared with the Linear before, the one ``lin`` shares with the
+    block after)."""
     if input.dim() != 2 or input.numel() == 0:
         return None
     params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -199,8 +201,8 @@ def _run_bn_block(
     )
     if lin is not None:
         return bn_act_dropout_linear(
-            *args, lin.weight, lin.bias, partials=partials, stats=stats is not None,
-            handover=handovers[0], lin_handover=handovers[1], stats_eps=stats,
+            *args, lin.weight, lin.bias, partials=partials, stats=stats,
+            handover=handovers[0], lin_handover=handovers[1], stats_eps=stats_eps,
         )  # fmt: skip
     return bn_act_dropout(*args, partials=partials, handover=handovers[0])
 
@@ -213,6 +215,11 @@ def _run_bn_block(
 # 3.78-4.62 ms against 3.89-4.21, alternated, fastest of 500 steps). Training batch norm needs
 # two rows anyway.
 STATS_MIN_ROWS = 2
+# Whether those statistics are final (merged in the GEMM by its last programs, the running
+# update in the block's forward pass) or partial (merged, with the running update, by a launch
+# of the block's own, as before the nineteenth session). Read once; ``FUSEDMLP_FINAL_STATS=0``
+# takes the partials (``benchmarks/kernel_times.py`` times both).
+FINAL_STATS = os.environ.get("FUSEDMLP_FINAL_STATS", "1") != "0"
 
 
 def _takes_partials(mods: list, j: int, rows: int) -> bool:
@@ -243,9 +250,16 @@ def _takes_partials(mods: list, j: int, rows: int) -> bool:
     )
 
 
-def _run_linear_stats(input: Tensor, lin: Linear, handover, eps: float):
+def _final_eps(mods: list, j: int) -> float | None:
+    """The eps of the batch norm ``mods[j]`` for the final statistics of the Linear before it
+    (``FINAL_STATS``), else None (partial statistics)."""
+    return mods[j].eps if FINAL_STATS and j < len(mods) else None
+
+
+def _run_linear_stats(input: Tensor, lin: Linear, handover, eps: float | None):
     """``(y, statistics)`` of a Linear without activation whose output a fused BatchNorm block
-    (of ``eps``) reads next (``linear_stats``), or None where the module runs as usual."""
+    reads next (``linear_stats``; final statistics with that batch norm's ``eps``), or None
+    where the module runs as usual."""
     if (
         lin.activation is not None
         or not isinstance(input, Tensor)
@@ -333,16 +347,14 @@ class FusedSequential(torch.nn.Sequential):
                             and nxt.activation is None
                             and not _hooked(mods[i : end + 1])
                         ):
-                            stats = None  # the eps of the block that reads nxt's output
-                            if _takes_partials(mods, end + 1, input.shape[0]):
-                                stats = mods[end + 1].eps
-                            lin_handover = Handover() if stats is not None else None
+                            stats = _takes_partials(mods, end + 1, input.shape[0])
+                            lin_handover = Handover() if stats else None
                             out = _run_bn_block(
                                 input, first, act, slope, drop, nxt, given, stats,
-                                (given_handover, lin_handover),
+                                (given_handover, lin_handover), _final_eps(mods, end + 1),
                             )  # fmt: skip
                             if out is not None:
-                                if stats is not None:
+                                if stats:
                                     out, partials = out
                                     made, handover = out, lin_handover
                                 input = out
@@ -372,7 +384,7 @@ class FusedSequential(torch.nn.Sequential):
                     and _takes_partials(mods, i + 1, input.shape[0])
                 ):
                     lin_handover = Handover()
-                    out = _run_linear_stats(input, m, lin_handover, mods[i + 1].eps)
+                    out = _run_linear_stats(input, m, lin_handover, _final_eps(mods, i + 1))
                     if out is not None:
                         input, partials = out
                         made, handover = input, lin_handover
