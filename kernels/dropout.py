@@ -115,9 +115,12 @@ def dropout_scale(scale, FP64: tl.constexpr):
     data the bit pattern of its double, an int64, since a float argument is fp32 (an
     fp32-rounded scale is 2e-8 off torch's fp64 one). Kernels taking it list ``scale`` in
     ``do_not_specialize``: triton would specialise that integer on divisibility by 16."""
+    # one return: triton compiles both returns of a function and refuses unlike types
     if FP64:
-        return scale.to(tl.int64).to(tl.float64, bitcast=True)
-    return scale
+        s = scale.to(tl.int64).to(tl.float64, bitcast=True)
+    else:
+        s = scale
+    return s
 
 
 def scale_arg(p: float, dtype: torch.dtype) -> float | int:

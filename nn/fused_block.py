@@ -253,7 +253,9 @@ def _takes_partials(mods: list, j: int, rows: int) -> bool:
 def _final_eps(mods: list, j: int) -> float | None:
     """The eps of the batch norm ``mods[j]`` for the final statistics of the Linear before it
     (``FINAL_STATS``), else None (partial statistics)."""
-    return mods[j].eps if FINAL_STATS and j < len(mods) else None
+    if FINAL_STATS and j < len(mods) and type(mods[j]) is BatchNorm1d:
+        return mods[j].eps
+    return None
 
 
 def _run_linear_stats(input: Tensor, lin: Linear, handover, eps: float | None):
