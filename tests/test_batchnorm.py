@@ -386,7 +386,8 @@ def test_momentum_as_torch_takes_it(backend, launches):
             assert_close(ours, theirs)
     for fn in (batch_norm, F.batch_norm):
         with pytest.raises(TypeError, match="momentum"):
-            fn(x, torch.zeros(3), torch.ones(3), training=True, momentum=torch.tensor([0.2]))
+            rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+            fn(x, rm, rv, training=True, momentum=torch.tensor([0.2]))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])

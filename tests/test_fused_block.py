@@ -314,7 +314,8 @@ def test_backward_reduction_recomputes_the_forward_output_bit_for_bit(
         dy = torch.randn(37, 12, device=DEVICE).to(dtype)
         seed = torch.tensor([1234], device=DEVICE) if p else None
         out, mean, invstd, _ = K.fused_forward(x, w, b, seed, True, 1e-5, p, act, 0.1)
-        buf = torch.full((12, 37) if transposed else (37, 12), float("nan"), dtype=dtype)
+        shape = (12, 37) if transposed else (37, 12)
+        buf = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
         launches.clear()
         got = K.bn_act_dropout_backward_sums(
             dy, x, w, b, mean, invstd, seed, p, act, 0.1, out=buf.t() if transposed else buf
