@@ -112,6 +112,8 @@ def gpu_geometry(sms: int = 132) -> None:
         module.row_splits = functools.wraps(splits)(
             lambda R, C, device, _f=splits, **kw: _f(R, C, _H100, **kw)
         )
+    # The TMA forward's persistent programs, one per SM (its size rule counts waves of them)
+    linear._tma_programs = lambda device: sms
     dw_split, dz_dw_split = linear.dw_split, linear.dz_dw_split
     linear.dw_split = lambda M, N, K, device: dw_split(M, N, K, _H100)
     linear.dz_dw_split = lambda M, N, K, device: dz_dw_split(M, N, K, _H100)

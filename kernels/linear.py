@@ -42,13 +42,14 @@ forward kernel reads both operands from shared memory; fp32 gets K-major copies 
 (``dz_dw_split``, ``SPLIT_K``): fp32 partials, summed with the dZ pass's column sums (db) by each tile's last
 program (``merges_in_kernel``), else by ``_sum_splits_kernel`` in one launch.
 
-TMA forward (``_linear_fwd_tma_kernel``; ``TMA``: fp16/bf16 by default on sm_90+, TF32 opt-in):
+TMA forward (``_linear_fwd_tma_kernel``; ``TMA``: fp16/bf16 and TF32 on sm_90+, ``FUSEDMLP_TMA``):
 for large GEMMs (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``), the same epilogue behind a persistent
 loop over output tiles whose operands arrive by TMA (host descriptors). 16-bit operands may come
 in either orientation, so the "dz" path's dX and dW GEMMs take it too; TF32 takes K-major
 operands only (x [M, K] and W [N, K] with unit stride along K: the "dz" path's fp32 copies
 are). Operands TMA cannot read (a row stride or address not 16-byte aligned, no unit stride)
-keep the pointer kernel.
+keep the pointer kernel. TF32 forward GEMMs that feed a batch norm make its statistics in the
+TMA epilogue (``linear_forward_stats``); 16-bit ones leave them to a pass of their own.
 
 Activations are a ``tl.constexpr`` string: "none", "relu", "leaky_relu", "sigmoid", "tanh",
 "gelu" (erf form), "silu"; ``negative_slope`` is a runtime argument.
@@ -375,6 +376,9 @@ def _linear_fwd_tma_kernel(
     b_ptr,
     y_ptr,
     z_ptr,
+    seed_ptr,
+    pmean_ptr,
+    pm2_ptr,
     M,
     N,
     K,
@@ -383,6 +387,7 @@ def _linear_fwd_tma_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     SAVE_Z: tl.constexpr,
+    STATS: tl.constexpr,
     X_T: tl.constexpr,
     W_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -401,6 +406,11 @@ def _linear_fwd_tma_kernel(
     ([BLOCK_K, BLOCK_N]). Both fp16, both bf16, or both fp32 with ``DOT_PRECISION`` "tf32" and
     neither transposed (TF32 wgmma reads K-major operands only); last stride 1, 16-byte aligned
     base and row stride. y, z, bias and what the backward saves: as ``_linear_fwd_kernel``.
+    ``STATS`` (fp32 only; no activation): the batch-norm statistics of y's columns as
+    ``_linear_fwd_kernel``'s ``STATS`` makes them, partials per ``BLOCK_M`` rows at pmean, pm2
+    and with ``STATS == 2`` the final [3, N] at z (counters at ``seed_ptr``, eps in
+    ``negative_slope``): the same epilogue, on each half of the tile's columns in turn, so that
+    the column reductions beside the accumulator do not spill.
 
     NUM_SMS programs each walk the output tiles ``start, start + NUM_SMS, ...``; the flattened
     loop lets the pipeliner issue the next tile's first loads while this tile's epilogue runs.
@@ -416,7 +426,12 @@ def _linear_fwd_tma_kernel(
     # The epilogue recomputes its tile from its own counter: a value used both before and
     # after the flattened inner loop defeats its pipelining (Triton's persistent matmul).
     tile_c = start - NUM_SMS
-    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=True):
+    # STATS == 2's arrival (a barrier, an atomic, a branch) in the epilogue defeats the
+    # flattened loop's pipelining (sm_90, triton 3.9: the K loop then ran unpipelined, 64 KiB of
+    # shared memory); unflattened, the K loop pipelines (72 KiB for 3 stages) and only the next
+    # tile's first loads wait for the epilogue. Registers: 255, no spills with triton 3.6, 16
+    # bytes of stack with 3.9.
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=STATS != 2):
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -441,11 +456,26 @@ def _linear_fwd_tma_kernel(
         pid_m, pid_n = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # No dropout here: with its mask, the 128 x 256 tiles spill (``linear_forward``); no
-        # statistics either (``linear_forward_stats`` takes the pointer kernel)
-        _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), pid_m, pid_n, b_ptr, y_ptr, z_ptr,
-                      y_ptr, y_ptr, y_ptr, M, N, stride_b, negative_slope, 0.0, 1.0, HAS_BIAS,
-                      ACTIVATION, SAVE_Z, False, 0, False, BLOCK_N)  # fmt: skip
+        # No dropout here: with its mask, the 128 x 256 tiles spill (``linear_forward``)
+        if STATS:
+            # Two column halves, each a column block of its own for the statistics' arrival
+            # counters (``pid_n`` in units of BLOCK_N // 2)
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            rn0 = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            rn1 = rn0 + BLOCK_N // 2
+            _fwd_epilogue(acc0, rm, rn0, (rn0 % N).to(tl.int64), pid_m, 2 * pid_n, b_ptr, y_ptr,
+                          z_ptr, seed_ptr, pmean_ptr, pm2_ptr, M, N, stride_b, negative_slope,
+                          0.0, 1.0, HAS_BIAS, ACTIVATION, False, False, STATS, False,
+                          BLOCK_N // 2)  # fmt: skip
+            _fwd_epilogue(acc1, rm, rn1, (rn1 % N).to(tl.int64), pid_m, 2 * pid_n + 1, b_ptr,
+                          y_ptr, z_ptr, seed_ptr, pmean_ptr, pm2_ptr, M, N, stride_b,
+                          negative_slope, 0.0, 1.0, HAS_BIAS, ACTIVATION, False, False, STATS,
+                          False, BLOCK_N // 2)  # fmt: skip
+        else:
+            _fwd_epilogue(acc, rm, rn, (rn % N).to(tl.int64), pid_m, pid_n, b_ptr, y_ptr, z_ptr,
+                          y_ptr, y_ptr, y_ptr, M, N, stride_b, negative_slope, 0.0, 1.0,
+                          HAS_BIAS, ACTIVATION, SAVE_Z, False, 0, False, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -1083,16 +1113,18 @@ def merged_split_cap(N: int, K: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-# The TMA forward (``_linear_fwd_tma_kernel``), read once (tests set the attributes): 16-bit
-# GEMMs take it by default on sm_90+ (``FUSEDMLP_TMA=0`` turns it off), TF32 ones only with
-# ``FUSEDMLP_TMA=1``. Two H100 runs, triton 3.6 (benchmarks/RESULTS.md): bf16 8192^3 forward
-# 1.22x and 1.14x the pointer kernel (0.98x and 0.91x torch.mm), 16384x4096x4096 1.15x and
-# 1.13x; the TF32 16384x1024x1024 layer 1.03x in one run and 0.80x in the other. A third
-# H100 run (seventeenth session): the TF32 layer's forward 1.03x, its backward 1.17x; the
-# whole step's A/B (``kernel_times.py``, "TMA TF32") has not run yet: TF32 stays opt-in.
+# The TMA forward (``_linear_fwd_tma_kernel``), read once (tests set the attributes): large
+# 16-bit and TF32 GEMMs take it on sm_90+ (``FUSEDMLP_TMA=0`` turns it off, ``FUSEDMLP_TMA=16``
+# keeps it to 16-bit GEMMs, the default up to the nineteenth session). Two H100 runs, triton 3.6
+# (benchmarks/RESULTS.md): bf16 8192^3 forward 1.22x and 1.14x the pointer kernel (0.98x and
+# 0.91x torch.mm), 16384x4096x4096 1.15x and 1.13x; the TF32 16384x1024x1024 layer 1.03x in
+# one run and 0.80x in the other, 1.03x forward and 1.17x backward in a third. The whole step
+# (``kernel_times.py``, an H200, twentieth session): 2.36 ms of kernels with TF32 on TMA against
+# 2.57 without, its TMA GEMMs 0.111 ms each against the pointer kernel's 0.157, even with the
+# batch statistics then launched apart (the TMA epilogue makes them since).
 _TMA_ENV = os.environ.get("FUSEDMLP_TMA", "")
 TMA = _TMA_ENV != "0"
-TMA_TF32 = _TMA_ENV == "1"
+TMA_TF32 = _TMA_ENV not in ("0", "16")
 # From this many multiply-adds up (every dimension >= TMA_MIN_DIM): building the two
 # descriptors costs ~9 us of host time a launch (CPU stand-in), hidden behind a GEMM of 2^34
 # multiply-adds (~50 us at 700 TFLOPS) but not behind a small one.
@@ -1115,6 +1147,8 @@ _TMA_CONFIGS = {
 }
 # The interpreter: small tiles, and 3 "SMs", so that every program walks several tiles.
 _TMA_INTERPRET = _cfg("fwd", (16, 32, 16, 4, 2), group=2)
+# With the statistics epilogue: the 128 rows of a statistics split (``stats_rows``).
+_TMA_STATS_INTERPRET = _cfg("fwd", (128, 32, 16, 4, 2), group=2)
 _TMA_INTERPRET_PROGRAMS = 3
 
 
@@ -1156,7 +1190,7 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int,
     device = x.device  # not CUDA: the interpreter
     if device.type == "cuda" and not _tma_capable(device.index if device.index is not None else 0):
         return None
-    tile = _TMA_CONFIGS[2][0].kwargs if device.type == "cuda" else _TMA_INTERPRET.kwargs
+    tile = _TMA_INTERPRET.kwargs if _INTERPRETED[0] else _TMA_CONFIGS[2][0].kwargs
     tiles = cdiv(M, tile["BLOCK_M"]) * cdiv(N, tile["BLOCK_N"])
     if tiles < TMA_MIN_WAVES * _tma_programs(device):
         return None
@@ -1176,10 +1210,16 @@ def _dropout_args(seed: torch.Tensor | None, p: float, y: torch.Tensor) -> dict:
     )
 
 
-def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision):
-    """``linear_forward`` through ``_linear_fwd_tma_kernel`` (``operands``: ``_tma_operands``)."""
+def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision,
+                        stats=None):  # fmt: skip
+    """``linear_forward`` through ``_linear_fwd_tma_kernel`` (``operands``: ``_tma_operands``);
+    ``stats``: ``_launch_forward``'s (the statistics epilogue, fp32 only)."""
     (xv, x_t), (wv, w_t) = operands
     programs = _tma_programs(xv.device)
+    seed = y
+    final = stats is not None and len(stats) > 2
+    if final:  # the final statistics' roles (``_fwd_epilogue``, STATS == 2)
+        z, seed, negative_slope = stats[2], stats[3], stats[4]
     grid = lambda meta: (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
     with on_device(xv):
         launch(
@@ -1187,7 +1227,7 @@ def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, 
             grid,
             configs=_TMA_CONFIGS[xv.element_size()],
             key=("M", "N", "K"),
-            interpret_config=_TMA_INTERPRET,
+            interpret_config=_TMA_INTERPRET if stats is None else _TMA_STATS_INTERPRET,
             work=M * N * K,
             gemm=True,
             tma=("x_desc", "w_desc"),
@@ -1196,6 +1236,9 @@ def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, 
             b_ptr=bias if bias is not None else y,
             y_ptr=y,
             z_ptr=z if z is not None else y,
+            seed_ptr=seed,
+            pmean_ptr=stats[0] if stats is not None else y,
+            pm2_ptr=stats[1] if stats is not None else y,
             M=M,
             N=N,
             K=K,
@@ -1203,7 +1246,8 @@ def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, 
             negative_slope=float(negative_slope),
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
-            SAVE_Z=z is not None,
+            SAVE_Z=z is not None and not final,
+            STATS=2 if final else int(stats is not None),
             X_T=x_t,
             W_T=w_t,
             DOT_PRECISION=precision,
@@ -1309,12 +1353,14 @@ def linear_forward_stats(
     ``eps``, ``stats = final``: ``[3, N]`` in that dtype, y's batch mean, invstd (``1 /
     sqrt(biased var + eps)``) and unbiased variance per column, merged in the same launch by
     each column block's last program (no merge launch; the running statistics are not
-    touched). None (y alone) where the TMA kernel runs the GEMM or y is empty.
+    touched). None (y alone) where the TMA kernel runs a 16-bit GEMM (its 128 x 256 tiles spill
+    with the column reductions) or y is empty.
     """
     M, K = x.shape
     N = weight.shape[0]
     precision = dot_precision(x.dtype)
-    if M == 0 or N == 0 or _tma_operands(x, weight, M, N, K, precision) is not None:
+    operands = _tma_operands(x, weight, M, N, K, precision) if M and N else None
+    if M == 0 or N == 0 or (operands is not None and x.dtype != torch.float32):
         return linear_forward(x, weight, bias, "none", 0.0)[0], None
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     rows = stats_rows(x)
@@ -1331,8 +1377,11 @@ def linear_forward_stats(
         stats = (pmean, pm2, final, arrival_counters(x.device, cdiv(N, 16)), float(eps))
     else:
         stats = (pmean, pm2)
-    _launch_forward(x, weight, bias, y, None, "none", 0.0, precision, configs,
-                    _dropout_args(None, 0.0, y), stats)  # fmt: skip
+    if operands is not None:  # TF32 on TMA: the statistics in its epilogue too
+        _linear_forward_tma(operands, bias, y, None, "none", 0.0, M, N, K, precision, stats)
+    else:
+        _launch_forward(x, weight, bias, y, None, "none", 0.0, precision, configs,
+                        _dropout_args(None, 0.0, y), stats)  # fmt: skip
     return y, (final if final is not None else (pmean, pm2, rows))
 
 

@@ -317,6 +317,40 @@ def test_linear_statistics_epilogue_every_configuration(forced, request, dtype, 
     assert forced["_linear_fwd_kernel"][1] is cfg
 
 
+@pytest.mark.parametrize("forced", range(2), indirect=True)  # the TMA lists' length
+@pytest.mark.parametrize("final", [True, False], ids=["final", "partials"])
+def test_linear_tma_statistics_epilogue_every_configuration(forced, monkeypatch, final):
+    # TF32 on the TMA forward with the statistics epilogue (each half of a tile's columns in
+    # turn; STATS == 2 in an unflattened tile loop): torch's batch statistics of y
+    from fusedmlp.kernels import batchnorm as KB
+    from fusedmlp.kernels import linear as KL
+
+    for name, value in (("TMA", True), ("TMA_TF32", True), ("TMA_MIN_MACS", 0)):
+        monkeypatch.setattr(KL, name, value)
+    monkeypatch.setattr(KL, "TMA_MIN_WAVES", 0)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        x = torch.randn(300, 72, device=DEVICE)
+        w = torch.randn(400, 72, device=DEVICE) * 0.1  # 2 column tiles, the second's half past N
+        b = torch.randn(400, device=DEVICE)
+        y, stats = KL.linear_forward_stats(x, w, b, 1e-5 if final else None)
+        if not final:
+            pmean, pm2, rows = stats
+            assert rows == 128 and pmean.shape == (3, 400)
+            stats = torch.stack(KB.batch_norm_stats_merge(pmean, pm2, rows, 300, 1e-5, None))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    like = torch.bfloat16 if ON_GPU else torch.float32  # TF32: ours and cuBLAS round apart
+    assert_close(y, F.linear(x, w, b), like, scale=4.0)
+    var, mean = torch.var_mean(y, 0, unbiased=False)
+    assert_close(stats[0], mean, dtype=torch.float32, scale=4.0)
+    assert_close(stats[1], (var + 1e-5).rsqrt(), dtype=torch.float32, scale=4.0)
+    assert_close(stats[2], y.var(0), dtype=torch.float32, scale=4.0)
+    _check_forced(forced, ["_linear_fwd_tma_kernel"])
+    assert "_linear_fwd_kernel" not in forced, sorted(forced)
+
+
 @pytest.mark.parametrize("forced", range(LONGEST), indirect=True)
 def test_block_dx_transposed_every_configuration(forced):
     # The BN block's dx pass that also writes dx^T and dx's column sums (its own list: one row

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, assert_close
 
 import fusedmlp
@@ -956,6 +957,82 @@ def test_linear_epilogue_final_statistics(triton_backend, launches, rows):
             for a, e in zip(final.unbind(0), want):
                 assert_close(a, e, dtype=torch.float64 if dtype == torch.float64 else None)
             assert not any(bool(c.any()) for c in _COUNTERS.values())
+
+
+@pytest.fixture
+def tma_tf32(monkeypatch):
+    """TF32 matmuls, and the TMA forward at every size and tile count."""
+    from fusedmlp.kernels import linear as KL
+
+    for name, value in (("TMA", True), ("TMA_TF32", True), ("TMA_MIN_MACS", 0)):
+        monkeypatch.setattr(KL, name, value)
+    monkeypatch.setattr(KL, "TMA_MIN_WAVES", 0)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("final", [True, False], ids=["final", "partials"])
+def test_tma_tf32_epilogue_statistics(triton_backend, launches, tma_tf32, final):
+    # A TF32 GEMM on the persistent TMA kernel makes the batch statistics in its epilogue, on
+    # each half of a tile's columns: torch's batch mean and variances of the output, in the one
+    # launch. 300 rows: three 128-row splits, the last short; 80 columns: the last tile's
+    # second half past N. Every program walks several tiles (3 programs under the interpreter).
+    from fusedmlp.kernels import batchnorm as KB
+    from fusedmlp.kernels import linear as KL
+    from fusedmlp.kernels.arrival import _COUNTERS
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(300, 24, generator=g) + 1).to(DEVICE)
+    w = (torch.randn(80, 24, generator=g) * 0.3).to(DEVICE)
+    b = torch.randn(80, generator=g).to(DEVICE)
+    launches.clear()
+    y, stats = KL.linear_forward_stats(x, w, b, 1e-3 if final else None)
+    assert launches.total == launches["_linear_fwd_tma_kernel"] == 1, dict(launches)
+    assert_close(y, F.linear(x, w, b), atol=2e-5, rtol=1e-5)
+    var, mean = torch.var_mean(y, 0, unbiased=False)
+    if final:
+        assert stats.shape == (3, 80)
+        assert_close(stats[0], mean)
+        assert_close(stats[1], torch.rsqrt(var + 1e-3))
+        assert_close(stats[2], torch.var(y, 0))
+        assert not any(bool(c.any()) for c in _COUNTERS.values())
+    else:
+        pmean, pm2, rows = stats
+        assert rows == 128 and pmean.shape == pm2.shape == (3, 80)
+        for i in range(3):
+            part = y[i * rows : (i + 1) * rows]
+            assert_close(pmean[i], part.mean(0))
+            assert_close(pm2[i], ((part - part.mean(0)) ** 2).sum(0), rtol=1e-4, atol=1e-4)
+        got = KB.batch_norm_stats_merge(pmean, pm2, rows, 300, 1e-3, None)
+        assert_close(got[0], mean)
+
+
+def test_tma_tf32_bn_block_matches_torch(triton_backend, launches, tma_tf32):
+    # The block's forward with its GEMM on TMA: the GEMM and the block's pass, no statistics
+    # launch; outputs, gradients and running statistics as torch's chain (dropout 0)
+    torch.manual_seed(0)
+    mods = [Linear(24, 80), BatchNorm1d(80), torch.nn.ReLU(), Dropout(0.0)]
+    model = FusedSequential(*mods).to(DEVICE)
+    ref = torch.nn.Sequential(torch.nn.Linear(24, 80), torch.nn.BatchNorm1d(80), torch.nn.ReLU())
+    ref.load_state_dict(FusedSequential(*model[:2]).state_dict())
+    ref.to(DEVICE)
+    x = torch.randn(300, 24, device=DEVICE, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    launches.clear()
+    out = model(x)
+    assert launches["_linear_fwd_tma_kernel"] == 1, dict(launches)
+    assert launches["_bn_stats_partial_kernel"] == launches["_bn_stats_final_kernel"] == 0
+    expected = ref(xr)
+    assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    gy = torch.randn_like(out)
+    out.backward(gy)
+    expected.backward(gy)
+    assert_close(x.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    assert_close(model[0].weight.grad, ref[0].weight.grad, atol=1e-3, rtol=1e-4)
+    assert_close(model[1].running_mean, ref[1].running_mean)
+    assert_close(model[1].running_var, ref[1].running_var)
 
 
 def test_epilogue_statistics_cumulative_running_average(triton_backend, launches):
