@@ -405,12 +405,13 @@ def _fused(lists, hp, device_step, amp, steps_buffer=None):
         steps
         and len(attr_set("dtype", steps)) == 1
         and len(attr_set("device", steps)) == 1
-        and set(map(Tensor.dim, steps)) == {steps[0].dim()}
-    ):
-        values = torch.stack(steps).tolist()
+        and len(set(map(Tensor.size, steps))) == 1
+        and steps[0].numel() == 1
+    ):  # one-element counters of one shape: 0-d (torch's), or torch < 2.1's (1,)
+        values = torch.stack(steps).view(-1).tolist()
         one = torch.ones((), dtype=steps[0].dtype, device=steps[0].device)
         torch._foreach_add_(steps, [one] * len(steps))
-    else:
+    else:  # float(): one number per counter, whatever its shape (torch's .item())
         values = [float(s) for s in steps]
         torch._foreach_add_(steps, 1)
     params = lists[0]

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from ..backend import use_triton
 from ._custom_op import caller, custom_op
@@ -450,7 +451,12 @@ def _batch_norm(
         update_running_after(
             running_mean, running_var, mean, batch_mean, var, momentum, num_batches_tracked
         )
-    return y if y.shape == input.shape else y.reshape(input.shape)
+    if y.shape != input.shape:
+        y = y.reshape(input.shape)
+    # torch's batch norm writes its output contiguous in the input's suggested memory format
+    # (channels_last kept, any other layout not); ``empty_like`` kept a permuted dense one
+    fmt = suggest_memory_format(input)
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
 def batch_norm(

@@ -135,20 +135,30 @@ def _check_inplace(input: Tensor) -> None:
         )
 
 
-def _seed(input: Tensor, generator) -> Tensor:
+def _seed(input: Tensor, generator, p: float) -> Tensor:
+    """The one-element int64 seed of a dropout with drop probability ``p``. At ``p >= 1``
+    nothing is kept whatever the seed: none is drawn (a zero seed), so that the random
+    generator is left as torch's dropout leaves it at ``p = 1`` (it draws nothing there)."""
+    if p >= 1.0:
+        return torch.zeros(1, device=input.device, dtype=torch.int64)
     return torch.randint(
         0, _SEED_HIGH, (1,), generator=generator, device=input.device, dtype=torch.int64
     )
 
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _on_triton(input: Tensor) -> bool:
+    """Whether the kernel runs: a dtype it takes, on the Triton path. Other dtypes go to torch's
+    dropout, which refuses them (integers, bool) or, at p = 1, multiplies them by 0."""
+    return input.dtype in _TRITON_DTYPES and use_triton(input)
+
+
 def _triton(input: Tensor, p: float, inner: int, inplace: bool, generator) -> Tensor:
-    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise RuntimeError(
-            f"dropout: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
-        )
     if inplace:
         _check_inplace(input)
-    seed = _seed(input, generator)
+    seed = _seed(input, generator, p)
     out = DropoutFunction.apply(input, seed, p, inner)
     if inplace:
         return input.copy_(out)
@@ -188,7 +198,7 @@ def dropout(
     p = _check_p(p)
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    if use_triton(input):
+    if _on_triton(input):
         return _triton(input, p, 1, inplace, generator)
     if generator is None:
         return F.dropout(input, p, True, inplace)
@@ -238,7 +248,7 @@ def dropout2d(
         return input
     if p < 1.0 and dim < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    if use_triton(input):
+    if _on_triton(input):
         return _triton(input, p, math.prod(input.shape[2:]), inplace, generator)
     if generator is None:
         if inplace:

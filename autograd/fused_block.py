@@ -793,7 +793,7 @@ def bn_act_dropout(
         y = apply_activation_torch(y, act, negative_slope)
         return F.dropout(y, p, True) if p > 0.0 else y
     _check_bn(input, running_mean, running_var, weight, bias, eps)
-    seed = _seed(input, None) if p > 0.0 else None
+    seed = _seed(input, None, p) if p > 0.0 else None
     mean, invstd, update = _given_stats(
         input, running_mean, running_var, momentum, eps, num_batches_tracked, partials
     )
@@ -845,7 +845,7 @@ def bn_act_dropout_linear(
     eps = float(eps)
     _check_bn(input, running_mean, running_var, weight, bias, eps)
     _validate(input, lin_weight, lin_bias, 0.0)  # the block's output: input's shape and dtype
-    seed = _seed(input, None) if p > 0.0 else None
+    seed = _seed(input, None, p) if p > 0.0 else None
     mean, invstd, update = _given_stats(
         input, running_mean, running_var, momentum, eps, num_batches_tracked, partials
     )
@@ -919,7 +919,7 @@ def act_dropout(
         raise RuntimeError(
             f"act_dropout: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
         )
-    seed = _seed(input, None)
+    seed = _seed(input, None, p)
     if input.dim() == 0:
         return ActDropoutFunction.apply(input.reshape(1), seed, p, act, float(negative_slope)).view(
             ()
@@ -967,7 +967,7 @@ def linear_act_dropout(
         fused = dropout_epilogue_applies(input.reshape(-1, input.shape[-1]), weight)
     if not fused:
         return act_dropout(_linear(input, weight, bias, None), activation, negative_slope, p)
-    seed = _seed(input, None)
+    seed = _seed(input, None, p)
     return LinearActDropoutFunction.apply(input, weight, bias, seed, p, act, float(negative_slope))
 
 

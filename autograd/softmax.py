@@ -90,7 +90,8 @@ def _dispatch(name, input, dim, stacklevel, dtype, log):
         and use_triton(input)
     ):
         return SoftmaxFunction.apply(input, dim % ndim, log)
-    return torch.log_softmax(input, dim) if log else torch.softmax(input, dim)
+    # the Tensor methods, as torch.nn.functional calls them (its argument errors' positions)
+    return input.log_softmax(dim) if log else input.softmax(dim)
 
 
 def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype=None) -> Tensor:

@@ -117,7 +117,12 @@ def _adam_kernel(
                 if AMSGRAD:
                     # fp32 max (for fp32 params exactly torch's; fp16/bf16 keep the fp32 value
                     # for this step's denominator instead of one that may underflow to 0).
-                    vmax = tl.maximum(tl.load(vm_ptr + offs, mask=lmask).to(tl.float32), v)
+                    # NaN propagates, as torch.maximum's (tl.maximum's default drops it).
+                    vmax = tl.maximum(
+                        tl.load(vm_ptr + offs, mask=lmask).to(tl.float32),
+                        v,
+                        propagate_nan=tl.PropagateNan.ALL,
+                    )
                     tl.store(vm_ptr + offs, vmax.to(dtype), mask=lmask)
                     denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
                 else:

@@ -381,6 +381,12 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> Checked | None:
     return Checked(call.plain, call)
 
 
+class TensorMismatchError(ValueError, RuntimeError):
+    """A state or gradient tensor whose shape, dtype or device does not match its param's
+    (e.g. optimizer state loaded from another model's checkpoint). A ``RuntimeError``, as
+    torch.optim's own step raises for it, and a ``ValueError``, as this check always raised."""
+
+
 def _check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
     ref = arrays[0]
     dtype, device = ref[0].dtype, ref[0].device
@@ -389,7 +395,7 @@ def _check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
     shapes = list(map(_SIZE, ref))
     for name, lst in zip(names, arrays):
         if len(lst) != len(ref):
-            raise ValueError(
+            raise TensorMismatchError(
                 f"fused optimizer step: {name} has {len(lst)} tensors, expected {len(ref)}"
             )
         if (
@@ -400,7 +406,7 @@ def _check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
             continue
         for p, t in zip(ref, lst):
             if t.dtype != dtype or t.device != device or t.shape != p.shape:
-                raise ValueError(
+                raise TensorMismatchError(
                     f"fused optimizer step: {name} tensor {tuple(t.shape)} {t.dtype} on {t.device} "
                     f"does not match param {tuple(p.shape)} {dtype} on {device}"
                 )
@@ -467,6 +473,7 @@ def launch_step(
 
 __all__ = [
     "Checked",
+    "TensorMismatchError",
     "GPU_CONFIG",
     "INTERPRET_CONFIG",
     "addresses",

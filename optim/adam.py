@@ -14,7 +14,8 @@ Torch's keywords:
   that flag) and the kernel reads them: no host synchronisation, so the step can be captured
   in a CUDA graph. On other devices torch's own implementation runs (and raises as torch's).
 - ``fused=True``, ``differentiable=True``, tensor ``lr``/``betas``: honoured by running torch's
-  own implementation for that group (its state layout is torch's for those flags).
+  own implementation for that group (its state layout is torch's for those flags). So does a
+  group that lists a param twice (torch warns, then updates it once per appearance).
 - AMP: ``_step_supports_amp_scaling = True``. ``torch.amp.GradScaler.step`` sets
   ``optimizer.grad_scale`` (None after ``scaler.unscale_``) and ``optimizer.found_inf``, one-
   element device tensors (``step(grad_scale=..., found_inf=...)`` passes them explicitly);
@@ -50,6 +51,13 @@ def _torch_group(group) -> bool:
         or any(torch.is_tensor(b) for b in group["betas"])
         or torch.is_tensor(group["weight_decay"])
     )
+
+
+def has_duplicates(params) -> bool:
+    """Whether a param appears more than once among ``params`` (torch only warns for such a
+    group, then updates the param once per appearance, one after the other: one launch would
+    race over it, so torch's implementation runs). Eager mode only (``id`` is no traced op)."""
+    return not torch.compiler.is_compiling() and len(set(map(id, params))) != len(params)
 
 
 def amp_tensors(optimizer, grad_scale, found_inf):
@@ -190,7 +198,7 @@ class _FusedAdamStep:
             has_complex = self._init_group(
                 group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
             )
-            if _torch_group(group):
+            if _torch_group(group) or has_duplicates(params):
                 fused = bool(group["fused"])
                 if amp and not fused and not A.unscale_and_check(grads, grad_scale, found_inf):
                     continue  # torch's non-fused algorithm: GradScaler's own skip

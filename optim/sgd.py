@@ -6,7 +6,8 @@ It subclasses torch.optim.SGD: constructor (signature, defaults, the nesterov an
 torch's own; only ``step`` differs.
 
 Torch's keywords: ``foreach`` accepted and ignored; ``fused=True``, ``differentiable=True`` and
-tensor ``lr``/``weight_decay`` run torch's own implementation for that group. Sparse gradients
+tensor ``lr``/``weight_decay`` run torch's own implementation for that group, as does a group that
+lists a param twice (torch warns, then updates it once per appearance). Sparse gradients
 run torch's single-tensor algorithm (which supports them).
 
 AMP: ``_step_supports_amp_scaling = True``: the ``grad_scale``/``found_inf`` tensors that
@@ -29,7 +30,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from ..autograd import adam as A
 from ..autograd import sgd as S
 from . import _plan
-from .adam import _GRAD, _IS_SPARSE, amp_tensors
+from .adam import _GRAD, _IS_SPARSE, amp_tensors, has_duplicates
 
 _MOMENTUM_BUFFER = operator.methodcaller("get", "momentum_buffer")
 
@@ -95,7 +96,7 @@ class SGD(torch.optim.SGD):
             has_sparse_grad = self._init_group(group, params, grads, bufs)
             # The step creates the buffers that do not exist yet; the state gets them after it.
             created = True in map(operator.is_, bufs, repeat(None))
-            if _torch_group(group):
+            if _torch_group(group) or has_duplicates(params):
                 fused = bool(group.get("fused"))
                 if amp and not fused and not A.unscale_and_check(grads, grad_scale, found_inf):
                     continue  # torch's non-fused algorithm: GradScaler's own skip

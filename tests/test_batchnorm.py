@@ -152,6 +152,30 @@ def test_non_contiguous_inputs_and_expanded_grad(backend, launches):
     _expect(launches, backend, FWD, DX)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "cls, shape, layout",
+    [
+        ("BatchNorm1d", (7, 5), lambda x: x.t()),
+        ("BatchNorm1d", (6, 4, 5), lambda x: x.permute(1, 2, 0)),
+        ("BatchNorm2d", (2, 4, 5, 3), lambda x: x.transpose(1, 3)),
+        ("BatchNorm2d", (2, 5, 3, 4), lambda x: x.to(memory_format=torch.channels_last)),
+        ("BatchNorm2d", (2, 5, 3, 8), lambda x: x[..., ::2]),
+    ],
+)
+def test_output_layout_like_torch(backend, launches, training, cls, shape, layout):
+    """torch's output is contiguous in the input's suggested memory format (channels_last kept,
+    a transposed or permuted input's layout not, so that ``y.view(-1)`` works on it)."""
+    x = layout(torch.randn(*shape, device=DEVICE))
+    ours, ref = _pair(getattr(fusedmlp.nn, cls), getattr(torch.nn, cls), x.shape[1])
+    ours.train(training)
+    ref.train(training)
+    y, yr = ours(x), ref(x)
+    assert y.stride() == yr.stride()
+    assert_close(y, yr)
+    _expect(launches, backend, FWD)
+
+
 def test_3d_and_5d_functional(backend):
     torch.manual_seed(6)
     x = torch.randn(2, 3, 4, 2, 3, device=DEVICE) + 1

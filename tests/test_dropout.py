@@ -227,6 +227,33 @@ def test_p_one_matches_torch(backend, launches):
     _expect_launches(launches, backend, 3)
 
 
+@pytest.mark.parametrize(
+    "make", ["Dropout", "Dropout2d", "Dropout_inplace", "bn_block", "linear_block"]
+)
+def test_p_one_leaves_the_random_generator_as_torch(backend, make):
+    """torch's dropout draws nothing at p = 1 (nothing is kept): the random numbers drawn after
+    it are the same as without it, for the modules and for a converted model's fused blocks."""
+    torch.manual_seed(0)
+    if make.startswith("Dropout"):
+        cls = make.split("_")[0]
+        inplace = make.endswith("inplace")
+        ours = getattr(fusedmlp.nn, cls)(1.0, inplace=inplace)
+        ref = getattr(torch.nn, cls)(1.0, inplace=inplace)
+    else:
+        body = [torch.nn.BatchNorm1d(16)] if make == "bn_block" else [torch.nn.Linear(16, 16)]
+        ref = torch.nn.Sequential(*body, torch.nn.ReLU(), torch.nn.Dropout(1.0)).to(DEVICE)
+        ours = fusedmlp.nn.convert(ref)
+    x = torch.randn(4, 16, 1, device=DEVICE)
+    x = x if make.startswith("Dropout2d") else x.squeeze(-1)
+    outs, draws = [], []
+    for m in (ref, ours):
+        torch.manual_seed(1)
+        outs.append(m(x.clone()))
+        draws.append(torch.rand(8, device=DEVICE))
+    torch.testing.assert_close(outs[1], outs[0])
+    torch.testing.assert_close(draws[1], draws[0])
+
+
 def test_nan_inf_propagate_like_torch(backend):
     """Multiply form: a dropped NaN/Inf gives NaN, a kept one NaN/Inf (torch's dropout)."""
     x = torch.rand(4096, device=DEVICE)
@@ -311,6 +338,28 @@ def test_bad_dtype_raises_before_launch(backend, launches):
         dropout(x, 0.5)
     with pytest.raises(TypeError, match="Tensor"):
         dropout([1.0, 2.0], 0.5)
+    assert launches.total == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_other_dtypes_like_torch(backend, launches, dtype):
+    """Dtypes the kernel does not take are torch's dropout's: at p = 1 (nothing kept) torch
+    multiplies them by 0, otherwise it refuses integers and bool (complex it drops)."""
+    x = torch.ones(2, 3, 4, device=DEVICE).to(dtype)
+    for ours, theirs in ((Dropout, torch.nn.Dropout), (Dropout2d, torch.nn.Dropout2d)):
+        for inplace in (False, True):
+            out = ours(1.0, inplace)(x.clone())
+            ref = theirs(1.0, inplace)(x.clone())
+            assert out.dtype == ref.dtype and torch.equal(out, ref)
+            torch.manual_seed(0)
+            try:
+                ref = theirs(0.5, inplace)(x.clone())
+            except RuntimeError:
+                with pytest.raises(RuntimeError):
+                    ours(0.5, inplace)(x.clone())
+            else:
+                out = ours(0.5, inplace)(x.clone())
+                assert out.dtype == ref.dtype and out.shape == ref.shape
     assert launches.total == 0
 
 

@@ -755,3 +755,104 @@ def test_sgd_step_plans(triton_backend, launches, monkeypatch, kwargs, change):
     assert [t is not None for t in taken][-2:] == [True, True]
     if change != "load_state_dict":
         assert taken[0] is None
+
+
+def test_amsgrad_max_keeps_torchs_nan(triton_backend, launches):
+    """A NaN in the second moment reaches ``max_exp_avg_sq`` as with torch.maximum (Triton's
+    ``tl.maximum`` drops NaN by default): the same state, so checkpoints agree."""
+    ours = _params(shapes=[(4, 3), (5,)])
+    ref = _clone(ours)
+    opt = Adam(ours, lr=0.1, amsgrad=True)
+    ref_opt = torch.optim.Adam(ref, lr=0.1, amsgrad=True)
+    for step in range(3):
+        _feed(ours, ref, step)
+        if step == 1:
+            ours[0].grad[0, 0] = ref[0].grad[0, 0] = float("nan")
+        opt.step()
+        ref_opt.step()
+    assert launches.total == 3
+    for p, q in zip(ours, ref):
+        for key in ("exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], equal_nan=True)
+        torch.testing.assert_close(p.detach(), q.detach(), equal_nan=True)
+    assert opt.state[ours[0]]["max_exp_avg_sq"].isnan().sum() == 1
+
+
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs",
+    [
+        (Adam, torch.optim.Adam, {"lr": 0.1, "amsgrad": True}),
+        (AdamW, torch.optim.AdamW, {"lr": 0.1, "weight_decay": 0.1}),
+        (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ],
+    ids=["adam", "adamw", "sgd"],
+)
+def test_duplicate_params_in_a_group_step_as_torchs(backend, cls, ref_cls, kwargs):
+    """torch only warns for a param listed twice in a group, then updates it once per
+    appearance, one after the other (Adam's step counter twice): one fused launch would
+    update it once with one bias correction (and race over it on a GPU)."""
+    ours = _params(shapes=[(4, 3), (5,)])
+    ref = _clone(ours)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = cls([ours[0], ours[1], ours[0]], **kwargs)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ref_opt = ref_cls([ref[0], ref[1], ref[0]], **kwargs)
+    _run(opt, ref_opt, ours, ref, steps=4)
+    if cls is not SGD:
+        assert float(opt.state[ours[0]]["step"]) == float(ref_opt.state[ref[0]]["step"]) == 8
+
+
+@pytest.mark.parametrize("shape", [(1,), ()], ids=["1-element", "0-d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_step_counters_of_other_layouts_load_as_in_torch(backend, shape, dtype):
+    """Checkpoints whose ``step`` counters are one-element tensors of another shape or dtype
+    (torch < 2.1's fused/capturable Adam kept ``(1,)`` float32 counters): torch's Adam reads
+    them with ``.item()``, so must fusedmlp's."""
+    ours = _params(shapes=[(4, 3), (5,), (2,)])
+    ref = _clone(ours)
+    opt = Adam(ours, lr=0.05, amsgrad=True)
+    ref_opt = torch.optim.Adam(ref, lr=0.05, amsgrad=True)
+    _feed(ours, ref, 0)
+    ref_opt.step()
+    sd = copy.deepcopy(ref_opt.state_dict())
+    for entry in sd["state"].values():
+        entry["step"] = torch.full(shape, float(entry["step"])).to(dtype)
+    opt.load_state_dict(copy.deepcopy(sd))
+    ref_opt.load_state_dict(sd)
+    with torch.no_grad():
+        for p, q in zip(ours, ref):
+            p.copy_(q)
+    for step in range(1, 4):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+    _assert_params(ours, ref)
+    for p, q in zip(ours, ref):
+        assert opt.state[p]["step"].shape == ref_opt.state[q]["step"].shape == shape
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 4
+
+
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs",
+    [
+        (Adam, torch.optim.Adam, {"lr": 0.1}),
+        (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ],
+    ids=["adam", "sgd"],
+)
+def test_state_of_another_shape_raises_torchs_runtime_error(backend, cls, ref_cls, kwargs):
+    """State loaded from another model's checkpoint (same param count, other shapes): torch's
+    step raises a RuntimeError; so does fusedmlp's (still a ValueError, as it always was)."""
+    src = _params(shapes=[(3,), (4,)])
+    src_opt = ref_cls(src, **kwargs)
+    _feed(src, _clone(src), 0)
+    src_opt.step()
+    for make in (cls, ref_cls):
+        ps = _params(shapes=[(3,), (5,)])
+        opt = make(ps, **kwargs)
+        opt.load_state_dict(copy.deepcopy(src_opt.state_dict()))
+        _feed(ps, _clone(ps), 1)
+        with pytest.raises(RuntimeError) as info:
+            opt.step()
+        if make is cls and backend == "triton":
+            assert isinstance(info.value, ValueError) and "(4,)" in str(info.value)

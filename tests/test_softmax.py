@@ -111,6 +111,18 @@ def test_modules(backend):
         assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("name", ["Softmax", "LogSoftmax"])
+def test_bad_dim_errors_like_torch(backend, name):
+    """A dim that is not an int: torch's TypeError, word for word."""
+    x = _x((2, 3))
+    for dim in ("a", (1,), 1.5):
+        with pytest.raises(TypeError) as theirs:
+            getattr(torch.nn, name)(dim)(x)
+        with pytest.raises(TypeError) as ours:
+            getattr(fusedmlp.nn, name)(dim)(x)
+        assert str(ours.value) == str(theirs.value)
+
+
 def test_double_backward_raises(triton_backend):
     x = _x((3, 5)).requires_grad_()
     (g,) = torch.autograd.grad((softmax(x, 1) * _x((3, 5), seed=3)).sum(), x, create_graph=True)
