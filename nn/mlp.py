@@ -27,6 +27,7 @@ pre-activation. Elsewhere (CPU/torch backend, eval mode, hooks) it runs the chil
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -48,7 +49,7 @@ _TORCH_ACTIVATIONS = {
 
 
 def _hidden_list(hidden_features) -> list[int]:
-    if isinstance(hidden_features, int) and not isinstance(hidden_features, bool):
+    if isinstance(hidden_features, numbers.Integral) and not isinstance(hidden_features, bool):
         hidden = [hidden_features]
     elif isinstance(hidden_features, Sequence) and not isinstance(hidden_features, str):
         hidden = list(hidden_features)
@@ -57,10 +58,17 @@ def _hidden_list(hidden_features) -> list[int]:
             "MLP: hidden_features must be an int or a sequence of ints, "
             f"got {type(hidden_features).__name__}"
         )
-    for h in hidden:
-        if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
-            raise ValueError(f"MLP: hidden_features must be positive ints, got {hidden_features!r}")
-    return hidden
+    if any(_positive_int(h) is None for h in hidden):
+        raise ValueError(f"MLP: hidden_features must be positive ints, got {hidden_features!r}")
+    return [int(h) for h in hidden]
+
+
+def _positive_int(value) -> int | None:
+    """``value`` as an int when it is a positive integer (numpy's too, as torch.nn.Linear
+    takes them; not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        return None
+    return int(value)
 
 
 def _activation_name(activation) -> str | None:
@@ -152,8 +160,11 @@ class MLP(torch.nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if _positive_int(value) is None:
                 raise ValueError(f"MLP: {name} must be a positive int, got {value!r}")
+        in_features, out_features = int(in_features), int(out_features)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"MLP: dropout must be a float, got {type(dropout).__name__}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
         self.in_features = in_features

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close
@@ -131,6 +132,21 @@ def test_bad_arguments():
         MLP(3, 8, 2, dropout=1.0)
     with pytest.raises(ValueError, match="in_features"):
         MLP(0, 8, 2)
+    for dropout in ("0.1", None, True):  # a string was compared as a float's text before
+        with pytest.raises(TypeError, match="dropout"):
+            MLP(3, 8, 2, dropout=dropout)
+
+
+def test_numpy_integers_as_torch_linear_takes_them():
+    # torch.nn.Linear takes numpy integers for its sizes; so does the MLP, as ints
+    torch.manual_seed(0)
+    ours = MLP(np.int64(3), [np.int32(8), 4], np.int64(2), batchnorm=True)
+    torch.manual_seed(0)
+    ref = MLP(3, [8, 4], 2, batchnorm=True)
+    assert type(ours.in_features) is int and ours.hidden_features == (8, 4)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def _disc(n, gen):

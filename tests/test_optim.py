@@ -49,8 +49,8 @@ def _assert_params(ours, ref, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol)
 
 
-def _run(ours_opt, ref_opt, ours, ref, steps=STEPS, skip=lambda step: ()):
-    for step in range(steps):
+def _run(ours_opt, ref_opt, ours, ref, steps=STEPS, skip=lambda step: (), start=0):
+    for step in range(start, steps):
         _feed(ours, ref, step, skip(step))
         ours_opt.step()
         ref_opt.step()
@@ -194,11 +194,7 @@ def test_state_dict_round_trip(backend, cls, ref_cls, kwargs, direction):
             assert sd["state"][k]["step"].device.type == "cpu"
     second = second_cls(_groups(ps, lr=0.01), **kwargs)
     second.load_state_dict(sd)
-    for step in range(10, 20):
-        _feed(ps, ref, step)
-        second.step()
-        ref_opt.step()
-    _assert_params(ps, ref)
+    _run(second, ref_opt, ps, ref, steps=20, start=10)
 
 
 def test_one_launch_per_group_per_step_for_12_tensors(triton_backend, launches):
@@ -822,11 +818,7 @@ def test_step_counters_of_other_layouts_load_as_in_torch(backend, shape, dtype):
     with torch.no_grad():
         for p, q in zip(ours, ref):
             p.copy_(q)
-    for step in range(1, 4):
-        _feed(ours, ref, step)
-        opt.step()
-        ref_opt.step()
-    _assert_params(ours, ref)
+    _run(opt, ref_opt, ours, ref, steps=4, start=1)
     for p, q in zip(ours, ref):
         assert opt.state[p]["step"].shape == ref_opt.state[q]["step"].shape == shape
         assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 4
