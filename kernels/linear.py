@@ -1367,9 +1367,6 @@ def linear_forward_stats(
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     pmean = torch.empty((cdiv(M, rows), N), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
-    configs = _launch_configs("fwd", x.dtype, precision, M, N, K)
-    configs["configs"], configs["small_config"], _ = _stats_configs(x.dtype, precision)
-    configs["interpret_config"] = _STATS_INTERPRET
     final = None
     if eps is not None:
         final = torch.empty((3, N), device=x.device, dtype=acc)
@@ -1380,6 +1377,9 @@ def linear_forward_stats(
     if operands is not None:  # TF32 on TMA: the statistics in its epilogue too
         _linear_forward_tma(operands, bias, y, None, "none", 0.0, M, N, K, precision, stats)
     else:
+        configs = _launch_configs("fwd", x.dtype, precision, M, N, K)
+        configs["configs"], configs["small_config"], _ = _stats_configs(x.dtype, precision)
+        configs["interpret_config"] = _STATS_INTERPRET
         _launch_forward(x, weight, bias, y, None, "none", 0.0, precision, configs,
                         _dropout_args(None, 0.0, y), stats)  # fmt: skip
     return y, (final if final is not None else (pmean, pm2, rows))
