@@ -20,6 +20,8 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+# The floating dtypes fusedmlp's Triton kernels take (other dtypes: torch's ops, or an error).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _validate(name: str) -> str:

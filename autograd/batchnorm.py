@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from ..backend import use_triton
+from ..backend import TRITON_DTYPES, use_triton
 from ._custom_op import caller, custom_op
 from ._once import once_differentiable
 
@@ -299,7 +299,7 @@ def affine_grads(ctx, dx, dw, db, n_inputs: int) -> tuple:
 # validation (torch's exception types and messages, before any launch)
 # ----------------------------------------------------------------------------------------------
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOATS = TRITON_DTYPES
 
 
 def _verify_batch_size(size) -> None:

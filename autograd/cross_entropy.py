@@ -66,12 +66,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from ..backend import use_triton
+from ..backend import TRITON_DTYPES, use_triton
 from ._amp import fp32
 from ._custom_op import caller, custom_op
 from ._once import once_differentiable
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = TRITON_DTYPES
 _REDUCTIONS = ("mean", "sum", "none")
 
 # Set to False to skip the out-of-range target check (and its host synchronisation).

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import use_triton
+from ..backend import TRITON_DTYPES, use_triton
 from ._custom_op import caller, custom_op
 
 # Seeds cover 62 bits of the 64-bit Philox key: no birthday collisions over a training run.
@@ -146,7 +146,7 @@ def _seed(input: Tensor, generator, p: float) -> Tensor:
     )
 
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = TRITON_DTYPES
 
 
 def _on_triton(input: Tensor) -> bool:

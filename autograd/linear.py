@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import use_triton
+from ..backend import TRITON_DTYPES, use_triton
 from ._amp import lower_precision
 from ._custom_op import caller, custom_op
 from ._handover import take
@@ -31,7 +31,7 @@ from ._once import once_differentiable
 # Supported activations (None = identity). "gelu" is the exact (erf) form, as torch's default.
 ACTIVATIONS = (None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = TRITON_DTYPES
 
 
 def check_activation(activation) -> str:

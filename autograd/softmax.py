@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import use_triton
+from ..backend import TRITON_DTYPES, use_triton
 from ._amp import softmax_dtype
 from ._custom_op import caller, custom_op
 from ._once import once_differentiable
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = TRITON_DTYPES
 
 
 @custom_op("fusedmlp::softmax_fwd", mutates_args=())

@@ -13,8 +13,9 @@ Sections (run in the order ``--sections`` gives; rows are skipped once the budge
           ``kernels/linear.py``), TF32 and bf16, against torch autograd;
   step:   the bench's step (width 1024, batch 16K, TF32) beside torch's, then with the block
           output recomputed by a pass of its own (``FUSEDMLP_APPLY_IN_REDUCTION=0``) and with
-          TF32 on the pointer kernel instead of TMA (``FUSEDMLP_TMA=16``); the small MLP training step (width 256, batch 64) whose time is the
-          host's, with the direct launch on and off (``kernels/launch.py``); the bench's step
+          TF32 on the pointer kernel instead of TMA (``FUSEDMLP_TMA=16``) and with the dW
+          GEMMs' split on the pointer kernel (``FUSEDMLP_TMA_SPLIT=0``); the small MLP
+          training step (width 256, batch 64) whose time is the host's, with the direct launch on and off (``kernels/launch.py``); the bench's step
           on the other backward path, and with its dW split merges launched apart
           (``FUSEDMLP_MERGE_MAX_BYTES=0``), as issue 3's 16K x 256 x 256 bf16 backward, and
           that layer's forward;
@@ -190,6 +191,11 @@ def main() -> None:
         # TF32 GEMMs on the pointer kernel, this row
         row("step", "mlp step w1024 B16K tf32 fusedmlp dz, TF32 on the pointer kernel", big(),
             wall=True, context=lambda: _set(KL, "TMA_TF32", False, tf32), path="dz")  # fmt: skip
+        # A/B of the dW GEMMs' K slices on the TMA kernel (twenty-first session, untimed then)
+        # against the pointer kernel's split (FUSEDMLP_TMA_SPLIT=0, this row)
+        row("step", "mlp step w1024 B16K tf32 fusedmlp dz, dW split on the pointer kernel",
+            big(), wall=True, context=lambda: _set(KL, "TMA_SPLIT", False, tf32),
+            path="dz")  # fmt: skip
         # The host-bound small step, with every launch once through fusedmlp's direct launch
         # and once through triton's JITFunction.run (kernels/launch.py): an A/B in one process
         for impl in ("fusedmlp", "torch"):  # host-bound: the wall time is the host's

@@ -38,9 +38,10 @@ splits each K-step into k8 slices with waits between them, and TF32 wgmma reads 
 operands only K-major, while X and W are stored with the reduction dimension outer. The
 forward kernel reads both operands from shared memory; fp32 gets K-major copies of W^T, X^T
 (``_transpose_kernel``) and dZ^T (16-bit types transpose in wgmma and use views). Where dW's
-[N, K] tiles leave SMs idle and the pointer kernel runs it, its M-deep reduction is split
-(``dz_dw_split``, ``SPLIT_K``): fp32 partials, summed with the dZ pass's column sums (db) by each tile's last
-program (``merges_in_kernel``), else by ``_sum_splits_kernel`` in one launch.
+[N, K] tiles leave SMs idle, its M-deep reduction is split (``dz_dw_split``, ``SPLIT_K``): fp32
+partials, summed with the dZ pass's column sums (db) by each tile's last program
+(``merges_in_kernel``), else by ``_sum_splits_kernel`` in one launch; on the TMA kernel where
+it takes the GEMM (``TMA_SPLIT``, ``_tma_split_depth``), else on the pointer kernel.
 
 TMA forward (``_linear_fwd_tma_kernel``; ``TMA``: fp16/bf16 and TF32 on sm_90+, ``FUSEDMLP_TMA``):
 for large GEMMs (``TMA_MIN_MACS``, ``TMA_MIN_WAVES``), the same epilogue behind a persistent
@@ -384,10 +385,13 @@ def _linear_fwd_tma_kernel(
     K,
     stride_b,
     negative_slope,
+    k_split,
+    split_stride,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     SAVE_Z: tl.constexpr,
     STATS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     X_T: tl.constexpr,
     W_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -412,6 +416,14 @@ def _linear_fwd_tma_kernel(
     ``negative_slope``): the same epilogue, on each half of the tile's columns in turn, so that
     the column reductions beside the accumulator do not spill.
 
+    ``SPLIT_K == 2`` (the dz backward's dW GEMM, ``_dz_dw_gemm``, when its tiles alone leave
+    SMs idle; no bias, activation or statistics): the work items are (tile, slice) pairs,
+    slice ``s`` reducing K from ``s * k_split`` to ``(s + 1) * k_split`` (a multiple of
+    BLOCK_K); each stores its raw fp32 partial at ``y + s * split_stride`` and the last of a
+    tile's items to arrive sums them in slice order into dW at ``z_ptr`` (and db from the
+    column sums), with the roles and arrival counters of ``_linear_fwd_kernel``'s
+    ``SPLIT_K == 2``: the same sums, the same bits, whichever kernel ran the slices.
+
     NUM_SMS programs each walk the output tiles ``start, start + NUM_SMS, ...``; the flattened
     loop lets the pipeliner issue the next tile's first loads while this tile's epilogue runs.
     TMA zero-fills reads past the tensor's end, so the K loop has no mask. The next tile's
@@ -426,17 +438,29 @@ def _linear_fwd_tma_kernel(
     # The epilogue recomputes its tile from its own counter: a value used both before and
     # after the flattened inner loop defeats its pipelining (Triton's persistent matmul).
     tile_c = start - NUM_SMS
-    # STATS == 2's arrival (a barrier, an atomic, a branch) in the epilogue defeats the
-    # flattened loop's pipelining (sm_90, triton 3.9: the K loop then ran unpipelined, 64 KiB of
-    # shared memory); unflattened, the K loop pipelines (72 KiB for 3 stages) and only the next
-    # tile's first loads wait for the epilogue. Registers: 255, no spills with triton 3.6, 16
-    # bytes of stack with 3.9.
-    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=STATS != 2):
+    num_items = num_tiles
+    n_split = 1
+    if SPLIT_K:
+        n_split = tl.cdiv(K, k_split)
+        num_items = num_tiles * n_split
+    # An arrival (a barrier, an atomic, a branch) in the epilogue (STATS == 2, SPLIT_K == 2)
+    # defeats the flattened loop's pipelining (sm_90, triton 3.9: the K loop then ran
+    # unpipelined, 64 KiB of shared memory); unflattened, the K loop pipelines (72 KiB for 3
+    # stages) and only the next tile's first loads wait for the epilogue. Registers: 255, no
+    # spills with triton 3.6, 16 bytes of stack with 3.9.
+    for item in tl.range(start, num_items, NUM_SMS, flatten=(STATS != 2) and (SPLIT_K != 2)):
+        tile = item
+        k_lo = 0
+        k_hi = k_tiles
+        if SPLIT_K:
+            tile = item // n_split
+            k_lo = (item % n_split) * (k_split // BLOCK_K)
+            k_hi = tl.minimum(k_lo + k_split // BLOCK_K, k_tiles)
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
+        for ki in range(k_lo, k_hi):
             off_k = ki * BLOCK_K
             if X_T:
                 a = tl.trans(x_desc.load([off_k, off_m]))
@@ -453,11 +477,24 @@ def _linear_fwd_tma_kernel(
                 input_precision=DOT_PRECISION,
             )
         tile_c += NUM_SMS
-        pid_m, pid_n = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        tile_e = tile_c
+        if SPLIT_K:
+            tile_e = tile_c // n_split
+        pid_m, pid_n = _grouped_tile(tile_e, num_pid_m, num_pid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # No dropout here: with its mask, the 128 x 256 tiles spill (``linear_forward``)
-        if STATS:
+        if SPLIT_K:
+            offs = rm.to(tl.int64)[:, None] * N + rn[None, :]
+            mask = (rm < M)[:, None] & (rn < N)[None, :]
+            part = y_ptr + (tile_c % n_split).to(tl.int64) * split_stride
+            tl.store(part + offs, acc, mask=mask)
+            if last_arrival(b_ptr + tile_e, n_split):
+                _merge_tile(y_ptr, z_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, split_stride,
+                            n_split, BLOCK_M, BLOCK_N)  # fmt: skip
+                if (stride_b > 0) & (pid_n == 0):  # db: the column sums' rows, [stride_b, M]
+                    _sum_partials(pm2_ptr, pmean_ptr, rm, rm < M, M, stride_b)
+        elif STATS:
             # Two column halves, each a column block of its own for the statistics' arrival
             # counters (``pid_n`` in units of BLOCK_N // 2)
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -1134,6 +1171,13 @@ TMA_MIN_DIM = 16
 # (one per SM): the TF32 backward's dW GEMM, 1024 x 1024 outputs over K = 16384, is 32 tiles
 # for 132 SMs, and ran 0.68x the pointer kernel (whose smaller tiles fill the SMs) on an H100.
 TMA_MIN_WAVES = 1
+# A dW whose output tiles leave SMs idle (the dz path's, ``_dz_dw_gemm``) runs on the TMA
+# kernel in K slices its last programs merge (``_tma_split_depth``) rather than on the pointer
+# kernel's split; ``FUSEDMLP_TMA_SPLIT=0`` keeps it there. Not timed on a GPU yet (twenty-first
+# session): the TMA GEMM of the step's forward took 0.111 ms against the pointer kernel's 0.157
+# (H200), and the dW GEMMs, the same 2^34 multiply-adds, are four of the step's seven pointer
+# GEMMs.
+TMA_SPLIT = os.environ.get("FUSEDMLP_TMA_SPLIT", "") != "0"
 
 
 # 128 x 256 tiles (the Triton tutorials' H100 choice for 16-bit GEMMs), autotuned over the
@@ -1178,8 +1222,10 @@ def _tma_operand(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return view, transposed
 
 
-def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int, precision: str):
-    """The ``_tma_operand`` pair of x and weight when the TMA forward takes this problem."""
+def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int, precision: str,
+                  waves: bool = True):  # fmt: skip
+    """The ``_tma_operand`` pair of x and weight when the TMA forward takes this problem
+    (``waves=False``: however few its output tiles, for a K-split launch)."""
     if not TMA:
         return None
     tf32 = x.dtype == torch.float32 and precision == "tf32"
@@ -1190,14 +1236,42 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int,
     device = x.device  # not CUDA: the interpreter
     if device.type == "cuda" and not _tma_capable(device.index if device.index is not None else 0):
         return None
-    tile = _TMA_INTERPRET.kwargs if _INTERPRETED[0] else _TMA_CONFIGS[2][0].kwargs
-    tiles = cdiv(M, tile["BLOCK_M"]) * cdiv(N, tile["BLOCK_N"])
-    if tiles < TMA_MIN_WAVES * _tma_programs(device):
+    tiles = _tma_tiles(M, N)
+    if waves and tiles < TMA_MIN_WAVES * _tma_programs(device):
         return None
     xa, wa = _tma_operand(x), _tma_operand(weight)
     if xa is None or wa is None or (tf32 and (xa[1] or wa[1])):
         return None
     return xa, wa
+
+
+def _tma_tile() -> dict:
+    """The TMA kernel's tile constexprs (its configurations' 128 x 256, or the
+    interpreter's)."""
+    return _TMA_INTERPRET.kwargs if _INTERPRETED[0] else _TMA_CONFIGS[2][0].kwargs
+
+
+def _tma_tiles(M: int, N: int) -> int:
+    """The TMA kernel's output tiles over [M, N]."""
+    tile = _tma_tile()
+    return cdiv(M, tile["BLOCK_M"]) * cdiv(N, tile["BLOCK_N"])
+
+
+def _tma_split_depth(M: int, N: int, K: int, device: torch.device) -> int:
+    """The K depth of each slice when the TMA kernel runs an [M, N] dW over a K-deep reduction
+    in slices (``SPLIT_K == 2``), or 0 where it should not: as many slices as make the
+    tiles fill the persistent programs once (32 tiles of 128 x 256 on 132 SMs: 4 slices), each
+    over at least 1024 rows (32 interpreted), no more than the last programs merge
+    (``MERGE_MAX_BYTES`` of partials a tile), a multiple of 64 (every configuration's BLOCK_K,
+    the interpreter's too)."""
+    tile = _tma_tile()
+    rows = 32 if _INTERPRETED[0] else 1024
+    cap = MERGE_MAX_BYTES // (tile["BLOCK_M"] * tile["BLOCK_N"] * 4)
+    split = min(_tma_programs(device) // _tma_tiles(M, N), K // rows, cap, 16)
+    if split < 2:
+        return 0
+    depth = cdiv(cdiv(K, split), 64) * 64
+    return depth if cdiv(K, depth) > 1 else 0
 
 
 def _dropout_args(seed: torch.Tensor | None, p: float, y: torch.Tensor) -> dict:
@@ -1210,17 +1284,39 @@ def _dropout_args(seed: torch.Tensor | None, p: float, y: torch.Tensor) -> dict:
     )
 
 
+def _stats_roles(stats, z, seed, negative_slope):
+    """``(z, seed, negative_slope, STATS)`` of a forward GEMM launch with the statistics
+    epilogue's ``stats`` (``linear_forward_stats``: the partials ``(pmean, pm2)``, or with the
+    final statistics ``(pmean, pm2, out, counters, eps)``, whose roles take z's and the seed's
+    pointers and the slope's float: ``_fwd_epilogue``, STATS == 2) or None."""
+    if stats is None:
+        return z, seed, negative_slope, 0
+    if len(stats) > 2:
+        return stats[2], stats[3], stats[4], 2
+    return z, seed, negative_slope, 1
+
+
 def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, K, precision,
-                        stats=None):  # fmt: skip
+                        stats=None, split=None):  # fmt: skip
     """``linear_forward`` through ``_linear_fwd_tma_kernel`` (``operands``: ``_tma_operands``);
-    ``stats``: ``_launch_forward``'s (the statistics epilogue, fp32 only)."""
+    ``stats``: ``_launch_forward``'s (the statistics epilogue, fp32 only). ``split``: ``(depth,
+    counters, sums)`` for the dz path's dW over K slices of ``depth`` (``SPLIT_K == 2``, y the
+    fp32 partials [cdiv(K, depth), M * N], z the dW; ``sums``: ``_dz_dw_gemm``'s db column sums
+    or None)."""
     (xv, x_t), (wv, w_t) = operands
     programs = _tma_programs(xv.device)
-    seed = y
-    final = stats is not None and len(stats) > 2
-    if final:  # the final statistics' roles (``_fwd_epilogue``, STATS == 2)
-        z, seed, negative_slope = stats[2], stats[3], stats[4]
-    grid = lambda meta: (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+    z, seed, negative_slope, stats_mode = _stats_roles(stats, z, y, negative_slope)
+    pmean, pm2 = stats[:2] if stats is not None else (y, y)
+    b_ptr, stride_b = (bias, bias.stride(0)) if bias is not None else (y, 0)
+    k_split, slices = K, 1
+    if split is not None:  # the merge's roles (the kernel's docstring)
+        k_split, b_ptr, sums = split
+        slices = cdiv(K, k_split)
+        if sums is not None:
+            pmean, pm2, stride_b = sums[1], sums[0], sums[2]
+    grid = lambda meta: (
+        min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * slices),
+    )
     with on_device(xv):
         launch(
             _linear_fwd_tma_kernel,
@@ -1233,21 +1329,24 @@ def _linear_forward_tma(operands, bias, y, z, activation, negative_slope, M, N, 
             tma=("x_desc", "w_desc"),
             x_desc=Tma(xv, ("BLOCK_K", "BLOCK_M") if x_t else ("BLOCK_M", "BLOCK_K")),
             w_desc=Tma(wv, ("BLOCK_K", "BLOCK_N") if w_t else ("BLOCK_N", "BLOCK_K")),
-            b_ptr=bias if bias is not None else y,
+            b_ptr=b_ptr,
             y_ptr=y,
             z_ptr=z if z is not None else y,
             seed_ptr=seed,
-            pmean_ptr=stats[0] if stats is not None else y,
-            pm2_ptr=stats[1] if stats is not None else y,
+            pmean_ptr=pmean,
+            pm2_ptr=pm2,
             M=M,
             N=N,
             K=K,
-            stride_b=bias.stride(0) if bias is not None else 0,
+            stride_b=stride_b,
             negative_slope=float(negative_slope),
+            k_split=k_split,
+            split_stride=M * N if split is not None else 0,
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
-            SAVE_Z=z is not None and not final,
-            STATS=2 if final else int(stats is not None),
+            SAVE_Z=z is not None and stats_mode != 2 and split is None,
+            STATS=stats_mode,
+            SPLIT_K=0 if split is None else 2,
             X_T=x_t,
             W_T=w_t,
             DOT_PRECISION=precision,
@@ -1391,10 +1490,9 @@ def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision
     M, K = x.shape
     N = weight.shape[0]
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    final = stats is not None and len(stats) > 2
-    if final:  # the final statistics' roles (``_fwd_epilogue``, STATS == 2)
-        z, dropout = stats[2], {**dropout, "seed_ptr": stats[3]}
-        negative_slope = stats[4]
+    z, seed, negative_slope, stats_mode = _stats_roles(
+        stats, z, dropout["seed_ptr"], negative_slope
+    )
     with on_device(x):
         launch(
             _linear_fwd_kernel,
@@ -1420,9 +1518,9 @@ def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision
             split_stride=0,
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
-            SAVE_Z=z is not None and not final,
-            **dropout,
-            STATS=2 if final else int(stats is not None),
+            SAVE_Z=z is not None and stats_mode != 2,
+            **{**dropout, "seed_ptr": seed},
+            STATS=stats_mode,
             FP64=x.dtype == torch.float64,
             DOT_PRECISION=precision,
             SPLIT_K=0,
@@ -1635,6 +1733,16 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
     dtype, device = a.dtype, a.device
     precision = dot_precision(dtype)
     split = dz_dw_split(M, N, K, device) if DZ_DW_SPLIT else 1
+    if split > 1 and TMA_SPLIT:
+        operands = _tma_operands(a, b, N, K, M, precision, waves=False)
+        depth = _tma_split_depth(N, K, M, device) if operands is not None else 0
+        if depth:
+            ws = torch.empty((cdiv(M, depth), N * K), device=device, dtype=torch.float32)
+            dw = torch.empty((N, K), device=device, dtype=dtype)
+            counters = arrival_counters(device, _tma_tiles(N, K))
+            _linear_forward_tma(operands, None, ws, dw, "none", 0.0, N, K, M, precision,
+                                split=(depth, counters, sums))  # fmt: skip
+            return dw
     if split > 1 and _tma_operands(a, b, N, K, M, precision) is None:
         # slices of a multiple of every configuration's BLOCK_K (16 to 64; 16 interpreted)
         grain = 64 if device.type == "cuda" else _INTERPRET_TILE[2]

@@ -421,3 +421,46 @@ def test_linear_split_merge_every_configuration(
     assert_within_magnitude(ours.bias.grad, g64.sum(0), g64.abs().sum(0), unit)
     assert len(arrivals) == 1 and arrivals.all_reset()
     _check_forced(forced, ["_linear_dw_kernel" if path == "fused" else "_linear_fwd_kernel"])
+
+
+@pytest.mark.parametrize("forced", range(2), indirect=True)  # the TMA lists' length
+@pytest.mark.parametrize("dtype, precision", [
+    (torch.bfloat16, "highest"), (torch.float32, "high"),
+], ids=["bf16", "tf32"])  # fmt: skip
+def test_linear_tma_dw_split_every_configuration(forced, arrivals, monkeypatch, dtype, precision):
+    # The dz path's dW over K slices on the TMA kernel (one output tile, its last item merging
+    # the slices and db's column sums): against float64, for each TMA configuration.
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
+    monkeypatch.setattr(KL, "TMA_MIN_MACS", 0)
+    for name in ("TMA", "TMA_TF32", "TMA_SPLIT"):
+        monkeypatch.setattr(KL, name, True)
+    M, K, N = (4096 if ON_GPU else 300), 32, 16
+    device = torch.device(DEVICE)
+    assert KL._tma_split_depth(N, K, M, device) == (1024 if ON_GPU else 128)
+    splits, tma = [], KL._linear_forward_tma
+    monkeypatch.setattr(
+        KL,
+        "_linear_forward_tma",
+        lambda *a, split=None, **k: (splits.append(split), tma(*a, split=split, **k))[1],
+    )
+    ref = torch.nn.Linear(K, N, device=DEVICE, dtype=dtype)
+    ours = fnn.Linear(K, N, device=DEVICE, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    g = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ours(xa).backward(g)
+        ref(xb).backward(g)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    x64, g64 = x.double(), g.double()
+    assert_within_magnitude(ours.weight.grad, g64.T @ x64, g64.T.abs() @ x64.abs(), 2**-8)
+    assert_within_magnitude(ours.bias.grad, g64.sum(0), g64.abs().sum(0), 2**-8)
+    assert len(arrivals) == 1 and arrivals.all_reset()
+    assert [s[0] for s in splits if s is not None] == [1024 if ON_GPU else 128], splits
+    _check_forced(forced, ["_linear_fwd_tma_kernel"])

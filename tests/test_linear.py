@@ -586,6 +586,50 @@ def test_tma_forward_falls_back_to_the_pointer_kernel(triton_backend, launches, 
     assert_close(y, ref, dtype=dtype, scale=2.0)
 
 
+@pytest.mark.parametrize(
+    "dtype,act,bias,rows",
+    [
+        (torch.float32, "relu", True, 100),
+        (torch.float32, None, False, 96),
+        (torch.bfloat16, "gelu", True, 100),
+    ],
+    ids=["tf32-relu-bias-100", "tf32-none-nobias-96", "bf16-gelu-bias-100"],
+)
+def test_tma_dw_split_merges_its_slices_as_torch_sums(
+    triton_backend, launches, arrivals, tma, tf32, dz_path, interpreter_splits, monkeypatch,
+    dtype, act, bias, rows,
+):  # fmt: skip
+    # A [16, 32] dW is one 16 x 32 TMA tile for the interpreter's 3 persistent programs: the
+    # TMA kernel runs it in 2 K slices of 64 rows (the last one 32 or 36 rows deep), whose
+    # fp32 partials, and the dZ pass's db column sums, the tile's last item merges.
+    from fusedmlp.kernels import linear as kernels
+
+    depths = []
+    rule = kernels._tma_split_depth
+    monkeypatch.setattr(
+        kernels, "_tma_split_depth", lambda *a: depths.append(rule(*a)) or depths[-1]
+    )
+    g = torch.Generator().manual_seed(25)
+    x = _t(rows, 32, gen=g, dtype=dtype)
+    w = _t(16, 32, gen=g, dtype=dtype, scale=0.3)
+    b = _t(16, gen=g, dtype=dtype) if bias else None
+    gy = _t(rows, 16, gen=g, dtype=dtype)
+    ours = _ours(x, w, b, act, 0.01, gy)
+    assert depths == [64], depths
+    # forward, dX and the split dW on the TMA kernel; no merge launch, no pointer GEMM
+    assert launches[TMA] == 3 and launches[FWD] == 0 and launches[SUM] == 0, dict(launches)
+    assert len(arrivals) == 1 and arrivals.all_reset()
+    ref = _reference(x, w, b, act, 0.01, gy)
+    _check(ours, ref, torch.bfloat16 if dtype == torch.float32 else dtype, scale=2.0)
+    # FUSEDMLP_TMA_SPLIT=0, with the default wave rule: the pointer kernel's split
+    monkeypatch.setattr(kernels, "TMA_SPLIT", False)
+    monkeypatch.setattr(kernels, "TMA_MIN_WAVES", 1)
+    launches.clear()
+    again = _ours(x, w, b, act, 0.01, gy)
+    assert launches[FWD] == 1 and launches[TMA] == 2 and launches[SUM] == 0, dict(launches)
+    _check(again, ref, torch.bfloat16 if dtype == torch.float32 else dtype, scale=2.0)
+
+
 def test_tma_launch_configurations_share_the_block_shape():
     import triton
 
