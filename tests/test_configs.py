@@ -62,6 +62,26 @@ def _check_forced(used, names):
         assert name in used, f"{name} was not launched: {sorted(used)}"
 
 
+def _linear_backward_pair(M, K, N, dtype, precision):
+    """fusedmlp.nn.Linear(K, N) and torch.nn.Linear with the same weights, each backward over
+    one [M, K] batch with gradient g under torch's fp32 matmul ``precision``: (ours, x, g, xa,
+    xb), xa and xb the two inputs (their .grad: ours, torch's)."""
+    ref = torch.nn.Linear(K, N, device=DEVICE, dtype=dtype)
+    ours = fnn.Linear(K, N, device=DEVICE, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    g = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        ours(xa).backward(g)
+        ref(xb).backward(g)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return ours, x, g, xa, xb
+
+
 def _linear_run(dtype, precision, activation, reference: bool):
     """fusedmlp.nn.Linear(72, 136, activation) and torch.nn.Linear with the same weights over one
     batch of 200, forward and backward, under torch's fp32 matmul ``precision``; torch's (with a
@@ -395,19 +415,7 @@ def test_linear_split_merge_every_configuration(
     device = torch.device(DEVICE)
     split = (KL.dw_split if path == "fused" else KL.dz_dw_split)(M, N, K, device)
     assert split > 1, split
-    ref = torch.nn.Linear(K, N, device=DEVICE, dtype=dtype)
-    ours = fnn.Linear(K, N, device=DEVICE, dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-    g = torch.randn(M, N, device=DEVICE, dtype=dtype)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        ours(xa).backward(g)
-        ref(xb).backward(g)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    ours, x, g, xa, xb = _linear_backward_pair(M, K, N, dtype, precision)
     # TF32 on a GPU (10-bit mantissas, torch's GEMMs too): a bf16-sized tolerance
     like = torch.bfloat16 if precision == "high" and ON_GPU else dtype
     assert_close(xa.grad, xb.grad, dtype=like)
@@ -445,19 +453,7 @@ def test_linear_tma_dw_split_every_configuration(forced, arrivals, monkeypatch, 
         "_linear_forward_tma",
         lambda *a, split=None, **k: (splits.append(split), tma(*a, split=split, **k))[1],
     )
-    ref = torch.nn.Linear(K, N, device=DEVICE, dtype=dtype)
-    ours = fnn.Linear(K, N, device=DEVICE, dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-    g = torch.randn(M, N, device=DEVICE, dtype=dtype)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        ours(xa).backward(g)
-        ref(xb).backward(g)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    ours, x, g, xa, xb = _linear_backward_pair(M, K, N, dtype, precision)
     x64, g64 = x.double(), g.double()
     assert_within_magnitude(ours.weight.grad, g64.T @ x64, g64.T.abs() @ x64.abs(), 2**-8)
     assert_within_magnitude(ours.bias.grad, g64.sum(0), g64.abs().sum(0), 2**-8)
