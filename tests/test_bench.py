@@ -359,9 +359,9 @@ def test_kernel_times_script_dry_run(tmp_path):
     ]
     rows, tuned = lines[:-1], lines[-1]
     assert tuned == {"tuned": []}  # the interpreter tunes nothing: a GPU lists its choices
-    # linear 9; step 6 + the merge A/B's 4 + the TMA TF32, apply-pass and statistics-merge A/Bs'
-    # 3 + the small forward's 2; ops 16
-    assert len(rows) == 9 + 15 + 16 and all("error" not in r for r in rows), rows
+    # linear 9; step 6 + the merge A/B's 4 + the TMA TF32, TMA dW split, apply-pass and
+    # statistics-merge A/Bs' 4 + the small forward's 2; ops 16
+    assert len(rows) == 9 + 16 + 16 and all("error" not in r for r in rows), rows
     assert all(r["event_ms"] > 0 for r in rows)
 
 
