@@ -51,9 +51,9 @@ cross_entropy (the loss is then fp32).
 
 Torch path (and every input the kernel does not cover: probability targets, [N, C, d1, ...]
 inputs, weights that require grad or differ in dtype, empty batches, fp64 logits with label
-smoothing, an ``ignore_index`` that is not an integer, for torch's TypeError): ``F.cross_entropy`` /
-``F.nll_loss`` themselves. ``nll_loss`` always runs torch's implementation (a gather of N
-values; there is nothing to fuse).
+smoothing, an ``ignore_index`` that is not an integer, for torch's TypeError, or not an int64,
+for its ValueError): ``F.cross_entropy`` / ``F.nll_loss`` themselves. ``nll_loss`` always
+runs torch's implementation (a gather of N values; there is nothing to fuse).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ from ._once import once_differentiable
 
 _TRITON_DTYPES = TRITON_DTYPES
 _REDUCTIONS = ("mean", "sum", "none")
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 # Set to False to skip the out-of-range target check (and its host synchronisation).
 CHECK_TARGETS = True
@@ -365,8 +366,12 @@ def _triton_covers(input, target, weight, reduction, label_smoothing, ignore_ind
     if isinstance(ignore_index, Tensor):
         if ignore_index.dim() != 0 or ignore_index.is_floating_point():
             return False
+        if ignore_index.is_complex() or ignore_index.dtype == torch.bool:
+            return False  # torch refuses them (TypeError; RuntimeError for bool)
     elif not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         return False  # torch: "must be int, not float"
+    elif not _INT64_MIN <= int(ignore_index) <= _INT64_MAX:
+        return False  # torch's ValueError (int64 overflow), not a kernel's wrapped value
     if input.dtype not in _TRITON_DTYPES or target.dtype != torch.int64:
         return False
     if input.dim() not in (1, 2) or target.dim() != input.dim() - 1:

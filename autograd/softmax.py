@@ -86,6 +86,7 @@ def _dispatch(name, input, dim, stacklevel, dtype, log):
         and input.numel() > 0
         and input.dtype in _TRITON_DTYPES
         and isinstance(dim, int)
+        and not isinstance(dim, bool)  # torch: "must be int, not bool"
         and -ndim <= dim < ndim
         and use_triton(input)
     ):

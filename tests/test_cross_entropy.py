@@ -225,6 +225,26 @@ def test_ignore_index_types_as_torch(backend, launches):
             cross_entropy(x, t, ignore_index=bad)
 
 
+def test_ignore_index_torch_refuses_raises_before_any_launch(backend, launches):
+    # An ignore_index beyond int64 (torch: ValueError, "Overflow when unpacking long long"; the
+    # kernel took 2**63 as a wrapped value and returned a loss) and a 0-d bool or complex tensor
+    # (torch: RuntimeError, TypeError; the kernel took them as 1): torch's error, no launch.
+    x, t, _ = _data(6, 5)
+    t[2] = 1
+    for bad in (1 << 63, 1 << 70, -(1 << 63) - 1, torch.tensor(True), torch.tensor(1 + 0j)):
+        with pytest.raises(Exception) as theirs:
+            F.cross_entropy(x, t, ignore_index=bad)
+        with pytest.raises(Exception) as ours:
+            cross_entropy(x, t, ignore_index=bad)
+        assert type(ours.value) is type(theirs.value), (bad, ours.value, theirs.value)
+    assert launches.total == 0, dict(launches)
+    # the int64 extremes themselves are integers torch takes
+    for edge in (-(1 << 63), (1 << 63) - 1):
+        t[3] = edge
+        got = cross_entropy(x, t, ignore_index=edge)
+        assert_close(got, F.cross_entropy(x, t, ignore_index=edge))
+
+
 @pytest.mark.parametrize("smoothing", [0.25, 0.3])
 def test_float64_label_smoothing_is_fp64_exact(triton_backend, smoothing):
     # The kernel's smoothing argument is fp32: fp64 logits with smoothing take torch's path,

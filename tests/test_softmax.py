@@ -113,14 +113,18 @@ def test_modules(backend):
 
 @pytest.mark.parametrize("name", ["Softmax", "LogSoftmax"])
 def test_bad_dim_errors_like_torch(backend, name):
-    """A dim that is not an int: torch's TypeError, word for word."""
+    """A dim that is not an int: torch's TypeError, word for word (a bool too: the Triton
+    path took True as dim 1)."""
     x = _x((2, 3))
-    for dim in ("a", (1,), 1.5):
+    for dim in ("a", (1,), 1.5, True, False):
         with pytest.raises(TypeError) as theirs:
             getattr(torch.nn, name)(dim)(x)
         with pytest.raises(TypeError) as ours:
             getattr(fusedmlp.nn, name)(dim)(x)
         assert str(ours.value) == str(theirs.value)
+        fn = fusedmlp.functional.softmax if name == "Softmax" else fusedmlp.functional.log_softmax
+        with pytest.raises(TypeError, match="must be int, not"):
+            fn(x, dim)
 
 
 def test_double_backward_raises(triton_backend):
