@@ -80,10 +80,12 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether an op over ``tensors`` runs its Triton kernels under the current backend.
 
     Raises before any launch when the backend is 'triton' and the kernels cannot run:
-    triton missing, or CPU tensors without Triton's interpreter.
+    triton missing, or CPU tensors without Triton's interpreter. Under a ``torch.func``
+    transform (grad, vmap, jvp, jacrev, ...) every op runs torch's implementation: fusedmlp's
+    autograd Functions have neither vmap nor forward-AD rules, and torch's ops have both.
     """
     backend = _BACKEND
-    if backend == "torch":
+    if backend == "torch" or (not _is_compiling() and _functorch_active()):
         return False
     if backend == "auto":  # one plain loop: it runs for every op call
         for t in tensors:
@@ -96,6 +98,8 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
 _IS_CUDA = operator.attrgetter("is_cuda")
 _DTYPE = operator.attrgetter("dtype")
 

@@ -285,3 +285,51 @@ def test_direct_launch_defers_to_triton_when_its_knobs_are_set(monkeypatch):
     assert not L._plain_knobs(SimpleNamespace(debug=True, used_global_vals={}))
     scope["SCALE"] = 3  # JITFunction.run raises for a changed global: so must the launch
     assert not L._plain_knobs(kernel)
+
+
+def test_torch_func_transforms_run_torchs_implementation(triton_backend, launches):
+    # torch.func (grad, vmap, jvp, jacrev) needs vmap and forward-AD rules that fusedmlp's
+    # autograd Functions do not have: under a transform every op takes torch's path (no launch)
+    # and gives torch's results; outside one the same calls launch the kernels.
+    import torch.nn.functional as F
+
+    from fusedmlp import functional as FF
+    from fusedmlp import nn as fnn
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 8, generator=g).to(DEVICE)
+    y = torch.randint(0, 4, (5,), generator=g).to(DEVICE)
+    ours = fnn.Linear(8, 4, activation="relu", device=DEVICE)
+    ref = torch.nn.Linear(8, 4, device=DEVICE)
+    ref.load_state_dict(ours.state_dict())
+
+    def loss(module, act):
+        def f(params, x, y):
+            out = torch.func.functional_call(module, params, (x,))
+            return FF.cross_entropy(act(out), y) if act else F.cross_entropy(out, y)
+
+        return f
+
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    got = torch.func.grad(loss(ours, None))(params, x, y)
+    want = torch.func.grad(loss(ref, torch.relu))(params, x, y)
+    for k in params:
+        torch.testing.assert_close(got[k], want[k])
+    # per-sample gradients (vmap of grad), forward AD and a Jacobian
+    per = torch.func.vmap(torch.func.grad(loss(ours, None)), in_dims=(None, 0, 0))
+    got = per(params, x.unsqueeze(1), y.unsqueeze(1))
+    want = torch.func.vmap(torch.func.grad(loss(ref, torch.relu)), in_dims=(None, 0, 0))(
+        params, x.unsqueeze(1), y.unsqueeze(1)
+    )
+    for k in params:
+        assert got[k].shape == (5, *params[k].shape)
+        torch.testing.assert_close(got[k], want[k])
+    tangent = torch.ones_like(x)
+    _, jvp_ours = torch.func.jvp(ours, (x,), (tangent,))
+    _, jvp_ref = torch.func.jvp(lambda t: torch.relu(ref(t)), (x,), (tangent,))
+    torch.testing.assert_close(jvp_ours, jvp_ref)
+    jac = torch.func.jacrev(lambda t: FF.softmax(t, 1))(x)
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda t: torch.softmax(t, 1))(x))
+    assert launches.total == 0, dict(launches)
+    ours(x)  # no transform: the kernel
+    assert launches.total == 1, dict(launches)
