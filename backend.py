@@ -81,11 +81,14 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 
     Raises before any launch when the backend is 'triton' and the kernels cannot run:
     triton missing, or CPU tensors without Triton's interpreter. Under a ``torch.func``
-    transform (grad, vmap, jvp, jacrev, ...) every op runs torch's implementation: fusedmlp's
-    autograd Functions have neither vmap nor forward-AD rules, and torch's ops have both.
+    transform (grad, vmap, jvp, jacrev, ...) or inside a forward-AD level
+    (``torch.autograd.forward_ad.dual_level``) every op runs torch's implementation: fusedmlp's
+    autograd Functions have neither vmap nor forward-AD (jvp) rules, and torch's ops have both.
     """
     backend = _BACKEND
-    if backend == "torch" or (not _is_compiling() and _functorch_active()):
+    if backend == "torch" or (
+        not _is_compiling() and (_functorch_active() or _forward_ad._current_level >= 0)
+    ):
         return False
     if backend == "auto":  # one plain loop: it runs for every op call
         for t in tensors:
@@ -99,6 +102,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+_forward_ad = torch.autograd.forward_ad
 _is_compiling = torch.compiler.is_compiling
 _IS_CUDA = operator.attrgetter("is_cuda")
 _DTYPE = operator.attrgetter("dtype")

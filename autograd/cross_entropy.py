@@ -106,12 +106,6 @@ def _keep_graph() -> bool:
         return True
 
 
-def _forward_ad_active() -> bool:
-    """A forward-AD level is open: dual tensors must reach the autograd Function (which then
-    says it has no jvp) rather than lose their tangent."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
 def _checks_targets(target: Tensor) -> bool:
     """Whether the targets are checked: not when empty, with ``CHECK_TARGETS`` off, or during a
     CUDA-graph capture (no synchronisation there)."""
@@ -416,7 +410,7 @@ def cross_entropy(
         logits = input.unsqueeze(0) if unbatched else input
         tgt = target.unsqueeze(0) if unbatched else target
         args = (logits, tgt, weight, int(ignore_index), float(label_smoothing), reduction)
-        if (torch.is_grad_enabled() and logits.requires_grad) or _forward_ad_active():
+        if torch.is_grad_enabled() and logits.requires_grad:
             loss = CrossEntropyFunction.apply(*args)
         else:  # no graph (e.g. under no_grad): no gradient buffer is written
             loss = _cross_entropy_fwd(*args, False)[0]

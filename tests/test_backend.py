@@ -330,6 +330,17 @@ def test_torch_func_transforms_run_torchs_implementation(triton_backend, launche
     torch.testing.assert_close(jvp_ours, jvp_ref)
     jac = torch.func.jacrev(lambda t: FF.softmax(t, 1))(x)
     torch.testing.assert_close(jac, torch.func.jacrev(lambda t: torch.softmax(t, 1))(x))
+    # forward AD (torch.autograd.forward_ad) outside torch.func: torch's path too
+    import torch.autograd.forward_ad as fwAD
+
+    bn, tbn = fnn.BatchNorm1d(8, device=DEVICE), torch.nn.BatchNorm1d(8, device=DEVICE)
+    for f, r in ((ours, lambda t: torch.relu(ref(t))), (lambda t: FF.softmax(t, 1),
+                 lambda t: torch.softmax(t, 1)), (bn, tbn)):  # fmt: skip
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(f(fwAD.make_dual(x, tangent)))
+            want = fwAD.unpack_dual(r(fwAD.make_dual(x, tangent)))
+        torch.testing.assert_close(got.primal, want.primal)
+        torch.testing.assert_close(got.tangent, want.tangent)
     assert launches.total == 0, dict(launches)
-    ours(x)  # no transform: the kernel
+    ours(x)  # no transform, no forward-AD level: the kernel
     assert launches.total == 1, dict(launches)

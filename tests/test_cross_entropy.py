@@ -513,14 +513,20 @@ def test_create_graph_backward_with_a_gradient_that_carries_a_graph(triton_backe
         g.sum().backward()
 
 
-def test_forward_ad_is_refused_not_dropped(triton_backend):
+def test_forward_ad_takes_torchs_path_and_keeps_the_tangent(triton_backend, launches):
+    # Inside a forward-AD level the op runs torch's implementation (fusedmlp's Function has
+    # no jvp): the tangent is torch's, nothing is launched (backend.use_triton)
     import torch.autograd.forward_ad as fwAD
 
     x, t, _ = _data(3, 5)
+    tangent = torch.randn_like(x)
     with fwAD.dual_level():
-        dual = fwAD.make_dual(x, torch.randn_like(x))
-        with pytest.raises(RuntimeError, match="jvp"):
-            cross_entropy(dual, t)
+        ours = fwAD.unpack_dual(cross_entropy(fwAD.make_dual(x, tangent), t))
+        ref = fwAD.unpack_dual(F.cross_entropy(fwAD.make_dual(x, tangent), t))
+    assert ours.tangent is not None
+    assert_close(ours.primal, ref.primal)
+    assert_close(ours.tangent, ref.tangent)
+    assert launches.total == 0, dict(launches)
 
 
 def test_extreme_logits_with_label_smoothing_like_torch(triton_backend):
