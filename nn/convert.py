@@ -23,7 +23,10 @@ output feeds only the next module), a ReLU, LeakyReLU, Sigmoid, Tanh, GELU (appr
 or SiLU that directly follows a converted Linear becomes that Linear's fused activation and is
 replaced by ``torch.nn.Identity`` (no parameters, so ``state_dict`` keys do not change). It is
 skipped when it could change what someone observes: the Linear is shared (appears more than once
-in the tree) or has forward hooks, or the activation has hooks.
+in the tree) or has forward hooks, or the activation has hooks. An out-of-place LeakyReLU with
+``negative_slope >= 0`` is absorbed only where its output feeds a Linear or BatchNorm (after
+Identities or out-of-place Dropouts): torch's LeakyReLU keeps its input for backward, the fused
+Linear its output, so an in-place edit of that output would otherwise stop backpropagating.
 
 The new modules hold the very Parameter and buffer objects of the old ones, so weights, buffers,
 ``requires_grad``, device, dtype, non-persistent buffers and train/eval mode are kept, and the
@@ -125,6 +128,48 @@ def _absorbable(act: torch.nn.Module) -> tuple[str, float] | None:
 
 def _has_hooks(m: torch.nn.Module, names=_HOOK_DICTS) -> bool:
     return any(getattr(m, name, None) for name in names)
+
+
+def _output_stays_inside(mods: list, j: int) -> bool:
+    """Whether the tensor that ``mods[j - 1]`` returns (inside a Sequential chain) is read only
+    by a module that neither changes it in place nor hands it on: after Identities and
+    out-of-place Dropouts (the identity in eval mode), a Linear or BatchNorm (torch's or
+    fusedmlp's, exact types), none of them with hooks (a hook may edit its input in place)."""
+    passing = (torch.nn.Identity, torch.nn.Dropout, _dropout.Dropout)
+    consumers = (
+        torch.nn.Linear,
+        _linear.Linear,
+        torch.nn.BatchNorm1d,
+        torch.nn.BatchNorm2d,
+        _batchnorm.BatchNorm1d,
+        _batchnorm.BatchNorm2d,
+    )
+    while j < len(mods):
+        m = mods[j]
+        if m is None or _has_hooks(m):
+            return False
+        if type(m) in consumers:
+            return True
+        if type(m) not in passing or getattr(m, "inplace", False):
+            return False
+        j += 1
+    return False
+
+
+def _absorption_keeps_autograd(
+    act: tuple[str, float], nxt: torch.nn.Module, parent: torch.nn.Module, names: list, j: int
+) -> bool:
+    """Whether absorbing ``nxt`` (activation ``act``) leaves what autograd lets a caller do
+    unchanged. fusedmlp's Linear keeps its OUTPUT for the backward of relu, sigmoid, tanh and
+    leaky_relu with ``negative_slope >= 0``: torch's ReLU, Sigmoid and Tanh keep theirs too,
+    but an out-of-place LeakyReLU keeps its input, so with torch an in-place edit of its output
+    (``out += x``, a ``ReLU(inplace=True)`` after it) still backpropagates, and after absorption
+    it would raise. Such a LeakyReLU is absorbed only where its output feeds a module that does
+    not edit it in place (``_output_stays_inside`` from ``parent``'s child ``names[j]`` on)."""
+    name, slope = act
+    if name != "leaky_relu" or slope < 0 or getattr(nxt, "inplace", False):
+        return True
+    return _output_stays_inside([parent._modules[n] for n in names], j)
 
 
 def _convertible(m: torch.nn.Module, table: dict) -> bool:
@@ -229,6 +274,7 @@ def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: 
                     )
                     and not _has_hooks(nxt)
                     and _supports_activation(cand)
+                    and _absorption_keeps_autograd(cand, nxt, parent, names, i + 2)
                 ):
                     act = cand
             new = _replace(child, table, memo, act)

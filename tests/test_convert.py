@@ -385,6 +385,36 @@ def test_converted_model_runs_triton_kernels(triton_backend, launches):
     assert_close(out, model(x))
 
 
+@pytest.mark.parametrize("tail", ["end", "relu_inplace", "linear"])
+def test_leaky_relu_absorbed_only_where_an_inplace_edit_still_backpropagates(triton_backend, tail):
+    """torch's LeakyReLU keeps its input for backward, fusedmlp's fused Linear its output: an
+    in-place edit of a trailing LeakyReLU's output (``out += x``, a ``ReLU(inplace=True)``
+    after it) backpropagates with torch, so the LeakyReLU stays there (absorbed before a
+    Linear, which does not edit its input)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    mods = [nn.Linear(4, 6), nn.LeakyReLU(0.1)]
+    mods += {"end": [], "relu_inplace": [nn.ReLU(inplace=True)], "linear": [nn.Linear(6, 3)]}[tail]
+    model = nn.Sequential(*mods).to(DEVICE)
+    conv = convert(model)
+    absorbed = tail == "linear"
+    assert (conv[0].activation == "leaky_relu") == absorbed
+    assert (type(conv[1]) is nn.Identity) == absorbed
+    x = torch.randn(5, 4, device=DEVICE)
+    outs, grads = [], []
+    for m in (model, conv):
+        m.zero_grad()
+        out = m(x)
+        if tail != "relu_inplace":  # (there the ReLU edits the LeakyReLU's output in place)
+            out.add_(1.0)  # an in-place edit of the output (a residual ``out += x``)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad for p in m.parameters()])
+    assert_close(outs[1], outs[0])
+    for g, ref in zip(*grads[::-1]):
+        assert_close(g, ref)
+
+
 def test_batchnorm_depth_example_smoke(capsys):
     """examples/batchnorm_depth.py on a tiny budget: both libraries give the same accuracies."""
     import importlib.util
