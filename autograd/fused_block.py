@@ -86,6 +86,15 @@ def saves_output(activation: str, negative_slope: float) -> bool:
     )
 
 
+def _saved_for_act(activation: str, negative_slope: float, out: Tensor, z: Tensor):
+    """What an act -> dropout backward keeps: nothing without an activation (the mask comes
+    from the seed; the backward passes its incoming gradient in the unread operand's place),
+    else the output or z (``saves_output``)."""
+    if activation == "none":
+        return None
+    return out if saves_output(activation, negative_slope) else z
+
+
 # ----------------------------------------------------------------------------------------------
 # custom ops (names prefixed fused_block_)
 # ----------------------------------------------------------------------------------------------
@@ -664,7 +673,7 @@ class LinearActDropoutFunction(torch.autograd.Function):
         y, z = _fused_block_linear_act_dropout_fwd_call(
             x, weight, bias, seed, p, activation, negative_slope
         )
-        saved = y if saves_output(activation, negative_slope) else z
+        saved = _saved_for_act(activation, negative_slope, y, z)
         ctx.save_for_backward(x, weight, saved, seed)
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
         ctx.has_bias = bias is not None
@@ -682,8 +691,9 @@ class LinearActDropoutFunction(torch.autograd.Function):
         if not (need_dx or need_dw or need_db):
             return (None,) * 7
         dz = _fused_block_act_dropout_bwd_call(
-            dy, saved, seed, ctx.p, ctx.activation, ctx.negative_slope
-        )
+            dy, saved if saved is not None else dy, seed, ctx.p, ctx.activation,
+            ctx.negative_slope,
+        )  # fmt: skip
         dx, dw, db = _linear_bwd(dz, x, weight, dz, "none", 0.0, need_dx, need_dw, need_db, [])
         return (
             dx if need_dx else None,
@@ -702,7 +712,7 @@ class ActDropoutFunction(torch.autograd.Function):
         out, _, _, _ = _fused_block_fwd_call(
             z, None, None, seed, False, 0.0, p, activation, negative_slope
         )
-        saved = out if saves_output(activation, negative_slope) else z
+        saved = _saved_for_act(activation, negative_slope, out, z)
         ctx.save_for_backward(saved, seed)
         ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
         return out
@@ -714,8 +724,9 @@ class ActDropoutFunction(torch.autograd.Function):
     def backward(ctx, dout):
         saved, seed = ctx.saved_tensors
         dz = _fused_block_act_dropout_bwd_call(
-            dout, saved, seed, ctx.p, ctx.activation, ctx.negative_slope
-        )
+            dout, saved if saved is not None else dout, seed, ctx.p, ctx.activation,
+            ctx.negative_slope,
+        )  # fmt: skip
         return dz, None, None, None, None
 
 

@@ -130,32 +130,6 @@ def _has_hooks(m: torch.nn.Module, names=_HOOK_DICTS) -> bool:
     return any(getattr(m, name, None) for name in names)
 
 
-def _output_stays_inside(mods: list, j: int) -> bool:
-    """Whether the tensor that ``mods[j - 1]`` returns (inside a Sequential chain) is read only
-    by a module that neither changes it in place nor hands it on: after Identities and
-    out-of-place Dropouts (the identity in eval mode), a Linear or BatchNorm (torch's or
-    fusedmlp's, exact types), none of them with hooks (a hook may edit its input in place)."""
-    passing = (torch.nn.Identity, torch.nn.Dropout, _dropout.Dropout)
-    consumers = (
-        torch.nn.Linear,
-        _linear.Linear,
-        torch.nn.BatchNorm1d,
-        torch.nn.BatchNorm2d,
-        _batchnorm.BatchNorm1d,
-        _batchnorm.BatchNorm2d,
-    )
-    while j < len(mods):
-        m = mods[j]
-        if m is None or _has_hooks(m):
-            return False
-        if type(m) in consumers:
-            return True
-        if type(m) not in passing or getattr(m, "inplace", False):
-            return False
-        j += 1
-    return False
-
-
 def _absorption_keeps_autograd(
     act: tuple[str, float], nxt: torch.nn.Module, parent: torch.nn.Module, names: list, j: int
 ) -> bool:
@@ -165,11 +139,11 @@ def _absorption_keeps_autograd(
     but an out-of-place LeakyReLU keeps its input, so with torch an in-place edit of its output
     (``out += x``, a ``ReLU(inplace=True)`` after it) still backpropagates, and after absorption
     it would raise. Such a LeakyReLU is absorbed only where its output feeds a module that does
-    not edit it in place (``_output_stays_inside`` from ``parent``'s child ``names[j]`` on)."""
+    not edit it in place (``fused_block.output_stays_inside`` from ``parent``'s child ``names[j]`` on)."""
     name, slope = act
     if name != "leaky_relu" or slope < 0 or getattr(nxt, "inplace", False):
         return True
-    return _output_stays_inside([parent._modules[n] for n in names], j)
+    return _fused_block.output_stays_inside([parent._modules[n] for n in names], j)
 
 
 def _convertible(m: torch.nn.Module, table: dict) -> bool:

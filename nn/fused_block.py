@@ -18,7 +18,12 @@ the children's own parameters and buffers:
     Linear(activation=A), Identity..., Dropout      (or Linear(activation=None), <act module>,
     Dropout)
         -> ``linear_act_dropout``: the activation and the dropout in the Linear's epilogue (one
-           launch), whose backward keeps the output instead of the pre-activation.
+           launch), whose backward keeps the output instead of the pre-activation. Where it
+           keeps the output (relu, sigmoid, tanh, leaky_relu with a slope >= 0), only when a
+           Linear or BatchNorm reads that output next (``output_stays_inside``): torch's chain
+           keeps other tensors, so a caller's in-place edit of an output that leaves the
+           Sequential (a residual ``out += x``) still backpropagates; there the modules run
+           one after the other.
 
 A Linear without activation whose output a fused BatchNorm block reads next (the first
 Linear of an MLP as a module; the others inside ``bn_act_dropout_linear``, or as modules when
@@ -54,10 +59,11 @@ from ..autograd.fused_block import (
     bn_act_dropout,
     bn_act_dropout_linear,
     linear_act_dropout,
+    saves_output,
 )
 from ..autograd.linear import linear_stats
 from ..backend import use_triton
-from .batchnorm import BatchNorm1d
+from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout
 from .linear import Linear
 
@@ -116,6 +122,38 @@ def _hooked(mods) -> bool:
     return any(any(_MODULE_HOOK_DICTS(m)) for m in mods)
 
 
+# What a block's output may pass through (out of place) and what may read it without editing it
+# in place or handing it on (exact types): ``output_stays_inside``.
+_PASSING = (torch.nn.Identity, torch.nn.Dropout, Dropout)
+_CONSUMERS = (
+    torch.nn.Linear,
+    Linear,
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    BatchNorm1d,
+    BatchNorm2d,
+)
+
+
+def output_stays_inside(mods: list, j: int) -> bool:
+    """Whether the tensor that ``mods[j - 1]`` returns (inside a Sequential chain) is read only
+    by a module that neither changes it in place nor hands it on: after Identities and
+    out-of-place Dropouts (the identity in eval mode), a Linear or BatchNorm (torch's or
+    fusedmlp's), none of them with hooks (a hook may edit its input in place). A fused op that
+    keeps its output for backward (torch's modules there keep another tensor) runs only then:
+    an in-place edit of its output by the caller (``out += x``) would stop the backward."""
+    while j < len(mods):
+        m = mods[j]
+        if m is None or _hooked((m,)):
+            return False
+        if type(m) in _CONSUMERS:
+            return True
+        if type(m) not in _PASSING or getattr(m, "inplace", False):
+            return False
+        j += 1
+    return False
+
+
 def _match_bn(mods: list, i: int):
     """``(end, bn, activation, slope, dropout)`` of a BatchNorm block starting at ``i``."""
     bn = mods[i]
@@ -155,6 +193,11 @@ def _match_linear(mods: list, i: int):
     drop = mods[j]
     if not drop.training or drop.p == 0.0:
         return None  # the Dropout is the identity: nothing to fuse
+    if act is not None and saves_output(act, slope) and not output_stays_inside(mods, j + 1):
+        # The fused op keeps its output for the activation's derivative, torch's chain the
+        # activation's output before the dropout: an output that leaves the Sequential runs
+        # unfused, so that an in-place edit of it (a residual ``out += x``) still backpropagates
+        return None
     return j + 1, lin, act, slope, drop
 
 
@@ -406,4 +449,10 @@ def fuse_sequential(seq: torch.nn.Sequential) -> torch.nn.Sequential:
     return seq
 
 
-__all__ = ["FusedSequential", "activation_of", "fusable", "fuse_sequential"]
+__all__ = [
+    "FusedSequential",
+    "activation_of",
+    "fusable",
+    "fuse_sequential",
+    "output_stays_inside",
+]

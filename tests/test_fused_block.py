@@ -447,16 +447,21 @@ def test_bn_block_bad_inputs_raise_before_launch(triton_backend, launches):
 
 @pytest.mark.parametrize("act, c", [("relu", 12), ("sigmoid", 7), ("gelu", 16)])
 def test_linear_block_equals_unfused_fusedmlp_chain(triton_backend, launches, act, c):
+    from fusedmlp.autograd.fused_block import linear_act_dropout
+
     p = 0.3
     torch.manual_seed(0)
-    fused = FusedSequential(Linear(5, c, activation=act), torch.nn.Identity(), Dropout(p))
+    # the block feeds a Linear: fused (its output stays inside the Sequential)
+    fused = FusedSequential(
+        Linear(5, c, activation=act), torch.nn.Identity(), Dropout(p), Linear(c, 3)
+    )
     fused = fused.to(DEVICE)
     unfused = _unfused(fused)
     x = torch.randn(3, 4, 5, device=DEVICE)  # [..., in]: the mask follows the logical index
     out, grads = _run(fused, x, 21)
-    # the dropout in the Linear's epilogue: one forward launch, no elementwise pass (rows of a
-    # multiple of 16 outputs; else the pass)
-    assert launches["_linear_fwd_kernel"] == 1
+    # the dropout in the Linear's epilogue: the block's and the head's forward launches, no
+    # elementwise pass (rows of a multiple of 16 outputs; else the pass)
+    assert launches["_linear_fwd_kernel"] == 2
     assert launches["_fused_fwd_kernel"] == (0 if c % 16 == 0 else 1)
     assert launches["_fused_bwd_elementwise_kernel"] == 1
     n_fused = launches.total
@@ -466,12 +471,48 @@ def test_linear_block_equals_unfused_fusedmlp_chain(triton_backend, launches, ac
     assert torch.equal(out, out_ref)  # the same mask and the same roundings, to the bit
     for g, g_ref in zip(grads, grads_ref):
         assert_close(g, g_ref, scale=4)
-    # dropout semantics against torch's own Linear + activation
+    # the block's dropout semantics against torch's own Linear + activation
+    lin = fused[0]
+    torch.manual_seed(21)
+    block = linear_act_dropout(x, lin.weight, lin.bias, act, 0.01, p).detach()
     with torch.no_grad():
-        pre = TORCH_ACTS[act]()(torch.nn.functional.linear(x, fused[0].weight, fused[0].bias))
-    kept = out != 0
+        pre = TORCH_ACTS[act]()(torch.nn.functional.linear(x, lin.weight, lin.bias))
+    kept = block != 0
     assert 0 < kept.sum() < kept.numel()
-    assert_close(out[kept], pre[kept] / (1 - p))
+    assert_close(block[kept], pre[kept] / (1 - p))
+
+
+@pytest.mark.parametrize("act", [None, "relu", "tanh", "leaky_relu", "gelu"])
+def test_block_output_edited_in_place_backpropagates_as_torch(triton_backend, launches, act):
+    # A residual ``out += x`` on what a Sequential ending in Linear -> act -> Dropout returns:
+    # torch's chain keeps the activation's output (or its input) and the mask, never the
+    # returned tensor, so its backward still runs. The fused op keeps its output where that
+    # gives the derivative (relu, tanh, leaky_relu >= 0): such a block whose output leaves
+    # the Sequential runs unfused; one without activation keeps nothing but the seed, and
+    # gelu keeps z: both stay fused.
+    torch.manual_seed(0)
+    acts = {None: [], "relu": [torch.nn.ReLU()], "tanh": [torch.nn.Tanh()],
+            "leaky_relu": [torch.nn.LeakyReLU(0.1)], "gelu": [torch.nn.GELU()]}  # fmt: skip
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 16), *acts[act], torch.nn.Dropout(0.5))
+    ref = ref.to(DEVICE)
+    model = convert(ref)
+    x = torch.randn(8, 16, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    out = model(xa)
+    fused = launches["_fused_fwd_kernel"] + launches["_dropout_kernel"] == 0
+    assert fused == (act in (None, "gelu")), dict(launches)
+    out += xa  # in place, as a residual connection
+    out.backward(torch.ones_like(out))
+    kept = (out - xa).detach() != 0  # the mask (the values differ from torch's draw)
+    with torch.no_grad():
+        pre = ref[1](ref[0](xb)) if act else ref[0](xb)
+    assert_close((out - xa).detach()[kept], pre[kept] * 2)
+    # the gradient: 1 (the residual) + the chain's through the kept elements
+    act_mod = ref[1] if act else torch.nn.Identity()
+    pre = act_mod(torch.nn.functional.linear(xb, ref[0].weight, ref[0].bias))
+    chain = torch.autograd.grad(pre, xb, kept.float() * 2)[0]
+    assert_close(xa.grad, chain + 1, scale=4)
 
 
 LINEAR_ACT_DROPOUT_CASES = [
