@@ -447,9 +447,12 @@ def planned_check(arrays: list, op: str):
         return None
     from ..kernels import adam as KA
     from ..kernels import sgd as KS
-    from ..kernels.multi_tensor import check
+    from ..kernels.multi_tensor import TensorMismatchError, check
 
-    checked = check(arrays, (KA if op == "adam" else KS).ARRAY_NAMES)
+    try:
+        checked = check(arrays, (KA if op == "adam" else KS).ARRAY_NAMES)
+    except TensorMismatchError:  # SGD momentum buffers of another dtype took torch's step
+        return None
     return checked if checked is not None and checked.plain else None
 
 

@@ -23,6 +23,7 @@ from .adam import (
     _no_output,
     _torch_sgd_module,
     amp_on,
+    attr_set,
     call_torch,
     kernel_partition,
     one_device_and_dtype,
@@ -30,6 +31,7 @@ from .adam import (
 )
 
 _increment_version = torch.autograd.graph.increment_version
+_is_compiling = torch.compiler.is_compiling
 
 
 @custom_op("fusedmlp::sgd_multi_tensor_step", mutates_args=("params", "grads", "momentum_buffers"))
@@ -106,8 +108,9 @@ def sgd(
 
     ``momentum_buffer_list`` is updated in place as torch's: a ``None`` entry becomes the new
     buffer (the caller stores it in the optimizer state). Triton path: one launch per
-    (device, dtype, buffer-exists) partition. Sparse gradients, float64/complex params and the
-    torch backend run torch's own single-tensor algorithm.
+    (device, dtype, buffer-exists) partition. Sparse gradients, float64/complex params, momentum
+    buffers in a dtype other than their param's (a param converted after momentum steps: torch's
+    in-place ops cast) and the torch backend run torch's own single-tensor algorithm.
     """
     hp = dict(
         weight_decay=weight_decay,
@@ -130,13 +133,44 @@ def sgd(
     if not kernel_idx:
         _torch_path(params, grads, momentum_buffer_list, amp, **hp)
         return
+    if use_momentum:
+        odd = _other_dtype_buffers(kernel_idx, params, momentum_buffer_list)
+        if odd:  # torch's in-place ops cast such a buffer; the kernel takes one dtype
+            _torch_other_dtype(odd, params, grads, momentum_buffer_list, amp, hp)
+            taken = set(odd)
+            kernel_idx = [i for i in kernel_idx if i not in taken]
     if rest:
         bufs = [momentum_buffer_list[i] for i in rest] if use_momentum else []
         _torch_path([params[i] for i in rest], [grads[i] for i in rest], bufs, amp, **hp)
         for j, i in enumerate(rest if use_momentum else []):
             momentum_buffer_list[i] = bufs[j]
 
-    _partitioned(kernel_idx, params, grads, momentum_buffer_list, amp, hp, kernel=True)
+    if kernel_idx:
+        _partitioned(kernel_idx, params, grads, momentum_buffer_list, amp, hp, kernel=True)
+
+
+def _other_dtype_buffers(indices, params, bufs) -> list:
+    """The ``indices`` whose momentum buffer exists in a dtype other than its param's (a model
+    converted with ``.half()``/``.float()`` after momentum steps: torch's in-place ops cast
+    between the two, so torch's step runs; the kernel takes one dtype per launch)."""
+    if not _is_compiling():  # the common case: one dtype throughout, read with C loops
+        dtypes = set(map(getattr, bufs, repeat("dtype"), repeat(None)))
+        dtypes.discard(None)
+        param_dtypes = attr_set("dtype", params)
+        if len(param_dtypes) == 1 and dtypes <= param_dtypes:
+            return []
+    return [i for i in indices if bufs[i] is not None and bufs[i].dtype != params[i].dtype]
+
+
+def _torch_other_dtype(indices, params, grads, bufs, amp, hp) -> None:
+    """torch's single-tensor SGD over ``indices`` (their buffers exist: updated in place), after
+    GradScaler's own unscale and skip for the AMP tensors (torch's fused SGD takes one dtype)."""
+    ps = [params[i] for i in indices]
+    gs = [grads[i] for i in indices]
+    if amp[0] is not None or amp[1] is not None:
+        if not unscale_and_check(gs, *amp):
+            return
+    _torch_single_tensor(ps, gs, [bufs[i] for i in indices], **hp)
 
 
 def _torch_path(params, grads, bufs, amp, **hp):

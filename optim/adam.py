@@ -220,6 +220,13 @@ class _FusedAdamStep:
                     **hp,
                 )
                 continue
+            if not torch.compiler.is_compiling() and not all(
+                map(isinstance, steps, repeat(torch.Tensor))
+            ):  # torch's functional adam's check (a float put in the state)
+                raise RuntimeError(
+                    "API has changed, `state_steps` argument must contain a list of singleton "
+                    "tensors"
+                )
             device_step = amp or bool(group["capturable"])
             buffer = None
             if device_step:

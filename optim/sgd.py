@@ -8,7 +8,9 @@ torch's own; only ``step`` differs.
 Torch's keywords: ``foreach`` accepted and ignored; ``fused=True``, ``differentiable=True`` and
 tensor ``lr``/``weight_decay`` run torch's own implementation for that group, as does a group that
 lists a param twice (torch warns, then updates it once per appearance). Sparse gradients
-run torch's single-tensor algorithm (which supports them).
+run torch's single-tensor algorithm (which supports them), as do params whose momentum buffer
+has another dtype (a model converted with ``.half()``/``.float()`` after momentum steps: torch's
+in-place ops cast between the two).
 
 AMP: ``_step_supports_amp_scaling = True``: the ``grad_scale``/``found_inf`` tensors that
 ``torch.amp.GradScaler`` sets on the optimizer (or ``step(grad_scale=..., found_inf=...)``)

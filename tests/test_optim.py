@@ -848,3 +848,61 @@ def test_state_of_another_shape_raises_torchs_runtime_error(backend, cls, ref_cl
             opt.step()
         if make is cls and backend == "triton":
             assert isinstance(info.value, ValueError) and "(4,)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "start,end",
+    [
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float32),
+    ],
+    ids=["fp32-to-fp16", "fp32-to-bf16", "fp16-to-fp32"],
+)
+def test_sgd_momentum_buffers_of_another_dtype_step_as_torchs(triton_backend, launches, start, end):
+    """A param converted (``.half()``, ``.float()``) after momentum steps keeps its buffer in
+    the old dtype: torch's in-place SGD ops cast between the two and step on; so does
+    fusedmlp's (torch's step for that param, the kernel for the others), where the kernel's
+    dtype check raised before."""
+    ours = _params(start, shapes=[(4, 3), (5,), (2,)])
+    ref = _clone(ours)
+    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1, "nesterov": True}
+    opt, ref_opt = SGD(ours, **kwargs), torch.optim.SGD(ref, **kwargs)
+    for step in range(2):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+    assert launches.total == 2
+    with torch.no_grad():
+        for p in (ours[0], ref[0]):
+            p.data = p.data.to(end)
+    for step in range(2, 5):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+    assert launches["_sgd_kernel"] == 2 + 3  # the other params stay on the kernel
+    for p, q in zip(ours, ref):
+        assert p.dtype == q.dtype
+        buf, ref_buf = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
+        assert buf.dtype == ref_buf.dtype == start
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(buf, ref_buf, rtol=3e-2, atol=3e-2)
+
+
+def test_adam_step_counter_that_is_no_tensor_raises_torchs_runtime_error(triton_backend, launches):
+    """A ``step`` put in the state as a Python number: torch's Adam raises a RuntimeError
+    before updating anything; fusedmlp's raised a TypeError from its counter buffer."""
+    ours = _params(shapes=[(4, 3), (5,)])
+    ref = _clone(ours)
+    for make, ps in ((Adam, ours), (torch.optim.Adam, ref)):
+        opt = make(ps, lr=0.1)
+        _feed(ps, _clone(ps), 0)
+        opt.step()
+        for p in ps:
+            opt.state[p]["step"] = 1.0
+        before = [p.detach().clone() for p in ps]
+        with pytest.raises(RuntimeError, match="singleton tensors"):
+            opt.step()
+        for p, b in zip(ps, before):
+            torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+    assert launches.total == 1
