@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass
 
@@ -63,18 +64,33 @@ def _finish(name, x_train, y_train, x_test, y_test) -> Dataset:
         d = math.prod(a.shape[1:])  # not reshape's -1, which fails on 0 samples
         if d == 0:
             raise DataError(f"{name}: {what} has no features, got shape {a.shape}")
+        if np.issubdtype(a.dtype, np.complexfloating):  # the cast would drop the imaginary part
+            raise DataError(f"{name}: {what} must hold real numbers, got dtype {a.dtype}")
         try:
-            return np.ascontiguousarray(a.reshape(len(a), d), dtype=np.float32)
+            with np.errstate(over="ignore"):  # float64 beyond float32's range: checked below
+                out = np.ascontiguousarray(a.reshape(len(a), d), dtype=np.float32)
         except (ValueError, TypeError) as e:
             raise DataError(f"{name}: {what} must hold numbers, got dtype {a.dtype}: {e}") from e
+        bad = ~np.isfinite(out)
+        if bad.any():  # NaN or Inf (also float64 values beyond float32's range) poison training
+            raise DataError(
+                f"{name}: {what} has {int(bad.sum())} NaN or infinite values (as float32, "
+                "whose largest is about 3.4e38): remove or impute them"
+            )
+        return out
 
     def labels(a, what):
         a = np.asarray(a)
+        if a.dtype == np.bool_:  # False/True: classes 0 and 1
+            a = a.astype(np.int64)
         if a.ndim != 1 or not (
             np.issubdtype(a.dtype, np.integer)
             or (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))
         ):
-            raise DataError(f"{name}: {what} must be a 1-D array of integer class labels")
+            raise DataError(
+                f"{name}: {what} must be a 1-D array of integer class labels, got shape "
+                f"{a.shape} of dtype {a.dtype}"
+            )
         if a.size and a.min() < 0:
             raise DataError(f"{name}: {what} has negative class labels")
         # Checked before the cast to int64, where uint64 labels >= 2**63 wrap negative; the
@@ -97,10 +113,23 @@ def _finish(name, x_train, y_train, x_test, y_test) -> Dataset:
         feats(x_test, "X"),
         labels(y_test, "y"),
     )
-    if len(ds.x_train) != len(ds.y_train) or len(ds.x_test) != len(ds.y_test):
-        raise DataError(f"{name}: X and y have different numbers of samples")
+    for part, xs, ys in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        if len(xs) != len(ys):
+            raise DataError(
+                f"{name}: the {part} set's X has {len(xs)} samples but its y has {len(ys)}"
+            )
     if len(ds.x_train) == 0 or len(ds.x_test) == 0:
         raise DataError(f"{name}: needs at least one train and one test sample")
+    if ds.x_train.shape[1] != ds.x_test.shape[1]:
+        raise DataError(
+            f"{name}: train samples have {ds.x_train.shape[1]} features but test samples have "
+            f"{ds.x_test.shape[1]} (shapes {np.shape(x_train)} and {np.shape(x_test)})"
+        )
+    classes = np.union1d(ds.y_train, ds.y_test)
+    if len(classes) < 2:
+        raise DataError(
+            f"{name}: every label is {classes[0]}: a classifier needs at least two classes"
+        )
     return ds
 
 
@@ -136,8 +165,21 @@ def load_disc(seed: int = 0, n_train: int = 1000, n_test: int = 1000) -> Dataset
 def load_npz(path: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """A user's ``.npz`` with arrays ``X`` [n, ...] and ``y`` [n] (integer labels), split
     randomly; or with ``X_train, y_train, X_test, y_test``, used as given."""
+    if os.path.isdir(path):
+        raise DataError(f"--data {path} is a directory, not a .npz file")
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    if not zipfile.is_zipfile(path):  # else np.load tries it as a pickle or a .npy
+        what = "a single array (.npy)" if magic == b"\x93NUMPY" else "not a zip archive"
+        raise DataError(
+            f"cannot read {path} as a numpy .npz file: it is {what}; write one with "
+            "numpy.savez(path, X=..., y=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -193,9 +235,14 @@ def read_idx(path: str) -> np.ndarray:
         raise DataError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(
+            f"{path}: truncated IDX file ({len(data)} bytes; its header of {ndim} dimensions "
+            f"needs {header})"
+        )
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(dtypes[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod overflows int64
     if len(data) - header != expected:
         raise DataError(
             f"{path}: truncated or corrupt IDX file (shape {shape} needs {expected} bytes, "
@@ -214,6 +261,8 @@ def load_mnist(data_dir: str | None) -> Dataset:
             f"({', '.join(MNIST_FILES.values())}, optionally .gz); fusedmlp never downloads"
         )
     if not os.path.isdir(data_dir):
+        if os.path.exists(data_dir):
+            raise DataError(f"--data-dir {data_dir} is a file, not a directory")
         raise DataError(f"data directory not found: {data_dir}")
     arrays = {}
     for key, base in MNIST_FILES.items():

@@ -36,4 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except BrokenPipeError:  # `fusedmlp train | head`: the reader left; no traceback
+        import os
+        import sys
+
+        # Python flushes stdout again at exit: point it at devnull so that raises nothing
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # a stdout without a file (captured)
+            pass
+        return 1
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"\nfusedmlp {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -36,7 +36,7 @@ def _checked(convert, ok, expected: str):
 
 _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-_positive_float = _checked(float, lambda v: v > 0.0, "a positive number")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0.0, "a finite number > 0")
 _non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0.0, "a number >= 0")
 # numpy's generators refuse negative seeds
 _seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
@@ -195,8 +195,12 @@ def _check_plot_path(path: str) -> None:
     import importlib.util
     import os
 
+    if not path:
+        _fail("--plot needs a file name, e.g. --plot loss.png")
     if importlib.util.find_spec("matplotlib") is None:
         _fail("--plot needs matplotlib: pip install matplotlib (or 'fusedmlp[examples]')")
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        _fail(f"cannot write the plot {path}: it is a folder; give a file name, e.g. loss.png")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         _fail(f"cannot write the plot {path}: no folder {folder}")
@@ -211,9 +215,19 @@ def _check_plot_path(path: str) -> None:
         _fail(
             f"cannot write the plot {path}: unknown format {ext!r} ({', '.join(sorted(formats))})"
         )
+    existed = os.path.exists(path)
+    try:  # what only opening it tells (a read-only file, /proc, a full disk's quota...)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        _fail(f"cannot write the plot {path}: {e.strerror or e}")
+    if not existed:
+        os.remove(path)
 
 
 def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
+    import os
+
     try:
         import matplotlib
     except ImportError:
@@ -236,8 +250,8 @@ def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
     ax.legend()
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
+    try:  # no extension: a PNG at exactly this path (savefig would append ".png")
+        fig.savefig(path, dpi=120, format=None if os.path.splitext(path)[1] else "png")
     except OSError as e:
         _fail(f"cannot write the plot {path}: {e}")
     finally:
@@ -326,6 +340,11 @@ def run(args: argparse.Namespace) -> int:
             _fail(f"unsupported --device {args.device!r} (cpu or cuda)")
         if device.type == "cuda" and not torch.cuda.is_available():
             _fail(f"--device {args.device} asked for, but CUDA is not available here")
+        if device.type == "cuda" and device.index is not None:
+            count = torch.cuda.device_count()
+            if device.index >= count:
+                _fail(f"--device {args.device}: this machine has {count} CUDA device(s), "
+                      f"cuda:0 .. cuda:{count - 1}")  # fmt: skip
     if args.cuda_graph and device.type != "cuda":
         _fail(f"--cuda-graph needs a CUDA device; this run's device is {device}")
     backend_name = args.backend or _backend.get_backend()
@@ -334,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
             _backend._require_interpreter()
         except RuntimeError as e:
             _fail(str(e))
-    if args.plot:
+    if args.plot is not None:
         _check_plot_path(args.plot)
     try:
         ds = load(args.dataset, data=args.data, data_dir=args.data_dir, seed=args.seed)
@@ -350,6 +369,17 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None or device.type == "cpu":
             torch.set_num_threads(args.threads or 1)
         return _train(args, ds, device, backend_name)
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU allocator raises a plain one
+        text = str(e)
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and not (
+            "can't allocate memory" in text or "out of memory" in text.lower()
+        ):
+            raise
+        _fail(
+            f"out of memory on {device} (--hidden {' '.join(map(str, args.hidden))}, "
+            f"--batch-size {args.batch_size}): {text.splitlines()[0] if text else type(e).__name__}"
+        )
     finally:
         _backend.set_backend(previous_backend)
         torch.set_num_threads(previous_threads)
@@ -484,11 +514,18 @@ def _train(args, ds, device, backend_name: str) -> int:
     )
     print(f"{'test accuracy':<22}" + "".join(f"{100 * runs[k]['acc'][-1]:>13.2f}%" for k in names))
     print(f"{'time per step':<22}" + "".join(f"{1e3 * per_step(runs[k]):>11.3f} ms" for k in names))
+    diverged = [k for k in names if not math.isfinite(runs[k]["epoch_loss"][-1])]
+    if diverged:
+        print(
+            f"note: the training loss of {' and '.join(diverged)} is not finite: training "
+            f"diverged (lr {lr:g}; try a smaller --lr)",
+            flush=True,
+        )
     if args.compare:
         ratio = per_step(runs["torch"]) / per_step(runs["fusedmlp"])
         note = "median over epochs" + (", first excluded" if args.epochs > 1 else "")
         print(f"speed ratio: fusedmlp {ratio:.2f}x torch (torch time / fusedmlp time; {note})")
-    if args.plot:
+    if args.plot is not None:
         _plot(
             args.plot,
             {k: r["losses"] for k, r in runs.items()},

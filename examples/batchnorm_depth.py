@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -86,24 +87,93 @@ def accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+def _checked(convert, ok, expected: str):
+    """An argparse type: ``convert(text)`` where ``ok`` holds for it, else argparse's usage
+    error (exit 2) saying ``expected``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _at_least(low: int):
+    return _checked(int, lambda v: v >= low, f"an integer >= {low}")
+
+
+def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
+    """``--device`` as a torch device, or the parser's error: cpu, or cuda where it is present."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        p.error(f"argument --device: expected cpu or cuda[:N], got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"argument --device: expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            p.error(f"argument --device: {text} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= count:
+            p.error(f"argument --device: {text}, but this machine has {count} CUDA device(s)")
+    return device
+
+
+def _check_plot(p: argparse.ArgumentParser, path: str) -> None:
+    """Refuse ``--plot`` before the experiment, not after it."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        p.error("--plot needs matplotlib: pip install matplotlib")
+    if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
+        p.error(f"argument --plot: expected a file name such as bn_depth.png, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        p.error(f"argument --plot: cannot write {path}: no folder {folder}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stds", type=float, nargs="+", default=[0.001, 0.01, 0.1, 0.25, 1.0, 10.0])
-    p.add_argument("--depth", type=int, default=16)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--n", type=int, default=1000, help="train and test set sizes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stds",
+        type=_checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        nargs="+",
+        default=[0.001, 0.01, 0.1, 0.25, 1.0, 10.0],
+    )
+    p.add_argument("--depth", type=_at_least(0), default=16)
+    p.add_argument("--width", type=_at_least(1), default=32)
+    p.add_argument("--epochs", type=_at_least(1), default=25)
+    # BatchNorm needs batches of at least 2 samples
+    p.add_argument("--batch-size", type=_at_least(2), default=100)
+    p.add_argument(
+        "--lr",
+        type=_checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+        default=0.1,
+    )
+    p.add_argument("--n", type=_at_least(2), default=1000, help="train and test set sizes")
+    p.add_argument(
+        "--seed",  # torch.manual_seed's range
+        type=_checked(int, lambda v: -(2**63) <= v < 2**64, "an integer in [-2**63, 2**64)"),
+        default=0,
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--threads", type=int, default=1, help="CPU threads (tiny matrices: more only add overhead)"
+        "--threads",
+        type=_at_least(1),
+        default=1,
+        help="CPU threads (tiny matrices: more only add overhead)",
     )
     p.add_argument("--plot", metavar="PATH", help="PNG of test accuracy against the init std")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = _device(p, args.device)
+    if args.plot is not None:
+        _check_plot(p, args.plot)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
@@ -148,7 +218,7 @@ def main(argv=None) -> None:
         print(f"{std:>10g} |" + "".join(f" {100 * results[col][i]:>13.1f}%" for col in columns))
     print(f"({elapsed:.1f} s)")
 
-    if args.plot:
+    if args.plot is not None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -171,7 +241,8 @@ def main(argv=None) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        # no extension: a PNG at exactly this path (savefig would append ".png")
+        fig.savefig(args.plot, dpi=120, format=None if os.path.splitext(args.plot)[1] else "png")
         print(f"plot: {args.plot}")
 
 

@@ -317,3 +317,168 @@ def test_bad_seed_and_momentum_are_argparse_errors(option, value, capsys):
         main(["train", "--dataset", "disc", *TINY, "--optimizer", "sgd", option, value])
     assert info.value.code == 2
     assert option in capsys.readouterr().err
+
+
+# --- adversarial inputs (a helper's probe): each a one-line error, never a traceback --------
+
+
+def test_lr_must_be_finite(capsys):
+    for value in ("inf", "1e309"):
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--dataset", "disc", *TINY, "--lr", value])
+        assert info.value.code == 2
+        assert "--lr" in capsys.readouterr().err
+
+
+def test_a_diverged_run_says_so(capsys):
+    assert main(["train", "--dataset", "disc", *TINY, "--no-compare", "--lr", "1e30"]) == 0
+    assert "training diverged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arrays, expected",
+    [
+        ({"X": np.where(np.eye(10, 3) > 0, np.nan, 0.0), "y": np.arange(10) % 2}, "NaN or infinite"),
+        ({"X": np.full((10, 3), 1e300), "y": np.arange(10) % 2}, "NaN or infinite"),
+        ({"X": np.ones((10, 3)) + 1j, "y": np.arange(10) % 2}, "must hold real numbers"),
+        ({"X": np.ones((10, 3)), "y": np.zeros(10, int)}, "at least two classes"),
+        (
+            {"X_train": np.ones((8, 3)), "y_train": np.arange(8) % 2,
+             "X_test": np.ones((4, 2)), "y_test": np.arange(4) % 2},
+            "train samples have 3 features but test samples have 2",
+        ),
+        (
+            {"X_train": np.ones((8, 3)), "y_train": np.arange(7) % 2,
+             "X_test": np.ones((4, 3)), "y_test": np.arange(4) % 2},
+            "the train set's X has 8 samples but its y has 7",
+        ),
+    ],
+)  # fmt: skip
+def test_more_malformed_npz(tmp_path, arrays, expected):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    msg = _error(["train", "--data", str(path), *TINY, "--no-compare"])
+    assert expected in msg and "bad.npz" in msg
+
+
+def test_npz_that_is_not_one(tmp_path):
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.zeros((10, 2)))
+    assert "single array (.npy)" in _error(["train", "--data", str(npy), *TINY])
+    text = tmp_path / "x.npz"
+    text.write_text("hello")  # np.load would try it as a pickle
+    msg = _error(["train", "--data", str(text), *TINY])
+    assert "cannot read" in msg and "not a zip archive" in msg and "pickle" not in msg
+    assert "is a directory" in _error(["train", "--data", str(tmp_path), *TINY])
+    msg = _error(["train", "--data-dir", str(text), *TINY])
+    assert "is a file, not a directory" in msg
+
+
+def test_boolean_labels_are_classes_0_and_1(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    path = tmp_path / "b.npz"
+    np.savez(path, X=x, y=x[:, 0] > 0)
+    assert main(["train", "--data", str(path), *TINY, "--no-compare"]) == 0
+    assert "2 classes" in capsys.readouterr().out
+
+
+def _mnist_dir(path, test_side=28, train_labels=40):
+    rng = np.random.default_rng(0)
+    for stem, n, side in (("train", 40, 28), ("t10k", 10, test_side)):
+        _write_idx(path / f"{stem}-images-idx3-ubyte", rng.integers(0, 256, (n, side, side),
+                   dtype=np.uint8), False)  # fmt: skip
+        labels = np.arange(train_labels if stem == "train" else n, dtype=np.uint8) % 10
+        _write_idx(path / f"{stem}-labels-idx1-ubyte", labels, False)
+
+
+def test_broken_idx_files(tmp_path):
+    _mnist_dir(tmp_path, test_side=20)  # test images of another size than the train images
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
+    assert "784 features but test samples have 400" in msg
+    _mnist_dir(tmp_path, train_labels=30)
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
+    assert "X has 40 samples but its y has 30" in msg
+    _mnist_dir(tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte"
+    images.write_bytes(bytes([0, 0, 8, 3, 0, 0]))  # the header cut short
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
+    assert "truncated IDX file" in msg and "needs 16" in msg
+    images.write_bytes(bytes([0, 0, 8, 3]) + b"\xff" * 12)  # np.prod overflowed on this
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
+    assert f"needs {(2**32 - 1) ** 3} bytes" in msg
+
+
+def test_plot_paths(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    argv = ["train", "--dataset", "disc", *TINY, "--no-compare"]
+    assert "needs a file name" in _error([*argv, "--plot", ""])
+    assert "it is a folder" in _error([*argv, "--plot", str(tmp_path)])
+    assert "it is a folder" in _error([*argv, "--plot", str(tmp_path / "new") + "/"])
+    # no extension: a PNG at exactly that path (savefig appends ".png" unless told the format)
+    plot = tmp_path / "curves"
+    assert main([*argv, "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "curves.png").exists()
+    assert f"plot     {plot}" in capsys.readouterr().out
+
+
+def test_cuda_index_beyond_the_devices(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    msg = _error(["train", "--dataset", "disc", *TINY, "--device", "cuda:3"])
+    assert "1 CUDA device(s)" in msg
+
+
+def test_out_of_memory_is_one_line_and_other_errors_stay_visible(monkeypatch):
+    from fusedmlp.cli import train as T
+
+    def oom(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
+
+    monkeypatch.setattr(T, "_train", oom)
+    msg = _error(["train", "--dataset", "disc", *TINY, "--no-compare"])
+    assert "out of memory on cpu" in msg and "--hidden 8" in msg
+
+    def bug(*args):
+        raise RuntimeError("some bug")
+
+    monkeypatch.setattr(T, "_train", bug)
+    with pytest.raises(RuntimeError, match="some bug"):
+        main(["train", "--dataset", "disc", *TINY, "--no-compare"])
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    from fusedmlp.cli import train as T
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "run", interrupted)
+    assert main(["train", *TINY]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_output_piped_into_head_ends_without_a_traceback():
+    cmd = [sys.executable, "-m", "fusedmlp", "train", "--dataset", "disc", "--epochs", "3",
+           "--hidden", "8", "--batch-size", "8", "--no-progress", "--no-compare"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"data")
+    proc.stdout.close()  # `| head -1`: the reader leaves while the epochs still print
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0
+    assert "Traceback" not in err, err
+
+
+def test_batchnorm_depth_example_refuses_bad_values_and_runs_tiny(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "batchnorm_depth.py")
+    tiny = ["--stds", "0.1", "--depth", "1", "--width", "4", "--epochs", "1", "--n", "20"]
+    res = subprocess.run([sys.executable, script, *tiny, "--batch-size", "1", "--depth", "-1",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2 and "--batch-size" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, script, *tiny, "--plot", str(tmp_path / "no" / "p.png")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2 and "no folder" in res.stderr
+    res = subprocess.run([sys.executable, script, *tiny], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 0 and "weight std" in res.stdout, res.stderr
