@@ -18,7 +18,7 @@ DEFAULT_HIDDEN = [256, 128]
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
 
 
-def _checked(convert, ok, expected: str):
+def checked_type(convert, ok, expected: str):
     """An argparse type: ``convert(text)`` where ``ok`` holds for it, else argparse's error
     (exit 2) saying ``expected``."""
 
@@ -34,12 +34,12 @@ def _checked(convert, ok, expected: str):
     return parse
 
 
-_positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-_probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0.0, "a finite number > 0")
-_non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0.0, "a number >= 0")
+_positive_int = checked_type(int, lambda v: v > 0, "a positive integer")
+_probability = checked_type(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_positive_float = checked_type(float, lambda v: math.isfinite(v) and v > 0.0, "a finite number > 0")
+_non_negative_float = checked_type(float, lambda v: math.isfinite(v) and v >= 0.0, "a number >= 0")
 # numpy's generators refuse negative seeds
-_seed = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+_seed = checked_type(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

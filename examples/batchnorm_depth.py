@@ -24,6 +24,7 @@ import time
 import torch
 
 import fusedmlp
+from fusedmlp.cli.train import checked_type
 
 
 def create_model(with_batchnorm: bool, nc: int = 32, depth: int = 16) -> torch.nn.Sequential:
@@ -87,24 +88,8 @@ def accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def _checked(convert, ok, expected: str):
-    """An argparse type: ``convert(text)`` where ``ok`` holds for it, else argparse's usage
-    error (exit 2) saying ``expected``."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _at_least(low: int):
-    return _checked(int, lambda v: v >= low, f"an integer >= {low}")
+    return checked_type(int, lambda v: v >= low, f"an integer >= {low}")
 
 
 def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
@@ -141,7 +126,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--stds",
-        type=_checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        type=checked_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
         nargs="+",
         default=[0.001, 0.01, 0.1, 0.25, 1.0, 10.0],
     )
@@ -152,13 +137,13 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=_at_least(2), default=100)
     p.add_argument(
         "--lr",
-        type=_checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+        type=checked_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
         default=0.1,
     )
     p.add_argument("--n", type=_at_least(2), default=1000, help="train and test set sizes")
     p.add_argument(
         "--seed",  # torch.manual_seed's range
-        type=_checked(int, lambda v: -(2**63) <= v < 2**64, "an integer in [-2**63, 2**64)"),
+        type=checked_type(int, lambda v: -(2**63) <= v < 2**64, "an integer in [-2**63, 2**64)"),
         default=0,
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
