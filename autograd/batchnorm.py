@@ -316,9 +316,32 @@ def _zero_dim_real(value) -> bool:
     return isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex()
 
 
-def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+def _check_types(input, running_mean, running_var, weight, bias, training) -> None:
+    """torch's argument parser: TypeError for a non-Tensor input, a per-channel argument that
+    is neither a Tensor nor None, and a ``training`` that is not a bool (an int, a numpy bool,
+    a tensor are refused). Runs before the backend dispatch reads any attribute of them."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
+        raise TypeError(
+            f"batch_norm(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}"
+        )
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(
+                f"batch_norm(): argument '{name}' must be Tensor, not {type(t).__name__}"
+            )
+    if not isinstance(training, bool):
+        raise TypeError(
+            f"batch_norm(): argument 'training' (position 6) must be bool, not "
+            f"{type(training).__name__}"
+        )
+
+
+def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
@@ -350,6 +373,14 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         if running_var is None:
             raise RuntimeError("running_var must be defined in evaluation mode")
     check_params("batch_norm", input, running_mean, running_var, weight, bias)
+    if torch.is_grad_enabled():
+        # torch's autograd refuses running statistics that require grad (even in training)
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"The function 'native_batch_norm' is not differentiable with respect to "
+                    f"argument '{name}'. This input cannot have requires_grad True."
+                )
 
 
 def check_input_dtype(op: str, input: Tensor) -> None:
@@ -376,6 +407,9 @@ def check_params(op: str, input, running_mean, running_var, weight, bias) -> Non
     for name, t in named:
         if t is not None and t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    for name, t in named[:2]:
+        if t is not None and t.dim() != 1:  # torch reads them 1-D (weight/bias: any shape)
+            raise RuntimeError(f"{op}: expected {name} to be 1-D, got {t.dim()} dims")
     check_input_dtype(op, input)
     allowed = {input.dtype}
     if input.dtype in (torch.float16, torch.bfloat16):
@@ -425,11 +459,12 @@ def _batch_norm(
     (``momentum=None``), the running statistics are a cumulative average with factor
     ``1 / num_batches_tracked``, read on the device by the Triton path (no host sync)."""
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not use_triton(input, running_mean, running_var, weight, bias):
+    _check_types(input, running_mean, running_var, weight, bias, training)
+    if input.numel() == 0 or not use_triton(input, running_mean, running_var, weight, bias):
+        # Empty input: nothing to launch; torch's own semantics (it returns before checking
+        # the per-channel tensors, and multiplies by weight[0], adds bias[0])
         return torch_batch_norm(*args, num_batches_tracked)
     _check(*args)
-    if input.numel() == 0:  # nothing to launch; torch's own semantics for empty batches
-        return torch_batch_norm(*args, num_batches_tracked)
     x = input
     if x.dim() > 4:  # BatchNorm3d-like: fold the trailing spatial dims (a view when it can)
         x = x.flatten(3)

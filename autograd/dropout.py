@@ -104,12 +104,17 @@ class DropoutFunction(torch.autograd.Function):
 
 
 def _check_p(p) -> float:
-    if isinstance(p, Tensor) and p.numel() == 1 and not p.is_complex():
-        p = p.item()  # torch's dropout takes a one-element tensor p as its number
-    if not isinstance(p, numbers.Real):
-        raise TypeError(f"dropout probability must be a real number, got {type(p).__name__}")
+    """torch's checks of ``p``, in its order: its Python range test (``p < 0.0 or p > 1.0``,
+    whose own errors a multi-element or complex tensor raises), then its argument parser (a real
+    number, or a 0-d real tensor that does not require grad), then NaN (its C++ check)."""
     if p < 0.0 or p > 1.0:  # NaN passes this check, and is refused below
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if isinstance(p, Tensor):
+        if p.dim() != 0 or p.requires_grad or p.is_complex():
+            raise TypeError("dropout(): argument 'p' (position 2) must be float, not Tensor")
+        p = p.item()  # torch's dropout takes a 0-d tensor p as its number
+    if not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout probability must be a real number, got {type(p).__name__}")
     if math.isnan(p):  # torch's functional dropout refuses it in C++: a RuntimeError
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     return float(p)
@@ -118,6 +123,13 @@ def _check_p(p) -> float:
 def _check_input(input) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
+
+
+def _check_training(training, op: str = "dropout") -> None:
+    if not isinstance(training, bool):  # torch's argument parser: a bool, nothing else
+        raise TypeError(
+            f"{op}(): argument 'train' (position 3) must be bool, not {type(training).__name__}"
+        )
 
 
 def _check_inplace(input: Tensor) -> None:
@@ -194,8 +206,9 @@ def dropout(
     masks are reproducible under fusedmlp's seed (``torch.manual_seed`` / ``generator``) but are
     not bit-identical to ``torch.nn.Dropout``'s.
     """
-    _check_input(input)
     p = _check_p(p)
+    _check_input(input)
+    _check_training(training)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if _on_triton(input):
@@ -223,9 +236,8 @@ def dropout2d(
     2 dimensions is an error (when dropout actually runs). Masks are reproducible under
     fusedmlp's seed, not bit-identical to ``torch.nn.Dropout2d``'s.
     """
-    _check_input(input)
     p = _check_p(p)
-    dim = input.dim()
+    dim = input.dim()  # as torch: an AttributeError for a non-tensor input
     if dim not in (3, 4):
         warnings.warn(
             f"dropout2d: Received a {dim}-D input to dropout2d, which is deprecated "
@@ -244,6 +256,7 @@ def dropout2d(
             "channel-wise dropout behavior, please switch to using dropout1d instead.",
             stacklevel=2,
         )
+    _check_training(training, "feature_dropout")
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p < 1.0 and dim < 2:

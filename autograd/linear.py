@@ -365,6 +365,15 @@ def linear(
             # F.linear broadcasts a 0-d or one-element bias over the outputs: an expanded view
             # (stride 0) does the same here, and its backward sums the gradient back.
             bias = bias.expand(weight.shape[0])
+        if (weight.dim() == 1 and bias is None) or (
+            isinstance(bias, Tensor) and weight.dim() == 2 and bias.shape != (weight.shape[0],)
+        ):
+            _validate(
+                input, weight.view(1, -1) if weight.dim() == 1 else weight, None, negative_slope
+            )
+            y = _linear_irregular(input, weight, bias, activation, negative_slope)
+            if y is not None:
+                return y
     _validate(input, weight, bias, negative_slope)
     negative_slope = float(negative_slope)
     if use_triton(input, weight, bias):
@@ -375,6 +384,35 @@ def linear(
             )
         return LinearFunction.apply(input, weight, bias, act, negative_slope)
     return apply_activation_torch(F.linear(input, weight, bias), activation, negative_slope)
+
+
+def _linear_irregular(input, weight, bias, activation, negative_slope):
+    """``linear`` for two shapes ``F.linear`` takes beyond ``weight [out, in]`` with ``bias
+    [out]``, or None for any other (``_validate`` then raises): a 1-D weight without bias
+    (``input @ weight``, the last dim dropped) and, for a 2-D input, a bias that ``addmm``
+    expands to the output ``[rows, out]`` (``[1, out]``, ``[rows, out]``, ``[rows, 1]``). The
+    product runs on the kernels without bias; the bias and activation are torch's ops after it."""
+    if weight.dim() == 1 and bias is None:
+        y = linear(input, weight.unsqueeze(0)).squeeze(-1)
+    elif (
+        weight.dim() == 2
+        and input.dim() == 2
+        and isinstance(bias, Tensor)
+        and bias.dim() <= 2
+        and bias.dtype == weight.dtype
+        and input.shape[-1] == weight.shape[1]
+    ):
+        out_shape = (input.shape[0], weight.shape[0])
+        try:
+            fits = torch.broadcast_shapes(bias.shape, out_shape) == out_shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            return None
+        y = linear(input, weight, None) + bias
+    else:
+        return None
+    return apply_activation_torch(y, activation, float(negative_slope))
 
 
 def linear_stats(

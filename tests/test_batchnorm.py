@@ -537,3 +537,70 @@ def test_float64_running_statistics_to_float64_precision(
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=1e-12)
     assert launches[UPDATE] == (0 if contiguous else 3)
     assert (launches[MERGE] > 0) == (rows == 200)
+
+
+# ------------------------------------------------------------ argument checks as torch's (probe)
+
+
+@pytest.mark.parametrize("training", [1, None, "yes", np.bool_(True), torch.tensor(True)])
+def test_training_must_be_a_bool_as_torch(triton_backend, launches, training):
+    # torch's argument parser refuses anything but a bool for ``training``
+    x = torch.randn(4, 3, device=DEVICE)
+    for fn in (F.batch_norm, batch_norm):
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        with pytest.raises(TypeError, match="training"):
+            fn(x, rm, rv, training=training)
+    assert launches.total == 0
+
+
+def test_non_tensor_arguments_raise_torchs_type_error(triton_backend, launches):
+    x = torch.randn(4, 3, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    for fn in (F.batch_norm, batch_norm):
+        with pytest.raises(TypeError):
+            fn(x.tolist(), rm, rv)
+        with pytest.raises(TypeError):
+            fn(x, [0.0, 0.0, 0.0], rv)
+        with pytest.raises(TypeError):
+            fn(x, rm, rv, 1.0)
+    assert launches.total == 0
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_running_stats_not_1d_or_requiring_grad_raise_as_torch(triton_backend, launches, training):
+    x = torch.randn(4, 3, device=DEVICE)
+    for fn in (F.batch_norm, batch_norm):
+        with pytest.raises(RuntimeError):  # torch reads the running statistics as 1-D
+            fn(
+                x,
+                torch.zeros(1, 3, device=DEVICE),
+                torch.ones(1, 3, device=DEVICE),
+                training=training,
+            )
+        rm = torch.zeros(3, device=DEVICE, requires_grad=True)
+        with pytest.raises(RuntimeError, match="running_mean"):  # not differentiable
+            fn(x, rm, torch.ones(3, device=DEVICE), training=training)
+        with torch.no_grad():  # without grad mode torch takes them
+            fn(x, rm, torch.ones(3, device=DEVICE), training=training)
+    assert launches.total > 0  # the no_grad calls ran the kernels
+    # a weight of another shape with C elements is taken, as torch
+    w = torch.randn(1, 3, device=DEVICE)
+    ours = batch_norm(x, None, None, w, None, True)
+    assert_close(ours, F.batch_norm(x, None, None, w, None, True))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_empty_batch_takes_torchs_path_without_its_checks(triton_backend, launches, training):
+    # torch returns input.clone() * weight[0] + bias[0] for an empty input, before it checks the
+    # per-channel tensors' sizes (or that running stats exist in eval mode)
+    x = torch.randn(0, 3, 2, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    for args in ((rm, rv, w, b), (None, None, w, b), (rm, rv, None, None)):
+        ref = F.batch_norm(x, *args, training=training)
+        ours = batch_norm(x, *args, training=training)
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype
+        assert ours.requires_grad == ref.requires_grad
+    x2 = torch.randn(2, 0, device=DEVICE)
+    assert batch_norm(x2, rm, rv, training=training).shape == (2, 0)
+    assert launches.total == 0

@@ -582,3 +582,52 @@ def test_torch_backend_is_torchs_own_dropout():
     torch.manual_seed(0)
     b = F.dropout(x, 0.5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # torch path = torch's dropout itself
+
+
+# ------------------------------------------------------------ argument checks as torch's (probe)
+
+
+@pytest.mark.parametrize("training", [1, 0, None, np.bool_(True), torch.tensor(True)])
+def test_training_must_be_a_bool_as_torch(triton_backend, launches, training):
+    # torch's argument parser refuses anything but a bool for ``train``, whatever p is
+    x = torch.randn(4, 6, device=DEVICE)
+    for p in (0.5, 0.0):
+        for fn in (F.dropout, dropout):
+            with pytest.raises(TypeError, match="train"):
+                fn(x, p, training)
+    for fn in (F.dropout2d, dropout2d):
+        with pytest.raises(TypeError, match="train"):
+            fn(x.view(1, 2, 2, 6), 0.5, training)
+    assert launches.total == 0
+
+
+@pytest.mark.parametrize(
+    "p, error",
+    [
+        (torch.tensor([0.3]), TypeError),  # not 0-d: the parser refuses it
+        (torch.tensor(0.3, requires_grad=True), TypeError),
+        (torch.tensor([0.3, 0.2]), RuntimeError),  # torch's ``p < 0.0`` test is ambiguous
+        (torch.tensor([]), RuntimeError),
+        (torch.tensor([1.5]), ValueError),
+    ],
+)
+def test_tensor_p_refused_as_torch(triton_backend, launches, p, error):
+    x = torch.randn(4, 6, device=DEVICE)
+    for fn in (F.dropout, dropout):
+        with pytest.raises(error):
+            fn(x, p)
+    assert launches.total == 0
+
+
+def test_tensor_p_0d_taken_and_range_checked_before_input(triton_backend, launches):
+    x = torch.randn(8, 16, device=DEVICE)
+    y = dropout(x, torch.tensor(0.25, device=DEVICE))
+    keep = y != 0
+    assert_close(y, torch.where(keep, x / 0.75, 0))
+    assert launches.total > 0
+    for fn in (F.dropout, dropout):  # torch's range test runs before its argument parser
+        with pytest.raises(ValueError):
+            fn([1.0, 2.0], 2.0)
+    for fn in (F.dropout2d, dropout2d):  # and dropout2d reads input.dim() next
+        with pytest.raises(AttributeError):
+            fn([1.0, 2.0], 0.5)

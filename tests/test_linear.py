@@ -867,8 +867,10 @@ def test_bad_inputs_raise_before_launch(backend, launches):
         linear(x, w, torch.randn(4, device=DEVICE))
     with pytest.raises(RuntimeError, match="same device"):
         linear(x, w.to("meta"))
-    with pytest.raises(RuntimeError, match="2-D"):
-        linear(x, torch.randn(3, device=DEVICE))
+    with pytest.raises(RuntimeError, match="2-D"):  # (a 1-D weight is torch's x @ w)
+        linear(x, torch.randn(1, 5, 3, device=DEVICE))
+    with pytest.raises(RuntimeError):  # a 1-D weight of the wrong length
+        linear(x, torch.randn(2, device=DEVICE))
     with pytest.raises(RuntimeError, match="0-d"):
         linear(torch.tensor(1.0, device=DEVICE), w)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
@@ -956,3 +958,48 @@ def test_custom_ops_pass_opcheck(triton_backend):
         (gy, x, w, z, "gelu", 0.01, True, True, True, []),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+# ------------------------------------------------------------ torch's shapes beyond [out, in] (probe)
+
+
+@pytest.mark.parametrize("x_shape", [(5, 4), (4,), (2, 3, 4)])
+def test_1d_weight_without_bias_as_torch(triton_backend, launches, x_shape):
+    # F.linear takes a 1-D weight: input @ weight, the last dim dropped
+    torch.manual_seed(0)
+    x = torch.randn(*x_shape, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, device=DEVICE, requires_grad=True)
+    ref = F.linear(x, w)
+    gy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, w), gy)
+    ours = linear(x, w)
+    assert ours.shape == ref.shape
+    assert_close(ours, ref)
+    for g, r in zip(torch.autograd.grad(ours, (x, w), gy), ref_grads):
+        assert_close(g, r)
+    assert launches.total > 0
+    with pytest.raises(RuntimeError):  # torch refuses a 1-D weight with a bias here
+        linear(torch.randn(5, 4, device=DEVICE), w.detach(), torch.ones(1, device=DEVICE))
+
+
+@pytest.mark.parametrize("b_shape", [(1, 3), (5, 3), (5, 1)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_2d_input_with_bias_broadcast_over_output_as_torch(triton_backend, launches, b_shape,
+                                                          activation):  # fmt: skip
+    # F.linear's addmm expands a bias to the output [rows, out]
+    torch.manual_seed(1)
+    x = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    b = torch.randn(*b_shape, device=DEVICE, requires_grad=True)
+    ref = apply_activation_torch(F.linear(x, w, b), activation)
+    gy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
+    ours = linear(x, w, b, activation)
+    assert ours.shape == ref.shape
+    assert_close(ours, ref)
+    for g, r in zip(torch.autograd.grad(ours, (x, w, b), gy), ref_grads):
+        assert g.shape == r.shape
+        assert_close(g, r)
+    assert launches.total > 0
+    with pytest.raises(RuntimeError):  # one that would grow the output: torch's error too
+        linear(x, w, torch.ones(2, 5, 3, device=DEVICE))
