@@ -355,19 +355,14 @@ def linear(
     act = check_activation(activation)
     if isinstance(input, Tensor) and isinstance(weight, Tensor):
         input, weight, bias = _autocast(input, weight, bias)
-        if (
-            isinstance(bias, Tensor)
-            and weight.dim() == 2
-            and bias.numel() == 1
-            and bias.dim() <= 1
-            and bias.shape != (weight.shape[0],)
-        ):
+        odd_bias = (
+            isinstance(bias, Tensor) and weight.dim() == 2 and bias.shape != (weight.shape[0],)
+        )
+        if odd_bias and bias.numel() == 1 and bias.dim() <= 1:
             # F.linear broadcasts a 0-d or one-element bias over the outputs: an expanded view
             # (stride 0) does the same here, and its backward sums the gradient back.
             bias = bias.expand(weight.shape[0])
-        if (weight.dim() == 1 and bias is None) or (
-            isinstance(bias, Tensor) and weight.dim() == 2 and bias.shape != (weight.shape[0],)
-        ):
+        elif odd_bias or (weight.dim() == 1 and bias is None):
             _validate(
                 input, weight.view(1, -1) if weight.dim() == 1 else weight, None, negative_slope
             )

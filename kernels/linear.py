@@ -1236,8 +1236,7 @@ def _tma_operands(x: torch.Tensor, weight: torch.Tensor, M: int, N: int, K: int,
     device = x.device  # not CUDA: the interpreter
     if device.type == "cuda" and not _tma_capable(device.index if device.index is not None else 0):
         return None
-    tiles = _tma_tiles(M, N)
-    if waves and tiles < TMA_MIN_WAVES * _tma_programs(device):
+    if waves and not _fills_waves(M, N, device):
         return None
     xa, wa = _tma_operand(x), _tma_operand(weight)
     if xa is None or wa is None or (tf32 and (xa[1] or wa[1])):
@@ -1255,6 +1254,12 @@ def _tma_tiles(M: int, N: int) -> int:
     """The TMA kernel's output tiles over [M, N]."""
     tile = _tma_tile()
     return cdiv(M, tile["BLOCK_M"]) * cdiv(N, tile["BLOCK_N"])
+
+
+def _fills_waves(M: int, N: int, device: torch.device) -> bool:
+    """Whether the TMA kernel's output tiles over [M, N] fill ``TMA_MIN_WAVES`` waves of its
+    persistent programs (``_tma_operands``'s wave rule)."""
+    return _tma_tiles(M, N) >= TMA_MIN_WAVES * _tma_programs(device)
 
 
 def _tma_split_depth(M: int, N: int, K: int, device: torch.device) -> int:
@@ -1733,9 +1738,10 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
     dtype, device = a.dtype, a.device
     precision = dot_precision(dtype)
     split = dz_dw_split(M, N, K, device) if DZ_DW_SPLIT else 1
-    if split > 1 and TMA_SPLIT:
-        operands = _tma_operands(a, b, N, K, M, precision, waves=False)
-        depth = _tma_split_depth(N, K, M, device) if operands is not None else 0
+    # TMA's operands whatever the tile count: the split on TMA, or (its waves filled) no split
+    operands = _tma_operands(a, b, N, K, M, precision, waves=False) if split > 1 else None
+    if operands is not None and TMA_SPLIT:
+        depth = _tma_split_depth(N, K, M, device)
         if depth:
             ws = torch.empty((cdiv(M, depth), N * K), device=device, dtype=torch.float32)
             dw = torch.empty((N, K), device=device, dtype=dtype)
@@ -1743,7 +1749,7 @@ def _dz_dw_gemm(a: torch.Tensor, b: torch.Tensor, sums) -> torch.Tensor:
             _linear_forward_tma(operands, None, ws, dw, "none", 0.0, N, K, M, precision,
                                 split=(depth, counters, sums))  # fmt: skip
             return dw
-    if split > 1 and _tma_operands(a, b, N, K, M, precision) is None:
+    if split > 1 and (operands is None or not _fills_waves(N, K, device)):
         # slices of a multiple of every configuration's BLOCK_K (16 to 64; 16 interpreted)
         grain = 64 if device.type == "cuda" else _INTERPRET_TILE[2]
         depth = cdiv(cdiv(M, split), grain) * grain
