@@ -1495,7 +1495,8 @@ def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision
     M, K = x.shape
     N = weight.shape[0]
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    z, seed, negative_slope, stats_mode = _stats_roles(
+    # ``dropout``: a fresh ``_dropout_args`` dict, given the seed role's pointer in place
+    z, dropout["seed_ptr"], negative_slope, stats_mode = _stats_roles(
         stats, z, dropout["seed_ptr"], negative_slope
     )
     with on_device(x):
@@ -1524,7 +1525,7 @@ def _launch_forward(x, weight, bias, y, z, activation, negative_slope, precision
             HAS_BIAS=bias is not None,
             ACTIVATION=activation,
             SAVE_Z=z is not None and stats_mode != 2,
-            **{**dropout, "seed_ptr": seed},
+            **dropout,
             STATS=stats_mode,
             FP64=x.dtype == torch.float64,
             DOT_PRECISION=precision,
