@@ -136,7 +136,14 @@ log "output folder: $DIR"
 
 # 1. install (no network: no dependencies, no isolated build environment)
 if [[ -z ${GPU_CHECK_NO_INSTALL:-} ]]; then
-  step install 90 "$PY" -m pip install --no-deps --no-build-isolation -e .
+  # pyproject's SPDX license string needs setuptools >= 77. Where the machine's setuptools is
+  # older (the isolated build that would fetch a newer one needs the network), the package is
+  # imported from the work tree instead: a folder holding only a link named fusedmlp to it.
+  if ! step install 90 "$PY" -m pip install --no-deps --no-build-isolation -e .; then
+    mkdir -p "$DIR/pkg" && ln -sfn "$PWD" "$DIR/pkg/fusedmlp"
+    export PYTHONPATH="$DIR/pkg${PYTHONPATH:+:$PYTHONPATH}"
+    log "install failed: fusedmlp imported from the work tree (PYTHONPATH=$DIR/pkg)"
+  fi
 fi
 
 # 2. environment
@@ -151,6 +158,11 @@ import fusedmlp
 print('python', platform.python_version())
 print('torch', torch.__version__, 'cuda', torch.version.cuda)
 print('triton', triton.__version__)
+try:
+    import setuptools
+    print('setuptools', setuptools.__version__)
+except ImportError:
+    print('setuptools: none')
 print('fusedmlp', fusedmlp.__version__, fusedmlp.__file__)
 print('gpu', torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 EOF
