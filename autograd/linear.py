@@ -371,12 +371,9 @@ def linear(
                 return y
     _validate(input, weight, bias, negative_slope)
     negative_slope = float(negative_slope)
-    if use_triton(input, weight, bias):
-        if input.dtype not in _TRITON_DTYPES:
-            raise RuntimeError(
-                f"linear(): the Triton kernels take float16, bfloat16, float32 or float64 "
-                f"tensors, got {input.dtype}"
-            )
+    # Other dtypes (integer, bool, complex) take torch's F.linear, which computes them or raises
+    # its own error for them, as dropout and softmax do.
+    if input.dtype in _TRITON_DTYPES and use_triton(input, weight, bias):
         return LinearFunction.apply(input, weight, bias, act, negative_slope)
     return apply_activation_torch(F.linear(input, weight, bias), activation, negative_slope)
 

@@ -1003,3 +1003,23 @@ def test_2d_input_with_bias_broadcast_over_output_as_torch(triton_backend, launc
     assert launches.total > 0
     with pytest.raises(RuntimeError):  # one that would grow the output: torch's error too
         linear(x, w, torch.ones(2, 5, 3, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_dtypes_the_kernels_do_not_take_run_torch_linear(triton_backend, launches, dtype):
+    """Integer, bool and complex operands take F.linear itself, on the Triton backend too: its
+    result where torch computes one, its error type where torch refuses (bool; relu of complex)."""
+    x, w, b = (torch.ones(*s, device=DEVICE).to(dtype) for s in ((2, 3), (4, 3), (4,)))
+    for act, torch_act in ((None, lambda t: t), ("relu", torch.relu)):
+        try:
+            expected = torch_act(F.linear(x, w, b))
+        except Exception as e:  # noqa: BLE001 (torch's own error, whatever its type)
+            with pytest.raises(type(e)):
+                linear(x, w, b, act)
+        else:
+            got = linear(x, w, b, act)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+    module = Linear(3, 4, device=DEVICE).to(dtype) if dtype.is_complex else None
+    if module is not None:
+        assert torch.equal(module(x), F.linear(x, module.weight, module.bias))
+    assert launches.total == 0
