@@ -440,7 +440,12 @@ def planned_check(arrays: list, op: str):
     """For a step plan (``fusedmlp.optim._plan``), after a full step over ``arrays`` (kernel
     ``op``'s lists, "adam" or "sgd": params, grads, then the state): their multi-tensor check
     when the next steps may skip it (every tensor on the Triton kernel, one device and dtype,
-    contiguous params with their gradients and state in the params' strides), else None."""
+    contiguous params with their gradients and state in the params' strides), else None.
+    None inside ``torch.inference_mode()``: tensors made there (e.g. the state of a first
+    step) may be inference tensors, which a planned step outside it, without the check, would
+    update in place where torch raises (``multi_tensor.check``)."""
+    if torch.is_inference_mode_enabled():
+        return None
     params, grads = arrays[0], arrays[1]
     kernel_idx, rest = kernel_partition(params, grads)
     if rest or one_device_and_dtype(params) is None:

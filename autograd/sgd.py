@@ -6,7 +6,10 @@ torch's fused SGD (module docstring of ``kernels/sgd.py``); the torch fallback c
 fused SGD kernel for them. Momentum buffers created by a step that may be skipped start at
 zero: a skipped first step leaves a zero buffer, and the next step's ``momentum * 0 + (1 -
 dampening) * grad`` equals torch's first-step ``buf = grad`` when ``dampening == 0`` (torch's
-default; torch's own fused SGD leaves the buffer uninitialised in that case).
+default; torch's own fused SGD leaves the buffer uninitialised in that case). With
+``dampening != 0`` it would not: a step that creates buffers then reads ``found_inf`` on the
+host (one synchronisation, on such steps only) and, when it is set, skips the whole step
+without creating them, as torch's non-fused SGD under GradScaler (the next step is the first).
 """
 
 from __future__ import annotations
@@ -128,6 +131,12 @@ def sgd(
             f"sgd: expected one momentum buffer entry per param, got "
             f"{len(momentum_buffer_list)} for {len(params)} params"
         )
+    if (
+        found_inf is not None
+        and use_momentum
+        and _skipped_first_step(momentum_buffer_list, dampening, found_inf)
+    ):
+        return
     kernel_idx, rest = kernel_partition(params, grads)
     amp = (grad_scale, found_inf)
     if not kernel_idx:
@@ -147,6 +156,18 @@ def sgd(
 
     if kernel_idx:
         _partitioned(kernel_idx, params, grads, momentum_buffer_list, amp, hp, kernel=True)
+
+
+def _skipped_first_step(bufs, dampening, found_inf) -> bool:
+    """Whether GradScaler skips a step that would create momentum buffers (``bufs`` holds a
+    None) with ``dampening != 0``: a zero buffer left by the skip would make the next step
+    ``(1 - dampening) * grad`` where torch's first step is ``buf = grad`` (module docstring).
+    Reads ``found_inf`` on the host (eager mode only; traced code keeps the zero buffers)."""
+    if _is_compiling() or dampening == 0:
+        return False
+    if True not in map(operator.is_, bufs, repeat(None)):
+        return False
+    return bool(found_inf.item())
 
 
 def _other_dtype_buffers(indices, params, bufs) -> list:

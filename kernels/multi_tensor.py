@@ -62,6 +62,8 @@ _DATA_PTR, _NUMEL, _SIZE, _STRIDE, _IS_CONTIGUOUS = (
     torch.Tensor.is_contiguous,
 )
 _DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+_IS_INFERENCE = torch.Tensor.is_inference
+_inference_mode = torch.is_inference_mode_enabled
 _REF, _DEREF = weakref.ref, weakref.ref.__call__
 _CACHE_SIZE = 32
 _ADDR_CACHE: OrderedDict = OrderedDict()
@@ -363,18 +365,25 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> Checked | None:
     param's dtype, shape and strides (and torch gives a gradient its param's device); a state
     tensor changed so (never done by torch.optim or fusedmlp) is not seen. Otherwise: one list
     of shapes, one set of dtypes and one of devices per array; the per-tensor walk that names
-    the offending tensor runs only when those differ.
+    the offending tensor runs only when those differ. Outside ``torch.inference_mode()``, no
+    param or state tensor may be an inference tensor (torch's ``RuntimeError``,
+    ``_check_inplace_allowed``); a call checked inside it is not reused outside it.
     """
     ref = arrays[0]
     if not ref:
         return None
     lengths = tuple(map(len, arrays))
     others = tuple(map(_DATA_PTR, _others(arrays)))
-    key = (ref[0].device, lengths, others)
+    # Inference mode in the key: a call checked inside it (where inference tensors may be
+    # updated) is checked again outside it (``_check_inplace_allowed``).
+    inference = _inference_mode()
+    key = (ref[0].device, lengths, others, inference)
     hit = _CHECK_CACHE.get(key)
     if hit is not None and _same_call(arrays, hit):
         return Checked(hit.plain, hit)
     _check(arrays, names)
+    if not inference:
+        _check_inplace_allowed(arrays)
     call = _CHECK_CACHE[key] = _CheckedCall(arrays, lengths, others)
     if len(_CHECK_CACHE) > _CACHE_SIZE:  # the oldest entry (a lookup here hashes every address
         _CHECK_CACHE.pop(next(iter(_CHECK_CACHE)))  # once: no LRU reordering)
@@ -410,6 +419,34 @@ def _check(arrays: list[list[torch.Tensor]], names: list[str]) -> None:
                     f"fused optimizer step: {name} tensor {tuple(t.shape)} {t.dtype} on {t.device} "
                     f"does not match param {tuple(p.shape)} {dtype} on {device}"
                 )
+
+
+# torch's error for an in-place update of an inference tensor outside inference mode
+INFERENCE_TENSOR_ERROR = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed."
+    "You can make a clone to get a normal tensor before doing inplace update."
+    "See https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+
+
+def _check_inplace_allowed(arrays: list[list[torch.Tensor]]) -> None:
+    """torch's rule for the tensors the kernel updates in place (params and state; the
+    gradients, written only under AMP, are left to torch's GradScaler): outside
+    ``torch.inference_mode()`` an inference tensor cannot be updated in place (e.g. SGD
+    momentum buffers or Adam moments created by a step taken inside inference mode; torch's
+    next step raises on them). The kernel writes through raw addresses, past torch's check:
+    raised here, before any launch, with torch's message. Inference tensors are those without
+    a version counter (a ``Parameter`` or ``detach()`` made from one outside inference mode
+    has one, and torch updates it)."""
+    tensors = list(chain(arrays[0], *arrays[2:]))
+    if True not in map(_IS_INFERENCE, tensors):
+        return
+    for t in tensors:
+        if t.is_inference():
+            try:
+                t._version  # noqa: B018 (raises for a tensor without a version counter)
+            except RuntimeError:
+                raise RuntimeError(INFERENCE_TENSOR_ERROR) from None
 
 
 def config_for(kernel) -> triton.Config:

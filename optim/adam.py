@@ -134,7 +134,8 @@ class _FusedAdamStep:
         they are). Later steps check that the counters still live at the buffer's addresses,
         with one C-level read of every counter's address: a counter replaced, assigned through
         ``.data``, or a different set of params with gradients builds a new buffer. Values
-        written in place through the views are the buffer's own."""
+        written in place through the views are the buffer's own. None is built inside
+        ``torch.inference_mode()``."""
         n = len(steps)
         if n < 2:
             return None
@@ -142,7 +143,9 @@ class _FusedAdamStep:
         hit = cache.get(id(group))
         if hit is not None and hit[0] is group and tuple(map(_DATA_PTR, steps)) == hit[2]:
             return hit[1]
-        if not A.use_triton_all(params):
+        if torch.is_inference_mode_enabled() or not A.use_triton_all(params):
+            # inference mode: the buffer and its views would be inference tensors, which no
+            # step outside it may update (torch's counters, updated in place, stay as they are)
             return None
         dtypes = A.attr_set("dtype", steps)
         if (

@@ -166,3 +166,24 @@ def test_torch_fused_group_keeps_torch_amp(backend):
     _train(ref, ref_opt, torch.amp.GradScaler(DEVICE, init_scale=256.0))
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaled", "unscale_"])
+def test_sgd_dampening_with_a_skipped_first_step_matches_torch(backend, launches, unscale):
+    """A skipped first step (an inf) with ``dampening != 0``: torch's non-fused SGD under
+    GradScaler creates no momentum buffer, so its next step is the first (``buf = grad``);
+    fusedmlp's zero buffers made it ``(1 - dampening) * grad``. Steps that create buffers so
+    read ``found_inf`` on the host and skip without a launch; later ones launch as before."""
+    kw = {"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.01}
+    model = _model()
+    ref = _ref_model(model)
+    opt = SGD(model.parameters(), **kw)
+    ref_opt = torch.optim.SGD(ref.parameters(), foreach=False, **kw)
+    scales = _train(model, opt, torch.amp.GradScaler(DEVICE, init_scale=2.0**10), unscale=unscale)
+    ref_scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**10)
+    assert scales == _train(ref, ref_opt, ref_scaler, unscale=unscale)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        buf, ref_buf = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
+        torch.testing.assert_close(buf, ref_buf, rtol=1e-5, atol=1e-6)
+    assert launches["_sgd_kernel"] == (STEPS - 1 if backend == "triton" else 0)

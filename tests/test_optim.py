@@ -906,3 +906,66 @@ def test_adam_step_counter_that_is_no_tensor_raises_torchs_runtime_error(triton_
         for p, b in zip(ps, before):
             torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
     assert launches.total == 1
+
+
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs",
+    [
+        (Adam, torch.optim.Adam, {"lr": 0.1, "amsgrad": True}),
+        (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ],
+    ids=["adam", "sgd"],
+)
+@pytest.mark.parametrize("after", ["one-step", "planned", "missing-grad", "cloned"])
+def test_state_made_in_inference_mode_updates_as_torchs(
+    triton_backend, launches, cls, ref_cls, kwargs, after
+):
+    """Steps taken inside ``torch.inference_mode()`` make the state (SGD momentum buffers,
+    Adam moments) as inference tensors: torch's next step outside it raises (an in-place update
+    of an inference tensor), where the kernel, writing through raw addresses, updated them
+    (also through a step plan, or Adam's step counters rebuilt outside inference mode by a
+    missing gradient). Cloned state steps on, as torch's."""
+    ours = _params(shapes=[(4, 3), (5,), (2,)])
+    ref = _clone(ours)
+    opt, ref_opt = cls(ours, **kwargs), ref_cls(ref, **kwargs)
+    with torch.inference_mode():
+        for step in range(2 if after == "planned" else 1):
+            _feed(ours, ref, step)
+            opt.step()
+            ref_opt.step()
+    assert launches.total == (2 if after == "planned" else 1)
+    _assert_params(ours, ref)
+    assert all(t.is_inference() for t in opt.state[ours[0]].values())
+    if after == "cloned":
+        for o in (opt, ref_opt):
+            for state in o.state.values():
+                for key in state:
+                    state[key] = state[key].clone()
+        _run(opt, ref_opt, ours, ref, steps=5, start=2)
+        return
+    skip = {2} if after == "missing-grad" else set()
+    for o, ps in ((opt, ours), (ref_opt, ref)):
+        _feed(ps, _clone(ps), 5, skip)
+        before = [p.detach().clone() for p in ps]
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside"):
+            o.step()
+        torch.testing.assert_close([p.detach() for p in ps], before, rtol=0, atol=0)
+
+
+def test_adam_step_counters_stay_plain_tensors_through_inference_mode(triton_backend, launches):
+    """A step inside ``torch.inference_mode()`` updates torch's (normal) step counters in
+    place; fusedmlp's counter buffer, had it been rebuilt there (another set of params with
+    gradients), made them inference tensors, and the next step outside raised."""
+    ours = _params(shapes=[(4, 3), (5,), (2,)])
+    ref = _clone(ours)
+    opt, ref_opt = Adam(ours, lr=0.1), torch.optim.Adam(ref, lr=0.1)
+    for step in range(4):
+        _feed(ours, ref, step, skip={2} if step else set())
+        with torch.inference_mode(step == 1):
+            opt.step()
+            ref_opt.step()
+    _assert_params(ours, ref)
+    assert launches.total == 4
+    for p, q in zip(ours, ref):
+        assert not opt.state[p]["step"].is_inference()
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"])
