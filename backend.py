@@ -97,6 +97,8 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return triton_available()
     _require_triton()
     if not all(t.is_cuda for t in tensors if t is not None):
+        if any(t.is_meta for t in tensors if t is not None):
+            return False  # no kernel runs on meta tensors: torch's ops give their shapes
         _require_interpreter()
     return True
 
@@ -105,6 +107,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _forward_ad = torch.autograd.forward_ad
 _is_compiling = torch.compiler.is_compiling
 _IS_CUDA = operator.attrgetter("is_cuda")
+_IS_META = operator.attrgetter("is_meta")
 _DTYPE = operator.attrgetter("dtype")
 
 
@@ -120,6 +123,8 @@ def use_triton_all(tensors: list[torch.Tensor]) -> bool:
         return cuda and torch.float64 not in set(map(_DTYPE, tensors)) and triton_available()
     _require_triton()
     if not cuda:
+        if True in map(_IS_META, tensors):
+            return False
         _require_interpreter()
     return True
 

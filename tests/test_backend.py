@@ -344,3 +344,22 @@ def test_torch_func_transforms_run_torchs_implementation(triton_backend, launche
     assert launches.total == 0, dict(launches)
     ours(x)  # no transform, no forward-AD level: the kernel
     assert launches.total == 1, dict(launches)
+
+
+def test_meta_tensors_take_torchs_ops_on_the_triton_backend(triton_backend, launches):
+    """Meta tensors (shape-only, e.g. a model built on device="meta" before loading weights)
+    run no kernel: on the 'triton' backend too they take torch's ops, which give the shapes,
+    as the 'auto' backend does; an optimizer step over meta params is torch's no-op."""
+    from fusedmlp import nn as fnn
+    from fusedmlp import optim as fo
+
+    model = fnn.MLP(8, [16], 4, batchnorm=True, dropout=0.1).to("meta")
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).to("meta")
+    x = torch.randn(5, 8, device="meta")
+    out = model(x)
+    assert out.device.type == "meta" and out.shape == ref(x).shape == (5, 4)
+    fnn.CrossEntropyLoss()(out, torch.zeros(5, dtype=torch.long, device="meta")).backward()
+    for opt in (fo.Adam(model.parameters()), fo.SGD(model.parameters(), lr=0.1, momentum=0.9)):
+        opt.step()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert launches.total == 0
