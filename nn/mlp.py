@@ -198,7 +198,6 @@ class MLP(torch.nn.Module):
         dtype, ``requires_grad`` flags and train/eval mode: the reference model for comparisons.
         """
         ref = _TorchMLP()
-        first = next(self.parameters())
         ref.layers = _build_layers(
             "torch",
             self.in_features,
@@ -209,10 +208,14 @@ class MLP(torch.nn.Module):
             self.dropout,
             self.bias,
             self.negative_slope,
-            {"device": "meta", "dtype": first.dtype},  # meta: no init work, no RNG draws
+            {"device": "meta", "dtype": None},  # meta: no init work, no RNG draws
         )
-        ref = ref.to_empty(device=first.device)
-        ref.load_state_dict(self.state_dict())
+        # Copies assigned tensor by tensor: each keeps its own dtype and device (a half model
+        # whose BatchNorms were kept in float32 stays so), not those of the first parameter.
+        state = self.state_dict()
+        copies = type(state)((k, v.clone()) for k, v in state.items())
+        copies._metadata = getattr(state, "_metadata", None)
+        ref.load_state_dict(copies, assign=True)
         for p_ref, p in zip(ref.parameters(), self.parameters()):
             p_ref.requires_grad_(p.requires_grad)
         for m_ref, m in zip(ref.modules(), self.modules()):
@@ -220,9 +223,10 @@ class MLP(torch.nn.Module):
         return ref
 
     def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
         return (
             f"in_features={self.in_features}, hidden_features={list(self.hidden_features)}, "
-            f"out_features={self.out_features}, activation={self.activation!r}, "
+            f"out_features={self.out_features}, activation={self.activation!r}{slope}, "
             f"batchnorm={self.batchnorm}, dropout={self.dropout}, bias={self.bias}"
         )
 

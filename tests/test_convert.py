@@ -1,6 +1,7 @@
 """fusedmlp.nn.convert: module swapping, activation absorption, inplace semantics, equality."""
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -179,6 +180,62 @@ def test_nested_model_copy_and_inplace():
         assert list(conv.state_dict()) == list(model.state_dict())
         assert not conv.head[0].training
         assert_close(conv(x), expected)
+
+
+class Heads(torch.nn.Module):
+    """A custom model holding Sequential, ModuleList and ModuleDict containers and a loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Dropout(0.2)
+        )
+        self.blocks = torch.nn.ModuleList(
+            [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()), torch.nn.Linear(8, 8)]
+        )
+        self.heads = torch.nn.ModuleDict(
+            {
+                "a": torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.LogSoftmax(1)),
+                "b": torch.nn.Linear(8, 2),
+            }
+        )
+        self.loss = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0]), label_smoothing=0.1)
+
+    def forward(self, x):
+        h = self.blocks[1](self.blocks[0](self.body(x)))
+        return self.heads["a"](h), self.heads["b"](h)
+
+
+def test_converted_model_deepcopies_and_pickles(triton_backend):
+    torch.manual_seed(0)
+    model = Heads().to(DEVICE)
+    conv = convert(model)
+    assert type(conv.body).__name__ == "FusedSequential" and type(conv.loss) is F.CrossEntropyLoss
+    conv(torch.randn(6, 5, device=DEVICE))  # running statistics of its own
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(conv)
+    buf = io.BytesIO()
+    torch.save(conv.state_dict(), buf)
+    buf.seek(0)
+    model.load_state_dict(torch.load(buf, weights_only=True))  # into the torch model
+    for other in (loaded, copied):
+        assert [type(m) for m in other.modules()] == [type(m) for m in conv.modules()]
+        assert other.blocks[0][0].activation == "tanh"
+        _same_state(other, conv)
+    _same_state(model, conv)
+    x = torch.randn(4, 5, device=DEVICE)
+    t = torch.tensor([0, 1, 1, 0], device=DEVICE)
+    for net in (model, conv, loaded, copied):
+        net.eval()
+    a_ref, b_ref = model(x)
+    for net in (conv, loaded, copied):
+        a, b = net(x)
+        assert_close(a, a_ref)
+        assert_close(b, b_ref)
+        assert_close(net.loss(b, t), model.loss(b_ref, t))
 
 
 def test_losses_and_softmax_converted_with_buffers():

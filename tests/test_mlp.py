@@ -1,11 +1,13 @@
 """fusedmlp.nn.MLP: structure, state_dict layout, equality with its torch twin, training."""
 
+import copy
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
+from conftest import DEVICE, assert_close
 
 import fusedmlp
 from fusedmlp.nn import MLP
@@ -119,6 +121,89 @@ def test_to_torch_keeps_dtype_mode_and_requires_grad():
     with torch.no_grad():
         ref.layers[0].weight.add_(1)
     assert not torch.equal(ref.layers[0].weight, m.layers[0].weight)
+
+
+def test_to_torch_keeps_each_tensors_dtype():
+    # a half model whose BatchNorm stays in float32 (the usual mixed-precision layout): the twin
+    # keeps every tensor's dtype and exact value, not the first parameter's dtype for all
+    m = MLP(3, 4, 2, batchnorm=True).half()
+    m.layers[1].float()
+    ref = m.to_torch()
+    assert list(ref.state_dict()) == list(m.state_dict())
+    for (k, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+        assert a.data_ptr() != b.data_ptr(), k  # copies
+    assert all(type(p) is torch.nn.Parameter for p in ref.parameters())
+    x = torch.randn(5, 3, dtype=torch.float16)
+    m.eval()
+    ref.eval()
+    assert_close(m(x), ref(x))
+    # a model on the meta device (no storage) gives a meta twin
+    assert next(MLP(3, 4, 2, device="meta").to_torch().parameters()).is_meta
+
+
+def test_repr_shows_the_leaky_relu_slope():
+    assert "negative_slope=0.2" in repr(MLP(3, 4, 2, activation="leaky_relu", negative_slope=0.2))
+    assert "negative_slope" not in repr(MLP(3, 4, 2))
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_backward_twice_with_retain_graph_as_torch(triton_backend, launches, batchnorm):
+    # the fused blocks hand tensors from one backward step to the next (dZ^T for the Linear
+    # before a batch norm): a second backward through the same graph recomputes what the first
+    # one used up, and the gradients accumulate as torch's
+    torch.manual_seed(0)
+    m = MLP(5, [6, 4], 3, activation="tanh", batchnorm=batchnorm).to(DEVICE)
+    ref = m.to_torch()
+    x = torch.randn(9, 5, device=DEVICE)
+    g1, g2 = torch.randn(9, 3, device=DEVICE), torch.randn(9, 3, device=DEVICE)
+    xs = []
+    for net in (m, ref):
+        xs.append(x.clone().requires_grad_())
+        y = net(xs[-1])
+        y.backward(g1, retain_graph=True)
+        y.backward(g2)
+    assert launches.total > 0
+    assert_close(xs[0].grad, xs[1].grad)
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, msg=name)
+
+
+def test_deepcopy_and_pickle_of_the_whole_module(triton_backend):
+    torch.manual_seed(0)
+    kwargs = {"activation": "leaky_relu", "negative_slope": 0.1, "batchnorm": True, "dropout": 0.2}
+    m = MLP(4, [6], 3, **kwargs).to(DEVICE)
+    m(torch.randn(8, 4, device=DEVICE))  # running statistics that differ from a fresh module's
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(m)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    ref = MLP(4, [6], 3, **kwargs, device=DEVICE).to_torch()
+    ref.load_state_dict(torch.load(buf, weights_only=True))  # a careful user's checkpoint
+    for other in (loaded, copied):
+        assert type(other.layers) is type(m.layers) and repr(other) == repr(m)
+        assert all(p is not q for p, q in zip(other.parameters(), m.parameters()))
+        for (k, a), b in zip(other.state_dict().items(), m.state_dict().values()):
+            assert torch.equal(a, b), k
+    x = torch.randn(5, 4, device=DEVICE)
+    for net in (m, loaded, copied, ref):
+        net.eval()
+    for net in (loaded, copied):
+        assert_close(net(x), m(x))
+    assert_close(ref(x), m(x))
+    # the copies train on: the same step gives the same state
+    for net in (m, loaded, copied):
+        net.train()
+        torch.manual_seed(3)
+        net(x).sum().backward()
+    for net in (loaded, copied):
+        for (name, p), q in zip(net.named_parameters(), m.parameters()):
+            assert_close(p.grad, q.grad, msg=name)
+        assert_close(net.layers[1].running_var, m.layers[1].running_var)
 
 
 def test_bad_arguments():
