@@ -84,10 +84,12 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     transform (grad, vmap, jvp, jacrev, ...) or inside a forward-AD level
     (``torch.autograd.forward_ad.dual_level``) every op runs torch's implementation: fusedmlp's
     autograd Functions have neither vmap nor forward-AD (jvp) rules, and torch's ops have both.
+    While ``torch.jit.trace`` records a graph, too: the trace then holds torch's ops.
     """
     backend = _BACKEND
     if backend == "torch" or (
-        not _is_compiling() and (_functorch_active() or _forward_ad._current_level >= 0)
+        not _is_compiling()
+        and (_functorch_active() or _forward_ad._current_level >= 0 or _jit_tracing())
     ):
         return False
     if backend == "auto":  # one plain loop: it runs for every op call
@@ -106,6 +108,9 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 _functorch_active = torch._C._are_functorch_transforms_active
 _forward_ad = torch.autograd.forward_ad
 _is_compiling = torch.compiler.is_compiling
+# torch.jit.trace (and the TorchScript-based torch.onnx.export) records torch's ops; sizes are
+# traced 0-d tensors there, which no launcher takes.
+_jit_tracing = torch._C._is_tracing
 _IS_CUDA = operator.attrgetter("is_cuda")
 _IS_META = operator.attrgetter("is_meta")
 _DTYPE = operator.attrgetter("dtype")

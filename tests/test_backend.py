@@ -363,3 +363,24 @@ def test_meta_tensors_take_torchs_ops_on_the_triton_backend(triton_backend, laun
         opt.step()
     assert all(p.device.type == "meta" for p in model.parameters())
     assert launches.total == 0
+
+
+def test_jit_trace_records_torchs_ops(triton_backend, launches):
+    """torch.jit.trace (which the TorchScript torch.onnx.export uses) sees traced 0-d sizes
+    that no launcher takes: while it records, every op takes torch's path, and the trace holds
+    torch's ops; the traced module equals the eager one on another batch size."""
+    import warnings
+
+    from fusedmlp import nn as fnn
+
+    torch.manual_seed(0)
+    model = fnn.MLP(4, [8], 3, batchnorm=True).to(DEVICE).eval()
+    x = torch.randn(6, 4, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # check_trace=False: the check runs the eager model again, on the kernels
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert launches.total == 0
+    other = torch.randn(2, 4, device=DEVICE)
+    torch.testing.assert_close(traced(other), model(other))
+    assert launches.total > 0  # the eager model on the kernels
