@@ -114,6 +114,9 @@ def _bn_stats_partial_kernel(
     end = tl.minimum(start + rows_per_split, R)
     k_off = (start // S) * sxN + (start % S // W) * sxH + (start % W) * sxW
     shift = tl.load(x_ptr + c_off + k_off, mask=cmask, other=0.0).to(ACC)
+    # an infinite (or NaN) first row shifts by 0 instead: x - K would be inf - inf = NaN in the
+    # mean where torch's is +-inf (the variance is NaN either way)
+    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
     s1 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     s2 = tl.zeros([BLOCK_C, BLOCK_R], dtype=ACC)
     # Software prefetch: each iteration loads its tile before it accumulates the one the previous
@@ -236,7 +239,10 @@ def _merge_splits(
         n_ab = n_a + n_b
         delta = mean_b - mean
         frac = n_b / n_ab
-        mean = mean + delta * frac
+        # an infinite mean (an infinite x: M2 is NaN already) takes the plain sum, as torch's:
+        # the update's delta would be inf - inf = NaN where one side is infinite
+        finite = (tl.abs(mean) < float("inf")) & (tl.abs(mean_b) < float("inf"))
+        mean = tl.where(finite, mean + delta * frac, mean + mean_b)
         m2 = m2 + m2_b + delta * delta * n_a * frac
         n_a = n_ab
     return mean, m2

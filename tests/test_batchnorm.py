@@ -245,6 +245,82 @@ def test_large_offset_is_stable(backend, launches):
     _expect(launches, backend, FWD, STATS, DX)
 
 
+def _assert_same_nonfinite(actual, expected, **kw):
+    """``assert_close`` with NaN == NaN, and the same +-inf and NaN at the same places."""
+    torch.testing.assert_close(actual, expected, equal_nan=True, **kw)
+    assert torch.equal(actual.isnan(), expected.isnan())
+    assert torch.equal(actual.isposinf(), expected.isposinf())
+    assert torch.equal(actual.isneginf(), expected.isneginf())
+
+
+# the interpreter's numpy reduces inf - inf (the intended NaN) with a warning
+@pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
+@pytest.mark.parametrize("rows", [20, 300])  # one split (final statistics) / four, merged
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_infinite_values_in_the_batch_as_torch(backend, launches, interpreter_splits, dtype, rows):
+    # An infinite x makes its channel's mean +-inf (NaN with both signs) and its variance,
+    # output and gradients NaN in torch. The shifted sums took the split's first row as the
+    # shift (inf - inf = NaN in the mean), and Chan's merge of an infinite split mean with a
+    # finite later one made delta = -inf, mean = inf - inf: NaN running means where torch's
+    # are +-inf. 300 rows: 4 splits of 75, merged two at a time under the interpreter.
+    inf = float("inf")
+    ours, ref = _pair(BatchNorm1d, torch.nn.BatchNorm1d, 7)
+    torch.manual_seed(12)
+    x = torch.randn(rows, 7, device=DEVICE)
+    x[1, 0] = inf  # split 0 (not its first row): merged before the finite splits
+    x[0, 1] = -inf  # the first row of split 0: the shift
+    x[rows - 1, 2] = inf  # the last split
+    x[:, 3] = inf  # every row
+    x[2, 4], x[rows - 2, 4] = inf, -inf  # both signs: NaN mean
+    x[rows // 2, 5] = -inf  # the first row of split 2 at 300 rows
+    x = x.to(dtype)  # channel 6 stays finite
+    dy = torch.randn(rows, 7, device=DEVICE).to(dtype)
+    xo = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    yo.backward(dy)
+    yr.backward(dy)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else {}
+    _assert_same_nonfinite(yo, yr, **tol)
+    _assert_same_nonfinite(xo.grad, xr.grad, **tol)
+    _assert_same_nonfinite(ours.weight.grad, ref.weight.grad, **tol)
+    _assert_same_nonfinite(ours.bias.grad, ref.bias.grad, **tol)
+    _assert_same_nonfinite(ours.running_mean, ref.running_mean)
+    _assert_same_nonfinite(ours.running_var, ref.running_var)
+    assert ours.running_mean[:4].isinf().all() and ours.running_mean[4].isnan()
+    _expect(launches, backend, STATS, FWD, DX)
+    if backend == "triton":
+        assert launches[MERGE] == (rows == 300), dict(launches)
+
+
+def test_merge_of_infinite_split_means_as_torch(triton_backend, launches):
+    # The merge alone (batch_norm_stats_merge, as for a Linear's epilogue statistics) over 40
+    # splits: more than one block of splits on any device, an infinite mean in the first split
+    # of channel 0, the last of channel 1; torch's mean of the same rows is +-inf.
+    from fusedmlp.kernels.batchnorm import batch_norm_stats_merge
+
+    inf = float("inf")
+    splits, rows = 40, 5
+    torch.manual_seed(13)
+    x = torch.randn(splits * rows, 3, device=DEVICE)
+    x[2, 0] = inf
+    x[-1, 1] = -inf
+    parts = x.view(splits, rows, 3)
+    pmean = parts.mean(1)
+    pm2 = parts.var(1, unbiased=False) * rows  # NaN where a split holds an inf
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    mean, _, var = batch_norm_stats_merge(
+        pmean, pm2, rows, splits * rows, 1e-5, (rm, rv, 1.0, None)
+    )
+    ref_rm, ref_rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    F.batch_norm(x, ref_rm, ref_rv, training=True, momentum=1.0)
+    _assert_same_nonfinite(mean, ref_rm)
+    _assert_same_nonfinite(var, ref_rv, rtol=1e-5, atol=1e-5)
+    _assert_same_nonfinite(rm, ref_rm)
+    assert rm[0] == inf and rm[1] == -inf and rm[2].isfinite()
+    assert launches[MERGE] == 1
+
+
 def test_million_rows(triton_backend, launches):
     """The batch is tiled: N = 1,000,000 (never one tile for the whole batch)."""
     torch.manual_seed(9)

@@ -463,6 +463,61 @@ def test_large_logits_keep_full_precision(triton_backend, offset):
         torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fp16_logits_spread_past_the_fp16_range(
+    triton_backend, launches, reduction, label_smoothing, weighted
+):
+    # Rows spanning +-60000 in fp16: log-probabilities (x - lse) reach -120000, past fp16's
+    # 65504. torch's fp16 cross_entropy stores log_softmax in fp16 (as on a GPU), so those are
+    # -inf there and its loss inf (or NaN: 0 * inf under a zero weight) where the exact loss
+    # fits fp16 (label smoothing: 6000; weight 0: 0). The kernel computes in fp32 and rounds
+    # the loss once, as torch does in float64 before the cast to fp16: compared with that,
+    # inf only where the exact value is past 65504. Where torch's fp16 is finite, it agrees.
+    x = torch.tensor(
+        [
+            [60000.0, -60000.0, 0.0, 1.0],
+            [-60000.0, 60000.0, 1.0, 0.0],
+            [65504.0, -65504.0, 0.0, 0.0],
+            [60000.0, 59990.0, -60000.0, 0.0],
+            [60000.0, -60000.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, -65504.0],
+        ],
+        device=DEVICE,
+    ).half()
+    t = torch.tensor([0, 1, 0, 1, 1, 3], device=DEVICE)
+    if reduction != "none":
+        t[4:] = -100  # reduced: only the rows whose sum fits fp16
+    w = torch.tensor([1.0, 0.5, 2.0, 0.0], device=DEVICE)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    go = _grad_output(reduction, 6)
+    loss, grad = _run(cross_entropy, x, t, go.half(), weight=w.half() if weighted else None, **kw)
+    assert launches[KERNEL] == 1 and launches[SCALE] == 1, dict(launches)
+    assert loss.dtype == grad.dtype == torch.float16
+    ref_loss, ref_grad = _run(
+        F.cross_entropy,
+        x.double(),
+        t,
+        go.half().double(),
+        weight=w.double() if weighted else None,
+        **kw,
+    )
+    for ours, ref in ((loss, ref_loss.half()), (grad, ref_grad.half())):
+        torch.testing.assert_close(ours, ref, equal_nan=True, rtol=2e-3, atol=1e-3)
+        assert torch.equal(ours.isinf(), ref.isinf())
+    assert grad.isfinite().all()
+    loss16, grad16 = _run(
+        F.cross_entropy, x, t, go.half(), weight=w.half() if weighted else None, **kw
+    )
+    finite = loss16.isfinite()
+    assert_close(loss[finite], loss16[finite])
+    assert_close(grad, grad16)
+    # 120000 (unweighted) is past fp16; weighted by 0.5 it is 60000 (+4500 of smoothing)
+    inf_rows = [False] * 6 if reduction != "none" else [False] * 4 + [not weighted, False]
+    assert loss.reshape(-1).isinf().tolist() == inf_rows[: loss.numel()]
+
+
 def kw64(kw):
     return {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
 
