@@ -11,7 +11,9 @@ without autograd, so in plain eager mode the dispatcher adds nothing but that ov
 implementation; ``caller(op)`` returns a function that
 
 - in plain eager mode (``fast_eager``) calls that implementation directly, bumping the version
-  counters of the mutated arguments as the op's ADInplaceOrView kernel does;
+  counters of the mutated arguments as the op's ADInplaceOrView kernel does (except those named
+  in ``unversioned``: a batch norm's running statistics, whose versions torch's own batch norm
+  leaves as they are);
 - otherwise (``torch.compile``/export tracing, FakeTensor/FunctionalTensor/other tensor
   subclasses, an active TorchFunctionMode/TorchDispatchMode or functorch transform, or grad
   mode on with an input that requires grad) calls ``torch.ops.<ns>.<op>``, so traced graphs
@@ -87,15 +89,18 @@ def _mutated_positions(fn, mutates_args: Sequence[str] | str) -> tuple[int, ...]
     return tuple(names.index(n) for n in mutates_args)
 
 
-def custom_op(name: str, *, mutates_args: Sequence[str]) -> Callable:
+def custom_op(
+    name: str, *, mutates_args: Sequence[str], unversioned: Sequence[str] = ()
+) -> Callable:
     """Decorator: ``torch.library.custom_op(name, fn, mutates_args=mutates_args)``; returns the
-    ``CustomOpDef``. ``caller(op)`` gives the fast-path caller (module docstring)."""
+    ``CustomOpDef``. ``caller(op)`` gives the fast-path caller (module docstring), which bumps
+    the version counters of the mutated arguments not named in ``unversioned``."""
 
     def register(fn):
         op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         ns, opname = name.split("::")
         packet = getattr(getattr(torch.ops, ns), opname)
-        mutated = _mutated_positions(fn, mutates_args)
+        mutated = _mutated_positions(fn, [n for n in mutates_args if n not in unversioned])
 
         if mutated:
 

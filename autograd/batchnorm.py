@@ -31,6 +31,11 @@ from ..backend import TRITON_DTYPES, use_triton
 from ._custom_op import caller, custom_op
 from ._once import once_differentiable
 
+# The running statistics a training batch norm updates in place. Its custom ops declare them
+# mutated (for torch.compile) but leave their version counters as torch's batch norm does:
+# parameters and statistics in one storage (a flat buffer) then keep a saved weight valid.
+RUNNING_STATS = ("running_mean", "running_var")
+
 # ----------------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +79,7 @@ def _(x, weight, bias, running_mean, running_var, training, eps, mean, invstd):
     return (torch.empty_like(x), *stats)
 
 
-@custom_op("fusedmlp::batchnorm_stats", mutates_args=("running_mean", "running_var"))
+@custom_op("fusedmlp::batchnorm_stats", mutates_args=RUNNING_STATS, unversioned=RUNNING_STATS)
 def _batchnorm_stats(
     x: Tensor,
     eps: float,
@@ -209,7 +214,9 @@ def _(dy, x, weight, mean, stat, training, eps, need_dx, need_dweight, need_dbia
     )
 
 
-@custom_op("fusedmlp::batchnorm_update_running", mutates_args=("running_mean", "running_var"))
+@custom_op(
+    "fusedmlp::batchnorm_update_running", mutates_args=RUNNING_STATS, unversioned=RUNNING_STATS
+)
 def _batchnorm_update_running(
     running_mean: Tensor,
     running_var: Tensor,

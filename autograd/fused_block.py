@@ -54,6 +54,7 @@ from ._handover import take
 from ._once import once_differentiable
 from .batchnorm import (
     _FLOATS,
+    RUNNING_STATS,
     BatchStats,
     _acc_dtype,
     affine_grads,
@@ -348,7 +349,9 @@ def _(x, weight, bias, mean, invstd, seed, p, activation, negative_slope, transp
     return torch.empty((c, n) if transposed else (n, c), dtype=x.dtype, device=x.device)
 
 
-@custom_op("fusedmlp::fused_block_apply_update", mutates_args=["running_mean", "running_var"])
+@custom_op(
+    "fusedmlp::fused_block_apply_update", mutates_args=RUNNING_STATS, unversioned=RUNNING_STATS
+)
 def _fused_block_apply_update(
     x: Tensor,
     weight: Tensor | None,

@@ -154,3 +154,38 @@ def test_meta_tensors_give_torch_shapes():
     assert FF.softmax(x, 1).shape == (3, 4)
     assert FF.cross_entropy(x, t).shape == F.cross_entropy(x, t).shape
     assert fusedmlp.nn.Linear(4, 5, device="meta")(x).device.type == "meta"
+
+
+def test_running_statistics_update_leaves_version_counters_as_torch(triton_backend, launches):
+    # Parameters and running statistics sharing one storage (a flat buffer): torch's batch norm
+    # updates the statistics without bumping the shared version counter, so the weight that the
+    # Linear before it saved for backward stays valid. The same with fusedmlp's modules, alone
+    # and as a fused block (convert: the statistics from the Linear's epilogue).
+    def chain(kind):
+        seq = torch.nn.Sequential(
+            torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU(), torch.nn.Linear(3, 2)
+        ).to(DEVICE)
+        if kind == "modules":
+            seq[0], seq[1] = (
+                fusedmlp.nn.Linear(4, 3).to(DEVICE),
+                fusedmlp.nn.BatchNorm1d(3).to(DEVICE),
+            )
+        elif kind == "fused":
+            seq = fusedmlp.nn.convert(seq, inplace=True)
+        return seq
+
+    outcomes = []
+    for kind in ("torch", "modules", "fused"):
+        seq = chain(kind)
+        flat = torch.randn(40, device=DEVICE)
+        seq[0].weight = torch.nn.Parameter(flat[:12].view(3, 4))
+        seq[1].running_mean = flat[20:23]
+        before = seq[1].running_mean._version
+        try:
+            seq(torch.randn(5, 4, device=DEVICE)).sum().backward()
+            raised = False
+        except RuntimeError:
+            raised = True
+        outcomes.append((raised, seq[1].running_mean._version - before))
+    assert launches.total > 0
+    assert outcomes == [(False, 0)] * 3
