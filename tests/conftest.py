@@ -56,6 +56,26 @@ def assert_close(actual, expected, dtype=None, scale=1.0, **kw):
     torch.testing.assert_close(actual, expected, **kw)
 
 
+def saved_loaded_copied(module):
+    """``(loaded, copied, state)``: ``module`` through ``torch.save``/``torch.load`` whole (not
+    weights only), its ``copy.deepcopy``, and its ``state_dict`` through ``torch.save`` and
+    ``torch.load(weights_only=True)`` (a careful user's checkpoint)."""
+    import copy
+    import io
+
+    def through_file(obj, **load_kw):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        return torch.load(buf, **load_kw)
+
+    return (
+        through_file(module, weights_only=False),
+        copy.deepcopy(module),
+        through_file(module.state_dict(), weights_only=True),
+    )
+
+
 def assert_within_magnitude(actual, expected, magnitude, unit):
     """Each element of ``actual`` (a sum of products: a GEMM's output, a column sum) within
     ``unit`` times ``magnitude`` (the sum of the products' magnitudes, which bounds the

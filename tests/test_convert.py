@@ -1,12 +1,11 @@
 """fusedmlp.nn.convert: module swapping, activation absorption, inplace semantics, equality."""
 
 import copy
-import io
 import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, saved_loaded_copied
 
 import fusedmlp
 from fusedmlp.nn import convert
@@ -212,15 +211,8 @@ def test_converted_model_deepcopies_and_pickles(triton_backend):
     conv = convert(model)
     assert type(conv.body).__name__ == "FusedSequential" and type(conv.loss) is F.CrossEntropyLoss
     conv(torch.randn(6, 5, device=DEVICE))  # running statistics of its own
-    buf = io.BytesIO()
-    torch.save(conv, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    copied = copy.deepcopy(conv)
-    buf = io.BytesIO()
-    torch.save(conv.state_dict(), buf)
-    buf.seek(0)
-    model.load_state_dict(torch.load(buf, weights_only=True))  # into the torch model
+    loaded, copied, state = saved_loaded_copied(conv)
+    model.load_state_dict(state)  # into the torch model
     for other in (loaded, copied):
         assert [type(m) for m in other.modules()] == [type(m) for m in conv.modules()]
         assert other.blocks[0][0].activation == "tanh"

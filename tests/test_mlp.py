@@ -1,13 +1,11 @@
 """fusedmlp.nn.MLP: structure, state_dict layout, equality with its torch twin, training."""
 
-import copy
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, saved_loaded_copied
 
 import fusedmlp
 from fusedmlp.nn import MLP
@@ -174,16 +172,9 @@ def test_deepcopy_and_pickle_of_the_whole_module(triton_backend):
     kwargs = {"activation": "leaky_relu", "negative_slope": 0.1, "batchnorm": True, "dropout": 0.2}
     m = MLP(4, [6], 3, **kwargs).to(DEVICE)
     m(torch.randn(8, 4, device=DEVICE))  # running statistics that differ from a fresh module's
-    buf = io.BytesIO()
-    torch.save(m, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    copied = copy.deepcopy(m)
-    buf = io.BytesIO()
-    torch.save(m.state_dict(), buf)
-    buf.seek(0)
+    loaded, copied, state = saved_loaded_copied(m)
     ref = MLP(4, [6], 3, **kwargs, device=DEVICE).to_torch()
-    ref.load_state_dict(torch.load(buf, weights_only=True))  # a careful user's checkpoint
+    ref.load_state_dict(state)  # a careful user's checkpoint
     for other in (loaded, copied):
         assert type(other.layers) is type(m.layers) and repr(other) == repr(m)
         assert all(p is not q for p, q in zip(other.parameters(), m.parameters()))
