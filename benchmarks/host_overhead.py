@@ -4,6 +4,7 @@
     python benchmarks/host_overhead.py --autotune     (multi-config kernels as a GPU launches them)
     python benchmarks/host_overhead.py --peak --batch 16384 --width 1024   (memory, not time)
     python benchmarks/host_overhead.py --ops          (host time per op, beside torch's CPU op)
+    python benchmarks/host_overhead.py --layers       (one Linear forward entered at each layer)
     python benchmarks/host_overhead.py --big-path     (the bench's w1024 B16K step's code paths)
     python benchmarks/host_overhead.py --no-batchnorm (Linear(relu) -> Dropout blocks)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
@@ -227,6 +228,12 @@ def main(argv=None) -> int:
         help="instead of the step: host microseconds per call of each op (forward, backward), "
         "fusedmlp through the recording driver beside torch's CPU op at the same small size",
     )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="instead of the step: host microseconds of one Linear(relu) forward (64 x 64) entered "
+        "at each layer of fusedmlp's stack, module down to the launch, beside torch's module",
+    )
     args = parser.parse_args(argv)
     if args.autotune:
         os.environ["FUSEDMLP_AUTOTUNE"] = "1"
@@ -264,6 +271,8 @@ def main(argv=None) -> int:
         AFB.RECOMPUTE_MIN_BYTES = 0
     if args.ops:
         return per_op(torch)
+    if args.layers:
+        return per_layer(torch, JITFunction, L)
     if args.adam_tensors:
         params = [torch.randn(1000, requires_grad=True) for _ in range(args.adam_tensors)]
         for p in params:
@@ -367,6 +376,55 @@ def main(argv=None) -> int:
     return 0
 
 
+def _best_us(fn, n=1000) -> float:
+    """Host microseconds per call of ``fn``: the best of 5 runs of ``n`` calls, after 50."""
+    for _ in range(50):
+        fn()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        runs.append((time.perf_counter() - start) / n * 1e6)
+    return min(runs)
+
+
+def per_layer(torch, JITFunction, L) -> int:
+    """Host us of one ``fusedmlp.nn.Linear(64, 64, activation="relu")`` forward (input requiring
+    grad, grad mode on) entered at each layer, top to bottom: what each layer adds is the
+    difference between two rows."""
+    from fusedmlp import nn as fnn
+    from fusedmlp.autograd import linear as AL
+    from fusedmlp.kernels import linear as KL
+
+    x = torch.randn(64, 64, requires_grad=True)
+    lin = fnn.Linear(64, 64, activation="relu")
+    w, b = lin.weight, lin.bias
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    ref = torch.nn.Linear(64, 64)
+    rows = [
+        ("module: Linear.forward", lambda: lin(x)),
+        ("functional: autograd.linear.linear", lambda: AL.linear(x, w, b, "relu", 0.01)),
+        ("LinearFunction.apply", lambda: AL.LinearFunction.apply(x, w, b, "relu", 0.01)),
+        ("custom op caller (fast path)", lambda: AL._linear_fwd(xd, wd, bd, "relu", 0.01)),
+        ("kernels.linear.linear_forward", lambda: KL.linear_forward(xd, wd, bd, "relu", 0.01)),
+    ]
+    print(f"{'entered at (Linear(64, 64, relu) forward)':44s} {'host us':>8s}")
+    for name, fn in rows:
+        print(f"{name:44s} {_best_us(fn):8.1f}")
+    run, direct = JITFunction.run, L.DIRECT_LAUNCH
+    JITFunction.run, L.DIRECT_LAUNCH = (lambda self, *a, **k: None), False
+    try:
+        print(f"{'linear_forward, its launch a no-op':44s} {_best_us(rows[-1][1]):8.1f}")
+        print(f"{'module, its launch a no-op':44s} {_best_us(rows[0][1]):8.1f}")
+    finally:
+        JITFunction.run, L.DIRECT_LAUNCH = run, direct
+    print(
+        f"{'torch: relu(nn.Linear(x)) on the CPU':44s} {_best_us(lambda: torch.relu(ref(x))):8.1f}"
+    )
+    return 0
+
+
 def per_op(torch) -> int:
     """Host us per call, best of 5 runs: each fusedmlp op (its kernels launched into the
     recording driver) beside torch's own op on the CPU at the same small size, where torch's
@@ -376,16 +434,7 @@ def per_op(torch) -> int:
     from fusedmlp import functional as FF
     from fusedmlp import nn as fnn
 
-    def best(fn, n=1000) -> float:
-        for _ in range(50):
-            fn()
-        runs = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            runs.append((time.perf_counter() - start) / n * 1e6)
-        return min(runs)
+    best = _best_us
 
     def backward(out, leaves):
         g = torch.randn_like(out)

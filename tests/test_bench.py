@@ -267,7 +267,7 @@ def test_host_overhead_peak_autotune_and_ops_options():
     # the block's output in backward, in the block's backward reduction: two blocks, two fused
     # forward passes (no more) and two reductions.
     # --autotune: the autotuned launch path (configurations picked without timing).
-    # --ops: host time per op beside torch's.
+    # --ops: host time per op beside torch's. --layers: one Linear forward, layer by layer.
     import os
     import subprocess
     import sys
@@ -279,6 +279,7 @@ def test_host_overhead_peak_autotune_and_ops_options():
         "peak": ["--peak", "--batch", "4096", "--width", "64", "--depth", "2"],
         "autotune": ["--autotune", "--width", "32", "--depth", "1", "--steps", "2"],
         "ops": ["--ops"],
+        "layers": ["--layers"],
     }
     out = {}
     for name, args in runs.items():
@@ -292,6 +293,7 @@ def test_host_overhead_peak_autotune_and_ops_options():
     assert out["peak"].count("_fused_bwd_reduce_kernel") == 2, out["peak"]
     assert "11 launches/step" in out["autotune"].strip().splitlines()[-1], out["autotune"]
     assert out["ops"].count("\n") == 9 and "cross_entropy fwd+bwd" in out["ops"], out["ops"]
+    assert out["layers"].count("\n") == 9 and "custom op caller" in out["layers"], out["layers"]
 
 
 def _extra_tritons():
