@@ -46,6 +46,10 @@ Double backward raises (``_once.once_differentiable``). The op saves no tensor t
 logits' graph, so unless the incoming gradient carries one, the ``create_graph=True`` backward
 itself raises.
 
+Batched gradients (vmap over the backward: ``torch.autograd.grad(..., is_grads_batched=True)``,
+``jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``): the saved gradient is
+scaled with torch's ops, which vmap batches (a batched ``grad_output`` has no storage).
+
 Under ``torch.autocast`` fp16/bf16 logits are cast to fp32 first, as autocast does for torch's
 cross_entropy (the loss is then fp32).
 
@@ -320,6 +324,31 @@ _cross_entropy_bwd = caller(cross_entropy_bwd)
 _cross_entropy_bwd_inplace = caller(cross_entropy_bwd_inplace)
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def _batched(grad_output: Tensor) -> bool:
+    """Whether the backward runs under vmap (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``): ``grad_output`` is
+    a batched tensor, which no kernel takes (it has no storage). Not while torch.compile
+    traces (dynamo cannot trace the check; the traced graph holds the custom ops)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _functorch_active() or _is_legacy_batched(grad_output)
+
+
+def _scale_with_torch(grad, grad_output, factor, target, ignore_index) -> Tensor:
+    """``cross_entropy_bwd`` in torch's ops (which vmap batches): ``grad * grad_output[:, None]
+    * factor``, 0 on the ignored rows."""
+    acc = factor.dtype
+    go = grad_output.to(acc)
+    if go.dim() == 1:
+        go = go.unsqueeze(1)
+    dx = grad.to(acc) * go * factor
+    return torch.where((target == ignore_index).unsqueeze(1), 0.0, dx).to(grad.dtype)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy over logits [N, C] with class-index targets [N] on the Triton kernels."""
 
@@ -339,7 +368,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad, factor, target = ctx.saved_tensors
         args = (grad, grad_output, factor, target, ctx.ignore_index)
-        if _keep_graph():
+        if _batched(grad_output):
+            dx = _scale_with_torch(*args)
+        elif _keep_graph():
             dx = _cross_entropy_bwd(*args)
         else:  # the buffer is ours and dies with this graph: scale it in place
             _cross_entropy_bwd_inplace(*args)

@@ -597,6 +597,45 @@ def test_extreme_logits_with_label_smoothing_like_torch(triton_backend):
             )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_batched_gradients_like_torch(triton_backend, launches, reduction, dtype):
+    # vmap over the backward (autograd.grad(is_grads_batched=True), jacobian(vectorize=True),
+    # torch.func.vmap of autograd.grad): a batched grad_output has no storage for a kernel
+    # ("Cannot access data pointer"), so the saved gradient is scaled with torch's ops there.
+    # An ignored row stays 0 under a NaN multiplier, as torch's.
+    from torch.autograd.functional import jacobian
+
+    x, t, w = _data(5, 9, dtype=dtype, ignore_index=-100)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+
+    def grads(fn):
+        xx = x.detach().clone().requires_grad_()
+        loss = fn(xx, t, **kw)
+        gen = torch.Generator().manual_seed(0)
+        go = torch.randn((3, *loss.shape), generator=gen).to(DEVICE, dtype)
+        go[2] = float("nan")
+        (batched,) = torch.autograd.grad(loss, xx, go, retain_graph=True, is_grads_batched=True)
+        vjp = lambda v: torch.autograd.grad(loss, xx, v, retain_graph=True)[0]
+        jac = jacobian(lambda a: fn(a, t, **kw), xx.detach(), vectorize=True)
+        return batched, torch.func.vmap(vjp)(go), jac
+
+    out = [grads(cross_entropy), grads(F.cross_entropy)]
+    # two forwards on the kernel (the loss, the jacobian's), no scaling kernel
+    assert launches[KERNEL] == 2 and launches[SCALE] == 0, dict(launches)
+    for ours, ref in zip(*out):
+        assert_close(ours, ref, equal_nan=True)
+
+
+def test_gradcheck_batched_grad_float64_triton(triton_backend, launches):
+    # gradcheck's batched-gradient check (vmap over autograd.grad) on the Triton path
+    x, t, w = _data(3, 7, dtype=torch.float64, ignore_index=-100)
+    x = x.requires_grad_()
+    fn = lambda inp: cross_entropy(inp, t, weight=w, reduction="none")
+    assert torch.autograd.gradcheck(fn, (x,), check_batched_grad=True, fast_mode=True)
+    assert launches[KERNEL] > 0 and launches[SCALE] > 0
+
+
 def test_double_backward_raises(triton_backend):
     # The op saves only its gradient buffer (no tensor that carries the logits' graph), so the
     # create_graph backward itself raises (autograd/_once.py).
