@@ -1,9 +1,11 @@
 """``fusedmlp.nn.convert``: swap torch's modules for fusedmlp's in any module tree.
 
 Replaced (only when the module's type is *exactly* the torch class: subclasses, lazy modules
-that are not materialised yet, parametrized modules and modules whose parameters or buffers
+that are not materialised yet, parametrized modules, modules whose parameters or buffers
 were renamed or extended, as by the hook-based ``torch.nn.utils.weight_norm`` or
-``spectral_norm`` or a user's extra buffer, are left alone):
+``spectral_norm``, ``torch.nn.utils.prune`` or a user's extra buffer, modules with a
+``forward`` of their own (an instance attribute, as accelerate's device hooks set) and
+TorchScript modules with all they hold are left alone):
 
     torch.nn.Linear                  -> fusedmlp.nn.Linear
     torch.nn.BatchNorm1d / 2d        -> fusedmlp.nn.BatchNorm1d / 2d
@@ -13,7 +15,8 @@ were renamed or extended, as by the hook-based ``torch.nn.utils.weight_norm`` or
     torch.nn.NLLLoss                 -> fusedmlp.nn.NLLLoss
 
 Fusion: a container whose type is exactly ``torch.nn.Sequential`` and that, after conversion,
-holds ``BatchNorm1d -> activation -> Dropout`` or ``Linear -> activation -> Dropout`` becomes a
+holds ``BatchNorm1d -> activation -> Dropout`` or ``Linear -> activation -> Dropout`` (and no
+child with a ``forward`` of its own, which a fused block would not run) becomes a
 ``fusedmlp.nn.fused_block.FusedSequential`` (its class is swapped in place: same object, same
 children, same ``state_dict`` keys, still a ``torch.nn.Sequential``), whose forward runs those
 blocks fused on the Triton path in training mode.
@@ -22,11 +25,16 @@ Absorption: inside a container whose ``forward`` is ``torch.nn.Sequential``'s (s
 output feeds only the next module), a ReLU, LeakyReLU, Sigmoid, Tanh, GELU (approximate="none")
 or SiLU that directly follows a converted Linear becomes that Linear's fused activation and is
 replaced by ``torch.nn.Identity`` (no parameters, so ``state_dict`` keys do not change). It is
-skipped when it could change what someone observes: the Linear is shared (appears more than once
-in the tree) or has forward hooks, or the activation has hooks. An out-of-place LeakyReLU with
-``negative_slope >= 0`` is absorbed only where its output feeds a Linear or BatchNorm (after
-Identities or out-of-place Dropouts): torch's LeakyReLU keeps its input for backward, the fused
-Linear its output, so an in-place edit of that output would otherwise stop backpropagating.
+skipped when it could change what someone observes: the Linear is shared (held in more than
+one place of the tree; a Sequential held twice, as a block applied twice, still absorbs) or has
+forward or backward hooks, the activation has hooks or a ``forward`` of its own, or a global
+module hook is registered. An out-of-place LeakyReLU with ``negative_slope >= 0`` is absorbed
+only where its output feeds a Linear or BatchNorm (after Identities or out-of-place Dropouts):
+torch's LeakyReLU keeps its input for backward, the fused Linear its output, so an in-place
+edit of that output would otherwise stop backpropagating. What convert cannot see is code that
+calls a Sequential's children one by one (``self.seq[0](x)`` read as a pre-activation feature,
+a slice ``self.seq[1:]``): there the Linear now returns the activation's output and the
+activation's slot is the identity; convert such a model's other parts only.
 
 The new modules hold the very Parameter and buffer objects of the old ones, so weights, buffers,
 ``requires_grad``, device, dtype, non-persistent buffers and train/eval mode are kept, and the
@@ -42,6 +50,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from . import activation as _activation
@@ -146,8 +155,16 @@ def _absorption_keeps_autograd(
     return _fused_block.output_stays_inside([parent._modules[n] for n in names], j)
 
 
+def _own_forward(m: torch.nn.Module) -> bool:
+    """Whether ``m`` has a ``forward`` of its own (an instance attribute, as accelerate's
+    device hooks or a user's patch set): that is what ``m(x)`` runs, not its class's."""
+    return "forward" in m.__dict__
+
+
 def _convertible(m: torch.nn.Module, table: dict) -> bool:
     if type(m) not in table:  # exact type: subclasses and (unmaterialised) lazy modules stay
+        return False
+    if _own_forward(m):  # fusedmlp's module would run its class's forward, not this one
         return False
     if parametrize.is_parametrized(m):
         return False
@@ -210,18 +227,30 @@ def _supports_activation(act: tuple[str, float]) -> bool:
 
 
 def _is_sequential_chain(m: torch.nn.Module) -> bool:
-    return isinstance(m, torch.nn.Sequential) and type(m).forward in (
-        torch.nn.Sequential.forward,
-        _fused_block.FusedSequential.forward,
+    return (
+        isinstance(m, torch.nn.Sequential)
+        and type(m).forward in (torch.nn.Sequential.forward, _fused_block.FusedSequential.forward)
+        and not _own_forward(m)
     )
 
 
-def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: dict) -> None:
+def _global_hooks() -> bool:
+    """Whether a global module hook (``torch.nn.modules.module.register_module_forward_hook``
+    and the like) is registered: it sees every module's input and output, so an absorbed
+    activation would change what it sees (the FusedSequential does not fuse then either)."""
+    return any(getattr(_module, name, None) for name in _fused_block._GLOBAL_HOOKS)
+
+
+def _walk(
+    parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: dict, absorb: bool
+) -> None:
     if id(parent) in done:  # shared sub-trees are converted once
         return
     done[id(parent)] = parent
+    if isinstance(parent, torch.jit.ScriptModule):  # compiled code calls its own submodules
+        return
     names = list(parent._modules)
-    chain = _is_sequential_chain(parent)
+    chain = absorb and _is_sequential_chain(parent)
     i = 0
     while i < len(names):
         name = names[i]
@@ -247,6 +276,7 @@ def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: 
                         ),
                     )
                     and not _has_hooks(nxt)
+                    and not _own_forward(nxt)
                     and _supports_activation(cand)
                     and _absorption_keeps_autograd(cand, nxt, parent, names, i + 2)
                 ):
@@ -263,11 +293,13 @@ def _walk(parent: torch.nn.Module, table: dict, memo: dict, counts: dict, done: 
                 i += 2
                 continue
         else:
-            _walk(child, table, memo, counts, done)
+            _walk(child, table, memo, counts, done, absorb)
         i += 1
     # Cross-layer fusion: a plain Sequential now holding BatchNorm1d -> act -> Dropout or
-    # Linear -> act -> Dropout becomes a FusedSequential (same object, children and keys).
-    _fused_block.fuse_sequential(parent)
+    # Linear -> act -> Dropout becomes a FusedSequential (same object, children and keys),
+    # unless a child has a forward of its own (a fused block would not run it).
+    if not any(m is not None and _own_forward(m) for m in parent._modules.values()):
+        _fused_block.fuse_sequential(parent)
 
 
 def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
@@ -290,11 +322,16 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     if not inplace:
         module = copy.deepcopy(module)
     table = _replacements()
-    counts: dict[int, int] = {}
-    for _, m in module.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
+    # How many places (parent, name) hold each module: a Linear held by one Sequential only
+    # (shared or not, as a block applied twice) feeds only that Sequential's next module.
+    places: dict[int, set] = {}
+    for parent in module.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), set()).add((id(parent), name))
+    counts = {key: len(value) for key, value in places.items()}
     memo: dict = {}
     if _convertible(module, table):
         return _replace(module, table, memo) or module
-    _walk(module, table, memo, counts, {})
+    _walk(module, table, memo, counts, {}, not _global_hooks())
     return module

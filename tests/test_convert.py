@@ -382,6 +382,143 @@ def test_shared_linear_is_not_absorbed_and_stays_shared():
     assert_close(conv(x), model(x))
 
 
+def _outputs_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.square().sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tied_weights_and_a_block_applied_twice(triton_backend, launches, inplace):
+    """Two Linears sharing one weight Parameter stay tied (and absorb their activations); a
+    Sequential held twice (a block applied twice) is converted once and still absorbs: its
+    Linear feeds only that Sequential's next module."""
+    nn = torch.nn
+    first, second = nn.Linear(6, 6), nn.Linear(6, 6)
+    second.weight = first.weight
+    block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+    model = nn.Sequential(first, nn.ReLU(), second, nn.Sigmoid(), block, block).to(DEVICE)
+    reference = copy.deepcopy(model)
+    conv = convert(model, inplace=inplace)
+    assert conv[0].weight is conv[2].weight and conv[0].bias is not conv[2].bias
+    assert (conv[0].weight is reference[0].weight) is False
+    assert (conv[0].weight is first.weight) == inplace
+    assert [conv[0].activation, conv[2].activation] == ["relu", "sigmoid"]
+    assert conv[4] is conv[5] and conv[4][0].activation == "tanh"
+    assert type(conv[4][1]) is nn.Identity
+    assert list(conv.state_dict()) == list(reference.state_dict())
+    x = torch.randn(5, 6, device=DEVICE)
+    for training in (True, False):
+        conv.train(training)
+        reference.train(training)
+        launches.clear()
+        got = _outputs_and_grads(conv, x)
+        assert launches.total > 0
+        for a, e in zip(got, _outputs_and_grads(reference, x)):
+            assert_close(a, e)
+
+
+def test_modules_with_a_forward_of_their_own_are_left_alone():
+    """accelerate's device hooks and users' patches set ``module.forward`` on the instance: that
+    is what ``module(x)`` runs, so such a module is not replaced, an activation with one is
+    not absorbed, and a Sequential with one is not a chain."""
+    nn = torch.nn
+
+    def patched(module, scale):
+        original = module.forward
+        module._old_forward = original
+        module.forward = lambda x: original(x) * scale
+
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 3))
+    )
+    patched(model[0], 2.0)  # a patched Linear: left alone, its activation with it
+    patched(model[3], 0.5)  # a patched activation: kept
+    chain = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    chain.forward = lambda x: chain[0](x) - chain[1](x)  # reads the pre-activation
+    model.append(chain)
+    x = torch.randn(5, 4)
+    expected = _outputs_and_grads(model, x)
+    conv = convert(model, inplace=True)  # (the patches close over the original modules)
+    assert type(conv[0]) is torch.nn.Linear and type(conv[1]) is nn.ReLU
+    assert type(conv[2]) is F.Linear and conv[2].activation is None
+    assert type(conv[3]) is nn.ReLU and type(conv[4][0]) is F.Linear
+    assert type(chain[0]) is F.Linear and chain[0].activation is None
+    assert type(chain[1]) is nn.ReLU
+    for a, e in zip(_outputs_and_grads(conv, x), expected):
+        assert_close(a, e)
+    # nor does a Sequential holding one become a FusedSequential (whose blocks run their
+    # modules' classes' code)
+    model = torch.nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
+    model[1].forward = lambda x: torch.relu(x) * 0.0
+    conv = convert(model, inplace=True)
+    assert type(conv) is nn.Sequential and type(conv[0]) is F.Linear
+    assert type(conv[2]) is F.Dropout
+    with fusedmlp.use_backend("triton"):
+        assert_close(conv(x.new_ones(5, 4)), conv[3].bias.expand(5, 2))
+
+
+def test_global_module_hooks_keep_the_activations():
+    """A global module hook sees every module's input and output: with one registered, no
+    activation is absorbed (the hook sees the same modules and tensors as with torch's)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append((type(m).__name__, args[0].detach().clone()))
+    )
+    try:
+        conv = convert(model)
+        x = torch.randn(3, 4)
+        model(x)
+        expected, seen[:] = list(seen), []
+        conv(x)
+    finally:
+        handle.remove()
+    assert type(conv[0]) is F.Linear and conv[0].activation is None
+    assert type(conv[1]) is torch.nn.ReLU
+    assert [name for name, _ in seen] == [name for name, _ in expected]
+    for (_, a), (_, e) in zip(seen, expected):
+        assert_close(a, e)
+    assert convert(model)[0].activation == "relu"  # without the hook
+
+
+def test_torchscript_modules_are_left_alone():
+    """A scripted module runs its compiled code, which calls its own submodules: it is kept
+    whole, as the root or inside a model."""
+    nn = torch.nn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), scripted)
+    x = torch.randn(5, 3)
+    conv = convert(model)
+    assert type(conv[0]) is F.Linear and conv[0].activation == "relu"
+    assert isinstance(conv[2], torch.jit.ScriptModule)
+    assert_close(conv(x), model(x))
+    root = convert(scripted)
+    assert isinstance(root, torch.jit.ScriptModule)
+    assert_close(root(x[:, :1].expand(5, 4)), scripted(x[:, :1].expand(5, 4)))
+
+
+def test_pruned_linear_is_left_alone():
+    """``torch.nn.utils.prune`` renames the weight (``weight_orig`` + a ``weight_mask`` buffer)
+    and recomputes it in a forward pre-hook: the module is kept, its activation with it."""
+    from torch.nn.utils import prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    keys = list(model.state_dict())
+    x = torch.randn(5, 4)
+    expected = _outputs_and_grads(model, x)
+    conv = convert(model, inplace=True)  # (torch cannot deep-copy a pruned module)
+    assert type(conv[0]) is torch.nn.Linear and type(conv[1]) is torch.nn.ReLU
+    assert type(conv[2]) is F.Linear and list(conv.state_dict()) == keys
+    for a, e in zip(_outputs_and_grads(conv, x), expected):
+        assert_close(a, e)
+
+
 def test_not_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         convert([torch.nn.Linear(2, 2)])
