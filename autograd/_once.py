@@ -13,6 +13,13 @@ raises. So any differentiation that reaches the op through its gradients fails l
 ``create_graph=True`` backward whose result is never differentiated again still works. When no
 such tensor exists (the op saved none that carries a graph, as cross-entropy's gradient
 buffer), the backward raises at once.
+
+A backward run under vmap (batched gradients: ``torch.autograd.grad(..., is_grads_batched=True)``,
+``jacobian(..., vectorize=True)``, ``gradcheck(check_batched_grad=True)``) receives batched
+tensors, which have no storage for a kernel to read: it raises a clear error before any launch,
+unless the op handles them (``batched=True``: cross-entropy scales its saved gradient with
+torch's ops there). ``torch.func`` transforms of the whole computation are not affected: their
+forward already takes torch's ops (``fusedmlp.backend.use_triton``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,31 @@ def _message(name: str) -> str:
     )
 
 
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def grads_batched(grad_outputs) -> bool:
+    """Whether a backward runs under vmap: a transform is active or a received gradient is a
+    (legacy) batched tensor. Not while torch.compile traces (dynamo cannot trace the check;
+    the traced graph holds the custom ops)."""
+    if _is_compiling():
+        return False
+    return _functorch_active() or any(
+        isinstance(g, Tensor) and _is_legacy_batched(g) for g in grad_outputs
+    )
+
+
+def _batched_message(name: str) -> str:
+    return (
+        f"fusedmlp {name}: batched gradients (torch.autograd.grad(..., is_grads_batched=True), "
+        "jacobian(..., vectorize=True), gradcheck's check_batched_grad) are not supported on "
+        "the Triton kernels; torch.func.vmap/jacrev/jacfwd of the whole function take torch's "
+        "ops, or run it on the torch backend (fusedmlp.set_backend('torch'))"
+    )
+
+
 class _RaiseWhenDifferentiated(torch.autograd.Function):
     """Identity on the first ``n`` tensors (copied), connected to all of them; backward raises."""
 
@@ -44,18 +76,22 @@ class _RaiseWhenDifferentiated(torch.autograd.Function):
         raise RuntimeError(_message(ctx.name))
 
 
-def once_differentiable(name: str, through_saved=None):
+def once_differentiable(name: str, through_saved=None, batched: bool = False):
     """Decorate a ``torch.autograd.Function.backward``: run it without grad, and make its
     gradients raise when differentiated (module docstring). ``name`` goes into the message.
 
     ``through_saved(ctx)``: whether the gradients depend on the saved tensors (default: always).
     When it returns False (the gradients are linear in the received ones, e.g. a ReLU's mask),
     only received gradients that require grad make the result raise when differentiated.
+    ``batched``: the backward takes batched gradients itself (module docstring); else they
+    raise.
     """
 
     def wrap(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
+            if not batched and grads_batched(grad_outputs):
+                raise RuntimeError(_batched_message(name))
             if not torch.is_grad_enabled():  # the engine's usual mode (no create_graph)
                 return backward(ctx, *grad_outputs)
             if not any(ctx.needs_input_grad):

@@ -73,7 +73,7 @@ from torch.nn import _reduction as _Reduction
 from ..backend import TRITON_DTYPES, use_triton
 from ._amp import fp32
 from ._custom_op import caller, custom_op
-from ._once import once_differentiable
+from ._once import grads_batched, once_differentiable
 
 _TRITON_DTYPES = TRITON_DTYPES
 _REDUCTIONS = ("mean", "sum", "none")
@@ -324,20 +324,6 @@ _cross_entropy_bwd = caller(cross_entropy_bwd)
 _cross_entropy_bwd_inplace = caller(cross_entropy_bwd_inplace)
 
 
-_functorch_active = torch._C._are_functorch_transforms_active
-_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
-
-
-def _batched(grad_output: Tensor) -> bool:
-    """Whether the backward runs under vmap (``torch.autograd.grad(..., is_grads_batched=True)``,
-    ``jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``): ``grad_output`` is
-    a batched tensor, which no kernel takes (it has no storage). Not while torch.compile
-    traces (dynamo cannot trace the check; the traced graph holds the custom ops)."""
-    if torch.compiler.is_compiling():
-        return False
-    return _functorch_active() or _is_legacy_batched(grad_output)
-
-
 def _scale_with_torch(grad, grad_output, factor, target, ignore_index) -> Tensor:
     """``cross_entropy_bwd`` in torch's ops (which vmap batches): ``grad * grad_output[:, None]
     * factor``, 0 on the ignored rows."""
@@ -364,11 +350,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable("cross_entropy")
+    @once_differentiable("cross_entropy", batched=True)
     def backward(ctx, grad_output):
         grad, factor, target = ctx.saved_tensors
         args = (grad, grad_output, factor, target, ctx.ignore_index)
-        if _batched(grad_output):
+        if grads_batched((grad_output,)):
             dx = _scale_with_torch(*args)
         elif _keep_graph():
             dx = _cross_entropy_bwd(*args)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..backend import TRITON_DTYPES, use_triton
 from ._custom_op import caller, custom_op
+from ._once import grads_batched
 
 # Seeds cover 62 bits of the 64-bit Philox key: no birthday collisions over a training run.
 _SEED_HIGH = 2**62
@@ -99,6 +100,11 @@ class DropoutFunction(torch.autograd.Function):
         (seed,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again
             return _DropoutGrad.apply(grad, seed, ctx.p, ctx.inner), None, None, None
+        if grads_batched((grad,)):
+            # vmap over the backward (batched gradients): the scaled mask from the kernel, the
+            # product in torch's ops, which vmap batches (a batched tensor has no storage).
+            ones = torch.ones(grad.shape, dtype=grad.dtype, device=grad.device)
+            return grad * _dropout_bwd_call(ones, seed, ctx.p, ctx.inner), None, None, None
         # A plain backward: the op itself, without a second Function's host overhead.
         return _dropout_bwd_call(grad, seed, ctx.p, ctx.inner), None, None, None
 

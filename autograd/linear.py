@@ -26,7 +26,7 @@ from ..backend import TRITON_DTYPES, use_triton
 from ._amp import lower_precision
 from ._custom_op import caller, custom_op
 from ._handover import take
-from ._once import once_differentiable
+from ._once import grads_batched, once_differentiable
 
 # Supported activations (None = identity). "gelu" is the exact (erf) form, as torch's default.
 ACTIVATIONS = (None, "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -210,7 +210,7 @@ class LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable("linear")
+    @once_differentiable("linear", batched=True)
     def backward(ctx, grad_y):
         return _linear_backward(ctx, grad_y, *ctx.saved_tensors)
 
@@ -234,7 +234,7 @@ class LinearStatsFunction(torch.autograd.Function):
         return y, pmean, pm2
 
     @staticmethod
-    @once_differentiable("linear")
+    @once_differentiable("linear", batched=True)
     def backward(ctx, grad_y, _dpmean, _dpm2):
         if grad_y is None:
             return None, None, None, None, None
@@ -250,11 +250,51 @@ def want_made(handover, x: Tensor, weight: Tensor, need_dw: bool) -> None:
         handover.want = need_dw and dw_copies_input_transposed(x, weight)
 
 
+def _activation_grad_torch(saved: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """d act / dz in torch's ops from what the forward saved: the pre-activation z where
+    ``_saves_preactivation``, else the output y (fp32 for 16-bit tensors)."""
+    acc = torch.float32 if saved.dtype in (torch.float16, torch.bfloat16) else saved.dtype
+    s = saved.to(acc)
+    if activation == "relu":
+        return (s > 0).to(acc)
+    if activation == "leaky_relu":  # y > 0 exactly where z > 0 for a slope >= 0
+        return torch.where(s > 0, 1.0, negative_slope).to(acc)
+    if activation == "sigmoid":
+        return s * (1 - s)
+    if activation == "tanh":
+        return 1 - s * s
+    if activation == "gelu":  # erf form
+        return (
+            0.5 * (1 + torch.erf(s * 0.5**0.5))
+            + s * torch.exp(-0.5 * s * s) * (2 * math.pi) ** -0.5
+        )
+    if activation == "silu":
+        sig = torch.sigmoid(s)
+        return sig * (1 + s * (1 - sig))
+    raise ValueError(f"unknown activation {activation!r}: expected one of {ACTIVATIONS}")
+
+
+def _batched_linear_grads(ctx, grad_y, x, weight, saved, need_dx, need_dw, need_db):
+    """``_linear_backward``'s gradients in torch's ops, which vmap batches (batched gradients:
+    a batched tensor has no storage for the kernels)."""
+    acc = torch.float32 if grad_y.dtype in (torch.float16, torch.bfloat16) else grad_y.dtype
+    dz = grad_y.to(acc)
+    if ctx.activation != "none":
+        dz = dz * _activation_grad_torch(saved, ctx.activation, ctx.negative_slope)
+    dz2 = dz.reshape(-1, dz.shape[-1])
+    dx = (dz @ weight.to(acc)).to(x.dtype) if need_dx else None
+    dw = (dz2.t() @ x.reshape(-1, x.shape[-1]).to(acc)).to(weight.dtype) if need_dw else None
+    db = dz2.sum(0).to(weight.dtype) if need_db else None
+    return dx, dw, db, None, None
+
+
 def _linear_backward(ctx, grad_y, x, weight, saved):
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
     if not (need_dx or need_dw or need_db):
         return None, None, None, None, None
+    if grads_batched((grad_y,)):
+        return _batched_linear_grads(ctx, grad_y, x, weight, saved, need_dx, need_dw, need_db)
     if saved is None:
         saved = grad_y  # placeholder: not read without an activation
     made = take(getattr(ctx, "handover", None), grad_y)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..backend import TRITON_DTYPES, use_triton
 from ._amp import softmax_dtype
 from ._custom_op import caller, custom_op
-from ._once import once_differentiable
+from ._once import grads_batched, once_differentiable
 
 _TRITON_DTYPES = TRITON_DTYPES
 
@@ -66,10 +66,24 @@ class SoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable("softmax / log_softmax")
+    @once_differentiable("softmax / log_softmax", batched=True)
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
+        if grads_batched((grad,)):
+            return _batched_grad(y, grad, ctx.dim, ctx.log), None, None
         return _softmax_bwd(y, grad, ctx.dim, ctx.log), None, None
+
+
+def _batched_grad(y: Tensor, grad: Tensor, dim: int, log: bool) -> Tensor:
+    """The input gradient in torch's ops, which vmap batches (batched gradients: a batched
+    tensor has no storage for the kernel), in fp32 for 16-bit outputs as the kernel."""
+    acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+    y, g = y.to(acc), grad.to(acc)
+    if log:
+        dx = g - y.exp() * g.sum(dim, keepdim=True)
+    else:
+        dx = y * (g - (g * y).sum(dim, keepdim=True))
+    return dx.to(grad.dtype)
 
 
 def _dispatch(name, input, dim, stacklevel, dtype, log):

@@ -384,3 +384,59 @@ def test_jit_trace_records_torchs_ops(triton_backend, launches):
     other = torch.randn(2, 4, device=DEVICE)
     torch.testing.assert_close(traced(other), model(other))
     assert launches.total > 0  # the eager model on the kernels
+
+
+@pytest.mark.parametrize(
+    "op", ["linear-none", "linear-relu", "linear-sigmoid", "linear-gelu", "softmax", "log_softmax"]
+)
+def test_batched_gradients_as_torch(triton_backend, launches, op):
+    """vmap over the backward only (torch.autograd.grad(..., is_grads_batched=True), as
+    jacobian(vectorize=True) and gradcheck's check_batched_grad run it): the forward ran on the
+    kernels, and the backward takes the batched gradients in torch's ops, equal to torch's."""
+    import torch.nn.functional as F
+
+    from fusedmlp import functional as FF
+    from fusedmlp.autograd.linear import apply_activation_torch
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 6, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(5, 6, generator=g).to(DEVICE).requires_grad_()
+    b = torch.randn(5, generator=g).to(DEVICE).requires_grad_()
+    if op.startswith("linear"):
+        act = {"none": None}.get(op.split("-")[1], op.split("-")[1])
+        inputs = (x, w, b)
+        ours = FF.linear(x, w, b, act)
+        ref = apply_activation_torch(F.linear(x, w, b), act)
+    else:
+        inputs = (x,)
+        ours = getattr(FF, op)(x, -1)
+        ref = getattr(F, op)(x, -1)
+    assert launches.total > 0
+    grads = torch.randn(3, *ours.shape, generator=g).to(DEVICE)
+    got = torch.autograd.grad(ours, inputs, grads, is_grads_batched=True)
+    want = torch.autograd.grad(ref, inputs, grads, is_grads_batched=True)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_gradients_of_dropout_and_the_clear_error_elsewhere(triton_backend, launches):
+    """Dropout's batched gradients are its plain gradients slice by slice; the ops without a
+    batched backward (batch norm and the fused blocks) raise a clear error, not the kernel's."""
+    from fusedmlp import functional as FF
+    from fusedmlp import nn as fnn
+
+    x = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    y = FF.dropout(x, 0.5, True)
+    grads = torch.randn(3, 4, 6, device=DEVICE)
+    (got,) = torch.autograd.grad(y, x, grads, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        (want,) = torch.autograd.grad(y, x, grads[i], retain_graph=True)
+        torch.testing.assert_close(got[i], want)
+    for out in (
+        FF.batch_norm(x, None, None, training=True),
+        fnn.MLP(6, [8], 3, batchnorm=True, dropout=0.1).to(DEVICE)(x),
+    ):
+        grads = torch.randn(2, *out.shape, device=DEVICE)
+        with pytest.raises(RuntimeError, match="batched gradients .* are not supported"):
+            torch.autograd.grad(out, x, grads, is_grads_batched=True)
+    assert launches.total > 0
