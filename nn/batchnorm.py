@@ -15,12 +15,15 @@ import torch
 from torch import Tensor
 
 from ..autograd.batchnorm import _batch_norm
+from ._fx import fx_leaf
 
 
 class _FusedBatchNormForward:
     """torch's ``_BatchNorm.forward`` with the math routed through fusedmlp."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) is not Tensor and (node := fx_leaf(self, input)) is not None:
+            return node
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         cumulative = None

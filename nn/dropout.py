@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..autograd.dropout import dropout, dropout2d
+from ._fx import fx_leaf
 
 
 class Dropout(torch.nn.Dropout):
@@ -23,6 +24,8 @@ class Dropout(torch.nn.Dropout):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) is not Tensor and (node := fx_leaf(self, input)) is not None:
+            return node
         return dropout(input, self.p, self.training, self.inplace)
 
 
@@ -36,6 +39,8 @@ class Dropout2d(torch.nn.Dropout2d):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) is not Tensor and (node := fx_leaf(self, input)) is not None:
+            return node
         return dropout2d(input, self.p, self.training, self.inplace)
 
 

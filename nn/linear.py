@@ -6,6 +6,7 @@ import torch
 
 from ..autograd.linear import check_activation
 from ..autograd.linear import linear as fused_linear
+from ._fx import fx_leaf
 
 
 class Linear(torch.nn.Linear):
@@ -33,6 +34,8 @@ class Linear(torch.nn.Linear):
         self.negative_slope = float(negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if type(input) is not torch.Tensor and (node := fx_leaf(self, input)) is not None:
+            return node
         return fused_linear(input, self.weight, self.bias, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..autograd.cross_entropy import cross_entropy, nll_loss
+from ._fx import fx_leaf
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -18,6 +19,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     reduce=None, reduction="mean", label_smoothing=0.0)`` on the fused softmax + NLL kernel."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if type(input) is not Tensor or type(target) is not Tensor:
+            node = fx_leaf(self, input, target)
+            if node is not None:
+                return node
         return cross_entropy(
             input,
             target,
@@ -33,6 +38,10 @@ class NLLLoss(torch.nn.NLLLoss):
     reduction="mean")`` (torch's implementation: see ``fusedmlp.functional.nll_loss``)."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if type(input) is not Tensor or type(target) is not Tensor:
+            node = fx_leaf(self, input, target)
+            if node is not None:
+                return node
         return nll_loss(
             input,
             target,

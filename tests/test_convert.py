@@ -617,3 +617,50 @@ def test_batchnorm_depth_example_smoke(capsys):
     row = next(line for line in out.splitlines() if line.strip().startswith("0.25 |"))
     torch_no_bn, fused_no_bn, torch_bn, fused_bn = row.split("|")[1].split()
     assert torch_no_bn == fused_no_bn and torch_bn == fused_bn
+
+
+def test_fx_symbolic_trace_keeps_fusedmlp_modules_as_leaves(triton_backend, launches):
+    """torch.fx.symbolic_trace of a converted model, an MLP and a model with a fusedmlp loss:
+    fusedmlp's modules are call_module nodes, as torch.nn's are, and the GraphModule runs them
+    (their kernels, their train/eval flag at run time) with the model's own results."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(
+        torch.nn.Linear(5, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(8, 3),
+        torch.nn.LogSoftmax(1),
+    ).to(DEVICE)
+    conv = convert(ref)
+    x = torch.randn(7, 5, device=DEVICE)
+    for model in (conv, fusedmlp.nn.MLP(5, [8, 8], 3, batchnorm=True, dropout=0.1).to(DEVICE)):
+        gm = torch.fx.symbolic_trace(model)
+        targets = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+        assert len(targets) == len(list(model.modules())) - 1 - isinstance(model, fusedmlp.nn.MLP)
+        assert any(type(m) is fusedmlp.nn.Linear for m in targets)
+        for train in (True, False):
+            gm.train(train)
+            model.train(train)
+            torch.manual_seed(1)
+            got = gm(x)
+            torch.manual_seed(1)
+            assert_close(got, model(x))
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = fusedmlp.nn.Linear(5, 3, activation="relu", device=DEVICE)
+            self.loss = fusedmlp.nn.CrossEntropyLoss()
+
+        def forward(self, x, t):
+            return self.loss(self.net(x), t)
+
+    with_loss = WithLoss()
+    gm = torch.fx.symbolic_trace(with_loss)
+    t = torch.tensor([0, 1, 2, 0, 1, 2, 0], device=DEVICE)
+    launches.clear()
+    loss = gm(x, t)
+    loss.backward()
+    assert launches.total > 0
+    assert_close(loss, torch.nn.functional.cross_entropy(torch.relu(with_loss.net(x)), t))
