@@ -29,7 +29,7 @@ from torch._prims_common import suggest_memory_format
 
 from ..backend import TRITON_DTYPES, use_triton
 from ._custom_op import caller, custom_op
-from ._once import once_differentiable
+from ._once import grads_batched, once_differentiable
 
 # The running statistics a training batch norm updates in place. Its custom ops declare them
 # mutated (for torch.compile) but leave their version counters as torch's batch norm does:
@@ -274,18 +274,41 @@ class BatchNormFunction(torch.autograd.Function):
         return y, mean_out, var
 
     @staticmethod
-    @once_differentiable("batch_norm")
+    @once_differentiable("batch_norm", batched=True)
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:
             return (None,) * 9
         x, weight, mean, stat = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
-        if need_dx or need_dw or need_db:
+        if grads_batched((dy,)):
+            dx, dw, db = _batched_grads(dy, x, weight, mean, stat, ctx.training, ctx.eps)
+        elif need_dx or need_dw or need_db:
             dx, dw, db = _batchnorm_bwd_call(
                 dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
             )
         return affine_grads(ctx, dx, dw, db, 9)
+
+
+def _batched_grads(dy, x, weight, mean, stat, training: bool, eps: float):
+    """``(dx, dweight, dbias)`` in torch's ops, which vmap batches (batched gradients: a batched
+    tensor has no storage for the kernels). ``stat``: the batch's invstd in training, else the
+    running variance. In fp32 for 16-bit inputs, as the kernels."""
+    acc = _acc_dtype(x)
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    dims = [d for d in range(x.dim()) if d != 1]
+    invstd = stat.to(acc) if training else torch.rsqrt(stat.to(acc) + eps)
+    xhat = (x.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
+    g = dy.to(acc)
+    db = g.sum(dims)
+    dw = (g * xhat).sum(dims)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    if training:  # the batch statistics depend on x: their terms
+        count = x.numel() // x.shape[1]
+        g = g - (db.view(shape) + xhat * dw.view(shape)) / count
+    dx = (g * scale.view(shape)).to(x.dtype)
+    pdtype = weight.dtype if weight is not None else acc
+    return dx, dw.to(pdtype), db.to(pdtype)
 
 
 def affine_grads(ctx, dx, dw, db, n_inputs: int) -> tuple:

@@ -387,8 +387,10 @@ def test_jit_trace_records_torchs_ops(triton_backend, launches):
 
 
 @pytest.mark.parametrize(
-    "op", ["linear-none", "linear-relu", "linear-sigmoid", "linear-gelu", "softmax", "log_softmax"]
-)
+    "op",
+    ["linear-none", "linear-relu", "linear-sigmoid", "linear-gelu", "softmax", "log_softmax",
+     "batch_norm-train", "batch_norm-eval"],
+)  # fmt: skip
 def test_batched_gradients_as_torch(triton_backend, launches, op):
     """vmap over the backward only (torch.autograd.grad(..., is_grads_batched=True), as
     jacobian(vectorize=True) and gradcheck's check_batched_grad run it): the forward ran on the
@@ -407,6 +409,14 @@ def test_batched_gradients_as_torch(triton_backend, launches, op):
         inputs = (x, w, b)
         ours = FF.linear(x, w, b, act)
         ref = apply_activation_torch(F.linear(x, w, b), act)
+    elif op.startswith("batch_norm"):
+        train = op.endswith("train")
+        w, b = w[:, 0].detach().requires_grad_(), b.detach().requires_grad_()  # 5 channels
+        x = torch.randn(3, 5, 4, generator=g).to(DEVICE).requires_grad_()
+        stats = torch.randn(5, generator=g).to(DEVICE), torch.rand(5, generator=g).to(DEVICE) + 0.5
+        inputs = (x, w, b)
+        ours = FF.batch_norm(x, *(t.clone() for t in stats), w, b, training=train)
+        ref = F.batch_norm(x, *(t.clone() for t in stats), w, b, training=train)
     else:
         inputs = (x,)
         ours = getattr(FF, op)(x, -1)
@@ -419,9 +429,9 @@ def test_batched_gradients_as_torch(triton_backend, launches, op):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-def test_batched_gradients_of_dropout_and_the_clear_error_elsewhere(triton_backend, launches):
-    """Dropout's batched gradients are its plain gradients slice by slice; the ops without a
-    batched backward (batch norm and the fused blocks) raise a clear error, not the kernel's."""
+def test_batched_gradients_of_dropout_and_the_fused_blocks_clear_error(triton_backend, launches):
+    """Dropout's batched gradients are its plain gradients slice by slice; the fused blocks,
+    which have no batched backward, raise a clear error, not the kernel's."""
     from fusedmlp import functional as FF
     from fusedmlp import nn as fnn
 
@@ -432,11 +442,8 @@ def test_batched_gradients_of_dropout_and_the_clear_error_elsewhere(triton_backe
     for i in range(3):
         (want,) = torch.autograd.grad(y, x, grads[i], retain_graph=True)
         torch.testing.assert_close(got[i], want)
-    for out in (
-        FF.batch_norm(x, None, None, training=True),
-        fnn.MLP(6, [8], 3, batchnorm=True, dropout=0.1).to(DEVICE)(x),
-    ):
-        grads = torch.randn(2, *out.shape, device=DEVICE)
-        with pytest.raises(RuntimeError, match="batched gradients .* are not supported"):
-            torch.autograd.grad(out, x, grads, is_grads_batched=True)
+    out = fnn.MLP(6, [8], 3, batchnorm=True, dropout=0.1).to(DEVICE)(x)
+    grads = torch.randn(2, *out.shape, device=DEVICE)
+    with pytest.raises(RuntimeError, match="batched gradients .* are not supported"):
+        torch.autograd.grad(out, x, grads, is_grads_batched=True)
     assert launches.total > 0
