@@ -28,7 +28,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from ..backend import TRITON_DTYPES, use_triton
-from ._custom_op import caller, custom_op
+from ._custom_op import caller, custom_op, plain_eager
 from ._once import grads_batched, once_differentiable
 
 # The running statistics a training batch norm updates in place. Its custom ops declare them
@@ -371,46 +371,49 @@ def _check_types(input, running_mean, running_var, weight, bias, training) -> No
         )
 
 
-def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+def _check_python(input, training, eps) -> None:
+    """``F.batch_norm``'s own Python checks, in its order, before anything else (its argument
+    parser's TypeErrors come after them: a non-tensor input in training raises what its
+    ``input.size()`` raises, an AttributeError for a list)."""
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _check_low_rank(input, running_mean, running_var, weight, bias, training) -> None:
+    """torch's errors for a non-empty input of fewer than 2 dims: its C++ reads a channel count
+    of 0 there, checks the per-channel tensors against it in its usual order, then fails to
+    index dim 1."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            if not training:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+        elif t.numel() != 0:
+            raise RuntimeError(f"{name} should contain 0 elements not {t.numel()}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != 0:
+            raise RuntimeError(f"{name} should contain 0 elements not {t.numel()}")
+    raise IndexError(
+        f"Dimension out of range (expected to be in range of [{-max(input.dim(), 1)}, "
+        f"{max(input.dim(), 1) - 1}], but got 1)"
+    )
+
+
+def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+    """The Triton path's checks after ``_check_python`` and ``_check_types``, in torch's order:
+    its argument parser (momentum), then its C++ (``check_params``)."""
     # torch's argument parser takes any real number (bool and numpy scalars too) and a 0-d
     # tensor for its double ``momentum``
     if not (isinstance(momentum, numbers.Real) or _zero_dim_real(momentum)):
         raise TypeError(
             f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
         )
-    if input.dim() == 1 and running_mean is not None and running_mean.numel() != 0:
-        # torch reads a 1-D input's channel count as 0 here, and says so about running_mean
-        raise RuntimeError(f"running_mean should contain 0 elements not {running_mean.numel()}")
-    if input.dim() < 2:  # torch's own words (its C++ reads size(1))
-        raise IndexError(
-            f"Dimension out of range (expected to be in range of [{-max(input.dim(), 1)}, "
-            f"{max(input.dim(), 1) - 1}], but got 1)"
-        )
-    if (running_mean is None) != (running_var is None):
-        if training:
-            raise ValueError(
-                "running_mean and running_var must either both be None or neither be None"
-            )
-    if not training:
-        if running_mean is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
-        if running_var is None:
-            raise RuntimeError("running_var must be defined in evaluation mode")
-    check_params("batch_norm", input, running_mean, running_var, weight, bias)
-    if torch.is_grad_enabled():
-        # torch's autograd refuses running statistics that require grad (even in training)
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t is not None and t.requires_grad:
-                raise RuntimeError(
-                    f"The function 'native_batch_norm' is not differentiable with respect to "
-                    f"argument '{name}'. This input cannot have requires_grad True."
-                )
+    if input.dim() < 2:
+        _check_low_rank(input, running_mean, running_var, weight, bias, training)
+    check_params("batch_norm", input, running_mean, running_var, weight, bias, training)
 
 
 def check_input_dtype(op: str, input: Tensor) -> None:
@@ -423,40 +426,97 @@ def check_input_dtype(op: str, input: Tensor) -> None:
         )
 
 
-def check_params(op: str, input, running_mean, running_var, weight, bias) -> None:
-    """The per-channel tensors (each may be None) against ``input`` [N, C, ...]: C elements
-    each, a floating input, then each tensor in the input's dtype (fp32 also beside fp16/bf16)
-    and on its device. Messages are prefixed with ``op``."""
+def check_params(
+    op: str, input, running_mean, running_var, weight, bias, training: bool = True
+) -> None:
+    """The per-channel tensors (each may be None) against ``input`` [N, C, ...], in torch's
+    order: C elements each (and, in eval mode, running statistics defined), running statistics
+    that do not require grad (in grad mode), the input's device; then, in training, both
+    running statistics or neither; a floating input; each tensor in the input's dtype (fp32
+    also beside fp16/bf16); 1-D running statistics; and, in training, running statistics that
+    the update can write (``_check_writable``). Messages are prefixed with ``op``."""
     C = input.shape[1]
+    grad_mode = torch.is_grad_enabled()
     named = (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("weight", weight),
         ("bias", bias),
     )
-    for name, t in named:
-        if t is not None and t.numel() != C:
-            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-    for name, t in named[:2]:
-        if t is not None and t.dim() != 1:  # torch reads them 1-D (weight/bias: any shape)
-            raise RuntimeError(f"{op}: expected {name} to be 1-D, got {t.dim()} dims")
-    check_input_dtype(op, input)
-    allowed = {input.dtype}
-    if input.dtype in (torch.float16, torch.bfloat16):
-        allowed.add(torch.float32)
-    for name, t in named:
+    for i, (name, t) in enumerate(named):
         if t is None:
+            if i < 2 and not training:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
             continue
-        if t.dtype not in allowed:
+        if t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+        if i < 2 and grad_mode and t.requires_grad:
+            # torch's autograd refuses running statistics that require grad (even in training)
             raise RuntimeError(
-                f"{op}: expected {name} to have dtype "
-                f"{' or '.join(sorted(map(str, allowed)))} (input is {input.dtype}), got {t.dtype}"
+                f"The function 'native_batch_norm' is not differentiable with respect to "
+                f"argument '{name}'. This input cannot have requires_grad True."
             )
         if t.device != input.device:
             raise RuntimeError(
                 f"{op}: expected all tensors to be on the same device, but input is on "
                 f"{input.device} and {name} on {t.device}"
             )
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    check_input_dtype(op, input)
+    allowed = {input.dtype}
+    if input.dtype in (torch.float16, torch.bfloat16):
+        allowed.add(torch.float32)
+    for name, t in named:
+        if t is not None and t.dtype not in allowed:
+            raise RuntimeError(
+                f"{op}: expected {name} to have dtype "
+                f"{' or '.join(sorted(map(str, allowed)))} (input is {input.dtype}), got {t.dtype}"
+            )
+    for name, t in named[:2]:
+        if t is not None and t.dim() != 1:  # torch reads them 1-D (weight/bias: any shape)
+            raise RuntimeError(f"{op}: expected {name} to be 1-D, got {t.dim()} dims")
+    if training and running_mean is not None:
+        _check_writable(op, running_mean, running_var)
+
+
+_OVERLAP = (
+    "unsupported operation: more than one element of the written-to tensor refers to a single "
+    "memory location. Please clone() the tensor before performing the operation."
+)
+
+
+def _check_writable(op: str, running_mean: Tensor, running_var: Tensor) -> None:
+    """Running statistics (1-D, non-empty) that a training batch norm can update in place,
+    before any launch: none whose elements share memory (an expanded, stride-0 view, which
+    torch's own in-place ops refuse and the kernels' update could not write back), and no
+    memory shared between the two (the same tensor, overlapping views of one buffer: torch
+    updates them one after the other there, the kernels at once: other numbers). Views of one
+    flat buffer side by side are fine. Costs two stride tests and an address comparison;
+    plain eager tensors only (traced and fake tensors have no addresses)."""
+    if not (plain_eager() and type(running_mean) is Tensor and type(running_var) is Tensor):
+        return
+    for t in (running_mean, running_var):
+        if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            raise RuntimeError(_OVERLAP)
+    a0, b0 = running_mean.data_ptr(), running_var.data_ptr()
+    ea, eb = running_mean.element_size(), running_var.element_size()
+    sa, sb = running_mean.stride(0) * ea, running_var.stride(0) * eb
+    a1 = a0 + (running_mean.numel() - 1) * sa + ea
+    b1 = b0 + (running_var.numel() - 1) * sb + eb
+    if a1 <= b0 or b1 <= a0:  # disjoint byte ranges: the usual case
+        return
+    # interleaved or overlapping views: compare the elements' byte ranges (a0 + i * sa, + ea)
+    starts_a = a0 + torch.arange(running_mean.numel(), dtype=torch.int64) * sa
+    starts_b = b0 + torch.arange(running_var.numel(), dtype=torch.int64) * sb
+    # for each element of running_var, the last element of running_mean starting before its end
+    k = torch.searchsorted(starts_a, starts_b + eb) - 1
+    hit = (k >= 0) & (starts_a[k.clamp(min=0)] + ea > starts_b)
+    if bool(hit.any()):
+        raise RuntimeError(
+            f"{op}: running_mean and running_var share memory, which the running-statistics "
+            "update writes in place: pass separate tensors (clone() one of them)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,6 +549,7 @@ def _batch_norm(
     (``momentum=None``), the running statistics are a cumulative average with factor
     ``1 / num_batches_tracked``, read on the device by the Triton path (no host sync)."""
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_python(input, training, eps)
     _check_types(input, running_mean, running_var, weight, bias, training)
     if input.numel() == 0 or not use_triton(input, running_mean, running_var, weight, bias):
         # Empty input: nothing to launch; torch's own semantics (it returns before checking

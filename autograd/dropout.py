@@ -173,9 +173,25 @@ def _on_triton(input: Tensor) -> bool:
     return input.dtype in _TRITON_DTYPES and use_triton(input)
 
 
+def _check_no_internal_overlap(input: Tensor) -> None:
+    """torch's refusal to write in place into a tensor whose elements share memory (an
+    expanded, stride-0 view), before any launch; only a non-contiguous tensor can (eager:
+    traced code reaches torch's own check in ``copy_``)."""
+    if (
+        not input.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and torch._debug_has_internal_overlap(input) == 1
+    ):
+        raise RuntimeError(
+            "unsupported operation: more than one element of the written-to tensor refers to a "
+            "single memory location. Please clone() the tensor before performing the operation."
+        )
+
+
 def _triton(input: Tensor, p: float, inner: int, inplace: bool, generator) -> Tensor:
     if inplace:
         _check_inplace(input)
+        _check_no_internal_overlap(input)
     seed = _seed(input, generator, p)
     out = DropoutFunction.apply(input, seed, p, inner)
     if inplace:

@@ -331,7 +331,7 @@ def _validate(input, weight, bias, negative_slope) -> None:
         raise TypeError(f"linear(): weight must be a Tensor, got {type(weight).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"linear(): bias must be a Tensor or None, got {type(bias).__name__}")
-    if not isinstance(negative_slope, numbers.Real):
+    if not isinstance(negative_slope, numbers.Real) and not _scalar_tensor(negative_slope):
         raise TypeError(
             f"linear(): negative_slope must be a real number, got {type(negative_slope).__name__}"
         )
@@ -372,6 +372,36 @@ def _validate(input, weight, bias, negative_slope) -> None:
         )
 
 
+def _scalar_tensor(value) -> bool:
+    """A 0-d real tensor that does not require grad: torch's argument parser takes it for a
+    Number (``F.leaky_relu``'s negative_slope)."""
+    return (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and not value.requires_grad
+        and not value.is_complex()
+    )
+
+
+# torch converts leaky_relu's negative_slope to the op's compute type (float for
+# float32/float16/bfloat16) and refuses a finite value that overflows it
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def slope_fits(negative_slope: float, dtype: torch.dtype) -> bool:
+    """Whether torch's leaky_relu takes ``negative_slope`` for an input of ``dtype``."""
+    return (
+        abs(negative_slope) <= _FP32_MAX
+        or dtype == torch.float64
+        or not math.isfinite(negative_slope)
+    )
+
+
+def _check_slope_fits(negative_slope: float, dtype: torch.dtype) -> None:
+    if not slope_fits(negative_slope, dtype):
+        raise RuntimeError("value cannot be converted to type float without overflow")
+
+
 def _autocast(input, weight, bias):
     """torch.autocast's rule for linear: eligible floating tensors become the autocast dtype."""
     return lower_precision(input, weight, bias)
@@ -406,11 +436,15 @@ def linear(
             _validate(
                 input, weight.view(1, -1) if weight.dim() == 1 else weight, None, negative_slope
             )
+            if act == "leaky_relu":
+                _check_slope_fits(float(negative_slope), input.dtype)
             y = _linear_irregular(input, weight, bias, activation, negative_slope)
             if y is not None:
                 return y
     _validate(input, weight, bias, negative_slope)
     negative_slope = float(negative_slope)
+    if act == "leaky_relu":
+        _check_slope_fits(negative_slope, input.dtype)
     # Other dtypes (integer, bool, complex) take torch's F.linear, which computes them or raises
     # its own error for them, as dropout and softmax do.
     if input.dtype in _TRITON_DTYPES and use_triton(input, weight, bias):

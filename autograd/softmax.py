@@ -89,6 +89,11 @@ def _batched_grad(y: Tensor, grad: Tensor, dim: int, log: bool) -> Tensor:
 def _dispatch(name, input, dim, stacklevel, dtype, log):
     if not isinstance(input, Tensor):  # torch's own TypeError
         return F.log_softmax(input, dim) if log else F.softmax(input, dim)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        # torch's argument parser; ``input.to`` would read a str or an int as a device
+        raise TypeError(
+            f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}"
+        )
     if dim is None:
         dim = F._get_softmax_dim(name, input.dim(), stacklevel + 1)
     dtype = softmax_dtype(input, dtype)  # autocast: torch's CUDA policy

@@ -46,6 +46,7 @@ the same ``torch.manual_seed``) to floating-point tolerance.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import os
 
@@ -61,7 +62,7 @@ from ..autograd.fused_block import (
     linear_act_dropout,
     saves_output,
 )
-from ..autograd.linear import linear_stats
+from ..autograd.linear import linear_stats, slope_fits
 from ..backend import use_triton
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout
@@ -94,7 +95,10 @@ def activation_of(m: torch.nn.Module) -> tuple[str | None, float] | None:
     if t is torch.nn.ReLU:
         return "relu", 0.01
     if t is torch.nn.LeakyReLU:
-        return "leaky_relu", float(m.negative_slope)
+        slope = m.negative_slope
+        if not isinstance(slope, numbers.Real):  # not absorbed: its forward raises torch's error
+            return None
+        return "leaky_relu", float(slope)
     if t is torch.nn.Sigmoid:
         return "sigmoid", 0.01
     if t is torch.nn.Tanh:
@@ -214,6 +218,8 @@ def _run_bn_block(
     block after)."""
     if input.dim() != 2 or input.numel() == 0:
         return None
+    if act == "leaky_relu" and not slope_fits(slope, input.dtype):
+        return None  # the modules in turn: torch's LeakyReLU raises its own error
     params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if lin is not None:
         if not block_linear_applies(input, *params, lin.weight, lin.bias):
@@ -321,6 +327,8 @@ def _run_linear_stats(input: Tensor, lin: Linear, handover, eps: float | None):
 def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | None:
     if not isinstance(input, Tensor) or not use_triton(input, lin.weight, lin.bias):
         return None
+    if act == "leaky_relu" and not slope_fits(slope, input.dtype):
+        return None  # the modules in turn: their leaky_relu raises torch's error
     return linear_act_dropout(input, lin.weight, lin.bias, act, slope, drop.p)
 
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..autograd.linear import check_activation
 from ..autograd.linear import linear as fused_linear
 from ._fx import fx_leaf
+
+
+def slope_value(negative_slope, owner: str) -> float:
+    """``negative_slope`` as a float: a real number or a 0-d tensor, as ``torch.nn.LeakyReLU``
+    takes it (``float`` alone would also read a string such as "0.5")."""
+    if not isinstance(negative_slope, (numbers.Real, torch.Tensor)):
+        raise TypeError(
+            f"{owner}: negative_slope must be a real number, got {type(negative_slope).__name__}"
+        )
+    return float(negative_slope)
 
 
 class Linear(torch.nn.Linear):
@@ -31,7 +43,7 @@ class Linear(torch.nn.Linear):
         check_activation(activation)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = slope_value(negative_slope, "Linear")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if type(input) is not torch.Tensor and (node := fx_leaf(self, input)) is not None:

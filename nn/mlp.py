@@ -35,7 +35,7 @@ import torch
 from .batchnorm import BatchNorm1d
 from .dropout import Dropout
 from .fused_block import FusedSequential
-from .linear import Linear
+from .linear import Linear, slope_value
 
 #: activation name -> torch module factory (``negative_slope`` only for leaky_relu).
 _TORCH_ACTIVATIONS = {
@@ -174,7 +174,7 @@ class MLP(torch.nn.Module):
         self.batchnorm = bool(batchnorm)
         self.dropout = float(dropout)
         self.bias = bool(bias)
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = slope_value(negative_slope, "MLP")
         self.layers = _build_layers(
             "fusedmlp",
             in_features,

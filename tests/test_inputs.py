@@ -189,3 +189,223 @@ def test_running_statistics_update_leaves_version_counters_as_torch(triton_backe
         outcomes.append((raised, seq[1].running_mean._version - before))
     assert launches.total > 0
     assert outcomes == [(False, 0)] * 3
+
+
+# ------------------------------------------- bad inputs against torch's own op (one table)
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+
+
+def _expanded(*shape):
+    return _x(*([1] * len(shape))).expand(*shape)
+
+
+def _stats(n=3, dtype=torch.float32):
+    return torch.zeros(n, device=DEVICE, dtype=dtype), torch.ones(n, device=DEVICE, dtype=dtype)
+
+
+def _leaky_mlp(torch_chain: bool):
+    torch.manual_seed(0)
+    m = fusedmlp.nn.MLP(4, [16], 2, activation="leaky_relu", negative_slope=1e308, dropout=0.3)
+    m = m.to(DEVICE)
+    return m.to_torch() if torch_chain else m
+
+
+# id -> (fusedmlp's call, torch's call): torch raises, fusedmlp raises the same type, before
+# any launch (a sweep of bad arguments through every op found these).
+_BAD_INPUTS = {
+    # leaky_relu's negative_slope overflows the fp32 compute type (fp64 takes it)
+    "linear-slope-overflow-fp32": (
+        lambda: FF.linear(_x(3, 4), _x(5, 4), None, "leaky_relu", 1e308),
+        lambda: F.leaky_relu(F.linear(_x(3, 4), _x(5, 4)), 1e308),
+    ),
+    "linear-slope-overflow-fp16": (
+        lambda: FF.linear(_x(3, 4).half(), _x(5, 4).half(), None, "leaky_relu", -1e39),
+        lambda: F.leaky_relu(_x(3, 5).half(), -1e39),
+    ),
+    "linear-1d-weight-slope-overflow": (
+        lambda: FF.linear(_x(3, 4), _x(4), None, "leaky_relu", 1e308),
+        lambda: F.leaky_relu(F.linear(_x(3, 4), _x(4)), 1e308),
+    ),
+    "linear-slope-tensor-requiring-grad": (
+        lambda: FF.linear(
+            _x(3, 4), _x(5, 4), None, "leaky_relu", torch.tensor(0.2, requires_grad=True)
+        ),
+        lambda: F.leaky_relu(_x(3, 5), torch.tensor(0.2, requires_grad=True)),
+    ),
+    "nn.Linear-slope-overflow": (
+        lambda: fusedmlp.nn.Linear(4, 5, activation="leaky_relu", negative_slope=1e308).to(DEVICE)(
+            _x(3, 4)
+        ),
+        lambda: torch.nn.LeakyReLU(1e308)(_x(3, 5)),
+    ),
+    "nn.Linear-slope-str": (  # float() alone would read "0.5"
+        lambda: fusedmlp.nn.Linear(4, 5, activation="leaky_relu", negative_slope="0.5"),
+        lambda: torch.nn.LeakyReLU("0.5")(_x(3, 5)),
+    ),
+    "MLP-slope-str": (
+        lambda: fusedmlp.nn.MLP(4, [6], 2, activation="leaky_relu", negative_slope="0.5"),
+        lambda: torch.nn.LeakyReLU("0.5")(_x(3, 5)),
+    ),
+    # the fused Linear -> LeakyReLU -> Dropout block took the overflowing slope silently
+    "MLP-dropout-slope-overflow": (
+        lambda: _leaky_mlp(False)(_x(5, 4)),
+        lambda: _leaky_mlp(True)(_x(5, 4)),
+    ),
+    # F.batch_norm's Python checks come before its argument parser's
+    "batch_norm-list-input-training": (
+        lambda: FF.batch_norm(_x(4, 3).tolist(), None, None, training=True),
+        lambda: F.batch_norm(_x(4, 3).tolist(), None, None, training=True),
+    ),
+    "batch_norm-training-str-bad-eps": (
+        lambda: FF.batch_norm(_x(4, 3), None, None, training="yes", eps=-1.0),
+        lambda: F.batch_norm(_x(4, 3), None, None, training="yes", eps=-1.0),
+    ),
+    # torch's C++ order: element counts, then 'both or neither' running statistics
+    "batch_norm-running-mean-size-without-var": (
+        lambda: FF.batch_norm(_x(4, 3), torch.zeros(5, device=DEVICE), None, training=True),
+        lambda: F.batch_norm(_x(4, 3), torch.zeros(5, device=DEVICE), None, training=True),
+    ),
+    "batch_norm-running-mean-requiring-grad-without-var": (
+        lambda: FF.batch_norm(_x(4, 3), _x(3).requires_grad_(), None, training=True),
+        lambda: F.batch_norm(_x(4, 3), _x(3).requires_grad_(), None, training=True),
+    ),
+    # inputs of fewer than 2 dims: torch reads 0 channels and checks the statistics against it
+    "batch_norm-0d-eval": (
+        lambda: FF.batch_norm(_x(), *_stats(), training=False),
+        lambda: F.batch_norm(_x(), *_stats(), training=False),
+    ),
+    "batch_norm-0d-eval-no-stats": (
+        lambda: FF.batch_norm(_x(), None, None, training=False),
+        lambda: F.batch_norm(_x(), None, None, training=False),
+    ),
+    "batch_norm-1d-eval-no-stats": (
+        lambda: FF.batch_norm(_x(4), None, None, _x(3), training=False),
+        lambda: F.batch_norm(_x(4), None, None, _x(3), training=False),
+    ),
+    "batch_norm-1d-weight": (
+        lambda: FF.batch_norm(_x(4), None, None, _x(3), training=True),
+        lambda: F.batch_norm(_x(4), None, None, _x(3), training=True),
+    ),
+    # in place into an expanded (stride-0) tensor
+    "dropout-inplace-expanded": (
+        lambda: FF.dropout(_expanded(4, 6), 0.5, True, True),
+        lambda: F.dropout(_expanded(4, 6), 0.5, True, True),
+    ),
+    "dropout-inplace-expanded-p1": (
+        lambda: FF.dropout(_expanded(4, 6), 1.0, True, True),
+        lambda: F.dropout(_expanded(4, 6), 1.0, True, True),
+    ),
+    "dropout2d-inplace-expanded": (
+        lambda: FF.dropout2d(_expanded(2, 3, 2, 2), 0.5, True, True),
+        lambda: F.dropout2d(_expanded(2, 3, 2, 2), 0.5, True, True),
+    ),
+    "nn.Dropout-inplace-expanded": (
+        lambda: fusedmlp.nn.Dropout(0.5, inplace=True)(_expanded(4, 6)),
+        lambda: torch.nn.Dropout(0.5, inplace=True)(_expanded(4, 6)),
+    ),
+    # a dtype that is not a torch.dtype (input.to would read it as a device)
+    "softmax-dtype-str": (
+        lambda: FF.softmax(_x(3, 4), 1, dtype="a"),
+        lambda: F.softmax(_x(3, 4), 1, dtype="a"),
+    ),
+    "log_softmax-dtype-int": (
+        lambda: FF.log_softmax(_x(3, 4), 1, dtype=0),
+        lambda: F.log_softmax(_x(3, 4), 1, dtype=0),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INPUTS), ids=list(_BAD_INPUTS))
+def test_bad_inputs_raise_torchs_error_before_any_launch(triton_backend, launches, case):
+    ours, theirs = _BAD_INPUTS[case]
+    with pytest.raises(Exception) as ref:
+        theirs()
+    with pytest.raises(Exception) as got:
+        ours()
+    assert type(got.value) is type(ref.value), (got.value, ref.value)
+    assert launches.total == 0, dict(launches)
+
+
+def test_leaky_slope_as_torch_takes_it(triton_backend, launches):
+    # a 0-d tensor (torch's Number), an infinite slope, and a huge one for float64
+    x, w = _x(3, 4), _x(5, 4)
+    for slope in (torch.tensor(0.2), torch.tensor(2), math.inf):
+        y = FF.linear(x, w, None, "leaky_relu", slope)
+        torch.testing.assert_close(y, F.leaky_relu(F.linear(x, w), slope), equal_nan=True)
+    x, w = x.double(), w.double()
+    y = FF.linear(x, w, None, "leaky_relu", 1e300)
+    torch.testing.assert_close(y, F.leaky_relu(F.linear(x, w), 1e300))
+    assert launches.total == 4
+
+
+def _shared(kind):
+    buf = torch.zeros(8, device=DEVICE)
+    return {
+        "same": (buf[:3], buf[:3]),
+        "overlapping": (buf[:3], buf[1:4]),
+        "strided-overlapping": (buf[3:6], buf[1:7:2]),
+        "interleaved": (buf[0:6:2], buf[1:7:2]),
+        "side-by-side": (buf[:3], buf[3:6]),
+        "expanded-mean": (buf[:1].expand(3), buf[3:6]),
+        "expanded-var": (buf[:3], buf[3:4].expand(3)),
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["same", "overlapping", "strided-overlapping", "interleaved", "side-by-side",
+     "expanded-mean", "expanded-var"],
+)  # fmt: skip
+def test_running_statistics_sharing_memory(triton_backend, launches, kind):
+    # torch's batch norm writes running statistics that share memory one after the other (an
+    # expanded one: each channel over the same element), fusedmlp's kernels at once: refused
+    # before any launch in training, as torch's own in-place ops refuse it. Views of one
+    # buffer that share no element work as torch's; eval mode writes nothing.
+    x = _x(6, 3) * 2 + 1
+    refuses = kind not in ("interleaved", "side-by-side")
+    for training in (True, False):
+        ours, theirs = _shared(kind), _shared(kind)
+        ref = F.batch_norm(x, *theirs, training=training)
+        before = launches.total
+        if training and refuses:
+            with pytest.raises(RuntimeError, match="memory"):
+                FF.batch_norm(x, *ours, training=training)
+            assert launches.total == before
+            bn = fusedmlp.nn.BatchNorm1d(3).to(DEVICE)
+            bn.running_mean, bn.running_var = _shared(kind)
+            with pytest.raises(RuntimeError, match="memory"):
+                bn(x)
+            assert launches.total == before
+            continue
+        y = FF.batch_norm(x, *ours, training=training)
+        assert launches.total > before
+        assert_close(y, ref)
+        for a, e in zip(ours, theirs):
+            assert_close(a, e)
+
+
+def test_converted_leaky_relu_with_a_string_slope_raises_as_torch(triton_backend):
+    # float() would read "0.5": the LeakyReLU is not absorbed, and raises torch's TypeError
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.LeakyReLU("0.5"), torch.nn.Linear(16, 2)
+    ).to(DEVICE)
+    fused = fusedmlp.nn.convert(seq)
+    assert type(fused[1]) is torch.nn.LeakyReLU
+    for model in (seq, fused):
+        with pytest.raises(TypeError, match="negative_slope"):
+            model(_x(3, 4))
+
+
+def test_fake_tensors_pass_the_running_statistics_checks(triton_backend):
+    # The training checks that read the running statistics' addresses (shared memory) skip
+    # fake tensors, which have none: shape propagation under FakeTensorMode works as torch's.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, rm, rv = torch.randn(4, 3), torch.zeros(3), torch.ones(3)
+        out = FF.batch_norm(x, rm, rv, training=True)
+        ref = F.batch_norm(x, rm.clone(), rv.clone(), training=True)
+    assert out.shape == ref.shape == (4, 3)
