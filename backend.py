@@ -24,6 +24,12 @@ BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels (and of their torch-op stand-ins) for inputs of
+    ``dtype``: float64 for float64, float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _validate(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from ..backend import TRITON_DTYPES, use_triton
+from ..backend import TRITON_DTYPES, acc_dtype, use_triton
 from ._custom_op import caller, custom_op, plain_eager
 from ._once import grads_batched, once_differentiable
 
@@ -39,10 +39,6 @@ RUNNING_STATS = ("running_mean", "running_var")
 # ----------------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @custom_op("fusedmlp::batchnorm_fwd", mutates_args=())
@@ -68,14 +64,14 @@ def _batchnorm_fwd(
         x, weight, bias, running_mean, running_var, training, eps, given
     )
     if given is not None:
-        stats = [x.new_empty(0, dtype=_acc_dtype(x)) for _ in range(3)]  # distinct tensors
+        stats = [x.new_empty(0, dtype=acc_dtype(x.dtype)) for _ in range(3)]  # distinct tensors
     return y, *stats
 
 
 @_batchnorm_fwd.register_fake
 def _(x, weight, bias, running_mean, running_var, training, eps, mean, invstd):
     n = x.shape[1] if training and mean is None else 0
-    stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
+    stats = [x.new_empty(n, dtype=acc_dtype(x.dtype)) for _ in range(3)]
     return (torch.empty_like(x), *stats)
 
 
@@ -112,7 +108,7 @@ def _batchnorm_stats(
 @_batchnorm_stats.register_fake
 def _(x, eps, running_mean, running_var, momentum, num_batches_tracked, pmean=None, pm2=None,
       rows=0):  # fmt: skip
-    return tuple(x.new_empty(x.shape[1], dtype=_acc_dtype(x)) for _ in range(3))
+    return tuple(x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype)) for _ in range(3))
 
 
 class BatchStats(NamedTuple):
@@ -206,7 +202,7 @@ def grads_or_empty(x: Tensor, dx, dw, db) -> tuple[Tensor, Tensor, Tensor]:
 @_batchnorm_bwd.register_fake
 def _(dy, x, weight, mean, stat, training, eps, need_dx, need_dweight, need_dbias):
     C = x.shape[1]
-    pdtype = weight.dtype if weight is not None else _acc_dtype(x)
+    pdtype = weight.dtype if weight is not None else acc_dtype(x.dtype)
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
         x.new_empty(C, dtype=pdtype) if need_dweight and weight is not None else x.new_empty(0),
@@ -294,7 +290,7 @@ def _batched_grads(dy, x, weight, mean, stat, training: bool, eps: float):
     """``(dx, dweight, dbias)`` in torch's ops, which vmap batches (batched gradients: a batched
     tensor has no storage for the kernels). ``stat``: the batch's invstd in training, else the
     running variance. In fp32 for 16-bit inputs, as the kernels."""
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
     dims = [d for d in range(x.dim()) if d != 1]
     invstd = stat.to(acc) if training else torch.rsqrt(stat.to(acc) + eps)

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
-from ..backend import TRITON_DTYPES, use_triton
+from ..backend import TRITON_DTYPES, acc_dtype, use_triton
 from ._amp import fp32
 from ._custom_op import caller, custom_op
 from ._once import grads_batched, once_differentiable
@@ -85,10 +85,6 @@ CHECK_TARGETS = True
 # one then queues its kernels with the host's 1/N before its own counts arrive (module doc).
 # The first one takes the device normaliser: never launched twice.
 _NO_IGNORED_LAST = [False]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _folds_mean(dtype: torch.dtype) -> bool:
@@ -179,7 +175,7 @@ def cross_entropy_fwd(
     Raises IndexError for out-of-range targets (see the module docstring for its cost).
     """
     n, c = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
     # The check's counts are copied to the host while the loss kernels are queued (module doc).
     # Where one program reduces the loss, it counts the targets too (no launch of the check's
@@ -223,7 +219,7 @@ def _loss_and_grad(logits, target, w, ignore_index, label_smoothing, reduction, 
     from ..kernels import cross_entropy as K
 
     n = logits.shape[0]
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     scale = None
     wsum = None
     inv = None
@@ -282,7 +278,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_
     n, c = logits.shape
     loss = logits.new_empty((n,) if reduction == "none" else ())
     grad = logits.new_empty((n, c) if compute_grad else (0,))
-    factor = logits.new_empty((), dtype=_acc_dtype(logits.dtype))
+    factor = logits.new_empty((), dtype=acc_dtype(logits.dtype))
     return loss, grad, factor
 
 

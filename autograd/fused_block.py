@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import use_triton
+from ..backend import acc_dtype, use_triton
 from ._custom_op import caller, custom_op
 from ._handover import take
 from ._once import once_differentiable
@@ -56,7 +56,6 @@ from .batchnorm import (
     _FLOATS,
     RUNNING_STATS,
     BatchStats,
-    _acc_dtype,
     affine_grads,
     check_input_dtype,
     check_params,
@@ -138,7 +137,7 @@ def _fused_block_fwd(
 @_fused_block_fwd.register_fake
 def _(x, weight, bias, seed, normalize, eps, p, activation, negative_slope):
     n = x.shape[-1] if normalize else 0
-    stats = [x.new_empty(n, dtype=_acc_dtype(x)) for _ in range(3)]
+    stats = [x.new_empty(n, dtype=acc_dtype(x.dtype)) for _ in range(3)]
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device), *stats)
 
 
@@ -218,7 +217,7 @@ def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nx
       dxt, ws):  # fmt: skip
     C = x.shape[1]
     ref = weight if weight is not None else bias
-    pdtype = ref.dtype if ref is not None else _acc_dtype(x)
+    pdtype = ref.dtype if ref is not None else acc_dtype(x.dtype)
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device) if nx else x.new_empty(0),
         x.new_empty(C, dtype=pdtype) if nw and weight is not None else x.new_empty(0),
@@ -270,12 +269,12 @@ def _(dy, x, weight, bias, mean, invstd, seed, p, activation, negative_slope, nw
 
     n, c = x.shape
     ref = weight if weight is not None else bias
-    pdtype = ref.dtype if ref is not None else _acc_dtype(x)
+    pdtype = ref.dtype if ref is not None else acc_dtype(x.dtype)
     shape = backward_sums_shape(n, c, x.device)
     out = ((c, n) if transposed else (n, c)) if apply else (0,)
     return (
-        x.new_empty(shape, dtype=_acc_dtype(x)),
-        x.new_empty(shape, dtype=_acc_dtype(x)),
+        x.new_empty(shape, dtype=acc_dtype(x.dtype)),
+        x.new_empty(shape, dtype=acc_dtype(x.dtype)),
         x.new_empty(c, dtype=pdtype) if nw and weight is not None else x.new_empty(0),
         x.new_empty(c, dtype=pdtype) if nb else x.new_empty(0),
         x.new_empty(out),
@@ -455,7 +454,7 @@ def _block_grads(ctx, dout, x, weight, bias, mean, invstd, seed, n_inputs: int,
         R, C = x.shape
         extra = (
             torch.empty((C, R), dtype=x.dtype, device=x.device),
-            torch.empty((-(-R // TRANSPOSED_ROWS), C), dtype=_acc_dtype(x), device=x.device),
+            torch.empty((-(-R // TRANSPOSED_ROWS), C), dtype=acc_dtype(x.dtype), device=x.device),
         )
     args = (dout, x, weight, bias, mean, invstd, seed, ctx.p, ctx.activation, ctx.negative_slope)
     if sums is None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import TRITON_DTYPES, use_triton
+from ..backend import TRITON_DTYPES, acc_dtype, use_triton
 from ._amp import lower_precision
 from ._custom_op import caller, custom_op
 from ._handover import take
@@ -253,7 +253,7 @@ def want_made(handover, x: Tensor, weight: Tensor, need_dw: bool) -> None:
 def _activation_grad_torch(saved: Tensor, activation: str, negative_slope: float) -> Tensor:
     """d act / dz in torch's ops from what the forward saved: the pre-activation z where
     ``_saves_preactivation``, else the output y (fp32 for 16-bit tensors)."""
-    acc = torch.float32 if saved.dtype in (torch.float16, torch.bfloat16) else saved.dtype
+    acc = acc_dtype(saved.dtype)
     s = saved.to(acc)
     if activation == "relu":
         return (s > 0).to(acc)
@@ -277,7 +277,7 @@ def _activation_grad_torch(saved: Tensor, activation: str, negative_slope: float
 def _batched_linear_grads(ctx, grad_y, x, weight, saved, need_dx, need_dw, need_db):
     """``_linear_backward``'s gradients in torch's ops, which vmap batches (batched gradients:
     a batched tensor has no storage for the kernels)."""
-    acc = torch.float32 if grad_y.dtype in (torch.float16, torch.bfloat16) else grad_y.dtype
+    acc = acc_dtype(grad_y.dtype)
     dz = grad_y.to(acc)
     if ctx.activation != "none":
         dz = dz * _activation_grad_torch(saved, ctx.activation, ctx.negative_slope)

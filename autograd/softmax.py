@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import TRITON_DTYPES, use_triton
+from ..backend import TRITON_DTYPES, acc_dtype, use_triton
 from ._amp import softmax_dtype
 from ._custom_op import caller, custom_op
 from ._once import grads_batched, once_differentiable
@@ -77,7 +77,7 @@ class SoftmaxFunction(torch.autograd.Function):
 def _batched_grad(y: Tensor, grad: Tensor, dim: int, log: bool) -> Tensor:
     """The input gradient in torch's ops, which vmap batches (batched gradients: a batched
     tensor has no storage for the kernel), in fp32 for 16-bit outputs as the kernel."""
-    acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+    acc = acc_dtype(y.dtype)
     y, g = y.to(acc), grad.to(acc)
     if log:
         dx = g - y.exp() * g.sum(dim, keepdim=True)

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import acc_dtype
 from .arrival import arrival_counters, last_arrival
 from .launch import cdiv, launch, next_power_of_2, on_device, row_splits
 
@@ -720,10 +721,6 @@ def _strides(t: torch.Tensor, p: str) -> dict:
     return dict(zip(_STRIDE_NAMES[p], v))
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
     """A per-channel vector as a contiguous 1-D tensor: ``t`` itself when it already is one (no
     view object per launch), else a contiguous view of its elements."""
@@ -755,7 +752,7 @@ def batch_norm_stats(
     (same arithmetic, same bits) without its launch; the running tensors ``[C]`` contiguous.
     """
     R, C, S, W = _geometry(x)
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     n_split, rows = _splits(R, C, x.device)
     mean = torch.empty(C, device=x.device, dtype=acc)
     invstd = torch.empty(C, device=x.device, dtype=acc)
@@ -876,7 +873,7 @@ def batch_norm_forward(
     returned with None for var.
     """
     R, C, S, W = _geometry(x)
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     weight, bias = _vec(weight), _vec(bias)
     y = torch.empty_like(x)
     with on_device(x):
@@ -990,7 +987,7 @@ def batch_norm_backward(
     dweight/dbias in weight's dtype.
     """
     R, C, S, W = _geometry(x)
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     weight = _vec(weight)
     mean, stat = _vec(mean), _vec(stat)
     need_dweight = need_dweight and weight is not None

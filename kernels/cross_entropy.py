@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import acc_dtype
 from .launch import cdiv, launch, next_power_of_2, on_device
 
 # ``PIPELINE``: both passes with the next chunk's loads issued before this chunk's arithmetic,
@@ -110,10 +111,6 @@ def _narrow_configs(c: int, name: str, max_warps: int) -> list:
 # 8 warps, 16 targets per thread and block: more loads in flight on the one program's SM.
 _CHECK_CONFIGS = [triton.Config({"BLOCK": 4096}, num_warps=8)]
 _CHECK_INTERPRET = triton.Config({"BLOCK": 16}, num_warps=4)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -548,7 +545,7 @@ def cross_entropy_fwd(
     ``compute_grad`` is False: nothing is written).
     """
     n, c = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     loss = torch.empty(n, device=logits.device, dtype=acc)
     if compute_grad:
         grad = torch.empty((n, c), device=logits.device, dtype=logits.dtype)

@@ -61,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import acc_dtype
 from . import batchnorm as BN
 from .arrival import arrival_counters
 from .batchnorm import _merge_grad_sums, _store_grad_sums
@@ -561,10 +562,6 @@ def _grid(R: int, C: int):
     return lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, 4 * meta["BLOCK_Q"]))
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _check(x: torch.Tensor, seed: torch.Tensor | None, activation: str) -> None:
     if x.dim() != 2:
         raise RuntimeError(f"fused block kernel: expected a 2-D [R, C] input, got {x.dim()}-D")
@@ -633,7 +630,7 @@ def fused_forward(
     """
     _check(x, seed, activation)
     R, C = x.shape
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     if out is None:
         out = torch.empty((R, C), dtype=x.dtype, device=x.device)
     weight, bias = BN._vec(weight), BN._vec(bias)
@@ -801,7 +798,7 @@ def bn_act_dropout_backward_sums(
 def _sums(dy, x, weight, bias, need_dweight, need_dbias, out, ptrs, common):
     """``bn_act_dropout_backward_sums`` after its checks (``_backward_args``'s ptrs, common)."""
     R, C = x.shape
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     need_dweight = need_dweight and weight is not None
     pdtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else acc)
     with on_device(x):
