@@ -17,8 +17,8 @@ buffer), the backward raises at once.
 A backward run under vmap (batched gradients: ``torch.autograd.grad(..., is_grads_batched=True)``,
 ``jacobian(..., vectorize=True)``, ``gradcheck(check_batched_grad=True)``) receives batched
 tensors, which have no storage for a kernel to read: it raises a clear error before any launch,
-unless the op handles them (``batched=True``: cross-entropy scales its saved gradient with
-torch's ops there). ``torch.func`` transforms of the whole computation are not affected: their
+unless the op handles them (``batched=True``: linear, softmax, batch norm and cross-entropy
+compute them with torch's ops from what they saved; only the fused blocks raise). ``torch.func`` transforms of the whole computation are not affected: their
 forward already takes torch's ops (``fusedmlp.backend.use_triton``).
 """
 
