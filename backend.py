@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import numbers
 import operator
 import os
 
@@ -28,6 +29,20 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of the kernels (and of their torch-op stand-ins) for inputs of
     ``dtype``: float64 for float64, float32 for every other floating dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def float_arg(value) -> bool:
+    """Whether torch's argument parser takes ``value`` for a ``float`` argument (batch norm's
+    momentum, leaky_relu's negative_slope): a real number (bool and numpy scalars too), or a
+    0-d real tensor that does not require grad."""
+    if isinstance(value, numbers.Real):
+        return True
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.requires_grad
+        and not value.is_complex()
+    )
 
 
 def _validate(name: str) -> str:

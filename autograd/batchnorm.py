@@ -19,7 +19,6 @@ backend is ``F.batch_norm`` itself.
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from ..backend import TRITON_DTYPES, acc_dtype, use_triton
+from ..backend import TRITON_DTYPES, acc_dtype, float_arg, use_triton
 from ._custom_op import caller, custom_op, plain_eager
 from ._once import grads_batched, once_differentiable
 
@@ -338,10 +337,6 @@ def _verify_batch_size(size) -> None:
         )
 
 
-def _zero_dim_real(value) -> bool:
-    return isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex()
-
-
 def _check_types(input, running_mean, running_var, weight, bias, training) -> None:
     """torch's argument parser: TypeError for a non-Tensor input, a per-channel argument that
     is neither a Tensor nor None, and a ``training`` that is not a bool (an int, a numpy bool,
@@ -401,9 +396,7 @@ def _check_low_rank(input, running_mean, running_var, weight, bias, training) ->
 def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
     """The Triton path's checks after ``_check_python`` and ``_check_types``, in torch's order:
     its argument parser (momentum), then its C++ (``check_params``)."""
-    # torch's argument parser takes any real number (bool and numpy scalars too) and a 0-d
-    # tensor for its double ``momentum``
-    if not (isinstance(momentum, numbers.Real) or _zero_dim_real(momentum)):
+    if not float_arg(momentum):
         raise TypeError(
             f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
         )

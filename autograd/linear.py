@@ -16,13 +16,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import TRITON_DTYPES, acc_dtype, use_triton
+from ..backend import TRITON_DTYPES, acc_dtype, float_arg, use_triton
 from ._amp import lower_precision
 from ._custom_op import caller, custom_op
 from ._handover import take
@@ -331,7 +330,7 @@ def _validate(input, weight, bias, negative_slope) -> None:
         raise TypeError(f"linear(): weight must be a Tensor, got {type(weight).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"linear(): bias must be a Tensor or None, got {type(bias).__name__}")
-    if not isinstance(negative_slope, numbers.Real) and not _scalar_tensor(negative_slope):
+    if not float_arg(negative_slope):
         raise TypeError(
             f"linear(): negative_slope must be a real number, got {type(negative_slope).__name__}"
         )
@@ -370,17 +369,6 @@ def _validate(input, weight, bias, negative_slope) -> None:
         raise RuntimeError(
             f"linear(): expected bias on weight's device {weight.device}, got {bias.device}"
         )
-
-
-def _scalar_tensor(value) -> bool:
-    """A 0-d real tensor that does not require grad: torch's argument parser takes it for a
-    Number (``F.leaky_relu``'s negative_slope)."""
-    return (
-        isinstance(value, Tensor)
-        and value.dim() == 0
-        and not value.requires_grad
-        and not value.is_complex()
-    )
 
 
 # torch converts leaky_relu's negative_slope to the op's compute type (float for

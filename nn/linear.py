@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ..autograd.linear import check_activation
 from ..autograd.linear import linear as fused_linear
+from ..backend import float_arg
 from ._fx import fx_leaf
 
 
 def slope_value(negative_slope, owner: str) -> float:
-    """``negative_slope`` as a float: a real number or a 0-d tensor, as ``torch.nn.LeakyReLU``
-    takes it (``float`` alone would also read a string such as "0.5")."""
-    if not isinstance(negative_slope, (numbers.Real, torch.Tensor)):
+    """``negative_slope`` as a float: a real number or a 0-d real tensor that does not require
+    grad, as ``torch.nn.LeakyReLU``'s forward takes it (``float`` alone would also read a
+    string such as "0.5")."""
+    if not float_arg(negative_slope):
         raise TypeError(
             f"{owner}: negative_slope must be a real number, got {type(negative_slope).__name__}"
         )

@@ -245,6 +245,12 @@ _BAD_INPUTS = {
         lambda: fusedmlp.nn.Linear(4, 5, activation="leaky_relu", negative_slope="0.5"),
         lambda: torch.nn.LeakyReLU("0.5")(_x(3, 5)),
     ),
+    "nn.Linear-slope-tensor-requiring-grad": (
+        lambda: fusedmlp.nn.Linear(
+            4, 5, activation="leaky_relu", negative_slope=torch.tensor(0.2, requires_grad=True)
+        ),
+        lambda: torch.nn.LeakyReLU(torch.tensor(0.2, requires_grad=True))(_x(3, 5)),
+    ),
     "MLP-slope-str": (
         lambda: fusedmlp.nn.MLP(4, [6], 2, activation="leaky_relu", negative_slope="0.5"),
         lambda: torch.nn.LeakyReLU("0.5")(_x(3, 5)),
@@ -262,6 +268,15 @@ _BAD_INPUTS = {
     "batch_norm-training-str-bad-eps": (
         lambda: FF.batch_norm(_x(4, 3), None, None, training="yes", eps=-1.0),
         lambda: F.batch_norm(_x(4, 3), None, None, training="yes", eps=-1.0),
+    ),
+    # torch's argument parser takes a 0-d tensor for the float momentum only without grad
+    "batch_norm-momentum-tensor-requiring-grad": (
+        lambda: FF.batch_norm(
+            _x(4, 3), *_stats(), training=True, momentum=torch.tensor(0.1, requires_grad=True)
+        ),
+        lambda: F.batch_norm(
+            _x(4, 3), *_stats(), training=True, momentum=torch.tensor(0.1, requires_grad=True)
+        ),
     ),
     # torch's C++ order: element counts, then 'both or neither' running statistics
     "batch_norm-running-mean-size-without-var": (
