@@ -223,7 +223,10 @@ def _torch_path(
         if not unscale_and_check(grads, grad_scale, found_inf):
             return
     has_complex = any(torch.is_complex(p) for p in params)
-    _torch_adam(*tensors, fused=False, capturable=device_step, has_complex=has_complex, **hp)
+    # torch's capturable algorithm reads device counters without a host sync, but refuses CPU
+    # params: counters on the CPU (AMP keywords on CPU tensors) take its host-step algorithm
+    capturable = device_step and not all(s.is_cpu for s in steps)
+    _torch_adam(*tensors, fused=False, capturable=capturable, has_complex=has_complex, **hp)
 
 
 def _torch_adam(*tensors, fused, capturable, **kw):

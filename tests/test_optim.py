@@ -986,3 +986,33 @@ def test_optimizers_example_follows_torch(triton_backend, launches, capsys):
     assert len(rows) == len(example.RUNS)
     assert all(float(row.split()[-1]) <= 1e-5 for row in rows), rows
     assert launches.total > 0
+
+
+def test_amp_keywords_with_complex_params_step_as_torch(backend, launches):
+    """``step(grad_scale=..., found_inf=...)`` over a group with a complex param: the complex
+    param takes torch's algorithm after GradScaler's own unscale and skip. Its counters sit on
+    the params' device; on the CPU torch's capturable algorithm refuses them (an
+    AssertionError on every step), so the host-step algorithm runs there."""
+    g = torch.Generator().manual_seed(0)
+    ours = [
+        torch.nn.Parameter(torch.randn(4, 3, generator=g).to(DEVICE)),
+        torch.nn.Parameter(torch.randn(3, dtype=torch.complex64, generator=g).to(DEVICE)),
+    ]
+    ref = _clone(ours)
+    opt = Adam(ours, lr=0.1, amsgrad=True)
+    ref_opt = torch.optim.Adam(ref, lr=0.1, amsgrad=True)
+    scale = torch.tensor(4.0, device=DEVICE)
+    for step in range(3):
+        for p, q in zip(ours, ref):
+            grad = torch.randn(p.shape, dtype=p.dtype, generator=g).to(DEVICE)
+            p.grad, q.grad = grad * 4, grad.clone()
+        skipped = step == 1
+        opt.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=DEVICE))
+        if not skipped:
+            ref_opt.step()
+    _assert_params(ours, ref)
+    for p, q in zip(ours, ref):
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"]) == 2
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key])
+    assert launches["_adam_kernel"] == (3 if backend == "triton" else 0)
