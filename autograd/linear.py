@@ -164,7 +164,7 @@ def linear_stats_fwd(
     from ..kernels import linear as K
 
     y, stats = K.linear_forward_stats(x, weight, bias, eps)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     if stats is None:
         return y, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
     if eps is not None:
@@ -177,7 +177,7 @@ def _(x, weight, bias, eps=None):
     from ..kernels.linear import stats_rows
 
     m, n = x.shape[0], weight.shape[0]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     if eps is not None:
         return x.new_empty((m, n)), x.new_empty((3, n), dtype=acc), x.new_empty(0, dtype=acc)
     parts = -(-m // stats_rows(x))

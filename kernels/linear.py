@@ -66,6 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
+# aliased: ``acc_dtype`` is a local name inside kernels below
+from ..backend import acc_dtype as host_acc_dtype
 from .arrival import arrival_counters, last_arrival
 from .batchnorm import _merge_splits, _store_final
 from .dropout import dropout_scale, scale_arg, tile_keep
@@ -1468,7 +1470,7 @@ def linear_forward_stats(
         return linear_forward(x, weight, bias, "none", 0.0)[0], None
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     rows = stats_rows(x)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = host_acc_dtype(x.dtype)
     pmean = torch.empty((cdiv(M, rows), N), device=x.device, dtype=acc)
     pm2 = torch.empty_like(pmean)
     final = None
@@ -1996,9 +1998,7 @@ def _dw_db(grad_y, x, weight, saved, dx, activation, negative_slope, need_dw, ne
         return dw, db
     nk, nb = (N * K if compute_dw else 0), (N if need_db else 0)
     if split > 1:  # partials: merged by each block's last program, or by a launch of their own
-        ws = torch.empty(
-            (split, nk + nb), device=x.device, dtype=torch.float64 if fp64 else torch.float32
-        )
+        ws = torch.empty((split, nk + nb), device=x.device, dtype=host_acc_dtype(dtype))
         dw_out, db_out, split_stride = ws, ws[:, nk:], nk + nb
     merge = merges_in_kernel(split, N, K, x.device)
     # one counter per db/dW program of axis 0: at most this many at the smallest tiles
