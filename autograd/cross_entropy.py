@@ -39,7 +39,7 @@ under the 'triton' backend and without label smoothing):
   (``_NO_IGNORED_LAST``), else the device normaliser. A wrong guess (an ignored row after
   forwards without) launches the loss kernels again, with the device normaliser.
   The check is skipped during CUDA-graph capture (a sync is illegal there: the kernel then
-  writes a NaN loss and a zero gradient row for such a row) and when ``CHECK_TARGETS`` is set
+  writes a NaN loss and an ignored row's gradient for such a row) and when ``CHECK_TARGETS`` is set
   to False; the normaliser is then computed on the device.
 
 Double backward raises (``_once.once_differentiable``). The op saves no tensor that carries the
@@ -284,34 +284,45 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_
 
 @custom_op("fusedmlp::cross_entropy_bwd", mutates_args=())
 def cross_entropy_bwd(
-    grad: Tensor, grad_output: Tensor, factor: Tensor, target: Tensor, ignore_index: int
+    grad: Tensor,
+    grad_output: Tensor,
+    factor: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    smoothing: bool,
 ) -> Tensor:
     """``grad * grad_output[:, None] * factor`` (grad_output 0-d or [N]) as a new tensor; rows
-    whose target is ``ignore_index`` are 0 whatever the multiplier, as torch's."""
+    whose target is ``ignore_index`` keep ``grad``'s row (0, or NaN) whatever the multiplier,
+    as torch's; an infinite multiplier gives torch's NaN (``smoothing``: label smoothing > 0)."""
     from ..kernels import cross_entropy as K
 
     out = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    return K.cross_entropy_scale(grad, grad_output, factor, target, ignore_index, out=out)
+    return K.cross_entropy_scale(grad, grad_output, factor, target, ignore_index, smoothing, out)
 
 
 @cross_entropy_bwd.register_fake
-def _(grad, grad_output, factor, target, ignore_index):
+def _(grad, grad_output, factor, target, ignore_index, smoothing):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 @custom_op("fusedmlp::cross_entropy_bwd_inplace", mutates_args=["grad"])
 def cross_entropy_bwd_inplace(
-    grad: Tensor, grad_output: Tensor, factor: Tensor, target: Tensor, ignore_index: int
+    grad: Tensor,
+    grad_output: Tensor,
+    factor: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    smoothing: bool,
 ) -> None:
     """``grad *= grad_output[:, None] * factor`` in place; rows whose multiplier is exactly 1,
-    and ignored rows (0 in ``grad``), are not touched (decided on the device)."""
+    and ignored rows, are not touched (decided on the device)."""
     from ..kernels import cross_entropy as K
 
-    K.cross_entropy_scale(grad, grad_output, factor, target, ignore_index)
+    K.cross_entropy_scale(grad, grad_output, factor, target, ignore_index, smoothing)
 
 
 @cross_entropy_bwd_inplace.register_fake
-def _(grad, grad_output, factor, target, ignore_index):
+def _(grad, grad_output, factor, target, ignore_index, smoothing):
     return None
 
 
@@ -320,15 +331,22 @@ _cross_entropy_bwd = caller(cross_entropy_bwd)
 _cross_entropy_bwd_inplace = caller(cross_entropy_bwd_inplace)
 
 
-def _scale_with_torch(grad, grad_output, factor, target, ignore_index) -> Tensor:
+def _scale_with_torch(grad, grad_output, factor, target, ignore_index, smoothing) -> Tensor:
     """``cross_entropy_bwd`` in torch's ops (which vmap batches): ``grad * grad_output[:, None]
-    * factor``, 0 on the ignored rows."""
+    * factor``, ``grad``'s row on the ignored rows, NaN as the kernel's for an infinite
+    multiplier."""
     acc = factor.dtype
     go = grad_output.to(acc)
     if go.dim() == 1:
         go = go.unsqueeze(1)
-    dx = grad.to(acc) * go * factor
-    return torch.where((target == ignore_index).unsqueeze(1), 0.0, dx).to(grad.dtype)
+    f = go * factor
+    g = grad.to(acc)
+    nan_at = f.abs() == math.inf
+    if not smoothing:
+        cols = torch.arange(grad.shape[1], device=grad.device)
+        nan_at = nan_at & (cols == target.unsqueeze(1))
+    dx = torch.where(nan_at, math.nan, g * f)
+    return torch.where((target == ignore_index).unsqueeze(1), g, dx).to(grad.dtype)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -343,13 +361,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         if compute_grad:
             ctx.save_for_backward(grad, factor, target)
             ctx.ignore_index = ignore_index
+            ctx.smoothing = label_smoothing > 0.0
         return loss
 
     @staticmethod
     @once_differentiable("cross_entropy", batched=True)
     def backward(ctx, grad_output):
         grad, factor, target = ctx.saved_tensors
-        args = (grad, grad_output, factor, target, ctx.ignore_index)
+        args = (grad, grad_output, factor, target, ctx.ignore_index, ctx.smoothing)
         if grads_batched((grad_output,)):
             dx = _scale_with_torch(*args)
         elif _keep_graph():

@@ -12,8 +12,10 @@ Row loss (torch's definition, ``eps`` = label_smoothing, ``w`` = class weights o
     L = (1 - eps) * w[y] * (lse - x[y]) + (eps / C) * sum_c w[c] * (lse - x[c])
 Gradient derived from it (``p = softmax(x)``, ``W = sum_c w[c]``):
     dL/dx[j] = p[j] * ((1 - eps) * w[y] + (eps / C) * W) - (1 - eps) * w[y] * [j == y] - (eps / C) * w[j]
-Ignored rows (target == ignore_index) write loss 0 and a zero gradient row. Rows whose target is
-out of range write loss NaN and a zero gradient row (the op raises before that matters, see
+Ignored rows (target == ignore_index) write loss 0 and a gradient row of 0, or of NaN as
+torch's where it differentiates NaN through the row (a NaN or +inf logit, every logit -inf, or
+with label smoothing a non-finite class weight): one read of the row. Rows whose target is out
+of range write loss NaN and such a gradient row (the op raises before that matters, see
 ``fusedmlp.autograd.cross_entropy``).
 
 Target check (``count_bad_targets``): one launch over the targets counts the out-of-range ones
@@ -29,7 +31,8 @@ the check does (``check``), in the same loop over the rows: then the check takes
 
 Backward (``cross_entropy_scale``): multiplies the saved gradient by ``grad_output`` (a scalar or
 one value per row, any stride) times a device scalar ``factor``, except on ignored rows, which
-stay 0 whatever the multiplier (as torch's). In place it skips, on the device, every row whose
+stay as they are whatever the multiplier (as torch's); an infinite multiplier gives NaN where
+torch's log_softmax backward meets inf - inf. In place it skips, on the device, every row whose
 multiplier is exactly 1 (``loss.backward()`` of a 'mean'/'sum' loss moves no gradient bytes at
 all); out of place it writes a new buffer.
 
@@ -233,9 +236,21 @@ def _ce_fwd_kernel(
         if HAS_SMOOTHING:
             e_c = eps / C
             # sum_w * lse - sum_c w[c] x[c] = sum_w * ((m - ref) + log(s)) - sum_wx
-            loss = (1.0 - eps) * w_t * ((m - x_t) + log_s) + e_c * (
-                sum_w * ((m - ref) + log_s) - sum_wx
-            )
+            smooth = sum_w * ((m - ref) + log_s) - sum_wx
+            if HAS_WEIGHT:
+                if not (tl.abs(sum_w) < float("inf")):
+                    # A non-finite class weight: the relative sums meet inf * 0 (its logit at a
+                    # running max), NaN where torch's sum_c w[c] * (lse - x[c]) is inf. Again
+                    # term by term as torch, now that lse is known (one more read of the row,
+                    # only for such weights).
+                    smooth = tl.zeros((), ACC)
+                    for c0 in range(0, C, BLOCK_C):
+                        offs = c0 + cols
+                        mask = offs < C
+                        x = _grad_chunk(x_row, offs, C, stride_xc).to(ACC)
+                        w = tl.load(W + offs, mask=mask, other=0.0).to(ACC)
+                        smooth += tl.sum(tl.where(mask, w * ((m - x) + log_s), 0.0), 0)
+            loss = (1.0 - eps) * w_t * ((m - x_t) + log_s) + e_c * smooth
             coef_p = (1.0 - eps) * w_t + e_c * sum_w
             coef_t = (1.0 - eps) * w_t
         else:
@@ -278,10 +293,32 @@ def _ce_fwd_kernel(
         else:
             tl.store(LOSS + row, tl.zeros((), ACC))
         if COMPUTE_GRAD:
-            zero = tl.zeros((BLOCK_C,), GRAD.dtype.element_ty)
+            # torch differentiates an ignored row too (log_softmax's backward of a zero
+            # gradient): 0 - exp(log_softmax(x)) * 0, NaN over the whole row where its
+            # log-softmax is NaN (a NaN or +inf logit, or every logit -inf); with label
+            # smoothing and class weights the masked smoothing term sends back 0 * w[c], NaN
+            # for a non-finite weight. One pass over the row finds out (scalar sums: per-lane
+            # flags took 128 registers instead of 80 in a plain 4096-class configuration on
+            # sm_90); 0 elsewhere.
+            probe = tl.zeros((), ACC)  # NaN once a NaN or +inf logit (or weight) is seen
+            top = tl.full((), float("-inf"), ACC)  # -inf while every logit is -inf
             for c0 in range(0, C, BLOCK_C):
                 offs = c0 + cols
-                tl.store(g_row + offs, zero, mask=offs < C)
+                x = _row_chunk(x_row, offs, C, stride_xc, False).to(ACC)  # -inf past C
+                probe += tl.sum(tl.where(x == float("-inf"), 0.0, x * 0.0), 0)
+                top = tl.maximum(top, tl.max(x, 0))
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        probe += tl.sum(
+                            tl.load(W + offs, mask=offs < C, other=0.0).to(ACC) * 0.0, 0
+                        )
+            nan_row = (probe != probe) | (top == float("-inf"))
+            fill = (tl.zeros((BLOCK_C,), ACC) + tl.where(nan_row, float("nan"), 0.0)).to(
+                GRAD.dtype.element_ty
+            )
+            for c0 in range(0, C, BLOCK_C):
+                offs = c0 + cols
+                tl.store(g_row + offs, fill, mask=offs < C)
 
 
 @triton.jit
@@ -492,16 +529,20 @@ def _ce_scale_kernel(
     stride_t,
     ignore_index,
     C,
+    SMOOTHING: tl.constexpr,
     INPLACE: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """``OUT[row] = G[row] * GO[row * stride_go] * FACTOR`` over one ``BLOCK`` of a row; a row
-    whose target ``T[row]`` is ``ignore_index`` is 0 whatever the multiplier (torch never
-    scales an ignored row: a NaN grad_output, or the infinite 1/sum(w[y]) of an all-ignored
-    'mean' batch, leaves it at 0). G, OUT: [N, C] contiguous; GO: 0-d (stride 0) or [N].
-    ``INPLACE`` (OUT is G): rows with a multiplier of exactly 1, and ignored rows (already 0
-    in G), are not touched."""
+    whose target ``T[row]`` is ``ignore_index`` keeps G's row (0, or NaN) whatever the
+    multiplier (torch never scales an ignored row: a NaN grad_output, or the infinite
+    1/sum(w[y]) of an all-ignored 'mean' batch, leaves it as it is). G, OUT: [N, C]
+    contiguous; GO: 0-d (stride 0) or [N]. An infinite multiplier gives NaN at the target's
+    column (every column with ``SMOOTHING``, label smoothing > 0), as torch's log_softmax
+    backward forms g - p * sum(g) from infinite g: inf - inf there.
+    ``INPLACE`` (OUT is G): rows with a multiplier of exactly 1, and ignored rows, are not
+    touched."""
     if FP64:
         ACC: tl.constexpr = tl.float64
     else:
@@ -510,19 +551,26 @@ def _ce_scale_kernel(
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_blocks
     blk = pid % n_blocks
-    ignored = tl.load(T + row * stride_t) == ignore_index
+    t = tl.load(T + row * stride_t)
+    ignored = t == ignore_index
     f = tl.load(GO + row * stride_go).to(ACC) * tl.load(FACTOR).to(ACC)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
     ptr = row * C + offs
+    # NaN where torch's inf - inf falls (f as a block: the interpreter ands no scalar with one)
+    nan_at = tl.abs(tl.zeros((BLOCK,), ACC) + f) == float("inf")
+    if not SMOOTHING:
+        nan_at = nan_at & (offs == t)
     if INPLACE:
         if (f != 1.0) & (ignored == 0):
             g = tl.load(G + ptr, mask=mask, other=0.0).to(ACC)
-            tl.store(OUT + ptr, (g * f).to(OUT.dtype.element_ty), mask=mask)
+            g = tl.where(nan_at, float("nan"), g * f)
+            tl.store(OUT + ptr, g.to(OUT.dtype.element_ty), mask=mask)
     else:
-        f = tl.where(ignored, 0.0, f)
+        f = tl.where(ignored, 0.0, f)  # G's ignored row: 0 (0 * 0) or NaN (NaN * 0)
         g = tl.load(G + ptr, mask=mask, other=0.0).to(ACC)
-        tl.store(OUT + ptr, (g * f).to(OUT.dtype.element_ty), mask=mask)
+        g = tl.where(nan_at & (ignored == 0), float("nan"), g * f)
+        tl.store(OUT + ptr, g.to(OUT.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_fwd(
@@ -591,15 +639,18 @@ def cross_entropy_scale(
     factor: torch.Tensor,
     target: torch.Tensor,
     ignore_index: int,
+    smoothing: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out = grad * grad_output[row] * factor``, 0 on the rows whose target is ``ignore_index``.
+    """``out = grad * grad_output[row] * factor``, ``grad``'s row on the rows whose target is
+    ``ignore_index``; NaN where torch's is for an infinite multiplier (the target's column, or
+    with ``smoothing`` (label smoothing > 0) the whole row).
 
-    grad [N, C] contiguous (the forward's gradient buffer: zero on ignored rows); grad_output 0-d
-    (one multiplier for every row) or [N] (any stride); factor 0-d; target [N] int64 (any
-    stride). ``out=None`` scales ``grad`` in place and skips rows whose multiplier is exactly 1
-    and ignored rows (decided on the device); otherwise ``out`` ([N, C] contiguous) receives
-    the product.
+    grad [N, C] contiguous (the forward's gradient buffer: 0 or NaN on ignored rows);
+    grad_output 0-d (one multiplier for every row) or [N] (any stride); factor 0-d; target [N]
+    int64 (any stride). ``out=None`` scales ``grad`` in place and skips rows whose multiplier
+    is exactly 1 and ignored rows (decided on the device); otherwise ``out`` ([N, C]
+    contiguous) receives the product.
     """
     n, c = grad.shape
     inplace = out is None
@@ -623,6 +674,7 @@ def cross_entropy_scale(
             stride_t=target.stride(0),
             ignore_index=int(ignore_index),
             C=c,
+            SMOOTHING=bool(smoothing),
             INPLACE=inplace,
             FP64=grad.dtype == torch.float64,
         )

@@ -185,6 +185,93 @@ def test_ignored_rows_stay_zero_under_a_nan_grad_output(backend, launches, retai
     _expect_launches(launches, backend)
 
 
+def _nan_inf_equal(ours, ref):
+    """Same values, with NaN and +-inf in the same places."""
+    assert torch.equal(ours.isnan(), ref.isnan()), (ours, ref)
+    assert torch.equal(ours.isposinf(), ref.isposinf()) and torch.equal(
+        ours.isneginf(), ref.isneginf()
+    )
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("retain_graph", [False, True], ids=["in_place", "new_buffer"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_ignored_rows_with_non_finite_logits_like_torch(
+    triton_backend, launches, retain_graph, reduction, label_smoothing
+):
+    # torch differentiates an ignored row through log_softmax too: 0 * exp(log_softmax(x)),
+    # NaN over the row where its log-softmax is NaN (a NaN or +inf logit, all -inf); 0 else.
+    inf, nan = float("inf"), float("nan")
+    x = torch.randn(6, 70, generator=torch.Generator().manual_seed(0))  # two chunks a row
+    x[0, 3], x[1, 66], x[2, 5], x[3] = inf, nan, -inf, -inf
+    t = torch.tensor([-100, -100, -100, -100, 4, -100])
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    go = _grad_output(reduction, 6)
+    grads = []
+    for fn in (cross_entropy, F.cross_entropy):
+        xx = x.detach().clone().requires_grad_()
+        loss = fn(xx, t, reduction=reduction, label_smoothing=label_smoothing)
+        loss.backward(go, retain_graph=retain_graph)
+        grads.append((loss.detach(), xx.grad))
+    (loss, grad), (ref_loss, ref_grad) = grads
+    assert grad[[0, 1, 3]].isnan().all() and not grad[[2, 4, 5]].isnan().any()
+    _nan_inf_equal(loss, ref_loss)
+    _nan_inf_equal(grad, ref_grad)
+    assert launches[KERNEL] == 1 and launches[SCALE] == 1, dict(launches)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_non_finite_class_weights_like_torch(triton_backend, launches, label_smoothing):
+    # With label smoothing every class weight enters the loss: an infinite one (here at a row's
+    # max, past the first chunk) makes it inf, not the NaN of inf * 0 in the running sums; the
+    # masked smoothing term sends 0 * w[c] back into an ignored row: NaN there, as torch's.
+    inf, nan = float("inf"), float("nan")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 150, generator=g)
+    x[1, 100] = 10.0
+    x = x.to(DEVICE)
+    t = torch.tensor([3, 7, 120, -100]).to(DEVICE)
+    for col, value in ((100, inf), (5, -inf), (3, nan)):
+        w = torch.rand(150, generator=g).add(0.5)
+        w[col] = value
+        kw = dict(weight=w.to(DEVICE), label_smoothing=label_smoothing, reduction="none")
+        go = torch.ones(4, device=DEVICE)
+        loss, grad = _run(cross_entropy, x, t, go, **kw)
+        ref_loss, ref_grad = _run(F.cross_entropy, x, t, go, **kw)
+        _nan_inf_equal(loss, ref_loss)
+        _nan_inf_equal(grad, ref_grad)
+        with torch.no_grad():
+            _nan_inf_equal(cross_entropy(x, t, **kw), ref_loss)
+    assert launches[KERNEL] == 3 * 2 and launches[SCALE] == 3, dict(launches)
+
+
+@pytest.mark.parametrize("retain_graph", [False, True], ids=["in_place", "new_buffer"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_infinite_grad_output_like_torch(triton_backend, launches, retain_graph, label_smoothing):
+    # torch's log_softmax backward forms g - p * sum(g): inf - inf (NaN) at the target's column
+    # for an infinite grad_output, and at every column with label smoothing.
+    inf = float("inf")
+    x, t, w = _data(5, 9, ignore_index=-100)
+    kw = dict(weight=w, label_smoothing=label_smoothing)
+    cases = [("sum", torch.tensor(inf)), ("mean", torch.tensor(-inf))]
+    cases.append(("none", torch.tensor([inf, -inf, 1.0, inf, 0.5])))
+    for reduction, go in cases:
+        grads = []
+        for fn in (cross_entropy, F.cross_entropy):
+            xx = x.detach().clone().requires_grad_()
+            fn(xx, t, reduction=reduction, **kw).backward(go.to(DEVICE), retain_graph=retain_graph)
+            grads.append(xx.grad)
+        _nan_inf_equal(*grads)
+        # the batched path (vmap over the backward) scales with torch's ops: the same NaNs
+        xx = x.detach().clone().requires_grad_()
+        loss = cross_entropy(xx, t, reduction=reduction, **kw)
+        gos = torch.stack([go, torch.ones_like(go)]).to(DEVICE)
+        (batched,) = torch.autograd.grad(loss, xx, gos, is_grads_batched=True)
+        _nan_inf_equal(batched[0], grads[1])
+    assert launches[KERNEL] == 6 and launches[SCALE] == 3, dict(launches)
+
+
 def test_logits_feed_a_second_loss_term(backend, launches):
     g = torch.Generator().manual_seed(3)
     inp = torch.randn(6, 5, generator=g).to(DEVICE)
