@@ -5,6 +5,7 @@
     python benchmarks/host_overhead.py --peak --batch 16384 --width 1024   (memory, not time)
     python benchmarks/host_overhead.py --ops          (host time per op, beside torch's CPU op)
     python benchmarks/host_overhead.py --layers       (one Linear forward entered at each layer)
+    python benchmarks/host_overhead.py --phases       (the step's forward/loss/backward/optimizer)
     python benchmarks/host_overhead.py --big-path     (the bench's w1024 B16K step's code paths)
     python benchmarks/host_overhead.py --no-batchnorm (Linear(relu) -> Dropout blocks)
     PYTHONPATH=.triton36 python benchmarks/host_overhead.py     (triton 3.6, the GPU machines')
@@ -234,6 +235,12 @@ def main(argv=None) -> int:
         help="instead of the step: host microseconds of one Linear(relu) forward (64 x 64) entered "
         "at each layer of fusedmlp's stack, module down to the launch, beside torch's module",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="the step's host ms by phase (forward, loss, backward, optimizer step), launches "
+        "as no-ops, beside torch's own model (MLP.to_torch(), torch.optim.Adam) on the CPU",
+    )
     args = parser.parse_args(argv)
     if args.autotune:
         os.environ["FUSEDMLP_AUTOTUNE"] = "1"
@@ -329,6 +336,8 @@ def main(argv=None) -> int:
 
     if args.peak:
         return peak(L, torch, step)
+    if args.phases:
+        return phases(L, torch, JITFunction, model, loss_fn, opt, x, y, args.steps)
     start = time.perf_counter()
     for _ in range(2):
         step()  # compiles every kernel for sm_90
@@ -422,6 +431,51 @@ def per_layer(torch, JITFunction, L) -> int:
     print(
         f"{'torch: relu(nn.Linear(x)) on the CPU':44s} {_best_us(lambda: torch.relu(ref(x))):8.1f}"
     )
+    return 0
+
+
+def phases(L, torch, JITFunction, model, loss_fn, opt, x, y, steps: int) -> int:
+    """Host ms of each phase of the step, the fastest of ``steps`` for each: fusedmlp with its
+    launches as no-ops (its own Python and torch calls) beside torch's own model, loss and
+    Adam on the CPU, whose figures include their compute (small at small sizes)."""
+    ref = model.to_torch()
+    ref.train()
+    runs = {
+        "fusedmlp, launches as no-ops": (model, loss_fn, opt),
+        "torch on the CPU, compute included": (
+            ref,
+            torch.nn.CrossEntropyLoss(),
+            torch.optim.Adam(ref.parameters(), lr=1e-3),
+        ),
+    }
+    names = ("forward", "loss", "backward", "optimizer")
+    print(f"batch {x.shape[0]} width {x.shape[1]}: host ms per phase (the fastest of {steps})")
+    print(f"{'':36s}" + "".join(f"{n:>10s}" for n in names) + f"{'step':>10s}")
+
+    def timed(net, lf, o) -> list:
+        o.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out = net(x)
+        t1 = time.perf_counter()
+        loss = lf(out, y)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        o.step()
+        return [t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3]
+
+    run, direct = JITFunction.run, L.DIRECT_LAUNCH
+    for name, parts in runs.items():
+        for _ in range(3):  # warm-up: compiles, lazy state
+            timed(*parts)
+        if parts[0] is model:
+            JITFunction.run, L.DIRECT_LAUNCH = (lambda self, *a, **k: None), False
+        try:
+            best = [min(t) for t in zip(*(timed(*parts) for _ in range(steps)))]
+        finally:
+            JITFunction.run, L.DIRECT_LAUNCH = run, direct
+        cells = "".join(f"{b * 1e3:10.3f}" for b in best)
+        print(f"{name:36s}{cells}{sum(best) * 1e3:10.3f}")
     return 0
 
 
