@@ -39,7 +39,8 @@ column sums, which that Linear's "dz" backward (fp32) would otherwise make in a 
 The fused path is taken only when it cannot change what anyone observes: the Triton path is
 active for the tensors involved (``fusedmlp.backend.use_triton``), the modules are in training
 mode (a Dropout in eval mode simply drops out of the block), no module of the pattern has hooks
-and no global module hooks are registered. Otherwise the children run one after the other, as
+or a ``forward`` of its own (an instance attribute, as accelerate's device hooks set) and no
+global module hooks are registered. Otherwise the children run one after the other, as
 in ``torch.nn.Sequential``. Results equal the unfused fusedmlp chain (same dropout mask under
 the same ``torch.manual_seed``) to floating-point tolerance.
 """
@@ -68,7 +69,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout
 from .linear import Linear
 
-_MODULE_HOOKS = (
+MODULE_HOOKS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -110,20 +111,24 @@ def activation_of(m: torch.nn.Module) -> tuple[str | None, float] | None:
     return None
 
 
-_MODULE_HOOK_DICTS = operator.attrgetter(*_MODULE_HOOKS)
+_MODULE_HOOK_DICTS = operator.attrgetter(*MODULE_HOOKS)
 
 
 def _hooked(mods) -> bool:
-    """Whether a hook is registered globally or on one of ``mods``: in eager mode with C-level
-    reads of the hook dicts (this runs for every block of every forward); traced, with the
-    plain loops dynamo follows (it cannot trace ``attrgetter``)."""
+    """Whether a hook is registered globally or on one of ``mods``, or one of ``mods`` has a
+    ``forward`` of its own (an instance attribute, as accelerate's device hooks or a user's
+    patch set: ``torch.nn.Sequential`` calls it, a fused block would not): in eager mode with
+    C-level reads of the hook dicts (this runs for every block of every forward); traced, with
+    the plain loops dynamo follows (it cannot trace ``attrgetter``)."""
     if torch.compiler.is_compiling():
         if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
             return True
-        return any(getattr(m, name, None) for m in mods for name in _MODULE_HOOKS)
+        if any("forward" in m.__dict__ for m in mods):
+            return True
+        return any(getattr(m, name, None) for m in mods for name in MODULE_HOOKS)
     if any(map(vars(_module).get, _GLOBAL_HOOKS)):
         return True
-    return any(any(_MODULE_HOOK_DICTS(m)) for m in mods)
+    return any(any(_MODULE_HOOK_DICTS(m)) or "forward" in vars(m) for m in mods)
 
 
 # What a block's output may pass through (out of place) and what may read it without editing it

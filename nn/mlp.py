@@ -27,6 +27,7 @@ pre-activation. Elsewhere (CPU/torch backend, eval mode, hooks) it runs the chil
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Sequence
 
@@ -34,7 +35,7 @@ import torch
 
 from .batchnorm import BatchNorm1d
 from .dropout import Dropout
-from .fused_block import FusedSequential
+from .fused_block import MODULE_HOOKS, FusedSequential
 from .linear import Linear, slope_value
 
 #: activation name -> torch module factory (``negative_slope`` only for leaky_relu).
@@ -196,30 +197,36 @@ class MLP(torch.nn.Module):
 
         Same ``state_dict`` keys and values (parameters, running statistics), same device,
         dtype, ``requires_grad`` flags and train/eval mode: the reference model for comparisons.
+        Built from the modules as they are now, not from the constructor's arguments: what was
+        changed since (a Dropout's ``p`` or ``inplace``, a BatchNorm's ``eps``, ``momentum`` or
+        ``track_running_stats``, a Linear's ``negative_slope`` or activation, a bias set to
+        None, an extra buffer) is in the twin too. Hooks are not copied.
         """
+        # A deep copy keeps each tensor's own dtype and device (a half model whose BatchNorms
+        # were kept in float32 stays so), Parameter ties, requires_grad, modes and attributes;
+        # then each fusedmlp module becomes the torch class it derives from (only ``forward``
+        # differs), and a Linear's fused activation goes into the Identity slot after it.
+        layers = copy.deepcopy(self.layers)
+        names = list(layers._modules)
+        for i, name in enumerate(names):
+            m = layers._modules[name]
+            if not isinstance(m, Linear) or m.activation is None:
+                continue
+            slot = names[i + 1] if i + 1 < len(names) else None
+            nxt = layers._modules[slot] if slot is not None else None
+            if type(nxt) is not torch.nn.Identity:
+                raise ValueError(
+                    f"MLP.to_torch: layers.{name} has the fused activation {m.activation!r} but "
+                    "no Identity after it to hold torch's activation module"
+                )
+            act = _TORCH_ACTIVATIONS[m.activation](m.negative_slope)
+            act.training = nxt.training
+            layers._modules[slot] = act
+        for m in layers.modules():
+            _as_torch_module(m)
         ref = _TorchMLP()
-        ref.layers = _build_layers(
-            "torch",
-            self.in_features,
-            list(self.hidden_features),
-            self.out_features,
-            self.activation,
-            self.batchnorm,
-            self.dropout,
-            self.bias,
-            self.negative_slope,
-            {"device": "meta", "dtype": None},  # meta: no init work, no RNG draws
-        )
-        # Copies assigned tensor by tensor: each keeps its own dtype and device (a half model
-        # whose BatchNorms were kept in float32 stays so), not those of the first parameter.
-        state = self.state_dict()
-        copies = type(state)((k, v.clone()) for k, v in state.items())
-        copies._metadata = getattr(state, "_metadata", None)
-        ref.load_state_dict(copies, assign=True)
-        for p_ref, p in zip(ref.parameters(), self.parameters()):
-            p_ref.requires_grad_(p.requires_grad)
-        for m_ref, m in zip(ref.modules(), self.modules()):
-            m_ref.training = m.training
+        ref.layers = layers
+        ref.training = self.training
         return ref
 
     def extra_repr(self) -> str:
@@ -229,6 +236,24 @@ class MLP(torch.nn.Module):
             f"out_features={self.out_features}, activation={self.activation!r}{slope}, "
             f"batchnorm={self.batchnorm}, dropout={self.dropout}, bias={self.bias}"
         )
+
+
+def _as_torch_module(m: torch.nn.Module) -> None:
+    """Turn ``m`` (a copy) into the torch class its fusedmlp class derives from, in place
+    (fusedmlp's modules and ``FusedSequential`` subclass torch's and only change ``forward``),
+    and drop its forward and backward hooks."""
+    cls = type(m)
+    if cls.__module__.startswith("fusedmlp."):
+        base = next(
+            (b for b in cls.__mro__ if b.__module__.startswith("torch.nn.")), torch.nn.Module
+        )
+        m.__class__ = base
+        if base is torch.nn.Linear:
+            for attr in ("activation", "negative_slope"):
+                m.__dict__.pop(attr, None)
+    for name in MODULE_HOOKS:
+        if getattr(m, name, None):
+            setattr(m, name, type(getattr(m, name))())
 
 
 class _TorchMLP(torch.nn.Module):

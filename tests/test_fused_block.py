@@ -1189,3 +1189,27 @@ def test_handover_only_for_the_gradient_the_block_made(triton_backend, launches,
     assert launches["_linear_dz_kernel"] == (0 if case == "plain" else 1), dict(launches)
     for a, e in zip(got, run(False)):
         assert_close(a, e, scale=8)
+
+
+@pytest.mark.parametrize("patched", [0, 1, 2, 3])
+def test_fused_sequential_runs_a_forward_of_its_own(triton_backend, launches, patched):
+    # torch.nn.Sequential calls a child's own ``forward`` (an instance attribute, as
+    # accelerate's device hooks or a user's patch set): a block holding such a child runs as
+    # its modules, and a Linear with one makes no epilogue statistics for the batch norm
+    torch.manual_seed(0)
+    model = MLP(5, [16], 3, batchnorm=True, dropout=0.5).to(DEVICE)
+    model.layers[3].p = 0.0  # deterministic; the BatchNorm -> ReLU -> Dropout block still fuses
+    ref = model.to_torch()
+    for net in (model, ref):
+        m = net.layers[patched]
+        m.forward = (lambda f: lambda x: f(x) * 2 + 1)(m.forward)
+    x = torch.randn(8, 5, device=DEVICE)
+    outs = [net(x) for net in (model, ref)]
+    assert launches.total > 0
+    assert_close(outs[0], outs[1])
+    for out in outs:
+        out.square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, msg=name)
+    for (name, b), b_ref in zip(model.named_buffers(), ref.buffers()):
+        assert_close(b.double(), b_ref.double(), dtype=torch.float32, msg=name)

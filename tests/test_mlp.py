@@ -140,6 +140,47 @@ def test_to_torch_keeps_each_tensors_dtype():
     assert next(MLP(3, 4, 2, device="meta").to_torch().parameters()).is_meta
 
 
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_to_torch_follows_attributes_changed_after_construction(
+    triton_backend, launches, batchnorm
+):
+    # the twin is built from the modules as they are, not from the constructor's arguments
+    torch.manual_seed(0)
+    m = MLP(5, [16], 3, activation="leaky_relu", batchnorm=batchnorm, dropout=0.5).to(DEVICE)
+    drop = m.layers[3 if batchnorm else 2]
+    drop.p, drop.inplace = 1.0, True
+    m.layers[-1].bias = None
+    if batchnorm:
+        m.layers[1].momentum, m.layers[1].eps = None, 0.25
+        m.layers[2].negative_slope = 0.3
+    else:
+        m.layers[0].negative_slope = 0.3
+    ref = m.to_torch()
+    assert all(type(x).__module__.startswith("torch.") for x in ref.modules() if x is not ref)
+    assert list(ref.state_dict()) == list(m.state_dict())
+    slope = ref.layers[2 if batchnorm else 1]
+    assert type(slope) is torch.nn.LeakyReLU and slope.negative_slope == 0.3
+    drop_ref = ref.layers[3 if batchnorm else 2]
+    assert (drop_ref.p, drop_ref.inplace) == (1.0, True)
+    if batchnorm:
+        assert (ref.layers[1].momentum, ref.layers[1].eps) == (None, 0.25)
+    x = torch.randn(8, 5, device=DEVICE)
+    for _ in range(2):
+        outs = [net(x) for net in (m, ref)]
+        assert_close(outs[0], outs[1])
+        for out in outs:
+            out.square().sum().backward()
+        for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+            assert_close(p.grad, p_ref.grad, msg=name)
+        for (name, b), b_ref in zip(m.named_buffers(), ref.buffers()):
+            assert_close(b.double(), b_ref.double(), dtype=torch.float32, msg=name)
+    assert launches.total > 0
+    # a fused activation with no Identity slot after it cannot be written with torch's modules
+    m.layers[-1].activation = "relu"
+    with pytest.raises(ValueError, match="no Identity"):
+        m.to_torch()
+
+
 def test_repr_shows_the_leaky_relu_slope():
     assert "negative_slope=0.2" in repr(MLP(3, 4, 2, activation="leaky_relu", negative_slope=0.2))
     assert "negative_slope" not in repr(MLP(3, 4, 2))
