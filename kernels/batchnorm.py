@@ -140,6 +140,10 @@ def _bn_stats_partial_kernel(
     t2 = tl.sum(s2, 1)
     mean = shift + t1 / n
     m2 = t2 - t1 * (t1 / n)
+    # finite x whose squared deviations overflow the sum (a variance near fp32's limit): M2 is
+    # +inf (an infinite variance, as torch's), not inf - inf = NaN; an infinite x (t1 +-inf or
+    # NaN) keeps the NaN
+    m2 = tl.where((t2 == float("inf")) & (tl.abs(t1) < float("inf")), float("inf"), m2)
     # rounding below 0 clamps to 0; a NaN (an infinite x: inf - inf) stays NaN, as torch's
     # statistics (tl.maximum would return the 0)
     m2 = tl.where(m2 < 0.0, 0.0, m2)
@@ -244,7 +248,9 @@ def _merge_splits(
         # the update's delta would be inf - inf = NaN where one side is infinite
         finite = (tl.abs(mean) < float("inf")) & (tl.abs(mean_b) < float("inf"))
         mean = tl.where(finite, mean + delta * frac, mean + mean_b)
-        m2 = m2 + m2_b + delta * delta * n_a * frac
+        # delta * (delta * (n_a * frac)): the first block's term (n_a = 0) is 0 also when
+        # delta^2 (its mean squared) overflows (|mean| beyond ~1.8e19 in fp32): inf * 0 = NaN
+        m2 = m2 + m2_b + delta * (delta * (n_a * frac))
         n_a = n_ab
     return mean, m2
 
@@ -635,7 +641,9 @@ def _bn_backward_dx_kernel(
         mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
         n = R * 1.0
         b = tl.load(sum_dy_ptr + c, mask=cmask, other=0.0) / n
-        k = invstd * invstd * tl.load(sum_dyxmu_ptr + c, mask=cmask, other=0.0) / n
+        # sum_dyxmu first (torch's order): a constant channel's 0 stays 0 where invstd^2
+        # overflows (var + eps below ~3e-39 in fp32), not 0 * inf = NaN
+        k = tl.load(sum_dyxmu_ptr + c, mask=cmask, other=0.0) * invstd * invstd / n
         x_off = c64[:, None] * sxC + ((r // S) * sxN + (r % S // W) * sxH + (r % W) * sxW)[None, :]
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
         dx = (dy - b[:, None] - (x - mean[:, None]) * k[:, None]) * a[:, None]

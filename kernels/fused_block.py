@@ -461,7 +461,9 @@ def _fused_bwd_dx_kernel(
     g = _act_grad_z(g, z, negative_slope, ACTIVATION)
     n = R * 1.0
     b = tl.load(sum_g_ptr + cb, mask=mask, other=0.0) / n
-    k = invstd * invstd * tl.load(sum_gxmu_ptr + cb, mask=mask, other=0.0) / n
+    # the sum first, as batch norm's dx kernel (torch's order): a constant channel's 0 stays 0
+    # where invstd^2 overflows (var + eps below ~3e-39 in fp32), not 0 * inf = NaN
+    k = tl.load(sum_gxmu_ptr + cb, mask=mask, other=0.0) * invstd * invstd / n
     dx = ((g - b - (x - mean) * k) * sc).to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + r * sgR + c * sgC, dx, mask=mask)
     if TRANSPOSED:

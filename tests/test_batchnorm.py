@@ -321,6 +321,70 @@ def test_merge_of_infinite_split_means_as_torch(triton_backend, launches):
     assert launches[MERGE] == 1
 
 
+@pytest.mark.parametrize("rows", [20, 100])  # one split (final statistics) / four, merged
+def test_means_beyond_1e19_merge_as_torch(triton_backend, launches, interpreter_splits, rows):
+    # Chan's merge added delta^2 * n_a for the first block of splits too (n_a = 0, delta = its
+    # mean): with |mean| > ~1.8e19 delta^2 overflows fp32 and inf * 0 made the channel's M2,
+    # variance, output and gradients NaN. Channel 0 spreads (variance ~1e32, far from fp32's
+    # limits), channel 1 is constant, channel 2 ordinary. Reference: torch's own batch norm in
+    # float64 on the same fp32 values.
+    torch.manual_seed(14)
+    x = torch.randn(rows, 3, device=DEVICE) * 1e16 + 1e20
+    x[:, 1] = -3e20
+    x[:, 2] = torch.randn(rows, device=DEVICE)
+    dy = torch.randn(rows, 3, device=DEVICE)
+    w = torch.rand(3, device=DEVICE) + 0.5
+    b = torch.randn(3, device=DEVICE)
+    results = []
+    for fn, dtype in ((batch_norm, torch.float32), (F.batch_norm, torch.float64)):
+        xi, wi, bi = (t.to(dtype, copy=True).requires_grad_() for t in (x, w, b))
+        rm = torch.zeros(3, device=DEVICE, dtype=dtype)
+        rv = torch.ones(3, device=DEVICE, dtype=dtype)
+        y = fn(xi, rm, rv, wi, bi, True, 0.5, 1e-5)
+        y.backward(dy.to(dtype))
+        results.append([y, xi.grad, wi.grad, bi.grad, rm, rv])
+    (y, *rest), (ref_y, *ref_rest) = results
+    for ours in results[0]:
+        assert ours.isfinite().all(), ours
+    # fp32 holds channel 0's mean to its ulp (~9e12, ~4e-4 of the spread): the output and the
+    # weight gradient sit within ~1e-3 of the exact result (torch's own fp32: ~1e-3 too)
+    assert_close(y[:, [0, 2]].double(), ref_y[:, [0, 2]], rtol=0, atol=3e-3)
+    # constant channel: y is the bias exactly (torch's CPU x * a + (b - mean * a) cancels
+    # there, even in float64: not a reference)
+    assert torch.equal(y[:, 1], b[1].expand(rows))
+    assert rest[1][1] == 0  # dweight of the constant channel
+    for ours, ref in zip(rest, ref_rest):
+        assert_close(ours.double(), ref, rtol=2e-3, atol=1e-2)
+    # channel 0's dx is ~1e-17 (its std is ~1e16): in its own units
+    assert_close(rest[0][:, 0].double() * 1e16, ref_rest[0][:, 0] * 1e16, rtol=2e-3, atol=1e-2)
+    assert launches[STATS] == 1 and launches[MERGE] == (rows == 100), dict(launches)
+
+
+@pytest.mark.parametrize("rows", [20, 100])
+def test_variance_beyond_fp32_is_infinite_as_torch(backend, launches, interpreter_splits, rows):
+    # Finite x whose variance exceeds fp32's range (~3e38): torch's batch norm has an infinite
+    # variance (running_var inf, invstd 0: y = bias, zero gradients for x and weight). The
+    # shifted sums overflowed to inf - inf = NaN for every output and gradient of the channel.
+    ours, ref = _pair(BatchNorm1d, torch.nn.BatchNorm1d, 3)
+    torch.manual_seed(15)
+    x = torch.randn(rows, 3, device=DEVICE)
+    x[:, 0] *= 3e19
+    x[:, 1] = torch.where(torch.arange(rows, device=DEVICE) % 2 == 0, 3e19, -3e19)
+    dy = torch.randn(rows, 3, device=DEVICE)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yr = ours(xo), ref(xr)
+    yo.backward(dy)
+    yr.backward(dy)
+    assert ref.running_var[:2].isposinf().all()  # the premise: torch's variance is infinite
+    _assert_same_nonfinite(yo, yr)
+    _assert_same_nonfinite(xo.grad, xr.grad)
+    _assert_same_nonfinite(ours.weight.grad, ref.weight.grad)
+    _assert_same_nonfinite(ours.bias.grad, ref.bias.grad)
+    _assert_same_nonfinite(ours.running_mean, ref.running_mean)
+    _assert_same_nonfinite(ours.running_var, ref.running_var)
+    _expect(launches, backend, STATS, FWD, DX)
+
+
 def test_million_rows(triton_backend, launches):
     """The batch is tiled: N = 1,000,000 (never one tile for the whole batch)."""
     torch.manual_seed(9)
