@@ -115,10 +115,11 @@ def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _sigmoid(z):
-    # Overflow-free: exp of a non-positive number only.
-    e = tl.exp(-tl.abs(z))
-    r = 1.0 / (1.0 + e)
-    return tl.where(z >= 0, r, e * r)
+    # torch's formula (CPU and CUDA): exp(-z) overflows to +inf below about -88.72 (fp32),
+    # where the result is 0 as torch's, not the subnormal that exp(z) / (1 + exp(z)) gives. The
+    # difference shows through the backward: dY = inf times torch's y = 0 (sigmoid; silu's
+    # sigmoid) is NaN. No inf / inf arises; a NaN z stays NaN.
+    return 1.0 / (1.0 + tl.exp(-z))
 
 
 @triton.jit
@@ -164,7 +165,12 @@ def _activation(z, negative_slope, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _activation_grad(dy, t, negative_slope, ACTIVATION: tl.constexpr):
-    """dZ from dY and the saved tensor ``t`` (output y or pre-activation z, see module doc)."""
+    """dZ from dY and the saved tensor ``t`` (output y or pre-activation z, see module doc).
+
+    ``_T_PAD``: the backward kernels load masked-off lanes of ``t`` as 1.0 (dY as 0.0), where
+    every derivative here gives dZ = 0. With ``t = 0`` leaky_relu's ``0 * negative_slope`` is
+    NaN for an infinite or NaN slope (torch takes both), and the padded lanes' NaN would reach
+    dX, dW and db through the GEMMs and column sums."""
     if ACTIVATION == "relu":  # t = y; a NaN output passes the gradient, as torch's relu
         dz = tl.where(t <= 0, 0.0, dy)
     elif ACTIVATION == "leaky_relu":  # t = y (slope >= 0) or z (slope < 0): same test
@@ -583,7 +589,7 @@ def _dx_tile(
         if ACTIVATION == "none":
             dz = dy.to(w_ptr.dtype.element_ty)
         else:
-            t = tl.load(t_ptrs, mask=rn[None, :] < n_left, other=0.0)
+            t = tl.load(t_ptrs, mask=rn[None, :] < n_left, other=1.0)  # _T_PAD
             dz = _activation_grad(dy.to(acc.dtype), t.to(acc.dtype), negative_slope, ACTIVATION)
             dz = dz.to(w_ptr.dtype.element_ty)  # torch's dZ is in the input dtype too
         w = tl.load(w_ptrs, mask=rn[:, None] < n_left, other=0.0)
@@ -783,7 +789,7 @@ def _dw_kernel_db_part(
         if ACTIVATION == "none":
             dz = dy
         else:
-            t = tl.load(t_ptrs, mask=m_mask[:, None], other=0.0).to(acc_dtype)
+            t = tl.load(t_ptrs, mask=m_mask[:, None], other=1.0).to(acc_dtype)  # _T_PAD
             dz = _activation_grad(dy, t, negative_slope, ACTIVATION)
             # torch rounds dZ to the input dtype before its reduction
             dz = dz.to(dy_ptr.dtype.element_ty).to(acc_dtype)
@@ -828,7 +834,7 @@ def _dw_kernel_gemm_part(
         if ACTIVATION == "none":
             dz = dy.to(x_ptr.dtype.element_ty)
         else:
-            t = tl.load(t_ptrs, mask=m_mask[None, :], other=0.0)
+            t = tl.load(t_ptrs, mask=m_mask[None, :], other=1.0)  # _T_PAD
             dz = _activation_grad(dy.to(acc_dtype), t.to(acc_dtype), negative_slope, ACTIVATION)
             dz = dz.to(x_ptr.dtype.element_ty)
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
@@ -899,8 +905,8 @@ def _linear_dz_kernel(
             dz = dy.to(dz_ptr.dtype.element_ty)
         else:
             t = tl.load(
-                t_ptr + rm64[:, None] * stride_tm + rn64[None, :] * stride_tn, mask=mask, other=0.0
-            )
+                t_ptr + rm64[:, None] * stride_tm + rn64[None, :] * stride_tn, mask=mask, other=1.0
+            )  # _T_PAD
             dz = _activation_grad(dy.to(tl.float32), t.to(tl.float32), negative_slope, ACTIVATION)
             dz = dz.to(dz_ptr.dtype.element_ty)
         if WRITE_DZ:

@@ -822,6 +822,63 @@ def test_relu_gradient_at_nan_and_inf_like_torch(backend):
         torch.testing.assert_close(a, r, equal_nan=True)
 
 
+def _assert_like_torch(ours, ref, dtype):
+    """Same NaN and signed-inf places, the finite values within the dtype's tolerance."""
+    for name, a, e in zip(("y", "dx", "dw", "db"), ours, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        assert_close(a, e, dtype=dtype, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dz", [False, True], ids=["fused", "dz"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slope", [math.inf, -math.inf, math.nan])
+def test_leaky_relu_non_finite_slope_gradients_like_torch(
+    triton_backend, launches, monkeypatch, combined, dz, dtype, slope
+):
+    # torch takes an infinite or NaN slope: NaN only where z <= 0 meets it (0 * inf, * NaN).
+    # The backward kernels' masked-off lanes (M, N not multiples of the tile) must not add a
+    # 0 * slope of their own to dX, dW and db.
+    from fusedmlp.kernels import linear as K
+
+    if dz:
+        monkeypatch.setattr(K, "BACKWARD_PATH", "dz")
+    g = torch.Generator().manual_seed(21)
+    x, w, b = _t(5, 7, gen=g, dtype=dtype), _t(6, 7, gen=g, dtype=dtype), _t(6, gen=g, dtype=dtype)
+    gy = _t(5, 6, gen=g, dtype=dtype)
+    gy[0, :3] = 0.0  # 0 * slope where z <= 0: torch's NaN
+    ours = _ours(x, w, b, "leaky_relu", slope, gy)
+    assert launches[FWD] >= 1 and launches["_linear_dz_kernel" if dz else DW] == 1, dict(launches)
+    _assert_like_torch(ours, _reference(x, w, b, "leaky_relu", slope, gy), dtype)
+
+
+# pre-activations at the ends of the range: overflow of exp(-z), exp(z), z * z; no subnormal
+# results (a GPU may flush those) and no gelu in (-13, -5) (torch's CPU-vectorised gelu
+# backward rounds its tiny derivative there to 0, its scalar and CUDA ones do not)
+_EXTREMES = [math.inf, -math.inf, math.nan, 3e38, -3e38, 1e30, -1e30, 100.0, -100.0, 95.0,
+             -95.0, 89.5, -89.5, 20.0, -20.0, 1.0, -1.0, 0.3, -0.3, 1e-8, -1e-8, 0.0]  # fmt: skip
+
+
+@pytest.mark.parametrize("grad", ["random", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act,slope", ACT_CASES, ids=ACT_IDS)
+def test_extreme_preactivations_like_torch(triton_backend, launches, act, slope, dtype, grad):
+    # z = 1 * v for each v: y = act(v) and dW[n] = db[n] = dY * act'(v), with the derivative
+    # read from what the forward saved; an infinite dY shows where it is 0 (inf * 0 = NaN as
+    # torch's: sigmoid's y = 0 where exp(-z) overflows, as torch's 1 / (1 + exp(-z)))
+    v = torch.tensor(_EXTREMES).to(device=DEVICE, dtype=dtype)
+    x = torch.ones(1, 1, device=DEVICE, dtype=dtype)
+    w, b = v[:, None].clone(), torch.zeros_like(v)
+    if grad == "random":
+        gy = _t(1, v.numel(), gen=torch.Generator().manual_seed(22), dtype=dtype)
+    else:
+        gy = torch.full((1, v.numel()), float(grad), device=DEVICE, dtype=dtype)
+    ours = _ours(x, w, b, act, slope, gy)
+    assert launches[FWD] == 1 and launches[DW] == 1, dict(launches)
+    _assert_like_torch(ours, _reference(x, w, b, act, slope, gy), dtype)
+
+
 def test_double_backward_is_a_clear_error(triton_backend):
     x = torch.randn(4, 3, device=DEVICE, requires_grad=True)
     w = torch.randn(2, 3, device=DEVICE, requires_grad=True)
