@@ -56,6 +56,20 @@ def assert_close(actual, expected, dtype=None, scale=1.0, **kw):
     torch.testing.assert_close(actual, expected, **kw)
 
 
+def assert_step_like(model, ref, x):
+    """One training step of ``model`` and its torch twin ``ref`` on ``x``: the outputs, then
+    (after ``out.square().sum().backward()``) every parameter's gradient and every buffer
+    (running statistics) agree, in ``named_parameters`` / ``named_buffers`` order."""
+    outs = [net(x) for net in (model, ref)]
+    assert_close(outs[0], outs[1])
+    for out in outs:
+        out.square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, msg=name)
+    for (name, b), b_ref in zip(model.named_buffers(), ref.buffers()):
+        assert_close(b.double(), b_ref.double(), dtype=torch.float32, msg=name)
+
+
 def saved_loaded_copied(module):
     """``(loaded, copied, state)``: ``module`` through ``torch.save``/``torch.load`` whole (not
     weights only), its ``copy.deepcopy``, and its ``state_dict`` through ``torch.save`` and

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, assert_close, saved_loaded_copied
+from conftest import DEVICE, assert_close, assert_step_like, saved_loaded_copied
 
 import fusedmlp
 from fusedmlp.nn import MLP
@@ -166,14 +166,7 @@ def test_to_torch_follows_attributes_changed_after_construction(
         assert (ref.layers[1].momentum, ref.layers[1].eps) == (None, 0.25)
     x = torch.randn(8, 5, device=DEVICE)
     for _ in range(2):
-        outs = [net(x) for net in (m, ref)]
-        assert_close(outs[0], outs[1])
-        for out in outs:
-            out.square().sum().backward()
-        for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
-            assert_close(p.grad, p_ref.grad, msg=name)
-        for (name, b), b_ref in zip(m.named_buffers(), ref.buffers()):
-            assert_close(b.double(), b_ref.double(), dtype=torch.float32, msg=name)
+        assert_step_like(m, ref, x)
     assert launches.total > 0
     # a fused activation with no Identity slot after it cannot be written with torch's modules
     m.layers[-1].activation = "relu"
