@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import TRITON_DTYPES, use_triton
-from ._custom_op import caller, custom_op
+from ._custom_op import at_trace_time, caller, custom_op
 from ._once import grads_batched
 
 # Seeds cover 62 bits of the 64-bit Philox key: no birthday collisions over a training run.
@@ -121,7 +121,9 @@ def _check_p(p) -> float:
         p = p.item()  # torch's dropout takes a 0-d tensor p as its number
     if not isinstance(p, numbers.Real):
         raise TypeError(f"dropout probability must be a real number, got {type(p).__name__}")
-    if math.isnan(p):  # torch's functional dropout refuses it in C++: a RuntimeError
+    # NaN, which torch's functional dropout refuses in C++ (a RuntimeError); ``p != p``, not
+    # ``math.isnan``, which dynamo cannot trace on the symbolic float of ``dynamic=True``
+    if p != p:
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     return float(p)
 
@@ -242,6 +244,29 @@ def dropout(
     return _torch_with_generator(input, p, False, inplace, generator)
 
 
+@at_trace_time  # dynamo cannot trace warnings.warn: no graph break under torch.compile
+def _warn_dims(dim: int, stacklevel: int) -> None:
+    """torch's dropout2d warnings for a ``dim``-D input (``stacklevel``: its caller's caller)."""
+    if dim not in (3, 4):
+        warnings.warn(
+            f"dropout2d: Received a {dim}-D input to dropout2d, which is deprecated "
+            "and will result in an error in a future release. To retain the behavior "
+            "and silence this warning, please use dropout instead. Note that dropout2d "
+            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
+            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
+            stacklevel=stacklevel,
+        )
+    if dim == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
+            "is the channel dim. This behavior will change in a future release to interpret the "
+            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+            "channel-wise dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=stacklevel,
+        )
+
+
 def dropout2d(
     input: Tensor,
     p: float = 0.5,
@@ -260,24 +285,7 @@ def dropout2d(
     """
     p = _check_p(p)
     dim = input.dim()  # as torch: an AttributeError for a non-tensor input
-    if dim not in (3, 4):
-        warnings.warn(
-            f"dropout2d: Received a {dim}-D input to dropout2d, which is deprecated "
-            "and will result in an error in a future release. To retain the behavior "
-            "and silence this warning, please use dropout instead. Note that dropout2d "
-            "exists to provide channel-wise dropout on inputs with 2 spatial dimensions, "
-            "a channel dimension, and an optional batch dimension (i.e. 3D or 4D inputs).",
-            stacklevel=2,
-        )
-    if dim == 3:
-        warnings.warn(
-            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
-            "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
-            "is the channel dim. This behavior will change in a future release to interpret the "
-            "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
-            "channel-wise dropout behavior, please switch to using dropout1d instead.",
-            stacklevel=2,
-        )
+    _warn_dims(dim, 3)
     _check_training(training, "feature_dropout")
     if not training or p == 0.0 or input.numel() == 0:
         return input

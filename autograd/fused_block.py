@@ -904,10 +904,22 @@ def block_linear_applies(input, *tensors: Tensor | None) -> bool:
     block output of at least ``RECOMPUTE_MIN_BYTES``."""
     return (
         isinstance(input, Tensor)
-        and input.numel() * input.element_size() >= RECOMPUTE_MIN_BYTES
+        and _at_least(input.numel() * input.element_size(), RECOMPUTE_MIN_BYTES)
         and not torch.is_autocast_enabled(input.device.type)
         and use_triton(input, *tensors)
     )
+
+
+def _at_least(nbytes, threshold: int) -> bool:
+    """``nbytes >= threshold``; while ``torch.export`` traces a symbolic batch, True only where
+    it holds for every batch size: a guard on the comparison would bound the exported batch
+    dimension (an unbounded ``Dim`` fails to export), and only memory, not results, depends
+    on the answer. Under ``torch.compile`` the guard stays (a recompile at the threshold)."""
+    if torch.compiler.is_exporting():
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(nbytes >= threshold)
+    return nbytes >= threshold
 
 
 def act_dropout(

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..backend import TRITON_DTYPES, acc_dtype, use_triton
 from ._amp import softmax_dtype
-from ._custom_op import caller, custom_op
+from ._custom_op import at_trace_time, caller, custom_op
 from ._once import grads_batched, once_differentiable
 
 _TRITON_DTYPES = TRITON_DTYPES
@@ -86,6 +86,12 @@ def _batched_grad(y: Tensor, grad: Tensor, dim: int, log: bool) -> Tensor:
     return dx.to(grad.dtype)
 
 
+@at_trace_time  # its deprecation warning: no graph break under torch.compile
+def _implicit_dim(name: str, ndim: int, stacklevel: int) -> int:
+    """torch's implicit softmax dimension for ``dim=None``, with its warning."""
+    return F._get_softmax_dim(name, ndim, stacklevel + 1)
+
+
 def _dispatch(name, input, dim, stacklevel, dtype, log):
     if not isinstance(input, Tensor):  # torch's own TypeError
         return F.log_softmax(input, dim) if log else F.softmax(input, dim)
@@ -95,7 +101,7 @@ def _dispatch(name, input, dim, stacklevel, dtype, log):
             f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}"
         )
     if dim is None:
-        dim = F._get_softmax_dim(name, input.dim(), stacklevel + 1)
+        dim = _implicit_dim(name, input.dim(), stacklevel + 1)
     dtype = softmax_dtype(input, dtype)  # autocast: torch's CUDA policy
     if dtype is not None:
         input = input.to(dtype)

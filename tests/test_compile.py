@@ -303,3 +303,65 @@ def test_compiled_sgd_dispatch_matches_eager_over_mixed_dtypes(triton_backend, l
         assert_close(p, e)
     partitions = 2 if third == torch.float64 else 3
     assert launches.total == partitions * 2 * 3  # compiled and eager, three steps
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mlp", "mlp_bn"])
+def test_dynamic_true_traces_dropout_p(backend, launches, batchnorm):
+    # dynamic=True makes the modules' float attributes (a Dropout's p) symbolic floats: the
+    # NaN check of p used math.isnan, which dynamo cannot trace on one (a graph break, an
+    # error under fullgraph=True). Same masks as eager under the same seed, also at a new batch.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = fusedmlp.nn.MLP(5, [8], 3, batchnorm=batchnorm, dropout=0.25).to(DEVICE)
+    eager = fusedmlp.nn.MLP(5, [8], 3, batchnorm=batchnorm, dropout=0.25).to(DEVICE)
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (6, 9):
+        x = torch.randn(n, 5, device=DEVICE)
+        torch.manual_seed(1)
+        got = compiled(x)
+        torch.manual_seed(1)
+        assert_close(got, eager(x), dtype=torch.float32)
+    for a, e in zip(model.buffers(), eager.buffers()):
+        assert_close(a, e, dtype=torch.float32)
+    assert (launches.total > 0) == (backend == "triton")
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "dropout2d"])
+def test_fullgraph_warning_paths_trace(triton_backend, launches, name):
+    # torch's deprecation warnings (Softmax's implicit dim, Dropout2d on a 3-D input) are
+    # warnings.warn calls, which dynamo cannot trace: fullgraph=True raised where torch's own
+    # modules compile. They now run at trace time (as torch's warn there), with the kernels.
+    torch._dynamo.reset()
+    module = {
+        "softmax": fusedmlp.nn.Softmax(),
+        "log_softmax": fusedmlp.nn.LogSoftmax(),
+        "dropout2d": fusedmlp.nn.Dropout2d(0.5),
+    }[name]
+    x = torch.randn(4, 6, 5, device=DEVICE)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    match = "3D input" if name == "dropout2d" else "Implicit dimension"
+    with pytest.warns(UserWarning, match=match):
+        torch.manual_seed(2)
+        got = compiled(x)
+    assert launches.total == 1
+    with pytest.warns(UserWarning, match=match):
+        torch.manual_seed(2)
+        expected = module(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_export_with_an_unbounded_batch_dimension(triton_backend, launches):
+    # The fused block's memory rule (recompute its output at >= 1 MiB) compared the symbolic
+    # batch with a constant: a guard that bounded the batch, so an unbounded Dim failed to
+    # export. The exported program runs at other batch sizes, as the torch twin.
+    torch.manual_seed(0)
+    model = fusedmlp.nn.MLP(8, [8, 8], 4, batchnorm=True).to(DEVICE)
+    ref = model.to_torch()
+    batch = torch.export.Dim("batch", min=2)
+    ep = torch.export.export(
+        model, (torch.randn(6, 8, device=DEVICE),), dynamic_shapes={"input": {0: batch}}
+    )
+    x = torch.randn(11, 8, device=DEVICE)
+    assert_close(ep.module()(x), ref(x))
+    assert launches.total > 0
