@@ -247,5 +247,7 @@ def write_plot(path: str, doc: dict) -> None:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from ._checks import plot_format
+
+    fig.savefig(path, dpi=110, format=plot_format(path))  # no extension: PNG at exactly path
     plt.close(fig)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import platform
 import sys
 import time
 
 from ._bench_ops import OPS
+from ._checks import checked_type, output_path_problem, plot_format_problem
 
 OP_ALIASES = {
     "ce": "cross_entropy",
@@ -60,14 +62,14 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=checked_type(int, lambda v: v > 0, "a positive integer"),
         metavar="N",
         help="CPU threads for torch during the run (default: 1 for --quick on CPU, which keeps "
         "timings stable on a shared machine; else torch's default)",
     )
     parser.add_argument(
         "--time-budget",
-        type=float,
+        type=checked_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
         metavar="S",
         help="skip the cases that would start after S seconds (default: 150 for --quick on a "
         "GPU, else none); torch.compile baselines run last",
@@ -90,6 +92,8 @@ def parse_ops(values) -> list[str]:
                     )
                 if op not in ops:
                     ops.append(op)
+    if not ops:  # `--ops ""`: a run of no rows is no benchmark
+        raise SystemExit(f"fusedmlp bench: --ops names no op; expected some of {', '.join(OPS)}")
     return ops
 
 
@@ -153,6 +157,19 @@ def run(args) -> int:
         raise SystemExit(f"fusedmlp bench: unsupported device {args.device!r} (cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fusedmlp bench: --device cuda asked for, but no CUDA device is available")
+    # the output paths checked before the run, not after it: the rows would be lost
+    for option, path in (
+        ("--json", args.json),
+        ("--markdown", args.markdown),
+        ("--plot", args.plot),
+    ):
+        if path is None:
+            continue
+        problem = (plot_format_problem(path) if option == "--plot" else None) or (
+            output_path_problem(path, make_folder=True)  # the writers make missing folders
+        )
+        if problem is not None:
+            raise SystemExit(f"fusedmlp bench: cannot write {option} {path}: {problem}")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     cuda = device.type == "cuda"

@@ -54,64 +54,74 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     return x[train], y[train], x[test], y[test]
 
 
+def _features(name: str, a, what: str) -> np.ndarray:
+    """``a`` as float32 ``[n, features]`` (trailing axes flattened: images become vectors), or a
+    :class:`DataError` saying what is wrong with it."""
+    a = np.asarray(a)
+    if a.ndim < 2:
+        raise DataError(f"{name}: {what} must have a sample axis and features, got shape {a.shape}")
+    d = math.prod(a.shape[1:])  # not reshape's -1, which fails on 0 samples
+    if d == 0:
+        raise DataError(f"{name}: {what} has no features, got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.complexfloating):  # the cast would drop the imaginary part
+        raise DataError(f"{name}: {what} must hold real numbers, got dtype {a.dtype}")
+    if a.dtype.kind in "mMV":  # dates, durations, records: numpy casts them to float silently
+        raise DataError(f"{name}: {what} must hold numbers, got dtype {a.dtype}")
+    try:
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: checked below
+            out = np.ascontiguousarray(a.reshape(len(a), d), dtype=np.float32)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{name}: {what} must hold numbers, got dtype {a.dtype}: {e}") from e
+    bad = ~np.isfinite(out)
+    if bad.any():  # NaN or Inf (also float64 values beyond float32's range) poison training
+        raise DataError(
+            f"{name}: {what} has {int(bad.sum())} NaN or infinite values (as float32, "
+            "whose largest is about 3.4e38): remove or impute them"
+        )
+    return out
+
+
+def _labels(name: str, a, what: str, max_classes: int) -> np.ndarray:
+    """``a`` as int64 class labels ``[n]`` in ``0 .. max_classes - 1``, or a :class:`DataError`."""
+    a = np.asarray(a)
+    if a.dtype == np.bool_:  # False/True: classes 0 and 1
+        a = a.astype(np.int64)
+    if a.ndim == 1 and np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise DataError(
+            f"{name}: {what} has {int((~np.isfinite(a)).sum())} NaN or infinite labels: "
+            "class labels are integers 0 .. classes - 1"
+        )
+    if a.ndim != 1 or not (
+        np.issubdtype(a.dtype, np.integer)
+        or (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))
+    ):
+        raise DataError(
+            f"{name}: {what} must be a 1-D array of integer class labels, got shape "
+            f"{a.shape} of dtype {a.dtype}"
+        )
+    if a.size and a.min() < 0:
+        raise DataError(f"{name}: {what} has negative class labels")
+    # Checked before the cast to int64, where uint64 labels >= 2**63 wrap negative; the
+    # largest label sizes the output layer, and one far beyond the data (a sample id, a
+    # hash) would ask for more memory than any machine has.
+    if a.size and a.max() >= max_classes:
+        raise DataError(
+            f"{name}: {what} has class label {a.max()}, but {max_classes // 10} samples allow at "
+            f"most {max_classes} classes (10 per sample): labels must be 0 .. classes - 1"
+        )
+    return a.astype(np.int64)
+
+
 def _finish(name, x_train, y_train, x_test, y_test) -> Dataset:
-    def feats(a, what):
-        a = np.asarray(a)
-        if a.ndim < 2:
-            raise DataError(
-                f"{name}: {what} must have a sample axis and features, got shape {a.shape}"
-            )
-        d = math.prod(a.shape[1:])  # not reshape's -1, which fails on 0 samples
-        if d == 0:
-            raise DataError(f"{name}: {what} has no features, got shape {a.shape}")
-        if np.issubdtype(a.dtype, np.complexfloating):  # the cast would drop the imaginary part
-            raise DataError(f"{name}: {what} must hold real numbers, got dtype {a.dtype}")
-        try:
-            with np.errstate(over="ignore"):  # float64 beyond float32's range: checked below
-                out = np.ascontiguousarray(a.reshape(len(a), d), dtype=np.float32)
-        except (ValueError, TypeError) as e:
-            raise DataError(f"{name}: {what} must hold numbers, got dtype {a.dtype}: {e}") from e
-        bad = ~np.isfinite(out)
-        if bad.any():  # NaN or Inf (also float64 values beyond float32's range) poison training
-            raise DataError(
-                f"{name}: {what} has {int(bad.sum())} NaN or infinite values (as float32, "
-                "whose largest is about 3.4e38): remove or impute them"
-            )
-        return out
-
-    def labels(a, what):
-        a = np.asarray(a)
-        if a.dtype == np.bool_:  # False/True: classes 0 and 1
-            a = a.astype(np.int64)
-        if a.ndim != 1 or not (
-            np.issubdtype(a.dtype, np.integer)
-            or (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))
-        ):
-            raise DataError(
-                f"{name}: {what} must be a 1-D array of integer class labels, got shape "
-                f"{a.shape} of dtype {a.dtype}"
-            )
-        if a.size and a.min() < 0:
-            raise DataError(f"{name}: {what} has negative class labels")
-        # Checked before the cast to int64, where uint64 labels >= 2**63 wrap negative; the
-        # largest label sizes the output layer, and one far beyond the data (a sample id, a
-        # hash) would ask for more memory than any machine has.
-        if a.size and a.max() >= max_classes:
-            raise DataError(
-                f"{name}: {what} has class label {a.max()}, but {n_samples} samples allow at most "
-                f"{max_classes} classes (10 per sample): labels must be 0 .. classes - 1"
-            )
-        return a.astype(np.int64)
-
     n_samples = sum(np.size(a) for a in (y_train, y_test))
     max_classes = 10 * n_samples
 
     ds = Dataset(
         name,
-        feats(x_train, "X"),
-        labels(y_train, "y"),
-        feats(x_test, "X"),
-        labels(y_test, "y"),
+        _features(name, x_train, "X"),
+        _labels(name, y_train, "y", max_classes),
+        _features(name, x_test, "X"),
+        _labels(name, y_test, "y", max_classes),
     )
     for part, xs, ys in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         if len(xs) != len(ys):
@@ -204,6 +214,8 @@ def load_npz(path: str, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
         raise DataError(f"{path}: X has {len(x)} samples but y has {len(y)}")
     if len(x) < 2:
         raise DataError(f"{path}: needs at least 2 samples, got {len(x)}")
+    # checked whole, before the split: a message names the file's shapes, not a split's
+    x, y = _features(name, x, "X"), _labels(name, y, "y", 10 * len(y))
     return _finish(name, *split(x, y, test_fraction, seed))
 
 
@@ -264,21 +276,34 @@ def load_mnist(data_dir: str | None) -> Dataset:
         if os.path.exists(data_dir):
             raise DataError(f"--data-dir {data_dir} is a file, not a directory")
         raise DataError(f"data directory not found: {data_dir}")
-    arrays = {}
+    arrays, paths = {}, {}
     for key, base in MNIST_FILES.items():
         for name in _idx_candidates(base):
             path = os.path.join(data_dir, name)
             if os.path.isfile(path):
-                arrays[key] = read_idx(path)
+                arrays[key], paths[key] = read_idx(path), path
                 break
         else:
             raise DataError(
                 f"missing MNIST file {os.path.join(data_dir, base)} (or {base}.gz) in {data_dir}; "
                 "fusedmlp never downloads: put the four IDX files there"
             )
-    x_train = arrays["x_train"].astype(np.float32) / 255.0
-    x_test = arrays["x_test"].astype(np.float32) / 255.0
-    return _finish("mnist", x_train, arrays["y_train"], x_test, arrays["y_test"])
+    n_labels = len(arrays["y_train"]) + len(arrays["y_test"])
+    for part in ("train", "test"):  # each file checked by name: the message says which it is
+        x, y = f"x_{part}", f"y_{part}"
+        images = arrays[x]
+        if images.dtype == np.uint8:  # MNIST's bytes 0..255 to [0, 1]; other types as they are
+            images = images.astype(np.float32) / 255.0
+        arrays[x] = _features(paths[x], images, "the image file")
+        arrays[y] = _labels(paths[y], arrays[y], "the label file", 10 * n_labels)
+        if len(arrays[x]) != len(arrays[y]):
+            raise DataError(
+                f"{paths[x]} holds {len(arrays[x])} images but {paths[y]} holds "
+                f"{len(arrays[y])} labels"
+            )
+    return _finish(
+        "mnist", arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+    )
 
 
 def load(

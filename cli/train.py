@@ -14,24 +14,17 @@ from __future__ import annotations
 import argparse
 import math
 
+from ._checks import (
+    MATPLOTLIB_HINT,
+    checked_type,
+    output_path_problem,
+    plot_format,
+    plot_format_problem,
+)
+
 DEFAULT_HIDDEN = [256, 128]
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
-
-
-def checked_type(convert, ok, expected: str):
-    """An argparse type: ``convert(text)`` where ``ok`` holds for it, else argparse's error
-    (exit 2) saying ``expected``."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
+DEFAULT_MOMENTUM = 0.9
 
 
 _positive_int = checked_type(int, lambda v: v > 0, "a positive integer")
@@ -97,7 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"learning rate (default: {DEFAULT_LR['adam']} for adam, {DEFAULT_LR['sgd']} for sgd)",
     )
     opt.add_argument(
-        "--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default: 0.9)"
+        "--momentum",
+        type=_non_negative_float,
+        default=None,
+        help=f"SGD momentum (default: {DEFAULT_MOMENTUM}; --optimizer sgd only)",
     )
     opt.add_argument("--epochs", type=_positive_int, default=20, help="(default: 20)")
     opt.add_argument("--batch-size", type=_positive_int, default=64, help="(default: 64)")
@@ -191,47 +187,25 @@ def _accuracy(net, x, y, chunk: int = 8192) -> float:
 
 
 def _check_plot_path(path: str) -> None:
-    """Refuse ``--plot`` before training, not after it: matplotlib importable, folder present."""
-    import importlib.util
-    import os
-
+    """Refuse ``--plot`` before training, not after it: matplotlib importable, a format it
+    writes, a file that can be written."""
     if not path:
         _fail("--plot needs a file name, e.g. --plot loss.png")
-    if importlib.util.find_spec("matplotlib") is None:
-        _fail("--plot needs matplotlib: pip install matplotlib (or 'fusedmlp[examples]')")
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        _fail(f"cannot write the plot {path}: it is a folder; give a file name, e.g. loss.png")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        _fail(f"cannot write the plot {path}: no folder {folder}")
-    if not os.access(folder, os.W_OK):
-        _fail(f"cannot write the plot {path}: folder {folder} is not writable")
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    # savefig picks the format from the extension (none: PNG)
-    ext = os.path.splitext(path)[1][1:].lower()
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if ext and ext not in formats:
-        _fail(
-            f"cannot write the plot {path}: unknown format {ext!r} ({', '.join(sorted(formats))})"
-        )
-    existed = os.path.exists(path)
-    try:  # what only opening it tells (a read-only file, /proc, a full disk's quota...)
-        with open(path, "ab"):
-            pass
-    except OSError as e:
-        _fail(f"cannot write the plot {path}: {e.strerror or e}")
-    if not existed:
-        os.remove(path)
+    problem = plot_format_problem(path)
+    if problem is not None and "matplotlib" in problem:
+        _fail(f"--plot needs matplotlib: {MATPLOTLIB_HINT}")
+    problem = problem or output_path_problem(path)
+    if problem is not None:
+        if "folder;" in problem:
+            problem += ", e.g. loss.png"
+        _fail(f"cannot write the plot {path}: {problem}")
 
 
 def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
-    import os
-
     try:
         import matplotlib
     except ImportError:
-        _fail("--plot needs matplotlib: pip install matplotlib (or 'fusedmlp[examples]')")
+        _fail(f"--plot needs matplotlib: {MATPLOTLIB_HINT}")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -250,8 +224,8 @@ def _plot(path: str, curves: dict, steps_per_epoch: int, title: str) -> None:
     ax.legend()
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    try:  # no extension: a PNG at exactly this path (savefig would append ".png")
-        fig.savefig(path, dpi=120, format=None if os.path.splitext(path)[1] else "png")
+    try:
+        fig.savefig(path, dpi=120, format=plot_format(path))
     except OSError as e:
         _fail(f"cannot write the plot {path}: {e}")
     finally:
@@ -345,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
             if device.index >= count:
                 _fail(f"--device {args.device}: this machine has {count} CUDA device(s), "
                       f"cuda:0 .. cuda:{count - 1}")  # fmt: skip
+    if args.momentum is not None and args.optimizer != "sgd":  # else silently not used
+        _fail(f"--momentum is for --optimizer sgd; {args.optimizer} has no momentum argument")
     if args.cuda_graph and device.type != "cuda":
         _fail(f"--cuda-graph needs a CUDA device; this run's device is {device}")
     backend_name = args.backend or _backend.get_backend()
@@ -420,9 +396,8 @@ def _train(args, ds, device, backend_name: str) -> int:
             extra = {"capturable": True} if args.cuda_graph else {}
             r["opt"] = (foptim.Adam if fused else torch.optim.Adam)(params, lr=lr, **extra)
         else:
-            r["opt"] = (foptim.SGD if fused else torch.optim.SGD)(
-                params, lr=lr, momentum=args.momentum
-            )
+            momentum = DEFAULT_MOMENTUM if args.momentum is None else args.momentum
+            r["opt"] = (foptim.SGD if fused else torch.optim.SGD)(params, lr=lr, momentum=momentum)
         r.update(losses=[], epoch_loss=[], acc=[], step_time=[])
 
     batch_size = min(args.batch_size, n)

@@ -53,6 +53,8 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 
+from ._checks import checked_type, output_path_problem
+
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # (rtol, atol) per dtype: the test suite's table (tests/conftest.py).
@@ -95,7 +97,12 @@ def add_arguments(parser):
         help=f"comma-separated ops to verify (default: all: {', '.join(OPS)})",
     )
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument(
+        "--seed",  # torch.Generator.manual_seed's range
+        type=checked_type(int, lambda v: -(2**63) <= v < 2**64, "an integer in [-2**63, 2**64)"),
+        default=0,
+        help="seed of the random inputs",
+    )
     parser.add_argument(
         "--full",
         action="store_true",
@@ -924,10 +931,10 @@ def run(args) -> int:
             f"dtypes among {', '.join(DTYPE_NAMES)}; ops among {', '.join(OPS)}"
         )
         return 2
-    if args.json:  # checked before the cases run, not after them
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            print(f"fusedmlp verify: cannot write {args.json}: no folder {folder}")
+    if args.json is not None:  # checked before the cases run, not after them
+        problem = output_path_problem(args.json)
+        if problem is not None:
+            print(f"fusedmlp verify: cannot write {args.json}: {problem}")
             return 2
 
     import triton

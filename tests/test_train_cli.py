@@ -397,7 +397,8 @@ def test_broken_idx_files(tmp_path):
     assert "784 features but test samples have 400" in msg
     _mnist_dir(tmp_path, train_labels=30)
     msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
-    assert "X has 40 samples but its y has 30" in msg
+    assert "train-images-idx3-ubyte holds 40 images but" in msg
+    assert "train-labels-idx1-ubyte holds 30 labels" in msg
     _mnist_dir(tmp_path)
     images = tmp_path / "train-images-idx3-ubyte"
     images.write_bytes(bytes([0, 0, 8, 3, 0, 0]))  # the header cut short
@@ -482,3 +483,135 @@ def test_batchnorm_depth_example_refuses_bad_values_and_runs_tiny(tmp_path):
     res = subprocess.run([sys.executable, script, *tiny], capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert res.returncode == 0 and "weight std" in res.stdout, res.stderr
+
+
+# --- a CLI sweep (a helper's probe): silently wrong runs, misleading messages, late errors ---
+
+
+def test_momentum_with_adam_is_refused_not_ignored(capsys):
+    # Adam has no momentum: the option was silently dropped
+    msg = _error(["train", "--dataset", "disc", *TINY, "--no-compare", "--momentum", "0.5"])
+    assert "--momentum is for --optimizer sgd" in msg
+    argv = ["train", "--dataset", "disc", *TINY, "--no-compare", "--optimizer", "sgd"]
+    assert main([*argv, "--momentum", "0.5"]) == 0
+    assert "training sgd" in capsys.readouterr().out
+
+
+def test_plot_path_ending_in_a_dot_is_written_where_the_run_says(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "loss."  # savefig appended ".png" to it
+    assert main(["train", "--dataset", "disc", *TINY, "--no-compare", "--plot", str(plot)]) == 0
+    assert f"plot     {plot}" in capsys.readouterr().out
+    assert plot.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize(
+    "x, y, expected",
+    [
+        # the shapes of the file, not of the 80% train split (32 of 40)
+        (np.zeros(40), np.arange(40) % 2, "got shape (40,)"),
+        (np.zeros((40, 2)), (np.arange(40) % 2)[:, None], "got shape (40, 1)"),
+        # inf passed the "integer-valued" test and was reported as a too large class label
+        (
+            np.zeros((40, 2)),
+            np.where(np.arange(40) % 2, np.inf, 0.0),
+            "20 NaN or infinite labels",
+        ),
+        (np.zeros((40, 2)), np.where(np.arange(40) % 2, np.nan, 0.0), "NaN or infinite labels"),
+        # numpy casts dates and durations to float32 silently
+        (np.zeros((40, 2), "datetime64[s]"), np.arange(40) % 2, "must hold numbers"),
+        (np.zeros((40, 2), "timedelta64[s]"), np.arange(40) % 2, "must hold numbers"),
+    ],
+)
+def test_npz_errors_describe_the_file(tmp_path, x, y, expected):
+    path = tmp_path / "bad.npz"
+    np.savez(path, X=x, y=y)
+    msg = _error(["train", "--data", str(path), *TINY, "--no-compare"])
+    assert expected in msg and "bad.npz" in msg
+
+
+def _write_idx_typed(path, array, code, dtype):
+    header = bytes([0, 0, code, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    path.write_bytes(header + array.astype(dtype).tobytes())
+
+
+def test_idx_images_other_than_bytes_are_not_divided_by_255(tmp_path):
+    # float images already in [0, 1] were divided by 255 as if they were bytes
+    _mnist_dir(tmp_path)
+    images = np.random.default_rng(1).uniform(0.5, 1.0, (40, 28, 28))
+    _write_idx_typed(tmp_path / "train-images-idx3-ubyte", images, 0x0D, ">f4")
+    ds = cli_data.load_mnist(str(tmp_path))
+    np.testing.assert_allclose(ds.x_train, images.reshape(40, 784).astype(np.float32))
+    assert ds.x_test.max() <= 1.0 and ds.x_test.max() > 0.9  # bytes: scaled to [0, 1]
+
+
+def test_idx_shape_errors_name_the_file(tmp_path):
+    _mnist_dir(tmp_path)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros(10 * 784, np.uint8), False)
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
+    assert "t10k-images-idx3-ubyte: the image file must have a sample axis" in msg
+
+
+@pytest.fixture
+def bench_must_not_run(monkeypatch):
+    """``fusedmlp bench``'s first measurement raises: an error must come before it."""
+    from fusedmlp.cli import _bench_engine
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the options were checked")
+
+    monkeypatch.setattr(_bench_engine, "measure_ceilings", ran)
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--threads", "0"), ("--threads", "-2"), ("--time-budget", "-1"),
+                      ("--time-budget", "nan")]
+)  # fmt: skip
+def test_bench_bad_numbers_are_argparse_errors(option, value, bench_must_not_run, capsys):
+    # --threads 0 was ignored, a negative budget skipped every case, a NaN one was ignored
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick", option, value])
+    assert info.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_bench_refuses_bad_outputs_before_running(tmp_path, bench_must_not_run):
+    # a folder as --json/--markdown, an unknown --plot format: a traceback after the whole run;
+    # --ops "": a run of no rows
+    for argv, expected in (
+        (["--markdown", str(tmp_path)], "cannot write --markdown"),
+        (["--json", str(tmp_path) + "/"], "cannot write --json"),
+        (["--plot", str(tmp_path / "p.xyz")], "unknown format 'xyz'"),
+        (["--ops", ""], "--ops names no op"),
+    ):
+        msg = _error(["bench", "--quick", *argv])
+        assert msg.startswith("fusedmlp bench:") and expected in msg
+    pytest.importorskip("matplotlib")
+    assert "cannot write --plot" in _error(["bench", "--quick", "--plot", str(tmp_path)])
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_running(
+    tmp_path, bench_must_not_run, monkeypatch
+):
+    # it was reported after the whole run, its rows only printed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import (and find_spec) now fail
+    msg = _error(["bench", "--quick", "--plot", str(tmp_path / "roofline.png")])
+    assert "needs matplotlib" in msg and not (tmp_path / "roofline.png").exists()
+
+
+def test_verify_refuses_a_bad_json_path_and_seed_before_running(tmp_path, monkeypatch, capsys):
+    from fusedmlp.cli import verify
+
+    def ran(*args, **kwargs):
+        raise AssertionError("verify ran before the options were checked")
+
+    monkeypatch.setattr(verify, "_run_cases", ran)
+    # a folder as --json: an IsADirectoryError traceback after every case had run
+    assert main(["verify", "--ops", "sgd", "--dtypes", "fp32", "--json", str(tmp_path)]) == 2
+    assert "cannot write" in capsys.readouterr().out
+    # beyond torch's seed range: a ValueError traceback from the generator
+    with pytest.raises(SystemExit) as info:
+        main(["verify", "--ops", "sgd", "--seed", str(2**64)])
+    assert info.value.code == 2 and "--seed" in capsys.readouterr().err
