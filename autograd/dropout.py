@@ -18,14 +18,18 @@ Torch path: torch's own ``F.dropout`` / ``feature_dropout`` (with ``generator=``
 Bernoulli-noise multiply that torch's CPU dropout computes, drawn from that generator).
 
 p = 0, eval mode and empty inputs return the input itself; p outside [0, 1] is a ValueError;
-``inplace=True`` writes into the input under torch's autograd rules (a leaf that requires grad
-is refused, before any launch).
+``inplace=True`` writes into the input under torch's autograd rules (a leaf that requires grad,
+a view of one, or a view torch refuses to modify in place is refused with torch's error, before
+any launch). Argument errors are torch's, in its order: the range test of ``p``, then its
+argument parser (input, ``p``, ``train``: a Fraction or an array ``p`` is a TypeError there),
+then NaN.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 
 import torch
@@ -109,50 +113,106 @@ class DropoutFunction(torch.autograd.Function):
         return _dropout_bwd_call(grad, seed, ctx.p, ctx.inner), None, None, None
 
 
-def _check_p(p) -> float:
-    """torch's checks of ``p``, in its order: its Python range test (``p < 0.0 or p > 1.0``,
-    whose own errors a multi-element or complex tensor raises), then its argument parser (a real
-    number, or a 0-d real tensor that does not require grad), then NaN (its C++ check)."""
-    if p < 0.0 or p > 1.0:  # NaN passes this check, and is refused below
+def _type_name(obj) -> str:
+    """The type name torch's argument parser prints (the C ``tp_name``): ``list``, ``Fraction``
+    for a class defined in Python, ``numpy.ndarray`` / ``decimal.Decimal`` for a C type."""
+    t = type(obj)
+    if t.__module__ == "builtins" or t.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE
+        return t.__name__
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _check_range(p) -> None:
+    """torch's Python range test of ``p`` (``p < 0.0 or p > 1.0``), its first check: NaN passes
+    it (refused by ``_check_nan`` last), a multi-element or complex tensor raises its own error."""
+    if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _is_numpy_scalar(p) -> bool:
+    np = sys.modules.get("numpy")  # no numpy imported: p is no numpy scalar
+    return np is not None and isinstance(p, (np.bool_, np.integer, np.floating, np.complexfloating))
+
+
+def _parse_p(p, op: str) -> float:
+    """torch's argument parser for ``p`` (a double): a Python or numpy number (a numpy complex
+    gives its real part, with numpy's warning), or a 0-d real tensor that does not require grad;
+    anything else (a Fraction, a Decimal, an array) is its TypeError, with ``op`` its op name."""
     if isinstance(p, Tensor):
         if p.dim() != 0 or p.requires_grad or p.is_complex():
-            raise TypeError("dropout(): argument 'p' (position 2) must be float, not Tensor")
-        p = p.item()  # torch's dropout takes a 0-d tensor p as its number
-    if not isinstance(p, numbers.Real):
-        raise TypeError(f"dropout probability must be a real number, got {type(p).__name__}")
-    # NaN, which torch's functional dropout refuses in C++ (a RuntimeError); ``p != p``, not
-    # ``math.isnan``, which dynamo cannot trace on the symbolic float of ``dynamic=True``
-    if p != p:
-        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
+            raise TypeError(f"{op}(): argument 'p' (position 2) must be float, not Tensor")
+        return float(p.item())  # torch's dropout takes a 0-d tensor p as its number
+    if not (
+        isinstance(p, (float, int, torch.SymFloat, torch.SymInt))
+        or _is_numpy_scalar(p)
+        # dynamo's symbolic floats (dynamic=True) are real numbers
+        or (torch.compiler.is_compiling() and isinstance(p, numbers.Real))
+    ):
+        raise TypeError(f"{op}(): argument 'p' (position 2) must be float, not {_type_name(p)}")
     return float(p)
 
 
+def _check_nan(p: float) -> None:
+    """NaN, which torch's dropout refuses in C++ (a RuntimeError) after parsing its arguments;
+    ``p != p``, not ``math.isnan``, which dynamo cannot trace on the symbolic float of
+    ``dynamic=True``."""
+    if p != p:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _check_p(p, op: str = "dropout") -> float:
+    """All of torch's checks of ``p`` for a tensor input (range, parser, NaN), in its order."""
+    _check_range(p)
+    p = _parse_p(p, op)
+    _check_nan(p)
+    return p
+
+
 def _check_input(input) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"dropout: input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(input, Tensor):  # torch's argument parser
+        raise TypeError(
+            f"dropout(): argument 'input' (position 1) must be Tensor, not {_type_name(input)}"
+        )
 
 
 def _check_training(training, op: str = "dropout") -> None:
     if not isinstance(training, bool):  # torch's argument parser: a bool, nothing else
         raise TypeError(
-            f"{op}(): argument 'train' (position 3) must be bool, not {type(training).__name__}"
+            f"{op}(): argument 'train' (position 3) must be bool, not {_type_name(training)}"
         )
 
 
+def _torch_refuses(input: Tensor) -> None:
+    """Raise the error torch raises for an in-place write into ``input`` (a view it refuses to
+    modify in place): its own check runs before the op modifies anything."""
+    input.mul_(1)
+    raise AssertionError("torch accepted an in-place write it refuses")  # pragma: no cover
+
+
 def _check_inplace(input: Tensor) -> None:
-    """torch's in-place rules, checked before any launch."""
+    """torch's in-place rules (its ``check_inplace``, in its order), checked before any launch:
+    a view that torch refuses to modify in place (created in no_grad or inference mode, one of
+    several outputs of one op, made inside a custom Function) raises torch's own error, then a
+    view of a leaf that requires grad, then a leaf that requires grad."""
     if not (torch.is_grad_enabled() and input.requires_grad):
         return
+    base = input._base
+    if base is not None:
+        if not torch.compiler.is_compiling() and _creation_meta(input) != _DEFAULT_VIEW:
+            _torch_refuses(input)
+        if base.is_leaf and base.requires_grad:
+            raise RuntimeError(
+                "a view of a leaf Variable that requires grad is being used in an in-place "
+                "operation."
+            )
     if input.is_leaf:
         raise RuntimeError(
             "a leaf Variable that requires grad is being used in an in-place operation."
         )
-    base = input._base
-    if base is not None and base.is_leaf and base.requires_grad:
-        raise RuntimeError(
-            "a view of a leaf Variable that requires grad is being used in an in-place operation."
-        )
+
+
+_creation_meta = torch._C._autograd._get_creation_meta
+_DEFAULT_VIEW = torch._C._autograd.CreationMeta.DEFAULT
 
 
 def _seed(input: Tensor, generator, p: float) -> Tensor:
@@ -230,9 +290,11 @@ def dropout(
     masks are reproducible under fusedmlp's seed (``torch.manual_seed`` / ``generator``) but are
     not bit-identical to ``torch.nn.Dropout``'s.
     """
-    p = _check_p(p)
+    _check_range(p)  # torch's order: its range test, its argument parser, its NaN check
     _check_input(input)
+    p = _parse_p(p, "dropout")
     _check_training(training)
+    _check_nan(p)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if _on_triton(input):
@@ -283,10 +345,12 @@ def dropout2d(
     2 dimensions is an error (when dropout actually runs). Masks are reproducible under
     fusedmlp's seed, not bit-identical to ``torch.nn.Dropout2d``'s.
     """
-    p = _check_p(p)
+    _check_range(p)
     dim = input.dim()  # as torch: an AttributeError for a non-tensor input
     _warn_dims(dim, 3)
+    p = _parse_p(p, "feature_dropout")
     _check_training(training, "feature_dropout")
+    _check_nan(p)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if p < 1.0 and dim < 2:

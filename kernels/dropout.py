@@ -16,9 +16,10 @@ wide so tensors beyond 2^31 (or 2^34) elements neither overflow nor repeat, and 
 depend on the block size, the launch configuration or the strides. A group is kept when the top
 24 bits ``r >> 8`` of its random word satisfy ``r >> 8 >= p * 2^24`` (P(keep) = 1 - p to 2^-24).
 
-The multiply form ``x * (keep ? scale : 0)`` (computed in fp32, fp64 for fp64 inputs, whose
-``scale = 1 / (1 - p)`` arrives as its double's bit pattern: ``dropout_scale``, also the fused
-kernels') makes NaN and Inf propagate as torch's dropout does: a dropped NaN or Inf gives NaN.
+The multiply form ``x * (keep ? scale : 0)`` (computed in fp32 with torch's fp32 scale
+``1 / float32(1 - p)``, fp64 for fp64 inputs, whose ``scale = 1 / (1 - p)`` arrives as its
+double's bit pattern: ``scale_arg`` and ``dropout_scale``, also the fused kernels') makes NaN
+and Inf propagate as torch's dropout does: a dropped NaN or Inf gives NaN.
 
 Strides: any. Offsets are logical indices; the addresses come from the (jointly coalesced, up to
 4-D) sizes and strides of the input and of the output; row-major contiguous tensors take a
@@ -123,10 +124,33 @@ def dropout_scale(scale, FP64: tl.constexpr):
     return s
 
 
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (to nearest even), as a Python float."""
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
 def scale_arg(p: float, dtype: torch.dtype) -> float | int:
     """``dropout_scale``'s argument for drop probability ``p`` (0 for ``p >= 1``: nothing is
-    kept) and data of ``dtype``."""
-    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    kept) and data of ``dtype``: torch's dropout scale in that dtype's arithmetic.
+
+    - float64: ``1 / (1 - p)`` in double (torch's fp64 dropout), passed as its bits;
+    - float32 (and the fp32 arithmetic of fp16/bf16 data): torch's ``1 / float32(1 - p)``, the
+      reciprocal of the keep probability rounded to float32 (its CPU dropout divides its fp32
+      noise by the scalar ``1 - p`` as a float32 reciprocal; its CUDA kernel takes ``1 - p`` as
+      its float accumulation type). The double quotient rounded to float32 is that float
+      division, correctly rounded (53 >= 2 * 24 + 2 bits). It is not ``float32(1 / (1 - p))``,
+      1 ulp off at p = 0.04, 0.09, 0.15, 0.42, ...: every kept element then was 1 ulp off.
+
+    fp16/bf16 data are multiplied by that fp32 scale in fp32 and rounded once, as torch's CUDA
+    dropout does; torch's CPU dropout rounds the scale to the data's dtype first (its noise
+    tensor has the input's dtype), so on CPU its kept values can sit 1 ulp from these.
+    """
+    if p >= 1.0:
+        scale = 0.0
+    elif dtype == torch.float64:
+        scale = 1.0 / (1.0 - p)
+    else:
+        scale = _f32(1.0 / _f32(1.0 - p))
     if dtype == torch.float64:
         return struct.unpack("<q", struct.pack("<d", scale))[0]
     return scale

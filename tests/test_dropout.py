@@ -6,6 +6,8 @@ keep mask read from the output, and the stream itself against a Python Philox4x3
 """
 
 import warnings
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from conftest import DEVICE, assert_close
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 import fusedmlp
@@ -631,3 +634,165 @@ def test_tensor_p_0d_taken_and_range_checked_before_input(triton_backend, launch
     for fn in (F.dropout2d, dropout2d):  # and dropout2d reads input.dim() next
         with pytest.raises(AttributeError):
             fn([1.0, 2.0], 0.5)
+
+
+# ------------------------------------------------------------ bug sweep against torch (regressions)
+
+
+@pytest.mark.parametrize("p", [0.04, 0.09, 0.42])
+def test_float32_scale_is_torchs(backend, launches, p):
+    # torch's fp32 dropout scales by 1 / float32(1 - p) (a float32 reciprocal of the keep
+    # probability), which is 1 ulp from float32(1 / (1 - p)) at these p: every kept element and
+    # its gradient was 1 ulp off torch's. The kept values and the gradient are torch's exactly.
+    ones = torch.ones(256, device=DEVICE)
+    torch_scale = F.dropout(ones, p).max()  # torch's own scale, read from its output
+    assert torch_scale != torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)  # the trap
+    x = (torch.rand(8, 16, device=DEVICE) + 0.5).requires_grad_(True)
+    y = dropout(x, p)
+    kept = y.detach() != 0
+    assert 0 < kept.sum() < x.numel()
+    assert torch.equal(y.detach(), torch.where(kept, x.detach() * torch_scale, 0.0))
+    y.backward(torch.ones_like(y))
+    xt = x.detach().clone().requires_grad_(True)
+    F.dropout(xt, p).backward(torch.ones_like(xt))  # torch's gradient: 0 or its scale
+    assert set(xt.grad.unique().tolist()) == {0.0, torch_scale.item()}
+    assert torch.equal(x.grad, torch.where(kept, torch_scale, 0.0))
+    _expect_launches(launches, backend, 2)
+
+
+class _Float:
+    def __float__(self):
+        return 0.5
+
+    def __lt__(self, other):
+        return False
+
+    __gt__ = __lt__
+
+
+def _raised(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - the error itself is compared
+            return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        Fraction(1, 2),  # a numbers.Real that torch's parser refuses: it was taken
+        Decimal("0.5"),
+        np.array(0.5),  # a 0-d array is no numpy scalar
+        _Float(),
+    ],
+    ids=["Fraction", "Decimal", "ndarray", "__float__"],
+)
+def test_p_types_torchs_parser_refuses(backend, launches, p):
+    x = torch.ones(2, 3, 4, device=DEVICE)
+    for ours, theirs in [(dropout, F.dropout), (dropout2d, F.dropout2d)]:
+        expected = _raised(theirs, x, p)
+        assert expected is not None and expected[0] is TypeError
+        assert _raised(ours, x, p) == expected  # same type, same message
+    for ours, theirs in [(Dropout, torch.nn.Dropout), (Dropout2d, torch.nn.Dropout2d)]:
+        assert _raised(ours(p), x) == _raised(theirs(p), x)
+    assert launches.total == 0
+
+
+@pytest.mark.parametrize("p", [np.float32(0.5), np.int64(1), np.bool_(False), True])
+def test_p_numpy_and_bool_scalars_taken_as_torch(backend, p):
+    x = torch.ones(4, 8, device=DEVICE)
+    for ours, theirs in [(dropout, F.dropout), (dropout2d, F.dropout2d)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y, t = ours(x, p), theirs(x, p)
+        assert y.shape == t.shape
+        assert set(y.unique().tolist()) == set(t.unique().tolist())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([1.0, 2.0], float("nan")),  # the input's type error before p's NaN
+        ([1.0, 2.0], torch.tensor([0.3])),  # the input's before p's type
+        ([1.0, 2.0], 0.5),
+        (None, 0.0),
+        ("x", float("nan"), 1),  # the train type error before p's NaN
+        ("x", Fraction(1, 2), 1),  # p's type error before train's
+        ("x", 0.5, np.bool_(True)),
+    ],
+)
+def test_argument_errors_in_torchs_order_and_words(backend, launches, args):
+    # torch's order: its range test, then its argument parser (input, p, train: position
+    # order), then its C++ NaN check. The NaN check ran before the parser (a RuntimeError
+    # where torch raises a TypeError), and the messages were not torch's.
+    args = tuple(torch.ones(3, 4, device=DEVICE) if a == "x" else a for a in args)
+    expected = _raised(F.dropout, *args)
+    assert expected is not None
+    assert _raised(dropout, *args) == expected
+    if isinstance(args[0], Tensor):
+        x4 = args[0].reshape(1, 3, 2, 2)
+        assert _raised(dropout2d, x4, *args[1:]) == _raised(F.dropout2d, x4, *args[1:])
+    assert launches.total == 0
+
+
+class _ViewOf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.view(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.view(3, 4)
+
+
+def _no_grad_view_of_leaf():
+    a = torch.rand(3, 4, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        return a[1]
+
+
+def _no_grad_view():
+    a = torch.rand(3, 4, device=DEVICE, requires_grad=True) * 2
+    with torch.no_grad():
+        return a[1]
+
+
+def _multi_output_view():
+    return (torch.rand(3, 4, device=DEVICE, requires_grad=True) * 2).unbind(0)[1]
+
+
+def _custom_function_view():
+    return _ViewOf.apply(torch.rand(3, 4, device=DEVICE, requires_grad=True) * 2)
+
+
+def _inference_mode_view():
+    a = torch.rand(3, 4, device=DEVICE, requires_grad=True) * 2
+    with torch.inference_mode():
+        return a[1]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _no_grad_view_of_leaf,  # was "a leaf Variable that requires grad ...", not torch's
+        _no_grad_view,
+        _multi_output_view,  # torch's error, but after the kernel ran
+        _custom_function_view,
+        _inference_mode_view,
+    ],
+)
+def test_inplace_on_views_torch_refuses_raises_its_error_before_launch(backend, launches, make):
+    for fn, theirs in [(dropout, F.dropout), (dropout2d, F.dropout2d)]:
+        torch.manual_seed(0)
+        ref = make()
+        expected = _raised(theirs, ref, 0.5, True, True)
+        assert expected is not None and expected[0] is RuntimeError
+        torch.manual_seed(0)
+        v = make()
+        before, version = v.detach().clone(), v._version
+        assert _raised(fn, v, 0.5, True, True) == expected
+        assert v._version == version and torch.equal(v.detach(), before)  # untouched
+    assert launches.total == 0
