@@ -3,13 +3,15 @@ between it and torch's own single-tensor algorithm.
 
 AMP (``torch.amp.GradScaler``): ``grad_scale`` and ``found_inf`` are read in-kernel, as by
 torch's fused SGD (module docstring of ``kernels/sgd.py``); the torch fallback calls torch's
-fused SGD kernel for them. Momentum buffers created by a step that may be skipped start at
-zero: a skipped first step leaves a zero buffer, and the next step's ``momentum * 0 + (1 -
-dampening) * grad`` equals torch's first-step ``buf = grad`` when ``dampening == 0`` (torch's
-default; torch's own fused SGD leaves the buffer uninitialised in that case). With
-``dampening != 0`` it would not: a step that creates buffers then reads ``found_inf`` on the
-host (one synchronisation, on such steps only) and, when it is set, skips the whole step
-without creating them, as torch's non-fused SGD under GradScaler (the next step is the first).
+fused SGD kernel for them. A step that would create momentum buffers (a param's first step)
+reads ``found_inf`` on the host instead (one synchronisation, on such steps only) and, when it
+is set, skips the whole step without creating them, leaving ``None`` in
+``momentum_buffer_list``: torch's non-fused SGD, which GradScaler does not call on such a step,
+creates no buffer and no state entry, and its next step is the first (``buf = grad``, no
+dampening). ``fusedmlp.optim.SGD`` then drops the state entries the step's look-up made.
+(Zero buffers would give torch's next step only with ``dampening == 0``, and a
+``momentum_buffer`` torch has not; torch's own fused SGD leaves uninitialised ones.) Traced
+code, which cannot read ``found_inf`` on the host, keeps zero buffers.
 """
 
 from __future__ import annotations
@@ -134,9 +136,9 @@ def sgd(
     if (
         found_inf is not None
         and use_momentum
-        and _skipped_first_step(momentum_buffer_list, dampening, found_inf)
+        and _skipped_first_step(momentum_buffer_list, found_inf)
     ):
-        return
+        return  # nothing changed: the None entries stay (module docstring)
     kernel_idx, rest = kernel_partition(params, grads)
     amp = (grad_scale, found_inf)
     if not kernel_idx:
@@ -158,12 +160,11 @@ def sgd(
         _partitioned(kernel_idx, params, grads, momentum_buffer_list, amp, hp, kernel=True)
 
 
-def _skipped_first_step(bufs, dampening, found_inf) -> bool:
+def _skipped_first_step(bufs, found_inf) -> bool:
     """Whether GradScaler skips a step that would create momentum buffers (``bufs`` holds a
-    None) with ``dampening != 0``: a zero buffer left by the skip would make the next step
-    ``(1 - dampening) * grad`` where torch's first step is ``buf = grad`` (module docstring).
-    Reads ``found_inf`` on the host (eager mode only; traced code keeps the zero buffers)."""
-    if _is_compiling() or dampening == 0:
+    None): torch's non-fused SGD creates none on such a step (module docstring). Reads
+    ``found_inf`` on the host (eager mode only; traced code keeps zero buffers)."""
+    if _is_compiling():
         return False
     if True not in map(operator.is_, bufs, repeat(None)):
         return False

@@ -344,6 +344,9 @@ def _same_call(arrays, hit: _CheckedCall) -> bool:
     grads = arrays[1] if len(arrays) > 1 else []
     return (
         list(map(id, arrays[0])) == hit.param_ids
+        # a plain call's params stay contiguous: a .data view of the same storage (a transposed
+        # square weight) keeps the address, and its gradient may keep the recorded strides
+        and (not hit.plain or all(map(_IS_CONTIGUOUS, arrays[0])))
         and all(map(operator.is_, map(_DEREF, hit.refs), chain(*arrays[2:])))
         and set(map(_DTYPE, grads)) <= {hit.dtype}
         and list(map(_SIZE, grads)) == hit.grad_shapes
@@ -362,12 +365,14 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> Checked | None:
     it lives unless they are changed in place (``resize_``, ``set_``, assigning ``.data``).
     Those change the address, except a ``.data`` view of the same storage from its first
     element. A param changed so shows in its next gradient, which autograd makes with the
-    param's dtype, shape and strides (and torch gives a gradient its param's device); a state
-    tensor changed so (never done by torch.optim or fusedmlp) is not seen. Otherwise: one list
-    of shapes, one set of dtypes and one of devices per array; the per-tensor walk that names
-    the offending tensor runs only when those differ. Outside ``torch.inference_mode()``, no
-    param or state tensor may be an inference tensor (torch's ``RuntimeError``,
-    ``_check_inplace_allowed``); a call checked inside it is not reused outside it.
+    param's dtype, shape and strides (and torch checks an assigned gradient's size and dtype
+    against its param's, but not its strides: a plain call's params are checked to be still
+    contiguous); a state tensor changed so (never done by torch.optim or fusedmlp) is not
+    seen. Otherwise: one list of shapes, one set of dtypes and one of devices per array; the
+    per-tensor walk that names the offending tensor runs only when those differ. Outside
+    ``torch.inference_mode()``, no param or state tensor may be an inference tensor (torch's
+    ``RuntimeError``, ``_check_inplace_allowed``); a call checked inside it is not reused
+    outside it.
     """
     ref = arrays[0]
     if not ref:

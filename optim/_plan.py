@@ -15,12 +15,21 @@ that nothing they depend on changed:
   plan holds the recorded ones, so no other tensor takes their memory while it lives), or its
   storage swapped in place (an ``nn.Module.to()``, ``.data`` assignments, ``set_``,
   ``torch.utils.swap_tensors``), moves it;
-- a gradient for every param, a plain (``torch.Tensor``) strided tensor of the recorded dtype,
-  shape and strides (``zero_grad`` sets gradients to None: fresh tensors at every step are
+- every param still contiguous (as recorded): a ``.data`` view of the same storage from its
+  first element (``p.data = p.data.t()`` on a square weight) stays at its address, and its
+  gradient, which torch lets a user assign in any strides, may be contiguous (the flat walk
+  would pair the param's elements with the wrong gradient elements);
+- a gradient for every param, a plain (``torch.Tensor``) contiguous tensor of the recorded
+  dtype and shape (``zero_grad`` sets gradients to None: fresh tensors at every step are
   the norm; a gradient kept from step to step may have been given other data in place).
+  Contiguous and of the param's shape, it is walked as the param (its strides may differ only
+  in dimensions of size 1).
 
 What is not seen, as ``multi_tensor.check`` does not see it: a state tensor given another
-shape or dtype at the same address (never done by torch.optim or fusedmlp).
+shape or dtype at the same address (never done by torch.optim or fusedmlp), and a param given
+another shape or dtype at its address (a ``.data`` view such as ``p.data[:k]`` or
+``p.data.view(dtype)``) while it keeps a gradient assigned before (torch checks an assigned
+gradient's size and dtype against its param's, so a gradient assigned after the change shows it).
 
 Anything else, and any failed test, takes the full path, which may record a new plan. Each
 verification is one C-level walk (``map``) over the tensors, no Python frame per tensor.
@@ -37,7 +46,8 @@ from ..backend import get_backend
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
-_DATA_PTR, _SIZE, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.size, torch.Tensor.stride
+_DATA_PTR, _SIZE = torch.Tensor.data_ptr, torch.Tensor.size
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _is = operator.is_
 
@@ -53,7 +63,7 @@ class Plan:
 
     __slots__ = (
         "group", "state", "backend", "keys", "params", "addresses", "state_keys", "state_values",
-        "states", "lists", "dtype", "sizes", "strides", "extra",
+        "states", "lists", "dtype", "sizes", "extra",
     )  # fmt: skip
 
     def __init__(self, optimizer, group, keys: tuple, params: list, lists, extra):
@@ -69,7 +79,6 @@ class Plan:
         self.lists = [list(x) for x in lists]
         self.dtype = params[0].dtype
         self.sizes = list(map(_SIZE, params))
-        self.strides = list(map(_STRIDE, params))
         self.extra = extra
 
 
@@ -78,8 +87,8 @@ def _plans(optimizer) -> dict:
 
 
 def record(optimizer, group, keys: tuple, params: list, lists, extra=None) -> None:
-    """Keep a ``Plan`` for ``group``: its ``params`` (every param of the group, each with a
-    gradient of its dtype, shape and strides) and their state tensors ``lists`` under
+    """Keep a ``Plan`` for ``group``: its ``params`` (every param of the group, contiguous,
+    each with a gradient of its dtype, shape and strides) and their state tensors ``lists`` under
     ``keys``, as the full step just used them."""
     _plans(optimizer)[id(group)] = Plan(optimizer, group, keys, params, lists, extra)
 
@@ -135,7 +144,8 @@ def hit(optimizer, group, keys: tuple):
         not _PLAIN.issuperset(map(type, grads))
         or set(map(_DTYPE, grads)) != {plan.dtype}
         or list(map(_SIZE, grads)) != plan.sizes
-        or list(map(_STRIDE, grads)) != plan.strides
+        or not all(map(_IS_CONTIGUOUS, grads))
+        or not all(map(_IS_CONTIGUOUS, params))  # a .data view at the same address
     ):
         return None
     return plan, params, grads, lists, grad_ptrs

@@ -25,7 +25,11 @@ Torch's keywords:
   to the params' device (float32, torch's fused layout), incremented and, on a skipped step,
   decremented by ``found_inf`` on the device. Groups that run torch's non-fused implementation
   (``differentiable``, tensor hyperparameters) get GradScaler's own treatment (unscale, then
-  skip after reading ``found_inf`` on the host).
+  skip after reading ``found_inf`` on the host); a skip there also removes the state that the
+  step initialised (the params' first step), as torch's non-fused Adam, which GradScaler does
+  not call on such a step, has none. The kernel's groups keep the state of a skipped first
+  step (``step`` 0, zero moments: torch's fused Adam's; the next step's numbers are the same):
+  removing it would need ``found_inf`` on the host, and the step never synchronises.
 """
 
 from __future__ import annotations
@@ -95,14 +99,24 @@ class _FusedAdamStep:
         """torch's ``Adam._init_group`` (the same lists, errors and return value). Once every
         param with a gradient has its state, in eager mode, the lists are built with C-level
         maps instead of torch's loop: about half of the step's host time over 100 tensors."""
-        if (
-            torch.compiler.is_compiling()
-            or group["differentiable"]
-            or (group["foreach"] and torch.is_tensor(group["lr"]))
-        ):
-            return super()._init_group(
-                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
-            )
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        return self._collect(group, *lists)[0]
+
+    def _collect(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        """``(has_complex, fresh)``: ``_init_group``'s work and result, and the state it
+        initialised (lazily: the params' first step), as ``(param, entry before)`` pairs for
+        ``_drop`` (eager mode; a group on torch's non-fused implementation skipped by
+        GradScaler, module docstring)."""
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        if torch.compiler.is_compiling():
+            return super()._init_group(group, *lists), []
+        if group["differentiable"] or (group["foreach"] and torch.is_tensor(group["lr"])):
+            fresh = [
+                (p, self.state.get(p))
+                for p in group["params"]
+                if p.grad is not None and not self.state.get(p)
+            ]
+            return super()._init_group(group, *lists), fresh
         ps = group["params"]
         gs = list(map(_GRAD, ps))
         if False in map(operator.is_not, gs, repeat(None)):
@@ -110,9 +124,8 @@ class _FusedAdamStep:
             gs = [g for g in gs if g is not None]
         states = list(map(self.state.get, ps))
         if not all(states) or True in map(_IS_SPARSE, gs):  # lazy initialisation; the error
-            return super()._init_group(
-                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
-            )
+            fresh = [(p, st) for p, st in zip(ps, states) if not st]
+            return super()._init_group(group, *lists), fresh
         params.extend(ps)
         grads.extend(gs)
         exp_avgs.extend(map(_EXP_AVG, states))
@@ -120,7 +133,18 @@ class _FusedAdamStep:
         if group["amsgrad"]:
             max_exp_avg_sqs.extend(map(_MAX_EXP_AVG_SQ, states))
         steps.extend(map(_STEP, states))
-        return True in map(torch.is_complex, ps)
+        return True in map(torch.is_complex, ps), []
+
+    def _drop(self, fresh) -> None:
+        """A skipped step (GradScaler's ``found_inf``): undo the lazy initialisation of
+        ``fresh`` (``_collect``). torch's non-fused Adam, which GradScaler does not call on
+        such a step, leaves no state for those params (or an empty entry as it was)."""
+        for p, before in fresh:
+            if before is None:
+                self.state.pop(p, None)
+            else:
+                before.clear()
+                self.state[p] = before
 
     def _steps_buffer(self, group, params, steps):
         """A 1-D tensor whose elements are ``steps`` (the host step counters of the params with
@@ -198,12 +222,15 @@ class _FusedAdamStep:
             if plannable and self._planned_step(group, hp):
                 continue
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            has_complex = self._init_group(
-                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
-            )
+            built = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            if torch.compiler.is_compiling():  # dynamo treats _init_group itself specially
+                has_complex, fresh = self._init_group(group, *built), []
+            else:
+                has_complex, fresh = self._collect(group, *built)
             if _torch_group(group) or has_duplicates(params):
                 fused = bool(group["fused"])
                 if amp and not fused and not A.unscale_and_check(grads, grad_scale, found_inf):
+                    self._drop(fresh)
                     continue  # torch's non-fused algorithm: GradScaler's own skip
                 A.call_torch(
                     A._torch_adam_module().adam,

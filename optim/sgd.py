@@ -17,8 +17,11 @@ AMP: ``_step_supports_amp_scaling = True``: the ``grad_scale``/``found_inf`` ten
 are read in-kernel: gradients unscaled on the device (and written back to ``.grad``, as torch's
 fused SGD), the update skipped when ``found_inf`` is nonzero, no host synchronisation. Groups
 that run torch's non-fused implementation get GradScaler's own treatment (unscale, then skip
-after reading ``found_inf`` on the host). No step counter: the kernel step can be captured in
-a CUDA graph as it is.
+after reading ``found_inf`` on the host). So does a step that would create momentum buffers (a
+param's first step): a skipped one leaves the state as torch's non-fused SGD, which GradScaler
+does not call then, leaves it: no buffer and no state entry (not ``momentum_buffer: None``, nor
+zeros), so ``state_dict`` and the next step are torch's. No step counter: the kernel step can be
+captured in a CUDA graph as it is.
 """
 
 from __future__ import annotations
@@ -48,8 +51,18 @@ class SGD(torch.optim.SGD):
     def _init_group(self, group, params, grads, momentum_buffer_list):
         """torch's ``SGD._init_group`` (the same lists, state entries and return value), built
         with C-level maps in eager mode instead of a Python loop over the params."""
-        if torch.compiler.is_compiling() or group["fused"] or group["differentiable"]:
-            return super()._init_group(group, params, grads, momentum_buffer_list)
+        return self._collect(group, params, grads, momentum_buffer_list)[0]
+
+    def _collect(self, group, params, grads, momentum_buffer_list):
+        """``(has_sparse_grad, fresh)``: ``_init_group``'s work and result, and the params whose
+        state entry it made (``_drop`` removes them when the step is skipped)."""
+        if torch.compiler.is_compiling():
+            return super()._init_group(group, params, grads, momentum_buffer_list), []
+        if group["fused"] or group["differentiable"]:
+            fresh = []
+            if group["momentum"] != 0:
+                fresh = [p for p in group["params"] if p.grad is not None and p not in self.state]
+            return super()._init_group(group, params, grads, momentum_buffer_list), fresh
         ps = group["params"]
         gs = list(map(_GRAD, ps))
         if False in map(operator.is_not, gs, repeat(None)):
@@ -57,9 +70,20 @@ class SGD(torch.optim.SGD):
             gs = [g for g in gs if g is not None]
         params.extend(ps)
         grads.extend(gs)
+        fresh = []
         if group["momentum"] != 0:  # self.state[p] as torch's loop: a defaultdict entry
-            momentum_buffer_list.extend(map(_MOMENTUM_BUFFER, map(self.state.__getitem__, ps)))
-        return True in map(_IS_SPARSE, gs)
+            states = list(map(self.state.get, ps))
+            if True in map(operator.is_, states, repeat(None)):  # a param's first step
+                fresh = [p for p, st in zip(ps, states) if st is None]
+                states = list(map(self.state.__getitem__, ps))
+            momentum_buffer_list.extend(map(_MOMENTUM_BUFFER, states))
+        return True in map(_IS_SPARSE, gs), fresh
+
+    def _drop(self, fresh) -> None:
+        """A skipped step (GradScaler's ``found_inf``): remove the state entries its look-up
+        made. torch's non-fused SGD, which GradScaler does not call on such a step, has none."""
+        for p in fresh:
+            self.state.pop(p, None)
 
     @_use_grad_for_differentiable
     def step(self, closure=None, *, grad_scale=None, found_inf=None):
@@ -95,12 +119,16 @@ class SGD(torch.optim.SGD):
             if plannable and not _torch_group(group) and self._planned_step(group, hp):
                 continue
             params, grads, bufs = [], [], []
-            has_sparse_grad = self._init_group(group, params, grads, bufs)
+            if torch.compiler.is_compiling():  # dynamo treats _init_group itself specially
+                has_sparse_grad, fresh = self._init_group(group, params, grads, bufs), []
+            else:
+                has_sparse_grad, fresh = self._collect(group, params, grads, bufs)
             # The step creates the buffers that do not exist yet; the state gets them after it.
             created = True in map(operator.is_, bufs, repeat(None))
             if _torch_group(group) or has_duplicates(params):
                 fused = bool(group.get("fused"))
                 if amp and not fused and not A.unscale_and_check(grads, grad_scale, found_inf):
+                    self._drop(fresh)
                     continue  # torch's non-fused algorithm: GradScaler's own skip
                 A.call_torch(
                     A._torch_sgd_module().sgd,
@@ -121,6 +149,11 @@ class SGD(torch.optim.SGD):
                 elif plannable:
                     _plan.forget(self, group)
 
+            if created and True in map(operator.is_, bufs, repeat(None)):
+                # S.sgd read GradScaler's found_inf on the host and skipped the step: no buffer
+                # was made (autograd/sgd.py's module docstring), and no state entry stays
+                self._drop(fresh)
+                continue
             if group["momentum"] != 0 and (created or torch.compiler.is_compiling()):
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf

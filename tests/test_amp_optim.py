@@ -93,8 +93,11 @@ def test_grad_scaler_matches_torch(backend, launches, cls, ref_cls, kw, unscale)
             if k in ref_st:
                 torch.testing.assert_close(st[k], ref_st[k], rtol=1e-5, atol=1e-6)
     kernel = "_adam_kernel" if cls is not SGD else "_sgd_kernel"
-    # Skipped steps launch too: found_inf is read in-kernel, never on the host.
-    assert launches[kernel] == (STEPS if backend == "triton" else 0)
+    # Skipped steps launch too: found_inf is read in-kernel, never on the host. Except SGD's
+    # skipped first step, which would create the momentum buffers: it reads found_inf on the
+    # host and launches nothing (test_skipped_step_that_initialises_state_keeps_torchs_state).
+    skipped_first = cls is SGD and kw.get("momentum", 0) != 0 and 0 in INF_STEPS
+    assert launches[kernel] == (STEPS - skipped_first if backend == "triton" else 0)
 
 
 def test_nesterov_foreach_reference_rewrites_grads(backend):
@@ -187,3 +190,95 @@ def test_sgd_dampening_with_a_skipped_first_step_matches_torch(backend, launches
         buf, ref_buf = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
         torch.testing.assert_close(buf, ref_buf, rtol=1e-5, atol=1e-6)
     assert launches["_sgd_kernel"] == (STEPS - 1 if backend == "triton" else 0)
+
+
+def _states(opt, params):
+    """Each param's state entry (``"none"`` where it has none) and the state_dict's indices."""
+    entries = [dict(opt.state[p]) if p in opt.state else "none" for p in params]
+    return entries, sorted(opt.state_dict()["state"])
+
+
+FIRST_STEP_CASES = [
+    (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, False),
+    (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, True),
+    (
+        SGD,
+        torch.optim.SGD,
+        {"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.01},
+        False,
+    ),
+    # a tensor lr: torch's own (non-fused) implementation, under GradScaler's own skip
+    (Adam, torch.optim.Adam, {"lr": torch.tensor(0.1)}, False),
+    (AdamW, torch.optim.AdamW, {"lr": torch.tensor(0.1), "amsgrad": True}, True),
+]
+
+
+@pytest.mark.parametrize(
+    "cls,ref_cls,kw,unscale",
+    FIRST_STEP_CASES,
+    ids=[
+        f"{c[0].__name__}-{i}-{'unscale_' if c[3] else 'scaled'}"
+        for i, c in enumerate(FIRST_STEP_CASES)
+    ],
+)
+def test_skipped_step_that_initialises_state_keeps_torchs_state(
+    backend, launches, cls, ref_cls, kw, unscale
+):
+    """A skipped step (an inf) that initialises some params' state (their first step):
+    GradScaler does not call torch's non-fused optimizer then, so those params have no state
+    entry afterwards. fusedmlp's SGD left zero momentum buffers (``None`` ones with dampening);
+    its Adam groups on torch's implementation (a tensor lr) the ``step: 0`` state torch's
+    ``_init_group`` had made. (Adam's kernel groups keep that state, torch's fused Adam's, so
+    as never to synchronise: fusedmlp.optim.adam's docstring.) The same entries and
+    ``state_dict`` as torch's after every step (the first step skipped, then a step skipped
+    where the second layer gets its first gradients), the same params and state, and the same
+    next steps, also for a state_dict loaded across (ours into torch's, torch's into ours)."""
+    model = _model()
+    ref = _ref_model(model)
+    opt = cls(model.parameters(), **kw)
+    ref_opt = ref_cls(ref.parameters(), foreach=False, **kw)
+    scalers = [torch.amp.GradScaler(DEVICE, init_scale=2.0**10) for _ in range(2)]
+    for step in range(5):
+        for net, o, scaler in zip((model, ref), (opt, ref_opt), scalers):
+            o.zero_grad()
+            scaler.scale(_loss(net, step)).backward()
+            if step < 2:  # the second layer's first gradients come at step 2
+                for p in net[1].parameters():
+                    p.grad = None
+            if step in (0, 2):
+                next(net.parameters()).grad[0, 0] = float("inf")
+            if unscale:
+                scaler.unscale_(o)
+            scaler.step(o)
+            scaler.update()
+        params, ref_params = list(model.parameters()), list(ref.parameters())
+        (ours, ours_idx), (theirs, their_idx) = _states(opt, params), _states(ref_opt, ref_params)
+        assert ours_idx == their_idx, step
+        for p, q, st, ref_st in zip(params, ref_params, ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+            if ref_st == "none":
+                assert st == "none", (step, st)
+                continue
+            assert st.keys() == ref_st.keys(), (step, st)
+            for key, value in ref_st.items():
+                mine = st[key].to(value.device, value.dtype)  # AMP's device step counters
+                torch.testing.assert_close(mine, value, rtol=1e-5, atol=1e-6)
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    # Sent across after a skip: the next (non-skipped) steps agree.
+    model2, ref2 = _ref_model(model), _ref_model(model)
+    opt2 = cls(model2.parameters(), **kw)
+    ref_opt2 = ref_cls(ref2.parameters(), foreach=False, **kw)
+    opt2.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    ref_opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for net, o in ((model, opt), (ref, ref_opt), (model2, opt2), (ref2, ref_opt2)):
+        o.zero_grad()
+        _loss(net, 9).backward()
+        o.step()
+    for p, q, p2, q2 in zip(*(net.parameters() for net in (model, ref, model2, ref2))):
+        for x in (p, p2, q2):
+            torch.testing.assert_close(x.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    # SGD: steps 1 (first layer's buffers made), 3 (the second's: a partition of its own), 4,
+    # and the final steps of opt and opt2; the skipped steps 0 and 2, which would make buffers,
+    # read found_inf on the host and launch nothing. Adam with a tensor lr: torch's own steps.
+    expected = 1 + 2 + 1 + 2 if cls is SGD and backend == "triton" else 0
+    assert launches["_sgd_kernel"] == expected and launches["_adam_kernel"] == 0

@@ -753,6 +753,46 @@ def test_sgd_step_plans(triton_backend, launches, monkeypatch, kwargs, change):
         assert taken[0] is None
 
 
+TRANSPOSED_CASES = [
+    (Adam, torch.optim.Adam, {"amsgrad": True}),
+    (AdamW, torch.optim.AdamW, {"weight_decay": 0.1}),
+    (SGD, torch.optim.SGD, {}),
+    (SGD, torch.optim.SGD, _NESTEROV),
+]
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["plan", "found_inf"])
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs",
+    TRANSPOSED_CASES,
+    ids=[f"{c[0].__name__}-{c[2]}" for c in TRANSPOSED_CASES],
+)
+def test_param_transposed_through_data_steps_as_torchs(
+    triton_backend, launches, cls, ref_cls, kwargs, amp
+):
+    """``p.data = p.data.t()`` on a square param keeps its address (a view of the same
+    storage), and a gradient assigned afterwards may have any strides (torch checks its size
+    and dtype only): here contiguous ones, the recorded strides. The step plan (no AMP) and the
+    multi-tensor check's cache (a ``found_inf`` keyword: no plan) took the param for the
+    contiguous one they recorded and paired its elements with the wrong gradient elements."""
+    ours = _params(shapes=[(5, 5), (7,), (3, 3)])
+    ref = _clone(ours)
+    opt, ref_opt = cls(ours, lr=0.05, **kwargs), ref_cls(ref, lr=0.05, **kwargs)
+    keywords = {"found_inf": torch.zeros((), device=DEVICE)} if amp else {}
+    for step in range(5):
+        if step == 3:
+            for params in (ours, ref):
+                params[0].data = params[0].data.t()
+                params[2].data = params[2].data.t()
+        _feed(ours, ref, step)  # contiguous gradients
+        opt.step(**keywords)
+        ref_opt.step()
+        _assert_params(ours, ref)
+    assert ours[0].stride() == (1, 5)
+    kernel = "_sgd_kernel" if cls is SGD else "_adam_kernel"
+    assert launches[kernel] == 5  # one per step: the transposed params through stand-ins
+
+
 def test_amsgrad_max_keeps_torchs_nan(triton_backend, launches):
     """A NaN in the second moment reaches ``max_exp_avg_sq`` as with torch.maximum (Triton's
     ``tl.maximum`` drops NaN by default): the same state, so checkpoints agree."""
