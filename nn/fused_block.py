@@ -24,6 +24,10 @@ the children's own parameters and buffers:
            keeps other tensors, so a caller's in-place edit of an output that leaves the
            Sequential (a residual ``out += x``) still backpropagates; there the modules run
            one after the other.
+    A Linear with a fused leaky_relu (``negative_slope >= 0``) that runs as a module and whose
+    output does not stay inside (an in-place Dropout, a hooked module, the Sequential's end)
+    runs without activation followed by torch's leaky_relu, which keeps the pre-activation as
+    torch's LeakyReLU does: an in-place Dropout after it then backpropagates, as torch's chain.
 
 A Linear without activation whose output a fused BatchNorm block reads next (the first
 Linear of an MLP as a module; the others inside ``bn_act_dropout_linear``, or as modules when
@@ -63,6 +67,7 @@ from ..autograd.fused_block import (
     linear_act_dropout,
     saves_output,
 )
+from ..autograd.linear import linear as fused_linear
 from ..autograd.linear import linear_stats, slope_fits
 from ..backend import use_triton
 from .batchnorm import BatchNorm1d, BatchNorm2d
@@ -337,6 +342,52 @@ def _run_linear_block(input: Tensor, lin: Linear, act, slope, drop) -> Tensor | 
     return linear_act_dropout(input, lin.weight, lin.bias, act, slope, drop.p)
 
 
+def _keeps_input(m: torch.nn.Module, mods: list, i: int, input) -> bool:
+    """Whether ``m = mods[i]``, a Linear with a fused leaky_relu (``negative_slope >= 0``)
+    that runs as a module, must keep its pre-activation for backward as torch's ``Linear ->
+    LeakyReLU`` chain does (``LeakyReLU`` keeps its input): where its output does not stay
+    inside (``output_stays_inside``: an in-place Dropout, a hooked module or the Sequential's
+    end reads it), an in-place edit of the output (``Dropout(inplace=True)``) still
+    backpropagates there, while the Linear's own op keeps its output and would raise."""
+    return (
+        type(m) is Linear
+        and m.activation == "leaky_relu"
+        and m.negative_slope >= 0
+        and isinstance(input, Tensor)
+        and "forward" not in m.__dict__
+        and slope_fits(m.negative_slope, input.dtype)
+        and not output_stays_inside(mods, i + 1)
+    )
+
+
+def _run_keeping_input(m: Linear, input: Tensor) -> Tensor:
+    """``m(input)`` (its hooks fire as usual, with the same arguments) computed as the Linear
+    without activation followed by torch's leaky_relu, which keeps the pre-activation for
+    backward instead of the output (``_keeps_input``)."""
+
+    def forward(x):
+        if not isinstance(x, Tensor) or not slope_fits(m.negative_slope, x.dtype):
+            return Linear.forward(m, x)  # what a pre-hook handed on: the module's own forward
+        return torch.nn.functional.leaky_relu(fused_linear(x, m.weight, m.bias), m.negative_slope)
+
+    if not _hooked((m,)):
+        return forward(input)
+    if torch.compiler.is_compiling():
+        return m(input)
+    # The module's hooks around this forward: ``Module.__call__`` runs ``self.forward``, an
+    # instance attribute first (as accelerate's device hooks set it), removed right after.
+    vars(m)["forward"] = forward
+    try:
+        out = m(input)
+    finally:
+        vars(m).pop("forward", None)
+    if isinstance(out, Tensor) and type(out.grad_fn).__name__ == "BackwardHookFunctionBackward":
+        # A full backward hook's output, which torch forbids to edit in place: in torch's chain
+        # the in-place Dropout edits the LeakyReLU's output, a tensor of its own, so here a copy.
+        out = out.clone()
+    return out
+
+
 def fusable(seq: torch.nn.Module) -> bool:
     """Whether ``seq``'s children contain a pattern that ``FusedSequential`` fuses in training
     mode (BatchNorm1d followed by an activation and/or a Dropout; Linear -> act -> Dropout)."""
@@ -448,7 +499,10 @@ class FusedSequential(torch.nn.Sequential):
                         made, handover = input, lin_handover
                         i += 1
                         continue
-            input = m(input)
+            if _keeps_input(m, mods, i, input):
+                input = _run_keeping_input(m, input)
+            else:
+                input = m(input)
             i += 1
         return input
 

@@ -311,3 +311,71 @@ def test_training_with_dropout_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+class _InPlaceMask(torch.nn.Module):
+    """torch's ``Dropout(inplace=True)`` with a given (scaled) mask: ``x.mul_(mask)``."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x.mul_(self.mask)
+
+
+@pytest.mark.parametrize(
+    "hook", ["none", "dropout forward", "linear pre", "head forward", "linear full backward"]
+)
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_leaky_relu_with_inplace_dropout_and_hooks_as_torch(
+    triton_backend, launches, hook, batchnorm
+):
+    # torch's Linear -> LeakyReLU -> Dropout(inplace=True) backpropagates: LeakyReLU keeps its
+    # input, the dropout edits its output. The MLP's Linear with the leaky_relu fused keeps its
+    # output: where the block did not run fused (a hook on one of its modules or on the module
+    # that reads it), the in-place dropout edited that saved output and the backward raised
+    # "modified by an inplace operation" (with a full backward hook on the Linear, torch's
+    # "Output 0 of BackwardHookFunction is a view and is being modified inplace").
+    torch.manual_seed(0)
+    p, slope, n = 0.5, 0.2, 6
+    m = MLP(4, [8, 8], 3, activation="leaky_relu", negative_slope=slope, batchnorm=batchnorm,
+            dropout=p).to(DEVICE)  # fmt: skip
+    drops = [i for i, c in enumerate(m.layers) if isinstance(c, torch.nn.Dropout)]
+    for i in drops:
+        m.layers[i].inplace = True
+    ref = m.to_torch()
+    for i in drops:
+        assert ref.layers[i].inplace
+    seen = []
+    layers = m.layers
+    if hook == "dropout forward":
+        for i in drops:
+            layers[i].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    elif hook == "linear pre":
+        layers[0].register_forward_pre_hook(lambda mod, i: seen.append(i[0].shape))
+    elif hook == "head forward":
+        layers[drops[0] + 1].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    elif hook == "linear full backward":
+        layers[0].register_full_backward_hook(lambda mod, gi, go: seen.append(go[0].shape))
+    x = torch.randn(n, 4, device=DEVICE, requires_grad=True)
+    torch.manual_seed(1)
+    out = m(x)
+    out.square().sum().backward()
+    assert launches["_linear_fwd_kernel"] > 0
+    # torch's twin with the same masks (fusedmlp's, redrawn from the same seed)
+    torch.manual_seed(1)
+    ones = torch.ones(n, 8, device=DEVICE)
+    for i in drops:
+        ref.layers[i] = _InPlaceMask(fusedmlp.functional.dropout(ones, p))
+    xr = x.detach().clone().requires_grad_()
+    out_ref = ref(xr)
+    out_ref.square().sum().backward()
+    assert_close(out, out_ref)
+    assert_close(x.grad, xr.grad)
+    for (name, q), q_ref in zip(m.named_parameters(), ref.parameters()):
+        assert_close(q.grad, q_ref.grad, msg=name)
+    if hook == "dropout forward":
+        assert seen == [(n, 8), (n, 8)]
+    else:
+        assert len(seen) == (hook != "none")
