@@ -6,6 +6,12 @@ time per call, which dominates a small training step on a GPU. fusedmlp's ops ar
 from inside ``torch.autograd.Function`` forward/backward (grad mode off) or as mutating ops
 without autograd, so in plain eager mode the dispatcher adds nothing but that overhead.
 
+The differentiable forward ops also carry autograd formulas (``register_autograd``, sharing
+their Function's backward) for graphs that hold them outside their Function: ``torch.export``
+inlines the Functions, and ``ep.module()`` calls the ops with inputs that require grad. Such a
+call never takes the fast path (``fast_eager`` is False with grad mode on and an input that
+requires grad): the dispatcher's autograd kernel runs the op under its formula.
+
 ``custom_op(name, mutates_args=...)`` registers the op exactly as ``torch.library.custom_op``
 (the ``CustomOpDef`` it returns takes ``register_fake`` as usual) and remembers the undecorated
 implementation; ``caller(op)`` returns a function that

@@ -2,7 +2,8 @@
 
 Custom ops (names prefixed ``batchnorm_``):
 - ``fusedmlp::batchnorm_fwd``  (functional) -> y, mean, invstd, unbiased var (or y alone, with
-  the batch statistics given)
+  the batch statistics given); its autograd formula, ``BatchNormFunction``'s backward itself
+  (``batchnorm_backward``), serves exported programs, which hold the op outside the Function
 - ``fusedmlp::batchnorm_bwd``  (functional) -> dx, dweight, dbias
 - ``fusedmlp::batchnorm_update_running`` mutates ``running_mean``/``running_var`` in place, no
   autograd (torch refuses autograd formulas on mutating ops); called after the differentiable
@@ -241,6 +242,48 @@ batchnorm_stats = caller(_batchnorm_stats)
 # ----------------------------------------------------------------------------------------------
 
 
+def _save_batchnorm(ctx, inputs, output) -> None:
+    """What ``batchnorm_backward`` reads, from ``batchnorm_fwd``'s inputs and outputs: x,
+    weight and, in training, the batch mean and invstd (given, or the op's), else the running
+    statistics; the non-tensor arguments. The op's statistics outputs are not differentiable."""
+    x, weight, bias, running_mean, running_var, training, eps, mean, invstd = inputs
+    y, mean_out, invstd_out, var = output
+    if mean is None:
+        mean, invstd = mean_out, invstd_out
+    if training:
+        ctx.save_for_backward(x, weight, mean, invstd)
+    else:
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.training = training
+    ctx.eps = eps
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean_out, invstd_out, var)
+    # No zero tensors for the gradients of the statistics (never read): fewer allocations and
+    # fill launches per backward. The output's own gradient is None only when it got none.
+    ctx.set_materialize_grads(False)
+
+
+@once_differentiable("batch_norm", batched=True)
+def batchnorm_backward(ctx, dy, *_grads_of_statistics):
+    """The backward of ``BatchNormFunction`` and of ``batchnorm_fwd``'s autograd formula (what
+    ``_save_batchnorm`` saved): ``(dx, dweight, dbias)`` as asked for by
+    ``ctx.needs_input_grad``, None for the other inputs (the given batch statistics too: the
+    gradient through them, functions of x, is part of dx)."""
+    n_inputs = len(ctx.needs_input_grad)
+    if dy is None:
+        return (None,) * n_inputs
+    x, weight, mean, stat = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx = dw = db = None
+    if grads_batched((dy,)):
+        dx, dw, db = _batched_grads(dy, x, weight, mean, stat, ctx.training, ctx.eps)
+    elif need_dx or need_dw or need_db:
+        dx, dw, db = _batchnorm_bwd_call(
+            dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
+        )
+    return affine_grads(ctx, dx, dw, db, n_inputs)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x); also returns the batch mean and unbiased variance (non-differentiable,
     empty in eval mode and when given) for the running-statistics update. ``mean``/``invstd``:
@@ -249,40 +292,24 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, mean, invstd):
-        given = mean is not None
-        y, mean_out, invstd_out, var = _batchnorm_fwd_call(
-            x, weight, bias, running_mean, running_var, training, eps, mean, invstd
-        )
-        if not given:
-            mean, invstd = mean_out, invstd_out
-        if training:
-            ctx.save_for_backward(x, weight, mean, invstd)
-        else:
-            ctx.save_for_backward(x, weight, running_mean, running_var)
-        ctx.training = training
-        ctx.eps = eps
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(mean_out, var)
-        # No zero tensors for the gradients of mean and var (never read): two fewer allocations
-        # and fill launches per backward. The output's own gradient is None only when it got none.
-        ctx.set_materialize_grads(False)
+        inputs = (x, weight, bias, running_mean, running_var, training, eps, mean, invstd)
+        output = _batchnorm_fwd_call(*inputs)
+        _save_batchnorm(ctx, inputs, output)
+        y, mean_out, _, var = output
         return y, mean_out, var
 
     @staticmethod
-    @once_differentiable("batch_norm", batched=True)
     def backward(ctx, dy, _dmean, _dvar):
-        if dy is None:
-            return (None,) * 9
-        x, weight, mean, stat = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        if grads_batched((dy,)):
-            dx, dw, db = _batched_grads(dy, x, weight, mean, stat, ctx.training, ctx.eps)
-        elif need_dx or need_dw or need_db:
-            dx, dw, db = _batchnorm_bwd_call(
-                dy, x, weight, mean, stat, ctx.training, ctx.eps, need_dx, need_dw, need_db
-            )
-        return affine_grads(ctx, dx, dw, db, 9)
+        return batchnorm_backward(ctx, dy, _dmean, _dvar)  # also batchnorm_fwd's formula
+
+
+# Used only where batchnorm_fwd is called with an input that requires grad in grad mode outside
+# BatchNormFunction: a ``torch.export``ed program (export inlines the Function: its graph holds
+# the op itself), ``ep.module()``. The Function calls the op in its forward, where grad mode is
+# off, and plain eager calls run the implementation itself (``_custom_op``). batchnorm_stats
+# and batchnorm_update_running mutate the running statistics (torch refuses formulas there):
+# their results are never differentiated (batchnorm_stats reads a detached x).
+_batchnorm_fwd.register_autograd(batchnorm_backward, setup_context=_save_batchnorm)
 
 
 def _batched_grads(dy, x, weight, mean, stat, training: bool, eps: float):

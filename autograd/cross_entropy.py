@@ -46,6 +46,12 @@ Double backward raises (``_once.once_differentiable``). The op saves no tensor t
 logits' graph, so unless the incoming gradient carries one, the ``create_graph=True`` backward
 itself raises.
 
+``cross_entropy_fwd`` carries an autograd formula, the Function's backward itself
+(``cross_entropy_backward``), for exported programs, which hold the op outside the Function.
+An op exported while its logits did not require grad writes no gradient buffer
+(``compute_grad`` False): its formula saves the logits and makes the buffer in backward (one
+more ``cross_entropy_fwd``).
+
 Batched gradients (vmap over the backward: ``torch.autograd.grad(..., is_grads_batched=True)``,
 ``jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``): the saved gradient is
 scaled with torch's ops, which vmap batches (a batched ``grad_output`` has no storage).
@@ -349,34 +355,91 @@ def _scale_with_torch(grad, grad_output, factor, target, ignore_index, smoothing
     return torch.where((target == ignore_index).unsqueeze(1), g, dx).to(grad.dtype)
 
 
+def _save_cross_entropy(ctx, inputs, output) -> None:
+    """What ``cross_entropy_backward`` reads, from ``cross_entropy_fwd``'s inputs and outputs:
+    the gradient buffer, its factor and the targets; or, where the op wrote no buffer
+    (``compute_grad`` False: only in a graph exported while the logits did not require grad,
+    differentiated through the op's autograd formula), the op's tensor inputs, from which the
+    backward makes them."""
+    logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad = inputs
+    loss, grad, factor = output
+    ctx.ignore_index = ignore_index
+    ctx.smoothing = label_smoothing > 0.0
+    if compute_grad:
+        ctx.save_for_backward(grad, factor, target)
+        ctx.remake = None
+    else:
+        ctx.save_for_backward(logits, target, weight)
+        ctx.remake = (label_smoothing, reduction)
+
+
+def _gradient_buffer(ctx) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad, factor, target)`` saved by ``_save_cross_entropy``, the buffer made here (a
+    second ``cross_entropy_fwd``, with ``compute_grad``) where the forward wrote none."""
+    if ctx.remake is None:
+        return ctx.saved_tensors
+    logits, target, weight = ctx.saved_tensors
+    label_smoothing, reduction = ctx.remake
+    _, grad, factor = _cross_entropy_fwd(
+        logits, target, weight, ctx.ignore_index, label_smoothing, reduction, True
+    )
+    return grad, factor, target
+
+
+@once_differentiable("cross_entropy", batched=True)
+def cross_entropy_backward(ctx, grad_output, *_grads_of_buffers):
+    """The backward of ``CrossEntropyFunction`` and of ``cross_entropy_fwd``'s autograd formula
+    (what ``_save_cross_entropy`` saved): the logits' gradient, None for the other inputs."""
+    n_inputs = len(ctx.needs_input_grad)
+    if grad_output is None or not ctx.needs_input_grad[0]:
+        return (None,) * n_inputs
+    grad, factor, target = _gradient_buffer(ctx)
+    args = (grad, grad_output, factor, target, ctx.ignore_index, ctx.smoothing)
+    if grads_batched((grad_output,)):
+        dx = _scale_with_torch(*args)
+    elif _keep_graph():
+        dx = _cross_entropy_bwd(*args)
+    else:  # the buffer is ours and dies with this graph: scale it in place
+        _cross_entropy_bwd_inplace(*args)
+        dx = grad
+    return (dx, *(None,) * (n_inputs - 1))
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy over logits [N, C] with class-index targets [N] on the Triton kernels."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction):
         compute_grad = bool(ctx.needs_input_grad[0])
-        loss, grad, factor = _cross_entropy_fwd(
-            logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad
-        )
+        inputs = (logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad)
+        output = _cross_entropy_fwd(*inputs)
         if compute_grad:
-            ctx.save_for_backward(grad, factor, target)
-            ctx.ignore_index = ignore_index
-            ctx.smoothing = label_smoothing > 0.0
-        return loss
+            _save_cross_entropy(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
-    @once_differentiable("cross_entropy", batched=True)
     def backward(ctx, grad_output):
-        grad, factor, target = ctx.saved_tensors
-        args = (grad, grad_output, factor, target, ctx.ignore_index, ctx.smoothing)
-        if grads_batched((grad_output,)):
-            dx = _scale_with_torch(*args)
-        elif _keep_graph():
-            dx = _cross_entropy_bwd(*args)
-        else:  # the buffer is ours and dies with this graph: scale it in place
-            _cross_entropy_bwd_inplace(*args)
-            dx = grad
-        return dx, None, None, None, None, None
+        return cross_entropy_backward(ctx, grad_output)  # also cross_entropy_fwd's formula
+
+
+def _setup_cross_entropy_fwd(ctx, inputs, output) -> None:
+    if ctx.needs_input_grad[2]:  # torch's error (its forward)
+        raise RuntimeError(
+            "The function 'cross_entropy_fwd' is not differentiable with respect to argument "
+            "'weight'. This input cannot have requires_grad True."
+        )
+    _save_cross_entropy(ctx, inputs, output)
+    _, grad, factor = output
+    ctx.mark_non_differentiable(grad, factor)
+    ctx.set_materialize_grads(False)
+
+
+# Used only where cross_entropy_fwd is called with an input that requires grad in grad mode
+# outside CrossEntropyFunction: a ``torch.export``ed program (export inlines the Function: its
+# graph holds the op itself, with ``compute_grad`` as the logits were while exported),
+# ``ep.module()``. The Function calls the op in its forward, where grad mode is off, and plain
+# eager calls run the implementation itself (``_custom_op``).
+cross_entropy_fwd.register_autograd(cross_entropy_backward, setup_context=_setup_cross_entropy_fwd)
 
 
 # --------------------------------------------------------------------------------------------

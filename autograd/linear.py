@@ -9,6 +9,8 @@
   ``negative_slope >= 0``, sigmoid and tanh (no pre-activation tensor is kept); for
   leaky_relu with ``negative_slope < 0``, gelu and silu the forward also stores the
   pre-activation ``z`` for the backward. Double backward raises (``_once.once_differentiable``).
+  ``linear_fwd`` and ``linear_stats_fwd`` carry autograd formulas, that backward itself
+  (``linear_backward``), for exported programs, which hold the ops outside the Functions.
 - Torch path: ``F.linear`` followed by torch's own activation (``apply_activation_torch``),
   differentiated by torch's autograd.
 """
@@ -190,28 +192,45 @@ _linear_bwd = caller(linear_bwd)
 _linear_stats_fwd = caller(linear_stats_fwd)
 
 
+def _save_linear(ctx, x, weight, bias, activation: str, negative_slope: float, y, z) -> None:
+    """What ``linear_backward`` reads, from a forward's inputs and ``linear_fwd``'s outputs
+    ``(y, z)``: x, weight and y or z (the activation's derivative; nothing without one), and
+    the non-tensor arguments."""
+    if activation == "none":
+        saved = None
+    elif _saves_preactivation(activation, negative_slope):
+        saved = z
+    else:
+        saved = y  # the output determines the derivative
+    ctx.save_for_backward(x, weight, saved)
+    ctx.has_bias = bias is not None
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+
+
+@once_differentiable("linear", batched=True)
+def linear_backward(ctx, grad_y, *_grads_of_statistics):
+    """The backward of ``LinearFunction``, ``LinearStatsFunction`` and of the autograd formulas
+    of ``linear_fwd`` and ``linear_stats_fwd`` (what ``_save_linear`` saved): ``(dx, dweight,
+    dbias)`` as asked for by ``ctx.needs_input_grad``, then None for every other input."""
+    n_inputs = len(ctx.needs_input_grad)
+    if grad_y is None:  # the statistics' gradients only (``set_materialize_grads(False)``)
+        return (None,) * n_inputs
+    return (*_linear_backward(ctx, grad_y, *ctx.saved_tensors), *(None,) * (n_inputs - 3))
+
+
 class LinearFunction(torch.autograd.Function):
     """``act(x @ weight.T + bias)`` on the Triton kernels (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation: str, negative_slope: float):
         y, z = _linear_fwd(x, weight, bias, activation, negative_slope)
-        if activation == "none":
-            saved = None
-        elif _saves_preactivation(activation, negative_slope):
-            saved = z
-        else:
-            saved = y  # the output determines the derivative
-        ctx.save_for_backward(x, weight, saved)
-        ctx.has_bias = bias is not None
-        ctx.activation = activation
-        ctx.negative_slope = negative_slope
+        _save_linear(ctx, x, weight, bias, activation, negative_slope, y, z)
         return y
 
     @staticmethod
-    @once_differentiable("linear", batched=True)
     def backward(ctx, grad_y):
-        return _linear_backward(ctx, grad_y, *ctx.saved_tensors)
+        return linear_backward(ctx, grad_y)  # also linear_fwd's autograd formula
 
 
 class LinearStatsFunction(torch.autograd.Function):
@@ -222,9 +241,7 @@ class LinearStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, handover, eps):
         y, pmean, pm2 = _linear_stats_fwd(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, None)
-        ctx.has_bias = bias is not None
-        ctx.activation, ctx.negative_slope = "none", 0.0
+        _save_linear(ctx, x, weight, bias, "none", 0.0, y, None)
         want_made(handover, x, weight, ctx.needs_input_grad[1])
         ctx.handover = handover
         ctx.mark_non_differentiable(pmean, pm2)
@@ -233,11 +250,37 @@ class LinearStatsFunction(torch.autograd.Function):
         return y, pmean, pm2
 
     @staticmethod
-    @once_differentiable("linear", batched=True)
     def backward(ctx, grad_y, _dpmean, _dpm2):
-        if grad_y is None:
-            return None, None, None, None, None
-        return (*_linear_backward(ctx, grad_y, *ctx.saved_tensors)[:3], None, None)
+        return linear_backward(ctx, grad_y, _dpmean, _dpm2)  # also linear_stats_fwd's formula
+
+
+# --------------------------------------------------------------------------------------------
+# autograd formulas of the forward ops
+# --------------------------------------------------------------------------------------------
+# Used only where an op is called with an input that requires grad in grad mode outside its
+# Function: a ``torch.export``ed program (export inlines the Functions: its graph holds the
+# forward ops themselves), ``ep.module()``. The Functions call the ops in their forward, where
+# grad mode is off, and plain eager calls run the implementation itself (``_custom_op``).
+
+
+def _setup_linear_fwd(ctx, inputs, output) -> None:
+    x, weight, bias, activation, negative_slope = inputs
+    y, z = output
+    _save_linear(ctx, x, weight, bias, activation, negative_slope, y, z)
+    ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)
+
+
+def _setup_linear_stats_fwd(ctx, inputs, output) -> None:
+    x, weight, bias, _eps = inputs
+    y, pmean, pm2 = output
+    _save_linear(ctx, x, weight, bias, "none", 0.0, y, None)
+    ctx.mark_non_differentiable(pmean, pm2)
+    ctx.set_materialize_grads(False)
+
+
+linear_fwd.register_autograd(linear_backward, setup_context=_setup_linear_fwd)
+linear_stats_fwd.register_autograd(linear_backward, setup_context=_setup_linear_stats_fwd)
 
 
 def want_made(handover, x: Tensor, weight: Tensor, need_dw: bool) -> None:
@@ -284,14 +327,15 @@ def _batched_linear_grads(ctx, grad_y, x, weight, saved, need_dx, need_dw, need_
     dx = (dz @ weight.to(acc)).to(x.dtype) if need_dx else None
     dw = (dz2.t() @ x.reshape(-1, x.shape[-1]).to(acc)).to(weight.dtype) if need_dw else None
     db = dz2.sum(0).to(weight.dtype) if need_db else None
-    return dx, dw, db, None, None
+    return dx, dw, db
 
 
 def _linear_backward(ctx, grad_y, x, weight, saved):
+    """``(dx, dweight, dbias)``, each None where not asked for (``linear_backward``)."""
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
     if not (need_dx or need_dw or need_db):
-        return None, None, None, None, None
+        return None, None, None
     if grads_batched((grad_y,)):
         return _batched_linear_grads(ctx, grad_y, x, weight, saved, need_dx, need_dw, need_db)
     if saved is None:
@@ -309,13 +353,7 @@ def _linear_backward(ctx, grad_y, x, weight, saved):
         need_db,
         made or [],
     )
-    return (
-        dx if need_dx else None,
-        dw if need_dw else None,
-        db if need_db else None,
-        None,
-        None,
-    )
+    return dx if need_dx else None, dw if need_dw else None, db if need_db else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ deprecation warning), ``dtype`` casts the input first.
 - Triton path: ``torch.ops.fusedmlp.softmax_fwd`` / ``softmax_bwd`` (functional custom ops over
   ``fusedmlp.kernels.softmax``) tied together by ``SoftmaxFunction``; the output is saved for the
   backward, as torch does. Double backward raises (``_once.once_differentiable``).
+  ``softmax_fwd`` carries an autograd formula, that backward itself (``softmax_backward``),
+  for exported programs, which hold the op outside the Function.
 - Torch path (and 0-d or empty inputs): ``torch.softmax`` / ``torch.log_softmax``.
 """
 
@@ -54,24 +56,44 @@ _softmax_fwd = caller(softmax_fwd)
 _softmax_bwd = caller(softmax_bwd)
 
 
+def _save_softmax(ctx, inputs, output) -> None:
+    """What ``softmax_backward`` reads, from ``softmax_fwd``'s inputs and output: the output,
+    the dimension and the flag."""
+    _, dim, log = inputs
+    ctx.save_for_backward(output)
+    ctx.dim = dim
+    ctx.log = log
+
+
+@once_differentiable("softmax / log_softmax", batched=True)
+def softmax_backward(ctx, grad):
+    """The backward of ``SoftmaxFunction`` and of ``softmax_fwd``'s autograd formula: the input
+    gradient, None for ``dim`` and ``log``."""
+    (y,) = ctx.saved_tensors
+    if grads_batched((grad,)):
+        return _batched_grad(y, grad, ctx.dim, ctx.log), None, None
+    return _softmax_bwd(y, grad, ctx.dim, ctx.log), None, None
+
+
 class SoftmaxFunction(torch.autograd.Function):
     """Softmax / log-softmax over ``dim`` on the Triton kernels."""
 
     @staticmethod
     def forward(ctx, x, dim, log):
         y = _softmax_fwd(x, dim, log)
-        ctx.save_for_backward(y)
-        ctx.dim = dim
-        ctx.log = log
+        _save_softmax(ctx, (x, dim, log), y)
         return y
 
     @staticmethod
-    @once_differentiable("softmax / log_softmax", batched=True)
     def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        if grads_batched((grad,)):
-            return _batched_grad(y, grad, ctx.dim, ctx.log), None, None
-        return _softmax_bwd(y, grad, ctx.dim, ctx.log), None, None
+        return softmax_backward(ctx, grad)  # also softmax_fwd's autograd formula
+
+
+# Used only where softmax_fwd is called with an input that requires grad in grad mode outside
+# SoftmaxFunction: a ``torch.export``ed program (export inlines the Function: its graph holds
+# the op itself), ``ep.module()``. The Function calls the op in its forward, where grad mode is
+# off, and plain eager calls run the implementation itself (``_custom_op``).
+softmax_fwd.register_autograd(softmax_backward, setup_context=_save_softmax)
 
 
 def _batched_grad(y: Tensor, grad: Tensor, dim: int, log: bool) -> Tensor:
