@@ -60,7 +60,7 @@ def _(x, seed, p, inner):
 def _dropout_bwd(grad: Tensor, seed: Tensor, p: float, inner: int) -> Tensor:
     from ..kernels import dropout as K
 
-    return K.dropout_apply(grad, seed, p, inner)
+    return K.dropout_apply(grad, seed, p, inner, backward=True)
 
 
 @_dropout_bwd.register_fake

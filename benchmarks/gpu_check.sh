@@ -49,6 +49,9 @@
 # every step but the skipped ones and leaves about 4 minutes for a second call on the warm machine.
 # The eighteenth session added step_graph (about 40 s, its kernels compiled by kernel_times
 # before it): within 540 s the TMA grid, the last grid, gets what is left (targets keeps 15 s).
+# Run it from the checkout's root: the repository is the package (its __init__.py at the root),
+# so a copy nested inside the checkout (say, of a clean commit) makes pytest take the copy for a
+# subpackage and fail every test at collection (the twenty-fourth session's first call).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."

@@ -129,7 +129,9 @@ def _f32(v: float) -> float:
     return struct.unpack("<f", struct.pack("<f", v))[0]
 
 
-def scale_arg(p: float, dtype: torch.dtype) -> float | int:
+def scale_arg(
+    p: float, dtype: torch.dtype, *, backward: bool = False, device: torch.device | None = None
+) -> float | int:
     """``dropout_scale``'s argument for drop probability ``p`` (0 for ``p >= 1``: nothing is
     kept) and data of ``dtype``: torch's dropout scale in that dtype's arithmetic.
 
@@ -144,11 +146,20 @@ def scale_arg(p: float, dtype: torch.dtype) -> float | int:
     fp16/bf16 data are multiplied by that fp32 scale in fp32 and rounded once, as torch's CUDA
     dropout does; torch's CPU dropout rounds the scale to the data's dtype first (its noise
     tensor has the input's dtype), so on CPU its kept values can sit 1 ulp from these.
+
+    ``backward`` on a CUDA ``device`` (dropout's gradient, ``dropout_apply(backward=True)``):
+    torch's CUDA ``native_dropout_backward`` multiplies by its double ``1 / (1 - p)`` rounded to
+    float32, ``float32(1 / (1 - p))``, 1 ulp from its own forward's scale at those p (seen on an
+    H200, torch 2.11). On the CPU torch's gradient is its forward's noise, the forward's scale.
+    The fused blocks' backward kernels keep the forward's scale (they also divide the saved
+    output by it): on CUDA their dropout gradients can sit 1 ulp from torch's.
     """
     if p >= 1.0:
         scale = 0.0
     elif dtype == torch.float64:
         scale = 1.0 / (1.0 - p)
+    elif backward and device is not None and device.type == "cuda":
+        scale = _f32(1.0 / (1.0 - p))
     else:
         scale = _f32(1.0 / _f32(1.0 - p))
     if dtype == torch.float64:
@@ -236,7 +247,9 @@ _FLAT_SIZES = (1,) * MAX_DIMS
 _FLAT_STRIDES = (0,) * MAX_DIMS
 
 
-def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, inner: int) -> None:
+def _launch(
+    x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, inner: int, backward: bool
+) -> None:
     numel = x.numel()
     if x.is_contiguous() and out.is_contiguous():  # the common case, without the coalescing
         contiguous, sizes, x_strides, out_strides = True, _FLAT_SIZES, _FLAT_STRIDES, _FLAT_STRIDES
@@ -261,7 +274,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, in
             seed_ptr=seed,
             numel=numel,
             p=float(p),
-            scale=scale_arg(p, x.dtype),
+            scale=scale_arg(p, x.dtype, backward=backward, device=x.device),
             inner=int(inner),
             size1=sizes[1],
             size2=sizes[2],
@@ -279,7 +292,9 @@ def _launch(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, in
         )
 
 
-def dropout_apply(x: torch.Tensor, seed: torch.Tensor, p: float, inner: int = 1) -> torch.Tensor:
+def dropout_apply(
+    x: torch.Tensor, seed: torch.Tensor, p: float, inner: int = 1, backward: bool = False
+) -> torch.Tensor:
     """``x * keep * 1/(1-p)`` with the keep mask regenerated from ``(seed, logical index)``.
 
     The forward and the backward of dropout both call this (the backward with the gradient as
@@ -293,6 +308,8 @@ def dropout_apply(x: torch.Tensor, seed: torch.Tensor, p: float, inner: int = 1)
         p: drop probability in [0, 1]; ``p = 1`` multiplies everything by 0 (as torch).
         inner: elements per keep decision, ``1`` (elementwise) or ``prod(shape[2:])`` for
             channel-wise dropout (one decision per (sample, channel) of ``[N, C, *]``).
+        backward: ``x`` is dropout's gradient: torch's gradient scale (``scale_arg``; on CUDA
+            1 ulp from its forward's at some p).
 
     Returns:
         A new tensor, ``torch.empty_like(x)`` (x's strides when x is dense, else contiguous).
@@ -310,11 +327,11 @@ def dropout_apply(x: torch.Tensor, seed: torch.Tensor, p: float, inner: int = 1)
     if x.numel() == 0:
         return out
     if len(_coalesce(x.shape, x.stride(), out.stride())) <= MAX_DIMS:
-        _launch(x, out, seed, p, inner)
+        _launch(x, out, seed, p, inner, backward)
         return out
     # More than MAX_DIMS non-mergeable dims (rare): run on contiguous copies.
     tmp = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x.contiguous(), tmp, seed, p, inner)
+    _launch(x.contiguous(), tmp, seed, p, inner, backward)
     out.copy_(tmp)
     return out
 

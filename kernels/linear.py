@@ -1278,7 +1278,8 @@ def _tma_split_depth(M: int, N: int, K: int, device: torch.device) -> int:
     (``MERGE_MAX_BYTES`` of partials a tile), a multiple of 64 (every configuration's BLOCK_K,
     the interpreter's too)."""
     tile = _tma_tile()
-    rows = 32 if _INTERPRETED[0] else 1024
+    # CPU tensors run under the interpreter (tests' interpreter_splits: the CPU rule on a GPU)
+    rows = 32 if _INTERPRETED[0] or device.type != "cuda" else 1024
     cap = MERGE_MAX_BYTES // (tile["BLOCK_M"] * tile["BLOCK_N"] * 4)
     split = min(_tma_programs(device) // _tma_tiles(M, N), K // rows, cap, 16)
     if split < 2:

@@ -118,16 +118,16 @@ def _fresh_ce_guess(monkeypatch):
 @pytest.fixture
 def interpreter_splits(monkeypatch):
     """The interpreter's split rules on any device, for the split reductions of batch norm
-    (statistics, gradient sums) and of a Linear's dW (fused and dz paths): a GPU splits only
-    past 256 rows (batch norm) or from 512 and 1024 rows (dW), so that tests of small problems
-    take the splits and their merges there too."""
+    (statistics, gradient sums) and of a Linear's dW (fused and dz paths, and the TMA kernel's
+    K slices): a GPU splits only past 256 rows (batch norm) or from 512 and 1024 rows (dW), so
+    that tests of small problems take the splits and their merges there too."""
     from fusedmlp.kernels import batchnorm as KB
     from fusedmlp.kernels import linear as KL
 
     cpu = torch.device("cpu")
     bn_rule = KB._splits
     monkeypatch.setattr(KB, "_splits", lambda R, C, device: bn_rule(R, C, cpu))
-    for name in ("dw_split", "dz_dw_split"):
+    for name in ("dw_split", "dz_dw_split", "_tma_split_depth"):
         rule = getattr(KL, name)
         monkeypatch.setattr(KL, name, lambda M, N, K, device, rule=rule: rule(M, N, K, cpu))
 
