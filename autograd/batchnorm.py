@@ -429,7 +429,27 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         )
     if input.dim() < 2:
         _check_low_rank(input, running_mean, running_var, weight, bias, training)
-    check_params("batch_norm", input, running_mean, running_var, weight, bias, training)
+    check_params(
+        "batch_norm", input, running_mean, running_var, weight, bias, training,
+        row_stats=_cuda_takes_row_stats(input, weight, bias),
+    )  # fmt: skip
+
+
+def _cuda_takes_row_stats(input: Tensor, weight, bias) -> bool:
+    """Whether torch's batch norm on ``input``'s device takes running statistics of shape
+    ``[1, ..., 1, C]`` (as the ``[C]`` they hold) where its CPU kernel refuses them (not 1-D):
+    its native CUDA kernels for a contiguous 2-D input (the channels-last kernels) broadcast
+    them with the ``[C]`` batch statistics in their TensorIterators (a warning, for the
+    resized statistics output), and read the per-channel tensors as flat, contiguous arrays.
+    Its other CUDA paths (an input of another layout: an assertion that they are 1-D; 3-D and
+    more: cuDNN or per-plane kernels) are not followed: the 1-D check stays there."""
+    return (
+        input.is_cuda
+        and input.dim() == 2
+        and input.is_contiguous()
+        and (weight is None or weight.is_contiguous())
+        and (bias is None or bias.is_contiguous())
+    )
 
 
 def check_input_dtype(op: str, input: Tensor) -> None:
@@ -443,14 +463,23 @@ def check_input_dtype(op: str, input: Tensor) -> None:
 
 
 def check_params(
-    op: str, input, running_mean, running_var, weight, bias, training: bool = True
+    op: str,
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool = True,
+    row_stats: bool = False,
 ) -> None:
     """The per-channel tensors (each may be None) against ``input`` [N, C, ...], in torch's
     order: C elements each (and, in eval mode, running statistics defined), running statistics
     that do not require grad (in grad mode), the input's device; then, in training, both
     running statistics or neither; a floating input; each tensor in the input's dtype (fp32
-    also beside fp16/bf16); 1-D running statistics; and, in training, running statistics that
-    the update can write (``_check_writable``). Messages are prefixed with ``op``."""
+    also beside fp16/bf16); 1-D running statistics (``row_stats``: ``[1, ..., 1, C]`` ones
+    too, as torch's CUDA kernels take them: ``_cuda_takes_row_stats``); and, in training,
+    running statistics that the update can write (``_check_writable``). Messages are
+    prefixed with ``op``."""
     C = input.shape[1]
     grad_mode = torch.is_grad_enabled()
     named = (
@@ -491,8 +520,11 @@ def check_params(
             )
     for name, t in named[:2]:
         if t is not None and t.dim() != 1:  # torch reads them 1-D (weight/bias: any shape)
-            raise RuntimeError(f"{op}: expected {name} to be 1-D, got {t.dim()} dims")
+            if not (row_stats and t.shape[-1] == C):  # [1, ..., 1, C]: C elements
+                raise RuntimeError(f"{op}: expected {name} to be 1-D, got {t.dim()} dims")
     if training and running_mean is not None:
+        if running_mean.dim() != 1 or running_var.dim() != 1:  # [1, ..., 1, C]: as the [C]
+            running_mean, running_var = running_mean.view(-1), running_var.view(-1)
         _check_writable(op, running_mean, running_var)
 
 
@@ -572,6 +604,9 @@ def _batch_norm(
         # the per-channel tensors, and multiplies by weight[0], adds bias[0])
         return torch_batch_norm(*args, num_batches_tracked)
     _check(*args)
+    if running_mean is not None and (running_mean.dim() != 1 or running_var.dim() != 1):
+        # [1, ..., 1, C] (torch on CUDA: _cuda_takes_row_stats): views, updated in place
+        running_mean, running_var = running_mean.view(-1), running_var.view(-1)
     x = input
     if x.dim() > 4:  # BatchNorm3d-like: fold the trailing spatial dims (a view when it can)
         x = x.flatten(3)
@@ -595,10 +630,51 @@ def _batch_norm(
         )
     if y.shape != input.shape:
         y = y.reshape(input.shape)
-    # torch's batch norm writes its output contiguous in the input's suggested memory format
-    # (channels_last kept, any other layout not); ``empty_like`` kept a permuted dense one
+    return _like_torchs_output(y, input, weight, bias, running_mean, running_var, training, eps)
+
+
+def _like_torchs_output(y, input, weight, bias, running_mean, running_var, training, eps):
+    """``y`` (the kernels write it ``empty_like`` x) in the layout of torch's batch norm output
+    on ``input``'s device. Its CPU kernel, cuDNN and MIOpen write it contiguous in the input's
+    suggested memory format (channels_last kept, a permuted dense layout not); its native CUDA
+    kernels (``batch_norm_cuda``: 2-D inputs, and any input cuDNN does not take: bf16, no
+    affine parameters, ...) write it ``empty_like(input)``: a dense input's strides kept (a
+    transposed 2-D input's too), another input's contiguous in its suggested format."""
+    if _torch_cuda_native(input, weight, bias, running_mean, running_var, training, eps):
+        if y.dim() == input.dim() and y.stride() == input.stride():
+            return y  # the kernels' y is empty_like(input) (the usual case, x is input)
+        target = torch.empty_like(input, device="meta").stride()
+        return y if y.stride() == target else torch.empty_like(input).copy_(y)
     fmt = suggest_memory_format(input)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+
+
+def _torch_cuda_native(input, weight, bias, running_mean, running_var, training, eps) -> bool:
+    """Whether torch's batch norm runs its native CUDA kernels on ``input`` (not cuDNN, not
+    MIOpen), by torch's own selection (``_select_batch_norm_backend``, its condition in
+    ``_batch_norm_impl_index``); asked only for an input on a GPU that is not already contiguous
+    in its suggested memory format (where both layouts agree, nothing to choose)."""
+    if not input.is_cuda or input.is_contiguous(memory_format=suggest_memory_format(input)):
+        return False
+    if input.dim() < 3 or weight is None or bias is None:
+        return True  # cuDNN and MIOpen take 3-D and more, with both affine parameters
+    select = getattr(torch._C, "_select_batch_norm_backend", None)
+    if select is None:  # an older torch: its condition (cuDNN builds)
+        return not (
+            torch.backends.cudnn.is_available()
+            and torch.backends.cudnn.enabled
+            and input.dtype != torch.bfloat16
+            and weight.dtype != torch.bfloat16
+            and (input.dtype != torch.float16 or weight.dtype == torch.float32)
+            and input.shape[0] <= (880801 if training else 65535)
+            and input.numel() < 2**31 - 1
+        )
+    # no running statistics (training): any defined tensors stand for them there, the
+    # selection reads only whether they are defined
+    rm = running_mean if running_mean is not None else weight
+    rv = running_var if running_var is not None else weight
+    backend = select(input, weight, bias, rm, rv, bool(training), float(eps))
+    return backend == torch._C._BatchNormBackend.Native
 
 
 def batch_norm(

@@ -3,6 +3,9 @@ BatchNorm1d/BatchNorm2d/F.batch_norm, step by step (outputs, every gradient, run
 num_batches_tracked), on both backends; stability, mixed precision, gradcheck, errors, state_dict.
 """
 
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -164,8 +167,10 @@ def test_non_contiguous_inputs_and_expanded_grad(backend, launches):
     ],
 )
 def test_output_layout_like_torch(backend, launches, training, cls, shape, layout):
-    """torch's output is contiguous in the input's suggested memory format (channels_last kept,
-    a transposed or permuted input's layout not, so that ``y.view(-1)`` works on it)."""
+    """The output's strides are torch's on this device: on CPU (and cuDNN, 3-D and more on
+    CUDA) contiguous in the input's suggested memory format (channels_last kept, a transposed
+    or permuted input's layout not, so that ``y.view(-1)`` works on it); torch's native CUDA
+    kernels (a 2-D input) keep a dense input's strides (``empty_like``): x.t()'s (1, 5)."""
     x = layout(torch.randn(*shape, device=DEVICE))
     ours, ref = _pair(getattr(fusedmlp.nn, cls), getattr(torch.nn, cls), x.shape[1])
     ours.train(training)
@@ -253,6 +258,23 @@ def _assert_same_nonfinite(actual, expected, **kw):
     assert torch.equal(actual.isneginf(), expected.isneginf())
 
 
+def _assert_nonfinite_as_torch(actual, expected, **kw):
+    """Batch statistics of a batch holding infinities (or overflowing), against torch's on the
+    same device. On CPU exactly (``_assert_same_nonfinite``): torch's two-pass sums give +-inf
+    means and infinite variances, as the kernels' merges do. On CUDA non-finite at the same
+    places, equal elsewhere: torch's Welford there makes +-inf NaN (``inf - inf`` once an
+    infinite mean meets a later value of its thread, ``inf * 0`` in its masked-off loads, an
+    overflowed M2 times 0 likewise) or leaves it, by where the value falls in its launch
+    configuration (the same input's last row stays +-inf, its first not): no kernel can
+    follow that, nor should; NaN and +-inf both count as non-finite."""
+    if not actual.is_cuda:
+        _assert_same_nonfinite(actual, expected, **kw)
+        return
+    assert torch.equal(actual.isfinite(), expected.isfinite()), (actual, expected)
+    finite = expected.isfinite()
+    torch.testing.assert_close(actual[finite], expected[finite], **kw)
+
+
 # the interpreter's numpy reduces inf - inf (the intended NaN) with a warning
 @pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
 @pytest.mark.parametrize("rows", [20, 300])  # one split (final statistics) / four, merged
@@ -285,9 +307,12 @@ def test_infinite_values_in_the_batch_as_torch(backend, launches, interpreter_sp
     _assert_same_nonfinite(xo.grad, xr.grad, **tol)
     _assert_same_nonfinite(ours.weight.grad, ref.weight.grad, **tol)
     _assert_same_nonfinite(ours.bias.grad, ref.bias.grad, **tol)
-    _assert_same_nonfinite(ours.running_mean, ref.running_mean)
-    _assert_same_nonfinite(ours.running_var, ref.running_var)
-    assert ours.running_mean[:4].isinf().all() and ours.running_mean[4].isnan()
+    # the output and gradients: NaN for channels 0-5 on any device (invstd NaN), exactly
+    _assert_nonfinite_as_torch(ours.running_mean, ref.running_mean)
+    _assert_nonfinite_as_torch(ours.running_var, ref.running_var)
+    # the premise, torch's on this device: non-finite means for channels 0-5 (CPU: +-inf for
+    # 0-3 and 5, NaN for 4; CUDA: NaN but for 2), channel 6 finite
+    assert not ref.running_mean[:6].isfinite().any() and ref.running_mean[6].isfinite()
     _expect(launches, backend, STATS, FWD, DX)
     if backend == "triton":
         assert launches[MERGE] == (rows == 300), dict(launches)
@@ -314,10 +339,12 @@ def test_merge_of_infinite_split_means_as_torch(triton_backend, launches):
     )
     ref_rm, ref_rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     F.batch_norm(x, ref_rm, ref_rv, training=True, momentum=1.0)
-    _assert_same_nonfinite(mean, ref_rm)
-    _assert_same_nonfinite(var, ref_rv, rtol=1e-5, atol=1e-5)
-    _assert_same_nonfinite(rm, ref_rm)
-    assert rm[0] == inf and rm[1] == -inf and rm[2].isfinite()
+    # the premise, torch's on this device: channels 0 and 1 non-finite (CPU: inf, -inf; CUDA:
+    # NaN, -inf), channel 2 finite
+    assert not ref_rm[:2].isfinite().any() and ref_rm[2].isfinite()
+    _assert_nonfinite_as_torch(mean, ref_rm)
+    _assert_nonfinite_as_torch(var, ref_rv, rtol=1e-5, atol=1e-5)
+    _assert_nonfinite_as_torch(rm, ref_rm)
     assert launches[MERGE] == 1
 
 
@@ -362,26 +389,42 @@ def test_means_beyond_1e19_merge_as_torch(triton_backend, launches, interpreter_
 
 @pytest.mark.parametrize("rows", [20, 100])
 def test_variance_beyond_fp32_is_infinite_as_torch(backend, launches, interpreter_splits, rows):
-    # Finite x whose variance exceeds fp32's range (~3e38): torch's batch norm has an infinite
-    # variance (running_var inf, invstd 0: y = bias, zero gradients for x and weight). The
-    # shifted sums overflowed to inf - inf = NaN for every output and gradient of the channel.
+    # Finite x whose variance exceeds fp32's range (~3e38): torch's CPU batch norm has an
+    # infinite variance (running_var inf, invstd 0: y = bias, zero gradients for x and
+    # weight). The shifted sums overflowed to inf - inf = NaN for every output and gradient of
+    # the channel. torch's CUDA batch norm makes that variance NaN instead at most shapes (its
+    # Welford's masked-off loads add an overflowed square times 0), +inf at others (none
+    # masked off), and then every output and gradient of the channel NaN: the kernels keep the
+    # infinite variance on every device. Where torch's variance is NaN and ours +inf, the
+    # channel's outputs and gradients are compared with torch's for an infinite variance (its
+    # CPU batch norm on the same values); everything else with torch's on this device.
     ours, ref = _pair(BatchNorm1d, torch.nn.BatchNorm1d, 3)
+    ref_cpu = copy.deepcopy(ref).cpu()
     torch.manual_seed(15)
     x = torch.randn(rows, 3, device=DEVICE)
     x[:, 0] *= 3e19
     x[:, 1] = torch.where(torch.arange(rows, device=DEVICE) % 2 == 0, 3e19, -3e19)
     dy = torch.randn(rows, 3, device=DEVICE)
-    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yo, yr = ours(xo), ref(xr)
+    xo, xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_(), x.cpu().requires_grad_()
+    yo, yr, yc = ours(xo), ref(xr), ref_cpu(xc)
     yo.backward(dy)
     yr.backward(dy)
-    assert ref.running_var[:2].isposinf().all()  # the premise: torch's variance is infinite
-    _assert_same_nonfinite(yo, yr)
-    _assert_same_nonfinite(xo.grad, xr.grad)
-    _assert_same_nonfinite(ours.weight.grad, ref.weight.grad)
-    _assert_same_nonfinite(ours.bias.grad, ref.bias.grad)
-    _assert_same_nonfinite(ours.running_mean, ref.running_mean)
-    _assert_same_nonfinite(ours.running_var, ref.running_var)
+    yc.backward(dy.cpu())
+    # the premise, torch's on this device: the variance of channels 0 and 1 is not finite
+    assert not ref.running_var[:2].isfinite().any() and ref.running_var[2].isfinite()
+    assert ref_cpu.running_var[:2].isposinf().all()
+    _assert_nonfinite_as_torch(ours.running_var, ref.running_var)
+    # channel 0's mean is ~1e18, its sum's rounding ~1e-6 of it: each device's own order
+    _assert_same_nonfinite(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+    nan_in_torch = ref.running_var.isnan() & ours.running_var.isposinf()  # CUDA only
+    assert not nan_in_torch.any() or DEVICE == "cuda"
+    for a, b, c in (
+        (yo, yr, yc),
+        (xo.grad, xr.grad, xc.grad),
+        (ours.weight.grad, ref.weight.grad, ref_cpu.weight.grad),
+        (ours.bias.grad, ref.bias.grad, ref_cpu.bias.grad),
+    ):
+        _assert_same_nonfinite(a, torch.where(nan_in_torch, c.to(DEVICE), b))
     _expect(launches, backend, STATS, FWD, DX)
 
 
@@ -706,17 +749,39 @@ def test_non_tensor_arguments_raise_torchs_type_error(triton_backend, launches):
     assert launches.total == 0
 
 
+def _outcome(fn, *args, **kwargs):
+    """``(exception type, None)`` when ``fn`` raises, else ``(None, result)``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch on CUDA: a resized statistics output
+            return None, fn(*args, **kwargs)
+    except Exception as e:
+        return type(e), None
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_running_stats_not_1d_or_requiring_grad_raise_as_torch(triton_backend, launches, training):
     x = torch.randn(4, 3, device=DEVICE)
+    # [1, 3] running statistics: torch's CPU batch norm refuses them (it reads them as 1-D);
+    # its CUDA kernels for a contiguous 2-D input take them as the [3] they hold (broadcast in
+    # their TensorIterators, with a warning). Ours as torch's on this device: the same error
+    # type, or the same output and running statistics (updated in place, still [1, 3]).
+    for x_ in (x, torch.randn(3, 4, device=DEVICE).t()):
+        stats = [(torch.zeros(1, 3, device=DEVICE), torch.ones(1, 3, device=DEVICE) + 0.5)]
+        stats.append(tuple(t.clone() for t in stats[0]))
+        (err, ref), (err_ours, y) = (
+            _outcome(fn, x_, rm, rv, training=training)
+            for fn, (rm, rv) in zip((F.batch_norm, batch_norm), stats)
+        )
+        assert err_ours == err, (err_ours, err)
+        if err is None:
+            assert_close(y, ref)
+            for ours_t, ref_t in zip(stats[1], stats[0]):
+                assert ours_t.shape == (1, 3)
+                assert_close(ours_t, ref_t)
+    if DEVICE == "cpu":
+        assert err is RuntimeError
     for fn in (F.batch_norm, batch_norm):
-        with pytest.raises(RuntimeError):  # torch reads the running statistics as 1-D
-            fn(
-                x,
-                torch.zeros(1, 3, device=DEVICE),
-                torch.ones(1, 3, device=DEVICE),
-                training=training,
-            )
         rm = torch.zeros(3, device=DEVICE, requires_grad=True)
         with pytest.raises(RuntimeError, match="running_mean"):  # not differentiable
             fn(x, rm, torch.ones(3, device=DEVICE), training=training)
