@@ -238,7 +238,9 @@ def _merge_splits(
         # this block of splits: count, mean, M2
         n_b = tl.sum(cnt, 0)
         mean_b = tl.sum(cnt[:, None] * pm, 0) / n_b
-        d = tl.where(mask, pm - mean_b[None, :], 0.0)
+        # an infinite partial mean (a split's sum that overflowed: its M2 is +inf, as torch's
+        # variance; or an infinite x: its M2 is NaN) adds no deviation term: inf - inf = NaN
+        d = tl.where(mask & (tl.abs(pm) < float("inf")), pm - mean_b[None, :], 0.0)
         m2_b = tl.sum(pq + cnt[:, None] * d * d, 0)
         # merged with the previous blocks
         n_ab = n_a + n_b
@@ -249,8 +251,9 @@ def _merge_splits(
         finite = (tl.abs(mean) < float("inf")) & (tl.abs(mean_b) < float("inf"))
         mean = tl.where(finite, mean + delta * frac, mean + mean_b)
         # delta * (delta * (n_a * frac)): the first block's term (n_a = 0) is 0 also when
-        # delta^2 (its mean squared) overflows (|mean| beyond ~1.8e19 in fp32): inf * 0 = NaN
-        m2 = m2 + m2_b + delta * (delta * (n_a * frac))
+        # delta^2 (its mean squared) overflows (|mean| beyond ~1.8e19 in fp32): inf * 0 = NaN;
+        # an infinite mean on either side adds none (M2 carries the inf or NaN already)
+        m2 = m2 + m2_b + tl.where(finite, delta * (delta * (n_a * frac)), 0.0)
         n_a = n_ab
     return mean, m2
 

@@ -1207,16 +1207,12 @@ def test_fused_sequential_runs_a_forward_of_its_own(triton_backend, launches, pa
     assert launches.total > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernels/batchnorm.py _merge_splits (outside this sweep's files): an infinite "
-    "partial mean (a column sum that overflowed in the Linear's statistics epilogue) makes "
-    "pm - mean_b = inf - inf and the M2 NaN; torch's variance is inf there",
-)
 def test_epilogue_statistics_of_an_overflowing_column_sum_as_torch(triton_backend, launches):
     # Columns of +-1e38 (finite): their sum overflows, torch's CPU batch norm takes the mean
     # +-inf and the variance +inf (the outputs NaN); the Linear's epilogue statistics made the
-    # same mean but a NaN variance, so the running variance became NaN instead of inf.
+    # same mean but a NaN variance (the split merge's inf - inf), so the running variance
+    # became NaN instead of inf. torch's CUDA Welford makes such statistics NaN or +-inf by
+    # where the values fall in its launch: there, non-finite at the same places.
     mods = [Linear(4, 4), BatchNorm1d(4), torch.nn.ReLU()]
     model = FusedSequential(*mods).to(DEVICE)
     with torch.no_grad():
@@ -1229,5 +1225,10 @@ def test_epilogue_statistics_of_an_overflowing_column_sum_as_torch(triton_backen
     assert launches["_bn_stats_final_kernel"] == launches["_bn_stats_partial_kernel"] == 0
     assert_close(out, out_ref, equal_nan=True)
     for name in ("running_mean", "running_var"):
-        assert_close(getattr(model[1], name), getattr(ref[1], name), equal_nan=True, msg=name)
+        ours, theirs = getattr(model[1], name), getattr(ref[1], name)
+        if DEVICE == "cpu":
+            assert_close(ours, theirs, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(ours.isfinite(), theirs.isfinite()), (name, ours, theirs)
+            assert_close(ours[3:], theirs[3:], msg=name)
     assert model[1].running_var[:3].isinf().all()
