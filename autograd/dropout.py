@@ -88,6 +88,22 @@ class _DropoutGrad(torch.autograd.Function):
         return _DropoutGrad.apply(gg, seed, ctx.p, ctx.inner), None, None, None
 
 
+def dropout_backward(ctx, grad):
+    """The backward of ``DropoutFunction`` and of ``dropout_fwd``'s autograd formula (the seed
+    saved, ``ctx.p``, ``ctx.inner``): ``(dx, None, None, None)``. Differentiable again: with
+    grad mode on (``create_graph``) dx comes from ``_DropoutGrad``, whose backward is itself."""
+    (seed,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again
+        return _DropoutGrad.apply(grad, seed, ctx.p, ctx.inner), None, None, None
+    if grads_batched((grad,)):
+        # vmap over the backward (batched gradients): the scaled mask from the kernel, the
+        # product in torch's ops, which vmap batches (a batched tensor has no storage).
+        ones = torch.ones(grad.shape, dtype=grad.dtype, device=grad.device)
+        return grad * _dropout_bwd_call(ones, seed, ctx.p, ctx.inner), None, None, None
+    # A plain backward: the op itself, without a second Function's host overhead.
+    return _dropout_bwd_call(grad, seed, ctx.p, ctx.inner), None, None, None
+
+
 class DropoutFunction(torch.autograd.Function):
     """``x * keep * 1/(1-p)``, keep regenerated from ``seed`` (one-element int64 tensor) by the
     kernel in forward and in backward. ``inner``: elements per keep decision (1, or
@@ -101,16 +117,20 @@ class DropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (seed,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again
-            return _DropoutGrad.apply(grad, seed, ctx.p, ctx.inner), None, None, None
-        if grads_batched((grad,)):
-            # vmap over the backward (batched gradients): the scaled mask from the kernel, the
-            # product in torch's ops, which vmap batches (a batched tensor has no storage).
-            ones = torch.ones(grad.shape, dtype=grad.dtype, device=grad.device)
-            return grad * _dropout_bwd_call(ones, seed, ctx.p, ctx.inner), None, None, None
-        # A plain backward: the op itself, without a second Function's host overhead.
-        return _dropout_bwd_call(grad, seed, ctx.p, ctx.inner), None, None, None
+        return dropout_backward(ctx, grad)  # also dropout_fwd's autograd formula
+
+
+# Used only where dropout_fwd is called with an input that requires grad in grad mode outside
+# DropoutFunction: a ``torch.export``ed program (export inlines the Function: its graph holds
+# the op itself), ``ep.module()``. The Function calls the op in its forward, where grad mode is
+# off, and plain eager calls run the implementation itself (``_custom_op``).
+def _setup_dropout_fwd(ctx, inputs, output) -> None:
+    _x, seed, p, inner = inputs
+    ctx.save_for_backward(seed)
+    ctx.p, ctx.inner = p, inner
+
+
+_dropout_fwd.register_autograd(dropout_backward, setup_context=_setup_dropout_fwd)
 
 
 def _type_name(obj) -> str:

@@ -37,6 +37,11 @@ The dropout seed is drawn exactly as ``fusedmlp.functional.dropout`` draws it (s
 call at the same point of the chain) and the kernels use its Philox stream, so a fused block
 produces the same mask as the unfused fusedmlp chain under the same ``torch.manual_seed``.
 
+``fused_block_fwd`` and ``fused_block_linear_act_dropout_fwd`` carry autograd formulas, their
+Functions' backward itself (``bn_act_dropout_backward`` / ``act_dropout_backward`` by
+``normalize``, ``linear_act_dropout_backward``), for exported programs, which hold the ops
+outside the Functions.
+
 Torch path: torch's own ``F.batch_norm``, activation and ``F.dropout``, differentiated by torch.
 """
 
@@ -521,13 +526,20 @@ class BNActDropoutFunction(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
-    @once_differentiable("batch_norm + activation + dropout")
     def backward(ctx, dout, _dmean, _dvar):
-        if dout is None:
-            return (None,) * 12
-        if not any(ctx.needs_input_grad[:3]):
-            return (None,) * 12
-        return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=12)
+        return bn_act_dropout_backward(ctx, dout, _dmean, _dvar)  # also fused_block_fwd's
+
+
+@once_differentiable("batch_norm + activation + dropout")
+def bn_act_dropout_backward(ctx, dout, *_grads_of_statistics):
+    """The backward of ``BNActDropoutFunction`` and of ``fused_block_fwd``'s autograd formula
+    with ``normalize`` (what they saved: x, weight, bias, mean, invstd, seed; ``ctx.handover``
+    None in the formula): ``(dx, dweight, dbias)`` as asked for by ``ctx.needs_input_grad``,
+    None for every other input."""
+    n_inputs = len(ctx.needs_input_grad)
+    if dout is None or not any(ctx.needs_input_grad[:3]):
+        return (None,) * n_inputs
+    return _block_grads(ctx, dout, *ctx.saved_tensors, n_inputs=n_inputs)
 
 
 # The block + Linear backward computes the Linear's dX first, and the block's reduction, which
@@ -682,27 +694,37 @@ class LinearActDropoutFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable(
-        "linear + activation + dropout",
-        through_saved=lambda ctx: ctx.activation not in _PIECEWISE_LINEAR,
-    )
     def backward(ctx, dy):
-        x, weight, saved, seed = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        need_db = need_db and ctx.has_bias
-        if not (need_dx or need_dw or need_db):
-            return (None,) * 7
-        dz = _fused_block_act_dropout_bwd_call(
-            dy, saved if saved is not None else dy, seed, ctx.p, ctx.activation,
-            ctx.negative_slope,
-        )  # fmt: skip
-        dx, dw, db = _linear_bwd(dz, x, weight, dz, "none", 0.0, need_dx, need_dw, need_db, [])
-        return (
-            dx if need_dx else None,
-            dw if need_dw else None,
-            db if need_db else None,
-            *(None,) * 4,
-        )
+        return linear_act_dropout_backward(ctx, dy)  # also fused_block_linear_act_dropout_fwd's
+
+
+@once_differentiable(
+    "linear + activation + dropout",
+    through_saved=lambda ctx: ctx.activation not in _PIECEWISE_LINEAR,
+)
+def linear_act_dropout_backward(ctx, dy, *_grad_of_z):
+    """The backward of ``LinearActDropoutFunction`` and of
+    ``fused_block_linear_act_dropout_fwd``'s autograd formula (what they saved: x, weight, the
+    output or z, seed): ``(dx, dweight, dbias)`` as asked for by ``ctx.needs_input_grad``, then
+    None for the other 4 inputs."""
+    if dy is None:  # the formula: only z's gradient (``set_materialize_grads(False)``)
+        return (None,) * 7
+    x, weight, saved, seed = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and ctx.has_bias
+    if not (need_dx or need_dw or need_db):
+        return (None,) * 7
+    dz = _fused_block_act_dropout_bwd_call(
+        dy, saved if saved is not None else dy, seed, ctx.p, ctx.activation,
+        ctx.negative_slope,
+    )  # fmt: skip
+    dx, dw, db = _linear_bwd(dz, x, weight, dz, "none", 0.0, need_dx, need_dw, need_db, [])
+    return (
+        dx if need_dx else None,
+        dw if need_dw else None,
+        db if need_db else None,
+        *(None,) * 4,
+    )
 
 
 class ActDropoutFunction(torch.autograd.Function):
@@ -720,16 +742,78 @@ class ActDropoutFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable(
-        "activation + dropout", through_saved=lambda ctx: ctx.activation not in _PIECEWISE_LINEAR
-    )
     def backward(ctx, dout):
-        saved, seed = ctx.saved_tensors
-        dz = _fused_block_act_dropout_bwd_call(
-            dout, saved if saved is not None else dout, seed, ctx.p, ctx.activation,
-            ctx.negative_slope,
-        )  # fmt: skip
-        return dz, None, None, None, None
+        return act_dropout_backward(ctx, dout)  # also fused_block_fwd's (without normalize)
+
+
+@once_differentiable(
+    "activation + dropout", through_saved=lambda ctx: ctx.activation not in _PIECEWISE_LINEAR
+)
+def act_dropout_backward(ctx, dout, *_grads_of_statistics):
+    """The backward of ``ActDropoutFunction`` and of ``fused_block_fwd``'s autograd formula
+    without ``normalize`` (what they saved: the output or z, and the seed): ``(dz, None,
+    ...)`` for every input."""
+    n_inputs = len(ctx.needs_input_grad)
+    if dout is None:  # the formula: only the (empty) statistics' gradients
+        return (None,) * n_inputs
+    saved, seed = ctx.saved_tensors
+    dz = _fused_block_act_dropout_bwd_call(
+        dout, saved if saved is not None else dout, seed, ctx.p, ctx.activation,
+        ctx.negative_slope,
+    )  # fmt: skip
+    return dz, *(None,) * (n_inputs - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd formulas of the forward ops
+# ----------------------------------------------------------------------------------------------
+# Used only where an op is called with an input that requires grad in grad mode outside its
+# Function: a ``torch.export``ed program (export inlines the Functions: its graph holds the
+# forward ops themselves), ``ep.module()``. The Functions call the ops in their forward, where
+# grad mode is off, and plain eager calls run the implementation itself (``_custom_op``).
+# fused_block_apply_update mutates the running statistics (torch refuses formulas there).
+
+
+def _setup_fused_block_fwd(ctx, inputs, output) -> None:
+    """``BNActDropoutFunction``'s saving with ``normalize`` (no handover), else
+    ``ActDropoutFunction``'s."""
+    x, weight, bias, seed, normalize, _eps, p, activation, negative_slope = inputs
+    out, mean, invstd, var = output
+    ctx.normalize = normalize
+    ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
+    if normalize:
+        ctx.save_for_backward(x, weight, bias, mean, invstd, seed)
+        ctx.handover = None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+    else:
+        ctx.save_for_backward(_saved_for_act(activation, negative_slope, out, x), seed)
+    ctx.mark_non_differentiable(mean, invstd, var)
+    # No zero tensors for the gradients of the statistics (never read)
+    ctx.set_materialize_grads(False)
+
+
+def _fused_block_fwd_backward(ctx, dout, *_grads_of_statistics):
+    """``fused_block_fwd``'s formula: the backward of the Function its ``normalize`` stands for."""
+    if ctx.normalize:
+        return bn_act_dropout_backward(ctx, dout)
+    return act_dropout_backward(ctx, dout)
+
+
+def _setup_linear_act_dropout_fwd(ctx, inputs, output) -> None:
+    """``LinearActDropoutFunction``'s saving; z (an output here) is not differentiable."""
+    x, weight, bias, seed, p, activation, negative_slope = inputs
+    y, z = output
+    ctx.save_for_backward(x, weight, _saved_for_act(activation, negative_slope, y, z), seed)
+    ctx.p, ctx.activation, ctx.negative_slope = p, activation, negative_slope
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)
+
+
+_fused_block_fwd.register_autograd(_fused_block_fwd_backward, setup_context=_setup_fused_block_fwd)
+_fused_block_linear_act_dropout_fwd.register_autograd(
+    linear_act_dropout_backward, setup_context=_setup_linear_act_dropout_fwd
+)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,12 @@ custom ops themselves (``fusedmlp::linear_fwd``, ...); their registered autograd
 exported the same way. Each test exports a fusedmlp module, runs ``ep.module()`` forward and
 backward, and compares input and parameter gradients with torch's module in eager mode; the
 launch counter shows the Triton backward kernels ran. Tiny shapes (the interpreter), few exports.
+Models with dropout are compared with the same fusedmlp model run eagerly under the same seed
+(the same masks), and with ``p = 0`` with torch's modules.
 """
+
+import copy
+import re
 
 import pytest
 import torch
@@ -304,3 +309,150 @@ def test_statistics_outputs_are_not_differentiable(triton_backend):
     x2 = _leaf(x)
     fusedmlp.functional.batch_norm(x2, None, None, training=True).square().sum().backward()
     assert_close(gx, x2.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# fused blocks and dropout: fused_block_fwd, fused_block_linear_act_dropout_fwd, dropout_fwd
+# --------------------------------------------------------------------------------------------
+
+
+def _run_seeded(module, x, go, seed):
+    """``(y, [x.grad, *parameter grads])`` of ``module`` on a fresh leaf of ``x`` with the
+    dropout masks of ``torch.manual_seed(seed)``, backpropagating ``go``."""
+    xa = _leaf(x)
+    torch.manual_seed(seed)
+    y = module(xa)
+    y.backward(go)
+    return y, _grads(module, xa)
+
+
+def _assert_export_matches_eager(model, x, launches, backward_kernels, seed=1234):
+    """Export ``model`` (Triton path), backpropagate ``ep.module()`` and compare its output and
+    input and parameter gradients with an eager copy of ``model`` on fusedmlp run under the
+    same seed (the same dropout masks); ``backward_kernels``: ``{name: launches}`` of the
+    exported program's backward. Returns the exported program's ``(y, grads, grad_y)``."""
+    eager = copy.deepcopy(model)  # ep.module() shares model's parameters (and their .grad)
+    mm = _export(model, x)
+    xa = _leaf(x)
+    torch.manual_seed(seed)
+    y = mm(xa)
+    go = torch.randn_like(y)
+    launches.clear()
+    y.backward(go)
+    for name, count in backward_kernels.items():
+        assert launches[name] == count, (name, dict(launches))
+    assert not any("fwd" in name for name in launches), dict(launches)  # backward kernels only
+    got = _grads(mm, xa)
+    y_eager, expected = _run_seeded(eager, x, go, seed)
+    assert_close(y, y_eager)
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert_close(g, e, msg=f"gradient {i}")
+    return y, got, go
+
+
+@pytest.mark.parametrize(
+    "batchnorm, dropout", [(True, 0.0), (True, 0.3), (False, 0.3)],
+    ids=["bn", "bn-dropout", "dropout"],
+)  # fmt: skip
+def test_exported_mlp_backward_matches_eager(triton_backend, launches, batchnorm, dropout):
+    # Each hidden layer's block is one fused_block_fwd (normalize = batchnorm): its formula is
+    # BNActDropoutFunction's backward (the fused reduction + dx passes) or ActDropoutFunction's
+    # (one elementwise pass); the dropout masks come from the seeds drawn in the graph.
+    model = fnn.MLP(4, [8, 8], 3, batchnorm=batchnorm, dropout=dropout).to(DEVICE)
+    x = torch.randn(6, 4, device=DEVICE)
+    kernels = {"_fused_bwd_dx_kernel": 2} if batchnorm else {"_fused_bwd_elementwise_kernel": 2}
+    y, got, go = _assert_export_matches_eager(model, x, launches, kernels)
+    if dropout == 0.0:  # torch's own modules, exactly
+        ref = model.to_torch()
+        xb = _leaf(x)
+        yr = ref(xb)
+        yr.backward(go)
+        assert_close(y, yr)
+        for i, (g, e) in enumerate(zip(got, _grads(ref, xb), strict=True)):
+            assert_close(g, e, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_exported_linear_act_dropout_backward_matches_eager(triton_backend, launches, activation):
+    # Linear -> act -> Dropout -> Linear: the first three as one
+    # fused_block_linear_act_dropout_fwd (16 outputs), whose formula is
+    # LinearActDropoutFunction's backward; gelu's graph also returns its pre-activation z
+    act = torch.nn.ReLU() if activation == "relu" else torch.nn.GELU()
+    model = fnn.convert(torch.nn.Sequential(
+        torch.nn.Linear(4, 16), act, torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)
+    )).to(DEVICE)  # fmt: skip
+    x = torch.randn(5, 4, device=DEVICE)
+    ep = torch.export.export(model, (x,))
+    assert "fused_block_linear_act_dropout_fwd" in ep.graph_module.code
+    _assert_export_matches_eager(model, x, launches, {"_fused_bwd_elementwise_kernel": 1})
+
+
+def test_exported_sequential_dropout_backward_matches_eager(triton_backend, launches):
+    # Linear(relu) then dropout_fwd (the output leaves the Sequential: no fused epilogue)
+    model = fnn.convert(
+        torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Dropout(0.5))
+    ).to(DEVICE)
+    x = torch.randn(5, 4, device=DEVICE)
+    _assert_export_matches_eager(model, x, launches, {"_dropout_kernel": 1})
+    # p = 0: torch's own modules
+    model[2].p = 0.0
+    model.zero_grad()  # accumulated by the first exported program (it shares the parameters)
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU()).to(DEVICE)
+    ref[0].load_state_dict(model[0].state_dict())
+    mm = _export(model, x)
+    xa, xb = _leaf(x), _leaf(x)
+    y, yr = mm(xa), ref(xb)
+    go = torch.randn_like(y)
+    y.backward(go)
+    yr.backward(go)
+    assert_close(y, yr)
+    for g, e in zip(_grads(mm, xa), _grads(ref, xb), strict=True):
+        assert_close(g, e)
+
+
+def test_exported_dropout_backward_and_double_backward(triton_backend, launches):
+    # dropout_fwd alone: the gradient is go * keep / (1 - p) with the forward's mask, and its
+    # formula is twice differentiable (the gradient's own backward is the same mask again)
+    p = 0.5
+    model = fnn.Dropout(p).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE) + 0.1
+    y, (gx,), go = _assert_export_matches_eager(model, x, launches, {"_dropout_kernel": 1})
+    keep = y != 0
+    assert 0 < keep.sum() < keep.numel()
+    assert_close(gx, go * keep / (1 - p))
+    mm = _export(model, x)
+    xa = _leaf(x)
+    torch.manual_seed(7)
+    y = mm(xa)
+    (g,) = torch.autograd.grad(y.square().sum(), xa, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), xa)
+    keep = (y != 0).to(x.dtype)
+    assert_close(g, 2 * y * keep / (1 - p))
+    assert_close(gg, 2 * keep / (1 - p) ** 2)
+
+
+def test_fused_block_formulas_raise_on_double_backward(triton_backend):
+    # The formulas are the Functions' once-differentiable backward: a clear error
+    ops = torch.ops.fusedmlp
+    x = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, 4, device=DEVICE, requires_grad=True)
+    seed = torch.tensor([3], device=DEVICE)
+    cases = [
+        ("batch_norm + activation + dropout",
+         lambda: ops.fused_block_fwd(x, None, None, seed, True, 1e-5, 0.5, "gelu", 0.01)[0]),
+        ("activation + dropout",
+         lambda: ops.fused_block_fwd(x, None, None, seed, False, 0.0, 0.5, "gelu", 0.01)[0]),
+        ("linear + activation + dropout",
+         lambda: ops.fused_block_linear_act_dropout_fwd(x, w, None, seed, 0.5, "gelu", 0.01)[0]),
+    ]  # fmt: skip
+    for name, fn in cases:
+        out = fn()
+        with pytest.raises(RuntimeError, match=re.escape(f"fusedmlp {name}: double backward")):
+            (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+            torch.autograd.grad(g.square().sum(), x)
+    # the statistics and z outputs are not differentiable
+    out, *stats = ops.fused_block_fwd(x, None, None, seed, True, 1e-5, 0.5, "relu", 0.01)
+    assert out.requires_grad and not any(s.requires_grad for s in stats)
+    y, z = ops.fused_block_linear_act_dropout_fwd(x, w, None, seed, 0.5, "gelu", 0.01)
+    assert y.requires_grad and not z.requires_grad
