@@ -32,6 +32,17 @@ def _export(module, *args):
     return torch.export.export(module, args).module()
 
 
+def _backward(mm, x, launches):
+    """``mm(xa).backward(go)`` on a leaf copy ``xa`` of ``x``, counting only the backward's
+    launches: ``(xa, xb, y, go)``, ``xb`` another leaf copy for the reference."""
+    xa, xb = _leaf(x), _leaf(x)
+    y = mm(xa)
+    go = torch.randn_like(y)
+    launches.clear()
+    y.backward(go)
+    return xa, xb, y, go
+
+
 def _grads(module, x):
     return [x.grad, *(p.grad for p in module.parameters())]
 
@@ -130,11 +141,7 @@ def test_exported_batchnorm_backward_matches_torch(triton_backend, launches, aff
             m.eval()
     x = torch.randn(5, 6, device=DEVICE) * 2 + 1
     mm = _export(model, x)
-    xa, xb = _leaf(x), _leaf(x)
-    y = mm(xa)
-    go = torch.randn_like(y)
-    launches.clear()
-    y.backward(go)
+    xa, xb, y, go = _backward(mm, x, launches)
     assert launches["_bn_backward_dx_kernel"] >= 1
     yr = ref(xb)
     yr.backward(go)
@@ -150,11 +157,7 @@ def test_exported_softmax_backward_matches_torch(triton_backend, launches, log):
     model = (fnn.LogSoftmax if log else fnn.Softmax)(dim=1)
     x = torch.randn(3, 5, 4, device=DEVICE) * 3
     mm = _export(model, x)
-    xa, xb = _leaf(x), _leaf(x)
-    y = mm(xa)
-    go = torch.randn_like(y)
-    launches.clear()
-    y.backward(go)
+    xa, xb, y, go = _backward(mm, x, launches)
     assert launches["_softmax_bwd_kernel"] == 1
     yr = (F.log_softmax if log else F.softmax)(xb, 1)
     yr.backward(go)
