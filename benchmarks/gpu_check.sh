@@ -87,6 +87,7 @@ TESTS=(
   tests/test_fused_block.py
   tests/test_inputs.py
   tests/test_configs.py
+  tests/test_export_autograd.py
 )
 if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; fi
 
@@ -181,11 +182,13 @@ if ((${#SELECTED[@]})); then
   # pytest-xdist (in the GPU image) spreads the kernel compiles over the CPU cores.
   XDIST=()
   "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-  # -v: one line per test as it ends, so a run cut off by the timeout still names its failures
-  step tests 200 env FUSEDMLP_AUTOTUNE=0 "$PY" -m pytest -v -p no:cacheprovider --maxfail=10 \
+  # -v: one line per test as it ends, so a run cut off by the timeout still names its failures;
+  # --maxfail=100: the twenty-fourth session's run stopped at 29 failures (xdist stops late),
+  # and the tests it did not reach went unseen on the GPU
+  step tests 200 env FUSEDMLP_AUTOTUNE=0 "$PY" -m pytest -v -p no:cacheprovider --maxfail=100 \
     ${XDIST[@]+"${XDIST[@]}"} \
     -k 'not fuzz and not hypothesis' --durations=15 -rfEs "${SELECTED[@]}"
-  grep -E "(FAILED|ERROR) tests/" "$DIR/tests.log" 2>/dev/null | sort -u | head -n 40 |
+  grep -E "(FAILED|ERROR) tests/" "$DIR/tests.log" 2>/dev/null | sort -u | head -n 100 |
     tee -a "$DIR/summary.txt"
   tail -n 3 "$DIR/tests.log" 2>/dev/null | tee -a "$DIR/summary.txt"
 else
