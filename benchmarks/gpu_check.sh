@@ -11,27 +11,27 @@
 #                no hypothesis: every new specialisation costs a compile)
 #   3b. train:   `fusedmlp train --epochs 5` (the README's main job) on the GPU, then the same
 #                with `--cuda-graph` (train_graph)
-# Then, in the order of what the issues' targets need most (a step the 500-s budget cannot fit
-# is skipped: the later ones first):
-#   4. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
-#   5. small_graph: target_grid.py --grid small --graph: issue 3's widths 64, 128, 256 at batch
+# Then, in the order of what the open issues' targets need most (a step the budget cannot fit is
+# skipped: the later ones first):
+#   4. step_graph: target_grid.py --grid step --graph: issue 8's step at w1024 B16K, fusedmlp's
+#                and torch's each captured in a CUDA graph (no host time in either), with the
+#                A/B rows of the TMA defaults (TF32 on the pointer kernel; the dW split on it)
+#   5. kernel_times: benchmarks/kernel_times.py --sections step --passes kernel: the same step's
+#                kernel-only time and per-kernel breakdown, the default, its TMA A/Bs and torch
+#   6. small_graph: target_grid.py --grid small --graph: issue 3's widths 64, 128, 256 at batch
 #                16K, each case timed as CUDA graph replays (no host launch time)
-#   6. kernel_times: benchmarks/kernel_times.py (step, then ops): kernel-only vs event time, and
-#                the step's A/Bs (the block output's recomputation, TMA for TF32, backward
-#                paths, dW merges)
-#   6b. step_graph: target_grid.py --grid step --graph: issue 8's step at w1024 B16K, fusedmlp's
-#                and torch's each captured in a CUDA graph (no host time in either)
-#   7. target_grid: benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16,
+#   7. bench:    fusedmlp bench --quick, JSON + markdown + plot, then RESULTS.md from the JSON
+#   8. target_grid: benchmarks/target_grid.py: issue 4's cross-entropy grid (C 32K-128K, bf16,
 #                fp32; resolved: a check that its figures hold)
-#   8. small_grid: the same widths as 5, launched from Python (the bench's timing)
-#   9. tma_grid: target_grid.py --grid optim,tma: issue 7's Adam over 1,000 small tensors;
+#   9. small_grid: the same widths as 6, launched from Python (the bench's timing)
+#   10. tma_grid: target_grid.py --grid optim,tma: issue 7's Adam over 1,000 small tensors;
 #                issue 3's bf16 GEMMs and a TF32 layer through the pointer kernels, the TMA one
 #                (FUSEDMLP_TMA=1) and torch
-#   10. targets: benchmarks/targets.py: each open issue's speed targets, met or not, from the JSONs
-#   11. profile: benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
+#   11. targets: benchmarks/targets.py: each open issue's speed targets, met or not, from the JSONs
+#   12. profile: benchmarks/profile_step.py: host (cProfile, torch.profiler CPU) and kernel (CUDA)
 #                times of the MLP training step, and the host cost of one launch, under profile/
-#   12. int64:   dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
-#   13. verify:  fusedmlp verify, no new case 20 s before its timeout (tolerated missing)
+#   13. int64:   dropout over 2^31 + 1024 fp16 elements (4 GiB in, 4 GiB out), forward and backward
+#   14. verify:  fusedmlp verify, no new case 20 s before its timeout (tolerated missing)
 # Everything is logged under OUTDIR (<step>.log, summary.txt), and at the end packed into
 # OUTDIR/gpu_check.tgz. The script goes on past a failing step and exits non-zero if any step
 # failed. Copy OUTDIR/RESULTS.md to benchmarks/RESULTS.md to publish the figures.
@@ -206,10 +206,33 @@ tail -n 6 "$DIR/train.log" 2>/dev/null | tee -a "$DIR/summary.txt"
 step train_graph 60 "$PY" -m fusedmlp train "${DATASET[@]}" --epochs 5 --no-progress --cuda-graph
 tail -n 6 "$DIR/train_graph.log" 2>/dev/null | tee -a "$DIR/summary.txt"
 
-# 4. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
-# keep 25 s for results_md (RESULTS.md is made even when the bench times out) and 135 s for
-# the grids and the profile after it (the steps after those get what the budget leaves)
-t=$(($(left) - 160))
+# 4. issue 8's step (w1024 B16K TF32) with each impl's whole step captured in a CUDA graph: the
+# GPU's time of both steps, without the host's (fusedmlp's Python sets its event time on these
+# machines), and its A/B rows (TF32 on the pointer kernel, the dW split on the pointer kernel):
+# which TMA default earns its place. Cold here (the kernels compile and tune in this step).
+step step_graph 100 "$PY" benchmarks/target_grid.py --grid step --graph \
+  --json "$DIR/step_graph.json" --markdown "$DIR/step_graph.md"
+cat "$DIR/step_graph.md" >>"$DIR/summary.txt" 2>/dev/null
+
+# 5. the kernel-only GPU time of the same step, the default and its TMA A/B rows beside torch's:
+# each kernel's share (the launched step's event time is the host's, so no event pass)
+step kernel_times 80 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 60 --sections step \
+  --passes kernel --match 'w1024 B16K tf32 (torch|fusedmlp dz($|, TF32 on|, dW split on))'
+# its table and each row's costliest kernels (the tuned configurations stay in the log)
+sed -n '/^case /,/^tuned configurations/p' "$DIR/kernel_times.log" 2>/dev/null | sed '$d' |
+  tee -a "$DIR/summary.txt" >/dev/null
+
+# 6. issue 3's small widths (64, 128, 256 at batch 16K; bf16 and fp32; forward and backward),
+# each case timed as CUDA graph replays, fusedmlp and torch alike: their GPU time, without the
+# host's launch cost that sets them when launched from Python on the GPU machines (step 9)
+step small_graph 40 "$PY" benchmarks/target_grid.py --grid small --graph \
+  --json "$DIR/small_graph.json" --markdown "$DIR/small_graph.md"
+cat "$DIR/small_graph.md" >>"$DIR/summary.txt" 2>/dev/null
+
+# 7. fusedmlp bench --quick (saves its JSON after every case, so a timeout keeps what ran)
+# keep 30 s for results_md (RESULTS.md is made even when the bench times out) and the targets
+# (the grids after it get what the budget leaves: skip them to give the bench their seconds)
+t=$(($(left) - 30))
 ((t > 170)) && t=170
 # (a cold machine's first cases compile and autotune for seconds each: the seventeenth
 # session's bench ran 35 s past a 53-s budget)
@@ -227,34 +250,17 @@ if [[ -f "$DIR/bench.json" ]]; then
   step results_md 20 "$PY" benchmarks/results_md.py "$DIR/bench.json" -o "$DIR/RESULTS.md"
 fi
 
-# 5. issue 3's small widths (64, 128, 256 at batch 16K; bf16 and fp32; forward and backward),
-# each case timed as CUDA graph replays, fusedmlp and torch alike: their GPU time, without the
-# host's launch cost that sets them when launched from Python on the GPU machines (step 8)
-step small_graph 40 "$PY" benchmarks/target_grid.py --grid small --graph \
-  --json "$DIR/small_graph.json" --markdown "$DIR/small_graph.md"
-cat "$DIR/small_graph.md" >>"$DIR/summary.txt" 2>/dev/null
-
-# 6. kernel-only GPU time next to the event time of the bench's cases (host-bound rows show):
-# issue 8's step and its A/Bs first, then the ops of the closed issues, which the budget may cut
-step kernel_times 95 "$PY" benchmarks/kernel_times.py --out "$DIR" --budget 60 --sections step,ops
-
-# 6b. issue 8's step with each impl's whole step captured in a CUDA graph: the GPU's time of
-# both steps, without the host's (fusedmlp's Python sets its event time on these machines)
-step step_graph 45 "$PY" benchmarks/target_grid.py --grid step --graph \
-  --json "$DIR/step_graph.json" --markdown "$DIR/step_graph.md"
-cat "$DIR/step_graph.md" >>"$DIR/summary.txt" 2>/dev/null
-
-# 7. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100; issue 4 is
+# 8. issue 4's cross-entropy grid (C 32K-128K, bf16 and fp32; about 15 s on an H100; issue 4 is
 # resolved: this checks its figures still hold)
 step target_grid 40 "$PY" benchmarks/target_grid.py --json "$DIR/target_grid.json" \
   --markdown "$DIR/target_grid.md"
 
-# 8. the same small widths, each call launched from Python (the bench's timing)
+# 9. the same small widths, each call launched from Python (the bench's timing)
 step small_grid 40 "$PY" benchmarks/target_grid.py --grid small --json "$DIR/small_grid.json" \
   --markdown "$DIR/small_grid.md"
 cat "$DIR/small_grid.md" >>"$DIR/summary.txt" 2>/dev/null
 
-# 9. the TMA forward kernel against the pointer kernel and torch (bf16 8192^3 and
+# 10. the TMA forward kernel against the pointer kernel and torch (bf16 8192^3 and
 # 16384 x 4096 x 4096, TF32 16384 x 1024 x 1024; forward and backward): where FUSEDMLP_TMA
 # should be the default; and issue 7's Adam over 1,000 small tensors. What the budget leaves,
 # less 15 s for the targets after it.
@@ -264,17 +270,17 @@ step tma_grid "$tma_max" "$PY" benchmarks/target_grid.py --grid optim,tma --json
   --markdown "$DIR/tma_grid.md"
 cat "$DIR/tma_grid.md" >>"$DIR/summary.txt" 2>/dev/null
 
-# 10. the open issues' speed targets from this run's JSON files (met / not met / not measured)
+# 11. the open issues' speed targets from this run's JSON files (met / not met / not measured)
 step targets 10 "$PY" benchmarks/targets.py "$DIR" -o "$DIR/targets.md"
 cat "$DIR/targets.md" >>"$DIR/summary.txt" 2>/dev/null
 
-# 11. where a training step's time goes (fixed configurations: no autotuning inside the profile);
+# 12. where a training step's time goes (fixed configurations: no autotuning inside the profile);
 # 65536x64: the bench's narrow step, 2.9x slower than eager in the seventh session's run 1
 step profile 75 env FUSEDMLP_AUTOTUNE=0 "$PY" benchmarks/profile_step.py --out "$DIR/profile" \
   --shapes 64x256,16384x1024,65536x64 --steps 10
 cat "$DIR/profile/summary.txt" >>"$DIR/summary.txt" 2>/dev/null
 
-# 12. int64 indexing: one tensor beyond 2^31 elements
+# 13. int64 indexing: one tensor beyond 2^31 elements
 step int64 60 "$PY" - <<'EOF'
 import torch
 
@@ -307,7 +313,7 @@ with fusedmlp.use_backend("triton"):
 print("int64 dropout OK")
 EOF
 
-# 13. fusedmlp verify (written by another issue: tolerate it missing)
+# 14. fusedmlp verify (written by another issue: tolerate it missing)
 if "$PY" -m fusedmlp verify --help >/dev/null 2>&1; then
   # --time-budget: no new case 20 s before the step's timeout (what is left of the budget, at
   # most 80 s), so a verify that cannot finish here reports the checks it ran (INCOMPLETE)

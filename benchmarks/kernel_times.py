@@ -1,6 +1,7 @@
 """Kernel-only GPU time next to the event-timed figure of ``fusedmlp bench``, per op.
 
     python benchmarks/kernel_times.py [--out DIR] [--budget SECONDS] [--sections a,b,...]
+                                      [--match REGEX] [--passes event,kernel|kernel]
 
 ``fusedmlp bench`` times each call the ``triton.testing.do_bench`` way (CUDA events around the
 call, L2 flushed before it). When the host needs longer to issue a call than the GPU needs to
@@ -37,6 +38,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,6 +84,17 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "kernel-times"))
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for all sections")
     ap.add_argument("--sections", default="linear,step,ops")
+    ap.add_argument(
+        "--match",
+        help="only the rows whose name this regular expression finds (re.search), e.g. "
+        "'w1024' for issue 8's step and its A/B rows",
+    )
+    ap.add_argument(
+        "--passes",
+        default="event,kernel",
+        help="which passes run, in this order: 'event,kernel' (default) or 'kernel' alone (the "
+        "per-kernel breakdown first, where a launched row's event time is the host's anyway)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script")
     args = ap.parse_args()
     dry = args.dry_run
@@ -242,14 +255,24 @@ def main() -> None:
 
     for section in args.sections.split(","):  # in the order given
         {"linear": linear, "step": step, "ops": ops}[section]()
-    print(f"{'pass 1: event time (no profiler yet)':64s} {'event ms':>10s} {'setup s':>8s}")
-    for spec in rows:
-        measure(spec, kernels=False)
-    print(
-        f"{'pass 2: kernel time (torch.profiler)':64s} {'kernel ms':>10s} {'kernels':>8s} {'setup s':>8s}"
-    )
-    for spec in rows:
-        measure(spec, kernels=True)
+    if args.match:
+        pattern = re.compile(args.match)
+        rows = [spec for spec in rows if pattern.search(spec[1])]
+    passes = args.passes.split(",")
+    if not rows or not passes or not set(passes) <= {"event", "kernel"}:
+        ap.error(f"no rows match {args.match!r}" if not rows else f"bad --passes {args.passes!r}")
+    # the event pass before the profiled one when both run (CUPTI slows every later launch)
+    if "event" in passes:
+        print(f"{'pass 1: event time (no profiler yet)':64s} {'event ms':>10s} {'setup s':>8s}")
+        for spec in rows:
+            measure(spec, kernels=False)
+    if "kernel" in passes:
+        print(
+            f"{'pass 2: kernel time (torch.profiler)':64s} {'kernel ms':>10s} {'kernels':>8s} "
+            f"{'setup s':>8s}"
+        )
+        for spec in rows:
+            measure(spec, kernels=True)
     for spec in rows:
         if spec[1] in recs:
             log.write(json.dumps(recs[spec[1]]) + "\n")

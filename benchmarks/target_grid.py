@@ -31,7 +31,9 @@ backward target, >= 0.9x). The quick bench has only width 256 in bf16.
 torch eager. With ``--graph``: each impl's whole step (zero_grad, forward, loss, backward,
 Adam with ``capturable=True``) captured and replayed, fusedmlp and torch alike: the steps'
 GPU time without the host's (on the GPU machines fusedmlp's Python sets its step's event
-time; ``fusedmlp train --cuda-graph`` trains so).
+time; ``fusedmlp train --cuda-graph`` trains so). Its A/B rows: fusedmlp with TF32 GEMMs on the
+pointer kernel ("fusedmlp TF32 pointer": ``FUSEDMLP_TMA=16``) and with the dW GEMMs' split on
+the pointer kernel ("fusedmlp pointer dW split": ``FUSEDMLP_TMA_SPLIT=0``).
 
 Several grids, comma-separated, run into one JSON file.
 
@@ -212,11 +214,42 @@ def optim_cases(device: torch.device, compile_: bool, graph: bool = False) -> li
     ]
 
 
+@contextlib.contextmanager
+def step_settings(tma_tf32: bool = True, tma_split: bool = True):
+    """TF32 (torch's matmul precision "high"), with TF32 GEMMs on the TMA kernel or the pointer
+    kernel (``FUSEDMLP_TMA=16``) and the dW GEMMs' K slices on the TMA kernel or the pointer
+    kernel's split (``FUSEDMLP_TMA_SPLIT=0``), for the duration (a graph case captures what
+    its context chose)."""
+    from fusedmlp.kernels import linear as kernels
+
+    before = kernels.TMA_TF32, kernels.TMA_SPLIT
+    kernels.TMA_TF32 = kernels.TMA_TF32 and tma_tf32
+    kernels.TMA_SPLIT = kernels.TMA_SPLIT and tma_split
+    try:
+        with _tf32():
+            yield
+    finally:
+        kernels.TMA_TF32, kernels.TMA_SPLIT = before
+
+
+# issue 8's A/B rows of the step grid: (name, step_settings' switches). The twentieth session
+# measured the graph-replayed step at 1.26x torch with TF32 on the pointer kernel; the
+# twenty-fourth read 1.20x after the TMA TF32 default, its statistics epilogue and its dW
+# split, so each is timed beside the default in the same run.
+STEP_AB = (
+    ("fusedmlp TF32 pointer", dict(tma_tf32=False)),
+    ("fusedmlp pointer dW split", dict(tma_split=False)),
+)
+
+
 def step_cases(device: torch.device, compile_: bool, graph: bool = False) -> list[Case]:
     """Issue 8's training step (``fusedmlp bench``'s: 4 x [Linear-BN-ReLU-Dropout] + Linear,
     cross-entropy, Adam) at width 1024, batch 16K, TF32; with ``graph`` its optimizers are
-    built capturable (a step captured in a CUDA graph)."""
-    impls = ["fusedmlp", "torch"] + (["torch.compile"] if compile_ else [])
+    built capturable (a step captured in a CUDA graph). Then ``STEP_AB``'s rows: fusedmlp with
+    one TMA default switched off each."""
+    impls = [("fusedmlp", "fusedmlp", {}), ("torch", "torch", {})]
+    impls += [("torch.compile", "torch.compile", {})] if compile_ else []
+    impls += [(name, "fusedmlp", switches) for name, switches in STEP_AB]
     batch, width = 16384, 1024
     nbytes, flops = mlp_step_counts(batch, width, width, MLP_DEPTH, MLP_CLASSES, 4)
     return [
@@ -225,14 +258,14 @@ def step_cases(device: torch.device, compile_: bool, graph: bool = False) -> lis
             "step",
             f"width={width} B={batch}",
             "fp32 (tf32)",
-            impl,
+            name,
             build_mlp_step(impl, device, batch, width, capturable=graph),
             nbytes,
             flops,
-            context=_tf32,
+            context=functools.partial(step_settings, **switches),
             order=(OPS.index("mlp_step"), i),
         )
-        for i, impl in enumerate(impls)
+        for i, (name, impl, switches) in enumerate(impls)
     ]
 
 

@@ -365,6 +365,35 @@ def test_kernel_times_script_dry_run(tmp_path):
     # statistics-merge A/Bs' 4 + the small forward's 2; ops 16
     assert len(rows) == 9 + 16 + 16 and all("error" not in r for r in rows), rows
     assert all(r["event_ms"] > 0 for r in rows)
+    # gpu_check's call: issue 8's step rows only (--match), the kernel pass alone (--passes)
+    pattern = "w1024 B16K tf32 (torch|fusedmlp dz($|, TF32 on|, dW split on))"
+    picked = tmp_path / "picked"
+    args = ["--sections", "step", "--passes", "kernel", "--match", pattern]
+    out = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--out", str(picked), *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (picked / "kernel_times.jsonl").read_text().splitlines()]
+    names = [r["case"] for r in rows[:-1]]
+    assert names == [
+        "mlp step w1024 B16K tf32 fusedmlp dz",
+        "mlp step w1024 B16K tf32 torch",
+        "mlp step w1024 B16K tf32 fusedmlp dz, TF32 on the pointer kernel",
+        "mlp step w1024 B16K tf32 fusedmlp dz, dW split on the pointer kernel",
+    ]
+    assert all("kernel_ms" in r and "event_ms" not in r for r in rows[:-1]), rows
+    bad = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--out", str(picked), "--match", "nothing"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=600,
+    )
+    assert bad.returncode == 2 and "no rows match 'nothing'" in bad.stderr, bad.stderr
 
 
 def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
@@ -501,3 +530,30 @@ def test_targets_script_judges_each_criterion_within_one_run(tmp_path):
     assert verdict("training step peak") == ("-184 MB against the lower", "**met**")
     md = T.markdown(T.criteria(rows, ceilings))
     assert md.startswith("| issue | criterion |") and "| #5 |" in md
+
+
+def test_target_grid_step_ab_rows_switch_one_tma_default_each():
+    # target_grid.py --grid step: issue 8's step with each TMA default switched off in a row of
+    # its own (gpu_check's step_graph), under TF32, and everything restored after each context
+    import importlib.util
+    from pathlib import Path
+
+    from fusedmlp.kernels import linear as KL
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "target_grid.py"
+    spec = importlib.util.spec_from_file_location("target_grid_under_test", path)
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    cases = grid.step_cases(torch.device("cpu"), compile_=False, graph=True)
+    names = [c.impl for c in cases]
+    assert names == ["fusedmlp", "torch", "fusedmlp TF32 pointer", "fusedmlp pointer dW split"]
+    before = KL.TMA_TF32, KL.TMA_SPLIT, torch.get_float32_matmul_precision()
+    seen = {}
+    for case in cases:
+        with case.context():
+            seen[case.impl] = KL.TMA_TF32, KL.TMA_SPLIT, torch.get_float32_matmul_precision()
+        assert (KL.TMA_TF32, KL.TMA_SPLIT, torch.get_float32_matmul_precision()) == before
+    tf32, split = before[:2]
+    assert seen["fusedmlp"] == seen["torch"] == (tf32, split, "high")
+    assert seen["fusedmlp TF32 pointer"] == (False, split, "high")
+    assert seen["fusedmlp pointer dW split"] == (tf32, False, "high")
