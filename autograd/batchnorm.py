@@ -640,12 +640,17 @@ def _like_torchs_output(y, input, weight, bias, running_mean, running_var, train
     kernels (``batch_norm_cuda``: 2-D inputs, and any input cuDNN does not take: bf16, no
     affine parameters, ...) write it ``empty_like(input)``: a dense input's strides kept (a
     transposed 2-D input's too), another input's contiguous in its suggested format."""
-    if _torch_cuda_native(input, weight, bias, running_mean, running_var, training, eps):
+    fmt = suggest_memory_format(input)
+    # where the input is contiguous in its suggested format both layouts agree: no choice
+    if (
+        input.is_cuda
+        and not input.is_contiguous(memory_format=fmt)
+        and _torch_cuda_native(input, weight, bias, running_mean, running_var, training, eps)
+    ):
         if y.dim() == input.dim() and y.stride() == input.stride():
             return y  # the kernels' y is empty_like(input) (the usual case, x is input)
         target = torch.empty_like(input, device="meta").stride()
         return y if y.stride() == target else torch.empty_like(input).copy_(y)
-    fmt = suggest_memory_format(input)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
@@ -654,8 +659,6 @@ def _torch_cuda_native(input, weight, bias, running_mean, running_var, training,
     MIOpen), by torch's own selection (``_select_batch_norm_backend``, its condition in
     ``_batch_norm_impl_index``); asked only for an input on a GPU that is not already contiguous
     in its suggested memory format (where both layouts agree, nothing to choose)."""
-    if not input.is_cuda or input.is_contiguous(memory_format=suggest_memory_format(input)):
-        return False
     if input.dim() < 3 or weight is None or bias is None:
         return True  # cuDNN and MIOpen take 3-D and more, with both affine parameters
     select = getattr(torch._C, "_select_batch_norm_backend", None)
