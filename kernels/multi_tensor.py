@@ -62,6 +62,7 @@ _DATA_PTR, _NUMEL, _SIZE, _STRIDE, _IS_CONTIGUOUS = (
     torch.Tensor.is_contiguous,
 )
 _DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+_SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
 _IS_INFERENCE = torch.Tensor.is_inference
 _inference_mode = torch.is_inference_mode_enabled
 _REF, _DEREF = weakref.ref, weakref.ref.__call__
@@ -305,14 +306,15 @@ class _CheckedCall:
     gradients' dtype, shapes and strides still are checked."""
 
     __slots__ = (
-        "lengths", "others", "param_ids", "refs", "dtype", "grad_shapes", "grad_strides",
-        "plain", "tables",
+        "lengths", "others", "param_ids", "param_meta", "refs", "dtype", "grad_shapes",
+        "grad_strides", "plain", "tables",
     )  # fmt: skip
 
     def __init__(self, arrays, lengths: tuple, others: tuple):
         grads = arrays[1] if len(arrays) > 1 else []
         self.lengths, self.others = lengths, others
         self.param_ids = list(map(id, arrays[0]))
+        self.param_meta = list(map(_SHAPE_DTYPE, arrays[0]))
         self.refs = list(map(_REF, chain(*arrays[2:])))
         self.dtype = arrays[0][0].dtype
         self.grad_shapes = list(map(_SIZE, grads))
@@ -347,6 +349,9 @@ def _same_call(arrays, hit: _CheckedCall) -> bool:
         # a plain call's params stay contiguous: a .data view of the same storage (a transposed
         # square weight) keeps the address, and its gradient may keep the recorded strides
         and (not hit.plain or all(map(_IS_CONTIGUOUS, arrays[0])))
+        # nor may such a view change a param's shape or dtype (``p.data = p.data.view(-1)``)
+        # under a gradient kept from before, which still matches the recorded ones
+        and list(map(_SHAPE_DTYPE, arrays[0])) == hit.param_meta
         and all(map(operator.is_, map(_DEREF, hit.refs), chain(*arrays[2:])))
         and set(map(_DTYPE, grads)) <= {hit.dtype}
         and list(map(_SIZE, grads)) == hit.grad_shapes
@@ -364,10 +369,10 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> Checked | None:
     walks below. What that relies on: a tensor keeps its dtype, device, shape and strides while
     it lives unless they are changed in place (``resize_``, ``set_``, assigning ``.data``).
     Those change the address, except a ``.data`` view of the same storage from its first
-    element. A param changed so shows in its next gradient, which autograd makes with the
-    param's dtype, shape and strides (and torch checks an assigned gradient's size and dtype
-    against its param's, but not its strides: a plain call's params are checked to be still
-    contiguous); a state tensor changed so (never done by torch.optim or fusedmlp) is not
+    element: the params' shapes and dtypes are compared with the recorded ones (a gradient kept
+    from before the change still matches), and a plain call's params are checked to be still
+    contiguous (torch checks an assigned gradient's size and dtype against its param's, but not
+    its strides); a state tensor changed so (never done by torch.optim or fusedmlp) is not
     seen. Otherwise: one list of shapes, one set of dtypes and one of devices per array; the
     per-tensor walk that names the offending tensor runs only when those differ. Outside
     ``torch.inference_mode()``, no param or state tensor may be an inference tensor (torch's

@@ -15,10 +15,12 @@ that nothing they depend on changed:
   plan holds the recorded ones, so no other tensor takes their memory while it lives), or its
   storage swapped in place (an ``nn.Module.to()``, ``.data`` assignments, ``set_``,
   ``torch.utils.swap_tensors``), moves it;
-- every param still contiguous (as recorded): a ``.data`` view of the same storage from its
-  first element (``p.data = p.data.t()`` on a square weight) stays at its address, and its
-  gradient, which torch lets a user assign in any strides, may be contiguous (the flat walk
-  would pair the param's elements with the wrong gradient elements);
+- every param still contiguous (as recorded) and of its recorded shape and dtype: a ``.data``
+  view of the same storage from its first element stays at its address (``p.data =
+  p.data.t()`` on a square weight, ``p.data = p.data.view(-1)``), and its gradient, which torch
+  lets a user assign in any strides, may be contiguous (the flat walk would pair the param's
+  elements with the wrong gradient elements) or, kept from before the change, of the old
+  shape (torch's step raises there: the full path's check does too);
 - a gradient for every param, a plain (``torch.Tensor``) contiguous tensor of the recorded
   dtype and shape (``zero_grad`` sets gradients to None: fresh tensors at every step are
   the norm; a gradient kept from step to step may have been given other data in place).
@@ -26,10 +28,7 @@ that nothing they depend on changed:
   in dimensions of size 1).
 
 What is not seen, as ``multi_tensor.check`` does not see it: a state tensor given another
-shape or dtype at the same address (never done by torch.optim or fusedmlp), and a param given
-another shape or dtype at its address (a ``.data`` view such as ``p.data[:k]`` or
-``p.data.view(dtype)``) while it keeps a gradient assigned before (torch checks an assigned
-gradient's size and dtype against its param's, so a gradient assigned after the change shows it).
+shape or dtype at the same address (never done by torch.optim or fusedmlp).
 
 Anything else, and any failed test, takes the full path, which may record a new plan. Each
 verification is one C-level walk (``map``) over the tensors, no Python frame per tensor.
@@ -46,6 +45,7 @@ from ..backend import get_backend
 
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
+_SHAPE_DTYPE = operator.attrgetter("shape", "dtype")
 _DATA_PTR, _SIZE = torch.Tensor.data_ptr, torch.Tensor.size
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -63,7 +63,7 @@ class Plan:
 
     __slots__ = (
         "group", "state", "backend", "keys", "params", "addresses", "state_keys", "state_values",
-        "states", "lists", "dtype", "sizes", "extra",
+        "states", "lists", "dtype", "sizes", "meta", "extra",
     )  # fmt: skip
 
     def __init__(self, optimizer, group, keys: tuple, params: list, lists, extra):
@@ -79,6 +79,7 @@ class Plan:
         self.lists = [list(x) for x in lists]
         self.dtype = params[0].dtype
         self.sizes = list(map(_SIZE, params))
+        self.meta = list(map(_SHAPE_DTYPE, params))
         self.extra = extra
 
 
@@ -145,7 +146,10 @@ def hit(optimizer, group, keys: tuple):
         or set(map(_DTYPE, grads)) != {plan.dtype}
         or list(map(_SIZE, grads)) != plan.sizes
         or not all(map(_IS_CONTIGUOUS, grads))
-        or not all(map(_IS_CONTIGUOUS, params))  # a .data view at the same address
+        # a .data view at the same address: other strides, or another shape or dtype, which a
+        # gradient kept from before no longer matches
+        or not all(map(_IS_CONTIGUOUS, params))
+        or list(map(_SHAPE_DTYPE, params)) != plan.meta
     ):
         return None
     return plan, params, grads, lists, grad_ptrs

@@ -793,6 +793,38 @@ def test_param_transposed_through_data_steps_as_torchs(
     assert launches[kernel] == 5  # one per step: the transposed params through stand-ins
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["plan", "found_inf"])
+@pytest.mark.parametrize("view", ["flat", "rows"])
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs",
+    TRANSPOSED_CASES,
+    ids=[f"{c[0].__name__}-{c[2]}" for c in TRANSPOSED_CASES],
+)
+def test_param_reshaped_through_data_under_a_kept_gradient_raises_as_torch(
+    triton_backend, launches, cls, ref_cls, kwargs, view, amp
+):
+    """``p.data = p.data.view(-1)`` (or ``p.data[:2]``) keeps the param's address, and a
+    gradient kept from before still has the old shape: torch's step raises a RuntimeError
+    (sizes differ). The step plan and the multi-tensor check's cache, which compare the
+    gradients' shapes with the recorded ones, ran the kernel over the reshaped param."""
+    ours = _params(shapes=[(4, 6), (7,)])
+    ref = _clone(ours)
+    opt, ref_opt = cls(ours, lr=0.05, **kwargs), ref_cls(ref, lr=0.05, **kwargs)
+    keywords = {"found_inf": torch.zeros((), device=DEVICE)} if amp else {}
+    for step in range(2):
+        _feed(ours, ref, step)
+        opt.step(**keywords)
+        ref_opt.step()
+    launched = launches.total
+    for params in (ours, ref):
+        params[0].data = params[0].data.view(-1) if view == "flat" else params[0].data[:2]
+    with pytest.raises(RuntimeError):
+        ref_opt.step()
+    with pytest.raises(RuntimeError, match="does not match param"):
+        opt.step(**keywords)
+    assert launches.total == launched  # refused before any launch
+
+
 def test_amsgrad_max_keeps_torchs_nan(triton_backend, launches):
     """A NaN in the second moment reaches ``max_exp_avg_sq`` as with torch.maximum (Triton's
     ``tl.maximum`` drops NaN by default): the same state, so checkpoints agree."""
