@@ -493,6 +493,11 @@ _TILE_CONFIGS = [
     triton.Config({"BLOCK_R": 8, "BLOCK_Q": 64}, num_warps=8),
     triton.Config({"BLOCK_R": 8, "BLOCK_Q": 32}, num_warps=8),
 ]
+# The forward that also updates the running statistics in place (``UPDATE``): the same list as
+# another object, so that it gets an autotuner of its own (``launch`` caches one per list),
+# which restores the running statistics after each trial (else a GPU's first launch of a
+# shape applied the update once per trial).
+_UPDATE_TILE_CONFIGS = list(_TILE_CONFIGS)
 # The reduction keeps two [BLOCK_R, BLOCK_Q, 4] fp32 accumulators per program. The first four
 # compile to 79-80 registers for sm_90 (the step's signature): 3 programs of 8 warps an SM, one
 # fewer than ``launch.PROGRAMS_PER_SM`` sizes the splits for, so a grid of 128-column blocks
@@ -653,9 +658,10 @@ def fused_forward(
         launch(
             _fused_fwd_kernel,
             _grid(R, C),
-            configs=_TILE_CONFIGS,
+            configs=_TILE_CONFIGS if update is None else _UPDATE_TILE_CONFIGS,
             small_config=_TILE_CONFIGS[0],
             work=R * C,
+            restore_value=() if update is None else ("rmean_ptr", "rvar_ptr"),
             # soR: a transposed output (the backward's recomputation for TF32's dW: soR == 1)
             # is tuned apart from a row-major one (soR == C): its stores run along the rows
             key=["R", "C", "soR"],

@@ -1095,6 +1095,56 @@ def test_epilogue_statistics_cumulative_running_average(triton_backend, launches
         assert int(model[1].num_batches_tracked) == step + 1 == int(ref[1].num_batches_tracked)
 
 
+def _autotuner_trials(monkeypatch, trials=2):
+    """Make every launch with more than one configuration (autotuned on a GPU, whatever its
+    size here) run ``trials`` times first, as triton's autotuner runs a kernel while it times
+    its configurations: the tensors named in ``restore_value`` copied back and those in
+    ``reset_to_zero`` zeroed around each trial; then the launch itself."""
+    import importlib
+
+    for name in ("linear", "batchnorm", "fused_block", "dropout", "cross_entropy", "softmax"):
+        module = importlib.import_module(f"fusedmlp.kernels.{name}")
+
+        def launch(kernel, grid, *, configs, restore_value=(), reset_to_zero=(),
+                   original=module.launch, **kwargs):  # fmt: skip
+            if len(configs) > 1:
+                for _ in range(trials):
+                    saved = [(kwargs[n], kwargs[n].clone()) for n in restore_value]
+                    for n in reset_to_zero:
+                        kwargs[n].zero_()
+                    original(kernel, grid, configs=configs, **kwargs)
+                    for t, copied in saved:
+                        t.copy_(copied)
+            return original(kernel, grid, configs=configs, restore_value=restore_value,
+                            reset_to_zero=reset_to_zero, **kwargs)  # fmt: skip
+
+        monkeypatch.setattr(module, "launch", launch)
+
+
+def test_epilogue_statistics_running_update_survives_autotuning(
+    triton_backend, launches, monkeypatch
+):
+    # On a GPU the first launch of a shape big enough to tune runs the kernel once per trial
+    # of every configuration. The block's forward that updates the running statistics in place
+    # (from the Linear's epilogue statistics, ``UPDATE``) was tuned without restoring them:
+    # the update was applied once per trial, and the running statistics after the first step
+    # were near the batch's own. Every launch of the step is run as the autotuner runs it here.
+    _autotuner_trials(monkeypatch)
+    model, ref = _mlp_pair(torch.float32)
+    x = torch.randn(40, 6, device=DEVICE)
+    out, grads = _run(model.layers, x, 0)
+    out_ref, grads_ref = _run(ref.layers, x, 0)
+    # the block's forward ran with its trials (three launches each: two trials, the launch)
+    assert launches["_fused_fwd_kernel"] >= 3
+    assert_close(out, out_ref, scale=4)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, scale=8)
+    for m, m_ref in zip(model.modules(), ref.modules()):
+        if isinstance(m, BatchNorm1d):
+            assert_close(m.running_mean, m_ref.running_mean)
+            assert_close(m.running_var, m_ref.running_var)
+
+
 def test_no_epilogue_statistics_where_the_batch_norm_cannot_take_them(triton_backend, launches):
     # Untracked running statistics (the batch norm's Function computes its own), a hook on the
     # batch norm (it runs as a module): the Linear makes no statistics, the results are torch's.
