@@ -602,7 +602,6 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
         if lin_stats:  # the Linear's output's batch-norm statistics, from its epilogue: final
             # ones with ``lin_eps`` (the next batch norm's), else partials (``linear_stats``)
             y, pmean, pm2 = _linear_stats_fwd(out, lin_weight, lin_bias, lin_eps)
-            ctx.mark_non_differentiable(pmean, pm2)
         else:
             y, _ = _linear_fwd(out, lin_weight, lin_bias, "none", 0.0)
         want_made(lin_handover, out, lin_weight, ctx.needs_input_grad[4])
@@ -613,9 +612,12 @@ class BNActDropoutLinearFunction(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.has_lin_bias = lin_bias is not None
         ctx.set_materialize_grads(False)
+        # One call for every non-differentiable output: each call replaces the last one's set,
+        # and differentiable statistics would reach the next batch norm's ``batchnorm_stats``
+        # (which has no autograd formula) when it merges them (``FINAL_STATS`` off).
         if given:
-            return y, None, None, pmean, pm2
-        ctx.mark_non_differentiable(mean, var)
+            mean = var = None
+        ctx.mark_non_differentiable(*[t for t in (mean, var, pmean, pm2) if t is not None])
         return y, mean, var, pmean, pm2
 
     @staticmethod

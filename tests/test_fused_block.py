@@ -1095,6 +1095,41 @@ def test_epilogue_statistics_cumulative_running_average(triton_backend, launches
         assert int(model[1].num_batches_tracked) == step + 1 == int(ref[1].num_batches_tracked)
 
 
+@pytest.mark.parametrize("final", [True, False], ids=["final", "partials"])
+@pytest.mark.parametrize("track", [True, False], ids=["tracked", "untracked"])
+def test_untracked_bn_block_linear_statistics_feed_the_next_batch_norm(
+    triton_backend, launches, monkeypatch, final, track
+):
+    # A block whose batch norm computes its statistics inside the Function (no running
+    # statistics: track_running_stats=False) and that makes the next batch norm's statistics in
+    # its Linear's epilogue: those statistics are not differentiable. The Function once marked
+    # them so, then marked only mean and var (each mark_non_differentiable call replaces the
+    # last), and with FINAL_STATS off the next batch norm merged differentiable partials in
+    # batchnorm_stats, whose backward raised "no autograd formula". Against torch's modules.
+    from fusedmlp.autograd import fused_block
+    from fusedmlp.nn import fused_block as nn_fused_block
+
+    monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
+    monkeypatch.setattr(nn_fused_block, "FINAL_STATS", final)
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(
+        torch.nn.Linear(5, 6),
+        torch.nn.BatchNorm1d(6, track_running_stats=track),
+        torch.nn.ReLU(),
+        torch.nn.Linear(6, 7),
+        torch.nn.BatchNorm1d(7),
+        torch.nn.Tanh(),
+        torch.nn.Linear(7, 3),
+    ).to(DEVICE)
+    model = convert(ref)
+    assert type(model) is FusedSequential
+    for _ in range(2):
+        launches.clear()
+        assert_step_like(model, ref, torch.randn(8, 5, device=DEVICE))
+        # the first block and the Linear after it in one Function (the recomputing path)
+        assert launches["_fused_bwd_reduce_kernel"] == 2, dict(launches)
+
+
 def _autotuner_trials(monkeypatch, trials=2):
     """Make every launch with more than one configuration (autotuned on a GPU, whatever its
     size here) run ``trials`` times first, as triton's autotuner runs a kernel while it times
