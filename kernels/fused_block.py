@@ -255,7 +255,9 @@ def _fused_bwd_elementwise_kernel(
         keep = _tile_keep(seed_ptr, r, pid_c, C, p, ALIGNED, BLOCK_Q)
         g = dy * tl.where(keep, scale, 0.0)
         if FROM_OUT:
-            a = tl.where(keep, t / tl.where(keep, scale, 1.0), 0.0)
+            # a dropped element's output is act(z) * 0: 0, or NaN where act(z) was NaN, whose
+            # derivative (tanh's 1 - y^2, sigmoid's y (1 - y)) torch's backward multiplies in
+            a = tl.where(keep, t / tl.where(keep, scale, 1.0), tl.where(t != t, t, 0.0))
             dz = _activation_grad(g, a, negative_slope, ACTIVATION)
         else:
             dz = _act_grad_z(g, t, negative_slope, ACTIVATION)

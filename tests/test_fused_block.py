@@ -873,6 +873,31 @@ def test_relu_dropout_backward_at_nan_outputs_like_torch(triton_backend):
     torch.testing.assert_close(zz.grad, zt.grad, equal_nan=True)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "leaky_relu"])
+def test_act_dropout_backward_at_nan_outputs_like_torch(triton_backend, launches, activation):
+    # The backward from the saved output: a dropped element's output is act(z) * 0, NaN where
+    # act(z) is NaN, and torch's tanh/sigmoid backward multiplies the (zero) gradient by the
+    # derivative at that NaN output (leaky_relu's takes only the sign: no NaN). The kernel
+    # read every dropped output as 0, so those gradients were 0 where torch's are NaN.
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(8, 16, generator=g).to(DEVICE)
+    z[3] = math.nan  # a whole row: some of it kept, some dropped
+    torch.manual_seed(12)
+    keep = act_dropout(torch.ones_like(z), None, p=0.5) != 0  # same seed draw, same mask
+    assert keep[3].any() and (~keep[3]).any()
+    torch.manual_seed(12)
+    zz = z.clone().requires_grad_()
+    out = act_dropout(zz, activation, p=0.5)
+    dy = torch.randn(8, 16, generator=g).to(DEVICE)
+    launches.clear()
+    out.backward(dy)
+    assert launches["_fused_bwd_elementwise_kernel"] == 1
+    zt = z.clone().requires_grad_()
+    act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "leaky_relu": F.leaky_relu}[activation]
+    (act(zt) * keep * 2.0).backward(dy)
+    torch.testing.assert_close(zz.grad, zt.grad, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Linear -> BatchNorm1d: the batch statistics from the Linear's epilogue
 # ----------------------------------------------------------------------------------------------
