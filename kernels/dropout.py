@@ -150,7 +150,10 @@ def scale_arg(
     ``backward`` on a CUDA ``device`` (dropout's gradient, ``dropout_apply(backward=True)``):
     torch's CUDA ``native_dropout_backward`` multiplies by its double ``1 / (1 - p)`` rounded to
     float32, ``float32(1 / (1 - p))``, 1 ulp from its own forward's scale at those p (seen on an
-    H200, torch 2.11). On the CPU torch's gradient is its forward's noise, the forward's scale.
+    H200, torch 2.11). On the CPU torch's gradient is its forward's noise, the forward's scale,
+    and so is its channel-wise dropout's (``feature_dropout``: Dropout2d) on every device: the
+    kernel asks for the backward scale only for elementwise dropout (``inner == 1``; a Dropout2d
+    over ``[N, C]``, one element a channel, takes it too: 1 ulp from torch on CUDA there).
     The fused blocks' backward kernels keep the forward's scale (they also divide the saved
     output by it): on CUDA their dropout gradients can sit 1 ulp from torch's.
     """
@@ -274,7 +277,9 @@ def _launch(
             seed_ptr=seed,
             numel=numel,
             p=float(p),
-            scale=scale_arg(p, x.dtype, backward=backward, device=x.device),
+            # torch's CUDA gradient scale is native_dropout_backward's, elementwise dropout's
+            # only: its channel-wise dropout (feature_dropout) multiplies by its forward's noise
+            scale=scale_arg(p, x.dtype, backward=backward and inner == 1, device=x.device),
             inner=int(inner),
             size1=sizes[1],
             size2=sizes[2],
@@ -309,7 +314,7 @@ def dropout_apply(
         inner: elements per keep decision, ``1`` (elementwise) or ``prod(shape[2:])`` for
             channel-wise dropout (one decision per (sample, channel) of ``[N, C, *]``).
         backward: ``x`` is dropout's gradient: torch's gradient scale (``scale_arg``; on CUDA
-            1 ulp from its forward's at some p).
+            1 ulp from its forward's at some p for elementwise dropout, ``inner == 1``).
 
     Returns:
         A new tensor, ``torch.empty_like(x)`` (x's strides when x is dense, else contiguous).

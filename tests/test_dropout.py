@@ -664,6 +664,38 @@ def test_float32_scale_is_torchs(backend, launches, p):
     _expect_launches(launches, backend, 2)
 
 
+@pytest.mark.parametrize("cuda_rule", [False, True], ids=["device", "cuda-scales"])
+@pytest.mark.parametrize("p", [0.04, 0.09, 0.42])
+def test_dropout2d_gradient_scale_is_its_forward_scale(
+    backend, launches, monkeypatch, p, cuda_rule
+):
+    # torch's dropout2d (feature_dropout) multiplies by its noise, 1 / float32(1 - p), in its
+    # forward and backward alike, on every device: only elementwise dropout's CUDA backward
+    # (native_dropout_backward) scales by float32(1 / (1 - p)), 1 ulp off at these p. The
+    # kernel took that CUDA gradient scale for dropout2d too. cuda_scales: the scales a CUDA
+    # device chooses, on whatever device this runs.
+    if cuda_rule:
+        original = K.scale_arg
+
+        def cuda_scale_arg(p, dtype, *, backward=False, device=None):
+            return original(p, dtype, backward=backward, device=torch.device("cuda"))
+
+        monkeypatch.setattr(K, "scale_arg", cuda_scale_arg)
+    torch_scale = F.dropout(torch.ones(256, device=DEVICE), p).max()  # its forward's scale
+    torch.manual_seed(0)  # 256 channels: some dropped, some kept
+    x = (torch.rand(8, 32, 3, 2, device=DEVICE) + 0.5).requires_grad_(True)
+    y = dropout2d(x, p)
+    kept = y.detach() != 0
+    assert 0 < kept.sum() < x.numel()
+    assert torch.equal(y.detach(), torch.where(kept, x.detach() * torch_scale, 0.0))
+    y.backward(torch.ones_like(y))
+    xt = x.detach().clone().requires_grad_(True)
+    F.dropout2d(xt, p).backward(torch.ones_like(xt))  # torch's gradient: 0 or its scale
+    assert set(xt.grad.unique().tolist()) == {0.0, torch_scale.item()}
+    assert torch.equal(x.grad, torch.where(kept, torch_scale, 0.0))
+    _expect_launches(launches, backend, 2)
+
+
 class _Float:
     def __float__(self):
         return 0.5
