@@ -646,22 +646,29 @@ def test_float32_scale_is_torchs(backend, launches, p):
     # 1 ulp off torch's. Its gradient: the forward's noise on the CPU; on CUDA its
     # native_dropout_backward's float32(1 / (1 - p)), 1 ulp from its own forward's scale. The
     # kept values and the gradient are torch's exactly, on each device.
-    ones = torch.ones(256, device=DEVICE)
-    torch_scale = F.dropout(ones, p).max()  # torch's own scale, read from its output
-    assert torch_scale != torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)  # the trap
     x = (torch.rand(8, 16, device=DEVICE) + 0.5).requires_grad_(True)
-    y = dropout(x, p)
+    torch_scale, grad_scale = _scales_as_torchs(dropout, F.dropout, x, p)
+    assert torch_scale != torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)  # the trap
+    assert (grad_scale == torch_scale) == (DEVICE == "cpu")
+    _expect_launches(launches, backend, 2)
+
+
+def _scales_as_torchs(ours, theirs, x, p):
+    """``ours(x, p)`` (a dropout) and its gradient of ones against torch's ``theirs``: the kept
+    values are ``x`` times torch's forward scale, the gradient is torch's exactly (0 or its
+    gradient scale). Returns torch's (forward scale, gradient scale)."""
+    torch_scale = F.dropout(torch.ones(256, device=DEVICE), p).max()  # read from its output
+    y = ours(x, p)
     kept = y.detach() != 0
     assert 0 < kept.sum() < x.numel()
     assert torch.equal(y.detach(), torch.where(kept, x.detach() * torch_scale, 0.0))
     y.backward(torch.ones_like(y))
     xt = x.detach().clone().requires_grad_(True)
-    F.dropout(xt, p).backward(torch.ones_like(xt))  # torch's gradient: 0 or its scale
+    theirs(xt, p).backward(torch.ones_like(xt))  # torch's gradient: 0 or its scale
     grad_scale = xt.grad.max()
     assert set(xt.grad.unique().tolist()) == {0.0, grad_scale.item()}
-    assert (grad_scale == torch_scale) == (DEVICE == "cpu")
     assert torch.equal(x.grad, torch.where(kept, grad_scale, 0.0))
-    _expect_launches(launches, backend, 2)
+    return torch_scale, grad_scale
 
 
 @pytest.mark.parametrize("cuda_rule", [False, True], ids=["device", "cuda-scales"])
@@ -681,18 +688,10 @@ def test_dropout2d_gradient_scale_is_its_forward_scale(
             return original(p, dtype, backward=backward, device=torch.device("cuda"))
 
         monkeypatch.setattr(K, "scale_arg", cuda_scale_arg)
-    torch_scale = F.dropout(torch.ones(256, device=DEVICE), p).max()  # its forward's scale
     torch.manual_seed(0)  # 256 channels: some dropped, some kept
     x = (torch.rand(8, 32, 3, 2, device=DEVICE) + 0.5).requires_grad_(True)
-    y = dropout2d(x, p)
-    kept = y.detach() != 0
-    assert 0 < kept.sum() < x.numel()
-    assert torch.equal(y.detach(), torch.where(kept, x.detach() * torch_scale, 0.0))
-    y.backward(torch.ones_like(y))
-    xt = x.detach().clone().requires_grad_(True)
-    F.dropout2d(xt, p).backward(torch.ones_like(xt))  # torch's gradient: 0 or its scale
-    assert set(xt.grad.unique().tolist()) == {0.0, torch_scale.item()}
-    assert torch.equal(x.grad, torch.where(kept, torch_scale, 0.0))
+    torch_scale, grad_scale = _scales_as_torchs(dropout2d, F.dropout2d, x, p)
+    assert grad_scale == torch_scale
     _expect_launches(launches, backend, 2)
 
 
