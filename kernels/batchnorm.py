@@ -52,7 +52,7 @@ import triton.language as tl
 
 from ..backend import acc_dtype
 from .arrival import arrival_counters, last_arrival
-from .launch import cdiv, launch, next_power_of_2, on_device, row_splits
+from .launch import cdiv, flat_grid, flat_tile_ids, launch, next_power_of_2, on_device, row_splits
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -329,7 +329,7 @@ def _bn_forward_kernel(
 ):
     """The normalization: ``y = (x - mean) * scale + shift`` on one ``[BLOCK_C, BLOCK_R]`` tile.
 
-    Grid: (row blocks, channel blocks). Two steps, kept apart so that another kernel can take
+    Grid: (row blocks, channel blocks), flat (``flat_grid``). Two steps, kept apart so that another kernel can take
     over step 2 (cross-layer fusion):
       1. per channel: ``mean``, ``scale = invstd * weight``, ``shift = bias``, where ``stat`` is
          invstd (batch statistics) or the running variance (``STAT_IS_VAR``: invstd computed here);
@@ -337,8 +337,7 @@ def _bn_forward_kernel(
          ``x * scale + (shift - mean * scale)`` would cancel), stored in y's dtype and strides.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_r, pid_c = flat_tile_ids(tl.cdiv(R, BLOCK_R))
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     # 1. per-channel affine
@@ -619,8 +618,7 @@ def _bn_backward_dx_kernel(
     Eval (running statistics, stat = running_var): ``dx = dy * w / sqrt(var + eps)``.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_r, pid_c = flat_tile_ids(tl.cdiv(R, BLOCK_R))
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     stat = tl.load(stat_ptr + c, mask=cmask, other=1.0).to(ACC)
@@ -898,7 +896,7 @@ def batch_norm_forward(
             mean, stat = _vec(running_mean), _vec(running_var)
         launch(
             _bn_forward_kernel,
-            lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
+            lambda meta: flat_grid(cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
             configs=_TILE_CONFIGS,
             small_config=_TILE_CONFIGS[0],
             work=R * C * S,
@@ -1055,7 +1053,7 @@ def batch_norm_backward(
             dx = torch.empty_like(x)
             launch(
                 _bn_backward_dx_kernel,
-                lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
+                lambda meta: flat_grid(cdiv(R, meta["BLOCK_R"]), cdiv(C, meta["BLOCK_C"])),
                 configs=_TILE_CONFIGS,
                 small_config=_TILE_CONFIGS[0],
                 work=R * C * S,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
@@ -65,6 +66,21 @@ _TYPES = {
 @triton.jit
 def _probe_kernel(x):
     pass
+
+
+@triton.jit
+def flat_tile_ids(n0):
+    """``(i, j)``: this program's place in a grid of ``n0`` x ``n1`` tiles launched flat along
+    axis 0 (``flat_grid``), ``i`` the faster, as axis 0 is in a 2-D grid. Why flat: CUDA caps a
+    grid's axes 1 and 2 at 65,535 programs (axis 0 at 2^31 - 1), fewer than a dimension of a few
+    million elements has tiles of 4-64."""
+    pid = tl.program_id(0)
+    return pid % n0, pid // n0
+
+
+def flat_grid(n0: int, n1: int) -> tuple[int]:
+    """The launch grid of ``flat_tile_ids``'s ``n0`` x ``n1`` tiles."""
+    return (n0 * n1,)
 
 
 def is_interpreted(kernel) -> bool:
@@ -185,6 +201,13 @@ class LaunchRecord:
 
 # Every configuration launched in this process: record -> the raw Python kernel function.
 LAUNCHED: dict[LaunchRecord, object] = {}
+
+# CUDA's limit on a grid's axes 1 and 2 (axis 0 takes 2^31 - 1 programs).
+GRID_YZ_MAX = 65535
+# Tests set a list here: under the interpreter ``launch`` then appends ``(kernel name, config,
+# grid)`` for every GPU configuration of each launch and skips the run, so launches at sizes the
+# interpreter could never run (millions of channels) show whether a GPU could launch them.
+GRID_AUDIT: list | None = None
 
 
 @dataclass(frozen=True)
@@ -371,6 +394,12 @@ def launch(
             if small_config is not None and small_config not in configs:
                 gpu_configs = [*configs, small_config]
             _record(info, kwargs, config, gpu_configs)
+            if GRID_AUDIT is not None:
+                GRID_AUDIT.extend(
+                    (info.fn.__name__, c, grid({**kwargs, **c.kwargs}) if callable(grid) else grid)
+                    for c in gpu_configs
+                )
+                return
             g = grid(meta) if callable(grid) else grid
             kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
             return
@@ -638,6 +667,8 @@ __all__ = [
     "arg_type",
     "cdiv",
     "dot_precision",
+    "flat_grid",
+    "flat_tile_ids",
     "interpreter_active",
     "is_interpreted",
     "launch",

@@ -75,6 +75,8 @@ from .launch import (
     Tma,
     cdiv,
     dot_precision,
+    flat_grid,
+    flat_tile_ids,
     is_interpreted,
     launch,
     on_device,
@@ -877,7 +879,8 @@ def _linear_dz_kernel(
 ):
     """dZ = dY * act'(t) for the "dz" backward path.
 
-    Grid ``(n_split, cdiv(N, BLOCK_N))``: program (s, j) walks rows
+    Grid ``(n_split, cdiv(N, BLOCK_N))``, flat (``flat_grid``; n_split =
+    ``cdiv(M, rows_per_split)``): program (s, j) walks rows
     ``[s * rows_per_split, (s + 1) * rows_per_split)`` of columns ``[j * BLOCK_N, ...)`` in
     ``[BLOCK_M, BLOCK_N]`` tiles.
     dy, t: ``[M, N]``, any strides, the input dtype (t: the saved output or pre-activation,
@@ -886,8 +889,7 @@ def _linear_dz_kernel(
     dzt ``[N, M]`` contiguous; ws ``[n_split, N]`` fp32 gets each slice's column sums of the
     rounded dZ (summed in a fixed order: deterministic).
     """
-    pid_s = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_s, pid_n = flat_tile_ids(tl.cdiv(M, rows_per_split))
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rn64 = rn.to(tl.int64)
@@ -947,13 +949,14 @@ def _transpose_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_xk, BLOCK_M: tl.cons
     """y = x^T, contiguous: x ``[M, K]`` (any strides, any dtype), y ``[K, M]`` contiguous in
     x's dtype. Nothing is saved: the "dz" backward's K-major copies of X and W for TF32 wgmma.
 
-    One program per BLOCK_M x BLOCK_K tile: loaded along x's rows and stored along y's, the
+    One program per BLOCK_M x BLOCK_K tile (a flat grid, ``flat_grid``): loaded along x's rows and stored along y's, the
     tile's layout converted between the two in shared memory, so that a row-major x is read
     and y written in full runs (torch's ``x.t().contiguous()`` walks one of the two with a
     stride of a whole row). int64 offsets.
     """
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_m, pid_k = flat_tile_ids(tl.cdiv(M, BLOCK_M))
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     tile = tl.load(
         x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
         mask=(rm[:, None] < M) & (rk[None, :] < K),
@@ -1592,7 +1595,7 @@ def transpose_contiguous(x: torch.Tensor) -> torch.Tensor:
     with on_device(x):
         launch(
             _transpose_kernel,
-            lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_K"])),
+            lambda meta: flat_grid(cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_K"])),
             configs=_TRANSPOSE_CONFIGS,
             key=["M", "K"],
             interpret_config=_TRANSPOSE_INTERPRET,
@@ -1848,7 +1851,7 @@ def _backward_dz(grad_y, x, weight, saved, activation, negative_slope, need_dx, 
         if write_dz or write_dzt or (need_db and not given):
             launch(
                 _linear_dz_kernel,
-                lambda meta: (n_split, cdiv(N, meta["BLOCK_N"])),
+                lambda meta: flat_grid(n_split, cdiv(N, meta["BLOCK_N"])),
                 configs=[_DZ_CONFIG],
                 interpret_config=_DZ_INTERPRET,
                 dy_ptr=grad_y,

@@ -460,3 +460,53 @@ def test_linear_tma_dw_split_every_configuration(forced, arrivals, monkeypatch, 
     assert len(arrivals) == 1 and arrivals.all_reset()
     assert [s[0] for s in splits if s is not None] == [1024 if ON_GPU else 128], splits
     _check_forced(forced, ["_linear_fwd_tma_kernel"])
+
+
+def _grids_over_cuda_limits(monkeypatch, run):
+    """The launch grids (of every GPU configuration) that ``run`` would give a GPU beyond CUDA's
+    limits: axis 0 at most 2^31 - 1 programs, axes 1 and 2 at most 65,535. The launches are
+    recorded, not run (``launch.GRID_AUDIT``), so sizes the interpreter could never run are
+    audited in a moment."""
+    from fusedmlp.kernels import launch as L
+
+    audit = []
+    monkeypatch.setattr(L, "GRID_AUDIT", audit)
+    with fusedmlp.use_backend("triton"):
+        run()
+    assert audit, "nothing was launched"
+    over = [
+        (name, cfg.kwargs, grid)
+        for name, cfg, grid in audit
+        if grid[0] > 2**31 - 1 or any(n > L.GRID_YZ_MAX for n in grid[1:])
+    ]
+    return sorted({(n, str(k), g) for n, k, g in over})
+
+
+def _train_step(module, x):
+    module(x.requires_grad_()).sum().backward()
+
+
+@pytest.mark.skipif(ON_GPU, reason="the audit records launches under the interpreter")
+@pytest.mark.parametrize("case", ["batch_norm", "linear_dz_wide", "linear_dz_deep"])
+def test_launch_grids_fit_cuda_limits_at_millions_of_features(monkeypatch, case):
+    """A dimension of a few million elements has more tiles than a grid's axis 1 takes (65,535):
+    batch norm over 300,000 channels (tuned on a GPU, its 4-channel tiles need 75,000), a
+    Linear with 4.3M outputs (the dZ pass's columns) or inputs (the dz path's transposes)."""
+    import fusedmlp.kernels.linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
+    if case == "batch_norm":
+        bn = fnn.BatchNorm1d(300_000)
+
+        def run():
+            _train_step(bn.train(), torch.zeros(4, 300_000))
+            _train_step(bn.eval(), torch.zeros(4, 300_000))
+
+    else:
+        n_in, n_out = (2, 4_300_000) if case == "linear_dz_wide" else (4_300_000, 2)
+        linear = fnn.Linear(n_in, n_out, activation="relu")
+
+        def run():
+            _train_step(linear, torch.zeros(4, n_in))
+
+    assert _grids_over_cuda_limits(monkeypatch, run) == []
