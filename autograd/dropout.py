@@ -45,26 +45,26 @@ _SEED_HIGH = 2**62
 
 
 @custom_op("fusedmlp::dropout_fwd", mutates_args=())
-def _dropout_fwd(x: Tensor, seed: Tensor, p: float, inner: int) -> Tensor:
+def _dropout_fwd(x: Tensor, seed: Tensor, p: float, inner: int, channel: bool) -> Tensor:
     from ..kernels import dropout as K
 
-    return K.dropout_apply(x, seed, p, inner)
+    return K.dropout_apply(x, seed, p, inner, channel=channel)
 
 
 @_dropout_fwd.register_fake
-def _(x, seed, p, inner):
+def _(x, seed, p, inner, channel):
     return torch.empty_like(x)
 
 
 @custom_op("fusedmlp::dropout_bwd", mutates_args=())
-def _dropout_bwd(grad: Tensor, seed: Tensor, p: float, inner: int) -> Tensor:
+def _dropout_bwd(grad: Tensor, seed: Tensor, p: float, inner: int, channel: bool) -> Tensor:
     from ..kernels import dropout as K
 
-    return K.dropout_apply(grad, seed, p, inner, backward=True)
+    return K.dropout_apply(grad, seed, p, inner, backward=True, channel=channel)
 
 
 @_dropout_bwd.register_fake
-def _(grad, seed, p, inner):
+def _(grad, seed, p, inner, channel):
     return torch.empty_like(grad)
 
 
@@ -77,43 +77,46 @@ class _DropoutGrad(torch.autograd.Function):
     itself: double backward through dropout is exact (as torch's)."""
 
     @staticmethod
-    def forward(ctx, grad, seed, p, inner):
+    def forward(ctx, grad, seed, p, inner, channel):
         ctx.save_for_backward(seed)
-        ctx.p, ctx.inner = p, inner
-        return _dropout_bwd_call(grad, seed, p, inner)
+        ctx.p, ctx.inner, ctx.channel = p, inner, channel
+        return _dropout_bwd_call(grad, seed, p, inner, channel)
 
     @staticmethod
     def backward(ctx, gg):
-        (seed,) = ctx.saved_tensors
-        return _DropoutGrad.apply(gg, seed, ctx.p, ctx.inner), None, None, None
+        return dropout_backward(ctx, gg)
 
 
 def dropout_backward(ctx, grad):
     """The backward of ``DropoutFunction`` and of ``dropout_fwd``'s autograd formula (the seed
-    saved, ``ctx.p``, ``ctx.inner``): ``(dx, None, None, None)``. Differentiable again: with
+    saved, ``ctx.p``, ``ctx.inner``, ``ctx.channel``): ``(dx, None, None, None, None)``; also
+    ``_DropoutGrad``'s (linear in its input, with the same mask). Differentiable again: with
     grad mode on (``create_graph``) dx comes from ``_DropoutGrad``, whose backward is itself."""
     (seed,) = ctx.saved_tensors
+    args = (seed, ctx.p, ctx.inner, ctx.channel)
     if torch.is_grad_enabled():  # create_graph: the gradient is differentiated again
-        return _DropoutGrad.apply(grad, seed, ctx.p, ctx.inner), None, None, None
-    if grads_batched((grad,)):
+        dx = _DropoutGrad.apply(grad, *args)
+    elif grads_batched((grad,)):
         # vmap over the backward (batched gradients): the scaled mask from the kernel, the
         # product in torch's ops, which vmap batches (a batched tensor has no storage).
         ones = torch.ones(grad.shape, dtype=grad.dtype, device=grad.device)
-        return grad * _dropout_bwd_call(ones, seed, ctx.p, ctx.inner), None, None, None
-    # A plain backward: the op itself, without a second Function's host overhead.
-    return _dropout_bwd_call(grad, seed, ctx.p, ctx.inner), None, None, None
+        dx = grad * _dropout_bwd_call(ones, *args)
+    else:  # a plain backward: the op itself, without a second Function's host overhead
+        dx = _dropout_bwd_call(grad, *args)
+    return dx, None, None, None, None
 
 
 class DropoutFunction(torch.autograd.Function):
     """``x * keep * 1/(1-p)``, keep regenerated from ``seed`` (one-element int64 tensor) by the
     kernel in forward and in backward. ``inner``: elements per keep decision (1, or
-    ``prod(shape[2:])`` for channel-wise dropout). Saves only ``seed``."""
+    ``prod(shape[2:])`` for channel-wise dropout); ``channel``: channel-wise dropout (torch's
+    ``feature_dropout`` scales, ``kernels.dropout.scale_arg``). Saves only ``seed``."""
 
     @staticmethod
-    def forward(ctx, x, seed, p, inner):
+    def forward(ctx, x, seed, p, inner, channel=False):
         ctx.save_for_backward(seed)
-        ctx.p, ctx.inner = p, inner
-        return _dropout_fwd_call(x, seed, p, inner)
+        ctx.p, ctx.inner, ctx.channel = p, inner, channel
+        return _dropout_fwd_call(x, seed, p, inner, channel)
 
     @staticmethod
     def backward(ctx, grad):
@@ -125,9 +128,9 @@ class DropoutFunction(torch.autograd.Function):
 # the op itself), ``ep.module()``. The Function calls the op in its forward, where grad mode is
 # off, and plain eager calls run the implementation itself (``_custom_op``).
 def _setup_dropout_fwd(ctx, inputs, output) -> None:
-    _x, seed, p, inner = inputs
+    _x, seed, p, inner, channel = inputs
     ctx.save_for_backward(seed)
-    ctx.p, ctx.inner = p, inner
+    ctx.p, ctx.inner, ctx.channel = p, inner, channel
 
 
 _dropout_fwd.register_autograd(dropout_backward, setup_context=_setup_dropout_fwd)
@@ -270,12 +273,12 @@ def _check_no_internal_overlap(input: Tensor) -> None:
         )
 
 
-def _triton(input: Tensor, p: float, inner: int, inplace: bool, generator) -> Tensor:
+def _triton(input: Tensor, p: float, inner: int, inplace: bool, generator, channel: bool) -> Tensor:
     if inplace:
         _check_inplace(input)
         _check_no_internal_overlap(input)
     seed = _seed(input, generator, p)
-    out = DropoutFunction.apply(input, seed, p, inner)
+    out = DropoutFunction.apply(input, seed, p, inner, channel)
     if inplace:
         return input.copy_(out)
     return out
@@ -318,7 +321,7 @@ def dropout(
     if not training or p == 0.0 or input.numel() == 0:
         return input
     if _on_triton(input):
-        return _triton(input, p, 1, inplace, generator)
+        return _triton(input, p, 1, inplace, generator, False)
     if generator is None:
         return F.dropout(input, p, True, inplace)
     if inplace:
@@ -376,7 +379,7 @@ def dropout2d(
     if p < 1.0 and dim < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     if _on_triton(input):
-        return _triton(input, p, math.prod(input.shape[2:]), inplace, generator)
+        return _triton(input, p, math.prod(input.shape[2:]), inplace, generator, True)
     if generator is None:
         if inplace:
             return torch.feature_dropout_(input, p, True)

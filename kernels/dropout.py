@@ -129,8 +129,23 @@ def _f32(v: float) -> float:
     return struct.unpack("<f", struct.pack("<f", v))[0]
 
 
+def _round_to_half(v: float, dtype: torch.dtype) -> float:
+    """A finite float32 value ``v`` rounded to float16 or bfloat16 (to nearest even), as a Python
+    float (torch's cast; no tensor: this runs at every launch)."""
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", v))[0]
+    (bits,) = struct.unpack("<I", struct.pack("<f", v))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
 def scale_arg(
-    p: float, dtype: torch.dtype, *, backward: bool = False, device: torch.device | None = None
+    p: float,
+    dtype: torch.dtype,
+    *,
+    backward: bool = False,
+    channel: bool = False,
+    device: torch.device | None = None,
 ) -> float | int:
     """``dropout_scale``'s argument for drop probability ``p`` (0 for ``p >= 1``: nothing is
     kept) and data of ``dtype``: torch's dropout scale in that dtype's arithmetic.
@@ -150,21 +165,25 @@ def scale_arg(
     ``backward`` on a CUDA ``device`` (dropout's gradient, ``dropout_apply(backward=True)``):
     torch's CUDA ``native_dropout_backward`` multiplies by its double ``1 / (1 - p)`` rounded to
     float32, ``float32(1 / (1 - p))``, 1 ulp from its own forward's scale at those p (seen on an
-    H200, torch 2.11). On the CPU torch's gradient is its forward's noise, the forward's scale,
-    and so is its channel-wise dropout's (``feature_dropout``: Dropout2d) on every device: the
-    kernel asks for the backward scale only for elementwise dropout (``inner == 1``; a Dropout2d
-    over ``[N, C]``, one element a channel, takes it too: 1 ulp from torch on CUDA there).
+    H200, torch 2.11). On the CPU torch's gradient is its forward's noise, the forward's scale.
     The fused blocks' backward kernels keep the forward's scale (they also divide the saved
     output by it): on CUDA their dropout gradients can sit 1 ulp from torch's.
+
+    ``channel`` (channel-wise dropout, Dropout2d): torch's ``feature_dropout`` multiplies by a
+    noise tensor of the data's dtype, ``1 / float32(1 - p)`` rounded to that dtype, in its
+    forward and (autograd's product rule) its backward, on every device: fp16/bf16 data take
+    that rounded scale, and no device takes the elementwise CUDA gradient scale.
     """
     if p >= 1.0:
         scale = 0.0
     elif dtype == torch.float64:
         scale = 1.0 / (1.0 - p)
-    elif backward and device is not None and device.type == "cuda":
+    elif backward and not channel and device is not None and device.type == "cuda":
         scale = _f32(1.0 / (1.0 - p))
     else:
         scale = _f32(1.0 / _f32(1.0 - p))
+        if channel and dtype in (torch.float16, torch.bfloat16):
+            scale = _round_to_half(scale, dtype)
     if dtype == torch.float64:
         return struct.unpack("<q", struct.pack("<d", scale))[0]
     return scale
@@ -251,7 +270,13 @@ _FLAT_STRIDES = (0,) * MAX_DIMS
 
 
 def _launch(
-    x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float, inner: int, backward: bool
+    x: torch.Tensor,
+    out: torch.Tensor,
+    seed: torch.Tensor,
+    p: float,
+    inner: int,
+    backward: bool,
+    channel: bool,
 ) -> None:
     numel = x.numel()
     if x.is_contiguous() and out.is_contiguous():  # the common case, without the coalescing
@@ -277,9 +302,7 @@ def _launch(
             seed_ptr=seed,
             numel=numel,
             p=float(p),
-            # torch's CUDA gradient scale is native_dropout_backward's, elementwise dropout's
-            # only: its channel-wise dropout (feature_dropout) multiplies by its forward's noise
-            scale=scale_arg(p, x.dtype, backward=backward and inner == 1, device=x.device),
+            scale=scale_arg(p, x.dtype, backward=backward, channel=channel, device=x.device),
             inner=int(inner),
             size1=sizes[1],
             size2=sizes[2],
@@ -298,7 +321,12 @@ def _launch(
 
 
 def dropout_apply(
-    x: torch.Tensor, seed: torch.Tensor, p: float, inner: int = 1, backward: bool = False
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    p: float,
+    inner: int = 1,
+    backward: bool = False,
+    channel: bool = False,
 ) -> torch.Tensor:
     """``x * keep * 1/(1-p)`` with the keep mask regenerated from ``(seed, logical index)``.
 
@@ -314,7 +342,9 @@ def dropout_apply(
         inner: elements per keep decision, ``1`` (elementwise) or ``prod(shape[2:])`` for
             channel-wise dropout (one decision per (sample, channel) of ``[N, C, *]``).
         backward: ``x`` is dropout's gradient: torch's gradient scale (``scale_arg``; on CUDA
-            1 ulp from its forward's at some p for elementwise dropout, ``inner == 1``).
+            1 ulp from its forward's at some p for elementwise dropout).
+        channel: channel-wise dropout (Dropout2d, also over ``[N, C]`` where ``inner`` is 1):
+            torch's ``feature_dropout`` scales (``scale_arg``).
 
     Returns:
         A new tensor, ``torch.empty_like(x)`` (x's strides when x is dense, else contiguous).
@@ -332,11 +362,11 @@ def dropout_apply(
     if x.numel() == 0:
         return out
     if len(_coalesce(x.shape, x.stride(), out.stride())) <= MAX_DIMS:
-        _launch(x, out, seed, p, inner, backward)
+        _launch(x, out, seed, p, inner, backward, channel)
         return out
     # More than MAX_DIMS non-mergeable dims (rare): run on contiguous copies.
     tmp = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x.contiguous(), tmp, seed, p, inner, backward)
+    _launch(x.contiguous(), tmp, seed, p, inner, backward, channel)
     out.copy_(tmp)
     return out
 

@@ -42,6 +42,14 @@ TOLERANCES = {
 }
 
 
+def cast_as_kernels(t, dtype):
+    """fp32 ``t`` cast to ``dtype`` as the kernels' stores round it here: to nearest, except
+    bf16 under the interpreter, which rounds toward zero (``TOLERANCES``)."""
+    if dtype == torch.bfloat16 and not ON_GPU:
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return t.to(dtype)
+
+
 def tol(dtype):
     rtol, atol = TOLERANCES[dtype]
     return {"rtol": rtol, "atol": atol}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, ON_GPU, assert_close, cast_as_kernels
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -671,27 +671,72 @@ def _scales_as_torchs(ours, theirs, x, p):
     return torch_scale, grad_scale
 
 
+def _cuda_scales(monkeypatch):
+    """``scale_arg`` choosing the scales a CUDA device gets, on whatever device this runs."""
+    original = K.scale_arg
+
+    def cuda_scale_arg(p, dtype, **kw):
+        return original(p, dtype, **{**kw, "device": torch.device("cuda")})
+
+    monkeypatch.setattr(K, "scale_arg", cuda_scale_arg)
+
+
+@pytest.mark.filterwarnings("ignore:dropout2d")  # torch's, for a 2-D input
+@pytest.mark.parametrize("shape", [(8, 32, 3, 2), (8, 32, 1, 1), (8, 32)])
 @pytest.mark.parametrize("cuda_rule", [False, True], ids=["device", "cuda-scales"])
 @pytest.mark.parametrize("p", [0.04, 0.09, 0.42])
 def test_dropout2d_gradient_scale_is_its_forward_scale(
-    backend, launches, monkeypatch, p, cuda_rule
+    backend, launches, monkeypatch, p, cuda_rule, shape
 ):
     # torch's dropout2d (feature_dropout) multiplies by its noise, 1 / float32(1 - p), in its
     # forward and backward alike, on every device: only elementwise dropout's CUDA backward
     # (native_dropout_backward) scales by float32(1 / (1 - p)), 1 ulp off at these p. The
-    # kernel took that CUDA gradient scale for dropout2d too. cuda_scales: the scales a CUDA
-    # device chooses, on whatever device this runs.
+    # kernel took that CUDA gradient scale for dropout2d too, and later still where a channel
+    # is one element ([N, C], [N, C, 1, 1]: the kernel's elementwise indexing).
     if cuda_rule:
-        original = K.scale_arg
-
-        def cuda_scale_arg(p, dtype, *, backward=False, device=None):
-            return original(p, dtype, backward=backward, device=torch.device("cuda"))
-
-        monkeypatch.setattr(K, "scale_arg", cuda_scale_arg)
+        _cuda_scales(monkeypatch)
     torch.manual_seed(0)  # 256 channels: some dropped, some kept
-    x = (torch.rand(8, 32, 3, 2, device=DEVICE) + 0.5).requires_grad_(True)
+    x = (torch.rand(shape, device=DEVICE) + 0.5).requires_grad_(True)
     torch_scale, grad_scale = _scales_as_torchs(dropout2d, F.dropout2d, x, p)
     assert grad_scale == torch_scale
+    _expect_launches(launches, backend, 2)
+
+
+@pytest.mark.filterwarnings("ignore:dropout2d")
+@pytest.mark.parametrize("shape", [(8, 32, 3, 2), (8, 32)])
+@pytest.mark.parametrize("cuda_rule", [False, True], ids=["device", "cuda-scales"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_dropout2d_16bit_scales_by_torchs_noise_in_its_dtype(
+    backend, launches, monkeypatch, dtype, cuda_rule, shape
+):
+    # torch's dropout2d multiplies by a noise tensor of the data's dtype, 1 / float32(1 - p)
+    # rounded to fp16/bf16, in forward and backward, on every device; the kernel multiplied by
+    # the fp32 scale: kept values up to 1 ulp of the dtype off (bf16, p = 0.1, x = 1.75: torch
+    # 1.9375, the kernel 1.9453125).
+    if cuda_rule:
+        _cuda_scales(monkeypatch)
+    p = 0.1
+    torch.manual_seed(0)
+    x = (torch.rand(shape, device=DEVICE) + 1).to(dtype).requires_grad_(True)
+    noise = F.dropout2d(torch.ones(64, 4, 1, 1, device=DEVICE, dtype=dtype), p).max()
+    y = dropout2d(x, p)
+    kept = y.detach() != 0
+    assert 0 < kept.sum() < x.numel()
+    # torch's product x * noise: in fp32, rounded once (as the kernels round, cast_as_kernels)
+    cast = cast_as_kernels if backend == "triton" else torch.Tensor.to
+    expected = torch.where(kept, cast(x.detach().float() * noise.float(), dtype), 0)
+    if backend == "torch" or ON_GPU:
+        assert torch.equal(expected, torch.where(kept, x.detach() * noise, 0))
+    assert torch.equal(y.detach(), expected)
+    g = torch.rand_like(x) + 1
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(kept, cast(g.float() * noise.float(), dtype), 0))
+    xt = x.detach().clone().requires_grad_(True)  # torch's gradient is the same rule
+    F.dropout2d(xt, p).backward(torch.ones_like(xt))
+    assert set(xt.grad.unique().tolist()) == {0.0, noise.item()}
+    fp32_scale = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(1.0 - p).float()
+    fp32_scaled = torch.where(kept, cast(x.detach().float() * fp32_scale, dtype), 0)
+    assert not torch.equal(fp32_scaled, expected)  # the trap: the fp32 scale differs somewhere
     _expect_launches(launches, backend, 2)
 
 
