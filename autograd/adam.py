@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import operator
 
 import torch
@@ -195,9 +196,23 @@ def unscale_and_check(grads: list[Tensor], grad_scale, found_inf) -> bool:
     return found_inf is None or not bool(found_inf.item())
 
 
-def _fused_ok(params, grads) -> bool:
-    """Whether torch's fused kernels take these tensors (real floating, strided grads)."""
-    return all(p.is_floating_point() and g.layout == torch.strided for p, g in zip(params, grads))
+def _fused_ok(params, grads, states=(), sgd: bool = False) -> bool:
+    """Whether torch's fused kernels take these tensors (real floating, strided grads) and
+    give its non-fused algorithm's numbers. ``states``: lists of the state tensors (None for a
+    buffer not made yet); ``sgd``: for ``torch._fused_sgd_``.
+
+    CPU tensors must be contiguous, and fp16/bf16 ones take no fused SGD: torch 2.13's CPU fused
+    Adam and SGD read a non-contiguous tensor (a transposed weight, its gradient or a state of
+    its strides) as if it were contiguous, and its CPU fused SGD is wrong for fp16/bf16 (every
+    update off by tenths), where torch.optim's default (non-fused) optimizer under GradScaler
+    is right. Those take GradScaler's own unscale and skip instead (reading ``found_inf`` on
+    the host: a CPU tensor, no device to wait for)."""
+    if not all(p.is_floating_point() and g.layout == torch.strided for p, g in zip(params, grads)):
+        return False
+    cpu = [t for t in itertools.chain(params, grads, *states) if t is not None and t.is_cpu]
+    if not all(t.is_contiguous() for t in cpu):
+        return False
+    return not sgd or not any(t.dtype in (torch.float16, torch.bfloat16) for t in cpu)
 
 
 def _torch_path(
@@ -209,7 +224,7 @@ def _torch_path(
     tensors = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
     grad_scale, found_inf = amp
     if grad_scale is not None or found_inf is not None:
-        if _fused_ok(params, grads):
+        if _fused_ok(params, grads, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
             _torch_adam(
                 *tensors,
                 fused=True,

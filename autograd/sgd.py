@@ -201,7 +201,13 @@ def _torch_path(params, grads, bufs, amp, **hp):
         return
     grad_scale, found_inf = amp
     if grad_scale is not None or found_inf is not None:
-        if _fused_ok(params, grads):
+        # torch's fused SGD takes a buffer of its param's dtype only: one of another dtype (a
+        # model converted after momentum steps; float64 params and the torch backend come
+        # here) takes GradScaler's own unscale and skip, then the single-tensor step, which
+        # casts in place as torch.optim.SGD's under GradScaler (the fused one raised)
+        if _fused_ok(params, grads, (bufs,), sgd=True) and not (
+            bufs and _other_dtype_buffers(range(len(params)), params, bufs)
+        ):
             _partitioned(range(len(params)), params, grads, bufs, amp, hp, kernel=False)
             return
         if not unscale_and_check(grads, grad_scale, found_inf):

@@ -11,10 +11,11 @@ that nothing they depend on changed:
 - the same param objects in the group, in order;
 - the same ``optimizer.state`` entries (its keys and per-param dicts, as objects:
   ``load_state_dict`` replaces the state, ``optimizer.state[p] = {...}`` shows here);
-- every param and state tensor at its recorded address: a tensor replaced in the state (the
-  plan holds the recorded ones, so no other tensor takes their memory while it lives), or its
-  storage swapped in place (an ``nn.Module.to()``, ``.data`` assignments, ``set_``,
-  ``torch.utils.swap_tensors``), moves it;
+- the recorded state tensors (the same objects: a view of one put in its place keeps its
+  address), and every param and state tensor at its recorded address: a tensor replaced in the
+  state (the plan holds the recorded ones, so no other tensor takes their memory while it
+  lives), or its storage swapped in place (an ``nn.Module.to()``, ``.data`` assignments,
+  ``set_``, ``torch.utils.swap_tensors``), moves it;
 - every param still contiguous (as recorded) and of its recorded shape and dtype: a ``.data``
   view of the same storage from its first element stays at its address (``p.data =
   p.data.t()`` on a square weight, ``p.data = p.data.view(-1)``), and its gradient, which torch
@@ -130,6 +131,12 @@ def hit(optimizer, group, keys: tuple):
     try:
         lists = [list(map(operator.itemgetter(k), plan.states)) for k in keys]
     except (KeyError, TypeError):  # an entry gone from a param's state
+        return None
+    # The recorded state tensors themselves, not only their addresses: a view put in the state
+    # in their place (``state["exp_avg"] = exp_avg.t()``, ``.view(-1)``, ``[:1]``) starts at
+    # the same address with other strides or another shape (the kernel's flat walk would pair
+    # its elements with the wrong gradient elements, or update what torch's step refuses).
+    if False in map(_is, chain.from_iterable(lists), chain.from_iterable(plan.lists)):
         return None
     try:
         if _addresses(params, lists) != plan.addresses:

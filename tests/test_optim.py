@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, assert_close
 
 import fusedmlp
 from fusedmlp.optim import SGD, Adam, AdamW
@@ -825,6 +825,55 @@ def test_param_reshaped_through_data_under_a_kept_gradient_raises_as_torch(
     assert launches.total == launched  # refused before any launch
 
 
+STATE_VIEWS = {
+    "transposed": lambda t: t.t(),
+    "flat": lambda t: t.view(-1),
+    "rows": lambda t: t[:2],
+}
+STATE_VIEW_CASES = [TRANSPOSED_CASES[0], TRANSPOSED_CASES[1], TRANSPOSED_CASES[3]]
+
+
+@pytest.mark.parametrize("view", list(STATE_VIEWS))
+@pytest.mark.parametrize(
+    "cls,ref_cls,kwargs",
+    STATE_VIEW_CASES,
+    ids=[f"{c[0].__name__}-{c[2]}" for c in STATE_VIEW_CASES],
+)
+def test_state_tensor_replaced_by_a_view_at_its_address_steps_as_torchs(
+    triton_backend, launches, cls, ref_cls, kwargs, view
+):
+    """``optimizer.state[p]["exp_avg"] = exp_avg.t()`` (or ``.view(-1)``, ``[:2]``) puts
+    another tensor at the recorded state tensor's address. The step plan compared the state
+    tensors' addresses only: it ran the kernel's flat walk over the view (a transposed moment
+    paired with the wrong gradient elements; the other shapes, which torch's step refuses,
+    updated as the recorded tensor)."""
+    ours = _params(shapes=[(5, 5), (7,), (3, 3)])
+    ref = _clone(ours)
+    opt, ref_opt = cls(ours, lr=0.05, **kwargs), ref_cls(ref, lr=0.05, **kwargs)
+    key = "momentum_buffer" if cls is SGD else "exp_avg"
+    _run(opt, ref_opt, ours, ref, steps=3)  # the plan recorded, and taken
+    for o, params in ((opt, ours), (ref_opt, ref)):
+        state = o.state[params[0]]
+        state[key] = STATE_VIEWS[view](state[key])
+    kernel = "_sgd_kernel" if cls is SGD else "_adam_kernel"
+    if view != "transposed":
+        _feed(ours, ref, 3)
+        with pytest.raises(RuntimeError):
+            ref_opt.step()
+        with pytest.raises(RuntimeError, match="does not match param"):
+            opt.step()
+        assert launches[kernel] == 3  # refused before any launch
+        return
+    for step in range(3, 6):
+        _feed(ours, ref, step)
+        opt.step()
+        ref_opt.step()
+        _assert_params(ours, ref)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key])
+    assert launches[kernel] == 6
+
+
 def test_amsgrad_max_keeps_torchs_nan(triton_backend, launches):
     """A NaN in the second moment reaches ``max_exp_avg_sq`` as with torch.maximum (Triton's
     ``tl.maximum`` drops NaN by default): the same state, so checkpoints agree."""
@@ -961,6 +1010,37 @@ def test_sgd_momentum_buffers_of_another_dtype_step_as_torchs(triton_backend, la
         torch.testing.assert_close(buf, ref_buf, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("found_inf", [0.0, 1.0], ids=["step", "skip"])
+@pytest.mark.parametrize("end", [torch.float64, torch.float16], ids=["to-fp64", "to-fp16"])
+def test_sgd_amp_keywords_with_momentum_buffers_of_another_dtype_step_as_torchs(
+    backend, end, found_inf
+):
+    """GradScaler's keywords over a param converted after momentum steps (its buffer in the old
+    dtype): torch.optim.SGD under GradScaler (unscale, skip or step, its in-place ops casting)
+    steps it. fusedmlp's torch path (float64 params, the torch backend) handed it to torch's
+    fused SGD, which takes one dtype: a RuntimeError."""
+    ours = _params(shapes=[(4, 3), (5,)])
+    ref = _clone(ours)
+    kwargs = {"lr": 0.1, "momentum": 0.9, "dampening": 0.2}
+    opt, ref_opt = SGD(ours, **kwargs), torch.optim.SGD(ref, **kwargs)
+    _run(opt, ref_opt, ours, ref, steps=2)
+    for p in (ours[0], ref[0]):
+        p.data = p.data.to(end)
+    scale = torch.tensor(4.0, device=DEVICE)
+    _feed(ours, ref, 2)
+    opt.step(grad_scale=scale, found_inf=torch.tensor(found_inf, device=DEVICE))
+    for q in ref:  # GradScaler's work for an optimizer without AMP support
+        q.grad.div_(scale)
+    if not found_inf:
+        ref_opt.step()
+    for p, q in zip(ours, ref):
+        assert p.dtype == q.dtype
+        buf, ref_buf = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
+        assert buf.dtype == ref_buf.dtype == torch.float32
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(buf, ref_buf)
+
+
 def test_adam_step_counter_that_is_no_tensor_raises_torchs_runtime_error(triton_backend, launches):
     """A ``step`` put in the state as a Python number: torch's Adam raises a RuntimeError
     before updating anything; fusedmlp's raised a TypeError from its counter buffer."""
@@ -1088,3 +1168,58 @@ def test_amp_keywords_with_complex_params_step_as_torch(backend, launches):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key])
     assert launches["_adam_kernel"] == (3 if backend == "triton" else 0)
+
+
+AMP_LAYOUT_CASES = [
+    (SGD, {"momentum": 0.9, "dampening": 0.2}, torch.float16, False),
+    (SGD, {"momentum": 0.9, "nesterov": True}, torch.bfloat16, False),
+    (SGD, {}, torch.bfloat16, False),
+    (SGD, {"momentum": 0.9, "weight_decay": 0.1}, torch.float32, True),
+    (SGD, {"momentum": 0.9}, torch.float64, True),
+    (Adam, {"amsgrad": True}, torch.float32, True),
+    (Adam, {"weight_decay": 0.1}, torch.float64, True),
+    (AdamW, {"weight_decay": 0.1}, torch.float16, True),
+]
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,dtype,transposed",
+    AMP_LAYOUT_CASES,
+    ids=[
+        f"{c.__name__}-{k}-{str(d)[6:]}{'-transposed' if t else ''}"
+        for c, k, d, t in AMP_LAYOUT_CASES
+    ],
+)
+def test_amp_keywords_on_torchs_path_step_as_torchs_non_fused(
+    backend, cls, kwargs, dtype, transposed
+):
+    """GradScaler's keywords on fusedmlp's torch path (the torch backend, the CPU default;
+    float64 params) ran torch's fused Adam/SGD kernels, which torch 2.13 gets wrong on the CPU
+    for non-contiguous tensors (a weight transposed through ``.data``, and the state made in
+    its strides) and, for SGD, for fp16/bf16: updates off by tenths. The reference is
+    torch.optim's default (non-fused) optimizer under GradScaler: unscale, skip or step."""
+    ref_cls = getattr(torch.optim, cls.__name__)
+    ours = _params(dtype, shapes=[(4, 4), (5,), (3, 3)])
+    ref = _clone(ours)
+    if transposed:
+        for params in (ours, ref):
+            params[0].data = params[0].data.t()
+            params[2].data = params[2].data.t()
+    opt, ref_opt = cls(ours, lr=0.05, **kwargs), ref_cls(ref, lr=0.05, **kwargs)
+    scale = torch.tensor(4.0, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        for p, q in zip(ours, ref):
+            grad = torch.randn(p.shape, generator=g).to(device=DEVICE, dtype=dtype)
+            p.grad, q.grad = grad * 4, grad.clone()
+        skipped = step == 2
+        opt.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=DEVICE))
+        if not skipped:
+            ref_opt.step()
+        for p, q in zip(ours, ref):
+            assert_close(p.detach(), q.detach())
+            for key, value in ref_opt.state[q].items():
+                if key == "step":
+                    assert float(opt.state[p][key]) == float(value)
+                else:
+                    assert_close(opt.state[p][key], value)
