@@ -124,10 +124,13 @@ def _adam_kernel(
                         propagate_nan=tl.PropagateNan.ALL,
                     )
                     tl.store(vm_ptr + offs, vmax.to(dtype), mask=lmask)
-                    denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
+                    denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
                 else:
-                    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-                p = p - step_size * (m / denom)
+                    # Correctly rounded, as torch's CUDA ops: tl.sqrt and "/" compile to
+                    # sqrt.approx.ftz / div.full (2 ulp, subnormal v flushed to a 0 root: m / 0
+                    # with eps = 0). Free here: the step is memory-bound.
+                    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+                p = p - step_size * tl.div_rn(m, denom)
                 tl.store(p_ptr + offs, p.to(dtype), mask=lmask)
                 tl.store(m_ptr + offs, m.to(dtype), mask=lmask)
                 tl.store(v_ptr + offs, v.to(dtype), mask=lmask)

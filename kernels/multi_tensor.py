@@ -125,7 +125,7 @@ def load_param_grad(
     p = tl.load(p_ptr + offs, mask=lmask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=lmask).to(tl.float32)
     if HAS_SCALE:
-        g = g / tl.load(grad_scale).to(tl.float32)
+        g = tl.div_rn(g, tl.load(grad_scale).to(tl.float32))  # "/" is div.full (2 ulp) on a GPU
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=lmask)
     if MAXIMIZE:
         g = -g

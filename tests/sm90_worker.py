@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,11 @@ def main() -> None:
                 src, target=target, options={"num_warps": warps, "num_stages": stages}
             )
             shared = compiled.metadata.shared
+            # fp32 square roots and divisions that are not correctly rounded (tl.sqrt, "/")
+            ptx = compiled.asm["ptx"]
+            result["approx"] = sorted(
+                set(re.findall(r"\b(?:sqrt|div|rcp)\.(?:approx|full)\S*", ptx))
+            )
             result["resources"] = f"{resources(compiled.asm['cubin'])} shared={shared}"
             if shared > SM90_MAX_SHARED:
                 result["error"] = f"{shared} B shared memory > {SM90_MAX_SHARED} B"
