@@ -70,6 +70,12 @@ _CACHE_SIZE = 32
 _ADDR_CACHE: OrderedDict = OrderedDict()
 _META_CACHE: OrderedDict = OrderedDict()
 _CHECK_CACHE: dict = {}
+# The tables of every launch recorded in a CUDA graph capture (``launch_step``), never freed.
+_CAPTURED_TABLES: list = []
+
+
+def _capturing(ref: torch.Tensor) -> bool:
+    return ref.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # ----------------------------------------------------------------------------- in-kernel
@@ -497,6 +503,14 @@ def launch_step(
         addrs, meta, n_chunks, aligned = tables(arrays, chunk)
     if extra is not None:
         kwargs.update(extra(addrs, ref))
+    if _capturing(ref):
+        # Every replay of the graph reads these tables (and re-runs the copies from the pinned
+        # host buffers they hold, for tables built during the capture), but the caches that
+        # hold them drop them after 32 other entries or at a call with other gradients: freed,
+        # their memory would be reused while the graph still points the kernel at it. Kept for
+        # the process (a few small tensors per capture).
+        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        _CAPTURED_TABLES.append((addrs, meta, tensors))
     with on_device(ref):
         launch(
             kernel,

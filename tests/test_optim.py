@@ -1223,3 +1223,51 @@ def test_amp_keywords_on_torchs_path_step_as_torchs_non_fused(
                     assert float(opt.state[p][key]) == float(value)
                 else:
                     assert_close(opt.state[p][key], value)
+
+
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_tables_of_a_captured_step_outlive_the_table_caches(
+    triton_backend, launches, monkeypatch, cls
+):
+    # A step recorded in a CUDA graph capture bakes its address tables (params, grads, state,
+    # Adam's step counters) into the graph, which reads them at every replay; the caches
+    # holding them dropped them after 32 other entries or at the next call with other
+    # gradients, freeing memory the graph's kernel still reads (and whose pinned host buffers
+    # its captured copies re-read). The capture is stood in for by its test (_capturing): the
+    # tables launched then must stay alive through many eager steps over fresh tensors.
+    import gc
+    import weakref
+
+    from fusedmlp.kernels import multi_tensor as MT
+
+    monkeypatch.setattr(MT, "_CAPTURED_TABLES", [])
+    launched = []
+    original = MT.launch
+
+    def recording(kernel, grid, **kwargs):
+        launched.append([weakref.ref(kwargs[k]) for k in ("addrs", "meta")])
+        return original(kernel, grid, **kwargs)
+
+    monkeypatch.setattr(MT, "launch", recording)
+    kw = {"momentum": 0.9} if cls is SGD else {"capturable": DEVICE == "cuda"}
+    params = [torch.randn(n, device=DEVICE, requires_grad=True) for n in (3, 5)]
+    opt = cls(params, lr=0.1, **kw)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # warm-up: state made, tables built and cached
+    monkeypatch.setattr(MT, "_capturing", lambda ref: True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # "captured"
+    captured = launched[-1]
+    monkeypatch.setattr(MT, "_capturing", lambda ref: False)
+    for _ in range(40):  # fresh gradients and fresh optimizers: the caches turn over
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        other = [torch.randn(4, device=DEVICE, requires_grad=True)]
+        other[0].grad = torch.randn(4, device=DEVICE)
+        cls(other, lr=0.1, **kw).step()
+    gc.collect()
+    assert launches.total > 80
+    assert all(ref() is not None for ref in captured)
