@@ -72,6 +72,10 @@ _META_CACHE: OrderedDict = OrderedDict()
 _CHECK_CACHE: dict = {}
 # The tables of every launch recorded in a CUDA graph capture (``launch_step``), never freed.
 _CAPTURED_TABLES: list = []
+# False while a launch recorded in a capture builds its tables (``launch_step``): a table built
+# then is filled only when the graph replays (its copy is recorded, not run), so no eager call
+# may find it in a cache.
+_STORE = True
 
 
 def _capturing(ref: torch.Tensor) -> bool:
@@ -142,10 +146,13 @@ def load_param_grad(
 
 
 def cached(cache: OrderedDict, key, build):
-    """``cache[key]``, built with ``build()`` when missing (LRU, ``_CACHE_SIZE`` entries)."""
+    """``cache[key]``, built with ``build()`` when missing (LRU, ``_CACHE_SIZE`` entries; not
+    stored while ``_STORE`` is off)."""
     value = cache.get(key)
     if value is None:
         value = build()
+        if not _STORE:
+            return value
         cache[key] = value
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
@@ -339,7 +346,8 @@ class _CheckedCall:
             return last[1]
         n = len(arrays[0])
         built = tables(arrays, chunk, self.others[:n] + grad_ptrs + self.others[n:])
-        self.tables[chunk] = (grad_ptrs, built)
+        if _STORE:
+            self.tables[chunk] = (grad_ptrs, built)
         return built
 
 
@@ -497,13 +505,19 @@ def launch_step(
     ref = arrays[0][0]
     config = config_for(kernel).kwargs
     chunk = config["BLOCK"] * config["ITERS"]
-    if plain:  # the checked call's own tensors
-        addrs, meta, n_chunks, aligned = checked.call.tables_for(arrays, chunk, grad_ptrs)
-    else:
-        addrs, meta, n_chunks, aligned = tables(arrays, chunk)
-    if extra is not None:
-        kwargs.update(extra(addrs, ref))
-    if _capturing(ref):
+    global _STORE
+    capturing = _capturing(ref)
+    _STORE = not capturing
+    try:
+        if plain:  # the checked call's own tensors
+            addrs, meta, n_chunks, aligned = checked.call.tables_for(arrays, chunk, grad_ptrs)
+        else:
+            addrs, meta, n_chunks, aligned = tables(arrays, chunk)
+        if extra is not None:
+            kwargs.update(extra(addrs, ref))
+    finally:
+        _STORE = True
+    if capturing:
         # Every replay of the graph reads these tables (and re-runs the copies from the pinned
         # host buffers they hold, for tables built during the capture), but the caches that
         # hold them drop them after 32 other entries or at a call with other gradients: freed,

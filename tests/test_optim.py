@@ -1271,3 +1271,41 @@ def test_tables_of_a_captured_step_outlive_the_table_caches(
     gc.collect()
     assert launches.total > 80
     assert all(ref() is not None for ref in captured)
+
+
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_tables_built_in_a_capture_are_not_reused_by_eager_steps(
+    triton_backend, launches, monkeypatch, cls
+):
+    # A table built during a CUDA graph capture is filled only when the graph replays (its copy
+    # is recorded, not run): a capture without warm-up steps cached its tables, and an eager
+    # step before the first replay read them unfilled. The capture is stood in for by its test.
+    from fusedmlp.kernels import multi_tensor as MT
+
+    monkeypatch.setattr(MT, "_CAPTURED_TABLES", [])
+    launched = []
+    original = MT.launch
+
+    def recording(kernel, grid, **kwargs):
+        launched.append({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        return original(kernel, grid, **kwargs)
+
+    monkeypatch.setattr(MT, "launch", recording)
+    kw = {"momentum": 0.9} if cls is SGD else {"capturable": DEVICE == "cuda"}
+    params = [torch.randn(n, device=DEVICE, requires_grad=True) for n in (3, 5)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = cls(params, lr=0.1, **kw)
+    opt.step()  # state made eagerly: its tables are filled
+    for p in params:  # gradients at new addresses: a new address table
+        p.grad = torch.randn_like(p)
+    monkeypatch.setattr(MT, "_capturing", lambda ref: True)
+    opt.step()  # "captured": the address table is built now
+    monkeypatch.setattr(MT, "_capturing", lambda ref: False)
+    opt.step()
+    opt.step()
+    first, captured, eager, again = launched[-4:]
+    assert captured["addrs"] is not first["addrs"]
+    assert eager["addrs"] is not captured["addrs"]  # built again, and filled
+    assert again["addrs"] is eager["addrs"]  # eager steps share their cached tables
+    assert captured["meta"] is first["meta"]  # a capture reuses the filled ones it finds
