@@ -34,7 +34,12 @@ torch's LeakyReLU keeps its input for backward, the fused Linear its output, so 
 edit of that output would otherwise stop backpropagating. What convert cannot see is code that
 calls a Sequential's children one by one (``self.seq[0](x)`` read as a pre-activation feature,
 a slice ``self.seq[1:]``): there the Linear now returns the activation's output and the
-activation's slot is the identity; convert such a model's other parts only.
+activation's slot is the identity; convert such a model's other parts only. Nor can it see
+edits made after the conversion, which meet the converted layout, not torch's: a forward hook
+registered later on such a Linear (or a global module hook) sees the activation's output, and
+replacing or deleting the Identity in the activation's slot, or setting a ``negative_slope``
+on it, leaves the Linear's ``activation`` and ``negative_slope`` as they are (edit those, or
+make such changes before converting).
 
 The new modules hold the very Parameter and buffer objects of the old ones, so weights, buffers,
 ``requires_grad``, device, dtype, non-persistent buffers and train/eval mode are kept, and the

@@ -215,6 +215,19 @@ def _match_linear(mods: list, i: int):
     return j + 1, lin, act, slope, drop
 
 
+def _regular(lin: Linear) -> bool:
+    """Whether ``lin``'s weight is ``[out, in]`` and its bias ``[out]`` or None, the shapes the
+    epilogue kernels of ``linear_stats`` and ``bn_act_dropout_linear`` take. A parameter
+    replaced after construction may be another shape that ``F.linear`` takes (a 0-d or
+    one-element bias it broadcasts), which the Linear as a module computes as torch."""
+    w, b = lin.weight, lin.bias
+    return (
+        isinstance(w, Tensor)
+        and w.dim() == 2
+        and (b is None or (isinstance(b, Tensor) and b.shape == w.shape[:1]))
+    )
+
+
 def _run_bn_block(
     input: Tensor, bn: BatchNorm1d, act, slope, drop, lin=None, partials=None, stats=False,
     handovers=(None, None), stats_eps=None,
@@ -232,7 +245,7 @@ def _run_bn_block(
         return None  # the modules in turn: torch's LeakyReLU raises its own error
     params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if lin is not None:
-        if not block_linear_applies(input, *params, lin.weight, lin.bias):
+        if not _regular(lin) or not block_linear_applies(input, *params, lin.weight, lin.bias):
             return None
     elif not use_triton(input, *params):
         return None
@@ -323,6 +336,7 @@ def _run_linear_stats(input: Tensor, lin: Linear, handover, eps: float | None):
     where the module runs as usual."""
     if (
         lin.activation is not None
+        or not _regular(lin)
         or not isinstance(input, Tensor)
         or input.dim() != 2
         or input.numel() == 0
@@ -350,7 +364,10 @@ def _keeps_input(m: torch.nn.Module, mods: list, i: int, input) -> bool:
     end reads it), an in-place edit of the output (``Dropout(inplace=True)``) still
     backpropagates there, while the Linear's own op keeps its output and would raise."""
     return (
-        type(m) is Linear
+        # a subclass that keeps Linear's forward too: torch.nn.utils.parametrize's
+        # ParametrizedLinear, which a parametrization registered on the module swaps in
+        isinstance(m, Linear)
+        and type(m).forward is Linear.forward
         and m.activation == "leaky_relu"
         and m.negative_slope >= 0
         and isinstance(input, Tensor)

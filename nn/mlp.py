@@ -32,6 +32,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils import parametrize
 
 from .batchnorm import BatchNorm1d
 from .dropout import Dropout
@@ -200,7 +201,9 @@ class MLP(torch.nn.Module):
         Built from the modules as they are now, not from the constructor's arguments: what was
         changed since (a Dropout's ``p`` or ``inplace``, a BatchNorm's ``eps``, ``momentum`` or
         ``track_running_stats``, a Linear's ``negative_slope`` or activation, a bias set to
-        None, an extra buffer) is in the twin too. Hooks are not copied.
+        None, an extra buffer, a parametrization) is in the twin too. Hooks are not copied,
+        except torch's hook-based ``weight_norm``, ``spectral_norm`` and ``prune``, which
+        make the weight.
         """
         # A deep copy keeps each tensor's own dtype and device (a half model whose BatchNorms
         # were kept in float32 stays so), Parameter ties, requires_grad, modes and attributes;
@@ -238,22 +241,43 @@ class MLP(torch.nn.Module):
         )
 
 
+# Where torch's hook-based reparametrizations (weight_norm, spectral_norm, prune) live.
+_UTILS = "torch.nn.utils."
+
+
+def _torch_base(cls: type) -> type:
+    """The torch class that fusedmlp's class ``cls`` derives from."""
+    return next((b for b in cls.__mro__ if b.__module__.startswith("torch.nn.")), torch.nn.Module)
+
+
 def _as_torch_module(m: torch.nn.Module) -> None:
     """Turn ``m`` (a copy) into the torch class its fusedmlp class derives from, in place
     (fusedmlp's modules and ``FusedSequential`` subclass torch's and only change ``forward``),
-    and drop its forward and backward hooks."""
+    and drop its forward and backward hooks, but for torch's hook-based reparametrizations."""
     cls = type(m)
-    if cls.__module__.startswith("fusedmlp."):
-        base = next(
-            (b for b in cls.__mro__ if b.__module__.startswith("torch.nn.")), torch.nn.Module
-        )
-        m.__class__ = base
-        if base is torch.nn.Linear:
-            for attr in ("activation", "negative_slope"):
-                m.__dict__.pop(attr, None)
+    fused = cls.__module__.startswith("fusedmlp.")
+    if fused:
+        m.__class__ = _torch_base(cls)
+    elif parametrize.is_parametrized(m) and cls.__bases__[0].__module__.startswith("fusedmlp."):
+        # A parametrization registered on one of the MLP's modules put torch's
+        # ``Parametrized<Name>`` class (which holds the parametrized properties) over the
+        # fusedmlp class: the same class over the torch base instead, or the twin would run
+        # fusedmlp's forward, a Linear's fused activation on top of the one in its slot.
+        # ``remove_parametrizations`` restores ``__bases__[0]``: then the torch class.
+        fused = True
+        body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        m.__class__ = type(cls.__name__, (_torch_base(cls.__bases__[0]),), body)
+    if fused and isinstance(m, torch.nn.Linear):
+        for attr in ("activation", "negative_slope"):
+            m.__dict__.pop(attr, None)
     for name in MODULE_HOOKS:
-        if getattr(m, name, None):
-            setattr(m, name, type(getattr(m, name))())
+        hooks = getattr(m, name, None)
+        if hooks:
+            # torch's hook-based reparametrizations (weight_norm, spectral_norm, prune: objects
+            # of torch.nn.utils) compute the weight before each forward: without them the twin
+            # would keep the weight of the last forward and give its sources no gradient
+            kept = [(k, h) for k, h in hooks.items() if type(h).__module__.startswith(_UTILS)]
+            setattr(m, name, type(hooks)(kept))
 
 
 class _TorchMLP(torch.nn.Module):

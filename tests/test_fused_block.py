@@ -1229,6 +1229,36 @@ def test_no_epilogue_statistics_where_the_batch_norm_cannot_take_them(triton_bac
         assert_close(g, g_ref, scale=4)
 
 
+@pytest.mark.parametrize("keep", ["recompute", "keep"])
+@pytest.mark.parametrize("shape", [(1,), ()])
+def test_a_broadcast_bias_set_after_a_step_runs_as_torch(
+    triton_backend, launches, monkeypatch, keep, shape
+):
+    # F.linear broadcasts a one-element or 0-d bias. Set on the Linears after a first step, it
+    # reached the Linear's epilogue statistics (linear_stats) and the block + Linear Function,
+    # which refused it ("bias shape (1,) does not match weight shape") where torch's model runs
+    from fusedmlp.autograd import fused_block
+
+    if keep == "recompute":
+        monkeypatch.setattr(fused_block, "RECOMPUTE_MIN_BYTES", 0)
+    model, ref = _mlp_pair(torch.float32)
+    x = torch.randn(12, 6, device=DEVICE)
+    for net in (model, ref):
+        _run(net.layers, x, 0)
+        for i in (0, 3, 6, 9):  # the first Linear, those after a block, the head
+            net.layers[i].bias = torch.nn.Parameter(torch.full(shape, 0.25 * i, device=DEVICE))
+    launches.clear()
+    out, grads = _run(model.layers, x, 0)
+    # the blocks still run fused, with their own statistics pass
+    assert launches["_fused_fwd_kernel"] == 3 and launches["_bn_stats_partial_kernel"] == 3
+    out_ref, grads_ref = _run(ref.layers, x, 0)
+    assert_close(out, out_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, scale=4)
+    for (name, b), b_ref in zip(model.named_buffers(), ref.buffers()):
+        assert_close(b.double(), b_ref.double(), dtype=torch.float32, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------
 # The block's dx pass makes dZ^T and dZ's column sums for the Linear before it (_handover)
 # ----------------------------------------------------------------------------------------------

@@ -174,6 +174,73 @@ def test_to_torch_follows_attributes_changed_after_construction(
         m.to_torch()
 
 
+def test_to_torch_of_a_parametrized_module_is_torch(triton_backend, launches):
+    # a parametrization registered after construction puts torch's ParametrizedLinear class over
+    # fusedmlp's Linear: the twin was left with that class, so it ran fusedmlp's forward with
+    # the fused tanh AND the Tanh put in the slot after it (tanh(tanh(z)))
+    from torch.nn.utils import parametrize
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return w * 1.25
+
+    torch.manual_seed(0)
+    m = MLP(3, [16], 2, activation="tanh", batchnorm=False).to(DEVICE)
+    x = torch.randn(5, 3, device=DEVICE)
+    m(x)
+    parametrize.register_parametrization(m.layers[0], "weight", Scale())
+    parametrize.register_parametrization(m.layers[2], "bias", Scale())
+    ref = m.to_torch()
+    assert [type(layer).__mro__[1] for layer in (ref.layers[0], ref.layers[2])] == [
+        torch.nn.Linear,
+        torch.nn.Linear,
+    ]
+    assert not hasattr(ref.layers[0], "activation")
+    assert type(ref.layers[1]) is torch.nn.Tanh
+    assert list(ref.state_dict()) == list(m.state_dict())
+    assert_step_like(m, ref, x)
+    assert launches.total > 0
+    # removing the parametrization restores the torch class (its ``__bases__[0]``)
+    parametrize.remove_parametrizations(ref.layers[0], "weight")
+    assert type(ref.layers[0]) is torch.nn.Linear
+    assert_close(m(x), ref(x))
+
+
+@pytest.mark.parametrize("reparametrize", ["weight_norm", "spectral_norm", "prune"])
+def test_to_torch_keeps_hook_based_reparametrizations(triton_backend, launches, reparametrize):
+    # torch's hook-based weight_norm / spectral_norm / prune make the weight in a forward
+    # pre-hook: the twin dropped every hook, so it kept the weight of the last forward (a
+    # deep copy works after a forward under no_grad), stale after the next update, and its
+    # weight_g / weight_v / weight_orig got no gradient
+    import warnings
+
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    m = MLP(3, [16], 2, activation="tanh").to(DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation
+        if reparametrize == "weight_norm":
+            torch.nn.utils.weight_norm(m.layers[0])
+        elif reparametrize == "spectral_norm":
+            torch.nn.utils.spectral_norm(m.layers[0])
+        else:
+            prune.l1_unstructured(m.layers[0], "weight", amount=0.5)
+    x = torch.randn(5, 3, device=DEVICE)
+    with torch.no_grad():
+        m(x)
+    ref = m.to_torch()
+    assert type(ref.layers[0]) is torch.nn.Linear
+    with torch.no_grad():
+        for net in (m, ref):
+            for name, q in net.named_parameters():
+                if name.startswith("layers.0.weight"):
+                    q.mul_(1.5).add_(0.25)
+    for _ in range(2):
+        assert_step_like(m, ref, x)
+    assert launches.total > 0
+
+
 def test_repr_shows_the_leaky_relu_slope():
     assert "negative_slope=0.2" in repr(MLP(3, 4, 2, activation="leaky_relu", negative_slope=0.2))
     assert "negative_slope" not in repr(MLP(3, 4, 2))
@@ -379,3 +446,39 @@ def test_leaky_relu_with_inplace_dropout_and_hooks_as_torch(
         assert seen == [(n, 8), (n, 8)]
     else:
         assert len(seen) == (hook != "none")
+
+
+def test_parametrized_leaky_relu_linear_with_inplace_dropout_as_torch(triton_backend, launches):
+    # a parametrization registered after a first step swaps torch's ParametrizedLinear (a
+    # subclass of fusedmlp's Linear, same forward) in: it ran as a plain module that keeps its
+    # output, which the in-place dropout then edited, and the backward raised "modified by an
+    # inplace operation" where torch's chain (LeakyReLU keeps its input) backpropagates
+    from torch.nn.utils import parametrize
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return w * 1.25
+
+    torch.manual_seed(0)
+    p, n = 0.5, 6
+    m = MLP(4, [16], 3, activation="leaky_relu", negative_slope=0.2, dropout=p).to(DEVICE)
+    m.layers[2].inplace = True
+    x = torch.randn(n, 4, device=DEVICE, requires_grad=True)
+    m(x).sum().backward()
+    parametrize.register_parametrization(m.layers[0], "weight", Scale())
+    ref = m.to_torch()
+    m.zero_grad()
+    x.grad = None
+    torch.manual_seed(1)
+    out = m(x)
+    out.square().sum().backward()
+    assert launches["_linear_fwd_kernel"] > 0
+    torch.manual_seed(1)
+    ref.layers[2] = _InPlaceMask(fusedmlp.functional.dropout(torch.ones(n, 16, device=DEVICE), p))
+    xr = x.detach().clone().requires_grad_()
+    out_ref = ref(xr)
+    out_ref.square().sum().backward()
+    assert_close(out, out_ref)
+    assert_close(x.grad, xr.grad)
+    for (name, q), q_ref in zip(m.named_parameters(), ref.parameters()):
+        assert_close(q.grad, q_ref.grad, msg=name)
