@@ -36,6 +36,7 @@ import functools
 import inspect
 import operator
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -431,21 +432,34 @@ def launch(
         dtypes = tuple([kwargs[n].dtype for n in names])
     best = _BEST.get((tuned, values, dtypes))
     if best is None:
-        tuned[grid](**kwargs)  # tunes this key once (restore_value / reset_to_zero apply there)
-        # The autotuner's own key: this call's tensor arguments in its keyword order.
-        config = tuned.cache.get(
-            (*values, *(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)))
-        )
-        if config is not None and config.pre_hook is None:
-            options = tuple(
-                (k, v) for k, v in config.all_kwargs().items() if k not in config.kwargs
-            )
-            _BEST[(tuned, values, dtypes)] = (config.kwargs, options)
-        return
+        # triton's Autotuner keeps the call being tuned in attributes (its arguments, the
+        # restore_value copies): two threads tuning at once (DataParallel's replicas, autograd's
+        # per-device threads) broke each other's run, or restored one's tensors from the other's
+        with _TUNE_LOCK:
+            best = _BEST.get((tuned, values, dtypes))
+            if best is None:
+                _tune(tuned, grid, kwargs, (tuned, values, dtypes), values)
+                return
     # Tuned already: launch the jitted kernel with the chosen configuration directly. Autotuner.run
     # rebuilds its key and argument dicts on every call, host time that a small op pays per launch.
     meta_kwargs, options = best
     _run(kernel, info, grid, {**kwargs, **meta_kwargs}, options)
+
+
+_TUNE_LOCK = threading.Lock()
+
+
+def _tune(tuned, grid, kwargs: dict, best_key: tuple, values: tuple) -> None:
+    """Launch through the autotuner ``tuned`` (tuning this key once: restore_value /
+    reset_to_zero apply there) and record the configuration it chose in ``_BEST``."""
+    tuned[grid](**kwargs)
+    # The autotuner's own key: this call's tensor arguments in its keyword order.
+    config = tuned.cache.get(
+        (*values, *(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)))
+    )
+    if config is not None and config.pre_hook is None:
+        options = tuple((k, v) for k, v in config.all_kwargs().items() if k not in config.kwargs)
+        _BEST[best_key] = (config.kwargs, options)
 
 
 def _check_tma_blocks(info: _KernelInfo, kwargs: dict, tma, configs) -> None:

@@ -447,3 +447,58 @@ def test_batched_gradients_of_dropout_and_the_fused_blocks_clear_error(triton_ba
     with pytest.raises(RuntimeError, match="batched gradients .* are not supported"):
         torch.autograd.grad(out, x, grads, is_grads_batched=True)
     assert launches.total > 0
+
+
+def test_two_threads_tuning_one_key_at_once_each_launch_once(monkeypatch):
+    """DataParallel's replicas (and autograd's per-device threads) can reach an untuned key
+    together; triton's Autotuner keeps the call it tunes in attributes (arguments, the
+    restore_value copies), so the second thread's run raised, or restored its tensors from the
+    other's. The benchmark is stubbed (a sleep lets the threads interleave, as a GPU's
+    synchronisation would), and so is the kernel's run."""
+    import random
+    import threading
+    import time
+
+    import triton
+    import triton.language as tl
+
+    from fusedmlp.kernels import launch as L
+
+    @triton.jit
+    def _increment_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+    def bench(fn, quantiles=None):
+        fn()
+        time.sleep(random.uniform(0.002, 0.01))
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    def run(self, *args, grid=None, warmup=False, **kwargs):  # the kernel's effect, in torch
+        kwargs["x_ptr"].add_(1)  # (the interpreter's runs would share its patched tl module)
+
+    monkeypatch.setattr(type(_increment_kernel), "run", run)
+    monkeypatch.setattr(L, "AUTOTUNE", True)
+    monkeypatch.setattr(L, "_time_config", bench)
+    monkeypatch.setattr(
+        L, "_info", lambda k: L._KernelInfo(None, (), frozenset(), False, False, frozenset())
+    )
+    configs = [triton.Config({"BLOCK": b}, num_warps=1) for b in (8, 16, 32, 64)]
+    xs = [torch.zeros(40, device=DEVICE) for _ in range(4)]
+    errors = []
+
+    def work(x):
+        try:
+            L.launch(_increment_kernel, lambda m: (triton.cdiv(40, m["BLOCK"]),),
+                     configs=configs, key=("n",), restore_value=("x_ptr",), x_ptr=x, n=40)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for x in xs:  # each tensor incremented once: restored after every trial, launched once
+        torch.testing.assert_close(x, torch.ones_like(x))
