@@ -6,8 +6,11 @@ op it replaces, before choosing the Triton path or the torch fallback:
 
 - ``linear`` (torch's lower-precision list, every device): float16/bfloat16/float32 operands
   are cast to the autocast dtype (``lower_precision``);
-- ``cross_entropy`` / ``nll_loss`` (the fp32 list on CPU and CUDA): float16/bfloat16 operands
-  are cast to float32, so the loss is float32 (``fp32``);
+- ``cross_entropy`` / ``nll_loss``: float16/bfloat16 operands are cast to float32, so the loss
+  is float32 (``fp32``). Both are on CPU autocast's fp32 list; CUDA's lists ``nll_loss`` only,
+  and torch's ``cross_entropy`` there runs its ``log_softmax`` in the input's dtype (it passes
+  that dtype explicitly) before a float32 ``nll_loss``: the same dtypes, but its
+  log-probabilities are rounded to float16/bfloat16 where fusedmlp's stay float32;
 - ``softmax`` / ``log_softmax``: CUDA's ``fp32_set_opt_dtype`` policy (no explicit ``dtype``:
   computed and returned in float32); CPU autocast leaves them alone (``softmax_dtype``);
 - ``batch_norm``, activations, ``dropout``: in no list, unchanged (batch norm takes a

@@ -498,7 +498,7 @@ def cross_entropy(
     """``torch.nn.functional.cross_entropy`` on the fused Triton kernel where it applies."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    input, weight = fp32(input, weight)  # autocast: torch's fp32 list
+    input, weight = fp32(input, weight)  # autocast: float32 (_amp's docstring)
     covered = _triton_covers(input, target, weight, reduction, label_smoothing, ignore_index)
     if covered and use_triton(input, target, weight):
         unbatched = input.dim() == 1
@@ -533,7 +533,7 @@ def nll_loss(
     N values of the log-probabilities, there is nothing to fuse)."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    input, weight = fp32(input, weight)  # autocast: torch's fp32 list
+    input, weight = fp32(input, weight)  # autocast: float32 (_amp's docstring)
     return F.nll_loss(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
 
 

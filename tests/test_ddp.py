@@ -1,8 +1,9 @@
 """DistributedDataParallel smoke test: 2 processes, gloo, CPU.
 
 An MLP of fusedmlp Linear layers (no batchnorm or dropout: each rank would have its own batch
-statistics and masks) trained with DDP on two halves of a batch ends with the same gradients and
-parameters as one process trained on the whole batch.
+statistics and masks) trained with DDP on two halves of a batch, its kernels (the Triton
+backend, under the interpreter on these CPU tensors) and fused SGD included, ends with the
+gradients and parameters of torch's model trained with torch.optim.SGD on the whole batch.
 """
 
 import os
@@ -34,6 +35,7 @@ def _worker(rank, world, store, queue):
     # A file store, not a TCP port: a port probed free in the parent can be taken before rank 0
     # listens on it (EADDRINUSE, seen here).
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    fusedmlp.set_backend("triton")  # CPU tensors take torch's fallback under "auto"
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         opt = fusedmlp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -49,10 +51,13 @@ def _worker(rank, world, store, queue):
         if rank == 0:
             # numpy arrays pickle by value: tensors would travel as shared-memory handles that
             # die with this process before the parent opens them.
+            from fusedmlp.kernels.launch import LAUNCHED
+
             queue.put(
                 (
                     [g.numpy() for g in grads],
                     [p.detach().numpy().copy() for p in model.parameters()],
+                    sorted({r.name for r in LAUNCHED}),
                 )
             )
     finally:
@@ -65,7 +70,8 @@ def _worker(rank, world, store, queue):
     os._exit(0)
 
 
-def test_ddp_matches_single_process_on_concatenated_batch(tmp_path):
+def test_ddp_matches_torch_on_concatenated_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the workers' kernels, on CPU tensors
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [
@@ -73,20 +79,27 @@ def test_ddp_matches_single_process_on_concatenated_batch(tmp_path):
     ]
     for p in procs:
         p.start()
-    ddp_grads, ddp_params = queue.get(timeout=120)
+    ddp_grads, ddp_params, kernels = queue.get(timeout=300)
     ddp_grads = [torch.from_numpy(a) for a in ddp_grads]
     ddp_params = [torch.from_numpy(a) for a in ddp_params]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
 
-    model = _model()
-    opt = fusedmlp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loss_fn = fusedmlp.nn.CrossEntropyLoss()
+    assert {"_linear_fwd_kernel", "_ce_fwd_kernel", "_sgd_kernel"} <= set(kernels), kernels
+
+    ours = _model()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
+    )  # fmt: skip
+    for i, layer in zip((0, 2, 4), ours, strict=True):
+        model[i].load_state_dict(layer.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     xs, ys = _data()
     for step in range(STEPS):
         opt.zero_grad()
-        loss_fn(model(xs[step]), ys[step]).backward()
+        torch.nn.functional.cross_entropy(model(xs[step]), ys[step]).backward()
         grads = [p.grad.clone() for p in model.parameters()]
         opt.step()
     for a, b in zip(ddp_grads, grads, strict=True):
