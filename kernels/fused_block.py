@@ -67,7 +67,7 @@ from .arrival import arrival_counters
 from .batchnorm import _merge_grad_sums, _store_grad_sums
 from .dropout import dropout_scale, scale_arg
 from .dropout import tile_keep as _tile_keep
-from .launch import cdiv, launch, on_device, row_splits
+from .launch import cdiv, flat_grid, flat_tile_ids, launch, on_device, row_splits
 from .linear import _activation, _activation_grad
 
 KERNEL_ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
@@ -151,7 +151,7 @@ def _fused_fwd_kernel(
 ):
     """One ``[BLOCK_R, 4 * BLOCK_Q]`` tile of ``out = act(norm(x)) * keep * scale``.
 
-    Grid: (row blocks, column blocks). ``NORM``: per column ``(x - mean) * invstd * w + b``;
+    Grid: (row blocks, column blocks), flat (``_grid``). ``NORM``: per column ``(x - mean) * invstd * w + b``;
     ``DROPOUT``: the Philox mask (``p``, ``scale`` runtime). out: x's dtype.
     ``UPDATE`` (with ``NORM``): the programs of row block 0 also update the running statistics
     of their columns from the batch mean and the unbiased variance at ``var_ptr`` (``[C]``, acc
@@ -163,8 +163,7 @@ def _fused_fwd_kernel(
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     scale = dropout_scale(scale, FP64)  # fp64: its bits (dropout.scale_arg)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_r, pid_c = flat_tile_ids(tl.cdiv(R, BLOCK_R))
     r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     c = (pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q))[None, :]
     cmask = c < C
@@ -235,8 +234,7 @@ def _fused_bwd_elementwise_kernel(
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     scale = dropout_scale(scale, FP64)  # fp64: its bits (dropout.scale_arg)
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_r, pid_c = flat_tile_ids(tl.cdiv(R, BLOCK_R))
     r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     c = (pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q))[None, :]
     mask = (r < R) & (c < C)
@@ -438,8 +436,7 @@ def _fused_bwd_dx_kernel(
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     scale = dropout_scale(scale, FP64)  # fp64: its bits (dropout.scale_arg)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_r, pid_c = flat_tile_ids(tl.cdiv(R, BLOCK_R))
     r = (pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     c = (pid_c.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q))[None, :]
     mask = (r < R) & (c < C)
@@ -568,7 +565,8 @@ def backward_sums_shape(R: int, C: int, device: torch.device) -> tuple[int, ...]
 
 
 def _grid(R: int, C: int):
-    return lambda meta: (cdiv(R, meta["BLOCK_R"]), cdiv(C, 4 * meta["BLOCK_Q"]))
+    """(row blocks, column blocks), flat along axis 0 (``flat_tile_ids``)."""
+    return lambda meta: flat_grid(cdiv(R, meta["BLOCK_R"]), cdiv(C, 4 * meta["BLOCK_Q"]))
 
 
 def _check(x: torch.Tensor, seed: torch.Tensor | None, activation: str) -> None:

@@ -487,11 +487,14 @@ def _train_step(module, x):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the audit records launches under the interpreter")
-@pytest.mark.parametrize("case", ["batch_norm", "linear_dz_wide", "linear_dz_deep"])
+@pytest.mark.parametrize(
+    "case", ["batch_norm", "linear_dz_wide", "linear_dz_deep", "mlp_blocks", "mlp_dropout"]
+)
 def test_launch_grids_fit_cuda_limits_at_millions_of_features(monkeypatch, case):
     """A dimension of a few million elements has more tiles than a grid's axis 1 takes (65,535):
     batch norm over 300,000 channels (tuned on a GPU, its 4-channel tiles need 75,000), a
-    Linear with 4.3M outputs (the dZ pass's columns) or inputs (the dz path's transposes)."""
+    Linear with 4.3M outputs (the dZ pass's columns) or inputs (the dz path's transposes), an
+    MLP's fused blocks over 4.3M features."""
     import fusedmlp.kernels.linear as KL
 
     monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
@@ -501,6 +504,12 @@ def test_launch_grids_fit_cuda_limits_at_millions_of_features(monkeypatch, case)
         def run():
             _train_step(bn.train(), torch.zeros(4, 300_000))
             _train_step(bn.eval(), torch.zeros(4, 300_000))
+
+    elif case.startswith("mlp"):
+        mlp = fnn.MLP(2, [4_300_000], 2, batchnorm=case == "mlp_blocks", dropout=0.1)
+
+        def run():
+            _train_step(mlp, torch.zeros(4, 2))
 
     else:
         n_in, n_out = (2, 4_300_000) if case == "linear_dz_wide" else (4_300_000, 2)
