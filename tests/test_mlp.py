@@ -380,6 +380,18 @@ def test_training_with_dropout_reduces_loss():
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
+def _backward_as_twin(m, ref, x, out):
+    """``out = m(x)`` (backpropagated from ``out.square().sum()``) against torch's twin ``ref``
+    on a copy of ``x``: the outputs and every gradient."""
+    xr = x.detach().clone().requires_grad_()
+    out_ref = ref(xr)
+    out_ref.square().sum().backward()
+    assert_close(out, out_ref)
+    assert_close(x.grad, xr.grad)
+    for (name, q), q_ref in zip(m.named_parameters(), ref.parameters()):
+        assert_close(q.grad, q_ref.grad, msg=name)
+
+
 class _InPlaceMask(torch.nn.Module):
     """torch's ``Dropout(inplace=True)`` with a given (scaled) mask: ``x.mul_(mask)``."""
 
@@ -435,13 +447,7 @@ def test_leaky_relu_with_inplace_dropout_and_hooks_as_torch(
     ones = torch.ones(n, 8, device=DEVICE)
     for i in drops:
         ref.layers[i] = _InPlaceMask(fusedmlp.functional.dropout(ones, p))
-    xr = x.detach().clone().requires_grad_()
-    out_ref = ref(xr)
-    out_ref.square().sum().backward()
-    assert_close(out, out_ref)
-    assert_close(x.grad, xr.grad)
-    for (name, q), q_ref in zip(m.named_parameters(), ref.parameters()):
-        assert_close(q.grad, q_ref.grad, msg=name)
+    _backward_as_twin(m, ref, x, out)
     if hook == "dropout forward":
         assert seen == [(n, 8), (n, 8)]
     else:
@@ -475,10 +481,4 @@ def test_parametrized_leaky_relu_linear_with_inplace_dropout_as_torch(triton_bac
     assert launches["_linear_fwd_kernel"] > 0
     torch.manual_seed(1)
     ref.layers[2] = _InPlaceMask(fusedmlp.functional.dropout(torch.ones(n, 16, device=DEVICE), p))
-    xr = x.detach().clone().requires_grad_()
-    out_ref = ref(xr)
-    out_ref.square().sum().backward()
-    assert_close(out, out_ref)
-    assert_close(x.grad, xr.grad)
-    for (name, q), q_ref in zip(m.named_parameters(), ref.parameters()):
-        assert_close(q.grad, q_ref.grad, msg=name)
+    _backward_as_twin(m, ref, x, out)

@@ -753,6 +753,13 @@ def test_sgd_step_plans(triton_backend, launches, monkeypatch, kwargs, change):
         assert taken[0] is None
 
 
+def _optimizer_pairs(cases):
+    """Parametrize ``cls, ref_cls, kwargs`` (fusedmlp's optimizer, torch's, their keywords)."""
+    return pytest.mark.parametrize(
+        "cls,ref_cls,kwargs", cases, ids=[f"{c[0].__name__}-{c[2]}" for c in cases]
+    )
+
+
 TRANSPOSED_CASES = [
     (Adam, torch.optim.Adam, {"amsgrad": True}),
     (AdamW, torch.optim.AdamW, {"weight_decay": 0.1}),
@@ -762,11 +769,7 @@ TRANSPOSED_CASES = [
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["plan", "found_inf"])
-@pytest.mark.parametrize(
-    "cls,ref_cls,kwargs",
-    TRANSPOSED_CASES,
-    ids=[f"{c[0].__name__}-{c[2]}" for c in TRANSPOSED_CASES],
-)
+@_optimizer_pairs(TRANSPOSED_CASES)
 def test_param_transposed_through_data_steps_as_torchs(
     triton_backend, launches, cls, ref_cls, kwargs, amp
 ):
@@ -795,11 +798,7 @@ def test_param_transposed_through_data_steps_as_torchs(
 
 @pytest.mark.parametrize("amp", [False, True], ids=["plan", "found_inf"])
 @pytest.mark.parametrize("view", ["flat", "rows"])
-@pytest.mark.parametrize(
-    "cls,ref_cls,kwargs",
-    TRANSPOSED_CASES,
-    ids=[f"{c[0].__name__}-{c[2]}" for c in TRANSPOSED_CASES],
-)
+@_optimizer_pairs(TRANSPOSED_CASES)
 def test_param_reshaped_through_data_under_a_kept_gradient_raises_as_torch(
     triton_backend, launches, cls, ref_cls, kwargs, view, amp
 ):
@@ -834,11 +833,7 @@ STATE_VIEW_CASES = [TRANSPOSED_CASES[0], TRANSPOSED_CASES[1], TRANSPOSED_CASES[3
 
 
 @pytest.mark.parametrize("view", list(STATE_VIEWS))
-@pytest.mark.parametrize(
-    "cls,ref_cls,kwargs",
-    STATE_VIEW_CASES,
-    ids=[f"{c[0].__name__}-{c[2]}" for c in STATE_VIEW_CASES],
-)
+@_optimizer_pairs(STATE_VIEW_CASES)
 def test_state_tensor_replaced_by_a_view_at_its_address_steps_as_torchs(
     triton_backend, launches, cls, ref_cls, kwargs, view
 ):
@@ -1225,6 +1220,33 @@ def test_amp_keywords_on_torchs_path_step_as_torchs_non_fused(
                     assert_close(opt.state[p][key], value)
 
 
+def _recorded_launches(monkeypatch, record):
+    """(the multi_tensor module, a list that gets ``record(kwargs)`` of each optimizer launch);
+    no tables kept from earlier tests' stand-in captures."""
+    from fusedmlp.kernels import multi_tensor as MT
+
+    monkeypatch.setattr(MT, "_CAPTURED_TABLES", [])
+    launched = []
+    original = MT.launch
+
+    def recording(kernel, grid, **kwargs):
+        launched.append(record(kwargs))
+        return original(kernel, grid, **kwargs)
+
+    monkeypatch.setattr(MT, "launch", recording)
+    return MT, launched
+
+
+def _two_params(cls):
+    """(two params with gradients, ``cls`` over them, its keywords): SGD with momentum, Adam
+    with its step counters on the device where it can."""
+    kw = {"momentum": 0.9} if cls is SGD else {"capturable": DEVICE == "cuda"}
+    params = [torch.randn(n, device=DEVICE, requires_grad=True) for n in (3, 5)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params, cls(params, lr=0.1, **kw), kw
+
+
 @pytest.mark.parametrize("cls", [Adam, SGD])
 def test_tables_of_a_captured_step_outlive_the_table_caches(
     triton_backend, launches, monkeypatch, cls
@@ -1238,22 +1260,10 @@ def test_tables_of_a_captured_step_outlive_the_table_caches(
     import gc
     import weakref
 
-    from fusedmlp.kernels import multi_tensor as MT
-
-    monkeypatch.setattr(MT, "_CAPTURED_TABLES", [])
-    launched = []
-    original = MT.launch
-
-    def recording(kernel, grid, **kwargs):
-        launched.append([weakref.ref(kwargs[k]) for k in ("addrs", "meta")])
-        return original(kernel, grid, **kwargs)
-
-    monkeypatch.setattr(MT, "launch", recording)
-    kw = {"momentum": 0.9} if cls is SGD else {"capturable": DEVICE == "cuda"}
-    params = [torch.randn(n, device=DEVICE, requires_grad=True) for n in (3, 5)]
-    opt = cls(params, lr=0.1, **kw)
-    for p in params:
-        p.grad = torch.randn_like(p)
+    MT, launched = _recorded_launches(
+        monkeypatch, lambda kwargs: [weakref.ref(kwargs[k]) for k in ("addrs", "meta")]
+    )
+    params, opt, kw = _two_params(cls)
     opt.step()  # warm-up: state made, tables built and cached
     monkeypatch.setattr(MT, "_capturing", lambda ref: True)
     for p in params:
@@ -1280,22 +1290,10 @@ def test_tables_built_in_a_capture_are_not_reused_by_eager_steps(
     # A table built during a CUDA graph capture is filled only when the graph replays (its copy
     # is recorded, not run): a capture without warm-up steps cached its tables, and an eager
     # step before the first replay read them unfilled. The capture is stood in for by its test.
-    from fusedmlp.kernels import multi_tensor as MT
-
-    monkeypatch.setattr(MT, "_CAPTURED_TABLES", [])
-    launched = []
-    original = MT.launch
-
-    def recording(kernel, grid, **kwargs):
-        launched.append({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-        return original(kernel, grid, **kwargs)
-
-    monkeypatch.setattr(MT, "launch", recording)
-    kw = {"momentum": 0.9} if cls is SGD else {"capturable": DEVICE == "cuda"}
-    params = [torch.randn(n, device=DEVICE, requires_grad=True) for n in (3, 5)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt = cls(params, lr=0.1, **kw)
+    MT, launched = _recorded_launches(
+        monkeypatch, lambda kwargs: {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+    )
+    params, opt, _ = _two_params(cls)
     opt.step()  # state made eagerly: its tables are filled
     for p in params:  # gradients at new addresses: a new address table
         p.grad = torch.randn_like(p)
