@@ -438,7 +438,7 @@ def launch(
         with _TUNE_LOCK:
             best = _BEST.get((tuned, values, dtypes))
             if best is None:
-                _tune(tuned, grid, kwargs, (tuned, values, dtypes), values)
+                _tune(tuned, grid, kwargs, (tuned, values, dtypes))
                 return
     # Tuned already: launch the jitted kernel with the chosen configuration directly. Autotuner.run
     # rebuilds its key and argument dicts on every call, host time that a small op pays per launch.
@@ -449,13 +449,14 @@ def launch(
 _TUNE_LOCK = threading.Lock()
 
 
-def _tune(tuned, grid, kwargs: dict, best_key: tuple, values: tuple) -> None:
+def _tune(tuned, grid, kwargs: dict, best_key: tuple) -> None:
     """Launch through the autotuner ``tuned`` (tuning this key once: restore_value /
-    reset_to_zero apply there) and record the configuration it chose in ``_BEST``."""
+    reset_to_zero apply there) and record the configuration it chose in ``_BEST`` at
+    ``best_key``, ``(tuned, key values, tensor dtypes)``."""
     tuned[grid](**kwargs)
     # The autotuner's own key: this call's tensor arguments in its keyword order.
     config = tuned.cache.get(
-        (*values, *(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)))
+        (*best_key[1], *(str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)))
     )
     if config is not None and config.pre_hook is None:
         options = tuple((k, v) for k, v in config.all_kwargs().items() if k not in config.kwargs)
