@@ -329,8 +329,8 @@ def _bn_forward_kernel(
 ):
     """The normalization: ``y = (x - mean) * scale + shift`` on one ``[BLOCK_C, BLOCK_R]`` tile.
 
-    Grid: (row blocks, channel blocks), flat (``flat_grid``). Two steps, kept apart so that another kernel can take
-    over step 2 (cross-layer fusion):
+    Grid: (row blocks, channel blocks), flat (``flat_grid``). Two steps, kept apart so that
+    another kernel can take over step 2 (cross-layer fusion):
       1. per channel: ``mean``, ``scale = invstd * weight``, ``shift = bias``, where ``stat`` is
          invstd (batch statistics) or the running variance (``STAT_IS_VAR``: invstd computed here);
       2. per element: ``(x - mean) * scale + shift`` (``x - mean`` first: with large offsets

@@ -151,8 +151,9 @@ def _fused_fwd_kernel(
 ):
     """One ``[BLOCK_R, 4 * BLOCK_Q]`` tile of ``out = act(norm(x)) * keep * scale``.
 
-    Grid: (row blocks, column blocks), flat (``_grid``). ``NORM``: per column ``(x - mean) * invstd * w + b``;
-    ``DROPOUT``: the Philox mask (``p``, ``scale`` runtime). out: x's dtype.
+    Grid: (row blocks, column blocks), flat (``_grid``). ``NORM``: per column
+    ``(x - mean) * invstd * w + b``; ``DROPOUT``: the Philox mask (``p``, ``scale`` runtime).
+    out: x's dtype.
     ``UPDATE`` (with ``NORM``): the programs of row block 0 also update the running statistics
     of their columns from the batch mean and the unbiased variance at ``var_ptr`` (``[C]``, acc
     type), as ``batchnorm._update_running`` (rmean, rvar ``[C]`` contiguous; nbt, momentum,
