@@ -1,5 +1,6 @@
 """CUDA graphs: a whole training step (forward, loss, backward, optimizer step) captured with
-``torch.cuda.graph`` and replayed equals the uncaptured loop; dropout seeds advance under replay.
+``torch.cuda.graph`` and replayed equals the uncaptured loop; with GradScaler's tensors it
+equals torch's fused optimizers, skipped steps included; dropout seeds advance under replay.
 
 GPU only (skipped on CPU-only machines); run by ``benchmarks/gpu_check.sh``.
 
@@ -241,3 +242,112 @@ def test_bench_graph_timing_runs_both_impls(impl, backward, launches):
     # on the default stream there is no capture: a clear error, not a hang
     with pytest.raises(RuntimeError, match="side stream"):
         E.time_graph(lambda: None, [], device, cfg)
+
+
+# Steps whose found_inf is set (GradScaler's skipped steps): one among the eager warm-up
+# steps, two among the replays; never the first (torch's fused SGD would then read a momentum
+# buffer it never initialised).
+_SKIPPED = (2, 4, 6)
+
+
+def _amp_twins(opt_name, device):
+    """fusedmlp's Linear chain and torch's (same weights), with their optimizers: fusedmlp's
+    and torch's fused one (which takes GradScaler's grad_scale / found_inf attributes). No
+    batch norm: a Linear's bias before it has a gradient of rounding noise, which Adam
+    normalises to steps of lr in both, in unrelated directions."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(
+        fusedmlp.nn.Linear(12, 32, activation="relu"),
+        fusedmlp.nn.Linear(32, 16, activation="tanh"),
+        fusedmlp.nn.Linear(16, 5),
+    ).to(device)
+    theirs = torch.nn.Sequential(
+        torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.Tanh(),
+        torch.nn.Linear(16, 5),
+    ).to(device)  # fmt: skip
+    with torch.no_grad():
+        for p, q in zip(theirs.parameters(), ours.parameters(), strict=True):
+            p.copy_(q)
+    if opt_name == "adam":
+        opts = (
+            fusedmlp.optim.Adam(ours.parameters(), lr=1e-2, capturable=True),
+            torch.optim.Adam(theirs.parameters(), lr=1e-2, capturable=True, fused=True),
+        )
+    else:
+        opts = (
+            fusedmlp.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9),
+            torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, fused=True),
+        )
+    return (ours, fusedmlp.nn.CrossEntropyLoss(), opts[0]), (
+        theirs,
+        torch.nn.CrossEntropyLoss(),
+        opts[1],
+    )
+
+
+def _amp_step(model, loss_fn, opt, x, y, scale):
+    loss = loss_fn(model(x), y)
+    (loss * scale).backward()
+    opt.step()
+    return loss
+
+
+def _amp_losses_eager(model, loss_fn, opt, xs, ys, scale, found_inf):
+    opt.grad_scale, opt.found_inf = scale, found_inf  # as GradScaler sets them
+    losses = []
+    for i in range(len(xs)):
+        found_inf.fill_(float(i in _SKIPPED))
+        opt.zero_grad(set_to_none=True)
+        losses.append(_amp_step(model, loss_fn, opt, xs[i], ys[i], scale).item())
+    return losses
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_captured_amp_step_skips_found_inf_steps_as_torch(opt_name):
+    # A captured step with GradScaler's tensors (the gradients scaled by 1024, found_inf read
+    # on the device): replays whose found_inf is set change no parameter, moment, momentum or
+    # step counter, and every step equals torch's fused optimizer run eagerly with the same
+    # tensors.
+    xs, ys = _batches()
+    (model, loss_fn, opt), torch_run = _amp_twins(opt_name, "cuda")
+    scale = torch.full((), 1024.0, device="cuda")
+    ref_losses = _amp_losses_eager(
+        *torch_run, xs, ys, scale.clone(), torch.zeros((), device="cuda")
+    )
+
+    found_inf = torch.zeros((), device="cuda")
+    opt.grad_scale, opt.found_inf = scale, found_inf
+    static_x, static_y = xs[0].clone(), ys[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    losses = []
+    with torch.cuda.stream(stream):
+        for i in range(WARMUP):
+            static_x.copy_(xs[i])
+            static_y.copy_(ys[i])
+            found_inf.fill_(float(i in _SKIPPED))
+            opt.zero_grad(set_to_none=True)
+            losses.append(_amp_step(model, loss_fn, opt, static_x, static_y, scale).item())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = _amp_step(model, loss_fn, opt, static_x, static_y, scale)
+    for i in range(WARMUP, WARMUP + REPLAYS):
+        static_x.copy_(xs[i])
+        static_y.copy_(ys[i])
+        found_inf.fill_(float(i in _SKIPPED))
+        before = [p.detach().clone() for p in model.parameters()]
+        graph.replay()
+        losses.append(static_loss.item())
+        if i in _SKIPPED:
+            for p, b in zip(model.parameters(), before, strict=True):
+                assert torch.equal(p.detach(), b)
+    torch.cuda.synchronize()
+
+    theirs, _, torch_opt = torch_run
+    assert_close(torch.tensor(losses), torch.tensor(ref_losses), dtype=torch.float32)
+    for p, q in zip(model.parameters(), theirs.parameters(), strict=True):
+        assert_close(p.detach(), q.detach(), dtype=torch.float32, scale=10)
+        for key, value in torch_opt.state[q].items():
+            assert_close(opt.state[p][key].float(), value.float(), scale=10, msg=key)
