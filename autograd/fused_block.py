@@ -700,10 +700,15 @@ class LinearActDropoutFunction(torch.autograd.Function):
         return linear_act_dropout_backward(ctx, dy)  # also fused_block_linear_act_dropout_fwd's
 
 
-@once_differentiable(
-    "linear + activation + dropout",
-    through_saved=lambda ctx: ctx.activation not in _PIECEWISE_LINEAR,
-)
+def _linear_grads_through_saved(ctx) -> bool:
+    """Whether ``linear_act_dropout_backward``'s gradients depend on its saved tensors: through
+    the activation's derivative (not piecewise linear), or through the Linear's operands
+    (dx = dz @ W, dW = dz^T @ x) when x and W both require grad. Linear in ``dy`` otherwise."""
+    needs = ctx.needs_input_grad
+    return ctx.activation not in _PIECEWISE_LINEAR or (needs[0] and needs[1])
+
+
+@once_differentiable("linear + activation + dropout", through_saved=_linear_grads_through_saved)
 def linear_act_dropout_backward(ctx, dy, *_grad_of_z):
     """The backward of ``LinearActDropoutFunction`` and of
     ``fused_block_linear_act_dropout_fwd``'s autograd formula (what they saved: x, weight, the
