@@ -576,10 +576,39 @@ def torch_batch_norm(
     input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
 ) -> Tensor:
     """``F.batch_norm``; ``num_batches_tracked`` (``momentum=None`` of the modules): a cumulative
-    average, factor ``1 / num_batches_tracked`` (read on the host)."""
+    average, factor ``1 / num_batches_tracked`` (read on the host in eager mode; traced, a
+    device tensor: ``_traced_cumulative_batch_norm``)."""
     if num_batches_tracked is not None:
-        momentum = 1.0 / float(num_batches_tracked)
+        if running_mean is None and running_var is None:
+            momentum = 0.0  # no running statistics to update: the factor is unused
+        elif torch.compiler.is_compiling() and training:
+            return _traced_cumulative_batch_norm(
+                input, running_mean, running_var, weight, bias, eps, num_batches_tracked
+            )
+        else:
+            momentum = 1.0 / float(num_batches_tracked)
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _traced_cumulative_batch_norm(
+    input, running_mean, running_var, weight, bias, eps, num_batches_tracked
+) -> Tensor:
+    """Training-mode ``F.batch_norm`` with the cumulative average's factor
+    ``f = 1 / num_batches_tracked`` kept on the device, for traced code: ``float()`` of the
+    traced counter is a data-dependent float that ``torch.compile(fullgraph=True)`` and
+    ``torch.export`` refuse to guard on (torch's own module fails there). ``F.batch_norm`` with
+    momentum 1 leaves the batch's statistics (unbiased variance) in zeroed stand-ins for the
+    buffers (the batch norm's autograd may save what it gets: the buffers themselves are not
+    passed); each buffer is then ``batch * f + old * (1 - f)``, torch's update formula."""
+    batch_mean = None if running_mean is None else torch.zeros_like(running_mean)
+    batch_var = None if running_var is None else torch.zeros_like(running_var)
+    out = F.batch_norm(input, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+    f = 1.0 / num_batches_tracked.to(torch.float64)
+    with torch.no_grad():
+        for t, batch in ((running_mean, batch_mean), (running_var, batch_var)):
+            if t is not None:
+                t.copy_(batch * f.to(t.dtype) + t * (1.0 - f).to(t.dtype))
+    return out
 
 
 def _batch_norm(

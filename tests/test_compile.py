@@ -365,3 +365,30 @@ def test_export_with_an_unbounded_batch_dimension(triton_backend, launches):
     x = torch.randn(11, 8, device=DEVICE)
     assert_close(ep.module()(x), ref(x))
     assert launches.total > 0
+
+
+def test_fullgraph_cumulative_batchnorm_matches_torch(backend, launches):
+    # BatchNorm1d(momentum=None) (cumulative average, factor 1 / num_batches_tracked): the
+    # torch backend read the factor with float() of the traced counter, a data-dependent float
+    # that fullgraph=True refused ("Could not guard on data-dependent expression"; torch's own
+    # module fails there too). Traced, the factor now stays on the device. Against torch's
+    # modules in eager mode: outputs, gradients, running statistics over three batches.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5, momentum=None), torch.nn.Linear(5, 3)
+    ).to(DEVICE)
+    model = fusedmlp.nn.convert(ref)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (6, 6, 9):
+        x = torch.randn(n, 4, device=DEVICE)
+        out, expected = compiled(x), ref(x)
+        assert_close(out, expected)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for p, r in zip(model.parameters(), ref.parameters()):
+            assert_close(p.grad, r.grad, atol=1e-4)  # the BN-preceded bias: rounding noise
+        for b, r in zip(model.buffers(), ref.buffers()):
+            assert_close(b.double(), r.double(), dtype=torch.float32)
+    assert int(model[1].num_batches_tracked) == 3
+    assert (launches.total > 0) == (backend == "triton")
