@@ -19,6 +19,10 @@ import fusedmlp
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 WARMUP, REPLAYS = 3, 4
+# Steps whose found_inf is set (GradScaler's skipped steps): one among the eager warm-up
+# steps, two among the replays; never the first (torch's fused SGD would then read a momentum
+# buffer it never initialised).
+_SKIPPED = (2, 4, 6)
 
 
 def _setup(opt_name):
@@ -43,38 +47,53 @@ def _batches():
     return xs.cuda(), ys.cuda()
 
 
-def _train_step(model, loss_fn, opt, x, y):
-    opt.zero_grad(set_to_none=True)
+def _step(model, loss_fn, opt, x, y, scale=None):
+    """Forward, backward (of the loss times ``scale``, GradScaler's way) and optimizer step."""
     loss = loss_fn(model(x), y)
-    loss.backward()
+    (loss if scale is None else loss * scale).backward()
     opt.step()
     return loss
 
 
-def _captured_losses(model, loss_fn, opt, xs, ys):
+def _train_step(model, loss_fn, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    return _step(model, loss_fn, opt, x, y)
+
+
+def _captured_losses(model, loss_fn, opt, xs, ys, scale=None, found_inf=None):
     """Warm-up steps on a side stream, one step captured, replayed on the remaining batches
-    (torch's "whole network capture"); the losses of every step."""
+    (torch's "whole network capture"); the losses of every step. With GradScaler's tensors
+    (``scale``, ``found_inf``, set on the optimizer by the caller): ``found_inf`` is set for
+    the steps in ``_SKIPPED``, whose replays must leave every parameter as it was."""
     static_x, static_y = xs[0].clone(), ys[0].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     losses = []
+
+    def load(i):
+        static_x.copy_(xs[i])
+        static_y.copy_(ys[i])
+        if found_inf is not None:
+            found_inf.fill_(float(i in _SKIPPED))
+
     with torch.cuda.stream(stream):
         for i in range(WARMUP):
-            static_x.copy_(xs[i])
-            static_y.copy_(ys[i])
-            losses.append(_train_step(model, loss_fn, opt, static_x, static_y).item())
+            load(i)
+            opt.zero_grad(set_to_none=True)
+            losses.append(_step(model, loss_fn, opt, static_x, static_y, scale).item())
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
-        static_loss = loss_fn(model(static_x), static_y)
-        static_loss.backward()
-        opt.step()
+        static_loss = _step(model, loss_fn, opt, static_x, static_y, scale)
     for i in range(WARMUP, WARMUP + REPLAYS):
-        static_x.copy_(xs[i])
-        static_y.copy_(ys[i])
+        load(i)
+        before = [p.detach().clone() for p in model.parameters()]
         graph.replay()
         losses.append(static_loss.item())
+        if found_inf is not None and i in _SKIPPED:
+            for p, b in zip(model.parameters(), before, strict=True):
+                assert torch.equal(p.detach(), b)
     torch.cuda.synchronize()
     return losses
 
@@ -244,12 +263,6 @@ def test_bench_graph_timing_runs_both_impls(impl, backward, launches):
         E.time_graph(lambda: None, [], device, cfg)
 
 
-# Steps whose found_inf is set (GradScaler's skipped steps): one among the eager warm-up
-# steps, two among the replays; never the first (torch's fused SGD would then read a momentum
-# buffer it never initialised).
-_SKIPPED = (2, 4, 6)
-
-
 def _amp_twins(opt_name, device):
     """fusedmlp's Linear chain and torch's (same weights), with their optimizers: fusedmlp's
     and torch's fused one (which takes GradScaler's grad_scale / found_inf attributes). No
@@ -278,18 +291,8 @@ def _amp_twins(opt_name, device):
             fusedmlp.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9),
             torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, fused=True),
         )
-    return (ours, fusedmlp.nn.CrossEntropyLoss(), opts[0]), (
-        theirs,
-        torch.nn.CrossEntropyLoss(),
-        opts[1],
-    )
-
-
-def _amp_step(model, loss_fn, opt, x, y, scale):
-    loss = loss_fn(model(x), y)
-    (loss * scale).backward()
-    opt.step()
-    return loss
+    ours_run = (ours, fusedmlp.nn.CrossEntropyLoss(), opts[0])
+    return ours_run, (theirs, torch.nn.CrossEntropyLoss(), opts[1])
 
 
 def _amp_losses_eager(model, loss_fn, opt, xs, ys, scale, found_inf):
@@ -298,7 +301,7 @@ def _amp_losses_eager(model, loss_fn, opt, xs, ys, scale, found_inf):
     for i in range(len(xs)):
         found_inf.fill_(float(i in _SKIPPED))
         opt.zero_grad(set_to_none=True)
-        losses.append(_amp_step(model, loss_fn, opt, xs[i], ys[i], scale).item())
+        losses.append(_step(model, loss_fn, opt, xs[i], ys[i], scale).item())
     return losses
 
 
@@ -317,33 +320,7 @@ def test_captured_amp_step_skips_found_inf_steps_as_torch(opt_name):
 
     found_inf = torch.zeros((), device="cuda")
     opt.grad_scale, opt.found_inf = scale, found_inf
-    static_x, static_y = xs[0].clone(), ys[0].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    losses = []
-    with torch.cuda.stream(stream):
-        for i in range(WARMUP):
-            static_x.copy_(xs[i])
-            static_y.copy_(ys[i])
-            found_inf.fill_(float(i in _SKIPPED))
-            opt.zero_grad(set_to_none=True)
-            losses.append(_amp_step(model, loss_fn, opt, static_x, static_y, scale).item())
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = _amp_step(model, loss_fn, opt, static_x, static_y, scale)
-    for i in range(WARMUP, WARMUP + REPLAYS):
-        static_x.copy_(xs[i])
-        static_y.copy_(ys[i])
-        found_inf.fill_(float(i in _SKIPPED))
-        before = [p.detach().clone() for p in model.parameters()]
-        graph.replay()
-        losses.append(static_loss.item())
-        if i in _SKIPPED:
-            for p, b in zip(model.parameters(), before, strict=True):
-                assert torch.equal(p.detach(), b)
-    torch.cuda.synchronize()
+    losses = _captured_losses(model, loss_fn, opt, xs, ys, scale, found_inf)
 
     theirs, _, torch_opt = torch_run
     assert_close(torch.tensor(losses), torch.tensor(ref_losses), dtype=torch.float32)
