@@ -951,8 +951,8 @@ def _transpose_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_xk, BLOCK_M: tl.cons
 
     One program per BLOCK_M x BLOCK_K tile (a flat grid, ``flat_grid``): loaded along x's rows
     and stored along y's, the tile's layout converted between the two in shared memory, so
-    that a row-major x is read and y written in full runs (torch's ``x.t().contiguous()`` walks one of the two with a
-    stride of a whole row). int64 offsets.
+    that a row-major x is read and y written in full runs (torch's ``x.t().contiguous()``
+    walks one of the two with a stride of a whole row). int64 offsets.
     """
     pid_m, pid_k = flat_tile_ids(tl.cdiv(M, BLOCK_M))
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
