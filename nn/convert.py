@@ -65,14 +65,8 @@ from . import fused_block as _fused_block
 from . import linear as _linear
 from . import loss as _loss
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
+# A module's own hook dicts: those a fused block checks, and the state-dict hooks it carries over.
+_HOOK_DICTS = _fused_block.MODULE_HOOKS + (
     "_state_dict_hooks",
     "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks",
