@@ -93,8 +93,14 @@ def is_interpreted(kernel) -> bool:
 
 
 def interpreter_active() -> bool:
-    """Whether this process's triton kernels run under the interpreter (checks a kernel object)."""
-    return is_interpreted(_probe_kernel)
+    """Whether this process's triton kernels run under the interpreter (checks kernel objects).
+
+    triton's own ``@jit`` library functions (``tl.sum``, ``tl.max``...) are built when triton is
+    imported: with ``TRITON_INTERPRET=1`` set after that and before this module's import, our
+    kernels would be interpreted but fail inside those calls, so both must be."""
+    import triton.language.standard as standard
+
+    return is_interpreted(_probe_kernel) and is_interpreted(standard.sum)
 
 
 def raw_function(kernel):

@@ -308,7 +308,9 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     Args:
         module: any ``torch.nn.Module`` (a Sequential, a custom model, a single layer).
         inplace: edit ``module`` itself, keeping its Parameter objects (an optimizer built on
-            them keeps working); otherwise convert and return a deep copy.
+            them keeps working); otherwise convert and return a deep copy (torch cannot
+            deep-copy a model with the hook-based ``weight_norm`` or ``prune`` in it: a
+            ``RuntimeError`` says to pass ``inplace=True``).
 
     Returns:
         The converted module: ``module`` itself when ``inplace`` (unless the root itself was
@@ -319,7 +321,13 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
             f"fusedmlp.nn.convert: expected a torch.nn.Module, got {type(module).__name__}"
         )
     if not inplace:
-        module = copy.deepcopy(module)
+        try:
+            module = copy.deepcopy(module)
+        except RuntimeError as e:  # the hook-based weight_norm (a non-leaf weight), prune
+            raise RuntimeError(
+                f"fusedmlp.nn.convert: torch cannot deep-copy this model ({e}); "
+                "convert(model, inplace=True) converts it without a copy"
+            ) from e
     table = _replacements()
     # How many places (parent, name) hold each module: a Linear held by one Sequential only
     # (shared or not, as a block applied twice) feeds only that Sequential's next module.

@@ -17,8 +17,9 @@ Torch's keywords:
   own implementation for that group (its state layout is torch's for those flags). So does a
   group that lists a param twice (torch warns, then updates it once per appearance).
 - AMP: ``_step_supports_amp_scaling = True``. ``torch.amp.GradScaler.step`` sets
-  ``optimizer.grad_scale`` (None after ``scaler.unscale_``) and ``optimizer.found_inf``, one-
-  element device tensors (``step(grad_scale=..., found_inf=...)`` passes them explicitly);
+  ``optimizer.grad_scale`` (None after ``scaler.unscale_``) and ``optimizer.found_inf``, 0-d
+  device tensors (``step(grad_scale=..., found_inf=...)`` passes them explicitly; a shape-[1]
+  ``found_inf`` raises torch's fused Adam's ``RuntimeError``);
   the kernel divides the gradients by ``grad_scale`` (writing the unscaled gradients back to
   ``.grad``, as torch's fused Adam) and skips the whole update when ``found_inf`` is nonzero,
   reading both on the device: no host synchronisation. The step counters of such a group move

@@ -106,12 +106,18 @@ def test_triton_backend_on_cpu_uses_interpreter():
             assert backend.use_triton(torch.zeros(2), None)
 
 
-def test_triton_backend_without_interpreter_says_what_to_do():
+@pytest.mark.parametrize("late", [False, True], ids=["unset", "set_after_triton_import"])
+def test_triton_backend_without_interpreter_says_what_to_do(late):
+    # Set after ``import triton``, the variable interprets fusedmlp's kernels but not triton's
+    # own @jit library functions they call (``tl.sum``...): the same clear error, before a
+    # launch, instead of triton's InterpreterError from inside the kernel.
     code = (
-        "import torch, fusedmlp\n"
+        "import os, torch, triton\n"
+        + ("os.environ['TRITON_INTERPRET'] = '1'\n" if late else "")
+        + "import fusedmlp\n"
         "fusedmlp.set_backend('triton')\n"
         "try:\n"
-        "    fusedmlp.backend.use_triton(torch.zeros(2))\n"
+        "    fusedmlp.functional.linear(torch.randn(2, 3), torch.randn(4, 3))\n"
         "except RuntimeError as e:\n"
         "    print(e)\n"
     )

@@ -310,7 +310,10 @@ def test_hook_based_weight_and_spectral_norm_are_left_alone():
     ).eval()
     x = torch.randn(5, 3)
     ref = model(x)
-    conv = convert(model, inplace=True)  # (weight_norm's module cannot be deep-copied by torch)
+    # torch cannot deep-copy weight_norm's module (a non-leaf weight): the copy says what to do
+    with pytest.raises(RuntimeError, match=r"deep-copy.*convert\(model, inplace=True\)"):
+        convert(model)
+    conv = convert(model, inplace=True)
     assert conv is model
     assert type(conv[0]) is F.Linear and type(conv[1]) is F.Dropout
     assert type(conv[2]) is torch.nn.Linear and type(conv[3]) is torch.nn.ReLU  # not absorbed
