@@ -290,7 +290,9 @@ def _torch_with_generator(input: Tensor, p: float, feature: bool, inplace: bool,
         noise = torch.zeros((), dtype=input.dtype, device=input.device)
     else:
         shape = (*input.shape[:2], *([1] * (input.dim() - 2))) if feature else input.shape
-        noise = torch.empty(shape, dtype=input.dtype, device=input.device)
+        # input.new_empty: the same tensor in eager mode, but batched under torch.func.vmap,
+        # so randomness="different" draws a mask per sample (an unbatched one refuses it)
+        noise = input.new_empty(shape)
         noise.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
     return input.mul_(noise) if inplace else input * noise
 

@@ -300,7 +300,9 @@ def _activation_grad_torch(saved: Tensor, activation: str, negative_slope: float
     if activation == "relu":
         return (s > 0).to(acc)
     if activation == "leaky_relu":  # y > 0 exactly where z > 0 for a slope >= 0
-        return torch.where(s > 0, 1.0, negative_slope).to(acc)
+        # two Python scalars would make a float32 tensor: the slope rounded to fp32 (and an
+        # overflow error beyond fp32's range) for float64 inputs
+        return torch.where(s > 0, s.new_ones(()), s.new_full((), negative_slope))
     if activation == "sigmoid":
         return s * (1 - s)
     if activation == "tanh":

@@ -435,6 +435,26 @@ def test_batched_gradients_as_torch(triton_backend, launches, op):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("slope", [0.2, 1e40])
+def test_batched_gradients_of_float64_leaky_relu_keep_its_slope(triton_backend, launches, slope):
+    """The batched backward's slope is a float64 for float64 tensors: ``torch.where`` of two
+    Python scalars made a float32 tensor, 0.2 rounded and 1e40 an overflow error."""
+    import torch.nn.functional as F
+
+    from fusedmlp import functional as FF
+
+    x = -torch.rand(3, 4, dtype=torch.float64, device=DEVICE) - 0.5  # negative pre-activations
+    w = torch.eye(4, dtype=torch.float64, device=DEVICE)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = F.leaky_relu(F.linear(xr, w), slope)
+    ours = FF.linear(xf, w, None, "leaky_relu", slope)
+    assert launches.total > 0
+    v = torch.rand(2, 3, 4, dtype=torch.float64, device=DEVICE)
+    (want,) = torch.autograd.grad(ref, xr, v, is_grads_batched=True)
+    (got,) = torch.autograd.grad(ours, xf, v, is_grads_batched=True)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+
+
 def test_batched_gradients_of_dropout_and_the_fused_blocks_clear_error(triton_backend, launches):
     """Dropout's batched gradients are its plain gradients slice by slice; the fused blocks,
     which have no batched backward, raise a clear error, not the kernel's."""

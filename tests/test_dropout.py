@@ -196,6 +196,17 @@ def test_same_seed_same_mask_successive_calls_differ(backend):
     assert torch.equal(state, after)  # generator= leaves the default generator alone
 
 
+@pytest.mark.parametrize("op", [dropout, dropout2d])
+def test_generator_under_vmap_draws_a_mask_per_sample(backend, op):
+    """vmap(randomness="different") of dropout with ``generator=``: a mask per sample, as
+    ``F.dropout`` draws under vmap (the noise was made unbatched, which vmap refuses)."""
+    x = torch.ones(6, 4, 64, device=DEVICE)
+    g = _gen(0)
+    y = torch.func.vmap(lambda a: op(a, 0.5, True, generator=g), randomness="different")(x)
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+    assert not all(torch.equal(y[0], y[i]) for i in range(1, 6))
+
+
 def test_eval_p0_empty_return_input(backend, launches):
     x = torch.randn(7, 33, device=DEVICE, requires_grad=True)
     assert dropout(x, 0.5, training=False) is x
