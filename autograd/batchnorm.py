@@ -578,6 +578,16 @@ def torch_batch_norm(
     """``F.batch_norm``; ``num_batches_tracked`` (``momentum=None`` of the modules): a cumulative
     average, factor ``1 / num_batches_tracked`` (read on the host in eager mode; traced, a
     device tensor: ``_traced_cumulative_batch_norm``)."""
+    # torch 2.13's CPU backward of a (N, C) or (N, C, 1) input reads a non-contiguous weight,
+    # and in eval mode non-contiguous running statistics, as if contiguous: a right output and
+    # wrong gradients. Contiguous copies of those it only reads (training updates the buffers).
+    if weight is not None:
+        weight = weight.contiguous()
+    if not training:
+        if running_mean is not None:
+            running_mean = running_mean.contiguous()
+        if running_var is not None:
+            running_var = running_var.contiguous()
     if num_batches_tracked is not None:
         if running_mean is None and running_var is None:
             momentum = 0.0  # no running statistics to update: the factor is unused

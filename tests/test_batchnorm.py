@@ -156,6 +156,35 @@ def test_non_contiguous_inputs_and_expanded_grad(backend, launches):
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 1), (2, 3, 4)])
+def test_strided_weight_and_running_statistics(backend, launches, training, shape):
+    """A weight and running statistics that are strided views (columns of a stacked tensor)
+    give the gradients of their contiguous copies. torch 2.13's own CPU backward of a (N, C)
+    or (N, C, 1) input reads such a weight, and in eval mode such statistics, as if
+    contiguous (right output, wrong gradients), so torch's op gets the copies here."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g).to(DEVICE)
+    dy = torch.randn(*shape, generator=g).to(DEVICE)
+    params = torch.randn(3, 2, generator=g).to(DEVICE)  # weight, bias as columns
+    stats = torch.randn(3, 2, generator=g).to(DEVICE)  # mean, var
+    stats[:, 1] = stats[:, 1].abs() + 0.5
+    outs = []
+    for fn in (batch_norm, F.batch_norm):
+        w, b, rm, rv = *params.clone().unbind(1), *stats.clone().unbind(1)  # stride 2: fresh
+        assert not any(t.is_contiguous() for t in (w, b, rm, rv))
+        if fn is F.batch_norm:
+            w, b, rm, rv = (t.contiguous() for t in (w, b, rm, rv))
+        xi = x.clone().requires_grad_()
+        wi, bi = w.requires_grad_(), b.requires_grad_()  # leaves, with the views' strides
+        y = fn(xi, rm, rv, wi, bi, training, 0.3, 1e-3)
+        y.backward(dy)
+        outs.append((y, xi.grad, wi.grad, bi.grad, rm, rv))
+    for a, e in zip(*outs):
+        assert_close(a, e)
+    _expect(launches, backend, FWD, DX)
+
+
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(
     "cls, shape, layout",
     [
