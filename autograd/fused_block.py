@@ -47,12 +47,11 @@ Torch path: torch's own ``F.batch_norm``, activation and ``F.dropout``, differen
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _env
 from ..backend import acc_dtype, use_triton
 from ._custom_op import caller, custom_op
 from ._handover import take
@@ -547,7 +546,7 @@ def bn_act_dropout_backward(ctx, dout, *_grads_of_statistics):
 # launch and one read of x per hidden layer fewer than a recomputation pass of its own (64 MiB
 # at w1024 B16K fp32). Read once; ``FUSEDMLP_APPLY_IN_REDUCTION=0`` runs the separate pass
 # (``benchmarks/kernel_times.py`` times both).
-APPLY_IN_REDUCTION = os.environ.get("FUSEDMLP_APPLY_IN_REDUCTION", "1") != "0"
+APPLY_IN_REDUCTION = _env.switch("FUSEDMLP_APPLY_IN_REDUCTION")
 
 
 def _grads_apply_in_reduction(

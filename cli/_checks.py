@@ -24,6 +24,11 @@ def checked_type(convert, ok, expected: str):
     return parse
 
 
+# Widths and thread counts reach torch as C ints: beyond them torch raises a TypeError
+# ("Overflow when unpacking long long"), a traceback rather than an argument error.
+positive_c_int = checked_type(int, lambda v: 0 < v < 2**31, "a positive integer below 2**31")
+
+
 def output_path_problem(path: str, make_folder: bool = False) -> str | None:
     """Why the file ``path`` cannot be written, or None when it can (opened for appending, and
     removed again if it was not there). ``make_folder``: a missing folder is made now, as the

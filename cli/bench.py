@@ -20,7 +20,7 @@ import sys
 import time
 
 from ._bench_ops import OPS
-from ._checks import checked_type, output_path_problem, plot_format_problem
+from ._checks import checked_type, output_path_problem, plot_format_problem, positive_c_int
 
 OP_ALIASES = {
     "ce": "cross_entropy",
@@ -62,7 +62,7 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--threads",
-        type=checked_type(int, lambda v: v > 0, "a positive integer"),
+        type=positive_c_int,
         metavar="N",
         help="CPU threads for torch during the run (default: 1 for --quick on CPU, which keeps "
         "timings stable on a shared machine; else torch's default)",

@@ -288,7 +288,7 @@ def load_mnist(data_dir: str | None) -> Dataset:
                 f"missing MNIST file {os.path.join(data_dir, base)} (or {base}.gz) in {data_dir}; "
                 "fusedmlp never downloads: put the four IDX files there"
             )
-    n_labels = len(arrays["y_train"]) + len(arrays["y_test"])
+    n_labels = np.size(arrays["y_train"]) + np.size(arrays["y_test"])  # a 0-d file has no len()
     for part in ("train", "test"):  # each file checked by name: the message says which it is
         x, y = f"x_{part}", f"y_{part}"
         images = arrays[x]

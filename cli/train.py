@@ -20,6 +20,7 @@ from ._checks import (
     output_path_problem,
     plot_format,
     plot_format_problem,
+    positive_c_int,
 )
 
 DEFAULT_HIDDEN = [256, 128]
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--hidden",
-        type=_positive_int,
+        type=positive_c_int,
         nargs="+",
         default=DEFAULT_HIDDEN,
         metavar="N",
@@ -105,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_c_int,
         default=None,
         help="torch's CPU threads (default on cpu: 1; a small MLP's matrices are too small for "
         "threads to pay off, and they stall badly on a busy machine)",
@@ -349,7 +350,9 @@ def run(args: argparse.Namespace) -> int:
         # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU allocator raises a plain one
         text = str(e)
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and not (
-            "can't allocate memory" in text or "out of memory" in text.lower()
+            "can't allocate memory" in text
+            or "out of memory" in text.lower()
+            or "size calculation overflowed" in text
         ):
             raise
         _fail(

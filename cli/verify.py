@@ -904,7 +904,7 @@ def run(args) -> int:
         print(f"fusedmlp verify: bad --device {device!r}: {e}")
         return 2
     if device_type == "cuda" and not torch.cuda.is_available():
-        print("fusedmlp verify: --device cuda asked for, but no CUDA device is available")
+        print(f"fusedmlp verify: --device {device} asked for, but no CUDA device is available")
         return 2
     if device_type not in ("cpu", "cuda"):
         print(f"fusedmlp verify: unsupported device {device!r} (cpu or cuda)")

@@ -24,6 +24,7 @@ import time
 import torch
 
 import fusedmlp
+from fusedmlp.cli._checks import plot_format, plot_format_problem
 from fusedmlp.cli.train import checked_type
 
 
@@ -120,6 +121,9 @@ def _check_plot(p: argparse.ArgumentParser, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         p.error(f"argument --plot: cannot write {path}: no folder {folder}")
+    problem = plot_format_problem(path)
+    if problem is not None:
+        p.error(f"argument --plot: cannot write {path}: {problem}")
 
 
 def main(argv=None) -> None:
@@ -227,7 +231,7 @@ def main(argv=None) -> None:
         ax.legend()
         fig.tight_layout()
         # no extension: a PNG at exactly this path (savefig would append ".png")
-        fig.savefig(args.plot, dpi=120, format=None if os.path.splitext(args.plot)[1] else "png")
+        fig.savefig(args.plot, dpi=120, format=plot_format(args.plot))
         print(f"plot: {args.plot}")
 
 

@@ -31,6 +31,7 @@ import sys
 import torch
 
 import fusedmlp
+from fusedmlp.cli._checks import plot_format
 from fusedmlp.cli.train import checked_type
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
             ax.legend(fontsize=7)
         fig.tight_layout()
         # no extension: a PNG at exactly this path (savefig would append ".png")
-        fig.savefig(args.plot, dpi=120, format=None if os.path.splitext(args.plot)[1] else "png")
+        fig.savefig(args.plot, dpi=120, format=plot_format(args.plot))
 
 
 if __name__ == "__main__":

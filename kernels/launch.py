@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+from .. import _env
 
 # triton >= 3.6 keeps launch hooks in a HookChain; older releases in a plain attribute.
 _HookChain = getattr(knobs, "HookChain", None)
@@ -302,7 +303,7 @@ def _record(info: _KernelInfo, kwargs: dict, config: triton.Config, gpu_configs)
 
 
 # ``FUSEDMLP_AUTOTUNE=0`` (read once, at import: an environment lookup per launch costs ~1 us).
-AUTOTUNE = os.environ.get("FUSEDMLP_AUTOTUNE") != "0"
+AUTOTUNE = _env.switch("FUSEDMLP_AUTOTUNE")
 
 # Problems with fewer elements (or, for a GEMM, multiply-adds) than these launch a fixed
 # configuration: a kernel this small takes a few microseconds whatever its tiles, less than the
@@ -484,7 +485,7 @@ def _check_tma_blocks(info: _KernelInfo, kwargs: dict, tma, configs) -> None:
 _COMPILED: dict = {}
 # ``FUSEDMLP_DIRECT_LAUNCH=0`` (read once, at import): every launch goes through
 # ``JITFunction.run`` (benchmarks/host_overhead.py compares both).
-DIRECT_LAUNCH = os.environ.get("FUSEDMLP_DIRECT_LAUNCH") != "0"
+DIRECT_LAUNCH = _env.switch("FUSEDMLP_DIRECT_LAUNCH")
 
 
 def _run(kernel, info: _KernelInfo, grid, meta: dict, options: tuple) -> None:

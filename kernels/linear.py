@@ -60,13 +60,13 @@ All offsets are computed in int64.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 # aliased: ``acc_dtype`` is a local name inside kernels below
+from .. import _env
 from ..backend import acc_dtype as host_acc_dtype
 from .arrival import arrival_counters, last_arrival
 from .batchnorm import _merge_splits, _store_final
@@ -1126,7 +1126,7 @@ def dw_split(M: int, N: int, K: int, device: torch.device) -> int:
 # a 256-wide bf16 dW at batch 64K (32 slices, 2 MiB; above ``SMALL_MERGE_MACS``, which caps
 # a smaller one's split) keeps the launch. Not yet timed on a GPU:
 # ``FUSEDMLP_MERGE_MAX_BYTES`` (read once; tests set the attribute) moves the line.
-MERGE_MAX_BYTES = int(os.environ.get("FUSEDMLP_MERGE_MAX_BYTES", 512 * 1024))
+MERGE_MAX_BYTES = _env.byte_count("FUSEDMLP_MERGE_MAX_BYTES", 512 * 1024)
 
 
 def _partials_per_tile(N: int, K: int, device: torch.device) -> int:
@@ -1170,7 +1170,7 @@ def merged_split_cap(N: int, K: int, device: torch.device) -> int:
 # (``kernel_times.py``, an H200, twentieth session): 2.36 ms of kernels with TF32 on TMA against
 # 2.57 without, its TMA GEMMs 0.111 ms each against the pointer kernel's 0.157, even with the
 # batch statistics then launched apart (the TMA epilogue makes them since).
-_TMA_ENV = os.environ.get("FUSEDMLP_TMA", "")
+_TMA_ENV = _env.choice("FUSEDMLP_TMA", ("0", "16", "1"), "1")
 TMA = _TMA_ENV != "0"
 TMA_TF32 = _TMA_ENV not in ("0", "16")
 # From this many multiply-adds up (every dimension >= TMA_MIN_DIM): building the two
@@ -1188,7 +1188,7 @@ TMA_MIN_WAVES = 1
 # session): the TMA GEMM of the step's forward took 0.111 ms against the pointer kernel's 0.157
 # (H200), and the dW GEMMs, the same 2^34 multiply-adds, are four of the step's seven pointer
 # GEMMs.
-TMA_SPLIT = os.environ.get("FUSEDMLP_TMA_SPLIT", "") != "0"
+TMA_SPLIT = _env.switch("FUSEDMLP_TMA_SPLIT")
 
 
 # 128 x 256 tiles (the Triton tutorials' H100 choice for 16-bit GEMMs), autotuned over the
@@ -1618,7 +1618,7 @@ _DZ_INTERPRET = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_s
 # with the dW/db kernel (``_linear_dw_kernel``'s ``DX``). Tests set the attribute.
 COMBINED_BACKWARD = True
 # "auto" | "fused" | "dz": the backward path (module doc). Read once; tests set the attribute.
-BACKWARD_PATH = os.environ.get("FUSEDMLP_LINEAR_BWD", "auto")
+BACKWARD_PATH = _env.choice("FUSEDMLP_LINEAR_BWD", ("auto", "fused", "dz"), "auto")
 # "auto" takes the dz path from these sizes (M * N * K multiply-adds) up; below them the fused
 # kernels are as fast (H200, kernel time, benchmarks/kernel_times.py: TF32 16384x1024x1024
 # relu 0.49 ms dz vs 1.06 ms fused; bf16 8192^3 3.40 vs 4.61 ms; bf16 16384x1024x1024 0.173
@@ -1667,7 +1667,7 @@ def dw_copies_input_transposed(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 # Whether the dz path's dW GEMM splits its depth (the batch) over several programs per output
 # tile where its [N, K] tiles leave SMs idle (``dz_dw_split``). Read once; tests set it.
-DZ_DW_SPLIT = os.environ.get("FUSEDMLP_DZ_DW_SPLIT", "1") != "0"
+DZ_DW_SPLIT = _env.switch("FUSEDMLP_DZ_DW_SPLIT")
 
 
 def dz_dw_split(M: int, N: int, K: int, device: torch.device) -> int:

@@ -53,12 +53,12 @@ from __future__ import annotations
 
 import numbers
 import operator
-import os
 
 import torch
 from torch import Tensor
 from torch.nn.modules import module as _module
 
+from .. import _env
 from ..autograd._handover import Handover
 from ..autograd.fused_block import (
     block_linear_applies,
@@ -291,7 +291,7 @@ STATS_MIN_ROWS = 2
 # update in the block's forward pass) or partial (merged, with the running update, by a launch
 # of the block's own, as before the nineteenth session). Read once; ``FUSEDMLP_FINAL_STATS=0``
 # takes the partials (``benchmarks/kernel_times.py`` times both).
-FINAL_STATS = os.environ.get("FUSEDMLP_FINAL_STATS", "1") != "0"
+FINAL_STATS = _env.switch("FUSEDMLP_FINAL_STATS")
 
 
 def _takes_partials(mods: list, j: int, rows: int) -> bool:

@@ -528,3 +528,33 @@ def test_two_threads_tuning_one_key_at_once_each_launch_once(monkeypatch):
     assert errors == []
     for x in xs:  # each tensor incremented once: restored after every trial, launched once
         torch.testing.assert_close(x, torch.ones_like(x))
+
+
+def test_tuning_switches_warn_on_values_they_do_not_know(monkeypatch):
+    """A kernel module reads its switch at its first import, mid-run: a bad value warns and
+    keeps the default (``FUSEDMLP_MERGE_MAX_BYTES=abc`` was an int() traceback there, and
+    ``FUSEDMLP_LINEAR_BWD=bogus`` a silent "auto")."""
+    from fusedmlp import _env
+
+    monkeypatch.setenv("FUSEDMLP_MERGE_MAX_BYTES", "abc")
+    with pytest.warns(RuntimeWarning, match="FUSEDMLP_MERGE_MAX_BYTES='abc' is not a whole"):
+        assert _env.byte_count("FUSEDMLP_MERGE_MAX_BYTES", 512) == 512
+    monkeypatch.setenv("FUSEDMLP_MERGE_MAX_BYTES", " 0 ")
+    assert _env.byte_count("FUSEDMLP_MERGE_MAX_BYTES", 512) == 0
+    monkeypatch.setenv("FUSEDMLP_LINEAR_BWD", "bogus")
+    with pytest.warns(RuntimeWarning, match="one of 'auto', 'fused', 'dz'"):
+        assert _env.choice("FUSEDMLP_LINEAR_BWD", ("auto", "fused", "dz"), "auto") == "auto"
+    monkeypatch.setenv("FUSEDMLP_LINEAR_BWD", "dz")
+    assert _env.choice("FUSEDMLP_LINEAR_BWD", ("auto", "fused", "dz"), "auto") == "dz"
+    for text, on in (("0", False), ("1", True), ("", True)):
+        monkeypatch.setenv("FUSEDMLP_AUTOTUNE", text)
+        assert _env.switch("FUSEDMLP_AUTOTUNE") is on
+    monkeypatch.setenv("FUSEDMLP_AUTOTUNE", "off")
+    with pytest.warns(RuntimeWarning, match="FUSEDMLP_AUTOTUNE='off'"):
+        assert _env.switch("FUSEDMLP_AUTOTUNE") is True
+    monkeypatch.undo()
+    # the kernel modules read them through these: a bad value imports with a warning
+    code = "import warnings; warnings.simplefilter('error'); import fusedmlp.kernels.linear"
+    out = _python(code, FUSEDMLP_MERGE_MAX_BYTES="abc", CUDA_VISIBLE_DEVICES="")
+    assert out.returncode != 0 and "FUSEDMLP_MERGE_MAX_BYTES='abc'" in out.stderr
+    assert "invalid literal" not in out.stderr

@@ -136,6 +136,18 @@ def test_clear_errors_for_missing_data(tmp_path):
     assert "cannot write the plot" in msg and "no folder" in msg
 
 
+@pytest.mark.parametrize("argv", [["train", "--hidden", str(2**64)],
+                                  ["train", "--hidden", "8", str(2**62)],
+                                  ["train", "--threads", str(10**20)],
+                                  ["bench", "--quick", "--threads", str(10**20)]])  # fmt: skip
+def test_numbers_beyond_a_c_int_are_argparse_errors(argv, capsys):
+    # torch took them as C ints: a TypeError ("Overflow when unpacking long long") traceback
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "below 2**31" in capsys.readouterr().err
+
+
 def test_bad_options_exit_nonzero(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--hidden", "0"])
@@ -407,6 +419,10 @@ def test_broken_idx_files(tmp_path):
     images.write_bytes(bytes([0, 0, 8, 3]) + b"\xff" * 12)  # np.prod overflowed on this
     msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])
     assert f"needs {(2**32 - 1) ** 3} bytes" in msg
+    _mnist_dir(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 0, 5]))  # a 0-d array
+    msg = _error(["train", "--data-dir", str(tmp_path), *TINY, "--no-compare"])  # was len()'s
+    assert "t10k-labels-idx1-ubyte" in msg and "1-D" in msg  # TypeError
 
 
 def test_plot_paths(tmp_path, capsys):
@@ -480,9 +496,15 @@ def test_batchnorm_depth_example_refuses_bad_values_and_runs_tiny(tmp_path):
     res = subprocess.run([sys.executable, script, *tiny, "--plot", str(tmp_path / "no" / "p.png")],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 2 and "no folder" in res.stderr
-    res = subprocess.run([sys.executable, script, *tiny], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    res = subprocess.run([sys.executable, script, *tiny, "--plot", str(tmp_path / "p.xyz")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    # an unknown format: refused up front, not matplotlib's traceback after the experiment
+    assert res.returncode == 2 and "--plot" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, script, *tiny, "--plot", str(tmp_path / "p.")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0 and "weight std" in res.stdout, res.stderr
+    assert (tmp_path / "p.").stat().st_size > 0  # where it said, not at "p.png"
+    assert not (tmp_path / "p.png").exists()
 
 
 # --- a CLI sweep (a helper's probe): silently wrong runs, misleading messages, late errors ---
