@@ -404,7 +404,8 @@ def _train(args, ds, device, backend_name: str) -> int:
         r.update(losses=[], epoch_loss=[], acc=[], step_time=[])
 
     batch_size = min(args.batch_size, n)
-    steps = n // batch_size + (1 if n % batch_size > 1 else 0)  # a batch of 1 breaks BatchNorm
+    # a last batch of 1 sample breaks BatchNorm's training mode: dropped, with BatchNorm only
+    steps = n // batch_size + (1 if n % batch_size > (1 if args.batchnorm else 0) else 0)
     if args.cuda_graph:  # one captured shape: full batches only
         steps = n // batch_size
         for r in runs.values():

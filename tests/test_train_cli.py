@@ -254,6 +254,26 @@ def test_cuda_graph_steps_replay_what_the_eager_loop_computes(fake_cuda_graphs, 
         assert float(fused.split()[1]) == pytest.approx(float(torch_part.split()[1]), abs=2e-4)
 
 
+@pytest.mark.parametrize("batchnorm, steps", [("--batchnorm", 6), ("--no-batchnorm", 7)])
+def test_a_last_batch_of_one_sample_is_dropped_only_with_batchnorm(batchnorm, steps, capsys):
+    # 97 train samples in batches of 16: 6 full ones and 1 left over, which BatchNorm refuses
+    import argparse
+
+    import torch
+
+    from fusedmlp.cli import train as T
+
+    ds = cli_data.load_disc(n_train=97, n_test=20)
+    parser = argparse.ArgumentParser()
+    T.add_arguments(parser)
+    args = parser.parse_args(
+        ["--epochs", "1", "--hidden", "8", "--batch-size", "16", "--no-progress",
+         "--no-compare", batchnorm]
+    )  # fmt: skip
+    assert T._train(args, ds, torch.device("cpu"), "auto") == 0
+    assert f"1 epochs x {steps} steps of 16" in capsys.readouterr().out
+
+
 def test_batchnorm_refuses_batches_of_one(tmp_path):
     msg = _error(["train", "--dataset", "disc", *TINY, "--no-compare", "--batch-size", "1"])
     assert "BatchNorm needs batches of at least 2 samples" in msg
