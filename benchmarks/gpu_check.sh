@@ -182,7 +182,8 @@ done
 if ((${#SELECTED[@]})); then
   # pytest-xdist (in the GPU image) spreads the kernel compiles over the CPU cores.
   XDIST=()
-  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+  # (without it, pyproject.toml's "-n auto" would be an unknown option: addopts replaced)
+  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); else XDIST=(-o "addopts=-ra"); fi
   # -v: one line per test as it ends, so a run cut off by the timeout still names its failures;
   # --maxfail=100: the twenty-fourth session's run stopped at 29 failures (xdist stops late),
   # and the tests it did not reach went unseen on the GPU
