@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+import triton.language.standard as _tl_standard
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
@@ -99,9 +100,7 @@ def interpreter_active() -> bool:
     triton's own ``@jit`` library functions (``tl.sum``, ``tl.max``...) are built when triton is
     imported: with ``TRITON_INTERPRET=1`` set after that and before this module's import, our
     kernels would be interpreted but fail inside those calls, so both must be."""
-    import triton.language.standard as standard
-
-    return is_interpreted(_probe_kernel) and is_interpreted(standard.sum)
+    return is_interpreted(_probe_kernel) and is_interpreted(_tl_standard.sum)
 
 
 def raw_function(kernel):
