@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, TOLERANCES, assert_close
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import fusedmlp
@@ -603,6 +603,9 @@ def test_linear_act_dropout_fuzz(
     offset=st.sampled_from([0.0, 100.0]),
     seed=st.integers(0, 2**16),
 )
+# FUSEDMLP_FUZZ_SCALE=100's find: a mean 3.5 ulp off, as torch's own (the tolerance's comment)
+@example(rows=127, in_features=1, out_features=20, bias=True, dtype=torch.float32,
+         layout="sliced", offset=100.0, seed=20835)  # fmt: skip
 def test_linear_statistics_epilogue_fuzz(
     launches, rows, in_features, out_features, bias, dtype, layout, offset, seed
 ):
@@ -623,10 +626,15 @@ def test_linear_statistics_epilogue_fuzz(
     mean, invstd, var = KB.batch_norm_stats_merge(pmean, pm2, split_rows, rows, 1e-5, None)
     yd = y.double()
     biased = yd.var(0, unbiased=False)
-    # fp32 arithmetic on values up to |y|: errors of a few ulp of |y| in the mean, of |y| times
-    # the spread in the variance (deviations from each tile's own mean: no cancellation)
+    # fp32 arithmetic on values up to |y|: errors of a few ulp of |y| in the mean (a tree sum of
+    # n values: up to about log2(n) ulp; torch's own F.batch_norm is 3.5 ulp off on 127 rows of
+    # seed 20835 at FUSEDMLP_FUZZ_SCALE=100, as this one), of |y| times the spread in the
+    # variance (deviations from each tile's own mean: no cancellation)
     big = yd.abs().amax(0)
-    torch.testing.assert_close(mean.double(), yd.mean(0), rtol=0, atol=(4e-7 * big).max().item())
+    ulps = max(3.36, math.log2(rows))
+    torch.testing.assert_close(
+        mean.double(), yd.mean(0), rtol=0, atol=(ulps * 2.0**-23 * big).max().item()
+    )
     torch.testing.assert_close(
         var.double(), yd.var(0), rtol=1e-5, atol=(4e-6 * big * biased.sqrt()).max().item() + 1e-12
     )
