@@ -24,7 +24,7 @@ import time
 import torch
 
 import fusedmlp
-from fusedmlp.cli._checks import plot_format, plot_format_problem
+from fusedmlp.cli._checks import output_path_problem, plot_format, plot_format_problem
 from fusedmlp.cli.train import checked_type
 
 
@@ -111,17 +111,11 @@ def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
 
 
 def _check_plot(p: argparse.ArgumentParser, path: str) -> None:
-    """Refuse ``--plot`` before the experiment, not after it."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        p.error("--plot needs matplotlib: pip install matplotlib")
+    """Refuse ``--plot`` before the experiment, not after it (the CLI's checks: matplotlib and
+    a format it writes, then a file that can be written)."""
     if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
         p.error(f"argument --plot: expected a file name such as bn_depth.png, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        p.error(f"argument --plot: cannot write {path}: no folder {folder}")
-    problem = plot_format_problem(path)
+    problem = plot_format_problem(path) or output_path_problem(path)
     if problem is not None:
         p.error(f"argument --plot: cannot write {path}: {problem}")
 
