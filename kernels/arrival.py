@@ -29,6 +29,8 @@ part of the graph) that are not cached.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -48,8 +50,8 @@ def last_arrival(counter_ptr, arrivals):
     return last
 
 
-# (device index, stream), or (device type, index) for the interpreter's CPU tensors -> int32
-# counters, all zero between launches.
+# (device index, stream), or (device type, index, thread) for the interpreter's CPU tensors ->
+# int32 counters, all zero between launches.
 _COUNTERS: dict = {}
 
 
@@ -69,7 +71,8 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
         index = device.index if device.index is not None else torch.cuda.current_device()
         key = (index, _stream(index))
     else:
-        key = (device.type, device.index)
+        # per thread: another thread's interpreted launch may be counting on its counters
+        key = (device.type, device.index, threading.get_ident())
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < n:
         counters = _COUNTERS[key] = torch.zeros(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -408,7 +409,10 @@ def launch(
                 )
                 return
             g = grid(meta) if callable(grid) else grid
-            kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
+            # Triton's interpreter keeps the running kernel's state in module globals (the
+            # patched ``triton.language``, the program id): one interpreted launch at a time.
+            with _INTERPRET_LOCK:
+                kernel[g](**meta, num_warps=config.num_warps, num_stages=config.num_stages)
             return
         _run(
             kernel,
@@ -453,6 +457,18 @@ def launch(
 
 
 _TUNE_LOCK = threading.Lock()
+# Serialises interpreted launches (``launch``): the interpreter is not thread-safe.
+_INTERPRET_LOCK = threading.Lock()
+
+
+def _reset_locks() -> None:
+    # a fork while another thread held a lock would leave it held forever in the child
+    global _TUNE_LOCK, _INTERPRET_LOCK
+    _TUNE_LOCK, _INTERPRET_LOCK = threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks)
 
 
 def _tune(tuned, grid, kwargs: dict, best_key: tuple) -> None:

@@ -157,7 +157,10 @@ def cached(cache: OrderedDict, key, build):
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
     else:
-        cache.move_to_end(key)
+        try:
+            cache.move_to_end(key)
+        except KeyError:  # another thread's insertion evicted it since the lookup
+            pass
     return value
 
 
@@ -410,7 +413,10 @@ def check(arrays: list[list[torch.Tensor]], names: list[str]) -> Checked | None:
         _check_inplace_allowed(arrays)
     call = _CHECK_CACHE[key] = _CheckedCall(arrays, lengths, others)
     if len(_CHECK_CACHE) > _CACHE_SIZE:  # the oldest entry (a lookup here hashes every address
-        _CHECK_CACHE.pop(next(iter(_CHECK_CACHE)))  # once: no LRU reordering)
+        try:  # once: no LRU reordering)
+            _CHECK_CACHE.pop(next(iter(_CHECK_CACHE)), None)
+        except (StopIteration, RuntimeError):  # another thread evicted or inserted meanwhile
+            pass
     return Checked(call.plain, call)
 
 
