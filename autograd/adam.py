@@ -373,10 +373,18 @@ def _select(idx, lists, amsgrad):
     )
 
 
+def hyper_float(name: str, value) -> float:
+    """``float(value)`` for a hyperparameter, refusing text: ``float("1e-3")`` succeeds, where
+    torch.optim's own step raises ``TypeError`` for a string (e.g. a YAML ``1e-3``) in a group."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    return float(value)
+
+
 def _hyper(hp):
     """The custom ops' scalar arguments, in schema order: (lr, beta1, beta2, eps, weight_decay)
     as floats and (amsgrad, maximize, decoupled_weight_decay) as bools."""
-    scalars = tuple(float(hp[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    scalars = tuple(hyper_float(k, hp[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
     flags = tuple(bool(hp[k]) for k in ("amsgrad", "maximize", "decoupled_weight_decay"))
     return scalars, flags
 
@@ -410,6 +418,7 @@ def _fused(lists, hp, device_step, amp, steps_buffer=None):
     if device_step:
         _fused_device_step(lists, hp, amp)
         return
+    scalars, flags = _hyper(hp)  # raises before any counter moves
     groups: dict = {}
     # Host-side step counters (torch.optim's default): reading them never syncs. One stacked
     # read instead of a float() per tensor (~2-5 us each on the host); all counters incremented
@@ -439,7 +448,6 @@ def _fused(lists, hp, device_step, amp, steps_buffer=None):
     else:
         for i, (p, step) in enumerate(zip(params, values)):
             groups.setdefault((p.device, p.dtype, step), []).append(i)
-    scalars, flags = _hyper(hp)
     for (_, _, step), idx in groups.items():
         if idx is None:
             tensors = (*lists[:4], lists[4] if hp["amsgrad"] else [])
@@ -496,13 +504,14 @@ def adam_planned(
         return False
     amsgrad = hp["amsgrad"]
     vmax = max_exp_avg_sqs if amsgrad else []
+    scalars_flags = _hyper(hp)  # raises before any counter moves
+    step_size, bias_correction2_sqrt = _bias_corrections(hp, step)
     for mutated in (params, exp_avgs, exp_avg_sqs, vmax):  # as the custom op's eager path
         _increment_version(mutated)
     steps_buffer.add_(1)
-    step_size, bias_correction2_sqrt = _bias_corrections(hp, step)
     _kernel_step(
         (params, grads, exp_avgs, exp_avg_sqs, vmax),
-        *_hyper(hp),
+        *scalars_flags,
         step_size=step_size,
         bias_correction2_sqrt=bias_correction2_sqrt,
         checked=checked,

@@ -30,6 +30,7 @@ from .adam import (
     amp_on,
     attr_set,
     call_torch,
+    hyper_float,
     kernel_partition,
     one_device_and_dtype,
     unscale_and_check,
@@ -218,6 +219,7 @@ def _torch_path(params, grads, bufs, amp, **hp):
 def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
     """One fused step (ours, or torch's ``_fused_sgd_``) per (device, dtype, new-buffer)
     partition; new momentum buffers are created here and stored in ``momentum_buffer_list``."""
+    scalars = _scalars(hp)  # raises before any buffer is made
     use_momentum = hp["momentum"] != 0
     found_inf = amp[1]
     partitions: dict = {}
@@ -246,7 +248,6 @@ def _partitioned(indices, params, grads, momentum_buffer_list, amp, hp, kernel):
                     momentum_buffer_list[i] = new(grads[i])
                 bufs.append(momentum_buffer_list[i])
         scale, inf = amp_on(device, amp, per_device)
-        scalars = _scalars(hp)
         if not kernel:
             torch._fused_sgd_(
                 ps, gs, bufs, **scalars, is_first_step=bool(fresh), grad_scale=scale,
@@ -260,10 +261,10 @@ def _scalars(hp) -> dict:
     """The step's hyperparameters as floats and bools, in the custom op's schema order (lr,
     momentum, dampening, weight_decay, nesterov, maximize)."""
     return dict(
-        lr=float(hp["lr"]),
-        momentum=float(hp["momentum"]),
-        dampening=float(hp["dampening"]),
-        weight_decay=float(hp["weight_decay"]),
+        lr=hyper_float("lr", hp["lr"]),
+        momentum=hyper_float("momentum", hp["momentum"]),
+        dampening=hyper_float("dampening", hp["dampening"]),
+        weight_decay=hyper_float("weight_decay", hp["weight_decay"]),
         nesterov=bool(hp["nesterov"]),
         maximize=bool(hp["maximize"]),
     )
@@ -277,6 +278,7 @@ def sgd_planned(params, grads, momentum_buffers, checked, grad_ptrs, **hp) -> bo
     mode is active or grad mode is on."""
     if torch.is_grad_enabled() or not plain_eager():
         return False
+    scalars = _scalars(hp)  # raises before anything is touched
     use_momentum = hp["momentum"] != 0
     bufs = momentum_buffers if use_momentum else []
     for mutated in (params, grads, bufs):  # as the custom op's eager path
@@ -284,7 +286,7 @@ def sgd_planned(params, grads, momentum_buffers, checked, grad_ptrs, **hp) -> bo
     from ..kernels import sgd as K
 
     K.sgd_step(
-        params, grads, bufs, **_scalars(hp), first_step=False, checked=checked,
+        params, grads, bufs, **scalars, first_step=False, checked=checked,
         grad_ptrs=grad_ptrs,
     )  # fmt: skip
     return True

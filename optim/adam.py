@@ -55,6 +55,11 @@ def _torch_group(group) -> bool:
         or torch.is_tensor(group["lr"])
         or any(torch.is_tensor(b) for b in group["betas"])
         or torch.is_tensor(group["weight_decay"])
+        # grad mode in a step: the optimizer's defaults are differentiable (torch's
+        # _use_grad_for_differentiable), this group's not: torch's algorithm runs under
+        # autograd (its leaf in-place error, or a graph through non-leaf params), which the
+        # kernel's raw in-place writes would bypass
+        or torch.is_grad_enabled()
     )
 
 

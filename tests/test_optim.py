@@ -1307,3 +1307,49 @@ def test_tables_built_in_a_capture_are_not_reused_by_eager_steps(
     assert eager["addrs"] is not captured["addrs"]  # built again, and filled
     assert again["addrs"] is eager["addrs"]  # eager steps share their cached tables
     assert captured["meta"] is first["meta"]  # a capture reuses the filled ones it finds
+
+
+@pytest.mark.parametrize(
+    "cls,ref_cls,group",
+    [
+        (SGD, torch.optim.SGD, {"lr": "1e-3"}),
+        (SGD, torch.optim.SGD, {"weight_decay": "0.1"}),
+        (Adam, torch.optim.Adam, {"eps": "1e-8"}),
+        (AdamW, torch.optim.AdamW, {"weight_decay": "0.01"}),
+    ],
+    ids=["sgd-lr", "sgd-weight_decay", "adam-eps", "adamw-weight_decay"],
+)
+def test_text_hyperparameter_in_a_group_raises_torchs_type_error(
+    backend, launches, cls, ref_cls, group
+):
+    """A group value read as text (PyYAML reads ``1e-3`` as a string): torch's step raises
+    TypeError; the kernel path's ``float()`` accepted it and trained on. No param moves."""
+    for make in (ref_cls, cls):
+        p = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+        p.grad = torch.ones(4, device=DEVICE)
+        opt = make([{"params": [p], **group}], lr=0.1)
+        with pytest.raises(TypeError):
+            opt.step()
+        assert torch.equal(p.detach(), torch.ones(4, device=DEVICE))
+        if make is cls:
+            assert launches.total == 0
+
+
+@pytest.mark.parametrize("cls,ref_cls", [(Adam, torch.optim.Adam), (SGD, torch.optim.SGD)])
+def test_plain_group_of_a_differentiable_optimizer_steps_under_autograd_as_torch(
+    triton_backend, launches, cls, ref_cls
+):
+    """``differentiable=True`` turns grad mode on in the step; a group that sets it False still
+    runs under autograd in torch, whose in-place update of a leaf that requires grad raises.
+    The kernel's raw writes skipped that check and updated the leaf."""
+    for make in (ref_cls, cls):
+        leaf = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+        leaf.grad = torch.ones(4, device=DEVICE)
+        w = torch.randn(4, device=DEVICE, requires_grad=True).clone()
+        w.grad = torch.ones(4, device=DEVICE)
+        groups = [{"params": [w]}, {"params": [leaf], "differentiable": False}]
+        opt = make(groups, lr=0.1, differentiable=True)
+        with pytest.raises(RuntimeError, match="leaf Variable"):
+            opt.step()
+        assert torch.equal(leaf.detach(), torch.ones(4, device=DEVICE))
+    assert launches.total == 0
