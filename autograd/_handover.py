@@ -18,20 +18,36 @@ the Linear then makes its own, as without the handover.
 from __future__ import annotations
 
 from torch import Tensor
+from torch.autograd import Variable
 
 
 class Handover:
     """The slot (module docstring)."""
 
-    __slots__ = ("want", "_grad", "_version", "_made")
+    __slots__ = ("want", "_grad", "_version", "_made", "_gives")
 
     def __init__(self) -> None:
         self.want = False
         self._grad = self._version = self._made = None
+        self._gives = 0
 
     def give(self, grad: Tensor, made: tuple) -> None:
         """The block's backward: ``made`` belongs to ``grad``, the gradient it returns."""
         self._grad, self._version, self._made = grad, grad._version, made
+        self._gives += 1
+        # Not taken when the Linear's backward does not run in this pass (torch.autograd.grad
+        # or backward(inputs=...) that stops at the block): empty the slot when the pass ends,
+        # or dx, dx^T and its column sums stay in the graph as long as it lives. (The callback
+        # holds no tensor: dx dies once the Linear has used it, as before.)
+        gives = self._gives
+        try:
+            Variable._execution_engine.queue_callback(lambda: self._drop(gives))
+        except RuntimeError:  # not inside an engine's backward pass
+            pass
+
+    def _drop(self, gives: int) -> None:
+        if self._gives == gives:
+            self._grad = self._version = self._made = None
 
     def take(self, grad: Tensor) -> list | None:
         """The Linear's backward: what was given with ``grad`` itself, unmodified, as a list

@@ -105,6 +105,24 @@ def forget_all(optimizer) -> None:
     optimizer.__dict__.pop("_fusedmlp_plans", None)
 
 
+def prune(optimizer) -> None:
+    """Drop the plans (and Adam's step-counter buffers, ``_fusedmlp_steps``) of param groups
+    that are no longer in ``optimizer.param_groups`` (a group deleted or replaced by another
+    dict): each holds its group's params and state tensors, which would otherwise live as long
+    as the optimizer. One length test per cache while nothing is stale."""
+    groups = optimizer.param_groups
+    for name, group_of in (("_fusedmlp_plans", _PLAN_GROUP), ("_fusedmlp_steps", _FIRST)):
+        cache = optimizer.__dict__.get(name)
+        if cache and len(cache) > len(groups):
+            live = {id(g): g for g in groups}
+            for key in [k for k, v in cache.items() if live.get(k) is not group_of(v)]:
+                del cache[key]
+
+
+_PLAN_GROUP = operator.attrgetter("group")
+_FIRST = operator.itemgetter(0)
+
+
 def hit(optimizer, group, keys: tuple):
     """``(plan, params, grads, lists, grad_ptrs)`` when ``group``'s plan still holds (module
     docstring), else None. ``lists``: the state tensors under ``keys``; ``grad_ptrs``: the
@@ -162,4 +180,4 @@ def hit(optimizer, group, keys: tuple):
     return plan, params, grads, lists, grad_ptrs
 
 
-__all__ = ["Plan", "forget", "forget_all", "hit", "record"]
+__all__ = ["Plan", "forget", "forget_all", "hit", "prune", "record"]

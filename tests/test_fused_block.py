@@ -1331,6 +1331,34 @@ def test_handover_only_for_the_gradient_the_block_made(triton_backend, launches,
         assert_close(a, e, scale=8)
 
 
+def test_handover_not_taken_is_emptied_when_the_backward_ends(triton_backend, monkeypatch):
+    # A backward that stops at the block (torch.autograd.grad of the BN's parameters only)
+    # never runs the Linear's: what the block gave (dZ, dZ^T, its column sums) stayed in the
+    # graph's Handover for as long as the graph lived. The pass's end empties the slot.
+    from fusedmlp.autograd._handover import Handover
+    from fusedmlp.autograd.linear import linear_stats
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
+    x = torch.randn(40, 6, device=DEVICE)
+    w = (torch.randn(12, 6, device=DEVICE) * 0.5).requires_grad_()
+    b = torch.randn(12, device=DEVICE).requires_grad_()
+    bw = torch.rand(12, device=DEVICE).add_(0.5).requires_grad_()
+    bb = torch.randn(12, device=DEVICE).requires_grad_()
+    rm, rv = torch.zeros(12, device=DEVICE), torch.ones(12, device=DEVICE)
+    h = Handover()
+    y, partials = linear_stats(x, w, b, h)
+    out = bn_act_dropout(y, rm, rv, bw, bb, 0.1, 1e-5, "relu", partials=partials, handover=h)
+    assert h.want
+    got = torch.autograd.grad(out.sum(), [bw, bb])
+    assert h._grad is None and h._made is None
+    y_ref = torch.nn.functional.linear(x, w, b).detach()
+    bw_ref, bb_ref = bw.detach().requires_grad_(), bb.detach().requires_grad_()
+    out_ref = torch.relu(torch.nn.functional.batch_norm(y_ref, None, None, bw_ref, bb_ref, True))
+    for a, e in zip(got, torch.autograd.grad(out_ref.sum(), [bw_ref, bb_ref])):
+        assert_close(a, e, scale=8)
+
+
 @pytest.mark.parametrize("patched", [0, 1, 2, 3])
 def test_fused_sequential_runs_a_forward_of_its_own(triton_backend, launches, patched):
     # torch.nn.Sequential calls a child's own ``forward`` (an instance attribute, as
