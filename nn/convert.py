@@ -53,6 +53,7 @@ replaced module (``convert(torch.nn.Linear(2, 3))``) can only be returned, not e
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch.nn.modules import module as _module
@@ -193,6 +194,13 @@ def _transplant(old: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module |
         if hasattr(old, name) and hasattr(new, name):
             # the very dicts (as the Parameters): the handles a user holds keep working
             setattr(new, name, getattr(old, name))
+    # ``register_load_state_dict_pre_hook`` wraps the hook in a ``_WrappedHook`` that holds a
+    # weak reference to the module it was registered on and passes that module to the hook:
+    # rebound to ``new``, or ``load_state_dict`` would hand the hook the replaced module, or
+    # raise "the hook of a dead Module" once ``old`` is gone (as ``copy.deepcopy`` rebinds it)
+    for hook in new._load_state_dict_pre_hooks.values():
+        if isinstance(hook, _module._WrappedHook) and hook.with_module and hook.module() is old:
+            hook.module = weakref.ref(new)
     # Which kind of backward hook ``_backward_hooks`` holds (full or legacy): without it torch
     # runs neither kind.
     new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")

@@ -355,6 +355,24 @@ def test_backward_hooks_still_fire_after_convert(inplace, kind, module):
 
 
 @pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("module", ["linear", "batchnorm"])
+def test_load_state_dict_pre_hooks_see_the_new_module_after_convert(inplace, module):
+    # register_load_state_dict_pre_hook keeps a weak reference to its module (torch's
+    # _WrappedHook), which copy.deepcopy rebinds to the copy: after convert the hook gets the
+    # fusedmlp module, not the replaced one (dead by then: "the hook of a dead Module")
+    mod = torch.nn.Linear(3, 3) if module == "linear" else torch.nn.BatchNorm1d(3)
+    seen = []
+    mod.register_load_state_dict_pre_hook(lambda m, *args: seen.append(m))
+    mod.register_load_state_dict_post_hook(lambda m, keys: seen.append(m))
+    model = torch.nn.Sequential(mod)
+    state = copy.deepcopy(model.state_dict())
+    conv = convert(model, inplace=inplace)
+    del model, mod
+    conv.load_state_dict(state)
+    assert len(seen) == 2 and seen[0] is conv[0] and seen[1] is conv[0]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
 def test_user_attributes_survive_convert(inplace):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.1))
     model[0].tag = "encoder"
