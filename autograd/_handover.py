@@ -17,6 +17,7 @@ the Linear then makes its own, as without the handover.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.autograd import Variable
 
@@ -38,7 +39,11 @@ class Handover:
         # Not taken when the Linear's backward does not run in this pass (torch.autograd.grad
         # or backward(inputs=...) that stops at the block): empty the slot when the pass ends,
         # or dx, dx^T and its column sums stay in the graph as long as it lives. (The callback
-        # holds no tensor: dx dies once the Linear has used it, as before.)
+        # holds no tensor: dx dies once the Linear has used it, as before.) Not while dynamo
+        # traces this backward (compiled autograd): its queue_callback raises AssertionError
+        # without fullgraph=True, which escapes the except below.
+        if torch.compiler.is_compiling():
+            return
         gives = self._gives
         try:
             Variable._execution_engine.queue_callback(lambda: self._drop(gives))

@@ -109,18 +109,18 @@ def prune(optimizer) -> None:
     """Drop the plans (and Adam's step-counter buffers, ``_fusedmlp_steps``) of param groups
     that are no longer in ``optimizer.param_groups`` (a group deleted or replaced by another
     dict): each holds its group's params and state tensors, which would otherwise live as long
-    as the optimizer. One length test per cache while nothing is stale."""
-    groups = optimizer.param_groups
-    for name, group_of in (("_fusedmlp_plans", _PLAN_GROUP), ("_fusedmlp_steps", _FIRST)):
+    as the optimizer. A cache's key is the id of the group its entry holds (alive, so no live
+    group can share that id): an entry is stale exactly when its key is no live group's id.
+    (Not a length test: a live group without a plan left a removed group's plan unseen.)"""
+    live = None
+    for name in ("_fusedmlp_plans", "_fusedmlp_steps"):
         cache = optimizer.__dict__.get(name)
-        if cache and len(cache) > len(groups):
-            live = {id(g): g for g in groups}
-            for key in [k for k, v in cache.items() if live.get(k) is not group_of(v)]:
-                del cache[key]
-
-
-_PLAN_GROUP = operator.attrgetter("group")
-_FIRST = operator.itemgetter(0)
+        if cache:
+            if live is None:
+                live = set(map(id, optimizer.param_groups))
+            if not live.issuperset(cache):
+                for key in [k for k in cache if k not in live]:
+                    del cache[key]
 
 
 def hit(optimizer, group, keys: tuple):

@@ -1359,6 +1359,29 @@ def test_handover_not_taken_is_emptied_when_the_backward_ends(triton_backend, mo
         assert_close(a, e, scale=8)
 
 
+def test_handover_under_compiled_autograd(triton_backend, launches, monkeypatch):
+    # An eager forward (handovers made), its backward under compiled autograd: dynamo traces
+    # the block's backward, where queue_callback without fullgraph=True raises AssertionError
+    # (not the RuntimeError that give() catches). Same gradients as torch's modules. (With
+    # fullgraph=True the Linear's take fails on a data-dependent guard, before and after.)
+    import torch._dynamo
+    import torch._dynamo.compiled_autograd as ca
+
+    from fusedmlp.kernels import linear as KL
+
+    monkeypatch.setattr(KL, "BACKWARD_PATH", "dz")
+    torch._dynamo.reset()
+    model, ref = _mlp_pair(torch.float32)
+    x = torch.randn(40, 6, device=DEVICE)
+    g = torch.randn(40, 5, device=DEVICE)
+    loss = (model(x) * g).sum()
+    with ca._enable(lambda gm: torch.compile(gm, backend="aot_eager")):
+        loss.backward()
+    (ref(x) * g).sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, scale=8, msg=name)
+
+
 @pytest.mark.parametrize("patched", [0, 1, 2, 3])
 def test_fused_sequential_runs_a_forward_of_its_own(triton_backend, launches, patched):
     # torch.nn.Sequential calls a child's own ``forward`` (an instance attribute, as
