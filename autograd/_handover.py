@@ -34,16 +34,17 @@ class Handover:
 
     def give(self, grad: Tensor, made: tuple) -> None:
         """The block's backward: ``made`` belongs to ``grad``, the gradient it returns."""
+        if torch.compiler.is_compiling():
+            # dynamo traces this backward (compiled autograd): no handover, the Linear makes
+            # its own. (Its queue_callback below raises AssertionError without fullgraph=True,
+            # and take's version test is a data-dependent guard with it.)
+            return
         self._grad, self._version, self._made = grad, grad._version, made
         self._gives += 1
         # Not taken when the Linear's backward does not run in this pass (torch.autograd.grad
         # or backward(inputs=...) that stops at the block): empty the slot when the pass ends,
         # or dx, dx^T and its column sums stay in the graph as long as it lives. (The callback
-        # holds no tensor: dx dies once the Linear has used it, as before.) Not while dynamo
-        # traces this backward (compiled autograd): its queue_callback raises AssertionError
-        # without fullgraph=True, which escapes the except below.
-        if torch.compiler.is_compiling():
-            return
+        # holds no tensor: dx dies once the Linear has used it, as before.)
         gives = self._gives
         try:
             Variable._execution_engine.queue_callback(lambda: self._drop(gives))

@@ -1359,11 +1359,12 @@ def test_handover_not_taken_is_emptied_when_the_backward_ends(triton_backend, mo
         assert_close(a, e, scale=8)
 
 
-def test_handover_under_compiled_autograd(triton_backend, launches, monkeypatch):
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_handover_under_compiled_autograd(triton_backend, launches, monkeypatch, fullgraph):
     # An eager forward (handovers made), its backward under compiled autograd: dynamo traces
     # the block's backward, where queue_callback without fullgraph=True raises AssertionError
-    # (not the RuntimeError that give() catches). Same gradients as torch's modules. (With
-    # fullgraph=True the Linear's take fails on a data-dependent guard, before and after.)
+    # (not the RuntimeError that give() catches), and with it the Linear's test of the
+    # gradient's version was a data-dependent guard. No handover there: torch's gradients.
     import torch._dynamo
     import torch._dynamo.compiled_autograd as ca
 
@@ -1375,7 +1376,7 @@ def test_handover_under_compiled_autograd(triton_backend, launches, monkeypatch)
     x = torch.randn(40, 6, device=DEVICE)
     g = torch.randn(40, 5, device=DEVICE)
     loss = (model(x) * g).sum()
-    with ca._enable(lambda gm: torch.compile(gm, backend="aot_eager")):
+    with ca._enable(lambda gm: torch.compile(gm, backend="aot_eager", fullgraph=fullgraph)):
         loss.backward()
     (ref(x) * g).sum().backward()
     for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
