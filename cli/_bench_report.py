@@ -62,11 +62,20 @@ def tuned_configs() -> list:
 
 
 def write_json(path: str, doc: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    """Write ``doc`` whole: to a temporary file renamed over the file ``path`` names (through a
+    symbolic link: the file it points to, not the link). Something at ``path`` that is not a
+    regular file (``/dev/null``, a FIFO) is written to directly: a rename would replace it."""
+    text = json.dumps(doc, indent=1)
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        with open(target, "w") as f:
+            f.write(text)
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+        f.write(text)
+    os.replace(tmp, target)
 
 
 def _num(v, fmt="{:.3g}") -> str:
@@ -138,7 +147,16 @@ def render_markdown(doc: dict, title: str | None = None) -> str:
         f"- ceilings measured at the start: {ceil['copy_gbps']:.1f} GB/s ({ceil['copy_what']}), "
         f"{ceil['matmul_tflops']:.3g} TFLOPS ({ceil['matmul_what']})"
     )
-    if cpu:
+    interpreted = cpu and any(
+        r["impl"] == "fusedmlp" and r.get("backend") == "triton" for r in rows
+    )
+    if interpreted:
+        out.append(
+            "- CPU run: fusedmlp rows run the Triton kernels under Triton's interpreter (backend "
+            "`triton`, TRITON_INTERPRET=1): interpreter times, not GPU kernel times"
+            + ("." if meta.get("compile") else "; torch.compile baselines skipped.")
+        )
+    elif cpu:
         out.append(
             "- CPU run: fusedmlp rows run its pure-torch fallback (backend `fallback`), so they "
             "measure dispatch overhead, not Triton kernels"
@@ -191,7 +209,9 @@ def render_markdown(doc: dict, title: str | None = None) -> str:
             out += [""] + [f"- {n}" for n in notes]
         if op == "mlp_small":
             text = crossover(rows)
-            if text and cpu:
+            if text and interpreted:
+                text = "CPU run, Triton's interpreter against eager: " + text
+            elif text and cpu:
                 text = "CPU run, fallback against eager (no kernels involved): " + text
             if text:
                 out += ["", text]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import os
 import platform
 import sys
 import time
@@ -158,6 +159,15 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fusedmlp bench: --device cuda asked for, but no CUDA device is available")
     # the output paths checked before the run, not after it: the rows would be lost
+    given = [(o, p) for o, p in (("--json", args.json), ("--markdown", args.markdown),
+                                 ("--plot", args.plot)) if p]  # fmt: skip
+    for i, (option, path) in enumerate(given):
+        for other, other_path in given[i + 1 :]:
+            if os.path.realpath(path) == os.path.realpath(other_path):
+                raise SystemExit(
+                    f"fusedmlp bench: {option} and {other} name the same file {path}: "
+                    "one would overwrite the other"
+                )
     for option, path in (
         ("--json", args.json),
         ("--markdown", args.markdown),
@@ -255,4 +265,7 @@ def _run(args, ops, device) -> int:
     )
     for r in errors:
         print(f"  error: {r['op']} {r['pass']} {r['shape']} {r['impl']}: {r['error']}")
+    if not any(r["ms"] for r in rows):  # e.g. --time-budget 0: a run that measured nothing
+        print("fusedmlp bench: no case was measured", file=sys.stderr)
+        return 1
     return 1 if errors else rc

@@ -627,6 +627,8 @@ def _case_dropout(inp, dtype, sizes, p):
 
 
 def _case_dropout2d(inp, dtype, sizes, p):
+    import torch
+
     import fusedmlp
 
     shape = sizes["dropout2d"]
@@ -639,8 +641,17 @@ def _case_dropout2d(inp, dtype, sizes, p):
     keep = y.detach() != 0
     scale = 1.0 / (1.0 - p)
     per_channel = keep.flatten(2)
+    kept = per_channel.any(-1)  # one keep decision per (sample, channel)
+    sigma = math.sqrt(p * (1 - p) / kept.numel())
     return [
         Check("output (kept = x/(1-p))", y, x.float() * keep * scale, dtype=dtype),
+        Check(
+            "channel keep rate (1-p +- 5 sigma)",
+            kept.double().mean(),
+            torch.tensor(1.0 - p, dtype=torch.float64),
+            rtol=0.0,
+            atol=5 * sigma,
+        ),
         Check(
             "whole channels kept/dropped",
             per_channel.all(-1).double(),
@@ -836,6 +847,16 @@ def _header() -> str:
     return head + "\n" + "-" * len(head)
 
 
+def _json_row(row: Row) -> dict:
+    """A row for the JSON report: an infinite error (a shape mismatch) as null, since JSON has
+    no Infinity (the row's result and note say what went wrong)."""
+    out = asdict(row)
+    for key in ("max_abs_err", "max_rel_err"):
+        if out[key] is not None and not math.isfinite(out[key]):
+            out[key] = None
+    return out
+
+
 def _run_cases(cases, ops, inp, interpreted, deadline=None):
     """Run the cases of ``ops`` under backend 'triton', print them; returns the rows and the
     number of cases not started because ``deadline`` (a ``time.perf_counter`` value) passed."""
@@ -921,14 +942,24 @@ def run(args) -> int:
         )
         return 2
 
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    dtypes = list(dict.fromkeys(d.strip() for d in args.dtypes.split(",") if d.strip()))
     bad = [d for d in dtypes if d not in DTYPE_NAMES]
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops = list(dict.fromkeys(o.strip() for o in args.ops.split(",") if o.strip()))
     bad_ops = [o for o in ops if o not in OPS]
     if bad or bad_ops or not dtypes or not ops:
         print(
             f"fusedmlp verify: unknown dtypes {bad} or ops {bad_ops}: "
             f"dtypes among {', '.join(DTYPE_NAMES)}; ops among {', '.join(OPS)}"
+        )
+        return 2
+    # an op asked for that has no case in these dtypes (mlp_block: fp32 only) would be left out
+    # of a run that passes without a word
+    covered = {op for op, _, _, _ in _cases(_sizes(device_type), dtypes, True)}
+    uncovered = [o for o in ops if o not in covered]
+    if uncovered:
+        print(
+            f"fusedmlp verify: no case of {', '.join(uncovered)} in dtypes {', '.join(dtypes)} "
+            "(mlp_block is verified in fp32 only): add fp32 to --dtypes"
         )
         return 2
     if args.json is not None:  # checked before the cases run, not after them
@@ -1019,9 +1050,10 @@ def run(args) -> int:
                     "passed": passed,
                     "complete": not not_run,
                     "cases_not_run": not_run,
-                    "rows": [asdict(r) for r in rows],
+                    "rows": [_json_row(r) for r in rows],
                 },
                 f,
                 indent=1,
+                allow_nan=False,
             )
     return 0 if passed else 1

@@ -24,7 +24,12 @@ import time
 import torch
 
 import fusedmlp
-from fusedmlp.cli._checks import output_path_problem, plot_format, plot_format_problem
+from fusedmlp.cli._checks import (
+    output_path_problem,
+    plot_format,
+    plot_format_problem,
+    positive_c_int,
+)
 from fusedmlp.cli.train import checked_type
 
 
@@ -110,11 +115,23 @@ def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
     return device
 
 
+def _check_backend(p: argparse.ArgumentParser, device: torch.device) -> None:
+    """Backend 'triton' on CPU tensors needs Triton's interpreter: say so now, not as the first
+    op's traceback (as ``fusedmlp train`` does)."""
+    from fusedmlp import backend
+
+    if device.type == "cpu" and fusedmlp.get_backend() == "triton" and backend.triton_available():
+        try:
+            backend._require_interpreter()
+        except RuntimeError as e:
+            p.error(str(e))
+
+
 def _check_plot(p: argparse.ArgumentParser, path: str) -> None:
     """Refuse ``--plot`` before the experiment, not after it (the CLI's checks: matplotlib and
     a format it writes, then a file that can be written)."""
     if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
-        p.error(f"argument --plot: expected a file name such as bn_depth.png, got {path!r}")
+        p.error(f"argument --plot: expected a file name such as plot.png, got {path!r}")
     problem = plot_format_problem(path) or output_path_problem(path)
     if problem is not None:
         p.error(f"argument --plot: cannot write {path}: {problem}")
@@ -147,7 +164,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--threads",
-        type=_at_least(1),
+        type=positive_c_int,  # torch.set_num_threads takes a C int
         default=1,
         help="CPU threads (tiny matrices: more only add overhead)",
     )
@@ -155,8 +172,27 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     device = _device(p, args.device)
+    _check_backend(p, device)
     if args.plot is not None:
         _check_plot(p, args.plot)
+    try:
+        _experiment(args, device)
+    except (MemoryError, RuntimeError) as e:  # --n or --width beyond this machine's memory
+        text = str(e)
+        if (
+            not isinstance(e, MemoryError)
+            and "can't allocate memory" not in text
+            and ("out of memory" not in text.lower())
+        ):
+            raise
+        p.exit(
+            1,
+            f"{p.prog}: out of memory on {device} (--n {args.n}, --width {args.width}, "
+            f"--depth {args.depth}): {text.splitlines()[0] if text else 'MemoryError'}\n",
+        )
+
+
+def _experiment(args, device) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)

@@ -557,3 +557,22 @@ def test_target_grid_step_ab_rows_switch_one_tma_default_each():
     assert seen["fusedmlp"] == seen["torch"] == (tf32, split, "high")
     assert seen["fusedmlp TF32 pointer"] == (False, split, "high")
     assert seen["fusedmlp pointer dW split"] == (tf32, False, "high")
+
+
+def test_write_json_keeps_links_and_special_files(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    R.write_json(str(link), {"a": 1})
+    assert link.is_symlink() and json.loads(real.read_text()) == {"a": 1}
+
+
+def test_bench_refuses_one_file_for_two_outputs(tmp_path):
+    path = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="same file"):
+        main(["bench", "--quick", "--ops", "sgd", "--json", path, "--markdown", path])
+
+
+def test_bench_that_measured_nothing_fails():
+    assert main(["bench", "--quick", "--device", "cpu", "--ops", "sgd", "--time-budget", "0"]) == 1

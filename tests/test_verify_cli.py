@@ -175,3 +175,24 @@ def test_verify_rejects_a_bad_device_and_a_json_path_without_folder(tmp_path, ca
     assert verify.run(_args(json=str(report))) == 2  # before any case runs
     out = capsys.readouterr().out
     assert "no folder" in out and str(report.parent) in out and "PASS" not in out
+
+
+def test_verify_refuses_an_op_with_no_case_in_the_dtypes(capsys):
+    # mlp_block runs in fp32 only: asked for in 16-bit dtypes it must not pass unverified
+    assert verify.run(_args(ops="mlp_block,sgd", dtypes="fp16")) == 2
+    assert "mlp_block" in capsys.readouterr().out
+
+
+def test_verify_dropout2d_fails_when_nothing_is_dropped(monkeypatch, capsys):
+    import fusedmlp.kernels.dropout as KD  # the interpreter is on (conftest)
+
+    original = KD.dropout_apply
+
+    def never_drops(x, seed, p, inner=1, backward=False, channel=False):
+        if inner > 1:  # channel-wise: keep every channel
+            return original(x, seed, 0.0, inner, backward, channel) / (1 - p)
+        return original(x, seed, p, inner, backward, channel)
+
+    monkeypatch.setattr(KD, "dropout_apply", never_drops)
+    assert verify.run(_args(ops="dropout")) == 1
+    assert "channel keep rate" in capsys.readouterr().out
