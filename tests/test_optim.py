@@ -1355,58 +1355,31 @@ def test_plain_group_of_a_differentiable_optimizer_steps_under_autograd_as_torch
     assert launches.total == 0
 
 
+@pytest.mark.parametrize("planless", [False, True], ids=["planned", "kept-group-planless"])
 @pytest.mark.parametrize("cls", [Adam, SGD])
-def test_a_removed_group_is_not_kept_alive(triton_backend, launches, cls):
+def test_a_removed_group_is_not_kept_alive(triton_backend, launches, cls, planless):
     """A param group deleted from ``param_groups`` (its state and module deleted too): torch's
     optimizer holds nothing of it; fusedmlp's step plans (and Adam's step counters) held the
-    group, its params and their state for the optimizer's lifetime."""
+    group, its params and their state for the optimizer's lifetime. ``planless``: the group
+    kept has no plan (a param of it never gets a gradient), so the caches hold no more entries
+    than there are groups, and a test of their lengths never saw the removed group's plan."""
     import gc
     import weakref
 
     kwargs = {"momentum": 0.9} if cls is SGD else {}
     body, head = torch.nn.Linear(8, 8).to(DEVICE), torch.nn.Linear(8, 4).to(DEVICE)
-    opt = cls([{"params": body.parameters()}, {"params": head.parameters()}], lr=1e-3, **kwargs)
-    x = torch.randn(5, 8, device=DEVICE)
-    for _ in range(3):
-        opt.zero_grad()
-        head(body(x)).sum().backward()
-        opt.step()
-    assert launches.total == 6  # a launch per group and step
-    held = [*head.parameters(), *(v for q in head.parameters() for v in opt.state[q].values())]
-    refs = [weakref.ref(t) for t in held if torch.is_tensor(t)]
-    del opt.param_groups[1]
-    for q in list(head.parameters()):
-        del opt.state[q]
-    del head, held, q
-    for _ in range(2):
-        opt.zero_grad()
-        body(x).sum().backward()
-        opt.step()
-    gc.collect()
-    assert refs and not [r for r in refs if r() is not None]
-
-
-@pytest.mark.parametrize("cls", [Adam, SGD])
-def test_a_removed_group_is_not_kept_alive_beside_a_group_without_plan(
-    triton_backend, launches, cls
-):
-    """As above, but the group kept has no plan (one of its params never gets a gradient): the
-    caches then hold no more entries than there are groups, and a test of their lengths never
-    saw the removed group's plan."""
-    import gc
-    import weakref
-
-    kwargs = {"momentum": 0.9} if cls is SGD else {}
-    body, head = torch.nn.Linear(8, 8).to(DEVICE), torch.nn.Linear(8, 4).to(DEVICE)
-    unused = torch.nn.Parameter(torch.zeros(3, device=DEVICE))
+    unused = [torch.nn.Parameter(torch.zeros(3, device=DEVICE))] if planless else []
     opt = cls(
-        [{"params": [*body.parameters(), unused]}, {"params": head.parameters()}], lr=1e-3, **kwargs
+        [{"params": [*body.parameters(), *unused]}, {"params": head.parameters()}],
+        lr=1e-3,
+        **kwargs,
     )
     x = torch.randn(5, 8, device=DEVICE)
     for _ in range(3):
         opt.zero_grad()
         head(body(x)).sum().backward()
         opt.step()
+    assert launches.total == 6  # a launch per group and step
     held = [*head.parameters(), *(v for q in head.parameters() for v in opt.state[q].values())]
     refs = [weakref.ref(t) for t in held if torch.is_tensor(t)]
     del opt.param_groups[1]
