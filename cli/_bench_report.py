@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 from ._bench_ops import OP_TITLES, OPS
 
@@ -61,16 +62,25 @@ def tuned_configs() -> list:
     return sorted(out, key=lambda t: (t["kernel"], t["key"], t["dtypes"]))
 
 
+def is_special_file(path: str) -> bool:
+    """Whether ``path`` names an existing file that is not a regular one (a pipe, a terminal,
+    ``/dev/null``), following links as ``open`` does."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def write_json(path: str, doc: dict) -> None:
     """Write ``doc`` whole: to a temporary file renamed over the file ``path`` names (through a
     symbolic link: the file it points to, not the link). Something at ``path`` that is not a
     regular file (``/dev/null``, a FIFO) is written to directly: a rename would replace it."""
     text = json.dumps(doc, indent=1)
-    target = os.path.realpath(path)
-    if os.path.exists(target) and not os.path.isfile(target):
-        with open(target, "w") as f:
+    if is_special_file(path):  # os.stat follows /dev/stdout -> /proc/self/fd/1 -> pipe:[...]
+        with open(path, "w") as f:  # ``path`` itself: realpath of a pipe's link names nothing
             f.write(text)
         return
+    target = os.path.realpath(path)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.tmp"
     with open(tmp, "w") as f:

@@ -53,8 +53,8 @@ def output_path_problem(path: str, make_folder: bool = False) -> str | None:
             pass
     except OSError as e:
         return e.strerror or str(e)
-    if not existed:
-        os.remove(path)
+    if not existed:  # what open() made: through a dangling link, its target, not the link
+        os.remove(os.path.realpath(path))
     return None
 
 

@@ -159,11 +159,15 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fusedmlp bench: --device cuda asked for, but no CUDA device is available")
     # the output paths checked before the run, not after it: the rows would be lost
+    from . import _bench_report as R
+
     given = [(o, p) for o, p in (("--json", args.json), ("--markdown", args.markdown),
                                  ("--plot", args.plot)) if p]  # fmt: skip
     for i, (option, path) in enumerate(given):
         for other, other_path in given[i + 1 :]:
-            if os.path.realpath(path) == os.path.realpath(other_path):
+            if os.path.realpath(path) == os.path.realpath(other_path) and not (
+                R.is_special_file(path)  # /dev/null twice overwrites nothing
+            ):
                 raise SystemExit(
                     f"fusedmlp bench: {option} and {other} name the same file {path}: "
                     "one would overwrite the other"
@@ -230,9 +234,11 @@ def _run(args, ops, device) -> int:
 
     def save(rows, complete=False):
         doc = R.document(meta, ceilings, rows, complete)
-        if args.json:
+        # a pipe or terminal (/dev/stdout) gets the final document only: each save would add
+        # a whole document to the stream, not replace the last one
+        if args.json and (complete or not R.is_special_file(args.json)):
             R.write_json(args.json, doc)
-        if args.markdown:
+        if args.markdown and (complete or not R.is_special_file(args.markdown)):
             R.write_markdown(args.markdown, doc)
         return doc
 

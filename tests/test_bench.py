@@ -576,3 +576,31 @@ def test_bench_refuses_one_file_for_two_outputs(tmp_path):
 
 def test_bench_that_measured_nothing_fails():
     assert main(["bench", "--quick", "--device", "cpu", "--ops", "sgd", "--time-budget", "0"]) == 1
+
+
+def test_write_json_into_a_pipe(tmp_path):
+    # /dev/stdout piped, or bash's >(...) (/dev/fd/63): a link to "pipe:[inode]", which
+    # realpath turns into a path that names nothing
+    import os
+
+    r, w = os.pipe()
+    try:
+        R.write_json(f"/proc/self/fd/{w}", {"a": 1})
+        os.close(w)
+        w = None
+        with os.fdopen(r) as f:
+            assert json.loads(f.read()) == {"a": 1}
+    finally:
+        if w is not None:
+            os.close(w)
+
+
+def test_write_json_through_a_dangling_link(tmp_path):
+    from fusedmlp.cli._checks import output_path_problem
+
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")
+    assert output_path_problem(str(link), make_folder=True) is None  # bench's check first
+    assert link.is_symlink() and not (tmp_path / "target.json").exists()
+    R.write_json(str(link), {"b": 2})
+    assert link.is_symlink() and json.loads((tmp_path / "target.json").read_text()) == {"b": 2}
