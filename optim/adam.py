@@ -221,8 +221,9 @@ class _FusedAdamStep:
 
         # A step plan (fusedmlp.optim._plan) applies in eager mode without AMP tensors. Plans
         # are recorded once every group's state exists (a plan checks the whole state).
-        plannable = not amp and not torch.compiler.is_compiling()
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        plannable = not amp and not compiling
+        if not compiling:
             _plan.prune(self)  # no plan may keep a removed group's tensors alive
         to_plan = []
         for group in self.param_groups:

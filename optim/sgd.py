@@ -105,8 +105,9 @@ class SGD(torch.optim.SGD):
 
         # Step plans (fusedmlp.optim._plan), as Adam's: eager mode, no AMP tensors; recorded
         # once every group's state exists.
-        plannable = not amp and not torch.compiler.is_compiling()
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        plannable = not amp and not compiling
+        if not compiling:
             _plan.prune(self)  # no plan may keep a removed group's tensors alive
         to_plan = []
         for group in self.param_groups:
