@@ -600,7 +600,6 @@ def _case_mlp_block(inp, dtype, sizes):
 
 
 def _case_dropout(inp, dtype, sizes, p):
-    import torch
 
     import fusedmlp.functional as FF
 
@@ -612,23 +611,29 @@ def _case_dropout(inp, dtype, sizes, p):
     y.backward(g)
     keep = y.detach() != 0
     scale = 1.0 / (1.0 - p)
-    sigma = math.sqrt(p * (1 - p) / keep.numel())
     return [
         Check("output (kept = x/(1-p))", y, x.float() * keep * scale, dtype=dtype),
-        Check(
-            "keep rate (1-p +- 5 sigma)",
-            keep.double().mean(),
-            torch.tensor(1.0 - p, dtype=torch.float64),
-            rtol=0.0,
-            atol=5 * sigma,
-        ),
+        _keep_rate("keep rate", keep, p),
         Check("grad = g*mask/(1-p)", x_.grad, g.float() * keep * scale),
     ]
 
 
-def _case_dropout2d(inp, dtype, sizes, p):
+def _keep_rate(name: str, kept, p: float) -> Check:
+    """The share of ``kept`` (bool, one entry per keep decision) within 5 sigma of ``1 - p``:
+    a kernel that never drops, or drops everything, fails it."""
     import torch
 
+    sigma = math.sqrt(p * (1 - p) / kept.numel())
+    return Check(
+        f"{name} (1-p +- 5 sigma)",
+        kept.double().mean(),
+        torch.tensor(1.0 - p, dtype=torch.float64),
+        rtol=0.0,
+        atol=5 * sigma,
+    )
+
+
+def _case_dropout2d(inp, dtype, sizes, p):
     import fusedmlp
 
     shape = sizes["dropout2d"]
@@ -642,20 +647,13 @@ def _case_dropout2d(inp, dtype, sizes, p):
     scale = 1.0 / (1.0 - p)
     per_channel = keep.flatten(2)
     kept = per_channel.any(-1)  # one keep decision per (sample, channel)
-    sigma = math.sqrt(p * (1 - p) / kept.numel())
     return [
         Check("output (kept = x/(1-p))", y, x.float() * keep * scale, dtype=dtype),
-        Check(
-            "channel keep rate (1-p +- 5 sigma)",
-            kept.double().mean(),
-            torch.tensor(1.0 - p, dtype=torch.float64),
-            rtol=0.0,
-            atol=5 * sigma,
-        ),
+        _keep_rate("channel keep rate", kept, p),
         Check(
             "whole channels kept/dropped",
             per_channel.all(-1).double(),
-            per_channel.any(-1).double(),
+            kept.double(),
             rtol=0.0,
             atol=0.0,
         ),
