@@ -151,7 +151,9 @@ def run(args) -> int:
 
     ops = parse_ops(args.ops)
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        # '' is not "the default": torch.device('') refuses it, as it must here
+        device = torch.device(default if args.device is None else args.device)
     except RuntimeError as e:
         raise SystemExit(f"fusedmlp bench: bad --device {args.device!r}: {e}") from None
     if device.type not in ("cpu", "cuda"):

@@ -912,59 +912,63 @@ def _run_cases(cases, ops, inp, interpreted, deadline=None):
     return rows, not_run
 
 
+def _refuse(message: str) -> int:
+    """A usage error, before any case runs: said on stderr (stdout carries the report), and
+    exit status 2, as argparse's."""
+    print(message, file=sys.stderr)
+    return 2
+
+
 def run(args) -> int:
     start = time.perf_counter()
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # '' is not "the default": torch.device('') refuses it, as it must here
+    device = args.device
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device_type = torch.device(device).type
     except RuntimeError as e:
-        print(f"fusedmlp verify: bad --device {device!r}: {e}")
-        return 2
+        return _refuse(f"fusedmlp verify: bad --device {device!r}: {e}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        print(f"fusedmlp verify: --device {device} asked for, but no CUDA device is available")
-        return 2
+        return _refuse(
+            f"fusedmlp verify: --device {device} asked for, but no CUDA device is available"
+        )
     if device_type not in ("cpu", "cuda"):
-        print(f"fusedmlp verify: unsupported device {device!r} (cpu or cuda)")
-        return 2
+        return _refuse(f"fusedmlp verify: unsupported device {device!r} (cpu or cuda)")
     error = _setup_interpreter(device_type)
     if error:
-        print(error)
-        return 2
+        return _refuse(error)
 
     budget = args.time_budget
     if budget is not None and not (math.isfinite(budget) and budget >= 0):
-        print(
+        return _refuse(
             f"fusedmlp verify: --time-budget must be a finite number of seconds >= 0, got {budget}"
         )
-        return 2
 
     dtypes = list(dict.fromkeys(d.strip() for d in args.dtypes.split(",") if d.strip()))
     bad = [d for d in dtypes if d not in DTYPE_NAMES]
     ops = list(dict.fromkeys(o.strip() for o in args.ops.split(",") if o.strip()))
     bad_ops = [o for o in ops if o not in OPS]
     if bad or bad_ops or not dtypes or not ops:
-        print(
+        return _refuse(
             f"fusedmlp verify: unknown dtypes {bad} or ops {bad_ops}: "
             f"dtypes among {', '.join(DTYPE_NAMES)}; ops among {', '.join(OPS)}"
         )
-        return 2
     # an op asked for that has no case in these dtypes (mlp_block: fp32 only) would be left out
     # of a run that passes without a word
     covered = {op for op, _, _, _ in _cases(_sizes(device_type), dtypes, True)}
     uncovered = [o for o in ops if o not in covered]
     if uncovered:
-        print(
+        return _refuse(
             f"fusedmlp verify: no case of {', '.join(uncovered)} in dtypes {', '.join(dtypes)} "
             "(mlp_block is verified in fp32 only): add fp32 to --dtypes"
         )
-        return 2
     if args.json is not None:  # checked before the cases run, not after them
         problem = output_path_problem(args.json)
         if problem is not None:
-            print(f"fusedmlp verify: cannot write {args.json}: {problem}")
-            return 2
+            return _refuse(f"fusedmlp verify: cannot write {args.json}: {problem}")
 
     import triton
 
@@ -974,8 +978,7 @@ def run(args) -> int:
 
     interpreted = interpreter_active()
     if device_type == "cpu" and not interpreted:  # pragma: no cover - guarded above
-        print("fusedmlp verify: Triton's interpreter could not be enabled for CPU tensors")
-        return 2
+        return _refuse("fusedmlp verify: Triton's interpreter could not be enabled for CPU tensors")
 
     full = args.full or device_type == "cpu"
     first_config = device_type == "cuda" and not args.autotune

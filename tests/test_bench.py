@@ -89,8 +89,9 @@ def test_parse_ops():
 
 
 def test_bench_refuses_a_bad_or_missing_device(monkeypatch):
-    with pytest.raises(SystemExit, match="bad --device 'foo'"):
-        main(["bench", "--quick", "--ops", "sgd", "--device", "foo"])
+    for device in ("foo", ""):  # '' is not the default device (torch.device('') refuses it)
+        with pytest.raises(SystemExit, match=f"bad --device {device!r}"):
+            main(["bench", "--quick", "--ops", "sgd", "--device", device])
     with pytest.raises(SystemExit, match="unsupported device 'meta'"):
         main(["bench", "--quick", "--ops", "sgd", "--device", "meta"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -652,7 +652,7 @@ def test_verify_refuses_a_bad_json_path_and_seed_before_running(tmp_path, monkey
     monkeypatch.setattr(verify, "_run_cases", ran)
     # a folder as --json: an IsADirectoryError traceback after every case had run
     assert main(["verify", "--ops", "sgd", "--dtypes", "fp32", "--json", str(tmp_path)]) == 2
-    assert "cannot write" in capsys.readouterr().out
+    assert "cannot write" in capsys.readouterr().err
     # beyond torch's seed range: a ValueError traceback from the generator
     with pytest.raises(SystemExit) as info:
         main(["verify", "--ops", "sgd", "--seed", str(2**64)])

@@ -68,8 +68,8 @@ def test_verify_refuses_kernels_already_compiled_in_process():
         [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd="/"
     )
     assert out.returncode == 2, out.stdout + out.stderr
-    assert "already imported in compiled mode" in out.stdout
-    assert "fresh process" in out.stdout
+    assert "already imported in compiled mode" in out.stderr
+    assert "fresh process" in out.stderr and not out.stdout
 
 
 def _args(**kw):
@@ -129,7 +129,7 @@ def test_verify_fails_when_no_kernel_ran(monkeypatch, capsys):
 def test_verify_rejects_unknown_dtypes_and_ops(capsys):
     assert verify.run(_args(dtypes="fp8")) == 2
     assert verify.run(_args(ops="conv")) == 2
-    assert "unknown" in capsys.readouterr().out
+    assert "unknown" in capsys.readouterr().err
 
 
 def test_verify_time_budget_starts_no_case_after_it(capsys):
@@ -165,22 +165,25 @@ def test_verify_with_a_spent_time_budget_fails_and_says_so(capsys, tmp_path):
 @pytest.mark.parametrize("budget", [-5.0, float("nan"), float("inf")])
 def test_verify_rejects_a_time_budget_that_is_not_a_number_of_seconds(budget, capsys):
     assert verify.run(_args(time_budget=budget)) == 2
-    assert "--time-budget" in capsys.readouterr().out
+    assert "--time-budget" in capsys.readouterr().err
 
 
 def test_verify_rejects_a_bad_device_and_a_json_path_without_folder(tmp_path, capsys):
-    assert verify.run(_args(device="foo")) == 2
-    assert "bad --device 'foo'" in capsys.readouterr().out
+    # said on stderr: stdout carries the report
+    for device in ("foo", ""):  # '' is not the default device (torch.device('') refuses it)
+        assert verify.run(_args(device=device)) == 2
+        out = capsys.readouterr()
+        assert f"bad --device {device!r}" in out.err and not out.out
     report = tmp_path / "no" / "such" / "verify.json"
     assert verify.run(_args(json=str(report))) == 2  # before any case runs
-    out = capsys.readouterr().out
-    assert "no folder" in out and str(report.parent) in out and "PASS" not in out
+    out = capsys.readouterr()
+    assert "no folder" in out.err and str(report.parent) in out.err and "PASS" not in out.out
 
 
 def test_verify_refuses_an_op_with_no_case_in_the_dtypes(capsys):
     # mlp_block runs in fp32 only: asked for in 16-bit dtypes it must not pass unverified
     assert verify.run(_args(ops="mlp_block,sgd", dtypes="fp16")) == 2
-    assert "mlp_block" in capsys.readouterr().out
+    assert "mlp_block" in capsys.readouterr().err
 
 
 def test_verify_dropout2d_fails_when_nothing_is_dropped(monkeypatch, capsys):
