@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
 
-import fusedmlp
-from fusedmlp.cli._checks import (
-    output_path_problem,
-    plot_format,
-    plot_format_problem,
-    positive_c_int,
+# run as a script, this file's folder is first on sys.path
+from _common import (
+    FINITE_NONNEGATIVE,
+    FINITE_POSITIVE,
+    add_run_options,
+    at_least,
+    exit_on_out_of_memory,
+    set_up,
 )
-from fusedmlp.cli.train import checked_type
+
+import fusedmlp
+from fusedmlp.cli._checks import plot_format
 
 
 def create_model(with_batchnorm: bool, nc: int = 32, depth: int = 16) -> torch.nn.Sequential:
@@ -94,107 +97,30 @@ def accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def _at_least(low: int):
-    return checked_type(int, lambda v: v >= low, f"an integer >= {low}")
-
-
-def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
-    """``--device`` as a torch device, or the parser's error: cpu, or cuda where it is present."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        p.error(f"argument --device: expected cpu or cuda[:N], got {text!r}")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"argument --device: expected cpu or cuda[:N], got {text!r}")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            p.error(f"argument --device: {text} asked for, but CUDA is not available here")
-        if device.index is not None and device.index >= count:
-            p.error(f"argument --device: {text}, but this machine has {count} CUDA device(s)")
-    return device
-
-
-def _check_backend(p: argparse.ArgumentParser, device: torch.device) -> None:
-    """Backend 'triton' on CPU tensors needs Triton's interpreter: say so now, not as the first
-    op's traceback (as ``fusedmlp train`` does)."""
-    from fusedmlp import backend
-
-    if device.type == "cpu" and fusedmlp.get_backend() == "triton" and backend.triton_available():
-        try:
-            backend._require_interpreter()
-        except RuntimeError as e:
-            p.error(str(e))
-
-
-def _check_plot(p: argparse.ArgumentParser, path: str) -> None:
-    """Refuse ``--plot`` before the experiment, not after it (the CLI's checks: matplotlib and
-    a format it writes, then a file that can be written)."""
-    if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
-        p.error(f"argument --plot: expected a file name such as plot.png, got {path!r}")
-    problem = plot_format_problem(path) or output_path_problem(path)
-    if problem is not None:
-        p.error(f"argument --plot: cannot write {path}: {problem}")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--stds",
-        type=checked_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-        nargs="+",
-        default=[0.001, 0.01, 0.1, 0.25, 1.0, 10.0],
+        "--stds", type=FINITE_NONNEGATIVE, nargs="+", default=[0.001, 0.01, 0.1, 0.25, 1.0, 10.0]
     )
-    p.add_argument("--depth", type=_at_least(0), default=16)
-    p.add_argument("--width", type=_at_least(1), default=32)
-    p.add_argument("--epochs", type=_at_least(1), default=25)
+    p.add_argument("--depth", type=at_least(0), default=16)
+    p.add_argument("--width", type=at_least(1), default=32)
+    p.add_argument("--epochs", type=at_least(1), default=25)
     # BatchNorm needs batches of at least 2 samples
-    p.add_argument("--batch-size", type=_at_least(2), default=100)
-    p.add_argument(
-        "--lr",
-        type=checked_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-        default=0.1,
-    )
-    p.add_argument("--n", type=_at_least(2), default=1000, help="train and test set sizes")
-    p.add_argument(
-        "--seed",  # torch.manual_seed's range
-        type=checked_type(int, lambda v: -(2**63) <= v < 2**64, "an integer in [-2**63, 2**64)"),
-        default=0,
-    )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--threads",
-        type=positive_c_int,  # torch.set_num_threads takes a C int
-        default=1,
-        help="CPU threads (tiny matrices: more only add overhead)",
-    )
-    p.add_argument("--plot", metavar="PATH", help="PNG of test accuracy against the init std")
+    p.add_argument("--batch-size", type=at_least(2), default=100)
+    p.add_argument("--lr", type=FINITE_POSITIVE, default=0.1)
+    p.add_argument("--n", type=at_least(2), default=1000, help="train and test set sizes")
+    add_run_options(p, "PNG of test accuracy against the init std")
     args = p.parse_args(argv)
-
-    device = _device(p, args.device)
-    _check_backend(p, device)
-    if args.plot is not None:
-        _check_plot(p, args.plot)
-    try:
-        _experiment(args, device)
-    except (MemoryError, RuntimeError) as e:  # --n or --width beyond this machine's memory
-        text = str(e)
-        if (
-            not isinstance(e, MemoryError)
-            and "can't allocate memory" not in text
-            and ("out of memory" not in text.lower())
-        ):
-            raise
-        p.exit(
-            1,
-            f"{p.prog}: out of memory on {device} (--n {args.n}, --width {args.width}, "
-            f"--depth {args.depth}): {text.splitlines()[0] if text else 'MemoryError'}\n",
-        )
+    device = set_up(p, args)
+    exit_on_out_of_memory(
+        p,
+        device,
+        f"--n {args.n}, --width {args.width}, --depth {args.depth}",
+        lambda: _experiment(args, device),
+    )
 
 
 def _experiment(args, device) -> None:
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     x_train, y_train = (t.to(device) for t in generate_disc_set(args.n, gen))
     x_test, y_test = (t.to(device) for t in generate_disc_set(args.n, gen))

@@ -25,17 +25,15 @@ the default backend, its torch fallback does.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
+
+# run as a script, this file's folder is first on sys.path
+from _common import add_run_options, set_up
 
 import fusedmlp
 from fusedmlp.cli._checks import plot_format
 from fusedmlp.cli.train import checked_type
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batchnorm_depth import _check_backend, _check_plot, _device  # noqa: E402
 
 
 def valley(t: torch.Tensor) -> torch.Tensor:
@@ -84,13 +82,9 @@ def main(argv=None) -> None:
         type=checked_type(int, lambda v: 1 <= v <= 100_000, "an integer in [1, 100000]"),
         default=200,
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--plot", metavar="PATH", help="PNG of the trajectories on each surface")
+    add_run_options(p, "PNG of the trajectories on each surface", seed=False, threads=False)
     args = p.parse_args(argv)
-    device = _device(p, args.device)
-    _check_backend(p, device)
-    if args.plot is not None:
-        _check_plot(p, args.plot)
+    device = set_up(p, args)
 
     print(
         f"{args.steps} steps on {device} (fusedmlp backend {fusedmlp.get_backend()}); "

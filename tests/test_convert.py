@@ -622,24 +622,6 @@ def test_leaky_relu_absorbed_only_where_an_inplace_edit_still_backpropagates(tri
         assert_close(g, ref)
 
 
-def test_batchnorm_depth_example_smoke(capsys):
-    """examples/batchnorm_depth.py on a tiny budget: both libraries give the same accuracies."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "batchnorm_depth.py"
-    spec = importlib.util.spec_from_file_location("batchnorm_depth", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    example.main(
-        ["--stds", "0.25", "--depth", "3", "--epochs", "2", "--n", "200", "--device", "cpu"]
-    )
-    out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.strip().startswith("0.25 |"))
-    torch_no_bn, fused_no_bn, torch_bn, fused_bn = row.split("|")[1].split()
-    assert torch_no_bn == fused_no_bn and torch_bn == fused_bn
-
-
 def test_fx_symbolic_trace_keeps_fusedmlp_modules_as_leaves(triton_backend, launches):
     """torch.fx.symbolic_trace of a converted model, an MLP and a model with a fusedmlp loss:
     fusedmlp's modules are call_module nodes, as torch.nn's are, and the GraphModule runs them

@@ -1,0 +1,119 @@
+"""What the examples share: their option types, the options every one takes (--seed, --device,
+--threads, --plot), the checks that run before an experiment starts, and the out-of-memory
+message. Not an example itself."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+
+import fusedmlp
+from fusedmlp.cli._checks import output_path_problem, plot_format_problem, positive_c_int
+from fusedmlp.cli.train import checked_type
+
+FINITE_POSITIVE = checked_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+FINITE_NONNEGATIVE = checked_type(
+    float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"
+)
+
+
+def at_least(low: int):
+    return checked_type(int, lambda v: v >= low, f"an integer >= {low}")
+
+
+def add_run_options(
+    p: argparse.ArgumentParser, plot_help: str, *, seed: bool = True, threads: bool = True
+) -> None:
+    """--seed (with ``seed``), --device, --threads (with ``threads``) and --plot."""
+    if seed:
+        p.add_argument(
+            "--seed",  # torch.manual_seed's range
+            type=checked_type(
+                int, lambda v: -(2**63) <= v < 2**64, "an integer in [-2**63, 2**64)"
+            ),
+            default=0,
+        )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if threads:
+        p.add_argument(
+            "--threads",
+            type=positive_c_int,  # torch.set_num_threads takes a C int
+            default=1,
+            help="CPU threads (tiny matrices: more only add overhead)",
+        )
+    p.add_argument("--plot", metavar="PATH", help=plot_help)
+
+
+def set_up(p: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """The device of ``add_run_options``'s --device, after the checks an experiment must pass
+    before it starts (the backend, --plot); --threads applied on a CPU."""
+    device = _device(p, args.device)
+    _check_backend(p, device)
+    if args.plot is not None:
+        _check_plot(p, args.plot)
+    if device.type == "cpu" and getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    return device
+
+
+def exit_on_out_of_memory(p: argparse.ArgumentParser, device, sizes: str, run):
+    """``run()``'s result; where it runs out of memory (options beyond this machine's), the
+    parser's exit with a one-line message naming ``sizes`` (the options that set the sizes)
+    instead of a traceback."""
+    try:
+        return run()
+    except (MemoryError, RuntimeError) as e:
+        text = str(e)
+        if (
+            not isinstance(e, MemoryError)
+            and "can't allocate memory" not in text
+            and ("out of memory" not in text.lower())
+        ):
+            raise
+        p.exit(
+            1,
+            f"{p.prog}: out of memory on {device} ({sizes}): "
+            f"{text.splitlines()[0] if text else 'MemoryError'}\n",
+        )
+
+
+def _device(p: argparse.ArgumentParser, text: str) -> torch.device:
+    """``--device`` as a torch device, or the parser's error: cpu, or cuda where it is present."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        p.error(f"argument --device: expected cpu or cuda[:N], got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"argument --device: expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            p.error(f"argument --device: {text} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= count:
+            p.error(f"argument --device: {text}, but this machine has {count} CUDA device(s)")
+    return device
+
+
+def _check_backend(p: argparse.ArgumentParser, device: torch.device) -> None:
+    """Backend 'triton' on CPU tensors needs Triton's interpreter: say so now, not as the first
+    op's traceback (as ``fusedmlp train`` does)."""
+    from fusedmlp import backend
+
+    if device.type == "cpu" and fusedmlp.get_backend() == "triton" and backend.triton_available():
+        try:
+            backend._require_interpreter()
+        except RuntimeError as e:
+            p.error(str(e))
+
+
+def _check_plot(p: argparse.ArgumentParser, path: str) -> None:
+    """Refuse ``--plot`` before the experiment, not after it (the CLI's checks: matplotlib and
+    a format it writes, then a file that can be written)."""
+    if not path or os.path.isdir(path) or path.endswith(("/", os.sep)):
+        p.error(f"argument --plot: expected a file name such as plot.png, got {path!r}")
+    problem = plot_format_problem(path) or output_path_problem(path)
+    if problem is not None:
+        p.error(f"argument --plot: cannot write {path}: {problem}")
