@@ -70,8 +70,12 @@ def generate_disc_set(n: int, generator: torch.Generator) -> tuple[torch.Tensor,
     return x, y
 
 
-def train(model, loss_fn, optimizer, x, y, epochs, batch_size, order_seed) -> float:
-    """Plain minibatch SGD; returns the last epoch's mean loss (NaN when it diverged)."""
+def train(
+    model, loss_fn, optimizer, x, y, epochs, batch_size, order_seed, min_batch: int = 2
+) -> float:
+    """Plain minibatch SGD; returns the last epoch's mean loss (NaN when it diverged). An
+    epoch's last batch is left out when it has fewer than ``min_batch`` samples (BatchNorm
+    refuses a batch of 1 in training)."""
     gen = torch.Generator().manual_seed(order_seed)
     model.train()
     last = float("nan")
@@ -79,7 +83,7 @@ def train(model, loss_fn, optimizer, x, y, epochs, batch_size, order_seed) -> fl
         perm = torch.randperm(len(x), generator=gen).to(x.device)
         total = torch.zeros((), device=x.device)
         steps = 0
-        for i in range(0, len(x) - 1, batch_size):  # never a batch of 1 (BatchNorm)
+        for i in range(0, len(x) - min_batch + 1, batch_size):
             idx = perm[i : i + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
