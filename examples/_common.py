@@ -1,4 +1,4 @@
-"""What the examples share: their option types, the options every one takes (--seed, --device,
+"""What the examples share: their option types, the options they take (--seed, --device,
 --threads, --plot), the checks that run before an experiment starts, and the out-of-memory
 message. Not an example itself."""
 
@@ -25,9 +25,10 @@ def at_least(low: int):
 
 
 def add_run_options(
-    p: argparse.ArgumentParser, plot_help: str, *, seed: bool = True, threads: bool = True
+    p: argparse.ArgumentParser, plot_help: str | None, *, seed: bool = True, threads: bool = True
 ) -> None:
-    """--seed (with ``seed``), --device, --threads (with ``threads``) and --plot."""
+    """--seed (with ``seed``), --device, --threads (with ``threads``) and --plot (unless
+    ``plot_help`` is None: an example with nothing to draw)."""
     if seed:
         p.add_argument(
             "--seed",  # torch.manual_seed's range
@@ -44,7 +45,8 @@ def add_run_options(
             default=1,
             help="CPU threads (tiny matrices: more only add overhead)",
         )
-    p.add_argument("--plot", metavar="PATH", help=plot_help)
+    if plot_help is not None:
+        p.add_argument("--plot", metavar="PATH", help=plot_help)
 
 
 def set_up(p: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
@@ -52,7 +54,7 @@ def set_up(p: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device
     before it starts (the backend, --plot); --threads applied on a CPU."""
     device = _device(p, args.device)
     _check_backend(p, device)
-    if args.plot is not None:
+    if getattr(args, "plot", None) is not None:
         _check_plot(p, args.plot)
     if device.type == "cpu" and getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)

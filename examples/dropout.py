@@ -7,7 +7,10 @@ k kept in the row) and 0 where dropped. It runs with ``fusedmlp.nn.Dropout`` and
 ``torch.nn.Dropout``, and checks each against that closed form: on the Triton path the kernels
 draw their own random numbers, so the two masks differ (on a CPU with the default backend,
 fusedmlp's torch fallback draws torch's mask). Then the lecture's ``model.train(False)``, which
-turns dropout off: the output is the input.
+turns dropout off: the output is the input. Then its "Spatial Dropout" session:
+``dropout2d = nn.Dropout2d()`` on ``x = Tensor(2, 3, 2, 2).fill_(1.0)``, which drops whole
+channels: each of the 6 channels of ``dropout2d(x)`` is all 0 or all 2, checked for
+``fusedmlp.nn.Dropout2d`` and ``torch.nn.Dropout2d``.
 
 Then "A bit of Dropout: MLP with 3 hidden layers and noisy labels" and "Too much: underfitting":
 the lecture's 2-D disc problem with a fraction of the training labels flipped, and an MLP with 3
@@ -119,6 +122,58 @@ def print_repl(device, p: float, seed: int) -> dict[str, ReplResult]:
         else "fusedmlp's Triton kernels draw their own random numbers"
     )
     print(f"same mask in both libraries: {'yes' if same else 'no'} ({why})")
+    return results
+
+
+class SpatialResult(NamedTuple):
+    """What the lecture's Spatial Dropout session gave with one library's ``nn.Dropout2d``."""
+
+    y: torch.Tensor
+    scale: float  # 1/(1-p), a kept channel's value
+    whole_channels: bool  # every (sample, channel) map is all 0 or all 1/(1-p)
+    kept: int  # channels kept, of y.shape[0] * y.shape[1]
+
+    @property
+    def ok(self) -> bool:
+        return self.whole_channels
+
+
+def spatial_dropout_example(
+    lib, device, shape=(2, 3, 2, 2), p: float = 0.5, seed: int = 0
+) -> SpatialResult:
+    """``lib.nn.Dropout2d(p)`` on ones of ``shape`` (``lib``: fusedmlp or torch)."""
+    torch.manual_seed(seed)
+    dropout2d = lib.nn.Dropout2d(p)
+    x = torch.ones(shape, device=device)
+    y = dropout2d(x)
+    scale = 1.0 / (1.0 - p)
+    maps = y.flatten(2)  # [sample, channel, H * W]
+    dropped, kept = (maps == 0).all(2), (maps == scale).all(2)
+    whole = bool((dropped | kept).all())
+    return SpatialResult(y, scale, whole, int(kept.sum()))
+
+
+def print_spatial(device, seed: int) -> dict[str, SpatialResult]:
+    """The lecture's Spatial Dropout session with each library: every channel all 0 or all 2."""
+    results = {}
+    for name in LIBS:
+        lib = fusedmlp if name == "fusedmlp" else torch
+        r = results[name] = spatial_dropout_example(lib, device, seed=seed)
+        print(
+            f"\n>>> dropout2d = {name}.nn.Dropout2d(); x = Tensor(2, 3, 2, 2).fill_(1.0); "
+            "dropout2d(x)"
+        )
+        # one line per (sample, channel) map, the lecture's "(0 ,2 ,.,.) =" blocks
+        for i, sample in enumerate(r.y.tolist()):
+            for j, channel in enumerate(sample):
+                rows = "; ".join(" ".join(f"{v:.0f}" for v in row) for row in channel)
+                print(f"({i}, {j}, ., .) = [{rows}]")
+        print(
+            f"check {name}: Dropout2d: every channel all 0 or all {r.scale:g}: "
+            f"{'yes' if r.whole_channels else 'NO'} ({r.kept}/{r.y.shape[0] * r.y.shape[1]} "
+            f"channels kept) -> "
+            f"{'OK' if r.ok else 'FAILED'}"
+        )
     return results
 
 
@@ -302,6 +357,7 @@ def main(argv=None) -> list[Row]:
         "x = ones(3, 9), requires_grad=True"
     )
     print_repl(device, 0.75, args.seed)
+    print_spatial(device, args.seed)
 
     print(
         f"\ndisc: {args.n} train points, {flipped_count(args)} labels flipped, "

@@ -102,8 +102,9 @@ def test_vanishing_gradients_example_follows_torch(triton_backend, launches, cap
 
 def test_dropout_example_follows_torch(triton_backend, launches, capsys):
     """The REPL session's x.grad is the closed form 4 y / ||y_row|| for fusedmlp's kernels (and
-    model.train(False) turns them off); the noisy-disc table has a row per p, and with p = 0
-    (nothing random) fusedmlp's accuracies and trained weights are torch's."""
+    model.train(False) turns them off), and the Spatial Dropout session's channels are whole;
+    the noisy-disc table has a row per p, and with p = 0 (nothing random) fusedmlp's
+    accuracies and trained weights are torch's."""
     example = _example("dropout")
     ps = ["0", "0.5", "0.9"]
     # one batch an epoch, 3 steps a p: under the interpreter a step takes ~0.5 s
@@ -113,7 +114,8 @@ def test_dropout_example_follows_torch(triton_backend, launches, capsys):
     )
     out = capsys.readouterr().out
     checks = [line for line in out.splitlines() if line.startswith("check fusedmlp:")]
-    assert len(checks) == 2 and all(line.endswith("-> OK") for line in checks), out
+    assert len(checks) == 3 and all(line.endswith("-> OK") for line in checks), out
+    assert "Dropout2d: every channel all 0 or all 2: yes" in checks[2], out
 
     lines = [line.split("|") for line in out.splitlines() if line.count("|") == 2]
     table = {line[0].strip(): line[1].split() + line[2].split() for line in lines[2:]}
@@ -213,3 +215,84 @@ def test_universal_example_refuses_plot_folder(tmp_path, capsys):
         _example("universal_approximation").main(["--plot", str(tmp_path), "--device", "cpu"])
     assert e.value.code == 2
     assert "argument --plot" in capsys.readouterr().err
+
+
+def test_dropout2d_example_drops_whole_channels(triton_backend, launches):
+    """The Spatial Dropout session's function through fusedmlp's kernels: on the lecture's
+    ones(2, 3, 2, 2) and on a larger input, each (sample, channel) map is all 0 or all 2, some
+    kept and some dropped, and the result says so."""
+    example = _example("dropout")
+    for shape in [(2, 3, 2, 2), (4, 16, 3, 5)]:
+        result = example.spatial_dropout_example(fusedmlp, DEVICE, shape=shape, p=0.5, seed=0)
+        assert result.y.shape == shape
+        maps = result.y.flatten(2)
+        first = maps[:, :, :1]
+        assert torch.equal(maps, first.expand_as(maps)), result.y  # constant over each map
+        kept = first.squeeze(2) == 2
+        assert torch.equal(first.squeeze(2), 2.0 * kept), result.y
+        assert result.whole_channels and result.ok and result.kept == int(kept.sum())
+        if shape[1] > 3:  # 64 channels: p = 0.5 keeps neither none nor all
+            assert 16 <= result.kept <= 48, result.kept
+    assert launches["_dropout_kernel"] > 0
+
+
+def test_batchnorm_example_follows_torch(triton_backend, launches, capsys):
+    """examples/batchnorm.py on tiny inputs through fusedmlp's kernels: its outputs and running
+    statistics are torch's, and the lecture's claims hold, checked here against float64
+    formulas: in training mode y.mean(0) = bias and the biased std = weight; one pass leaves
+    0.1 x's mean and 0.9 + 0.1 its unbiased variance; momentum=None over equal batches leaves
+    x's mean and the batches' mean unbiased variance, which eval mode uses; BatchNorm2d's
+    channels come out with mean 0 and std 1."""
+    example = _example("batchnorm")
+    n, batch, shape = 48, 16, (2, 3, 4, 5)
+    results = example.main(
+        ["--n", str(n), "--batch-size", str(batch), "--shape2d", *map(str, shape)]
+        + ["--device", DEVICE]
+    )
+    out = capsys.readouterr().out.splitlines()
+    checks = [line for line in out if line.startswith("check fusedmlp:")]
+    assert len(checks) == 3 + 2 + 6 + 2 and all(line.endswith("-> OK") for line in checks), out
+    sames = [line for line in out if line.startswith("fusedmlp vs torch")]
+    assert len(sames) == 4 and all("-> same within" in line for line in sames), out
+    assert all(results.same.values()), results.same
+
+    weight = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, device=DEVICE)
+    bias = torch.tensor([2.0, 4.0, 8.0], dtype=torch.float64, device=DEVICE)
+    eps = 1e-5
+    x = results.x.double()
+    assert x.shape == (n, 3)
+
+    ours, theirs = results.train["fusedmlp"], results.train["torch"]
+    for stat in ("y", "running_mean", "running_var"):
+        assert_close(getattr(ours, stat), getattr(theirs, stat), msg=stat)
+    normalised = (x - x.mean(0)) / (x.var(0, correction=0) + eps).sqrt()
+    assert_close(ours.y.double(), normalised * weight + bias, dtype=torch.float32)
+    assert_close(ours.y.double().mean(0), bias, dtype=torch.float32)
+    assert_close(ours.y.double().std(0, correction=0), weight, dtype=torch.float32)
+    assert_close(ours.running_mean.double(), 0.1 * x.mean(0), dtype=torch.float32)
+    assert_close(ours.running_var.double(), 0.9 + 0.1 * x.var(0), dtype=torch.float32)
+
+    ours, theirs = results.inference["fusedmlp"], results.inference["torch"]
+    for stat in ("y", "running_mean", "running_var"):
+        assert_close(getattr(ours, stat), getattr(theirs, stat), msg=stat)
+    assert ours.rows == n
+    assert_close(ours.running_mean.double(), x.mean(0), dtype=torch.float32)
+    batch_vars = x.view(n // batch, batch, 3).var(1)
+    assert_close(ours.running_var.double(), batch_vars.mean(0), dtype=torch.float32)
+    expected = (x - x.mean(0)) / (batch_vars.mean(0) + eps).sqrt() * weight + bias
+    assert_close(ours.y.double(), expected, dtype=torch.float32)
+
+    x2d = results.x2d.double()
+    assert x2d.shape == shape
+    ours, theirs = results.conv["fusedmlp"], results.conv["torch"]
+    for stat in ("y", "running_mean", "running_var"):
+        assert_close(getattr(ours, stat), getattr(theirs, stat), msg=stat)
+    assert ours.sizes == (torch.Size(shape), torch.Size([shape[1]]), torch.Size([shape[1]]))
+    dims = (0, 2, 3)
+    mean = x2d.mean(dims, keepdim=True)
+    expected = (x2d - mean) / (x2d.var(dims, correction=0, keepdim=True) + eps).sqrt()
+    assert_close(ours.y.double(), expected, dtype=torch.float32)
+    y = ours.y.double()
+    assert_close(y.mean(dims), torch.zeros_like(y.mean(dims)), dtype=torch.float32)
+    assert_close(y.std(dims, correction=0), torch.ones_like(y.mean(dims)), dtype=torch.float32)
+    assert launches["_bn_forward_kernel"] > 0 and launches.total > 0, dict(launches)
