@@ -1,6 +1,6 @@
 """What the examples share: their option types, the options they take (--seed, --device,
---threads, --plot), the checks that run before an experiment starts, and the out-of-memory
-message. Not an example itself."""
+--threads, --plot), the checks that run before an experiment starts, the out-of-memory
+message and the plots' set-up. Not an example itself."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import os
 import torch
 
 import fusedmlp
-from fusedmlp.cli._checks import output_path_problem, plot_format_problem, positive_c_int
+from fusedmlp.cli._checks import (
+    output_path_problem,
+    plot_format,
+    plot_format_problem,
+    positive_c_int,
+)
 from fusedmlp.cli.train import checked_type
 
 FINITE_POSITIVE = checked_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
@@ -80,6 +85,25 @@ def exit_on_out_of_memory(p: argparse.ArgumentParser, device, sizes: str, run):
             f"{p.prog}: out of memory on {device} ({sizes}): "
             f"{text.splitlines()[0] if text else 'MemoryError'}\n",
         )
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no screen needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Lay ``fig`` out and write it to ``path`` (checked by ``set_up``), in the format its
+    extension names: with no extension a PNG at exactly this path (savefig would append
+    ".png")."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, format=plot_format(path))
+    print(f"plot: {path}")
 
 
 def _device(p: argparse.ArgumentParser, text: str) -> torch.device:

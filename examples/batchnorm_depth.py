@@ -29,11 +29,12 @@ from _common import (
     add_run_options,
     at_least,
     exit_on_out_of_memory,
+    pyplot,
+    save_figure,
     set_up,
 )
 
 import fusedmlp
-from fusedmlp.cli._checks import plot_format
 
 
 def create_model(with_batchnorm: bool, nc: int = 32, depth: int = 16) -> torch.nn.Sequential:
@@ -168,10 +169,7 @@ def _experiment(args, device) -> None:
     print(f"({elapsed:.1f} s)")
 
     if args.plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         styles = {"torch": "-", "fusedmlp": "--"}
@@ -189,10 +187,7 @@ def _experiment(args, device) -> None:
         ax.set_title(f"disc, MLP depth {args.depth} width {args.width}, SGD lr {args.lr}")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        # no extension: a PNG at exactly this path (savefig would append ".png")
-        fig.savefig(args.plot, dpi=120, format=plot_format(args.plot))
-        print(f"plot: {args.plot}")
+        save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,19 @@ from typing import NamedTuple
 import torch
 
 # run as a script, this file's folder is first on sys.path
-from _common import FINITE_POSITIVE, add_run_options, at_least, exit_on_out_of_memory, set_up
+from _common import (
+    FINITE_POSITIVE,
+    add_run_options,
+    at_least,
+    exit_on_out_of_memory,
+    pyplot,
+    save_figure,
+    set_up,
+)
 from batchnorm_depth import accuracy, generate_disc_set, train
 
 import fusedmlp
-from fusedmlp.cli._checks import plot_format, positive_c_int
+from fusedmlp.cli._checks import positive_c_int
 from fusedmlp.cli.train import checked_type
 
 LIBS = ("fusedmlp", "torch")
@@ -264,10 +272,7 @@ def print_table(rows: list[Row], clean_score: float) -> None:
 
 
 def plot(path: str, args, rows: list[Row], data) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x_train, y_train, flipped, _, _ = data
     ps = [r.p for r in rows]
@@ -320,10 +325,7 @@ def plot(path: str, args, rows: list[Row], data) -> None:
         "filled: fusedmlp's regions, black: torch's boundary, x: flipped labels, dotted: the disc",
         fontsize=9,
     )
-    fig.tight_layout()
-    # no extension: a PNG at exactly this path (savefig would append ".png")
-    fig.savefig(path, dpi=110, format=plot_format(path))
-    print(f"plot: {path}")
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> list[Row]:

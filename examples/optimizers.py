@@ -29,10 +29,9 @@ import argparse
 import torch
 
 # run as a script, this file's folder is first on sys.path
-from _common import add_run_options, set_up
+from _common import add_run_options, pyplot, save_figure, set_up
 
 import fusedmlp
-from fusedmlp.cli._checks import plot_format
 from fusedmlp.cli.train import checked_type
 
 
@@ -113,10 +112,7 @@ def main(argv=None) -> None:
         print(f"{example:8s} {label(name, kwargs):26s} {ends[0]:>26s} {ends[1]:>26s} {gap:10.2g}")
 
     if args.plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         examples = list(dict.fromkeys(r[0] for r in RUNS))
         fig, axes = plt.subplots(1, len(examples), figsize=(5.0 * len(examples), 4.2))
@@ -135,9 +131,7 @@ def main(argv=None) -> None:
             ax.set_ylim(-2.0, 2.0)
             ax.set_title(f"{example} (torch solid, fusedmlp dashed)")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        # no extension: a PNG at exactly this path (savefig would append ".png")
-        fig.savefig(args.plot, dpi=120, format=plot_format(args.plot))
+        save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

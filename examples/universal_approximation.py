@@ -48,11 +48,13 @@ from _common import (
     FINITE_POSITIVE,
     add_run_options,
     exit_on_out_of_memory,
+    pyplot,
+    save_figure,
     set_up,
 )
 
 import fusedmlp
-from fusedmlp.cli._checks import plot_format, positive_c_int
+from fusedmlp.cli._checks import positive_c_int
 from fusedmlp.cli.train import checked_type
 
 INTERVAL = (-3.0, 3.0)
@@ -209,10 +211,7 @@ def _experiment(args, device):
 
 
 def _plot(args, rows, x, y, x_test, y_test) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(11.0, 4.2))
     ax.plot(x_test[:, 0], y_test[:, 0], "k-", lw=2.5, alpha=0.3, label="f")
@@ -247,10 +246,7 @@ def _plot(args, rows, x, y, x_test, y_test) -> None:
     ax_err.set_title(f"N = {args.n}, noise std {args.noise:g}, Adam {args.steps} steps")
     ax_err.grid(True, alpha=0.3)
     ax_err.legend(fontsize=7)
-    fig.tight_layout()
-    # no extension: a PNG at exactly this path (savefig would append ".png")
-    fig.savefig(args.plot, dpi=120, format=plot_format(args.plot))
-    print(f"plot: {args.plot}")
+    save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,17 @@ import math
 import torch
 
 # run as a script, this file's folder is first on sys.path
-from _common import FINITE_POSITIVE, add_run_options, at_least, exit_on_out_of_memory, set_up
+from _common import (
+    FINITE_POSITIVE,
+    add_run_options,
+    at_least,
+    exit_on_out_of_memory,
+    pyplot,
+    save_figure,
+    set_up,
+)
 
 import fusedmlp
-from fusedmlp.cli._checks import plot_format
 
 ACTIVATIONS = {  # name: (torch module, fusedmlp.nn.Linear's activation and negative_slope)
     "sigmoid": (torch.nn.Sigmoid, ("sigmoid", 0.01)),
@@ -220,10 +227,7 @@ def _deep(args, device) -> None:
     )
 
     if args.plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         layers = list(range(1, args.depth + 1))
@@ -240,10 +244,7 @@ def _deep(args, device) -> None:
         )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        # no extension: a PNG at exactly this path (savefig would append ".png")
-        fig.savefig(args.plot, dpi=120, format=plot_format(args.plot))
-        print(f"plot: {args.plot}")
+        save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":
