@@ -21,6 +21,8 @@ def _example(name: str):
         sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
     example = importlib.util.module_from_spec(spec)
+    # registered as an import would be: dataclasses look their module up in sys.modules
+    sys.modules[spec.name] = example
     spec.loader.exec_module(example)
     return example
 
@@ -296,3 +298,77 @@ def test_batchnorm_example_follows_torch(triton_backend, launches, capsys):
     assert_close(y.mean(dims), torch.zeros_like(y.mean(dims)), dtype=torch.float32)
     assert_close(y.std(dims, correction=0), torch.ones_like(y.mean(dims)), dtype=torch.float32)
     assert launches["_bn_forward_kernel"] > 0 and launches.total > 0, dict(launches)
+
+
+def test_classifier_example_follows_torch(triton_backend, launches, capsys):
+    """examples/classifier.py through the fused kernels: each activation's derivative (fused
+    into a 1x1 Linear), the softmax Jacobian, the NLL and its gradient, and the L2 term's SGD
+    step are the lecture's formulas; the log of the Softmax output is inf (gradient NaN) where
+    CrossEntropyLoss stays finite and exact; a few SGD steps of the one-hidden-layer Tanh
+    network on digits give torch's NLLs and accuracies, and the printed table says so."""
+    example = _example("classifier")
+    # the converted model is the one the docstring describes: the Tanh fused into the Linear
+    fused = fusedmlp.nn.convert(example.create_model(4, 3, 2))
+    assert type(fused[0]) is fusedmlp.nn.Linear and fused[0].activation == "tanh"
+    assert type(fused[1]) is torch.nn.Identity and type(fused[3]) is fusedmlp.nn.Softmax
+
+    epochs = 2
+    # tiny: the cross-entropy and softmax kernels run a program a row, 10-20 ms each under the
+    # interpreter
+    result = example.main(
+        ["--hidden", "8", "--epochs", str(epochs), "--n-train", "12", "--n-test", "6"]
+        + ["--batch-size", "6", "--device", DEVICE]
+    )
+    out = capsys.readouterr().out
+
+    assert len(result.checks) == 7
+    for check in result.checks:
+        assert check.errors["fusedmlp"] <= check.tol, (check.name, check.errors)
+    verdicts = [line for line in out.splitlines() if line.endswith((" OK", " FAILED"))]
+    assert len(verdicts) == 7 and all(line.endswith(" OK") for line in verdicts), out
+    assert result.unstable["fusedmlp", "lecture"] == (float("inf"), "NaN")
+    value, gradient = result.unstable["fusedmlp", "stable"]
+    assert gradient == "finite"
+    assert value == pytest.approx(result.unstable_reference, rel=1e-6)
+
+    ours, theirs = (torch.tensor(result.history[lib], dtype=torch.float64) for lib in example.LIBS)
+    assert ours.shape == (epochs + 1, 4)  # (train NLL, test NLL, train acc, test acc) a row
+    assert_close(ours, theirs, dtype=torch.float32)
+    assert ours[-1, 0] < ours[0, 0] - 0.1, ours  # it trained
+    model = result.models["fusedmlp"]
+    assert type(model[0]) is fusedmlp.nn.Linear and model[0].activation == "tanh"
+
+    table = [line.split("|") for line in out.splitlines() if line.count("|") == 4]
+    rows = [cells for cells in table if cells[0].strip().isdigit()]
+    assert [int(cells[0]) for cells in rows] == list(range(epochs + 1)), out
+    for epoch, cells in enumerate(rows):
+        printed = _floats(v for group in cells[1:] for v in group.split())
+        expected = torch.stack([ours[epoch], theirs[epoch]], 1).flatten()  # as the columns
+        # NLLs printed with 5 decimals, accuracies as percentages with 2
+        assert_close(printed[:4], expected[:4], rtol=0, atol=5e-6, msg=f"{epoch}")
+        assert_close(printed[4:], 100 * expected[4:], rtol=0, atol=5e-3, msg=f"{epoch}")
+    assert launches.total > 0
+    assert launches["_ce_fwd_kernel"] > 0 and launches["_sgd_kernel"] > 0, dict(launches)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--hidden", "0"],
+        ["--epochs", "0"],
+        ["--batch-size", "0"],
+        ["--lr", "0"],
+        ["--l2", "-1"],
+        ["--weight-decay", "nan"],
+        ["--loss", "mse"],
+        ["--n-train", "0"],
+        ["--device", "tpu"],
+    ],
+)
+def test_classifier_example_refuses_bad_options(argv, capsys):
+    """Bad options: argparse's usage error (exit 2) naming the option, before any check runs."""
+    with pytest.raises(SystemExit) as e:
+        _example("classifier").main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert f"argument {argv[0]}" in captured.err and not captured.out, captured
