@@ -89,6 +89,11 @@ class SoftmaxFunction(torch.autograd.Function):
         return softmax_backward(ctx, grad)  # also softmax_fwd's autograd formula
 
 
+class LogSoftmaxFunction(SoftmaxFunction):
+    """``SoftmaxFunction`` with ``log`` True, under its own name: the output's ``grad_fn`` says
+    LogSoftmax, as torch's ``LogSoftmaxBackward0`` does."""
+
+
 # Used only where softmax_fwd is called with an input that requires grad in grad mode outside
 # SoftmaxFunction: a ``torch.export``ed program (export inlines the Function: its graph holds
 # the op itself), ``ep.module()``. The Function calls the op in its forward, where grad mode is
@@ -137,7 +142,7 @@ def _dispatch(name, input, dim, stacklevel, dtype, log):
         and -ndim <= dim < ndim
         and use_triton(input)
     ):
-        return SoftmaxFunction.apply(input, dim % ndim, log)
+        return (LogSoftmaxFunction if log else SoftmaxFunction).apply(input, dim % ndim, log)
     # the Tensor methods, as torch.nn.functional calls them (its argument errors' positions)
     return input.log_softmax(dim) if log else input.softmax(dim)
 
@@ -152,4 +157,4 @@ def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dty
     return _dispatch("log_softmax", input, dim, _stacklevel, dtype, log=True)
 
 
-__all__ = ["SoftmaxFunction", "log_softmax", "softmax"]
+__all__ = ["LogSoftmaxFunction", "SoftmaxFunction", "log_softmax", "softmax"]

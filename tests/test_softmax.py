@@ -55,6 +55,9 @@ def test_noncontiguous_and_odd_shapes(triton_backend, launches, log):
         x = _x(shape)
         assert_close(ours(x, -1), ref(x, -1))
     assert launches[FWD] == 3 + 4
+    # the graph names the op as torch's does (LogSoftmaxBackward0, SoftmaxBackward0)
+    name = type(ours(x.requires_grad_(), -1).grad_fn).__name__
+    assert name.startswith("LogSoftmax" if log else "Softmax"), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
