@@ -89,6 +89,7 @@ TESTS=(
   tests/test_configs.py
   tests/test_export_autograd.py
   tests/test_autograd_edges.py
+  tests/test_examples.py
 )
 if [[ -n ${GPU_CHECK_TESTS:-} ]]; then read -r -a TESTS <<<"$GPU_CHECK_TESTS"; fi
 

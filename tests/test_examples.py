@@ -306,6 +306,9 @@ def test_classifier_example_follows_torch(triton_backend, launches, capsys):
     step are the lecture's formulas; the log of the Softmax output is inf (gradient NaN) where
     CrossEntropyLoss stays finite and exact; a few SGD steps of the one-hidden-layer Tanh
     network on digits give torch's NLLs and accuracies, and the printed table says so."""
+    # the digits come with scikit-learn: CI installs it (the dev extras), gpu_check's machines
+    # may not have it (as test_train_cli's digits tests)
+    pytest.importorskip("sklearn")
     example = _example("classifier")
     # the converted model is the one the docstring describes: the Tanh fused into the Linear
     fused = fusedmlp.nn.convert(example.create_model(4, 3, 2))
