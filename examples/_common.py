@@ -19,6 +19,10 @@ from fusedmlp.cli._checks import (
 )
 from fusedmlp.cli.train import checked_type
 
+# the two libraries every example runs side by side, by the names it prints
+LIBRARIES = {"fusedmlp": fusedmlp, "torch": torch}
+LIBS = tuple(LIBRARIES)
+
 FINITE_POSITIVE = checked_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 FINITE_NONNEGATIVE = checked_type(
     float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"
@@ -85,6 +89,22 @@ def exit_on_out_of_memory(p: argparse.ArgumentParser, device, sizes: str, run):
             f"{p.prog}: out of memory on {device} ({sizes}): "
             f"{text.splitlines()[0] if text else 'MemoryError'}\n",
         )
+
+
+def rel_diff(a: float, b: float) -> float:
+    """|a - b| / |b| between two libraries' figures: 0 when equal (also both the same
+    infinity), inf where they differ and one is NaN or infinite, or b is 0."""
+    if a == b:
+        return 0.0
+    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return math.inf
+    return abs(a - b) / abs(b)
+
+
+def exit_if_failed(p: argparse.ArgumentParser, ok: bool) -> None:
+    """Exit status 1 when a check the example printed FAILED: scripts see it, not only eyes."""
+    if not ok:
+        p.exit(1, f"{p.prog}: a check above FAILED\n")
 
 
 def pyplot():

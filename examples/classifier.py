@@ -62,7 +62,6 @@ kernels run and agree to float32 rounding.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import NamedTuple
 
@@ -72,10 +71,14 @@ import torch
 from _common import (
     FINITE_NONNEGATIVE,
     FINITE_POSITIVE,
+    LIBRARIES,
+    LIBS,
     add_run_options,
     at_least,
+    exit_if_failed,
     exit_on_out_of_memory,
     pyplot,
+    rel_diff,
     save_figure,
     set_up,
 )
@@ -83,7 +86,6 @@ from _common import (
 import fusedmlp
 from fusedmlp.cli.data import DataError, load_digits
 
-LIBS = ("fusedmlp", "torch")
 # the lecture's name: (fusedmlp.nn.Linear's activation, torch's module, the lecture's derivative)
 ACTIVATIONS = {
     "sigm": ("sigmoid", torch.nn.Sigmoid, lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x))),
@@ -167,7 +169,7 @@ def activation_derivative(lib: str, act: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_modules(lib: str):
-    return fusedmlp.nn if lib == "fusedmlp" else torch.nn
+    return LIBRARIES[lib].nn
 
 
 def lecture_nll(lib: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -266,7 +268,7 @@ def weight_decay_step_gap(lib: str, device, gen: torch.Generator, lr: float = 0.
     model = create_model(6, 5, 3)
     start = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
     slopes = [torch.randn(p.shape, generator=gen).to(device) for p in model.parameters()]
-    optim = fusedmlp.optim if lib == "fusedmlp" else torch.optim
+    optim = LIBRARIES[lib].optim
     after = []
     for explicit in (True, False):
         with torch.no_grad():
@@ -353,12 +355,14 @@ def main(argv=None) -> Result:
         data = load_digits(seed=args.seed % 2**32)  # numpy's seeds are below 2**32
     except DataError as e:
         p.error(str(e))
-    return exit_on_out_of_memory(
+    result = exit_on_out_of_memory(
         p,
         device,
         f"--hidden {args.hidden}, --batch-size {args.batch_size}",
         lambda: _experiment(args, device, data),
     )
+    exit_if_failed(p, all(c.ok for c in result.checks))
+    return result
 
 
 def _experiment(args, device, data) -> Result:
@@ -409,7 +413,7 @@ def _experiment(args, device, data) -> Result:
     history = {}
     start = time.perf_counter()
     for lib, model in models.items():
-        optim = fusedmlp.optim if lib == "fusedmlp" else torch.optim
+        optim = LIBRARIES[lib].optim
         opt = optim.SGD(param_groups(model, args.weight_decay), lr=args.lr)
         history[lib] = [evaluate(lib, model, x_all, y_all, n)]
         for order in orders:
@@ -433,7 +437,7 @@ def _experiment(args, device, data) -> Result:
     for epoch, rows in enumerate(zip(history["fusedmlp"], history["torch"])):
         cells = []
         for j, (ours, theirs) in enumerate(zip(*rows)):
-            gap = max(gap, _rel_diff(ours, theirs))
+            gap = max(gap, rel_diff(ours, theirs))
             if j < 2:
                 cells.append(f" {ours:>9.5f} {theirs:>9.5f}")
             else:
@@ -455,15 +459,6 @@ def _experiment(args, device, data) -> Result:
     if args.plot is not None:
         _plot(args, history)
     return result
-
-
-def _rel_diff(a: float, b: float) -> float:
-    """|a - b| / |b| (0 when equal; inf where one of them is NaN or b is 0 and a is not)."""
-    if a == b:
-        return 0.0
-    if math.isnan(a) or math.isnan(b) or b == 0:
-        return math.inf
-    return abs(a - b) / abs(b)
 
 
 def _plot(args, history) -> None:

@@ -22,7 +22,7 @@ same initial torch model (its Linear-ReLU-Dropout blocks fuse), trained with
 ``fusedmlp.optim.Adam`` on the same batches; with p = 0 nothing is random and both give the same
 accuracies.
 
-    python examples/dropout.py                        # the checks and the table (~20 s on CPU)
+    python examples/dropout.py                        # the checks and the table (~15 s on CPU)
     python examples/dropout.py --plot dropout.png     # and a plot (needs matplotlib)
 """
 
@@ -38,8 +38,11 @@ import torch
 # run as a script, this file's folder is first on sys.path
 from _common import (
     FINITE_POSITIVE,
+    LIBRARIES,
+    LIBS,
     add_run_options,
     at_least,
+    exit_if_failed,
     exit_on_out_of_memory,
     pyplot,
     save_figure,
@@ -51,7 +54,6 @@ import fusedmlp
 from fusedmlp.cli._checks import positive_c_int
 from fusedmlp.cli.train import checked_type
 
-LIBS = ("fusedmlp", "torch")
 # x.grad divides by a float32 norm (4 / sqrt(k)): a few ulps from the closed form, not exact
 GRAD_TOLERANCE = 1e-5
 
@@ -106,7 +108,7 @@ def print_repl(device, p: float, seed: int) -> dict[str, ReplResult]:
     results = {}
     scale = 1.0 / (1.0 - p)
     for name in LIBS:
-        lib = fusedmlp if name == "fusedmlp" else torch
+        lib = LIBRARIES[name]
         r = results[name] = repl_example(lib, device, p, seed)
         print(f"\n>>> dropout = {name}.nn.Dropout(p = {p:g}); y = dropout(x)  (x = ones(3, 9))")
         print(_rows(r.y, ".0f" if scale.is_integer() else ".4g"))
@@ -165,7 +167,7 @@ def print_spatial(device, seed: int) -> dict[str, SpatialResult]:
     """The lecture's Spatial Dropout session with each library: every channel all 0 or all 2."""
     results = {}
     for name in LIBS:
-        lib = fusedmlp if name == "fusedmlp" else torch
+        lib = LIBRARIES[name]
         r = results[name] = spatial_dropout_example(lib, device, seed=seed)
         print(
             f"\n>>> dropout2d = {name}.nn.Dropout2d(); x = Tensor(2, 3, 2, 2).fill_(1.0); "
@@ -233,7 +235,7 @@ def run_experiment(args, device) -> tuple[list[Row], tuple]:
         fused = fusedmlp.nn.convert(reference)  # a converted copy: same initial weights
         row = Row(p, {}, {}, {})
         for name, model in (("fusedmlp", fused), ("torch", reference)):
-            lib = fusedmlp if name == "fusedmlp" else torch
+            lib = LIBRARIES[name]
             opt = lib.optim.Adam(model.parameters(), lr=args.lr)
             # the same dropout draws for both (the same masks on fusedmlp's torch fallback)
             torch.manual_seed(args.seed)
@@ -358,8 +360,8 @@ def main(argv=None) -> list[Row]:
         f"the lecture's REPL session on {device} (fusedmlp backend {fusedmlp.get_backend()}): "
         "x = ones(3, 9), requires_grad=True"
     )
-    print_repl(device, 0.75, args.seed)
-    print_spatial(device, args.seed)
+    repl = print_repl(device, 0.75, args.seed)
+    spatial = print_spatial(device, args.seed)
 
     print(
         f"\ndisc: {args.n} train points, {flipped_count(args)} labels flipped, "
@@ -379,6 +381,8 @@ def main(argv=None) -> list[Row]:
     print(f"({elapsed:.1f} s)")
     if args.plot is not None:
         plot(args.plot, args, rows, data)
+    checks = [*repl.values(), *spatial.values()]
+    exit_if_failed(p, all(r.ok for r in checks))
     return rows
 
 

@@ -29,7 +29,7 @@ the first Linear), trained with ``fusedmlp.optim.Adam`` against ``torch.optim.Ad
 with the 'triton' backend and ``TRITON_INTERPRET=1`` on a CPU) fusedmlp's kernels run; on a CPU
 with the default backend, its torch fallback does (and gives torch's numbers exactly).
 
-    python examples/universal_approximation.py                 # the table (~15 s on a CPU)
+    python examples/universal_approximation.py                 # the table (~10 s on a CPU)
     python examples/universal_approximation.py --n 20          # Barron's second term
     python examples/universal_approximation.py --plot ua.png   # and the fits (needs matplotlib)
 """
@@ -37,7 +37,6 @@ with the default backend, its torch fallback does (and gives torch's numbers exa
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -46,9 +45,11 @@ import torch
 from _common import (
     FINITE_NONNEGATIVE,
     FINITE_POSITIVE,
+    LIBRARIES,
     add_run_options,
     exit_on_out_of_memory,
     pyplot,
+    rel_diff,
     save_figure,
     set_up,
 )
@@ -105,15 +106,6 @@ def evaluate(model, x, y) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
         pred = model(x)
         return torch.nn.functional.mse_loss(pred, y).item(), pred.cpu()
-
-
-def rel_diff(a: float, b: float) -> float:
-    """|a - b| / |b| (0 when equal, also both infinite; inf where one of them is NaN)."""
-    if a == b:
-        return 0.0
-    if math.isnan(a) or math.isnan(b):
-        return math.inf
-    return abs(a - b) / abs(b) if b != 0 else math.inf
 
 
 def main(argv=None):
@@ -178,9 +170,7 @@ def _experiment(args, device):
         fused = fusedmlp.nn.convert(reference)  # a converted copy: same initial weights
         errors, preds = {}, {}
         for lib, model in (("fusedmlp", fused), ("torch", reference)):
-            opt = (fusedmlp.optim if lib == "fusedmlp" else torch.optim).Adam(
-                model.parameters(), lr=args.lr
-            )
+            opt = LIBRARIES[lib].optim.Adam(model.parameters(), lr=args.lr)
             fit(model, opt, x, y, args.steps)
             train_mse, _ = evaluate(model, x, y)
             test_mse, preds[lib] = evaluate(model, x_test, y_test)

@@ -34,6 +34,7 @@ import torch
 # run as a script, this file's folder is first on sys.path
 from _common import (
     FINITE_POSITIVE,
+    LIBS,
     add_run_options,
     at_least,
     exit_on_out_of_memory,
@@ -53,7 +54,6 @@ ACTIVATIONS = {  # name: (torch module, fusedmlp.nn.Linear's activation and nega
 CHAIN_ACTIVATIONS = ("sigmoid", "relu")
 CHAIN_STD = 1.0 / 3.0  # |w| <= 1 with probability 99.7%
 CLASSES = 10
-LIBS = ("fusedmlp", "torch")
 
 
 def chain_derivative(lib: str, act: str, x: float, weights, device) -> float:
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         default=None,
         help="the MLP's weight std (default sqrt(2 / width))",
     )
-    add_run_options(p, "PNG of the gradient norms per layer", threads=False)
+    add_run_options(p, "PNG of the gradient norms per layer")
     args = p.parse_args(argv)
     device = set_up(p, args)
     exit_on_out_of_memory(

@@ -16,14 +16,17 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 def _example(name: str):
     """examples/<name>.py, loaded as a module (the examples folder is not a package; its files
-    import each other as a script run finds them: from their folder, first on sys.path)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
+    import each other as a script run finds them: from their folder, first on sys.path, for
+    the time of the load only: names such as ``dropout`` must not shadow other modules)."""
     spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
     example = importlib.util.module_from_spec(spec)
-    # registered as an import would be: dataclasses look their module up in sys.modules
+    # registered as an import would be (dataclasses, pickling look a module up there)
     sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec.loader.exec_module(example)
+    finally:
+        sys.path.remove(str(EXAMPLES))
     return example
 
 
@@ -31,16 +34,24 @@ def _floats(cells):
     return torch.tensor([float(c) for c in cells], dtype=torch.float64)
 
 
-def test_batchnorm_depth_example_smoke(capsys):
-    """examples/batchnorm_depth.py on a tiny budget: both libraries give the same accuracies."""
+def test_batchnorm_depth_example_follows_torch(triton_backend, launches, capsys):
+    """examples/batchnorm_depth.py on a tiny budget through the fused kernels (Linear-BN-ReLU
+    blocks, SGD): both libraries give the same accuracies, to a sample or two of the test set
+    (the kernels' rounding may flip a point near the boundary)."""
     example = _example("batchnorm_depth")
+    n = 64
     example.main(
-        ["--stds", "0.25", "--depth", "3", "--epochs", "2", "--n", "200", "--device", "cpu"]
+        ["--stds", "0.25", "--depth", "2", "--epochs", "2", "--n", str(n)]
+        + ["--batch-size", "32", "--device", DEVICE]
     )
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.strip().startswith("0.25 |"))
-    torch_no_bn, fused_no_bn, torch_bn, fused_bn = row.split("|")[1].split()
-    assert torch_no_bn == fused_no_bn and torch_bn == fused_bn
+    torch_no_bn, fused_no_bn, torch_bn, fused_bn = (
+        float(v.rstrip("%")) for v in row.split("|")[1].split()
+    )
+    assert abs(torch_no_bn - fused_no_bn) <= 2 * 100 / n, row
+    assert abs(torch_bn - fused_bn) <= 2 * 100 / n, row
+    assert launches.total > 0
 
 
 def test_optimizers_example_follows_torch(triton_backend, launches, capsys):
