@@ -91,6 +91,40 @@ def exit_on_out_of_memory(p: argparse.ArgumentParser, device, sizes: str, run):
         )
 
 
+# torch's module for each of fusedmlp.nn.Linear's activations used here
+TORCH_ACTIVATIONS = {
+    "sigmoid": torch.nn.Sigmoid,
+    "tanh": torch.nn.Tanh,
+    "relu": torch.nn.ReLU,
+    "leaky_relu": torch.nn.LeakyReLU,
+}
+
+
+def scalar_chain(
+    lib: str, activation: str, weights, device, negative_slope: float = 0.01
+) -> torch.nn.Sequential:
+    """act(w_k ... act(w_1 x)) for scalars: a 1x1 Linear without bias per weight, each followed
+    by ``activation``, fused into fusedmlp's Linear, or torch's Linear then torch's module.
+    Its first module is the first Linear."""
+    layers = []
+    for _ in weights:
+        if lib == "fusedmlp":
+            layers.append(
+                fusedmlp.nn.Linear(
+                    1, 1, bias=False, activation=activation, negative_slope=negative_slope
+                )
+            )
+        else:
+            slope = (negative_slope,) if activation == "leaky_relu" else ()
+            layers += [torch.nn.Linear(1, 1, bias=False), TORCH_ACTIVATIONS[activation](*slope)]
+    model = torch.nn.Sequential(*layers).to(device)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for m, w in zip(linears, weights):
+            m.weight.fill_(w)
+    return model
+
+
 def rel_diff(a: float, b: float) -> float:
     """|a - b| / |b| between two libraries' figures: 0 when equal (also both the same
     infinity), inf where they differ and one is NaN or infinite, or b is 0."""

@@ -80,6 +80,7 @@ from _common import (
     pyplot,
     rel_diff,
     save_figure,
+    scalar_chain,
     set_up,
 )
 
@@ -88,9 +89,9 @@ from fusedmlp.cli.data import DataError, load_digits
 
 # the lecture's name: (fusedmlp.nn.Linear's activation, torch's module, the lecture's derivative)
 ACTIVATIONS = {
-    "sigm": ("sigmoid", torch.nn.Sigmoid, lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x))),
-    "tanh": ("tanh", torch.nn.Tanh, lambda x: 1 - torch.tanh(x) ** 2),
-    "relu": ("relu", torch.nn.ReLU, lambda x: (x > 0).to(x.dtype)),
+    "sigm": ("sigmoid", lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x))),
+    "tanh": ("tanh", lambda x: 1 - torch.tanh(x) ** 2),
+    "relu": ("relu", lambda x: (x > 0).to(x.dtype)),
 }
 FORMULAS = {
     "sigm": "sigm'(x) = sigm(x)(1 - sigm(x))",
@@ -154,15 +155,7 @@ def l2_penalty(model: torch.nn.Sequential, lam: float) -> torch.Tensor:
 def activation_derivative(lib: str, act: str, x: torch.Tensor) -> torch.Tensor:
     """d act(x) / dx at the points ``x`` by autograd through ``lib``'s modules: a 1x1 Linear of
     weight 1 and no bias, so that its pre-activation is x itself."""
-    name, module, _ = ACTIVATIONS[act]
-    if lib == "fusedmlp":
-        layer = fusedmlp.nn.Linear(1, 1, bias=False, activation=name)
-    else:
-        layer = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), module())
-    layer.to(x.device)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.fill_(1.0)
+    layer = scalar_chain(lib, ACTIVATIONS[act][0], [1.0], x.device)
     x = x.detach().clone().requires_grad_()
     layer(x[:, None]).sum().backward()
     return x.grad
@@ -188,7 +181,7 @@ def run_checks(device, seed: int) -> tuple[list, dict, float]:
     checks = []
     x = GRID.to(device)
     for act in ACTIVATIONS:
-        expected = ACTIVATIONS[act][2](x.double())
+        expected = ACTIVATIONS[act][1](x.double())
         errors = {
             lib: (activation_derivative(lib, act, x).double() - expected).abs().max().item()
             for lib in LIBS

@@ -40,6 +40,7 @@ from _common import (
     exit_on_out_of_memory,
     pyplot,
     save_figure,
+    scalar_chain,
     set_up,
 )
 
@@ -58,23 +59,10 @@ CLASSES = 10
 
 def chain_derivative(lib: str, act: str, x: float, weights, device) -> float:
     """dy/dw1 of y = act(w3 act(w2 act(w1 x))) by autograd through ``lib``'s modules."""
-    if lib == "fusedmlp":
-        name, slope = ACTIVATIONS[act][1]
-        layers = [
-            fusedmlp.nn.Linear(1, 1, bias=False, activation=name, negative_slope=slope)
-            for _ in weights
-        ]
-    else:
-        layers = []
-        for _ in weights:
-            layers += [torch.nn.Linear(1, 1, bias=False), ACTIVATIONS[act][0]()]
-    model = torch.nn.Sequential(*layers).to(device)
-    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for m, w in zip(linears, weights):
-            m.weight.fill_(w)
+    name, slope = ACTIVATIONS[act][1]
+    model = scalar_chain(lib, name, weights, device, slope)
     model(torch.full((1, 1), x, device=device)).sum().backward()
-    return linears[0].weight.grad.item()
+    return model[0].weight.grad.item()
 
 
 def chain_analytic(act: str, x: float, weights) -> tuple[list[float], float]:
