@@ -3,7 +3,8 @@
 First ``x = Tensor(10000, 3).normal_() * [2, 5, 10] + [-10, 25, 3]`` (its mean and std printed),
 ``bn = nn.BatchNorm1d(3)`` with ``bn.bias = [2, 4, 8]`` and ``bn.weight = [1, 2, 3]``, and
 ``y = bn(x)``: in training mode BN normalises each component with the batch's mean and variance,
-so y.mean(0) is the bias and y's std the weight, checked to 1e-4. The std that the lecture prints
+so y.mean(0) is the bias (checked to 1e-4) and y's std the weight (to 1e-5, relative). The std
+that the lecture prints
 (1.0000, 2.0001, 3.0001) is torch's unbiased one, weight * sqrt(n / (n - 1)); BN divides by the
 biased variance, whose std is the weight itself: both are printed.
 
@@ -11,8 +12,8 @@ Then "As for dropout, the model behaves differently during train and test... at 
 the statistics of the whole dataset": the running_mean and running_var that the one pass above
 left (momentum 0.1, from 0 and 1: a tenth of the batch's mean, the unbiased variance mixed into
 1), then a BatchNorm1d(3, momentum=None), whose running statistics are the cumulative average
-over the mini-batches of one training-mode pass over x: the dataset's mean exactly, about its
-variance. In eval mode ``bn(x)`` uses them (checked against weight * (x - running_mean) /
+over the mini-batches of one training-mode pass over x: the dataset's mean exactly, and the
+mean of the batches' unbiased variances, near the dataset's. In eval mode ``bn(x)`` uses them (checked against weight * (x - running_mean) /
 sqrt(running_var + eps) + bias), and a single sample is normalised as it is inside the whole
 batch.
 
