@@ -4,9 +4,9 @@ First ``x = Tensor(10000, 3).normal_() * [2, 5, 10] + [-10, 25, 3]`` (its mean a
 ``bn = nn.BatchNorm1d(3)`` with ``bn.bias = [2, 4, 8]`` and ``bn.weight = [1, 2, 3]``, and
 ``y = bn(x)``: in training mode BN normalises each component with the batch's mean and variance,
 so y.mean(0) is the bias (checked to 1e-4) and y's std the weight (to 1e-5, relative). The std
-that the lecture prints
-(1.0000, 2.0001, 3.0001) is torch's unbiased one, weight * sqrt(n / (n - 1)); BN divides by the
-biased variance, whose std is the weight itself: both are printed.
+that the lecture prints (1.0000, 2.0001, 3.0001) is torch's unbiased one, weight *
+sqrt(n / (n - 1)); BN divides by the biased variance, whose std is the weight itself: both are
+printed.
 
 Then "As for dropout, the model behaves differently during train and test... at inference use
 the statistics of the whole dataset": the running_mean and running_var that the one pass above
